@@ -1,0 +1,115 @@
+#include "slot_bank_cpu.h"
+
+#include <vector>
+
+namespace memkernels::cpu {
+
+namespace {
+
+// Runs body(g, r0, mr, scratch) for every [kBlockM]-row tile of every group,
+// in parallel, one scratch buffer per thread.
+template <typename T, typename Body>
+void for_each_row_tile(const AttentionProblem<T>& p, Body body) {
+  const int64_t tiles_per_group = (p.rows + kBlockM - 1) / kBlockM;
+  const int64_t items = p.groups * tiles_per_group;
+#pragma omp parallel
+  {
+    std::vector<T> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t g = item / tiles_per_group;
+      const int64_t r0 = (item % tiles_per_group) * kBlockM;
+      body(g, r0, std::min(kBlockM, p.rows - r0), scratch);
+    }
+  }
+}
+
+template <typename T, typename Body>
+void for_each_group(int64_t groups, Body body) {
+#pragma omp parallel
+  {
+    std::vector<T> scratch, extra;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) body(g, scratch, extra);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void read_forward(const AttentionProblem<T>& p, T* out, T* lse) {
+  const int64_t D = p.dim;
+  for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
+    const int64_t row = g * p.rows + r0;
+    attention_forward_tile(p, g, r0, mr, out + row * D, lse + row, scratch);
+  });
+}
+
+template <typename T>
+void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, const T* lse,
+                   T* dq, T* dk, T* dv) {
+  const int64_t M = p.rows, N = p.keys, D = p.dim;
+  for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
+    attention_backward_group(p, g, out + g * M * D, dout + g * M * D, lse + g * M,
+                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch);
+  });
+}
+
+template <typename T>
+void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse) {
+  const auto& p = w.attn;
+  const int64_t D = p.dim, gd = w.gate_dim;
+  for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
+    const int64_t row = g * p.rows + r0;
+    T* upd_tile = upd + row * D;
+    attention_forward_tile(p, g, r0, mr, upd_tile, lse + row, scratch);
+    // Fused epilogue: blend the tile into the bank while it is still in cache.
+    for (int64_t r = 0; r < mr; ++r) {
+      const int64_t e = (row + r) * D, ge = (row + r) * gd;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t gi = ge + (gd == 1 ? 0 : d);
+        new_mem[e + d] = gate_blend(w.mem[e + d], upd_tile[r * D + d], w.forget_logit[gi],
+                                    w.input_logit[gi]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const T* dnew,
+                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput) {
+  const auto& p = w.attn;
+  const int64_t M = p.rows, N = p.keys, D = p.dim, gd = w.gate_dim;
+  for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>& dupd) {
+    // Prologue: gate gradients and d(upd), fused with the attention backward.
+    dupd.resize(M * D);
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t row = g * M + r;
+      if (gd == 1) { dforget[row] = 0; dinput[row] = 0; }
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t e = row * D + d, gi = row * gd + (gd == 1 ? 0 : d);
+        const GateGrads<T> gg = gate_blend_backward(dnew[e], w.mem[e], upd[e],
+                                                    w.forget_logit[gi], w.input_logit[gi]);
+        dmem[e] = gg.d_mem;
+        dupd[r * D + d] = gg.d_upd;
+        if (gd == 1) { dforget[row] += gg.d_forget; dinput[row] += gg.d_input; }
+        else { dforget[gi] = gg.d_forget; dinput[gi] = gg.d_input; }
+      }
+    }
+    attention_backward_group(p, g, upd + g * M * D, dupd.data(), lse + g * M,
+                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch);
+  });
+}
+
+#define MK_INSTANTIATE(T)                                                                   \
+  template void read_forward<T>(const AttentionProblem<T>&, T*, T*);                        \
+  template void read_backward<T>(const AttentionProblem<T>&, const T*, const T*, const T*, \
+                                 T*, T*, T*);                                               \
+  template void write_forward<T>(const WriteProblem<T>&, T*, T*, T*);                       \
+  template void write_backward<T>(const WriteProblem<T>&, const T*, const T*, const T*, T*, \
+                                  T*, T*, T*, T*, T*);
+MK_INSTANTIATE(float)
+MK_INSTANTIATE(double)
+#undef MK_INSTANTIATE
+
+}  // namespace memkernels::cpu

@@ -1,0 +1,38 @@
+// CPU kernel entry points for the slot-bank ops (plain pointers, contiguous).
+// Instantiated for float and double; see attention_cpu.h for the layout.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_cpu.h"
+
+namespace memkernels::cpu {
+
+// memory_read: queries attend over slots. out [G, M, D], lse [G, M].
+template <typename T>
+void read_forward(const AttentionProblem<T>& p, T* out, T* lse);
+
+template <typename T>
+void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, const T* lse,
+                   T* dq, T* dk, T* dv);
+
+// memory_write: slots (queries, M = S) attend over tokens (keys, N = T), then
+// new = sigmoid(f) * mem + sigmoid(i) * tanh(upd). Gates are [G, M, gate_dim]
+// with gate_dim 1 (one gate per slot) or D (one per channel).
+template <typename T>
+struct WriteProblem {
+  AttentionProblem<T> attn;
+  const T* mem;
+  const T* forget_logit;
+  const T* input_logit;
+  int64_t gate_dim;
+};
+
+template <typename T>
+void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse);
+
+template <typename T>
+void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const T* dnew,
+                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput);
+
+}  // namespace memkernels::cpu

@@ -1,0 +1,83 @@
+// Math shared by every C++ backend (CPU now, CUDA too): the online-softmax
+// update, the masking rule and the gated blend. Each function is
+// __host__ __device__ so the CPU tests exercise the exact code the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define MK_HD __host__ __device__ __forceinline__
+#else
+#define MK_HD inline
+#endif
+
+namespace memkernels {
+
+template <typename T>
+MK_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+MK_HD float mk_exp(float x) { return expf(x); }
+MK_HD double mk_exp(double x) { return exp(x); }
+MK_HD float mk_log(float x) { return logf(x); }
+MK_HD double mk_log(double x) { return log(x); }
+MK_HD float mk_tanh(float x) { return tanhf(x); }
+MK_HD double mk_tanh(double x) { return tanh(x); }
+
+// exp(x - row_max), defined as 0 when the whole row is masked so far
+// (row_max == -inf): masked rows never produce NaN.
+template <typename T>
+MK_HD T exp_shifted(T x, T row_max) {
+  return row_max == neg_inf<T>() ? T(0) : mk_exp(x - row_max);
+}
+
+// One online-softmax step: a block whose running max was `old_max` meets a
+// block max `block_max`. Returns the new max and writes the factor that
+// rescales the running sum and accumulator.
+template <typename T>
+MK_HD T online_softmax_rescale(T old_max, T block_max, T* correction) {
+  const T new_max = old_max > block_max ? old_max : block_max;
+  *correction = exp_shifted(old_max, new_max);
+  return new_max;
+}
+
+// Final normalisation: a row that saw no valid key gets 0 and lse = -inf.
+template <typename T>
+MK_HD T safe_inverse(T row_sum) { return row_sum > T(0) ? T(1) / row_sum : T(0); }
+
+template <typename T>
+MK_HD T log_sum_exp(T row_max, T row_sum) {
+  return row_sum > T(0) ? row_max + mk_log(row_sum) : neg_inf<T>();
+}
+
+// Probability recomputed in backward from the saved log-sum-exp.
+template <typename T>
+MK_HD T prob_from_lse(T score, T lse) {
+  return lse == neg_inf<T>() ? T(0) : mk_exp(score - lse);
+}
+
+template <typename T>
+MK_HD T sigmoid(T x) { return T(1) / (T(1) + mk_exp(-x)); }
+
+// LM2/NTM gated write: new = sigmoid(f) * mem + sigmoid(i) * tanh(upd).
+template <typename T>
+MK_HD T gate_blend(T mem, T upd, T forget_logit, T input_logit) {
+  return sigmoid(forget_logit) * mem + sigmoid(input_logit) * mk_tanh(upd);
+}
+
+// Gradients of gate_blend given d(new) = g.
+template <typename T>
+struct GateGrads { T d_mem, d_upd, d_forget, d_input; };
+
+template <typename T>
+MK_HD GateGrads<T> gate_blend_backward(T g, T mem, T upd, T forget_logit, T input_logit) {
+  const T sf = sigmoid(forget_logit), si = sigmoid(input_logit), u = mk_tanh(upd);
+  GateGrads<T> r;
+  r.d_mem = g * sf;
+  r.d_upd = g * si * (T(1) - u * u);
+  r.d_forget = g * mem * sf * (T(1) - sf);
+  r.d_input = g * u * si * (T(1) - si);
+  return r;
+}
+
+}  // namespace memkernels
