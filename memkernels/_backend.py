@@ -8,6 +8,7 @@ extension memkernels._C; `triton` in memkernels/triton_*.py.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import types
 import warnings
@@ -20,23 +21,26 @@ ENV_VAR = "MEMKERNELS_BACKEND"
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` from the repository root"
 
 
-@functools.lru_cache(maxsize=None)
-def extension() -> tuple[Optional[types.ModuleType], str]:
-    """(memkernels._C or None, why it is missing)."""
+def _try_import(module: str) -> tuple[Optional[types.ModuleType], str]:
     try:
-        from memkernels import _C  # noqa: PLC0415
-        return _C, ""
+        return importlib.import_module(module), ""
     except ImportError as exc:  # not built, or built against another torch
         return None, str(exc)
 
 
-@functools.lru_cache(maxsize=None)
+# Imported once at load time: selection then reads plain globals, which
+# torch.compile traces without guards on caches.
+_EXTENSION = _try_import("memkernels._C")
+_TRITON = _try_import("triton")
+
+
+def extension() -> tuple[Optional[types.ModuleType], str]:
+    """(memkernels._C or None, why it is missing)."""
+    return _EXTENSION
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401, PLC0415
-        return True
-    except ImportError:
-        return False
+    return _TRITON[0] is not None
 
 
 def triton_interpreted() -> bool:

@@ -13,6 +13,7 @@
 
 #include "../slot_math.h"
 #include "blas.h"
+#include "vec_exp.h"
 
 namespace memkernels::cpu {
 
@@ -68,12 +69,7 @@ void attention_forward_tile(const AttentionProblem<T>& p, int64_t g, int64_t r0,
       }
       T correction;
       const T new_max = online_softmax_rescale(row_max[r], block_max, &correction);
-      T sum = 0;
-      for (int64_t j = 0; j < nb; ++j) {
-        s[j] = exp_shifted(s[j], new_max);
-        sum += s[j];
-      }
-      row_sum[r] = row_sum[r] * correction + sum;
+      row_sum[r] = row_sum[r] * correction + exp_row(s, nb, new_max);
       row_max[r] = new_max;
       if (correction != T(1)) {
         T* o = out + r * D;
@@ -123,11 +119,10 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
         T* pr = probs + r * nb;
         T* dp = dprobs + r * nb;
-        const T l = lse[r0 + r], dl = delta[r0 + r];
-        for (int64_t j = 0; j < nb; ++j) {
-          pr[j] = (valid && !valid[j]) ? T(0) : prob_from_lse(pr[j], l);
-          dp[j] = pr[j] * (dp[j] - dl) * p.scale;  // dScore, scale folded in
+        if (valid) {  // a masked score is -inf: its probability and gradient are 0
+          for (int64_t j = 0; j < nb; ++j) if (!valid[j]) pr[j] = neg_inf<T>();
         }
+        softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
       gemm<T>(true, false, nb, D, mr, T(1), probs, nb, dout + r0 * D, D, T(1), dv + n0 * D, D);
       gemm<T>(false, false, mr, D, nb, T(1), dprobs, nb, k + n0 * D, D, T(1), dq + r0 * D, D);

@@ -1,0 +1,131 @@
+"""Times every op and backend against the baselines and the machine's limits.
+
+    python -m benchmarks.run                 # whatever device is present
+    python -m benchmarks.run --device cpu --ops read_fwd --out results.jsonl
+
+Each row: median time, achieved GB/s and GFLOP/s, the roofline floor
+(max of bytes / copy bandwidth and FLOPs / matmul rate, both measured in this
+run) as a percentage, and each baseline's time over memkernels' time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+import memkernels
+from benchmarks import shapes as registry
+from benchmarks.cases import read_cases, write_cases
+from benchmarks.timing import copy_bandwidth, matmul_flops, median_time
+
+OPS = ("read_fwd", "read_fwd_bwd", "write_fwd", "write_fwd_bwd")
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def collect_cases(device, dtype, backends, ops):
+    on_gpu = device.type == "cuda"
+    reads = registry.GPU_READ if on_gpu else registry.CPU_READ
+    writes = registry.GPU_WRITE if on_gpu else registry.CPU_WRITE
+    for op in ops:
+        backward = op.endswith("bwd")
+        if op.startswith("read"):
+            for s in reads:
+                if backward and s.name == "decode":
+                    continue  # decode is inference only
+                yield from read_cases(s, device, dtype, backends, backward)
+        else:
+            for s in writes:
+                yield from write_cases(s, device, dtype, backends, backward)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds timed per row")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    backends = args.backends or [b for b in memkernels.available_backends(device)
+                                 if b != "reference"]
+    info = machine_info(device)
+    bw = copy_bandwidth(device)
+    peak = matmul_flops(device, dtype)
+    print(f"# {info.get('gpu', info['cpu'])} | torch {info['torch']} | {dtype} | "
+          f"copy {bw / 1e9:.1f} GB/s | matmul {peak / 1e12:.2f} TFLOP/s | backends {backends}")
+
+    rows = []
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    cases = list(collect_cases(device, dtype, backends, args.ops))
+    it = tqdm(cases, desc="benchmarks", file=sys.stderr) if tqdm else cases
+    for case in it:
+        try:
+            t = median_time(case.fns, device, min_time=args.min_time)
+        except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
+            print(f"  {case.op} {case.shape.name} {case.impl}: failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:120]})", file=sys.stderr)
+            continue
+        floor = max(case.bytes / bw, case.flops / peak)
+        rows.append(dict(op=case.op, shape=case.shape.name, impl=case.impl, ms=t * 1e3,
+                         gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
+                         pct_of_floor=100 * floor / t,
+                         bound="memory" if case.bytes / bw > case.flops / peak else "compute"))
+        del case.fns
+
+    print("\n| op | shape | impl | median ms | GB/s | GFLOP/s | % of roofline | x vs memkernels |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours = [x["ms"] for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"]
+                and x["impl"].startswith("memkernels")]
+        ratio = f"{r['ms'] / min(ours):.2f}" if ours else "-"
+        print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['gbps']:.1f} | "
+              f"{r['gflops']:.1f} | {r['pct_of_floor']:.0f}% ({r['bound']}) | {ratio} |")
+
+    if args.out:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "dtype": str(dtype), "device": device.type,
+                                    "copy_gbps": bw / 1e9, "matmul_gflops": peak / 1e9,
+                                    "time": stamp, **info}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

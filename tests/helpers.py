@@ -1,0 +1,99 @@
+"""Input builders and comparisons used by every backend's tests."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from memkernels import reference
+
+# (atol, rtol) against a float64 reference, by the kernel's dtype; atol is
+# relative to the reference's largest magnitude. Half precisions use the
+# same-dtype rule in assert_close instead.
+TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-5, 1e-4)}
+
+
+def rand(*shape, dtype, device, scale=1.0, noncontig=False):
+    """Fresh normal values; noncontig gives a transposed view of the same shape."""
+    if noncontig and len(shape) >= 2:
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=torch.float64).transpose(-1, -2)
+    else:
+        t = torch.randn(*shape, dtype=torch.float64)
+    return (t * scale).to(device=device, dtype=dtype).requires_grad_()
+
+
+def read_inputs(B, H, T, S, D, *, shared, mask, dtype, device, logit_scale=1.0,
+                noncontig=False):
+    """q, k, v and a slot mask: mask in (None, 'S', 'BS'); 'BS' leaves row 0 all-masked
+    when B > 1, so the empty-row rule is always exercised."""
+    bank = (H, S, D) if shared else (B, H, S, D)
+    q = rand(B, H, T, D, dtype=dtype, device=device, scale=logit_scale, noncontig=noncontig)
+    k = rand(*bank, dtype=dtype, device=device, noncontig=noncontig)
+    v = rand(*bank, dtype=dtype, device=device)
+    slot_mask = None
+    if mask == "S":
+        slot_mask = torch.rand(S) > 0.3
+        slot_mask[S // 2] = True
+    elif mask == "BS":
+        slot_mask = torch.rand(B, S) > 0.3
+        slot_mask[:, S // 2] = True
+        if B > 1:
+            slot_mask[0] = False
+    if slot_mask is not None:
+        slot_mask = slot_mask.to(device)
+    return q, k, v, slot_mask
+
+
+def write_inputs(B, H, S, T, D, *, gate_dim, mask, dtype, device, logit_scale=1.0,
+                 noncontig=False):
+    mem = rand(B, H, S, D, dtype=dtype, device=device)
+    q_slots = rand(B, H, S, D, dtype=dtype, device=device, scale=logit_scale, noncontig=noncontig)
+    k_tok = rand(B, H, T, D, dtype=dtype, device=device, noncontig=noncontig)
+    v_tok = rand(B, H, T, D, dtype=dtype, device=device)
+    forget = rand(B, H, S, gate_dim, dtype=dtype, device=device, scale=2.0)
+    inp = rand(B, H, S, gate_dim, dtype=dtype, device=device, scale=2.0)
+    token_mask = None
+    if mask:
+        token_mask = torch.rand(B, T) > 0.3
+        token_mask[:, T // 2] = True
+        if B > 1:
+            token_mask[0] = False
+        token_mask = token_mask.to(device)
+    return [mem, q_slots, k_tok, v_tok, forget, inp], token_mask
+
+
+def upcast(tensors):
+    return [t.detach().double().cpu().requires_grad_() for t in tensors]
+
+
+def outputs_and_grads(fn, inputs, grad_out_seed: Optional[torch.Tensor] = None):
+    out = fn(*inputs)
+    g = grad_out_seed if grad_out_seed is not None else torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g.to(out.dtype))
+    return out, grads, g
+
+
+def assert_close(actual, expected_f64, same_dtype_ref=None, name="", k=3.0):
+    """fp32/fp64: allclose to the float64 reference. bf16/fp16: error at most
+    k times that of PyTorch's own same-dtype computation (FlashAttention's rule)."""
+    actual = actual.detach().cpu()
+    expected = expected_f64.detach().cpu()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if actual.dtype in TOL:
+        atol, rtol = TOL[actual.dtype]
+        # Absolute error scales with the tensor's magnitude (x50 logits give x50 grads).
+        atol = atol * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{name}: {m}")
+        return
+    err = (actual.double() - expected).abs().max().item()
+    base = (same_dtype_ref.detach().cpu().double() - expected).abs().max().item()
+    assert err <= k * base + 1e-3, f"{name}: error {err:.3g} > {k} x same-dtype error {base:.3g}"
+
+
+def reference_read(inputs, slot_mask, scale=None):
+    return lambda q, k, v: reference.memory_read(q, k, v, scale=scale, slot_mask=slot_mask)
+
+
+def reference_write(token_mask, scale=None):
+    return lambda *a: reference.memory_write(*a, scale=scale, token_mask=token_mask)

@@ -1,0 +1,152 @@
+"""Every backend's fused kernels against the reference, forward and every
+gradient, on fresh random inputs over a grid of shapes, masks and dtypes."""
+import pytest
+import torch
+
+from helpers import (assert_close, outputs_and_grads, read_inputs, reference_read,
+                     reference_write, upcast, write_inputs)
+from memkernels import _backend, memory_read, memory_write
+
+# (B, H, T, S, Dh): every value of the issue's grid appears: B, H in 1..4;
+# T in 1, 7, 64, 300; S in 1, 5, 128, 1000; Dh in 1, 3, 64, 80, 128.
+READ_SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 7, 5, 3),
+    (4, 2, 1, 128, 64),
+    (2, 2, 7, 1000, 1),
+    (1, 1, 64, 5, 128),
+    (3, 1, 64, 1000, 80),
+    (1, 4, 300, 128, 128),
+    (2, 1, 300, 1000, 64),
+]
+# (B, H, S, T, Dh)
+WRITE_SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 5, 7, 3),
+    (4, 2, 128, 1, 64),
+    (2, 2, 1000, 7, 1),
+    (1, 1, 5, 64, 128),
+    (3, 1, 128, 300, 80),
+    (1, 4, 1000, 64, 64),
+]
+HEAVY_ELEMENTS = 3_000_000  # T*S*B*H above this is slow under the Triton interpreter
+
+
+def skip_if_heavy_for_interpreter(backend, work):
+    if backend == "triton" and _backend.triton_interpreted() and work > HEAVY_ELEMENTS:
+        pytest.skip("too slow for the Triton interpreter; runs on a GPU (benchmarks/gpu_check.sh)")
+
+
+def run_read(backend, device, shape, shared, mask, dtype, logit_scale=1.0, noncontig=False):
+    B, H, T, S, D = shape
+    skip_if_heavy_for_interpreter(backend, B * H * T * S)
+    q, k, v, slot_mask = read_inputs(B, H, T, S, D, shared=shared, mask=mask, dtype=dtype,
+                                     device=device, logit_scale=logit_scale, noncontig=noncontig)
+    out, grads, g = outputs_and_grads(
+        lambda q, k, v: memory_read(q, k, v, slot_mask=slot_mask, backend=backend), [q, k, v])
+    m64 = None if slot_mask is None else slot_mask.cpu()
+    ref_out, ref_grads, _ = outputs_and_grads(reference_read(None, m64), upcast([q, k, v]),
+                                              g.double().cpu())
+    same = [None] * 4
+    if dtype in (torch.bfloat16, torch.float16):
+        same_out, same_grads, _ = outputs_and_grads(reference_read(None, slot_mask), [q, k, v], g)
+        same = [same_out, *same_grads]
+    for name, a, r, s in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref_out, *ref_grads], same):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close(a, r, s, name=name)
+    if mask == "BS" and B > 1:  # all-masked row: zeros out, zero grad
+        assert (out[0] == 0).all() and (grads[0][0] == 0).all()
+
+
+@pytest.mark.parametrize("mask", [None, "S", "BS"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_seq"])
+@pytest.mark.parametrize("shape", READ_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_read_float64(backend, device, shape, shared, mask):
+    if device.type == "cuda" and backend == "triton":
+        pytest.skip("triton has no float64 dot; float32 and bf16 cover it")
+    run_read(backend, device, shape, shared, mask, torch.float64)
+
+
+@pytest.mark.parametrize("mask", [None, "BS"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_seq"])
+@pytest.mark.parametrize("shape", READ_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_read_float32(backend, device, shape, shared, mask):
+    run_read(backend, device, shape, shared, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 3), (4, 2, 1, 128, 64), (3, 1, 64, 1000, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_read_half_precision(backend, device, shape, dtype):
+    run_read(backend, device, shape, True, "BS", dtype)
+    run_read(backend, device, shape, False, "S", dtype)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_seq"])
+def test_read_large_logits(backend, device, shared):
+    """Scores scaled x50: the online softmax must not overflow."""
+    run_read(backend, device, (2, 2, 7, 300, 64), shared, "BS", torch.float32, logit_scale=50.0)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_seq"])
+def test_read_noncontiguous(backend, device, shared):
+    run_read(backend, device, (2, 3, 7, 130, 33), shared, "S", torch.float32, noncontig=True)
+
+
+def test_read_lse(backend, device):
+    q, k, v, m = read_inputs(2, 2, 5, 77, 16, shared=True, mask="BS", dtype=torch.float32,
+                             device=device)
+    _, lse = memory_read(q, k, v, slot_mask=m, return_lse=True, backend=backend)
+    _, ref = memory_read(*upcast([q, k, v]), slot_mask=m.cpu(), return_lse=True,
+                         backend="reference")
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 5)
+    assert torch.isneginf(lse[0]).all()  # row 0 is all-masked
+    torch.testing.assert_close(lse[1:].cpu().double(), ref[1:], atol=1e-5, rtol=1e-5)
+
+
+def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, noncontig=False):
+    B, H, S, T, D = shape
+    skip_if_heavy_for_interpreter(backend, B * H * T * S)
+    gate_dim = D if gate_dim == "D" else 1
+    inputs, token_mask = write_inputs(B, H, S, T, D, gate_dim=gate_dim, mask=mask, dtype=dtype,
+                                      device=device, logit_scale=logit_scale, noncontig=noncontig)
+    mem_before = inputs[0].detach().clone()
+    out, grads, g = outputs_and_grads(
+        lambda *a: memory_write(*a, token_mask=token_mask, backend=backend), inputs)
+    assert torch.equal(inputs[0].detach(), mem_before), "memory_write modified mem in place"
+    m64 = None if token_mask is None else token_mask.cpu()
+    ref_out, ref_grads, _ = outputs_and_grads(reference_write(m64), upcast(inputs), g.double().cpu())
+    same = [None] * 7
+    if dtype in (torch.bfloat16, torch.float16):
+        s_out, s_grads, _ = outputs_and_grads(reference_write(token_mask), inputs, g)
+        same = [s_out, *s_grads]
+    names = ["new_mem", "dmem", "dq_slots", "dk_tok", "dv_tok", "dforget", "dinput"]
+    for name, a, r, s in zip(names, [out, *grads], [ref_out, *ref_grads], same):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close(a, r, s, name=name)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("gate_dim", [1, "D"], ids=["gate1", "gateD"])
+@pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_write_float64(backend, device, shape, gate_dim, mask):
+    if device.type == "cuda" and backend == "triton":
+        pytest.skip("triton has no float64 dot; float32 and bf16 cover it")
+    run_write(backend, device, shape, gate_dim, mask, torch.float64)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_write_float32(backend, device, shape, mask):
+    run_write(backend, device, shape, 1, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_write_half_precision(backend, device, dtype):
+    run_write(backend, device, (2, 3, 37, 19, 64), "D", True, dtype)
+    run_write(backend, device, (1, 2, 130, 7, 80), 1, False, dtype)
+
+
+def test_write_large_logits_noncontiguous(backend, device):
+    run_write(backend, device, (2, 2, 33, 70, 48), 1, True, torch.float32, logit_scale=50.0,
+              noncontig=True)
