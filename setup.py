@@ -21,7 +21,8 @@ def rel(pattern):
 def want_cuda() -> bool:
     if os.environ.get("MEMKERNELS_NO_CUDA") == "1":
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return (torch.version.cuda is not None and CUDA_HOME is not None
+            and os.path.exists(os.path.join(HERE, "python/bindings_cuda.cpp")))
 
 
 cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]

@@ -32,14 +32,21 @@ WRITE_SHAPES = [
 HEAVY_ELEMENTS = 3_000_000  # T*S*B*H above this is slow under the Triton interpreter
 
 
-def skip_if_heavy_for_interpreter(backend, work):
-    if backend == "triton" and _backend.triton_interpreted() and work > HEAVY_ELEMENTS:
+def interpreter_skips(backend, work, dtype):
+    """The few cases the Triton interpreter cannot check; each runs on a GPU."""
+    if backend != "triton" or not _backend.triton_interpreted():
+        return
+    if work > HEAVY_ELEMENTS:
         pytest.skip("too slow for the Triton interpreter; runs on a GPU (benchmarks/gpu_check.sh)")
+    if dtype == torch.bfloat16:
+        # triton 3.9's interpreter returns garbage for a bf16 tl.dot (a 16x16
+        # product off by 1e10); fp16 exercises the same code path here.
+        pytest.skip("the Triton interpreter's bf16 tl.dot is wrong; bf16 runs on a GPU")
 
 
 def run_read(backend, device, shape, shared, mask, dtype, logit_scale=1.0, noncontig=False):
     B, H, T, S, D = shape
-    skip_if_heavy_for_interpreter(backend, B * H * T * S)
+    interpreter_skips(backend, B * H * T * S, dtype)
     q, k, v, slot_mask = read_inputs(B, H, T, S, D, shared=shared, mask=mask, dtype=dtype,
                                      device=device, logit_scale=logit_scale, noncontig=noncontig)
     out, grads, g = outputs_and_grads(
@@ -106,7 +113,7 @@ def test_read_lse(backend, device):
 
 def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, noncontig=False):
     B, H, S, T, D = shape
-    skip_if_heavy_for_interpreter(backend, B * H * T * S)
+    interpreter_skips(backend, B * H * T * S, dtype)
     gate_dim = D if gate_dim == "D" else 1
     inputs, token_mask = write_inputs(B, H, S, T, D, gate_dim=gate_dim, mask=mask, dtype=dtype,
                                       device=device, logit_scale=logit_scale, noncontig=noncontig)
