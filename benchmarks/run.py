@@ -22,7 +22,7 @@ import torch
 import memkernels
 from benchmarks import shapes as registry
 from benchmarks.cases import read_cases, write_cases
-from benchmarks.timing import copy_bandwidth, matmul_flops, median_time
+from benchmarks.timing import copy_bandwidth, cuda_graphed, matmul_flops, median_time
 
 OPS = ("read_fwd", "read_fwd_bwd", "write_fwd", "write_fwd_bwd")
 
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds timed per row")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="on CUDA, time eager launches instead of CUDA-graph replays")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -95,8 +97,16 @@ def main(argv=None) -> int:
     cases = list(collect_cases(device, dtype, backends, args.ops))
     it = tqdm(cases, desc="benchmarks", file=sys.stderr) if tqdm else cases
     for case in it:
+        graphed = device.type == "cuda" and not args.no_graphs
         try:
-            t = median_time(case.fns, device, min_time=args.min_time)
+            fns = case.fns
+            if graphed:
+                try:
+                    fns = cuda_graphed(case.fns)
+                except Exception:  # not capturable (e.g. a CPU sync inside): time it eagerly
+                    graphed = False
+                    torch.cuda.synchronize()
+            t = median_time(fns, device, min_time=args.min_time)
         except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
             print(f"  {case.op} {case.shape.name} {case.impl}: failed ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:120]})", file=sys.stderr)
@@ -104,17 +114,17 @@ def main(argv=None) -> int:
         floor = max(case.bytes / bw, case.flops / peak)
         rows.append(dict(op=case.op, shape=case.shape.name, impl=case.impl, ms=t * 1e3,
                          gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
-                         pct_of_floor=100 * floor / t,
+                         pct_of_floor=100 * floor / t, timing="graph" if graphed else "eager",
                          bound="memory" if case.bytes / bw > case.flops / peak else "compute"))
         del case.fns
 
-    print("\n| op | shape | impl | median ms | GB/s | GFLOP/s | % of roofline | x vs memkernels |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| op | shape | impl | timing | median ms | GB/s | GFLOP/s | % of roofline | x vs memkernels |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ours = [x["ms"] for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"]
                 and x["impl"].startswith("memkernels")]
         ratio = f"{r['ms'] / min(ours):.2f}" if ours else "-"
-        print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['gbps']:.1f} | "
+        print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['timing']} | {r['ms']:.3f} | {r['gbps']:.1f} | "
               f"{r['gflops']:.1f} | {r['pct_of_floor']:.0f}% ({r['bound']}) | {ratio} |")
 
     if args.out:

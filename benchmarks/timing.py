@@ -14,6 +14,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_graphed(fns: Sequence[Callable[[], object]]) -> list[Callable[[], object]]:
+    """Each fn captured in a CUDA graph (replay = the GPU work without the
+    host's launch overhead, as a decode loop under CUDA graphs runs it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g.replay)
+    return graphs
+
+
 def median_time(fns: Sequence[Callable[[], object]], device: torch.device, *,
                 min_time: float = 1.0, warmup: int = 2, max_reps: int = 200) -> float:
     """Median seconds per call. `fns` are the same computation on rotating

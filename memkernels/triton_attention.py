@@ -251,7 +251,8 @@ def forward_config(G: int, M: int, N: int, D: int, device_index: int):
     return bm, bn, 1, (8 if bm == 128 else 4)
 
 
-def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=None):
+def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=None,
+                      config=None):
     """q [G, M, D], k/v [G, N, D] contiguous -> (out [G, M, D], lse [G, M]).
 
     write = (mem, forget, input, gate_dim) fuses the gate blend and then also
@@ -260,7 +261,8 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
     G, M, D = q.shape
     N = k.shape[1]
     dev_index = q.device.index if q.device.type == "cuda" else -1
-    bm, bn, splits, warps = forward_config(G, M, N, D, dev_index)
+    bm, bn, splits, warps = config[:4] if config else forward_config(G, M, N, D, dev_index)
+    stages = 2 if config is None else config[4]
     if write is not None:
         splits = 1
     sdt = stat_dtype(q.dtype)
@@ -282,7 +284,7 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
         M, N, D, keys_per_split, gate_dim,
         mask.group_div, mask.group_stride, mask.row_div, mask.row_stride, scale,
         HAS_MASK=mask.mask is not None, WRITE=write is not None, ACC=acc_dtype(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=2)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages)
     if write is not None:
         return part[0], part_lse[0], new_mem
     if splits == 1:
