@@ -20,7 +20,9 @@ status=0
   time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 || status=1
   python3 -c "import memkernels, torch; print('backends on cuda:', memkernels.available_backends('cuda'))"
   echo "== tests"
-  python3 -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-} || status=1
+  # pytest-xdist (on the GPU image) spreads the suite over the CPU cores.
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}")
+  python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark $xdist || status=1
   echo "== benchmarks"
   python3 -m benchmarks.run --device cuda --min-time ${BENCH_MIN_TIME:-0.3} \
     --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1

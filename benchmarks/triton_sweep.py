@@ -30,7 +30,7 @@ def main() -> None:
             space = itertools.product([64, 128], [32, 64, 128], [1], [4, 8], [2, 3, 4])
         results = []
         default = forward_config(G, M, N, D, dev.index or 0)
-        for cfg in list(space) + [(*default, 2)]:
+        for cfg in list(space) + [default]:
             fn = lambda cfg=cfg: attention_forward(q, k, v, MaskIndex(), D ** -0.5, q.dtype,  # noqa: E731
                                                    config=cfg)
             try:

@@ -238,17 +238,18 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def forward_config(G: int, M: int, N: int, D: int, device_index: int):
-    """(BLOCK_M, BLOCK_N, splits, num_warps): the schedule, cached per shape."""
+    """(BLOCK_M, BLOCK_N, splits, num_warps, num_stages): the schedule, cached
+    per shape. Chosen by benchmarks/triton_sweep.py on an H100 (NOTES.md)."""
     bd = block_d(D)
-    if M <= 16:  # decode: few rows, split the keys so the grid fills the GPU
-        bm, bn = 16, (128 if bd <= 64 else 64)
+    if M <= 16:  # decode: few rows, split the keys so about one wave fills the GPU
+        bm, bn = 16, (256 if bd <= 64 else 64)
         sms = _sm_count(device_index) if device_index >= 0 else 4
         key_blocks = triton.cdiv(N, bn)
-        splits = max(1, min(triton.cdiv(2 * sms, G), triton.cdiv(key_blocks, 2)))
-        return bm, bn, splits, 4
-    bm = 128 if bd <= 64 and M >= 128 else 64
-    bn = 64 if bd <= 128 else 32
-    return bm, bn, 1, (8 if bm == 128 else 4)
+        splits = max(1, min(triton.cdiv(sms, G * triton.cdiv(M, bm)), triton.cdiv(key_blocks, 2)))
+        return bm, bn, splits, 4, 3
+    if bd <= 64 and M >= 128:
+        return 128, 64, 1, 8, 3
+    return 64, (64 if bd <= 128 else 32), 1, 4, (3 if bd <= 128 else 2)
 
 
 def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=None,
@@ -261,8 +262,7 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
     G, M, D = q.shape
     N = k.shape[1]
     dev_index = q.device.index if q.device.type == "cuda" else -1
-    bm, bn, splits, warps = config[:4] if config else forward_config(G, M, N, D, dev_index)
-    stages = 2 if config is None else config[4]
+    bm, bn, splits, warps, stages = config or forward_config(G, M, N, D, dev_index)
     if write is not None:
         splits = 1
     sdt = stat_dtype(q.dtype)

@@ -1,5 +1,8 @@
 """gradcheck on the fused kernels, property-based tests, torch.compile,
 backend selection and bad-input errors."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -235,27 +238,35 @@ def test_mixed_devices():
         memory_read(**_read_args(k=torch.randn(3, 5, 8, device="cuda")))
 
 
+_DIRECT_CALLS = {
+    "k shape": ("_C.read_fwd(q, torch.randn(3, 5, 7), v, None, 1.0)", "k must have shape"),
+    "mask dtype": ("_C.read_fwd(q, k, v, torch.ones(5), 1.0)", "slot_mask must be a bool"),
+    "mask shape": ("_C.read_fwd(q, k, v, torch.ones(7, dtype=torch.bool), 1.0)", "slot_mask must be"),
+    "lse shape": ("_C.read_bwd(q, q, k, v, q, torch.zeros(2), None, 1.0)", "lse must have shape"),
+    "gate shape": ("_C.write_fwd(m, m, t, t, torch.randn(2, 3, 5, 3), g, None, 1.0)",
+                   "forget_logit must be"),
+    "token mask": ("_C.write_fwd(m, m, t, t, g, g, torch.ones(2, 9, dtype=torch.bool), 1.0)",
+                   "token_mask must have shape"),
+    "int dtype": ("_C.read_fwd(q.long(), k.long(), v.long(), None, 1.0)", "floating-point"),
+}
+
+
 @needs_cpu_ext
-def test_direct_extension_calls_check_their_inputs():
-    """memkernels._C re-checks what the kernels rely on: no crash on bad tensors."""
-    from memkernels import _C
-    a = _read_args()
-    with pytest.raises(RuntimeError, match="k must have shape"):
-        _C.read_fwd(a["q"], torch.randn(3, 5, 7), a["v"], None, 1.0)
-    with pytest.raises(RuntimeError, match="slot_mask must be a bool"):
-        _C.read_fwd(a["q"], a["k"], a["v"], torch.ones(5), 1.0)
-    with pytest.raises(RuntimeError, match="slot_mask must be"):
-        _C.read_fwd(a["q"], a["k"], a["v"], torch.ones(7, dtype=torch.bool), 1.0)
-    with pytest.raises(RuntimeError, match="lse must have shape"):
-        _C.read_bwd(a["q"], a["q"], a["k"], a["v"], a["q"], torch.zeros(2), None, 1.0)
-    w = _write_args()
-    with pytest.raises(RuntimeError, match="forget_logit must be"):
-        _C.write_fwd(w["mem"], w["q_slots"], w["k_tok"], w["v_tok"], torch.randn(2, 3, 5, 3),
-                     w["input_logit"], None, 1.0)
-    with pytest.raises(RuntimeError, match="token_mask must have shape"):
-        _C.write_fwd(*w.values(), torch.ones(2, 9, dtype=torch.bool), 1.0)
-    with pytest.raises(RuntimeError, match="floating-point"):
-        _C.read_fwd(a["q"].long(), a["k"].long(), a["v"].long(), None, 1.0)
+@pytest.mark.parametrize("call", list(_DIRECT_CALLS), ids=list(_DIRECT_CALLS))
+def test_direct_extension_calls_check_their_inputs(call):
+    """memkernels._C re-checks what the kernels rely on. Each call runs in a
+    child process, so a crash would fail this test (with its stderr) instead
+    of taking the test run down."""
+    code, pattern = _DIRECT_CALLS[call]
+    script = (
+        "import torch\nfrom memkernels import _C\n"
+        "q = torch.randn(2, 3, 4, 8); k = torch.randn(3, 5, 8); v = torch.randn(3, 5, 8)\n"
+        "m = torch.randn(2, 3, 5, 8); t = torch.randn(2, 3, 4, 8); g = torch.randn(2, 3, 5, 1)\n"
+        f"try:\n    {code}\nexcept RuntimeError as e:\n    print('RAISED', e)\n")
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert "RAISED" in proc.stdout and pattern in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_bf16_on_cpu_accumulates_in_float32():
