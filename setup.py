@@ -25,7 +25,7 @@ def want_cuda() -> bool:
             and os.path.exists(os.path.join(HERE, "python/bindings_cuda.cpp")))
 
 
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
 sources = rel("python/bindings.cpp") + rel("csrc/cpu/*.cpp")
 if want_cuda():
     # sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise (torch reads it).
@@ -34,7 +34,7 @@ if want_cuda():
         "memkernels._C",
         sources + rel("python/bindings_cuda.cpp") + rel("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags + ["-DMEMKERNELS_WITH_CUDA"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                      "-DMEMKERNELS_WITH_CUDA"]},
         extra_link_args=["-fopenmp"],
     )

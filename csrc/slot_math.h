@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #if defined(__CUDACC__)
@@ -13,6 +14,20 @@
 #endif
 
 namespace memkernels {
+
+// The masking rule: which mask row applies to (group g, query row r).
+// offset = (g / group_div) * group_stride + (r / row_div) * row_stride;
+// mask == nullptr means every key is valid.
+struct MaskIndex {
+  const bool* mask = nullptr;
+  int64_t group_div = 1, group_stride = 0, row_div = 1, row_stride = 0;
+  MK_HD const bool* row(int64_t g, int64_t r) const {
+    return mask + (g / group_div) * group_stride + (r / row_div) * row_stride;
+  }
+  MK_HD bool valid(int64_t g, int64_t r, int64_t key) const {
+    return mask == nullptr || row(g, r)[key];
+  }
+};
 
 template <typename T>
 MK_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }

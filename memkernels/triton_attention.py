@@ -48,7 +48,7 @@ def _attn_fwd_kernel(
     M, N, D, keys_per_split, gate_dim,
     group_div, group_stride, row_div, row_stride,
     scale,
-    HAS_MASK: tl.constexpr, WRITE: tl.constexpr, ACC: tl.constexpr,
+    HAS_MASK: tl.constexpr, WRITE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -73,7 +73,7 @@ def _attn_fwd_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale
         valid = col_ok[None, :]
         if HAS_MASK:
             mv = tl.load(Mask + mrow[:, None] + cols[None, :],
@@ -85,7 +85,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=ACC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
@@ -134,7 +134,7 @@ def _combine_kernel(Part, PartLse, Out, Lse, GM, D, splits,
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Mask,
     M, N, D, group_div, group_stride, row_div, row_stride, scale,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program owns one key block of one group and loops over all its rows,
@@ -158,7 +158,7 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(DO + r_off, mask=r_mask, other=0.0)
         lse = tl.load(Lse + g * M + rows, mask=row_ok, other=float("-inf"))
         delta = tl.load(Delta + g * M + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale
         valid = col_ok[None, :] & (lse != float("-inf"))[:, None]
         if HAS_MASK:
             mrow = _mask_rows(g, rows, group_div, group_stride, row_div, row_stride)
@@ -167,10 +167,10 @@ def _attn_bwd_dkdv_kernel(
             valid = valid & (mv != 0)
         lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
         p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(v), out_dtype=ACC)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=ACC, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, out_dtype=ACC)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, out_dtype=ACC, input_precision=PREC)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -179,7 +179,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Mask,
     M, N, D, group_div, group_stride, row_div, row_stride, scale,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, g = tl.program_id(0), tl.program_id(1)
@@ -204,16 +204,16 @@ def _attn_bwd_dq_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC) * scale
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale
         valid = col_ok[None, :] & (lse != float("-inf"))[:, None]
         if HAS_MASK:
             mv = tl.load(Mask + mrow[:, None] + cols[None, :],
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
             valid = valid & (mv != 0)
         p = tl.where(valid, tl.exp(s - lse_safe[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
-        dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC)
+        dq += tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision=PREC)
     tl.store(DQ + r_off, dq.to(DQ.dtype.element_ty), mask=r_mask)
 
 
@@ -221,6 +221,12 @@ def _attn_bwd_dq_kernel(
 
 def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact fp32 dots ("ieee"), not Triton's TF32 default:
+    a float32 op must match float32 accuracy."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -284,6 +290,7 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
         M, N, D, keys_per_split, gate_dim,
         mask.group_div, mask.group_stride, mask.row_div, mask.row_stride, scale,
         HAS_MASK=mask.mask is not None, WRITE=write is not None, ACC=acc_dtype(q.dtype),
+        PREC=dot_precision(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages)
     if write is not None:
         return part[0], part_lse[0], new_mem
@@ -308,7 +315,7 @@ def attention_backward(q, k, v, out, dout, lse, mask: MaskIndex, scale: float):
     warps = 4
     mk = mask.mask if mask.mask is not None else q
     common = (M, N, D, mask.group_div, mask.group_stride, mask.row_div, mask.row_stride, scale)
-    meta = dict(HAS_MASK=mask.mask is not None, ACC=acc_dtype(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
+    meta = dict(HAS_MASK=mask.mask is not None, ACC=acc_dtype(q.dtype), PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_D=bd, num_warps=warps, num_stages=2)
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, bn), G)](q, k, v, dout, lse, delta, dk, dv, mk,
                                                     *common, **meta)

@@ -52,11 +52,11 @@ def run_read(backend, device, shape, shared, mask, dtype, logit_scale=1.0, nonco
     out, grads, g = outputs_and_grads(
         lambda q, k, v: memory_read(q, k, v, slot_mask=slot_mask, backend=backend), [q, k, v])
     m64 = None if slot_mask is None else slot_mask.cpu()
-    ref_out, ref_grads, _ = outputs_and_grads(reference_read(None, m64), upcast([q, k, v]),
+    ref_out, ref_grads, _ = outputs_and_grads(reference_read(m64), upcast([q, k, v]),
                                               g.double().cpu())
     same = [None] * 4
-    if dtype in (torch.bfloat16, torch.float16):
-        same_out, same_grads, _ = outputs_and_grads(reference_read(None, slot_mask), [q, k, v], g)
+    if dtype != torch.float64:
+        same_out, same_grads, _ = outputs_and_grads(reference_read(slot_mask), [q, k, v], g)
         same = [same_out, *same_grads]
     for name, a, r, s in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref_out, *ref_grads], same):
         assert a.dtype == dtype and a.shape == r.shape, name
@@ -124,7 +124,7 @@ def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, no
     m64 = None if token_mask is None else token_mask.cpu()
     ref_out, ref_grads, _ = outputs_and_grads(reference_write(m64), upcast(inputs), g.double().cpu())
     same = [None] * 7
-    if dtype in (torch.bfloat16, torch.float16):
+    if dtype != torch.float64:
         s_out, s_grads, _ = outputs_and_grads(reference_write(token_mask), inputs, g)
         same = [s_out, *s_grads]
     names = ["new_mem", "dmem", "dq_slots", "dk_tok", "dv_tok", "dforget", "dinput"]

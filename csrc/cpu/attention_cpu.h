@@ -20,16 +20,6 @@ namespace memkernels::cpu {
 constexpr int64_t kBlockM = 64;   // query rows per tile
 constexpr int64_t kBlockN = 256;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
 
-// Which mask row applies to (group g, query row r); mask == nullptr: all valid.
-// offset = (g / group_div) * group_stride + (r / row_div) * row_stride.
-struct MaskIndex {
-  const bool* mask = nullptr;
-  int64_t group_div = 1, group_stride = 0, row_div = 1, row_stride = 0;
-  const bool* row(int64_t g, int64_t r) const {
-    return mask + (g / group_div) * group_stride + (r / row_div) * row_stride;
-  }
-};
-
 template <typename T>
 struct AttentionProblem {
   int64_t groups, rows, keys, dim;
