@@ -243,6 +243,8 @@ _DIRECT_CALLS = {
     "mask dtype": ("_C.read_fwd(q, k, v, torch.ones(5), 1.0)", "slot_mask must be a bool"),
     "mask shape": ("_C.read_fwd(q, k, v, torch.ones(7, dtype=torch.bool), 1.0)", "slot_mask must be"),
     "lse shape": ("_C.read_bwd(q, q, k, v, q, torch.zeros(2), None, 1.0)", "lse must have shape"),
+    "mask device": ("_C.read_fwd(q, k, v, torch.ones(5, dtype=torch.bool, device='meta'), 1.0)",
+                    "slot_mask must be on"),
     "gate shape": ("_C.write_fwd(m, m, t, t, torch.randn(2, 3, 5, 3), g, None, 1.0)",
                    "forget_logit must be"),
     "token mask": ("_C.write_fwd(m, m, t, t, g, g, torch.ones(2, 9, dtype=torch.bool), 1.0)",
@@ -251,18 +253,28 @@ _DIRECT_CALLS = {
 }
 
 
+_HAS_CUDA_EXT = bool(_backend.extension()[0] is not None and _backend.extension()[0].with_cuda
+                     and torch.cuda.is_available())
+
+
 @needs_cpu_ext
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not _HAS_CUDA_EXT, reason="needs a GPU and memkernels._C built with CUDA"))])
 @pytest.mark.parametrize("call", list(_DIRECT_CALLS), ids=list(_DIRECT_CALLS))
-def test_direct_extension_calls_check_their_inputs(call):
-    """memkernels._C re-checks what the kernels rely on. Each call runs in a
-    child process, so a crash would fail this test (with its stderr) instead
-    of taking the test run down."""
+def test_direct_extension_calls_check_their_inputs(call, kernels):
+    """memkernels._C (and _C.cuda) re-check what the kernels rely on. Each
+    call runs in a child process, so a crash would fail this test (with its
+    stderr) instead of taking the test run down."""
     code, pattern = _DIRECT_CALLS[call]
+    if kernels == "cuda":
+        code = code.replace("_C.", "_C.cuda.")
+    dev = "cuda" if kernels == "cuda" else "cpu"
     script = (
-        "import torch\nfrom memkernels import _C\n"
+        f"import torch\nfrom memkernels import _C\ntorch.set_default_device('{dev}')\n"
         "q = torch.randn(2, 3, 4, 8); k = torch.randn(3, 5, 8); v = torch.randn(3, 5, 8)\n"
         "m = torch.randn(2, 3, 5, 8); t = torch.randn(2, 3, 4, 8); g = torch.randn(2, 3, 5, 1)\n"
-        f"try:\n    {code}\nexcept RuntimeError as e:\n    print('RAISED', e)\n")
+        f"try:\n    {code}\nexcept RuntimeError as e:\n    print('RAISED', e)\n"
+        "if torch.cuda.is_available(): torch.cuda.synchronize()\n")
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"process died ({proc.returncode}): {proc.stderr[-2000:]}"
