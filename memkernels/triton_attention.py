@@ -243,19 +243,22 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def forward_config(G: int, M: int, N: int, D: int, device_index: int):
+def forward_config(G: int, M: int, N: int, D: int, device_index: int, elt: int = 2):
     """(BLOCK_M, BLOCK_N, splits, num_warps, num_stages): the schedule, cached
-    per shape. Chosen by benchmarks/triton_sweep.py on an H100 (NOTES.md)."""
+    per shape. Chosen by benchmarks/triton_sweep.py on an H100 for 2-byte
+    inputs (NOTES.md); 4-byte inputs take half the tile so shared memory fits."""
     bd = block_d(D)
+    wide = elt > 2
     if M <= 16:  # decode: few rows, split the keys so about one wave fills the GPU
-        bm, bn = 16, (256 if bd <= 64 else 64)
+        bm = 16
+        bn = (128 if wide else 256) if bd <= 64 else (32 if wide else 64)
         sms = _sm_count(device_index) if device_index >= 0 else 4
         key_blocks = triton.cdiv(N, bn)
         splits = max(1, min(triton.cdiv(sms, G * triton.cdiv(M, bm)), triton.cdiv(key_blocks, 2)))
-        return bm, bn, splits, 4, 3
+        return bm, bn, splits, 4, (2 if wide else 3)
     if bd <= 64 and M >= 128:
-        return 128, 64, 1, 8, 3
-    return 64, (64 if bd <= 128 else 32), 1, 4, (3 if bd <= 128 else 2)
+        return 128, 64, 1, 8, (2 if wide else 3)
+    return 64, (64 if bd <= 128 and not wide else 32), 1, 4, (3 if bd <= 128 and not wide else 2)
 
 
 def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=None,
@@ -268,7 +271,8 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
     G, M, D = q.shape
     N = k.shape[1]
     dev_index = q.device.index if q.device.type == "cuda" else -1
-    bm, bn, splits, warps, stages = config or forward_config(G, M, N, D, dev_index)
+    bm, bn, splits, warps, stages = config or forward_config(G, M, N, D, dev_index,
+                                                              q.element_size())
     if write is not None:
         splits = 1
     sdt = stat_dtype(q.dtype)

@@ -106,7 +106,8 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
   if (mask) {
     TORCH_CHECK((mask->dim() == 1 && mask->size(0) == L.S) ||
                 (mask->dim() == 2 && mask->size(0) == L.B && mask->size(1) == L.S),
-                "slot_mask must be [S] or [B, S] = [", L.B, ", ", L.S, "], got ", shape_str(mask->sizes()));
+                "slot_mask must be [S] or [B, S] = ", shape_str({L.B, L.S}), ", got ",
+                shape_str(mask->sizes()));
   }
   return L;
 }
