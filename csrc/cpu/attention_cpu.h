@@ -17,8 +17,8 @@
 
 namespace memkernels::cpu {
 
-constexpr int64_t kBlockM = 64;   // query rows per tile
-constexpr int64_t kBlockN = 256;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
+constexpr int64_t kBlockM = 128;  // query rows per tile
+constexpr int64_t kBlockN = 512;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
 
 template <typename T>
 struct AttentionProblem {
@@ -52,13 +52,8 @@ void attention_forward_tile(const AttentionProblem<T>& p, int64_t g, int64_t r0,
     for (int64_t r = 0; r < mr; ++r) {
       T* s = scores + r * nb;
       const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
-      T block_max = neg_inf<T>();
-      for (int64_t j = 0; j < nb; ++j) {
-        if (valid && !valid[j]) s[j] = neg_inf<T>();
-        block_max = std::max(block_max, s[j]);
-      }
       T correction;
-      const T new_max = online_softmax_rescale(row_max[r], block_max, &correction);
+      const T new_max = online_softmax_rescale(row_max[r], mask_and_max(s, valid, nb), &correction);
       row_sum[r] = row_sum[r] * correction + exp_row(s, nb, new_max);
       row_max[r] = new_max;
       if (correction != T(1)) {
@@ -110,7 +105,8 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         T* pr = probs + r * nb;
         T* dp = dprobs + r * nb;
         if (valid) {  // a masked score is -inf: its probability and gradient are 0
-          for (int64_t j = 0; j < nb; ++j) if (!valid[j]) pr[j] = neg_inf<T>();
+#pragma omp simd
+          for (int64_t j = 0; j < nb; ++j) pr[j] = valid[j] ? pr[j] : neg_inf<T>();
         }
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }

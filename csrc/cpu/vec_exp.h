@@ -37,6 +37,19 @@ inline float exp_nonpositive(float x) {
 #define MK_CPU_CLONES
 #endif
 
+// Masks a row of scores (masked -> -inf) and returns its max; vectorized.
+template <typename T>
+MK_CPU_CLONES inline T mask_and_max(T* s, const bool* valid, int64_t n) {
+  if (valid) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = valid[j] ? s[j] : neg_inf<T>();
+  }
+  T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
 // s[j] <- exp(s[j] - row_max) (0 when row_max is -inf); returns the row sum.
 MK_CPU_CLONES inline float exp_row(float* s, int64_t n, float row_max) {
   if (row_max == neg_inf<float>()) {
