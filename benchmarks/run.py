@@ -51,20 +51,25 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def collect_cases(device, dtype, backends, ops):
+def shapes_for(op: str, device: torch.device):
+    """The registry's shapes that `op` is benchmarked on, on this device."""
     on_gpu = device.type == "cuda"
-    reads = registry.GPU_READ if on_gpu else registry.CPU_READ
-    writes = registry.GPU_WRITE if on_gpu else registry.CPU_WRITE
+    if op.startswith("read"):
+        shapes = registry.GPU_READ if on_gpu else registry.CPU_READ
+        # decode is inference only
+        return [s for s in shapes if not (op.endswith("bwd") and s.name == "decode")]
+    return registry.GPU_WRITE if on_gpu else registry.CPU_WRITE
+
+
+def cases_for(op, shape, device, dtype, backends):
+    make = read_cases if op.startswith("read") else write_cases
+    return make(shape, device, dtype, backends, op.endswith("bwd"))
+
+
+def collect_cases(device, dtype, backends, ops):
     for op in ops:
-        backward = op.endswith("bwd")
-        if op.startswith("read"):
-            for s in reads:
-                if backward and s.name == "decode":
-                    continue  # decode is inference only
-                yield from read_cases(s, device, dtype, backends, backward)
-        else:
-            for s in writes:
-                yield from write_cases(s, device, dtype, backends, backward)
+        for shape in shapes_for(op, device):
+            yield from cases_for(op, shape, device, dtype, backends)
 
 
 def main(argv=None) -> int:

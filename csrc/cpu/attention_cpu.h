@@ -13,7 +13,7 @@
 
 #include "../slot_math.h"
 #include "blas.h"
-#include "vec_exp.h"
+#include "row_kernels.h"
 
 namespace memkernels::cpu {
 

@@ -66,11 +66,8 @@ void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse) {
     // Fused epilogue: blend the tile into the bank while it is still in cache.
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t e = (row + r) * D, ge = (row + r) * gd;
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t gi = ge + (gd == 1 ? 0 : d);
-        new_mem[e + d] = gate_blend(w.mem[e + d], upd_tile[r * D + d], w.forget_logit[gi],
-                                    w.input_logit[gi]);
-      }
+      gate_blend_row(new_mem + e, w.mem + e, upd_tile + r * D, w.forget_logit + ge,
+                     w.input_logit + ge, D, gd);
     }
   });
 }
@@ -84,17 +81,10 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
     // Prologue: gate gradients and d(upd), fused with the attention backward.
     dupd.resize(M * D);
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t row = g * M + r;
-      if (gd == 1) { dforget[row] = 0; dinput[row] = 0; }
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t e = row * D + d, gi = row * gd + (gd == 1 ? 0 : d);
-        const GateGrads<T> gg = gate_blend_backward(dnew[e], w.mem[e], upd[e],
-                                                    w.forget_logit[gi], w.input_logit[gi]);
-        dmem[e] = gg.d_mem;
-        dupd[r * D + d] = gg.d_upd;
-        if (gd == 1) { dforget[row] += gg.d_forget; dinput[row] += gg.d_input; }
-        else { dforget[gi] = gg.d_forget; dinput[gi] = gg.d_input; }
-      }
+      const int64_t row = g * M + r, e = row * D, ge = row * gd;
+      gate_blend_backward_row(dnew + e, w.mem + e, upd + e, w.forget_logit + ge,
+                              w.input_logit + ge, D, gd, dmem + e, dupd.data() + r * D,
+                              dforget + ge, dinput + ge);
     }
     attention_backward_group(p, g, upd + g * M * D, dupd.data(), lse + g * M,
                              dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch);

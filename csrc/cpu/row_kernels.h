@@ -1,7 +1,7 @@
-// Softmax row kernel for the CPU: exp(x - max) over a row, returning the sum.
-// libm's expf is scalar and was the bottleneck (one exp per score); this
-// polynomial exp is branch-free so the compiler vectorizes the loop, and
-// target_clones builds AVX-512, AVX2 and baseline copies picked at load time.
+// Vectorized row passes of the CPU kernels: masking, softmax, gate blend.
+// Float math goes through slot_math.h's branch-free host exp, so each loop
+// vectorizes; target_clones builds AVX-512, AVX2 and baseline copies picked
+// at load time. float64 (the checking precision) keeps libm.
 #pragma once
 
 #include <cmath>
@@ -11,25 +11,6 @@
 #include "../slot_math.h"
 
 namespace memkernels::cpu {
-
-// exp(x) for x <= 0 (scores minus their row max), relative error ~2e-7;
-// inputs below -87 (and -inf, masked scores) give exactly 0.
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite ln2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
@@ -59,7 +40,7 @@ MK_CPU_CLONES inline float exp_row(float* s, int64_t n, float row_max) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    s[j] = exp_nonpositive(s[j] - row_max);
+    s[j] = mk_exp(s[j] - row_max);
     sum += s[j];
   }
   return sum;
@@ -85,7 +66,7 @@ MK_CPU_CLONES inline void softmax_grad_row(float* p, float* dp, int64_t n, float
   }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    p[j] = exp_nonpositive(p[j] - lse);
+    p[j] = mk_exp(p[j] - lse);
     dp[j] = p[j] * (dp[j] - delta) * scale;
   }
 }
@@ -95,6 +76,51 @@ inline void softmax_grad_row(double* p, double* dp, int64_t n, double lse, doubl
   for (int64_t j = 0; j < n; ++j) {
     p[j] = prob_from_lse(p[j], lse);
     dp[j] = p[j] * (dp[j] - delta) * scale;
+  }
+}
+
+// One slot row of the gated write: new = gate_blend(mem, upd, f, i); gates
+// are per channel (gate_dim == D) or one per row (gate_dim == 1).
+template <typename T>
+MK_CPU_CLONES inline void gate_blend_row(T* new_mem, const T* mem, const T* upd, const T* forget,
+                                         const T* input, int64_t D, int64_t gate_dim) {
+  if (gate_dim == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) new_mem[d] = gate_blend(mem[d], upd[d], forget[0], input[0]);
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) new_mem[d] = gate_blend(mem[d], upd[d], forget[d], input[d]);
+  }
+}
+
+// Its backward for one row: d(mem), d(upd) and the gate gradients (summed
+// over the row when gate_dim == 1).
+template <typename T>
+MK_CPU_CLONES inline void gate_blend_backward_row(const T* dnew, const T* mem, const T* upd,
+                                                  const T* forget, const T* input, int64_t D,
+                                                  int64_t gate_dim, T* dmem, T* dupd, T* dforget,
+                                                  T* dinput) {
+  if (gate_dim == 1) {
+    T df = 0, di = 0;
+#pragma omp simd reduction(+ : df, di)
+    for (int64_t d = 0; d < D; ++d) {
+      const GateGrads<T> g = gate_blend_backward(dnew[d], mem[d], upd[d], forget[0], input[0]);
+      dmem[d] = g.d_mem;
+      dupd[d] = g.d_upd;
+      df += g.d_forget;
+      di += g.d_input;
+    }
+    dforget[0] = df;
+    dinput[0] = di;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const GateGrads<T> g = gate_blend_backward(dnew[d], mem[d], upd[d], forget[d], input[d]);
+      dmem[d] = g.d_mem;
+      dupd[d] = g.d_upd;
+      dforget[d] = g.d_forget;
+      dinput[d] = g.d_input;
+    }
   }
 }
 
