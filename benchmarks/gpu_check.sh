@@ -24,7 +24,7 @@ status=0
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}")
   python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark $xdist || status=1
   echo "== benchmarks"
-  python3 -m benchmarks.run --device cuda --min-time ${BENCH_MIN_TIME:-0.3} \
+  python3 -m memkernels.bench --device cuda --min-time ${BENCH_MIN_TIME:-0.3} \
     --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
   echo "== exit status $status"
 } 2>&1 | tee "$LOG"

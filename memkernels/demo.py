@@ -69,7 +69,7 @@ def main() -> None:
     print(f"decode read B={B} H={H} S={S} D={D}: memkernels {ours:.3f} ms | "
           f"SDPA batch-folded {folded:.3f} ms ({folded / ours:.2f}x) | "
           f"SDPA bank expanded {expanded:.3f} ms ({expanded / ours:.2f}x)")
-    print("full benchmarks: python -m benchmarks.run")
+    print("full benchmarks: python -m memkernels.bench")
 
 
 if __name__ == "__main__":

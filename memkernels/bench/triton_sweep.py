@@ -2,7 +2,7 @@
 stages) at the GPU benchmark shapes, timed as CUDA-graph replays, to choose
 forward_config's table. Prints every config and the best per shape.
 
-    python -m benchmarks.triton_sweep
+    python -m memkernels.bench.triton_sweep
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import itertools
 
 import torch
 
-from benchmarks.shapes import GPU_READ
-from benchmarks.timing import copy_bandwidth, cuda_graphed, median_time
+from memkernels.bench.shapes import GPU_READ
+from memkernels.bench.timing import copy_bandwidth, cuda_graphed, median_time
 from memkernels.triton_attention import MaskIndex, attention_forward, forward_config
 
 

@@ -1,7 +1,7 @@
 """Times every op and backend against the baselines and the machine's limits.
 
-    python -m benchmarks.run                 # whatever device is present
-    python -m benchmarks.run --device cpu --ops read_fwd --out results.jsonl
+    python -m memkernels.bench                 # whatever device is present
+    python -m memkernels.bench --device cpu --ops read_fwd --out results.jsonl
 
 Each row: median time, achieved GB/s and GFLOP/s, the roofline floor
 (max of bytes / copy bandwidth and FLOPs / matmul rate, both measured in this
@@ -20,9 +20,10 @@ import sys
 import torch
 
 import memkernels
-from benchmarks import shapes as registry
-from benchmarks.cases import read_cases, write_cases
-from benchmarks.timing import copy_bandwidth, cuda_graphed, matmul_flops, median_time
+from memkernels.bench import shapes as registry
+from memkernels.bench.cases import read_cases, write_cases
+from memkernels.bench.report import markdown_table
+from memkernels.bench.timing import copy_bandwidth, cuda_graphed, matmul_flops, median_time
 
 OPS = ("read_fwd", "read_fwd_bwd", "write_fwd", "write_fwd_bwd")
 
@@ -123,14 +124,8 @@ def main(argv=None) -> int:
                          bound="memory" if case.bytes / bw > case.flops / peak else "compute"))
         del case.fns
 
-    print("\n| op | shape | impl | timing | median ms | GB/s | GFLOP/s | % of roofline | x vs memkernels |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ours = [x["ms"] for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"]
-                and x["impl"].startswith("memkernels")]
-        ratio = f"{r['ms'] / min(ours):.2f}" if ours else "-"
-        print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['timing']} | {r['ms']:.3f} | {r['gbps']:.1f} | "
-              f"{r['gflops']:.1f} | {r['pct_of_floor']:.0f}% ({r['bound']}) | {ratio} |")
+    print()
+    print(markdown_table(rows))
 
     if args.out:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

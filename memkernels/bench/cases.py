@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import memkernels
 from memkernels import reference
-from benchmarks.shapes import BACKWARD_FLOP_FACTOR, ReadShape, WriteShape
+from memkernels.bench.shapes import BACKWARD_FLOP_FACTOR, ReadShape, WriteShape
 
 CACHE_BYTES = {"cpu": 512 << 20, "cuda": 64 << 20}  # inputs rotate past the last-level cache
 
