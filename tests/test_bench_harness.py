@@ -15,14 +15,15 @@ def test_registry_covers_every_op():
     for device in (torch.device("cpu"), torch.device("cuda")):
         for op in run.OPS:
             assert run.shapes_for(op, device), op
-    assert all(s.name != "decode" for s in run.shapes_for("read_fwd_bwd", torch.device("cpu")))
+    for op in ("read_bwd", "read_fwd_bwd"):
+        assert all("decode" not in s.name for s in run.shapes_for(op, torch.device("cpu")))
 
 
 def test_cases_compute_the_same_function():
     """Every implementation a case offers returns what the reference returns."""
     shape = ReadShape("tiny", B=2, H=2, T=3, S=40, D=8)
     outs = {}
-    for case in read_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], backward=False):
+    for case in read_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd"):
         if "compile" in case.impl:
             continue  # compiling is slow here; test_api covers torch.compile
         outs[case.impl] = case.fns[0]()
@@ -30,9 +31,12 @@ def test_cases_compute_the_same_function():
     for impl, out in outs.items():
         torch.testing.assert_close(out, outs["reference (eager)"], atol=1e-5, rtol=1e-5,
                                    msg=lambda m, impl=impl: f"{impl}: {m}")
-    w = write_cases(WriteShape("tiny", B=1, H=2, S=5, T=7, D=8), torch.device("cpu"),
-                    torch.float32, ["cpu"], backward=True)
-    assert {c.impl for c in w} >= {"memkernels[cpu]", "reference (eager)"}
+    for mode in ("bwd", "fwd_bwd"):
+        w = write_cases(WriteShape("tiny", B=1, H=2, S=5, T=7, D=8), torch.device("cpu"),
+                        torch.float32, ["cpu"], mode)
+        assert {c.impl for c in w} >= {"memkernels[cpu]", "reference (eager)"}
+        assert all(c.op == f"write_{mode}" for c in w)
+        w[0].fns[0]()  # runs
 
 
 def test_report_renders_table_and_plot(tmp_path):

@@ -36,11 +36,24 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _fwd_bwd(fn, inputs):
-    def run():
-        out = fn(*inputs)
-        out.backward(torch.ones_like(out))
-    return run
+def _timed(fn, inputs, mode: str):
+    """The callable that `mode` times: forward, backward alone (over a graph
+    built once, kept between calls) or forward + backward."""
+    if mode == "fwd":
+        return functools.partial(torch.no_grad()(fn), *inputs)
+    if mode == "fwd_bwd":
+        def fwd_bwd():
+            out = fn(*inputs)
+            out.backward(torch.ones_like(out))
+        return fwd_bwd
+    out = fn(*inputs)
+    grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": BACKWARD_FLOP_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOP_FACTOR}
+BYTES_FACTOR = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
 
 
 def read_impls(shape: ReadShape, backends: list[str]) -> dict[str, Callable]:
@@ -65,48 +78,31 @@ def read_impls(shape: ReadShape, backends: list[str]) -> dict[str, Callable]:
     return impls
 
 
-def read_cases(shape: ReadShape, device, dtype, backends, backward: bool) -> list[Case]:
+def _build(kind: str, shape, impls: dict, input_shapes: list[tuple], device, dtype,
+           mode: str) -> list[Case]:
+    """One Case per implementation, over enough random input sets to rotate past the cache."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     elt = torch.finfo(dtype).bits // 8
+    sets = [[torch.randn(*dims, device=device, dtype=dtype).requires_grad_(mode != "fwd")
+             for dims in input_shapes] for _ in range(_n_sets(shape.bytes(elt), device))]
+    flops = shape.flops() * FLOP_FACTOR[mode]
+    nbytes = shape.bytes(elt) * BYTES_FACTOR[mode]
+    return [Case(f"{kind}_{mode}", shape, name, [_timed(fn, s, mode) for s in sets], flops, nbytes)
+            for name, fn in impls.items()]
+
+
+def read_cases(shape: ReadShape, device, dtype, backends, mode: str) -> list[Case]:
     bank = (shape.H, shape.S, shape.D) if shape.shared else (shape.B, shape.H, shape.S, shape.D)
-    sets = []
-    for _ in range(_n_sets(shape.bytes(elt), device)):
-        q = torch.randn(shape.B, shape.H, shape.T, shape.D, device=device, dtype=dtype)
-        k = torch.randn(*bank, device=device, dtype=dtype)
-        v = torch.randn(*bank, device=device, dtype=dtype)
-        sets.append([t.requires_grad_(backward) for t in (q, k, v)])
-    flops = shape.flops() * (1 + BACKWARD_FLOP_FACTOR if backward else 1)
-    nbytes = shape.bytes(elt) * (3 if backward else 1)
-    op = "read_fwd_bwd" if backward else "read_fwd"
-    cases = []
-    for name, fn in read_impls(shape, backends).items():
-        if backward:
-            fns = [_fwd_bwd(fn, s) for s in sets]
-        else:
-            fns = [functools.partial(torch.no_grad()(fn), *s) for s in sets]
-        cases.append(Case(op, shape, name, fns, flops, nbytes))
-    return cases
+    inputs = [(shape.B, shape.H, shape.T, shape.D), bank, bank]
+    return _build("read", shape, read_impls(shape, backends), inputs, device, dtype, mode)
 
 
-def write_cases(shape: WriteShape, device, dtype, backends, backward: bool) -> list[Case]:
+def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[Case]:
     B, H, S, T, D = shape.B, shape.H, shape.S, shape.T, shape.D
-    elt = torch.finfo(dtype).bits // 8
-    sets = []
-    for _ in range(_n_sets(shape.bytes(elt), device)):
-        dims = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
-        sets.append([torch.randn(*d, device=device, dtype=dtype).requires_grad_(backward)
-                     for d in dims])
     impls = {f"memkernels[{b}]": functools.partial(memkernels.memory_write, backend=b)
              for b in backends}
     impls["reference (eager)"] = reference.memory_write
     impls["torch.compile(reference)"] = _compiled(reference.memory_write)
-    flops = shape.flops() * (1 + BACKWARD_FLOP_FACTOR if backward else 1)
-    nbytes = shape.bytes(elt) * (3 if backward else 1)
-    op = "write_fwd_bwd" if backward else "write_fwd"
-    cases = []
-    for name, fn in impls.items():
-        if backward:
-            fns = [_fwd_bwd(fn, s) for s in sets]
-        else:
-            fns = [functools.partial(torch.no_grad()(fn), *s) for s in sets]
-        cases.append(Case(op, shape, name, fns, flops, nbytes))
-    return cases
+    inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
+    return _build("write", shape, impls, inputs, device, dtype, mode)

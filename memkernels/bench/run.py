@@ -25,7 +25,7 @@ from memkernels.bench.cases import read_cases, write_cases
 from memkernels.bench.report import markdown_table
 from memkernels.bench.timing import copy_bandwidth, cuda_graphed, matmul_flops, median_time
 
-OPS = ("read_fwd", "read_fwd_bwd", "write_fwd", "write_fwd_bwd")
+OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -57,14 +57,15 @@ def shapes_for(op: str, device: torch.device):
     on_gpu = device.type == "cuda"
     if op.startswith("read"):
         shapes = registry.GPU_READ if on_gpu else registry.CPU_READ
-        # decode is inference only
-        return [s for s in shapes if not (op.endswith("bwd") and s.name == "decode")]
+        # decode steps are inference only
+        return [s for s in shapes if not (op.endswith("bwd") and s.name.endswith("decode"))]
     return registry.GPU_WRITE if on_gpu else registry.CPU_WRITE
 
 
 def cases_for(op, shape, device, dtype, backends):
-    make = read_cases if op.startswith("read") else write_cases
-    return make(shape, device, dtype, backends, op.endswith("bwd"))
+    kind, mode = op.split("_", 1)
+    make = read_cases if kind == "read" else write_cases
+    return make(shape, device, dtype, backends, mode)
 
 
 def collect_cases(device, dtype, backends, ops):

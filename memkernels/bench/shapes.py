@@ -42,9 +42,14 @@ class WriteShape:
 # Backward of an attention does 2.5x the forward's matmul FLOPs (5 GEMMs vs 2).
 BACKWARD_FLOP_FACTOR = 2.5
 
+# One decode step of the LLM integration (a small Llama-style model: 8 heads of
+# 64 reading a bank of 4096 slots, one bank per batch row).
+LLM_DECODE = ReadShape("llm_decode", B=8, H=8, T=1, S=4096, D=64, shared=False)
+
 CPU_READ = [
     ReadShape("decode", B=8, H=16, T=1, S=8192, D=64),
     ReadShape("prefill", B=4, H=16, T=256, S=4096, D=64),
+    LLM_DECODE,
 ]
 CPU_WRITE = [WriteShape("write", B=4, H=16, S=1024, T=512, D=64)]
 
@@ -52,5 +57,6 @@ GPU_READ = [
     ReadShape("decode", B=8, H=16, T=1, S=8192, D=64),
     ReadShape("prefill_d64", B=4, H=16, T=1024, S=4096, D=64),
     ReadShape("prefill_d128", B=4, H=16, T=1024, S=4096, D=128),
+    LLM_DECODE,
 ]
 GPU_WRITE = [WriteShape("write", B=4, H=16, S=1024, T=512, D=64)]
