@@ -1,0 +1,289 @@
+"""Attach a MemoryModel to any Hugging Face causal LM, kept frozen.
+
+    handle = memkernels.attach(model, memory)        # reads a fresh bank
+    handle.bank = memory.store(model, tok, facts)    # or MemoryBank.load(...)
+    model.generate(...)                              # prefill and decode read memory
+    handle.detach()                                  # the model as it was
+
+Reads are forward hooks on the chosen decoder layers: no module of the LLM
+is replaced and none of its parameters change (attach freezes them and
+detach restores their requires_grad flags). A read only depends on the
+current token's hidden state and the bank, so it composes with the KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from memkernels.memory import MemoryBank, MemoryModel
+
+# Where common HF causal LMs keep their decoder layers (Llama, Mistral, Qwen2,
+# Phi, Gemma: model.layers; GPT-2, GPT-J: transformer.h; GPT-NeoX, Pythia:
+# gpt_neox.layers; OPT: model.decoder.layers).
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                "transformer.blocks", "layers")
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MemoryHandle]" = weakref.WeakKeyDictionary()
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, found by structure: the known
+    attribute paths first, else the longest ModuleList of same-type modules."""
+    for path in _LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(f"could not find the decoder layers of {type(model).__name__}; pass "
+                         f"layers=[...] (the model's decoder layer modules, in order)")
+    return best
+
+
+class MemoryHandle:
+    """A memory attached to a model. Set `bank` to choose what is read (one
+    row shared by the batch, or one row per sequence); `detach()` removes
+    every hook and restores the model exactly. Also a context manager."""
+
+    def __init__(self, model: nn.Module, memory: MemoryModel, layers: Sequence[nn.Module],
+                 bank: Optional[MemoryBank]):
+        self.model, self.memory, self.layers = model, memory, list(layers)
+        self._bank: Optional[MemoryBank] = None
+        self.bank = bank
+        self.reading = True
+        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
+                       for r, i in enumerate(memory.config.resolved_read_layers)]
+        _ATTACHED[model] = self
+
+    def _read_hook(self, reader_index: int):
+        memory = self.memory
+
+        def hook(module, args, output):
+            bank = self._bank
+            if bank is None or not self.reading:
+                return None
+            if isinstance(output, tuple):  # transformers < 5 returns (hidden, ...)
+                return (memory.read(reader_index, output[0], bank), *output[1:])
+            return memory.read(reader_index, output, bank)
+        return hook
+
+    @property
+    def bank(self) -> Optional[MemoryBank]:
+        return self._bank
+
+    @bank.setter
+    def bank(self, bank: Optional[MemoryBank]) -> None:
+        if bank is not None:
+            if not isinstance(bank, MemoryBank):
+                raise TypeError(f"bank must be a MemoryBank or None, got {type(bank).__name__}")
+            p = self.memory.init_bank
+            if bank.mem.device != p.device or bank.mem.dtype != p.dtype:
+                raise ValueError(f"bank must be on the memory's device/dtype ({p.device}, "
+                                 f"{p.dtype}), got ({bank.mem.device}, {bank.mem.dtype})")
+        self._bank = bank
+
+    @contextlib.contextmanager
+    def using(self, bank: Optional[MemoryBank]) -> Iterator["MemoryHandle"]:
+        """Reads `bank` inside the block, then the previous bank again."""
+        previous = self._bank
+        self.bank = bank
+        try:
+            yield self
+        finally:
+            self._bank = previous
+
+    @contextlib.contextmanager
+    def reads_disabled(self) -> Iterator["MemoryHandle"]:
+        """The base model inside the block (used while encoding text to store)."""
+        previous, self.reading = self.reading, False
+        try:
+            yield self
+        finally:
+            self.reading = previous
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Removes the hooks and restores the parameters' requires_grad flags."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def __enter__(self) -> "MemoryHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = None, *,
+           layers: Optional[Sequence[nn.Module]] = None) -> MemoryHandle:
+    """Attaches `memory` to `model` (a Hugging Face causal LM or any model
+    whose decoder layers map hidden states [B, T, hidden] to the same).
+
+    bank: what the layers read; default a fresh one-row bank (with the gates
+    closed at initialisation, the model's outputs are unchanged). layers:
+    the decoder layer modules, for models not found by structure. The
+    model's parameters are frozen until detach().
+    """
+    if not isinstance(memory, MemoryModel):
+        raise TypeError(f"memory must be a MemoryModel, got {type(memory).__name__}")
+    if model in _ATTACHED:
+        raise ValueError(f"a memory is already attached to this {type(model).__name__}; "
+                         f"detach() it first")
+    layers = list(find_decoder_layers(model) if layers is None else layers)
+    c = memory.config
+    if len(layers) != c.num_layers:
+        raise ValueError(f"memory was configured for {c.num_layers} decoder layers, the model "
+                         f"has {len(layers)}")
+    hidden = _hf_hidden_size(model)
+    if hidden is not None and hidden != c.hidden_size:
+        raise ValueError(f"memory was configured for hidden_size={c.hidden_size}, the model "
+                         f"has hidden_size={hidden}")
+    ref = next(model.parameters(), None)
+    p = memory.init_bank
+    if ref is not None and (ref.device != p.device or (ref.is_floating_point() and ref.dtype != p.dtype)):
+        raise ValueError(f"memory must be on the model's device and dtype ({ref.device}, "
+                         f"{ref.dtype}), got ({p.device}, {p.dtype}); use memory.to(...)")
+    return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank)
+
+
+def attached_handle(model: nn.Module) -> Optional[MemoryHandle]:
+    """The handle of the memory attached to `model`, or None."""
+    return _ATTACHED.get(model)
+
+
+def _hf_hidden_size(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if config is not None and isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+# --- store: text -> the write layer's hidden states -> memory_write -------------------
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers after the write layer (and the
+    LM head) are not needed to store text."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
+                       attention_mask: Tensor) -> Tensor:
+    """The base model's hidden states at the memory's write layer, [N, T, hidden].
+    Memory reads (if attached) are off; layers after the write layer are skipped."""
+    handle = attached_handle(model)
+    layers = handle.layers if handle is not None else find_decoder_layers(model)
+    target = layers[memory.config.resolved_write_layer]
+
+    def capture(module, args, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    hook = target.register_forward_hook(capture)
+    off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
+    try:
+        with off:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward as stop:
+        return stop.hidden
+    finally:
+        hook.remove()
+    raise RuntimeError("the write layer did not run during the forward pass")
+
+
+def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError("storing text needs a tokenizer (or pass token ids)")
+        ids = tokenizer(item)["input_ids"]
+    elif isinstance(item, Tensor):
+        ids = item.reshape(-1).tolist()
+    elif isinstance(item, (list, tuple)) and all(isinstance(i, int) for i in item):
+        ids = list(item)
+    else:
+        raise TypeError(f"each item to store must be a str, a list of token ids or a 1-D "
+                        f"tensor of ids, got {type(item).__name__}")
+    ids = ids[:max_length] if max_length else ids
+    if not ids:
+        raise ValueError("an item to store has no tokens")
+    return ids
+
+
+def _rows_of_items(items, rows: int) -> list[list]:
+    def one_row(x):
+        return [x] if isinstance(x, str) or (isinstance(x, Tensor) and x.dim() == 1) else list(x)
+    if rows == 1:
+        return [one_row(items)]
+    if not isinstance(items, (list, tuple)) or len(items) != rows:
+        raise ValueError(f"the bank has {rows} rows: items must be a list of {rows} lists "
+                         f"(row b's texts are written to row b)")
+    return [one_row(x) for x in items]
+
+
+@torch.no_grad()
+def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
+                     bank: Optional[MemoryBank], *, chunk_size: int, max_length: Optional[int],
+                     progress: Optional[bool]) -> MemoryBank:
+    """MemoryModel.store: see there."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bank = memory.new_bank() if bank is None else bank
+    rows = _rows_of_items(items, bank.batch_size)
+    rows = [[_token_ids(x, tokenizer, max_length) for x in row] for row in rows]
+    device = memory.init_bank.device
+    n_chunks = max(math.ceil(len(r) / chunk_size) for r in rows)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    bar = tqdm(range(n_chunks), desc="store", unit="chunk",
+               disable=(n_chunks < 2) if progress is None else not progress)
+    mem = bank.mem
+    for c in bar:
+        pieces = [r[c * chunk_size:(c + 1) * chunk_size] for r in rows]
+        flat = [ids for piece in pieces for ids in piece]
+        if not flat:
+            continue
+        T = max(len(ids) for ids in flat)
+        input_ids = torch.zeros(len(flat), T, dtype=torch.long)
+        attention = torch.zeros(len(flat), T, dtype=torch.long)
+        for n, ids in enumerate(flat):
+            input_ids[n, :len(ids)] = torch.tensor(ids)
+            attention[n, :len(ids)] = 1
+        hidden = write_layer_hidden(model, memory, input_ids.to(device), attention.to(device))
+        # Row b's texts become one token sequence of its write.
+        width = max(len(p) for p in pieces) * T
+        row_hidden = hidden.new_zeros(len(rows), width, hidden.shape[-1])
+        row_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        start = 0
+        for b, piece in enumerate(pieces):
+            n = len(piece)
+            if n == 0:
+                continue
+            row_hidden[b, :n * T] = hidden[start:start + n].reshape(n * T, -1)
+            row_mask[b, :n * T] = attention[start:start + n].reshape(-1).bool()
+            start += n
+        mem = memory.write(mem, row_hidden, row_mask)
+    bank.mem = mem
+    return bank

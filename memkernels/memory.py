@@ -1,0 +1,475 @@
+"""The memory model: what users train and what holds their knowledge.
+
+- MemoryConfig: sizes, which decoder layers read, which layer is written.
+- MemoryModel: the trained parameters (the initial slot bank, the slot
+  key/value/query projections, the write projections and gates, and one
+  reader per reading layer with a gate that starts closed).
+- MemoryBank: run-time state, one bank per user or sequence. Updated by
+  store(), read by the attached layers, saved and loaded as safetensors.
+
+Every read goes through memkernels.memory_read and every write through
+memkernels.memory_write, so the fused kernels run on both paths. Attaching
+to an LLM is memkernels.integration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memkernels.ops import memory_read, memory_write
+
+BANK_FORMAT = "memkernels.bank"
+BANK_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """Sizes of a memory attached to a host LLM.
+
+    hidden_size: the host LLM's hidden size. num_heads x head_dim: the
+    memory's width. num_slots: slots per head in a fresh bank. read_layers:
+    decoder layers whose output gets the memory read added (negative indices
+    count from the end). write_layer: decoder layer whose output hidden
+    states are written. gate_init: the read gates are tanh(gate_init); 0 is
+    closed, so a fresh memory leaves the LLM's outputs unchanged.
+    forget_bias / input_bias: initial gate logits of the write
+    (sigmoid(3) = 0.95 keeps most of a slot, sigmoid(-2) = 0.12 takes in a
+    little). backend: forces a kernel backend (None = auto).
+    """
+    hidden_size: int
+    num_layers: int
+    num_heads: int = 4
+    head_dim: int = 32
+    num_slots: int = 1024
+    read_layers: tuple[int, ...] = (-1,)
+    write_layer: int = -1
+    gate_init: float = 0.0
+    forget_bias: float = 3.0
+    input_bias: float = -2.0
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        self.read_layers = tuple(int(i) for i in self.read_layers)
+        for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_slots"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemoryConfig.{name} must be a positive int, got {value!r}")
+        if not self.read_layers:
+            raise ValueError("MemoryConfig.read_layers must name at least one decoder layer")
+        for i in (*self.read_layers, self.write_layer):
+            if not -self.num_layers <= i < self.num_layers:
+                raise ValueError(f"MemoryConfig: layer index {i} is out of range for a model with "
+                                 f"{self.num_layers} decoder layers")
+        if len(set(self.resolved_read_layers)) != len(self.read_layers):
+            raise ValueError(f"MemoryConfig.read_layers has duplicates: {self.read_layers}")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def resolved_read_layers(self) -> tuple[int, ...]:
+        return tuple(i % self.num_layers for i in self.read_layers)
+
+    @property
+    def resolved_write_layer(self) -> int:
+        return self.write_layer % self.num_layers
+
+    @classmethod
+    def from_hf(cls, hf_config, **overrides) -> "MemoryConfig":
+        """Reads the hidden size and layer count from a Hugging Face config.
+
+        Defaults: read at the middle and the last decoder layer, write the
+        hidden states of the layer before the middle one.
+        """
+        def first(*names):
+            for n in names:
+                if getattr(hf_config, n, None) is not None:
+                    return int(getattr(hf_config, n))
+            raise ValueError(f"hf_config has none of {names}; pass hidden_size/num_layers "
+                             f"to MemoryConfig directly")
+        hidden = first("hidden_size", "n_embd", "d_model")
+        layers = first("num_hidden_layers", "n_layer", "num_layers")
+        mid = layers // 2
+        defaults = dict(hidden_size=hidden, num_layers=layers,
+                        read_layers=tuple(sorted({mid, layers - 1})),
+                        write_layer=max(mid - 1, 0))
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["read_layers"] = list(self.read_layers)
+        return d
+
+
+class MemoryReader(nn.Module):
+    """One reading layer: h <- h + tanh(gate) * W_o(memory_read(W_q norm(h), K, V))."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
+        self.query = nn.Linear(config.hidden_size, config.width, bias=False)
+        self.out = nn.Linear(config.width, config.hidden_size, bias=False)
+        self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
+        self.backend = config.backend
+
+        self._folded: Optional[tuple] = None
+
+    def forward(self, hidden: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        B, T, C = hidden.shape
+        if torch.is_grad_enabled() and (self.gate.requires_grad or self.query.weight.requires_grad
+                                        or self.out.weight.requires_grad or hidden.requires_grad):
+            q = self.query(self.norm(hidden))
+            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            read = memory_read(q, keys, values, backend=self.backend)
+            return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
+        # Inference: the norm weight is folded into the query projection and the
+        # gate into the output projection, and the residual add is one addmm: 4
+        # fewer small ops per decode step, which cost more than the read itself
+        # for a small bank.
+        query_w, out_w = self._folded_weights()
+        q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
+        read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2),
+                           keys, values, backend=self.backend)
+        out = torch.addmm(hidden.reshape(B * T, C), read.transpose(1, 2).reshape(B * T, -1), out_w)
+        return out.view(B, T, C)
+
+    def _folded_weights(self) -> tuple[Tensor, Tensor]:
+        params = (self.norm.weight, self.query.weight, self.out.weight, self.gate)
+        stamp = tuple((p._version, p.data_ptr()) for p in params)
+        if self._folded is None or self._folded[0] != stamp:
+            with torch.no_grad():
+                query_w = self.query.weight * self.norm.weight
+                out_w = (self.out.weight * torch.tanh(self.gate)[:, None]).t().contiguous()
+            self._folded = (stamp, query_w, out_w)
+        return self._folded[1], self._folded[2]
+
+
+class MemoryModel(nn.Module):
+    """The trained parameters of a slot-bank memory for one host LLM."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        self.config = config
+        H, S, D, W = config.num_heads, config.num_slots, config.head_dim, config.width
+
+        def per_head_identity():  # identity plus noise: a slot's key starts as its content
+            return nn.Parameter(torch.eye(D).repeat(H, 1, 1) + torch.randn(H, D, D) * D ** -0.5 / 4)
+
+        self.init_bank = nn.Parameter(torch.randn(H, S, D))
+        self.slot_key = per_head_identity()
+        self.slot_value = per_head_identity()
+        self.slot_query = per_head_identity()
+        self.write_norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
+        self.token_key = nn.Linear(config.hidden_size, W, bias=False)
+        self.token_value = nn.Linear(config.hidden_size, W, bias=False)
+        self.forget = nn.Parameter(torch.zeros(H, D))
+        self.forget_bias = nn.Parameter(torch.full((H,), float(config.forget_bias)))
+        self.input = nn.Parameter(torch.zeros(H, D))
+        self.input_bias = nn.Parameter(torch.full((H,), float(config.input_bias)))
+        self.readers = nn.ModuleList(MemoryReader(config) for _ in config.read_layers)
+
+    # --- banks ------------------------------------------------------------------
+
+    def new_bank(self, batch_size: int = 1) -> "MemoryBank":
+        """A fresh bank (state, detached from the parameters): batch_size rows,
+        each a copy of the trained initial bank. One row is shared by every
+        sequence of a batch."""
+        mem = self.init_bank.detach().unsqueeze(0).expand(batch_size, -1, -1, -1).clone()
+        return MemoryBank(self, mem)
+
+    def trainable_bank(self) -> "MemoryBank":
+        """The initial bank as a view of the parameter (for training the bank
+        itself: gradients flow into init_bank)."""
+        return MemoryBank(self, self.init_bank.unsqueeze(0))
+
+    def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
+        """Read keys and values of a bank [B, H, S, Dh]; a one-row bank is
+        returned as [H, S, Dh], the shared-bank layout the kernels read once
+        for a whole batch."""
+        if mem.shape[0] == 1:
+            mem = mem[0]
+            return (torch.einsum("hsd,hde->hse", mem, self.slot_key).contiguous(),
+                    torch.einsum("hsd,hde->hse", mem, self.slot_value).contiguous())
+        return (torch.einsum("bhsd,hde->bhse", mem, self.slot_key).contiguous(),
+                torch.einsum("bhsd,hde->bhse", mem, self.slot_value).contiguous())
+
+    # --- read and write -----------------------------------------------------------
+
+    def read(self, reader_index: int, hidden: Tensor, bank: "MemoryBank") -> Tensor:
+        """hidden [B, T, hidden_size] plus the gated memory read of reader i."""
+        if bank.batch_size not in (1, hidden.shape[0]):
+            raise ValueError(f"bank has {bank.batch_size} rows but the model's batch has "
+                             f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
+                             f"one row per sequence (MemoryBank.stack)")
+        keys, values = bank.keys_values()
+        return self.readers[reader_index](hidden, keys, values)
+
+    def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """Writes tokens into a bank: differentiable, returns the new bank.
+
+        mem: [B, H, S, Dh]; hidden: the write layer's hidden states
+        [B, T, hidden_size]; token_mask: bool [B, T], True = real token.
+        A row with no real token is left unchanged (no forgetting either).
+        """
+        B, T, _ = hidden.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        if mem.dim() != 4 or mem.shape[0] != B or mem.shape[1] != H or mem.shape[3] != D:
+            raise ValueError(f"mem must be [B, H, S, Dh] = [{B}, {H}, S, {D}] for hidden of "
+                             f"shape {tuple(hidden.shape)}, got {tuple(mem.shape)}")
+        x = self.write_norm(hidden)
+        k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).contiguous()
+        v_tok = self.token_value(x).view(B, T, H, D).transpose(1, 2).contiguous()
+        q_slots = torch.einsum("bhsd,hde->bhse", mem, self.slot_query).contiguous()
+        f = (torch.einsum("bhsd,hd->bhs", mem, self.forget) + self.forget_bias[:, None])[..., None]
+        i = (torch.einsum("bhsd,hd->bhs", mem, self.input) + self.input_bias[:, None])[..., None]
+        new = memory_write(mem, q_slots, k_tok, v_tok, f.contiguous(), i.contiguous(),
+                           token_mask=token_mask, backend=self.config.backend)
+        if token_mask is not None:
+            has_tokens = token_mask.any(dim=1)
+            if not bool(has_tokens.all()):
+                new = torch.where(has_tokens[:, None, None, None], new, mem)
+        return new
+
+    def store(self, model, tokenizer, items, bank: Optional["MemoryBank"] = None, *,
+              chunk_size: int = 64, max_length: Optional[int] = None,
+              progress: Optional[bool] = None) -> "MemoryBank":
+        """Writes texts (or token ids) into a bank through the frozen model.
+
+        items: for a one-row bank, a str, a list of str, or a list of token-id
+        lists; for a bank of B rows, a list of B such lists (row b's texts go
+        to row b). Every text is encoded on its own (no attention across
+        texts); chunk_size texts per row make one write. The write layer's
+        hidden states come from the base model (memory reads are off while
+        encoding). Returns the bank (a new one-row bank if bank is None).
+        """
+        from memkernels.integration import encode_for_write  # noqa: PLC0415 (import cycle)
+        return encode_for_write(self, model, tokenizer, items, bank, chunk_size=chunk_size,
+                                max_length=max_length, progress=progress)
+
+    # --- persistence of the trained memory -----------------------------------------
+
+    def fingerprint(self) -> str:
+        """Hash of the config and the parameters that give a bank's content its
+        meaning (bank projections, write projections, gates). A saved bank
+        records it; loading with another memory is refused unless strict=False."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, p in sorted(self.named_parameters()):
+            if name.startswith(("slot_", "token_", "write_norm", "forget", "input")):
+                h.update(name.encode())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """config.json + memory.safetensors (atomically replaced)."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, "memory.safetensors"),
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": "memkernels.memory"}))
+        _atomic_write(os.path.join(directory, "config.json"),
+                      lambda tmp: open(tmp, "w").write(json.dumps(self.config.to_dict(), indent=2)))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike],
+                        map_location: Union[str, torch.device] = "cpu") -> "MemoryModel":
+        from safetensors.torch import load_file  # noqa: PLC0415
+        with open(os.path.join(directory, "config.json")) as f:
+            config = MemoryConfig(**json.load(f))
+        state = load_file(os.path.join(directory, "memory.safetensors"))
+        memory = cls(config).to(dtype=state["init_bank"].dtype)  # keep the saved precision
+        memory.load_state_dict(state)
+        return memory.to(map_location)
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(tmp_path) to a temporary file beside `path`, then rename it over
+    `path`: a crash never leaves a half-written file under the real name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class MemoryBank:
+    """The content of a memory at run time: [B, H, S, Dh], one row per user or
+    sequence (one row = shared by a whole batch).
+
+    Not a parameter: writes replace the tensor (never modify it in place, so
+    a failed write leaves the bank as it was). Read keys and values are
+    projected once and cached until the next write or parameter update.
+    """
+
+    def __init__(self, memory: MemoryModel, mem: Tensor):
+        c = memory.config
+        if mem.dim() != 4 or mem.shape[1] != c.num_heads or mem.shape[3] != c.head_dim:
+            raise ValueError(f"bank tensor must be [B, H, S, Dh] with H={c.num_heads}, "
+                             f"Dh={c.head_dim}, got {tuple(mem.shape)}")
+        self.memory = memory
+        self._mem = mem
+        self._cache: Optional[tuple] = None
+
+    @property
+    def mem(self) -> Tensor:
+        return self._mem
+
+    @mem.setter
+    def mem(self, value: Tensor) -> None:
+        self._mem = value
+        self._cache = None
+
+    @property
+    def batch_size(self) -> int:
+        return self._mem.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self._mem.shape[2]
+
+    def __repr__(self) -> str:
+        return (f"MemoryBank(rows={self.batch_size}, heads={self._mem.shape[1]}, "
+                f"slots={self.num_slots}, head_dim={self._mem.shape[3]}, dtype={self._mem.dtype}, "
+                f"device={self._mem.device})")
+
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        """(keys, values) for memory_read, cached while neither the bank nor
+        the projections change. With autograd recording and a trainable bank
+        or projection, they are recomputed so gradients reach them."""
+        m = self.memory
+        if torch.is_grad_enabled() and (self._mem.requires_grad or m.slot_key.requires_grad
+                                        or m.slot_value.requires_grad):
+            return m.bank_keys_values(self._mem)
+        stamp = (self._mem._version, m.slot_key._version, m.slot_value._version,
+                 m.slot_key.data_ptr(), m.slot_value.data_ptr())
+        if self._cache is None or self._cache[0] != stamp:
+            with torch.no_grad():
+                self._cache = (stamp, m.bank_keys_values(self._mem))
+        return self._cache[1]
+
+    def store(self, model, tokenizer, items, **kwargs) -> "MemoryBank":
+        """Writes texts into this bank (see MemoryModel.store)."""
+        return self.memory.store(model, tokenizer, items, bank=self, **kwargs)
+
+    def clone(self) -> "MemoryBank":
+        return MemoryBank(self.memory, self._mem.detach().clone())
+
+    def row(self, index: int) -> "MemoryBank":
+        """Row `index` as a one-row bank (a copy)."""
+        return MemoryBank(self.memory, self._mem[index:index + 1].detach().clone())
+
+    @staticmethod
+    def stack(banks: Sequence["MemoryBank"]) -> "MemoryBank":
+        """One batched bank from several (row order kept): each sequence of a
+        batch reads its own bank."""
+        _check_compatible(banks, "stack")
+        return MemoryBank(banks[0].memory, torch.cat([b.mem.detach() for b in banks], dim=0))
+
+    @staticmethod
+    def merge(a: "MemoryBank", b: "MemoryBank") -> "MemoryBank":
+        """Joins two banks by concatenating their slots (S_a + S_b): reads see
+        what either bank holds, without retraining. Write queries come from
+        slot content, so the merged bank can be written to as well."""
+        _check_compatible((a, b), "merge")
+        if a.batch_size != b.batch_size:
+            raise ValueError(f"merge needs banks with as many rows, got {a.batch_size} and "
+                             f"{b.batch_size}")
+        return MemoryBank(a.memory, torch.cat([a.mem.detach(), b.mem.detach()], dim=2))
+
+    # --- persistence -------------------------------------------------------------
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Saves the bank as safetensors with its config, the memory's
+        fingerprint and a checksum; written to a temporary file and renamed,
+        so `path` is never half-written."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+        mem = self._mem.detach().cpu().contiguous()
+        metadata = {
+            "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION),
+            "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
+            "memory_fingerprint": self.memory.fingerprint(),
+            "sha256": _tensor_sha256(mem),
+        }
+        _atomic_write(os.fspath(path), lambda tmp: save_file({"mem": mem}, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], memory: MemoryModel, *,
+             strict: bool = True) -> "MemoryBank":
+        """Loads a bank saved by save() for use with `memory`.
+
+        Raises ValueError when the file is not a bank, has another format
+        version, is corrupt (checksum), or was made for a memory of other
+        sizes; with strict=True also when it was made with other trained
+        parameters (memory fingerprint). The bank goes to the memory's device
+        and dtype.
+        """
+        from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no memory bank file at {path!r}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                mem = f.get_tensor("mem") if "mem" in f.keys() else None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
+                             f"truncated?): {exc}") from exc
+        if meta.get("format") != BANK_FORMAT or mem is None:
+            raise ValueError(f"{path!r} is not a memkernels bank (format "
+                             f"{meta.get('format')!r}, expected {BANK_FORMAT!r})")
+        if meta.get("format_version") != str(BANK_FORMAT_VERSION):
+            raise ValueError(f"{path!r} has bank format version {meta.get('format_version')}, "
+                             f"this memkernels reads version {BANK_FORMAT_VERSION}")
+        if meta.get("sha256") != _tensor_sha256(mem):
+            raise ValueError(f"{path!r} is corrupt: its content does not match its checksum")
+        saved = json.loads(meta.get("config", "{}"))
+        ours = memory.config.to_dict()
+        for key in ("hidden_size", "num_heads", "head_dim"):
+            if saved.get(key) != ours[key]:
+                raise ValueError(f"{path!r} was saved for a memory with {key}={saved.get(key)}, "
+                                 f"this memory has {key}={ours[key]}")
+        if strict and meta.get("memory_fingerprint") != memory.fingerprint():
+            raise ValueError(f"{path!r} was written by a memory with other trained parameters "
+                             f"(fingerprint {meta.get('memory_fingerprint')} != "
+                             f"{memory.fingerprint()}); pass strict=False to load it anyway")
+        p = memory.init_bank
+        return cls(memory, mem.to(device=p.device, dtype=p.dtype))
+
+
+def _check_compatible(banks: Sequence[MemoryBank], what: str) -> None:
+    if not banks:
+        raise ValueError(f"{what} needs at least one bank")
+    first = banks[0]
+    for b in banks[1:]:
+        if b.memory is not first.memory and b.memory.fingerprint() != first.memory.fingerprint():
+            raise ValueError(f"{what}: banks belong to different memories")
+        if b.mem.shape[1] != first.mem.shape[1] or b.mem.shape[3] != first.mem.shape[3]:
+            raise ValueError(f"{what}: banks have different heads/head_dim: "
+                             f"{tuple(first.mem.shape)} vs {tuple(b.mem.shape)}")
+        if what == "stack" and b.num_slots != first.num_slots:
+            raise ValueError(f"stack needs banks with as many slots, got {first.num_slots} and "
+                             f"{b.num_slots}")
+        if b.mem.dtype != first.mem.dtype or b.mem.device != first.mem.device:
+            raise ValueError(f"{what}: banks differ in dtype/device: {first.mem.dtype}/"
+                             f"{first.mem.device} vs {b.mem.dtype}/{b.mem.device}")
+
+
+def _tensor_sha256(t: Tensor) -> str:
+    data = t.contiguous().view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+

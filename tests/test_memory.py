@@ -1,0 +1,415 @@
+"""The memory model and its LLM integration, on tiny HF models built from configs.
+
+Models run in float64 so that cached generation and full recomputation can be
+compared tightly; the memory's reads and writes go through the CPU kernels
+(float64 is supported there) and are checked against the reference ops.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import memkernels
+from memkernels import MemoryBank, MemoryConfig, MemoryModel, reference
+from memkernels.integration import attached_handle, write_layer_hidden
+
+transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+
+VOCAB = 97
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=128)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def tiny_neox():
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
+                                     num_hidden_layers=3, num_attention_heads=4,
+                                     max_position_embeddings=128)
+    return transformers.GPTNeoXForCausalLM(cfg).double().eval()
+
+
+def _no_eos(build):
+    def wrapped():  # random weights: let generation run its full length
+        model = build()
+        model.generation_config.eos_token_id = None
+        return model
+    return wrapped
+
+
+MODELS = {name: _no_eos(b) for name, b in
+          {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox}.items()}
+
+
+def make_memory(model, *, slots=16, open_gates=False, **overrides):
+    config = MemoryConfig.from_hf(model.config, num_heads=2, head_dim=8, num_slots=slots,
+                                  **overrides)
+    memory = MemoryModel(config).double()
+    if open_gates:  # a "trained" memory: reads change the output
+        with torch.no_grad():
+            for r in memory.readers:
+                r.gate.uniform_(0.5, 1.5)
+                r.out.weight.mul_(4)
+    return memory
+
+
+def random_bank(memory, rows=1):
+    return MemoryBank(memory, torch.randn(rows, memory.config.num_heads, memory.config.num_slots,
+                                          memory.config.head_dim, dtype=torch.float64))
+
+
+def ids(batch, length):
+    return torch.randint(1, VOCAB, (batch, length))
+
+
+# --- config ---------------------------------------------------------------------
+
+def test_config_from_hf_reads_sizes_and_picks_layers():
+    c = MemoryConfig.from_hf(tiny_llama().config)
+    assert (c.hidden_size, c.num_layers) == (48, 3)
+    assert c.resolved_read_layers == (1, 2) and c.resolved_write_layer == 0
+    c = MemoryConfig.from_hf(tiny_gpt2().config, read_layers=(-1,), write_layer=1)
+    assert (c.hidden_size, c.resolved_read_layers, c.resolved_write_layer) == (48, (2,), 1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(read_layers=(5,)), "out of range"),
+    (dict(read_layers=()), "at least one"),
+    (dict(read_layers=(1, -2)), "duplicates"),
+    (dict(num_slots=0), "num_slots"),
+    (dict(write_layer=-4), "out of range"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryConfig(**{**dict(hidden_size=8, num_layers=3), **kwargs})
+
+
+# --- attach / detach --------------------------------------------------------------
+
+@pytest.mark.parametrize("name, path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
+                                        ("neox", "gpt_neox.layers")])
+def test_finds_decoder_layers_by_structure(name, path):
+    model = MODELS[name]()
+    expected = model
+    for part in path.split("."):
+        expected = getattr(expected, part)
+    assert memkernels.find_decoder_layers(model) is expected
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_closed_gates_leave_logits_bitwise_equal(name):
+    model = MODELS[name]()
+    x = ids(3, 11)
+    base = model(x).logits
+    memory = make_memory(model)
+    # a non-trivial bank: a closed gate, not an empty bank, makes it a no-op
+    with memkernels.attach(model, memory, random_bank(memory, rows=3)):
+        attached = model(x).logits
+    assert torch.equal(base, attached)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_detach_restores_the_model_exactly(name):
+    model = MODELS[name]()
+    model.lm_head.weight.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = ids(2, 9)
+    base = model(x).logits
+    memory = make_memory(model, open_gates=True)
+    handle = memkernels.attach(model, memory, random_bank(memory))
+    assert not any(p.requires_grad for p in model.parameters())  # frozen while attached
+    assert not torch.equal(model(x).logits, base)  # open gates do change the output
+    handle.detach()
+    assert attached_handle(model) is None
+    assert all(len(layer._forward_hooks) == 0 for layer in memkernels.find_decoder_layers(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model(x).logits, base)
+
+
+def test_explicit_layers_for_unknown_models():
+    model = MODELS["llama"]()
+    memory = make_memory(model, open_gates=True)
+    x = ids(1, 5)
+    with memkernels.attach(model, memory, random_bank(memory)) as h:
+        auto = model(x).logits
+    with memkernels.attach(model, memory, h.bank, layers=list(model.model.layers)):
+        explicit = model(x).logits
+    assert torch.equal(auto, explicit)
+
+
+def test_attach_errors_name_the_problem():
+    model = MODELS["llama"]()
+    memory = make_memory(model)
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        memkernels.attach(model, MemoryModel(MemoryConfig(hidden_size=64, num_layers=3)).double())
+    with pytest.raises(ValueError, match="4 decoder layers"):
+        memkernels.attach(model, MemoryModel(MemoryConfig(hidden_size=48, num_layers=4)).double())
+    with pytest.raises(ValueError, match="dtype"):
+        memkernels.attach(model, make_memory(model).float())
+    with pytest.raises(TypeError, match="MemoryModel"):
+        memkernels.attach(model, object())
+    with memkernels.attach(model, memory) as handle:
+        with pytest.raises(ValueError, match="already attached"):
+            memkernels.attach(model, memory)
+        handle.bank = random_bank(memory, rows=2)
+        with pytest.raises(ValueError, match="bank has 2 rows but the model's batch has 3"):
+            model(ids(3, 4))
+        with pytest.raises(TypeError, match="MemoryBank"):
+            handle.bank = torch.zeros(1)
+
+
+# --- training keeps the LLM frozen ---------------------------------------------------
+
+def test_training_step_changes_only_memory_parameters():
+    model = MODELS["llama"]()
+    memory = make_memory(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = memkernels.attach(model, memory)
+    opt = torch.optim.AdamW(memory.parameters(), lr=1e-2)
+    x = ids(2, 12)
+    for _ in range(2):
+        handle.bank = memory.trainable_bank()
+        written = memory.write(handle.bank.mem.expand(2, -1, -1, -1),
+                               write_layer_hidden(model, memory, x, torch.ones_like(x)))
+        handle.bank = MemoryBank(memory, written)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    handle.detach()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # every memory parameter took part: gates first, the rest through them
+    grads = {n: p.grad for n, p in memory.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+        [n for n, g in grads.items() if g is None]
+    assert grads["readers.0.gate"].abs().sum() > 0 and grads["init_bank"].abs().sum() > 0
+
+
+def test_memory_gradients_match_the_reference_ops():
+    model = MODELS["llama"]()
+    memory = make_memory(model, open_gates=True)
+    x = ids(2, 7)
+
+    def loss_with(backend):
+        memory.config.backend = backend
+        for r in memory.readers:
+            r.backend = backend
+        memory.zero_grad()
+        with memkernels.attach(model, memory, memory.trainable_bank()) as h:
+            hidden = write_layer_hidden(model, memory, x, torch.ones_like(x))
+            h.bank = MemoryBank(memory, memory.write(h.bank.mem.expand(2, -1, -1, -1), hidden))
+            model(x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in memory.named_parameters()}
+
+    try:
+        ours, ref = loss_with("cpu"), loss_with("reference")
+    finally:
+        loss_with(None)
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+# --- generation -------------------------------------------------------------------
+
+def recompute_logits(model, sequences, prompt_len):
+    """Next-token logits at every generated position, from full forward passes
+    without a KV cache: the step-by-step reference."""
+    return [model(sequences[:, :t], use_cache=False).logits[:, -1]
+            for t in range(prompt_len, sequences.shape[1])]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_generate_with_kv_cache_matches_step_by_step(name, sample):
+    model = MODELS[name]()
+    memory = make_memory(model, open_gates=True)
+    banks = [random_bank(memory), random_bank(memory)]
+    x = ids(2, 6)
+    with memkernels.attach(model, memory, MemoryBank.stack(banks)):
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6,
+                             do_sample=sample, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True,
+                             **({"top_k": 0} if sample else {}))
+        # generate() hands logits back in float32
+        for got, want in zip(out.logits, recompute_logits(model, out.sequences, x.shape[1])):
+            torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+        if not sample:
+            steps = torch.stack([lg.argmax(-1) for lg in out.logits], dim=1)
+            assert torch.equal(steps, out.sequences[:, x.shape[1]:])
+        # each row read its own bank: row 0 alone with bank 0 gives the same text
+        if not sample:
+            with attached_handle(model).using(banks[0]):
+                alone = model.generate(x[:1], attention_mask=torch.ones_like(x[:1]),
+                                       max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)
+            assert torch.equal(alone, out.sequences[:1])
+    # the memory did something: the base model generates other logits
+    base = model(out.sequences[:, :x.shape[1]]).logits[:, -1]
+    assert not torch.allclose(base.float(), out.logits[0])
+
+
+# --- store ------------------------------------------------------------------------
+
+def test_store_equals_the_reference_write_of_the_hidden_states():
+    model = MODELS["llama"]()
+    memory = make_memory(model)
+    texts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    bank = memory.store(model, None, texts, chunk_size=8)
+    # reference: the base model's hidden states at the write layer, all three
+    # texts as one masked token sequence, written with the reference op
+    hs = model(torch.tensor([t + [0] * (4 - len(t)) for t in texts]),
+               attention_mask=torch.tensor([[1] * len(t) + [0] * (4 - len(t)) for t in texts]),
+               output_hidden_states=True).hidden_states[memory.config.write_layer + 1]
+    mask = torch.tensor([[1] * len(t) + [0] * (4 - len(t)) for t in texts], dtype=torch.bool)
+    hidden, mask = hs.reshape(1, 12, -1), mask.reshape(1, 12)
+    mem = memory.new_bank().mem
+    m = memory
+    H, D = m.config.num_heads, m.config.head_dim
+    x = m.write_norm(hidden)
+    k = m.token_key(x).view(1, 12, H, D).transpose(1, 2)
+    v = m.token_value(x).view(1, 12, H, D).transpose(1, 2)
+    q = torch.einsum("bhsd,hde->bhse", mem, m.slot_query)
+    f = (torch.einsum("bhsd,hd->bhs", mem, m.forget) + m.forget_bias[:, None])[..., None]
+    i = (torch.einsum("bhsd,hd->bhs", mem, m.input) + m.input_bias[:, None])[..., None]
+    want = reference.memory_write(mem, q, k, v, f, i, token_mask=mask)
+    torch.testing.assert_close(bank.mem, want, rtol=1e-10, atol=1e-12)
+
+
+def test_store_text_with_a_tokenizer_in_chunks_and_rows():
+    model = MODELS["gpt2"]()
+    memory = make_memory(model)
+
+    def tokenizer(text):  # any callable returning {"input_ids": [...]} works
+        return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    one = memory.store(model, tokenizer, ["alpha is red", "beta is blue", "gamma"], chunk_size=2)
+    assert not torch.equal(one.mem, memory.init_bank[None])
+    rows = memory.new_bank(batch_size=2)
+    rows = memory.store(model, tokenizer, [["alpha is red", "beta is blue", "gamma"], ["x y"]],
+                        bank=rows, chunk_size=2)
+    # row 0 got the same writes as the one-row bank; row 1 one write only
+    torch.testing.assert_close(rows.mem[0], one.mem[0], rtol=1e-10, atol=1e-12)
+    row1 = memory.store(model, tokenizer, ["x y"])
+    torch.testing.assert_close(rows.mem[1], row1.mem[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="2 rows: items must be a list of 2"):
+        memory.store(model, tokenizer, ["a"], bank=rows)
+    with pytest.raises(ValueError, match="tokenizer"):
+        memory.store(model, None, ["a"])
+
+
+def test_store_reads_the_base_model_even_when_attached():
+    model = MODELS["llama"]()
+    memory = make_memory(model, open_gates=True)
+    texts = [[3, 4, 5], [6, 7]]
+    detached = memory.store(model, None, texts)
+    with memkernels.attach(model, memory, random_bank(memory)):
+        attached = memory.store(model, None, texts)
+    assert torch.equal(detached.mem, attached.mem)
+
+
+def test_stored_text_changes_what_is_read():
+    model = MODELS["llama"]()
+    memory = make_memory(model, open_gates=True)
+    x = ids(1, 5)
+    with memkernels.attach(model, memory) as handle:
+        before = model(x).logits
+        handle.bank.store(model, None, [[1, 2, 3, 4]])
+        after = model(x).logits  # the bank's cached keys/values were refreshed
+    assert not torch.allclose(before, after)
+
+
+# --- banks: save, load, merge ----------------------------------------------------------
+
+def test_save_load_roundtrip_is_exact(tmp_path):
+    memory = make_memory(MODELS["llama"]())
+    bank = random_bank(memory, rows=2)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = MemoryBank.load(tmp_path / "bank.safetensors", memory)
+    assert torch.equal(loaded.mem, bank.mem) and loaded.memory is memory
+    assert os.listdir(tmp_path) == ["bank.safetensors"]  # no temporary file left behind
+
+
+def test_load_refuses_mismatches_and_corruption(tmp_path):
+    model = MODELS["llama"]()
+    memory = make_memory(model)
+    path = tmp_path / "bank.safetensors"
+    random_bank(memory).save(path)
+    other_sizes = MemoryModel(MemoryConfig.from_hf(model.config, num_heads=4, head_dim=8)).double()
+    with pytest.raises(ValueError, match="num_heads=2"):
+        MemoryBank.load(path, other_sizes)
+    retrained = make_memory(model)  # same sizes, other parameters
+    with pytest.raises(ValueError, match="other trained parameters"):
+        MemoryBank.load(path, retrained)
+    assert MemoryBank.load(path, retrained, strict=False).mem.shape == (1, 2, 16, 8)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the tensor data
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        MemoryBank.load(tmp_path / "flipped.safetensors", memory)
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        MemoryBank.load(tmp_path / "cut.safetensors", memory)
+    memory.save_pretrained(tmp_path / "mem")
+    with pytest.raises(ValueError, match="not a memkernels bank"):
+        MemoryBank.load(tmp_path / "mem" / "memory.safetensors", memory)
+    with pytest.raises(FileNotFoundError):
+        MemoryBank.load(tmp_path / "missing.safetensors", memory)
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    memory = make_memory(MODELS["llama"]())
+    path = tmp_path / "bank.safetensors"
+    first = random_bank(memory)
+    first.save(path)
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        random_bank(memory).save(path)
+    monkeypatch.undo()
+    assert torch.equal(MemoryBank.load(path, memory).mem, first.mem)
+    assert os.listdir(tmp_path) == ["bank.safetensors"]
+
+
+def test_merge_concatenates_slots_and_keeps_what_each_bank_reads():
+    model = MODELS["llama"]()
+    memory = make_memory(model, open_gates=True)
+    a, b = random_bank(memory), random_bank(memory)
+    merged = MemoryBank.merge(a, b)
+    assert merged.num_slots == a.num_slots + b.num_slots
+    x = ids(1, 6)
+    with memkernels.attach(model, memory, a) as handle:
+        alone = model(x).logits
+        handle.bank = MemoryBank.merge(a, a)  # twice the same slots: the same softmax
+        torch.testing.assert_close(model(x).logits, alone, rtol=1e-10, atol=1e-10)
+        handle.bank = merged
+        merged_logits = model(x).logits
+        handle.bank = merged.store(model, None, [[1, 2, 3]])  # a merged bank can be written
+        assert not torch.equal(model(x).logits, merged_logits)
+    with pytest.raises(ValueError, match="as many rows"):
+        MemoryBank.merge(a, random_bank(memory, rows=2))
+
+
+def test_memory_save_and_load_pretrained(tmp_path):
+    memory = make_memory(MODELS["llama"](), open_gates=True)
+    memory.save_pretrained(tmp_path / "m")
+    loaded = MemoryModel.from_pretrained(tmp_path / "m").double()
+    assert loaded.config == memory.config
+    assert loaded.fingerprint() == memory.fingerprint()
+    for (n, p), (_, q) in zip(memory.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), n
