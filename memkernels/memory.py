@@ -130,8 +130,9 @@ class MemoryReader(nn.Module):
         if torch.is_grad_enabled() and (self.gate.requires_grad or self.query.weight.requires_grad
                                         or self.out.weight.requires_grad or hidden.requires_grad):
             q = self.query(self.norm(hidden))
-            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-            read = memory_read(q, keys, values, backend=self.backend)
+            # under autocast q may be bf16 while the bank is not: the read runs in the bank's dtype
+            q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).to(keys.dtype)
+            read = memory_read(q, keys, values, backend=self.backend).to(hidden.dtype)
             return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
         # Inference: the norm weight is folded into the query projection and the
         # gate into the output projection, and the residual add is one addmm: 4
@@ -228,8 +229,8 @@ class MemoryModel(nn.Module):
             raise ValueError(f"mem must be [B, H, S, Dh] = [{B}, {H}, S, {D}] for hidden of "
                              f"shape {tuple(hidden.shape)}, got {tuple(mem.shape)}")
         x = self.write_norm(hidden)
-        k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).contiguous()
-        v_tok = self.token_value(x).view(B, T, H, D).transpose(1, 2).contiguous()
+        k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
+        v_tok = self.token_value(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
         q_slots = torch.einsum("bhsd,hde->bhse", mem, self.slot_query).contiguous()
         f = (torch.einsum("bhsd,hd->bhs", mem, self.forget) + self.forget_bias[:, None])[..., None]
         i = (torch.einsum("bhsd,hd->bhs", mem, self.input) + self.input_bias[:, None])[..., None]

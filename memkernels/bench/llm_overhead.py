@@ -1,0 +1,118 @@
+"""Per-token decode overhead of an attached memory on a small Llama-style LM.
+
+    python -m memkernels.bench.llm_overhead [--out DIR] [--heads 4 --head-dim 32]
+
+A Llama-style model built from a config (8 layers, hidden 512, 8 heads,
+random weights: latency does not depend on what the weights are), greedy
+decoding with the KV cache, with and without a memory of S=4096 slots read at
+2 layers, one bank per row, batch 1 and 8. Per-token time is
+(time(1 + N new tokens) - time(1 new token)) / N, so prefill cancels out; the
+two conditions are interleaved and medians are quoted.
+
+The floor: a decode step streams the model's weights once and, per reading
+layer, each row's bank keys and values. When both come from DRAM the
+overhead cannot be below bank bytes / weight bytes; it is printed beside the
+measured overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import memkernels
+from memkernels import MemoryBank, MemoryConfig, MemoryModel
+
+LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+
+
+def build_model(dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).to(dtype).eval()
+    model.generation_config.eos_token_id = None  # decode the full length
+    return model
+
+
+def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    def run(n):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+            return time.perf_counter() - start
+    return (run(1 + new_tokens) - run(1)) / new_tokens
+
+
+def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
+            dtype: torch.dtype) -> dict:
+    model = build_model(dtype)
+    config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
+                                  num_slots=slots)
+    memory = MemoryModel(config).to(dtype).eval()
+    with torch.no_grad():  # open the gates so the read is not optimised away by anyone
+        for r in memory.readers:
+            r.gate.fill_(0.1)
+    bank = MemoryBank.stack([MemoryBank(memory, torch.randn_like(memory.new_bank().mem))
+                             for _ in range(batch)])
+    prompt = torch.randint(0, LLAMA["vocab_size"], (batch, 16))
+    base, with_memory = [], []
+    per_token_seconds(model, prompt, 4)  # warm-up
+    for _ in range(reps):
+        base.append(per_token_seconds(model, prompt, new_tokens))
+        with memkernels.attach(model, memory, bank):
+            with_memory.append(per_token_seconds(model, prompt, new_tokens))
+    elem = torch.tensor([], dtype=dtype).element_size()
+    weight_bytes = sum(p.numel() for p in model.parameters()) * elem
+    bank_bytes = len(config.read_layers) * batch * 2 * heads * slots * head_dim * elem
+    b, m = statistics.median(base), statistics.median(with_memory)
+    return dict(batch=batch, heads=heads, head_dim=head_dim, slots=slots,
+                read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
+                base_ms=1e3 * b, memory_ms=1e3 * m, overhead=m / b - 1,
+                weight_mb=weight_bytes / 1e6, bank_mb_per_token=bank_bytes / 1e6,
+                floor=bank_bytes / weight_bytes, reps=reps, new_tokens=new_tokens)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--heads", type=int, nargs="+", default=[4])
+    ap.add_argument("--head-dim", type=int, nargs="+", default=[32])
+    ap.add_argument("--slots", type=int, default=4096)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for heads, head_dim in zip(args.heads, args.head_dim):
+        for batch in args.batch:
+            row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
+                          torch.float32)
+            rows.append(row)
+            print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}: "
+                  f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
+                  f"overhead {100 * row['overhead']:+.1f}% "
+                  f"(floor {100 * row['floor']:.1f}%: {row['bank_mb_per_token']:.1f} MB of bank "
+                  f"per token over {row['weight_mb']:.0f} MB of weights)", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "llm_overhead.json"), "w") as f:
+            json.dump({"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
+                       "model": LLAMA, "rows": rows}, f, indent=1)
+        lines = ["| batch | memory H x Dh | S | base ms/token | with memory | overhead | floor |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['heads']} x {r['head_dim']} | {r['slots']} | "
+                  f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "
+                  f"{100 * r['floor']:.1f}% |" for r in rows]
+        with open(os.path.join(args.out, "llm_overhead.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The fact-recall benchmark: can a frozen LM answer questions about facts it
+never saw in training, and at what cost per query?
+
+    python -m memkernels.recall.benchmark --out benchmarks/results/recall
+
+Conditions (the same frozen base LM in all of them):
+- base: the question alone (the LM cannot know: near chance);
+- in_context: every fact's statement in the prompt, then the question (the
+  upper bound; its cost grows with N, and it stops where the prompt no
+  longer fits the LM's context);
+- retrieval: BM25 (rank_bm25) picks the top-k statements for the question,
+  they go in the prompt;
+- trained_memory: a memory whose bank was trained on the facts' statements
+  (memkernels.train --mode trained), read at 2 layers;
+- written_memory: a memory trained on episodes of other facts
+  (memkernels.train --mode written); the benchmark's facts, never seen, are
+  written by store() alone, then read.
+
+For each N (and with as many distractor facts: similar names, other objects)
+it reports exact-match accuracy, per-query latency (batch 1, median) and
+tokens processed per query, as results.json, recall.md and recall.png.
+Memories are trained on first use and cached under --cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+import memkernels
+from memkernels.memory import MemoryModel
+from memkernels.recall import base_lm, tasks
+from memkernels.recall.facts import Fact, make_facts, qa_prompt
+from memkernels.train import Trainer, TrainConfig
+
+CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
+
+
+# --- answering ---------------------------------------------------------------------
+
+def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
+           max_new_tokens: int = 5) -> list[str]:
+    """Greedy answers (text up to the first period), batched with left padding."""
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row).split(".")[0].strip())
+    return answers
+
+
+def per_query_latency(model, tokenizer, prompts: list[str], reps: int = 12) -> float:
+    """Median seconds to answer one question (batch 1, prompt + 5 new tokens)."""
+    times = []
+    for p in prompts[:reps]:
+        start = time.perf_counter()
+        answer(model, tokenizer, [p], batch_size=1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class BM25Retriever:
+    def __init__(self, statements: list[str]):
+        from rank_bm25 import BM25Okapi  # noqa: PLC0415
+        self.statements = statements
+        self.index = BM25Okapi([self._words(s) for s in statements])
+
+    @staticmethod
+    def _words(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    def top(self, query: str, k: int) -> list[str]:
+        scores = self.index.get_scores(self._words(query))
+        best = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+        return [self.statements[i] for i in best]
+
+
+# --- memories ------------------------------------------------------------------------
+
+def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_facts: int = 0,
+                 distractors: bool = False, batch: int = 16, slots: int = 1024,
+                 log=print) -> MemoryModel:
+    """Trains (or loads from `directory`) a memory for `model`."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return MemoryModel.from_pretrained(directory)
+    memory = tasks.default_memory(model, slots=slots)
+    make_batch = (tasks.written_batches(tokenizer, batch, seed=1) if mode == "written" else
+                  tasks.trained_batches(tokenizer, batch, seed=1, n_facts=n_facts,
+                                        distractors=distractors))
+    trainer = Trainer(model, memory, make_batch, TrainConfig(steps=steps, lr=3e-3))
+    start = time.time()
+    history = trainer.train()["history"]
+    trainer.close()
+    memory.save_pretrained(directory)
+    tail = history[-20:]
+    info = dict(mode=mode, steps=steps, n_facts=n_facts, distractors=distractors,
+                seconds=time.time() - start,
+                final_loss=sum(h["loss"] for h in tail) / len(tail),
+                final_token_accuracy=sum(h["accuracy"] for h in tail) / len(tail))
+    with open(os.path.join(directory, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    log(f"trained {mode} memory ({n_facts or 'episodes'}): {info}")
+    return memory
+
+
+# --- one condition at one N ----------------------------------------------------------------
+
+def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_facts: list[Fact],
+             *, memory: Optional[MemoryModel] = None, max_questions: int = 300,
+             max_context: int = 2048, top_k: int = 3, seed: int = 0) -> Optional[dict]:
+    rng = random.Random(seed)
+    stored = facts + distractor_facts
+    statements = [f.statement(rng) for f in stored]
+    rng.shuffle(statements)
+    asked = rng.sample(facts, min(max_questions, len(facts)))
+    questions = [f.question(rng) for f in asked]
+    store_seconds, store_tokens = 0.0, 0
+    handle = None
+    if condition == "base":
+        prompts = [qa_prompt(q) for q in questions]
+    elif condition == "in_context":
+        context = " ".join(statements)
+        if len(tokenizer(context)["input_ids"]) + 24 > max_context:
+            return None  # does not fit the LM's context
+        prompts = [f"{context} {qa_prompt(q)}" for q in questions]
+    elif condition == "retrieval":
+        retriever = BM25Retriever(statements)
+        prompts = [f"{' '.join(retriever.top(q, top_k))} {qa_prompt(q)}" for q in questions]
+    elif condition in ("trained_memory", "written_memory"):
+        prompts = [qa_prompt(q) for q in questions]
+        if condition == "trained_memory":
+            bank = memory.new_bank()
+        else:
+            start = time.perf_counter()
+            bank = memory.store(model, tokenizer, statements, chunk_size=len(statements),
+                                progress=False)
+            store_seconds = time.perf_counter() - start
+            store_tokens = sum(len(tokenizer(s)["input_ids"]) for s in statements)
+        handle = memkernels.attach(model, memory, bank)
+    else:
+        raise ValueError(f"unknown condition {condition!r}")
+    try:
+        got = answer(model, tokenizer, prompts)
+        latency = per_query_latency(model, tokenizer, prompts)
+    finally:
+        if handle is not None:
+            handle.detach()
+    correct = sum(g == f.object for g, f in zip(got, asked))
+    prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts)
+    return dict(condition=condition, n_facts=len(facts), distractors=len(distractor_facts),
+                questions=len(asked), accuracy=correct / len(asked),
+                latency_ms=1e3 * latency, tokens_per_query=prompt_tokens + 5,
+                store_seconds=store_seconds, store_tokens=store_tokens,
+                examples=[dict(q=q, want=f.object, got=g)
+                          for q, f, g in list(zip(questions, asked, got))[:3]])
+
+
+# --- the sweep and its report ----------------------------------------------------------------
+
+def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
+        written_steps: int, trained_steps: int, conditions=CONDITIONS, log=print) -> list[dict]:
+    model, tokenizer = base_lm.load()
+    written = None
+    if "written_memory" in conditions:
+        written = train_memory(model, tokenizer, "written", os.path.join(cache, "written"),
+                               steps=written_steps, log=log)
+    rows = []
+    for distract in (False, True):
+        for n in sizes:
+            facts, others = make_facts(n, seed=0, distractors=distract)
+            for condition in conditions:
+                memory = written
+                if condition == "trained_memory":
+                    if n not in trained_sizes:
+                        continue
+                    name = f"trained-n{n}{'-distract' if distract else ''}"
+                    memory = train_memory(model, tokenizer, "trained", os.path.join(cache, name),
+                                          steps=trained_steps, n_facts=n, distractors=distract,
+                                          log=log)
+                row = evaluate(condition, model, tokenizer, facts, others, memory=memory)
+                if row is None:
+                    log(f"{condition:15s} N={n:5d} distractors={distract}: does not fit")
+                    continue
+                rows.append(row)
+                log(f"{condition:15s} N={n:5d} distractors={distract}: "
+                    f"accuracy {row['accuracy']:.3f}, {row['latency_ms']:.1f} ms/query, "
+                    f"{row['tokens_per_query']:.0f} tokens/query")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(machine=f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
+                       base_lm=json.load(open(os.path.join(base_lm.ASSET_DIR, "training.json"))),
+                       rows=rows), f, indent=1)
+    write_report(rows, out_dir)
+    return rows
+
+
+def write_report(rows: list[dict], out_dir: str) -> None:
+    lines = ["| condition | N facts | distractors | accuracy | ms / query | tokens / query |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['condition']} | {r['n_facts']} | {r['distractors']} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['latency_ms']:.1f} | "
+                     f"{r['tokens_per_query']:.0f} |")
+    with open(os.path.join(out_dir, "recall.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for condition in CONDITIONS:
+        for distract, style in ((False, "-o"), (True, "--x")):
+            pts = sorted((r["n_facts"], r["accuracy"], r["latency_ms"]) for r in rows
+                         if r["condition"] == condition and bool(r["distractors"]) == distract)
+            if not pts:
+                continue
+            label = condition + (" + distractors" if distract else "")
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+    for ax, ylabel in zip(axes, ("exact-match accuracy", "ms per query (batch 1)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("facts N")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "recall.png"), dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/recall")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/memkernels/recall"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    ap.add_argument("--trained-sizes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--written-steps", type=int, default=1500)
+    ap.add_argument("--trained-steps", type=int, default=1500)
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    args = ap.parse_args(argv)
+    run(args.out, args.cache, args.sizes, args.trained_sizes, args.written_steps,
+        args.trained_steps, args.conditions)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Training batches for the two ways knowledge enters a memory, and the
+memory configuration the recall benchmark uses.
+
+Every batch is a pure function of (seed, rank, step), so training resumes
+exactly and DDP ranks see different data.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from memkernels.memory import MemoryConfig, MemoryModel
+from memkernels.recall.facts import RELATIONS, Fact, make_facts, make_name, qa_prompt
+from memkernels.train import Batch
+
+
+def default_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
+    """4 heads x 32, reading at the last two decoder layers, writing the
+    hidden states of the layer before them."""
+    torch.manual_seed(seed)
+    n = model.config.num_hidden_layers
+    config = MemoryConfig.from_hf(model.config, num_heads=4, head_dim=32, num_slots=slots,
+                                  read_layers=(n - 2, n - 1), write_layer=max(n - 3, 0))
+    return MemoryModel(config)
+
+
+def _rng(*key: int) -> random.Random:
+    return random.Random(hash(key))  # tuples of ints hash the same in every process
+
+
+def qa_tokens(tokenizer, fact: Fact, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Token ids of 'Q: question A: object.' and labels scoring only the answer."""
+    prompt = tokenizer(qa_prompt(fact.question(rng)))["input_ids"]
+    answer = tokenizer(f" {fact.object}.")["input_ids"]
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def statement_tokens(tokenizer, fact: Fact, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Token ids of a statement and labels scoring only its object and period."""
+    text = fact.statement(rng)
+    head, tail = text.rsplit(fact.object, 1)
+    prompt = tokenizer(head.rstrip())["input_ids"]
+    answer = tokenizer(f" {fact.object}{tail}")["input_ids"]
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+
+def _lm_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    ids = _pad([r[0] for r in rows], pad_id)
+    return Batch(input_ids=ids, attention_mask=_pad([[1] * len(r[0]) for r in rows], 0),
+                 labels=_pad([r[1] for r in rows], -100))
+
+
+def random_fact(rng: random.Random, split: str = "train") -> Fact:
+    rel = rng.choice(sorted(RELATIONS))
+    return Fact(make_name(rng, split), rel, rng.choice(RELATIONS[rel]["objects"]))
+
+
+def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, int] = (4, 48),
+                    questions_per_row: int = 4) -> Callable[[int, int], Batch]:
+    """Episodes: each row writes k fresh facts (statements) into its own
+    fresh bank, then answers questions about some of them (other templates).
+    Names come from the train split: the benchmark's never appear."""
+    pad = tokenizer.pad_token_id
+
+    def make(step: int, rank: int) -> Batch:
+        rng = _rng(seed, rank, step, 1)
+        rows, writes = [], []
+        for _ in range(batch):
+            facts = [random_fact(rng) for _ in range(rng.randint(*facts_per_row))]
+            writes.append([tokenizer(f.statement(rng))["input_ids"] for f in facts])
+            ids, labels = [], []
+            for f in rng.sample(facts, min(questions_per_row, len(facts))):
+                i, lab = qa_tokens(tokenizer, f, rng)
+                ids, labels = ids + i, labels + lab
+            rows.append((ids, labels))
+        b = _lm_batch(rows, pad)
+        n = max(len(w) for w in writes)
+        tw = max(len(t) for w in writes for t in w)
+        b.write_ids = torch.full((batch, n, tw), pad, dtype=torch.long)
+        b.write_mask = torch.zeros(batch, n, tw, dtype=torch.long)
+        for r, w in enumerate(writes):
+            for j, t in enumerate(w):
+                b.write_ids[r, j, :len(t)] = torch.tensor(t)
+                b.write_mask[r, j, :len(t)] = 1
+        return b
+    return make
+
+
+def trained_facts(n: int, seed: int, distractors: bool = False) -> list[Fact]:
+    """The facts a trained memory learns for a benchmark run of size n
+    (the eval split, as the benchmark asks them)."""
+    facts, others = make_facts(n, seed, distractors=distractors)
+    return facts + others
+
+
+def trained_batches(tokenizer, batch: int, seed: int, n_facts: int, *, distractors: bool = False,
+                    eval_seed: int = 0, aux_facts: int = 2000,
+                    qa_fraction: float = 0.5) -> Callable[[int, int], Batch]:
+    """The corpus a trained memory learns: every benchmark fact as statements
+    (never as questions), plus auxiliary train-split facts as statements and as
+    questions, so the memory learns to answer questions from what it learned
+    from statements. The benchmark's questions are never trained on."""
+    pad = tokenizer.pad_token_id
+    target = trained_facts(n_facts, eval_seed, distractors)
+    aux = [random_fact(random.Random(seed * 7919 + i)) for i in range(aux_facts)]
+
+    def make(step: int, rank: int) -> Batch:
+        rng = _rng(seed, rank, step, 2)
+        rows = []
+        for _ in range(batch):
+            if rng.random() < qa_fraction:
+                rows.append(qa_tokens(tokenizer, rng.choice(aux), rng))
+            else:
+                f = rng.choice(target) if rng.random() < 0.8 else rng.choice(aux)
+                rows.append(statement_tokens(tokenizer, f, rng))
+        return _lm_batch(rows, pad)
+    return make

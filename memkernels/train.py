@@ -1,0 +1,239 @@
+"""Train a memory with the host LLM frozen.
+
+    python -m memkernels.train --mode written --steps 1500 --out runs/written
+    torchrun --nproc_per_node 2 -m memkernels.train ...     # DDP, unchanged
+
+Model-agnostic: `Trainer` takes any HF causal LM, a MemoryModel and an
+iterator of `Batch`es. Only the memory's parameters are optimised (AdamW,
+gradient clipping, optional bf16 autocast, gradient accumulation); the LLM is
+attached to, frozen, and left bitwise unchanged. Checkpoints are safetensors
+(memory weights, AdamW moments, step) and resume exactly: batches are a pure
+function of (seed, rank, step).
+
+Two ways knowledge enters the memory (Batch.write_ids decides per batch):
+- trained memory: no write; the model reads the trainable initial bank, so
+  the corpus is learned into the bank itself;
+- written memory: each row's texts are written into a fresh bank first
+  (differentiable), then the row's questions are answered from it, so the
+  write and read projections and gates learn what to store.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import memkernels
+from memkernels.integration import write_layer_hidden
+from memkernels.memory import MemoryBank, MemoryModel, _atomic_write
+
+
+@dataclasses.dataclass
+class Batch:
+    """input_ids/attention_mask [B, T]; labels [B, T] (-100 = no loss);
+    write_ids/write_mask [B, n, Tw]: row b's n texts to write first (None =
+    read the trained bank)."""
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    write_ids: Optional[Tensor] = None
+    write_mask: Optional[Tensor] = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: int = 50
+    grad_accum: int = 1
+    clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    checkpoint_every: int = 250
+    out_dir: Optional[str] = None
+    progress: bool = True
+
+
+class _MemoryStep(nn.Module):
+    """The unit DDP wraps: it owns only the memory (the LLM is not a
+    submodule, so DDP never sees or syncs its frozen parameters)."""
+
+    def __init__(self, llm: nn.Module, memory: MemoryModel):
+        super().__init__()
+        self.memory = memory
+        object.__setattr__(self, "llm", llm)  # not registered
+        self.handle = memkernels.attach(llm, memory)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        memory = self.memory
+        if batch.write_ids is None:
+            bank = memory.trainable_bank()
+        else:
+            B, n, Tw = batch.write_ids.shape
+            hidden = write_layer_hidden(self.llm, memory, batch.write_ids.reshape(B * n, Tw),
+                                        batch.write_mask.reshape(B * n, Tw))
+            start = memory.init_bank.unsqueeze(0).expand(B, -1, -1, -1)
+            bank = MemoryBank(memory, memory.write(start, hidden.reshape(B, n * Tw, -1),
+                                                   batch.write_mask.reshape(B, n * Tw).bool()))
+        self.handle.bank = bank
+        logits = self.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits, labels = logits[:, :-1].float(), batch.labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           labels.reshape(-1), ignore_index=-100)
+        scored = labels != -100
+        correct = ((logits.argmax(-1) == labels) & scored).sum()
+        return loss, correct, scored.sum()
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Optimises `memory` attached to the frozen `llm` on batches from
+    make_batch(step, rank) (a pure function, so a resumed run sees the same
+    data)."""
+
+    def __init__(self, llm: nn.Module, memory: MemoryModel,
+                 make_batch: Callable[[int, int], Batch], config: TrainConfig):
+        self.config, self.make_batch = config, make_batch
+        self.rank, self.world = _distributed()
+        torch.manual_seed(config.seed)
+        self.step_module = _MemoryStep(llm, memory)
+        self.model = self.step_module
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.step_module,
+                                                             find_unused_parameters=True)
+        params = [p for p in memory.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+
+    @property
+    def memory(self) -> MemoryModel:
+        return self.step_module.memory
+
+    def lr_at(self, step: int) -> float:
+        import math  # noqa: PLC0415
+        c = self.config
+        warm = min(1.0, (step + 1) / max(c.warmup, 1))
+        return c.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step / max(c.steps, 1), 1.0)))
+
+    def train(self, log: Callable[[str], None] = print) -> dict:
+        c = self.config
+        from tqdm.auto import tqdm  # noqa: PLC0415
+        bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="train memory",
+                   disable=not c.progress or self.rank != 0)
+        history = []
+        for step in bar:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            loss_sum, correct, scored = 0.0, 0, 0
+            for micro in range(c.grad_accum):
+                batch = self.make_batch(step * c.grad_accum + micro, self.rank)
+                with torch.autocast("cpu" if self.memory.init_bank.device.type == "cpu" else "cuda",
+                                    dtype=torch.bfloat16, enabled=c.bf16):
+                    loss, ok, n = self.model(batch)
+                (loss / c.grad_accum).backward()
+                loss_sum += loss.item() / c.grad_accum
+                correct, scored = correct + int(ok), scored + int(n)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.memory.parameters(), c.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step = step + 1
+            acc = correct / max(scored, 1)
+            history.append(dict(step=self.step, loss=loss_sum, accuracy=acc,
+                                grad_norm=float(grad_norm)))
+            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{acc:.2f}")
+            if c.out_dir and (self.step % c.checkpoint_every == 0 or self.step == c.steps):
+                self.save_checkpoint(os.path.join(c.out_dir, "checkpoint"))
+        return dict(history=history)
+
+    def close(self) -> None:
+        """Detaches the memory: the LLM is as it was."""
+        self.step_module.handle.detach()
+
+    # --- checkpoints -------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        """memory/ (save_pretrained) + trainer.safetensors (AdamW moments and
+        step counts per parameter name, the step). Rank 0 writes."""
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file  # noqa: PLC0415
+        self.memory.save_pretrained(os.path.join(directory, "memory"))
+        names = {p: n for n, p in self.memory.named_parameters()}
+        tensors = {}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                tensors[f"{key}/{names[p]}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        meta = {"step": str(self.step), "config": json.dumps(dataclasses.asdict(self.config))}
+        _atomic_write(os.path.join(directory, "trainer.safetensors"),
+                      lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def load_checkpoint(self, directory: str) -> None:
+        from safetensors import safe_open  # noqa: PLC0415
+        loaded = MemoryModel.from_pretrained(os.path.join(directory, "memory"),
+                                             map_location=self.memory.init_bank.device)
+        with torch.no_grad():
+            for p, q in zip(self.memory.parameters(), loaded.parameters()):
+                p.copy_(q)
+        params = dict(self.memory.named_parameters())
+        with safe_open(os.path.join(directory, "trainer.safetensors"), framework="pt") as f:
+            self.step = int(f.metadata()["step"])
+            for key in f.keys():
+                slot, name = key.split("/", 1)
+                p = params[name]
+                value = f.get_tensor(key)
+                self.optimizer.state[p][slot] = value.to(p.device) if value.dim() else value
+
+
+def main(argv=None) -> None:
+    from memkernels.recall import base_lm, tasks  # noqa: PLC0415
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--mode", choices=("written", "trained"), default="written")
+    ap.add_argument("--facts", type=int, default=1000, help="trained mode: facts in the corpus")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slots", type=int, default=1024)
+    ap.add_argument("--model", default=base_lm.ASSET_DIR, help="an HF causal LM directory")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    args = ap.parse_args(argv)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    model, tokenizer = base_lm.load(args.model)
+    memory = tasks.default_memory(model, slots=args.slots, seed=args.seed)
+    make_batch = (tasks.written_batches(tokenizer, args.batch, args.seed) if args.mode == "written"
+                  else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
+    trainer = Trainer(model, memory, make_batch,
+                      TrainConfig(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
+                                  bf16=args.bf16, seed=args.seed, out_dir=args.out))
+    if args.resume:
+        trainer.load_checkpoint(os.path.join(args.out, "checkpoint"))
+    result = trainer.train()
+    trainer.close()
+    if trainer.rank == 0:
+        last = result["history"][-20:]
+        print(json.dumps({"mode": args.mode, "steps": trainer.step,
+                          "loss": sum(h["loss"] for h in last) / max(len(last), 1),
+                          "accuracy": sum(h["accuracy"] for h in last) / max(len(last), 1)}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
