@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memkernels import _backend
+from memkernels._nvtx import nvtx_range
 from memkernels.ops import memory_read, memory_write
 
 BANK_FORMAT = "memkernels.bank"
@@ -111,6 +113,16 @@ class MemoryConfig:
         return d
 
 
+def _fused_cpu_reader(hidden: Tensor, keys: Tensor, backend: Optional[str]):
+    """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None."""
+    if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64)
+            or keys.dtype != hidden.dtype or torch.compiler.is_compiling()):
+        return None
+    if _backend.resolve(backend, hidden.device) != "cpu":
+        return None
+    return getattr(_backend.extension()[0], "reader_fwd", None)
+
+
 class MemoryReader(nn.Module):
     """One reading layer: h <- h + tanh(gate) * W_o(memory_read(W_q norm(h), K, V))."""
 
@@ -135,10 +147,15 @@ class MemoryReader(nn.Module):
             read = memory_read(q, keys, values, backend=self.backend).to(hidden.dtype)
             return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
         # Inference: the norm weight is folded into the query projection and the
-        # gate into the output projection, and the residual add is one addmm: 4
-        # fewer small ops per decode step, which cost more than the read itself
-        # for a small bank.
+        # gate into the output projection. On the CPU backend the whole layer is
+        # one fused C++ call; elsewhere 6 ATen ops. Per decode token, the fixed
+        # cost of ~10 small ops was as large as the read of a small bank.
         query_w, out_w = self._folded_weights()
+        fused = _fused_cpu_reader(hidden, keys, self.backend)
+        if fused is not None:
+            with nvtx_range("memkernels.reader_fwd[cpu]"):
+                return fused(hidden, query_w, keys, values, out_w, self.norm.eps or 1e-6,
+                             self.head_dim ** -0.5)
         q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
         read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2),
                            keys, values, backend=self.backend)
@@ -198,12 +215,12 @@ class MemoryModel(nn.Module):
         """Read keys and values of a bank [B, H, S, Dh]; a one-row bank is
         returned as [H, S, Dh], the shared-bank layout the kernels read once
         for a whole batch."""
+        spec = "bhsd,hde->bhse"
         if mem.shape[0] == 1:
-            mem = mem[0]
-            return (torch.einsum("hsd,hde->hse", mem, self.slot_key).contiguous(),
-                    torch.einsum("hsd,hde->hse", mem, self.slot_value).contiguous())
-        return (torch.einsum("bhsd,hde->bhse", mem, self.slot_key).contiguous(),
-                torch.einsum("bhsd,hde->bhse", mem, self.slot_value).contiguous())
+            mem, spec = mem[0], "hsd,hde->hse"
+        # in the bank's dtype, also under autocast
+        return (torch.einsum(spec, mem, self.slot_key).to(mem.dtype).contiguous(),
+                torch.einsum(spec, mem, self.slot_value).to(mem.dtype).contiguous())
 
     # --- read and write -----------------------------------------------------------
 
@@ -231,10 +248,12 @@ class MemoryModel(nn.Module):
         x = self.write_norm(hidden)
         k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
         v_tok = self.token_value(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
-        q_slots = torch.einsum("bhsd,hde->bhse", mem, self.slot_query).contiguous()
+        # .to(mem.dtype): under autocast the einsums come out in bf16
+        q_slots = torch.einsum("bhsd,hde->bhse", mem, self.slot_query).to(mem.dtype).contiguous()
         f = (torch.einsum("bhsd,hd->bhs", mem, self.forget) + self.forget_bias[:, None])[..., None]
         i = (torch.einsum("bhsd,hd->bhs", mem, self.input) + self.input_bias[:, None])[..., None]
-        new = memory_write(mem, q_slots, k_tok, v_tok, f.contiguous(), i.contiguous(),
+        f, i = f.to(mem.dtype).contiguous(), i.to(mem.dtype).contiguous()
+        new = memory_write(mem, q_slots, k_tok, v_tok, f, i,
                            token_mask=token_mask, backend=self.config.backend)
         if token_mask is not None:
             has_tokens = token_mask.any(dim=1)

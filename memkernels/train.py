@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
-import random
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,15 +123,16 @@ class Trainer:
         return self.step_module.memory
 
     def lr_at(self, step: int) -> float:
-        import math  # noqa: PLC0415
         c = self.config
         warm = min(1.0, (step + 1) / max(c.warmup, 1))
         return c.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step / max(c.steps, 1), 1.0)))
 
-    def train(self, log: Callable[[str], None] = print) -> dict:
+    def train(self, until: Optional[int] = None) -> dict:
+        """Runs steps up to `until` (default: config.steps); returns the history."""
         c = self.config
         from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(range(self.step, c.steps), initial=self.step, total=c.steps, desc="train memory",
+        bar = tqdm(range(self.step, min(until or c.steps, c.steps)), initial=self.step,
+                   total=c.steps, desc="train memory",
                    disable=not c.progress or self.rank != 0)
         history = []
         for step in bar:

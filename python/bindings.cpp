@@ -122,6 +122,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   return {dmem.to(dt), dqs.to(dt), dk.to(dt), dv.to(dt), df.to(dt), di.to(dt)};
 }
 
+// One reading layer at inference, fused (memkernels.memory.MemoryReader).
+Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
+                  const Tensor& values, const Tensor& out_w, double eps, double scale) {
+  TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+              "memkernels._C.reader_fwd: hidden must be float32 or float64");
+  TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
+  check_same(query_w, hidden, "query_w");
+  check_same(keys, hidden, "keys");
+  check_same(values, hidden, "values");
+  check_same(out_w, hidden, "out_w");
+  const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
+  TORCH_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
+              shape_str(keys.sizes()));
+  const bool shared = keys.dim() == 3;
+  const int64_t H = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
+  TORCH_CHECK(S > 0 && D > 0, "keys must hold at least one slot");
+  if (!shared) check_shape(keys, "keys", {B, H, S, D});
+  check_shape(values, "values", keys.sizes());
+  check_shape(query_w, "query_w", {H * D, C});
+  check_shape(out_w, "out_w", {H * D, C});
+  Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
+         v = values.contiguous(), ow = out_w.contiguous();
+  Tensor out = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "reader_fwd", [&] {
+    mk::ReaderProblem<scalar_t> r{B, T, C, H, D, S, shared,
+                                  h.data_ptr<scalar_t>(), qw.data_ptr<scalar_t>(),
+                                  k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                  ow.data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
+                                  static_cast<scalar_t>(scale)};
+    mk::reader_forward<scalar_t>(r, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -131,6 +166,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("read_bwd", &read_bwd, "memory_read backward (CPU) -> (dq, dk, dv)");
   m.def("write_fwd", &write_fwd, "memory_write forward (CPU) -> (new_mem, upd, lse)");
   m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
+  m.def("reader_fwd", &reader_fwd,
+        "one reading layer at inference: hidden + read(rms_norm(hidden) @ query_w^T) @ out_w");
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);

@@ -413,3 +413,42 @@ def test_memory_save_and_load_pretrained(tmp_path):
     assert loaded.fingerprint() == memory.fingerprint()
     for (n, p), (_, q) in zip(memory.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+# --- the fused inference reader (CPU) ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (3, 1), (3, 5), (1, 7)],
+                         ids=["shared-decode", "per-row-decode", "per-row-prefill",
+                              "shared-prefill"])
+def test_fused_cpu_reader_matches_the_autograd_path(dtype, rows, tokens):
+    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=8, num_slots=37)
+    memory = MemoryModel(config).to(dtype)
+    with torch.no_grad():
+        for r in memory.readers:
+            r.gate.uniform_(-1, 1)
+            r.norm.weight.uniform_(0.5, 1.5)
+    bank = MemoryBank(memory, torch.randn(rows, 3, 37, 8, dtype=dtype))
+    hidden = torch.randn(3, tokens, 48, dtype=dtype)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank)  # inference: memkernels._C.reader_fwd
+    unfused = memory.read(0, hidden.clone().requires_grad_(), bank)  # autograd path
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, unfused.detach(), **tol)
+
+
+def test_fused_cpu_reader_rejects_bad_tensors():
+    from memkernels import _backend
+    ext = _backend.extension()[0]
+    if ext is None:
+        pytest.skip("memkernels._C is not built")
+    h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
+    k = torch.randn(2, 5, 4)
+    with pytest.raises(RuntimeError, match="hidden must be"):
+        ext.reader_fwd(h[0], w, k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="query_w must have shape"):
+        ext.reader_fwd(h, w[:3], k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="values must have dtype"):
+        ext.reader_fwd(h, w, k, k.double(), w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="keys must have shape"):
+        ext.reader_fwd(h, w, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), w, 1e-6, 0.5)

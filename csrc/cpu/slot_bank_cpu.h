@@ -35,4 +35,22 @@ template <typename T>
 void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const T* dnew,
                     T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput);
 
+// One reading layer at inference (see reader_cpu.cpp): hidden [B*T, C],
+// query_w [H*Dh, C] (norm weight folded in), keys/values [H, S, Dh] (shared)
+// or [B, H, S, Dh], out_w [H*Dh, C] (gate folded in). out [B*T, C].
+template <typename T>
+struct ReaderProblem {
+  int64_t batch, tokens, hidden, heads, head_dim, slots;
+  bool shared;
+  const T* hidden_states;
+  const T* query_w;
+  const T* keys;
+  const T* values;
+  const T* out_w;
+  T eps, scale;
+};
+
+template <typename T>
+void reader_forward(const ReaderProblem<T>& r, T* out);
+
 }  // namespace memkernels::cpu

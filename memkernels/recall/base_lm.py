@@ -34,12 +34,14 @@ MODEL_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
 
 
 def corpus_document(rng: random.Random) -> str:
+    """2-10 statements, then questions about most of them: answering from the
+    context (finding the name, copying its object) is most of what is learned."""
     facts = []
-    for _ in range(rng.randint(2, 6)):
+    for _ in range(rng.randint(2, 10)):
         rel = rng.choice(sorted(RELATIONS))
         facts.append(Fact(make_name(rng), rel, rng.choice(RELATIONS[rel]["objects"])))
     text = " ".join(f.statement(rng) for f in facts)
-    asked = rng.sample(facts, rng.randint(1, len(facts)))
+    asked = rng.sample(facts, rng.randint((len(facts) + 1) // 2, len(facts)))
     return text + " " + " ".join(qa_text(f, rng) for f in asked)
 
 
@@ -88,7 +90,7 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def train(out_dir: str, steps: int = 1200, seq_len: int = 192, batch: int = 16,
+def train(out_dir: str, steps: int = 2400, seq_len: int = 256, batch: int = 12,
           lr: float = 3e-3, seed: int = 0, log=print) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -144,7 +146,7 @@ def load(path: str = ASSET_DIR):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=ASSET_DIR)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=2400)
     args = ap.parse_args(argv)
     train(args.out, steps=args.steps)
 

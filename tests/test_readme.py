@@ -1,0 +1,21 @@
+"""The README's integration example runs as written."""
+import pathlib
+import re
+
+import pytest
+
+pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_integration_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    match = re.search(r"<!-- readme-example: integration -->\n```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its integration example"
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(match.group(1), "README.md", "exec"), scope)  # noqa: S102
+    assert scope["out"].shape[1] == scope["ids"].shape[1] + 8
+    assert scope["both"].batch_size == 2 and scope["merged"].num_slots == 512
+    assert (tmp_path / "ada.bank.safetensors").exists()

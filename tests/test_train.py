@@ -1,0 +1,172 @@
+"""The trainer and the recall tasks, on a tiny LM with a tokenizer trained here."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+
+from memkernels.recall import base_lm, facts, tasks  # noqa: E402
+from memkernels.train import Trainer, TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
+
+
+def tiny_lm(vocab: int):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+# --- facts ---------------------------------------------------------------------------
+
+def test_benchmark_names_never_come_from_the_training_stream():
+    eval_facts, distractors = facts.make_facts(300, seed=3, distractors=True)
+    assert all(facts.name_split(f.subject) == "eval" for f in eval_facts + distractors)
+    assert len({f.subject for f in eval_facts + distractors}) == 600
+    rng = random.Random(0)
+    assert all(facts.name_split(tasks.random_fact(rng).subject) == "train" for _ in range(500))
+    corpus_names = {w for d in base_lm.corpus(200) for w in d.split() if w.istitle()}
+    assert not {f.subject for f in eval_facts} & corpus_names
+
+
+def test_questions_use_other_templates_than_statements():
+    rng = random.Random(0)
+    for rel, spec in facts.RELATIONS.items():
+        assert not set(spec["statements"]) & set(spec["questions"])
+        f = facts.Fact("Zuba", rel, spec["objects"][0])
+        assert f.object not in f.question(rng)  # the answer is not in the question
+
+
+def test_distractors_have_similar_names_and_other_objects():
+    real, others = facts.make_facts(50, seed=1, distractors=True)
+    for r, d in zip(real, others):
+        assert d.relation == r.relation and d.object != r.object and d.subject != r.subject
+        assert sum(a != b for a, b in zip(r.subject.lower(), d.subject.lower())) <= 2 or \
+            len(r.subject) != len(d.subject)
+
+
+# --- batches ---------------------------------------------------------------------------
+
+def test_batches_are_pure_functions_of_step_and_rank(tokenizer):
+    make = tasks.written_batches(tokenizer, 3, seed=5)
+    a, b, c = make(7, 0), make(7, 0), make(7, 1)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.write_ids, b.write_ids)
+    assert not torch.equal(a.write_ids[:, :1], c.write_ids[:, :1]) or \
+        not torch.equal(a.input_ids[:, :4], c.input_ids[:, :4])
+
+
+def test_labels_score_only_the_answer(tokenizer):
+    fact = facts.Fact("Zubako", "city", "Quito")
+    ids, labels = tasks.qa_tokens(tokenizer, fact, random.Random(0))
+    scored = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert tokenizer.decode(scored) == " Quito."
+    ids, labels = tasks.statement_tokens(tokenizer, fact, random.Random(0))
+    assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100]).startswith(" Quito")
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["written", "trained"])
+def test_training_lowers_the_loss_and_never_touches_the_llm(tokenizer, mode):
+    model = tiny_lm(len(tokenizer))
+    before = snapshot(model)
+    memory = tasks.default_memory(model, slots=32)
+    make = (tasks.written_batches(tokenizer, 4, seed=0, facts_per_row=(2, 4)) if mode == "written"
+            else tasks.trained_batches(tokenizer, 8, seed=0, n_facts=4, aux_facts=4))
+    fixed = make(0, 0)  # one batch, over and over: the loss must go down
+    trainer = Trainer(model, memory, lambda step, rank: fixed,
+                      TrainConfig(steps=60, lr=1e-2, warmup=1, progress=False))
+    history = trainer.train()["history"]
+    trainer.close()
+    # a random tiny LM's logits are nearly flat (small lm_head after a norm), so
+    # the loss cannot fall far; most answers it scores must become right
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    assert history[0]["accuracy"] < 0.2 and history[-1]["accuracy"] > 0.5
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_accumulation_and_bf16_autocast_run(tokenizer):
+    model = tiny_lm(len(tokenizer))
+    memory = tasks.default_memory(model, slots=16)
+    trainer = Trainer(model, memory, tasks.written_batches(tokenizer, 2, seed=0,
+                                                           facts_per_row=(2, 3)),
+                      TrainConfig(steps=2, grad_accum=2, bf16=True, progress=False))
+    history = trainer.train()["history"]
+    trainer.close()
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert memory.init_bank.dtype == torch.float32  # autocast never changes the parameters
+
+
+def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path):
+    make = tasks.written_batches(tokenizer, 2, seed=0, facts_per_row=(2, 3))
+
+    def trainer(steps, out):
+        model = tiny_lm(len(tokenizer))
+        memory = tasks.default_memory(model, slots=16)
+        return Trainer(model, memory, make, TrainConfig(steps=steps, lr=1e-2, out_dir=str(out),
+                                                        checkpoint_every=3, progress=False))
+    straight = trainer(6, tmp_path / "a")
+    straight.train()
+    resumed = trainer(6, tmp_path / "b")
+    trainer(6, tmp_path / "b").train(until=3)  # writes b/checkpoint at step 3
+    resumed.load_checkpoint(str(tmp_path / "b" / "checkpoint"))
+    assert resumed.step == 3
+    resumed.train()
+    for (n, p), q in zip(straight.memory.named_parameters(), resumed.memory.parameters()):
+        assert torch.equal(p, q), n
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_lm
+    from memkernels.recall import base_lm, tasks
+    from memkernels.train import Trainer, TrainConfig
+    dist.init_process_group("gloo")
+    tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
+    model = tiny_lm(len(tok))
+    torch.manual_seed(dist.get_rank())  # different memories per rank: DDP must sync them
+    memory = tasks.default_memory(model, slots=16, seed=dist.get_rank())
+    trainer = Trainer(model, memory, tasks.written_batches(tok, 2, seed=0, facts_per_row=(2, 3)),
+                      TrainConfig(steps=3, progress=False))
+    trainer.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in memory.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
+    print("rank", dist.get_rank(), "ok")
+    dist.destroy_process_group()
+""")
+
+
+def test_trainer_runs_under_torchrun_with_ddp_on_gloo(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__)))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
+                            capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count(" ok") == 2  # both ranks finished in sync (lines may interleave)
