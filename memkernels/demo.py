@@ -1,75 +1,100 @@
-"""The main job for now: a short demo of both ops on whatever device is here.
+"""The main job: a frozen LM, a memory, new facts stored, questions answered.
 
-    python -m memkernels.demo
+    python -m memkernels.demo [--facts 100]
 
-Writes tokens into a slot bank, reads it back from token queries, checks both
-against the reference, and times a decode-step read against SDPA.
+1. Loads the small Llama-style LM that ships with the repository (trained
+   here on templated sentences; `python -m memkernels.recall.base_lm`
+   rebuilds it) and the written-memory weights trained for it
+   (`python -m memkernels.recall.benchmark` retrains them when missing).
+2. Makes facts about people it has never seen, stores them in a fresh bank
+   with store() alone (no gradient step), and asks about them with other
+   phrasings than the statements.
+3. Prints exact-match recall with and without the memory, saves and reloads
+   the bank, and the per-token decode overhead of the attached memory.
+4. Checks the fused kernels against the reference on the way.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import random
 import statistics
+import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 import memkernels
-from memkernels import _backend, reference
+from memkernels import MemoryBank, _backend, reference
+from memkernels.recall import base_lm, benchmark
+from memkernels.recall.facts import make_facts, qa_prompt
 
 
-def _median_ms(fn, reps=20):
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int = 24, reps: int = 5) -> float:
+    def run(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+    return 1e3 * statistics.median((run(1 + new_tokens) - run(1)) / new_tokens for _ in range(reps))
 
 
-def main() -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = _backend.resolve(None, device)
-    print(f"device {device}, dtype {dtype}, backend {backend!r} "
-          f"(available: {memkernels.available_backends(device)})")
+def _kernel_check() -> None:
     torch.manual_seed(0)
-    B, H, S, T, D = 4, 8, 256, 64, 64
-    rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = torch.randn(2, 4, 3, 32), torch.randn(4, 64, 32), torch.randn(4, 64, 32)
+    err = (memkernels.memory_read(q, k, v) - reference.memory_read(q, k, v)).abs().max().item()
+    print(f"kernels: backend {_backend.resolve(None, q.device)!r}, read max |err| vs reference "
+          f"{err:.1e}")
 
-    # write: the slots attend over 64 new tokens; gates blend the result in
-    mem, q_slots = rnd(B, H, S, D), rnd(B, H, S, D)
-    k_tok, v_tok = rnd(B, H, T, D), rnd(B, H, T, D)
-    f, i = rnd(B, H, S, 1), rnd(B, H, S, 1)
-    new_mem = memkernels.memory_write(mem, q_slots, k_tok, v_tok, f, i)
-    ref_mem = reference.memory_write(mem.double(), q_slots.double(), k_tok.double(),
-                                     v_tok.double(), f.double(), i.double())
-    print(f"memory_write: bank {tuple(new_mem.shape)}, max |err| vs reference "
-          f"{(new_mem.double() - ref_mem).abs().max().item():.2e}")
 
-    # read: token queries attend over the (per-sequence) bank
-    q = rnd(B, H, 16, D)
-    out = memkernels.memory_read(q, new_mem, new_mem)
-    ref = reference.memory_read(q.double(), new_mem.double(), new_mem.double())
-    print(f"memory_read: out {tuple(out.shape)}, max |err| vs reference "
-          f"{(out.double() - ref).abs().max().item():.2e}")
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--facts", type=int, default=100)
+    ap.add_argument("--questions", type=int, default=100)
+    args = ap.parse_args(argv)
+    _kernel_check()
+    model, tokenizer = base_lm.load()
+    memory = benchmark.train_memory(model, tokenizer, "written", benchmark.WRITTEN_MEMORY,
+                                    steps=benchmark.WRITTEN_STEPS)
+    print(f"base LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, frozen; "
+          f"memory: {sum(p.numel() for p in memory.parameters()) / 1e6:.2f} M parameters, "
+          f"{memory.config.num_slots} slots x {memory.config.num_heads} heads x "
+          f"{memory.config.head_dim}, reads at layers {memory.config.resolved_read_layers}")
 
-    # a decode step against a shared bank: B=8 queries, S=8192 slots per head
-    B, H, S = 8, 16, 8192
-    q, k, v = rnd(B, H, 1, D), rnd(H, S, D), rnd(H, S, D)
-    ours = _median_ms(lambda: memkernels.memory_read(q, k, v))
-    folded = _median_ms(lambda: F.scaled_dot_product_attention(
-        q.transpose(0, 1).reshape(1, H, B, D), k[None], v[None]))
-    expanded = _median_ms(lambda: F.scaled_dot_product_attention(
-        q, k.expand(B, H, S, D), v.expand(B, H, S, D)))
-    print(f"decode read B={B} H={H} S={S} D={D}: memkernels {ours:.3f} ms | "
-          f"SDPA batch-folded {folded:.3f} ms ({folded / ours:.2f}x) | "
-          f"SDPA bank expanded {expanded:.3f} ms ({expanded / ours:.2f}x)")
-    print("full benchmarks: python -m memkernels.bench")
+    facts, _ = make_facts(args.facts, seed=2026)  # names never seen in any training
+    rng = random.Random(0)
+    statements = [f.statement(rng) for f in facts]
+    asked = facts[:args.questions]
+    prompts = [qa_prompt(f.question(rng)) for f in asked]
+    start = time.perf_counter()
+    bank = memory.store(model, tokenizer, statements, chunk_size=len(statements))
+    print(f"stored {len(statements)} new facts in {time.perf_counter() - start:.2f} s, e.g. "
+          f"{statements[0]!r}")
+
+    base_answers = benchmark.answer(model, tokenizer, prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "user.bank.safetensors")
+        bank.save(path)
+        bank = MemoryBank.load(path, memory)  # a user's memory outlives the process
+    with memkernels.attach(model, memory, bank):
+        mem_answers = benchmark.answer(model, tokenizer, prompts)
+    for f, p, a in list(zip(asked, prompts, mem_answers))[:3]:
+        print(f"  {p} -> {a!r} (true: {f.object!r})")
+    base_acc = statistics.mean(a == f.object for a, f in zip(base_answers, asked))
+    mem_acc = statistics.mean(a == f.object for a, f in zip(mem_answers, asked))
+    print(f"recall on {len(asked)} questions: base LM alone {100 * base_acc:.0f}%, "
+          f"with the memory {100 * mem_acc:.0f}%")
+
+    prompt = torch.tensor([tokenizer(prompts[0])["input_ids"]])
+    plain = _decode_ms_per_token(model, prompt)
+    with memkernels.attach(model, memory, bank):
+        attached = _decode_ms_per_token(model, prompt)
+    print(f"decode: {plain:.2f} ms/token without memory, {attached:.2f} ms/token with it "
+          f"({100 * (attached / plain - 1):+.0f}%; a {memory.config.num_slots}-slot bank on a "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LM)")
+    print("more: python -m memkernels.recall.benchmark (all conditions), "
+          "python -m memkernels.bench.llm_overhead, python -m memkernels.bench")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from memkernels.recall.facts import Fact, make_facts, qa_prompt
 from memkernels.train import Trainer, TrainConfig
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
+WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
+WRITTEN_STEPS = 1500
+TRAINED_STEPS = 1500
 
 
 # --- answering ---------------------------------------------------------------------
@@ -120,7 +123,8 @@ def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_f
 
 def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_facts: list[Fact],
              *, memory: Optional[MemoryModel] = None, max_questions: int = 300,
-             max_context: int = 2048, top_k: int = 3, seed: int = 0) -> Optional[dict]:
+             max_context: int = base_lm.SEQ_LEN, top_k: int = 3,
+             seed: int = 0) -> Optional[dict]:
     rng = random.Random(seed)
     stored = facts + distractor_facts
     statements = [f.statement(rng) for f in stored]
@@ -175,8 +179,8 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
     model, tokenizer = base_lm.load()
     written = None
     if "written_memory" in conditions:
-        written = train_memory(model, tokenizer, "written", os.path.join(cache, "written"),
-                               steps=written_steps, log=log)
+        written = train_memory(model, tokenizer, "written", WRITTEN_MEMORY, steps=written_steps,
+                               log=log)
     rows = []
     for distract in (False, True):
         for n in sizes:
@@ -246,8 +250,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/memkernels/recall"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
     ap.add_argument("--trained-sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--written-steps", type=int, default=1500)
-    ap.add_argument("--trained-steps", type=int, default=1500)
+    ap.add_argument("--written-steps", type=int, default=WRITTEN_STEPS)
+    ap.add_argument("--trained-steps", type=int, default=TRAINED_STEPS)
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     args = ap.parse_args(argv)
     run(args.out, args.cache, args.sizes, args.trained_sizes, args.written_steps,

@@ -1,0 +1,74 @@
+"""The recall benchmark's code path end to end, on a tiny random LM: every
+condition runs, answers are scored against the facts, the report is written.
+(The real figures come from `python -m memkernels.recall.benchmark`.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+pytest.importorskip("rank_bm25", reason="needs rank_bm25 for the retrieval baseline")
+
+from memkernels.recall import base_lm, benchmark, tasks  # noqa: E402
+from memkernels.recall.facts import Fact, make_facts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm():
+    import transformers
+    tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    return model, tok
+
+
+def test_bm25_finds_the_statement_about_the_subject():
+    statements = ["Zuba lives in Lima.", "Kiko works as a baker.", "Zubako owns a cat."]
+    retriever = benchmark.BM25Retriever(statements)
+    assert retriever.top("Where does Kiko live?", 1) == ["Kiko works as a baker."]
+
+
+def test_answers_are_cut_at_the_period_and_scored_exactly(lm, monkeypatch):
+    model, tok = lm
+    # an LM that always says " Lima." answers the Lima fact right and no other
+    lima = tok(" Lima.")["input_ids"]
+    monkeypatch.setattr(benchmark, "answer", lambda m, t, prompts, **k: ["Lima"] * len(prompts))
+    facts = [Fact("Zuba", "city", "Lima"), Fact("Kiko", "city", "Oslo")]
+    row = benchmark.evaluate("base", model, tok, facts, [], max_questions=2)
+    assert row["accuracy"] == 0.5 and row["questions"] == 2 and lima
+
+
+@pytest.mark.parametrize("condition", benchmark.CONDITIONS)
+def test_every_condition_runs(lm, condition):
+    model, tok = lm
+    facts, others = make_facts(6, seed=0, distractors=True)
+    memory = tasks.default_memory(model, slots=8)
+    row = benchmark.evaluate(condition, model, tok, facts, others, memory=memory,
+                             max_questions=4, max_context=4096)
+    assert row["condition"] == condition and row["questions"] == 4
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["latency_ms"] > 0
+    assert row["tokens_per_query"] > 5
+    assert (row["store_tokens"] > 0) == (condition == "written_memory")
+
+
+def test_in_context_reports_when_the_prompt_does_not_fit(lm):
+    model, tok = lm
+    facts, _ = make_facts(30, seed=0)
+    assert benchmark.evaluate("in_context", model, tok, facts, [], max_context=64) is None
+
+
+def test_report_writes_markdown_and_png(tmp_path):
+    rows = [dict(condition=c, n_facts=n, distractors=d, accuracy=0.5, latency_ms=3.0,
+                 tokens_per_query=20.0) for c in benchmark.CONDITIONS for n in (10, 100)
+            for d in (0, n)]
+    benchmark.write_report(rows, str(tmp_path))
+    md = (tmp_path / "recall.md").read_text()
+    assert md.count("\n") == len(rows) + 2 and "written_memory" in md
+    assert (tmp_path / "recall.png").stat().st_size > 10_000
+    json.dumps(rows)
