@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from typing import Optional, Sequence, Union
@@ -42,9 +43,12 @@ class MemoryConfig:
     count from the end). write_layer: decoder layer whose output hidden
     states are written. gate_init: the read gates are tanh(gate_init); 0 is
     closed, so a fresh memory leaves the LLM's outputs unchanged.
-    forget_bias / input_bias: initial gate logits of the write
-    (sigmoid(3) = 0.95 keeps most of a slot, sigmoid(-2) = 0.12 takes in a
-    little). backend: forces a kernel backend (None = auto).
+    forget_bias / input_bias: initial gate logits of the write. A fresh
+    slot's content is its address (it sets the slot's write query), so the
+    first write mostly replaces it: sigmoid(-2) = 0.12 kept, sigmoid(2) =
+    0.88 written (gate biases move slowly under AdamW, ~lr per step, so a
+    wrong start is not unlearned in a short run). backend: forces a kernel
+    backend (None = auto).
     """
     hidden_size: int
     num_layers: int
@@ -54,8 +58,8 @@ class MemoryConfig:
     read_layers: tuple[int, ...] = (-1,)
     write_layer: int = -1
     gate_init: float = 0.0
-    forget_bias: float = 3.0
-    input_bias: float = -2.0
+    forget_bias: float = -2.0
+    input_bias: float = 2.0
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -196,6 +200,14 @@ class MemoryModel(nn.Module):
         self.input = nn.Parameter(torch.zeros(H, D))
         self.input_bias = nn.Parameter(torch.full((H,), float(config.input_bias)))
         self.readers = nn.ModuleList(MemoryReader(config) for _ in config.read_layers)
+        # Sharp attention from the start (score std ~4 against unit-scale slots):
+        # with the default Linear init a slot averages all tokens of a write
+        # (and a query all slots) nearly uniformly, and nothing can be learned
+        # from a uniform average.
+        sharp = 4.0 / math.sqrt(config.hidden_size)
+        nn.init.normal_(self.token_key.weight, std=sharp)
+        for reader in self.readers:
+            nn.init.normal_(reader.query.weight, std=sharp)
 
     # --- banks ------------------------------------------------------------------
 

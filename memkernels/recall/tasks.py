@@ -30,9 +30,11 @@ def _rng(*key: int) -> random.Random:
     return random.Random(hash(key))  # tuples of ints hash the same in every process
 
 
-def qa_tokens(tokenizer, fact: Fact, rng: random.Random) -> tuple[list[int], list[int]]:
-    """Token ids of 'Q: question A: object.' and labels scoring only the answer."""
-    prompt = tokenizer(qa_prompt(fact.question(rng)))["input_ids"]
+def qa_tokens(tokenizer, fact: Fact, rng: random.Random,
+              follows: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of 'Q: question A: object.' (with a leading space when it
+    follows another one) and labels scoring only the answer."""
+    prompt = tokenizer((" " if follows else "") + qa_prompt(fact.question(rng)))["input_ids"]
     answer = tokenizer(f" {fact.object}.")["input_ids"]
     return prompt + answer, [-100] * len(prompt) + answer
 
@@ -62,8 +64,8 @@ def random_fact(rng: random.Random, split: str = "train") -> Fact:
     return Fact(make_name(rng, split), rel, rng.choice(RELATIONS[rel]["objects"]))
 
 
-def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, int] = (4, 48),
-                    questions_per_row: int = 4) -> Callable[[int, int], Batch]:
+def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, int] = (4, 128),
+                    questions_per_row: int = 8) -> Callable[[int, int], Batch]:
     """Episodes: each row writes k fresh facts (statements) into its own
     fresh bank, then answers questions about some of them (other templates).
     Names come from the train split: the benchmark's never appear."""
@@ -77,7 +79,7 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
             writes.append([tokenizer(f.statement(rng))["input_ids"] for f in facts])
             ids, labels = [], []
             for f in rng.sample(facts, min(questions_per_row, len(facts))):
-                i, lab = qa_tokens(tokenizer, f, rng)
+                i, lab = qa_tokens(tokenizer, f, rng, follows=bool(ids))
                 ids, labels = ids + i, labels + lab
             rows.append((ids, labels))
         b = _lm_batch(rows, pad)
