@@ -117,7 +117,6 @@ def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: r
     for t in texts:
         ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
     data = torch.tensor(ids)
-    n = (len(data) - 1) // seq_len
     while True:
         starts = [rng.randrange(0, len(data) - seq_len - 1) for _ in range(batch)]
         yield torch.stack([data[s:s + seq_len] for s in starts])

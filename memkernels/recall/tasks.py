@@ -18,11 +18,12 @@ from memkernels.train import Batch
 
 def default_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
     """4 heads x 32, reading at the last two decoder layers, writing the
-    hidden states of the layer before them."""
+    (base model's) hidden states of the first of them: late enough that a
+    statement's object position has gathered who the statement is about."""
     torch.manual_seed(seed)
     n = model.config.num_hidden_layers
     config = MemoryConfig.from_hf(model.config, num_heads=4, head_dim=32, num_slots=slots,
-                                  read_layers=(n - 2, n - 1), write_layer=max(n - 3, 0))
+                                  read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0))
     return MemoryModel(config)
 
 
