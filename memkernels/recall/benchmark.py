@@ -42,7 +42,7 @@ from memkernels.train import Trainer, TrainConfig
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
 WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
-WRITTEN_STEPS = 600
+WRITTEN_STEPS = 300
 TRAINED_STEPS = 2000
 
 
@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results/recall")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/memkernels/recall"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
-    ap.add_argument("--trained-sizes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--trained-sizes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--written-steps", type=int, default=WRITTEN_STEPS)
     ap.add_argument("--trained-steps", type=int, default=TRAINED_STEPS)
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
