@@ -78,6 +78,49 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
                 floor=bank_bytes / weight_bytes, reps=reps, new_tokens=new_tokens)
 
 
+def profile_reads(batch: int, heads: int, head_dim: int, slots: int, new_tokens: int = 40) -> dict:
+    """Median time of one memory read inside the decode loop, and of the fused
+    C++ layer call within it (the rest is Python and small ops)."""
+    from memkernels import _backend, memory as memory_module  # noqa: PLC0415
+    model = build_model(torch.float32)
+    config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
+                                  num_slots=slots)
+    memory = MemoryModel(config).eval()
+    with torch.no_grad():
+        for r in memory.readers:
+            r.gate.fill_(0.1)
+    bank = MemoryBank.stack([MemoryBank(memory, torch.randn_like(memory.new_bank().mem))
+                             for _ in range(batch)])
+    reads, calls = [], []
+    fused = getattr(_backend.extension()[0], "reader_fwd", None)
+
+    def timed_call(*args):
+        start = time.perf_counter()
+        out = fused(*args)
+        calls.append(time.perf_counter() - start)
+        return out
+    read = MemoryModel.read
+
+    def timed_read(self, *args):
+        start = time.perf_counter()
+        out = read(self, *args)
+        reads.append(time.perf_counter() - start)
+        return out
+    pick = memory_module._fused_cpu_reader
+    MemoryModel.read = timed_read
+    memory_module._fused_cpu_reader = lambda *a: timed_call if pick(*a) else None
+    try:
+        prompt = torch.randint(0, LLAMA["vocab_size"], (batch, 16))
+        with memkernels.attach(model, memory, bank), torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                           max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        MemoryModel.read = read
+        memory_module._fused_cpu_reader = pick
+    return dict(read_us=1e6 * statistics.median(reads),
+                fused_call_us=1e6 * statistics.median(calls) if calls else None)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--heads", type=int, nargs="+", default=[4])
@@ -87,8 +130,17 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: time one read inside the decode loop, and its fused call")
     args = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.profile:
+        for heads, head_dim in zip(args.heads, args.head_dim):
+            for batch in args.batch:
+                p = profile_reads(batch, heads, head_dim, args.slots)
+                print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}: one read "
+                      f"{p['read_us']:.0f} us in the decode loop, of which the fused C++ "
+                      f"layer {p['fused_call_us']:.0f} us")
+        return
     rows = []
     for heads, head_dim in zip(args.heads, args.head_dim):
         for batch in args.batch:
