@@ -34,14 +34,24 @@ def test_bm25_finds_the_statement_about_the_subject():
     assert retriever.top("Where does Kiko live?", 1) == ["Kiko works as a baker."]
 
 
-def test_answers_are_cut_at_the_period_and_scored_exactly(lm, monkeypatch):
+def test_answer_is_the_generated_text_up_to_the_period(lm):
+    _, tok = lm
+    said = tok(" Lima. Q: and")["input_ids"]
+
+    class SaysLima:  # generate() appends the same continuation to every prompt
+        def generate(self, ids, **kwargs):
+            return torch.cat([ids, torch.tensor([said] * ids.shape[0])], dim=1)
+
+    assert benchmark.answer(SaysLima(), tok, ["Q: Where? A:", "Q: Who? A:"]) == ["Lima", "Lima"]
+
+
+def test_evaluate_scores_exact_matches(lm, monkeypatch):
     model, tok = lm
-    # an LM that always says " Lima." answers the Lima fact right and no other
-    lima = tok(" Lima.")["input_ids"]
+    # an LM that always answers "Lima" gets the Lima fact right and no other
     monkeypatch.setattr(benchmark, "answer", lambda m, t, prompts, **k: ["Lima"] * len(prompts))
     facts = [Fact("Zuba", "city", "Lima"), Fact("Kiko", "city", "Oslo")]
     row = benchmark.evaluate("base", model, tok, facts, [], max_questions=2)
-    assert row["accuracy"] == 0.5 and row["questions"] == 2 and lima
+    assert row["accuracy"] == 0.5 and row["questions"] == 2
 
 
 @pytest.mark.parametrize("condition", benchmark.CONDITIONS)
