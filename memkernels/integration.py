@@ -57,10 +57,11 @@ class MemoryHandle:
     every hook and restores the model exactly. Also a context manager."""
 
     def __init__(self, model: nn.Module, memory: MemoryModel, layers: Sequence[nn.Module],
-                 bank: Optional[MemoryBank]):
+                 bank: Optional[MemoryBank], kv_dtype: Optional[torch.dtype] = None):
         self.model, self.memory, self.layers = model, memory, list(layers)
         self._bank: Optional[MemoryBank] = None
         self.bank = bank
+        self.kv_dtype = kv_dtype
         self.reading = True
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
@@ -77,8 +78,8 @@ class MemoryHandle:
             if bank is None or not self.reading:
                 return None
             if isinstance(output, tuple):  # transformers < 5 returns (hidden, ...)
-                return (memory.read(reader_index, output[0], bank), *output[1:])
-            return memory.read(reader_index, output, bank)
+                return (memory.read(reader_index, output[0], bank, self.kv_dtype), *output[1:])
+            return memory.read(reader_index, output, bank, self.kv_dtype)
         return hook
 
     @property
@@ -137,14 +138,18 @@ class MemoryHandle:
 
 
 def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = None, *,
-           layers: Optional[Sequence[nn.Module]] = None) -> MemoryHandle:
+           layers: Optional[Sequence[nn.Module]] = None,
+           kv_dtype: Optional[torch.dtype] = None) -> MemoryHandle:
     """Attaches `memory` to `model` (a Hugging Face causal LM or any model
     whose decoder layers map hidden states [B, T, hidden] to the same).
 
     bank: what the layers read; default a fresh one-row bank (with the gates
     closed at initialisation, the model's outputs are unchanged). layers:
     the decoder layer modules, for models not found by structure. The
-    model's parameters are frozen until detach().
+    model's parameters are frozen until detach(). kv_dtype: the dtype of
+    the bank keys/values cached for reads without gradients (decoding);
+    torch.bfloat16 halves the bytes a decode step streams per reading layer,
+    at bf16 rounding of keys and values (queries and sums stay float32).
     """
     if not isinstance(memory, MemoryModel):
         raise TypeError(f"memory must be a MemoryModel, got {type(memory).__name__}")
@@ -165,7 +170,11 @@ def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = N
     if ref is not None and (ref.device != p.device or (ref.is_floating_point() and ref.dtype != p.dtype)):
         raise ValueError(f"memory must be on the model's device and dtype ({ref.device}, "
                          f"{ref.dtype}), got ({p.device}, {p.dtype}); use memory.to(...)")
-    return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank)
+    if kv_dtype not in (None, p.dtype, torch.bfloat16):
+        raise ValueError(f"kv_dtype must be None, the memory's dtype ({p.dtype}) or "
+                         f"torch.bfloat16, got {kv_dtype}")
+    return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank,
+                        kv_dtype)
 
 
 def attached_handle(model: nn.Module) -> Optional[MemoryHandle]:

@@ -119,8 +119,10 @@ class MemoryConfig:
 
 def _fused_cpu_reader(hidden: Tensor, keys: Tensor, backend: Optional[str]):
     """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None."""
+    kv_ok = keys.dtype == hidden.dtype or (keys.dtype, hidden.dtype) == (torch.bfloat16,
+                                                                         torch.float32)
     if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64)
-            or keys.dtype != hidden.dtype or torch.compiler.is_compiling()):
+            or not kv_ok or torch.compiler.is_compiling()):
         return None
     if _backend.resolve(backend, hidden.device) != "cpu":
         return None
@@ -161,8 +163,8 @@ class MemoryReader(nn.Module):
                 return fused(hidden, query_w, keys, values, out_w, self.norm.eps or 1e-6,
                              self.head_dim ** -0.5)
         q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
-        read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2),
-                           keys, values, backend=self.backend)
+        read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+                           .to(keys.dtype), keys, values, backend=self.backend).to(hidden.dtype)
         out = torch.addmm(hidden.reshape(B * T, C), read.transpose(1, 2).reshape(B * T, -1), out_w)
         return out.view(B, T, C)
 
@@ -236,13 +238,15 @@ class MemoryModel(nn.Module):
 
     # --- read and write -----------------------------------------------------------
 
-    def read(self, reader_index: int, hidden: Tensor, bank: "MemoryBank") -> Tensor:
-        """hidden [B, T, hidden_size] plus the gated memory read of reader i."""
+    def read(self, reader_index: int, hidden: Tensor, bank: "MemoryBank",
+             kv_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """hidden [B, T, hidden_size] plus the gated memory read of reader i
+        (kv_dtype: see MemoryBank.keys_values)."""
         if bank.batch_size not in (1, hidden.shape[0]):
             raise ValueError(f"bank has {bank.batch_size} rows but the model's batch has "
                              f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
                              f"one row per sequence (MemoryBank.stack)")
-        keys, values = bank.keys_values()
+        keys, values = bank.keys_values(kv_dtype)
         return self.readers[reader_index](hidden, keys, values)
 
     def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
@@ -379,19 +383,23 @@ class MemoryBank:
                 f"slots={self.num_slots}, head_dim={self._mem.shape[3]}, dtype={self._mem.dtype}, "
                 f"device={self._mem.device})")
 
-    def keys_values(self) -> tuple[Tensor, Tensor]:
+    def keys_values(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         """(keys, values) for memory_read, cached while neither the bank nor
-        the projections change. With autograd recording and a trainable bank
-        or projection, they are recomputed so gradients reach them."""
+        the projections change. dtype: the cache's dtype (default the bank's;
+        torch.bfloat16 halves what a decode step reads). With autograd
+        recording and a trainable bank or projection, they are recomputed in
+        the bank's dtype so gradients reach them."""
         m = self.memory
         if torch.is_grad_enabled() and (self._mem.requires_grad or m.slot_key.requires_grad
                                         or m.slot_value.requires_grad):
             return m.bank_keys_values(self._mem)
+        dtype = dtype or self._mem.dtype
         stamp = (self._mem._version, m.slot_key._version, m.slot_value._version,
-                 m.slot_key.data_ptr(), m.slot_value.data_ptr())
+                 m.slot_key.data_ptr(), m.slot_value.data_ptr(), dtype)
         if self._cache is None or self._cache[0] != stamp:
             with torch.no_grad():
-                self._cache = (stamp, m.bank_keys_values(self._mem))
+                keys, values = m.bank_keys_values(self._mem)
+                self._cache = (stamp, (keys.to(dtype), values.to(dtype)))
         return self._cache[1]
 
     def store(self, model, tokenizer, items, **kwargs) -> "MemoryBank":

@@ -123,6 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
 }
 
 // One reading layer at inference, fused (memkernels.memory.MemoryReader).
+// keys/values may be bfloat16 with float32 hidden states (the decode cache).
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
                   const Tensor& values, const Tensor& out_w, double eps, double scale) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
@@ -130,8 +131,10 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
   TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
   check_same(query_w, hidden, "query_w");
-  check_same(keys, hidden, "keys");
-  check_same(values, hidden, "values");
+  const bool bf16_kv = hidden.scalar_type() == at::kFloat && keys.scalar_type() == at::kBFloat16;
+  if (!bf16_kv) check_same(keys, hidden, "keys");
+  check_same(values, keys, "values");
+  TORCH_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
   check_same(out_w, hidden, "out_w");
   const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
   TORCH_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
@@ -146,6 +149,18 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
          v = values.contiguous(), ow = out_w.contiguous();
   Tensor out = at::empty_like(h);
+  if (bf16_kv) {
+    using bf16 = mk::bf16;
+    static_assert(sizeof(bf16) == sizeof(at::BFloat16), "bf16 must be 16 bits");
+    mk::ReaderProblem<float, bf16> r{B, T, C, H, D, S, shared, h.data_ptr<float>(),
+                                     qw.data_ptr<float>(),
+                                     reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>()),
+                                     reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>()),
+                                     ow.data_ptr<float>(), static_cast<float>(eps),
+                                     static_cast<float>(scale)};
+    mk::reader_forward<float, bf16>(r, out.data_ptr<float>());
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "reader_fwd", [&] {
     mk::ReaderProblem<scalar_t> r{B, T, C, H, D, S, shared,
                                   h.data_ptr<scalar_t>(), qw.data_ptr<scalar_t>(),

@@ -437,6 +437,49 @@ def test_fused_cpu_reader_matches_the_autograd_path(dtype, rows, tokens):
     torch.testing.assert_close(fused, unfused.detach(), **tol)
 
 
+@pytest.mark.parametrize("rows, tokens, slots", [(1, 1, 37), (3, 1, 1100), (3, 5, 513), (1, 7, 1)],
+                         ids=["shared-decode", "per-row-decode-3-tiles", "per-row-prefill",
+                              "shared-prefill-S1"])
+def test_bf16_key_value_cache_reads_the_rounded_bank_exactly(rows, tokens, slots):
+    """kv_dtype=bfloat16: the fused read (bf16 tiles widened in the kernel)
+    equals the float32 read of the same keys/values rounded to bf16."""
+    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=8, num_slots=slots)
+    memory = MemoryModel(config)
+    with torch.no_grad():
+        for r in memory.readers:
+            r.gate.uniform_(-1, 1)
+    bank = MemoryBank(memory, 3 * torch.randn(rows, 3, slots, 8))  # large logits
+    hidden = torch.randn(3, tokens, 48)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank, torch.bfloat16)
+        keys, values = bank.keys_values(torch.bfloat16)
+        assert keys.dtype == values.dtype == torch.bfloat16
+        k32, v32 = bank.keys_values()
+        torch.testing.assert_close(keys.float(), k32, rtol=1e-2, atol=1e-2)  # only rounded
+    expected = memory.readers[0](hidden.clone().requires_grad_(), keys.float(), values.float())
+    torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cache_follows_writes_and_attach_checks_kv_dtype():
+    model = MODELS["llama"]().float()
+    memory = make_memory(model, open_gates=True).float()
+    bank = memory.new_bank()
+    first = bank.keys_values(torch.bfloat16)[0].clone()
+    with torch.no_grad():
+        bank.mem.add_(1.0)  # an in-place change: the cache must not be served stale
+    assert not torch.equal(bank.keys_values(torch.bfloat16)[0], first)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        memkernels.attach(model, memory, kv_dtype=torch.float16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        with memkernels.attach(model, memory, bank):
+            full = model(ids).logits
+        with memkernels.attach(model, memory, bank, kv_dtype=torch.bfloat16):
+            half = model(ids).logits
+    assert not torch.equal(full, half)  # the bf16 cache is what was read
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+
+
 def test_fused_cpu_reader_rejects_bad_tensors():
     from memkernels import _backend
     ext = _backend.extension()[0]
@@ -452,3 +495,7 @@ def test_fused_cpu_reader_rejects_bad_tensors():
         ext.reader_fwd(h, w, k, k.double(), w, 1e-6, 0.5)
     with pytest.raises(RuntimeError, match="keys must have shape"):
         ext.reader_fwd(h, w, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="values must have dtype"):  # bf16 keys, f32 values
+        ext.reader_fwd(h, w, k.bfloat16(), k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="keys must have dtype"):  # bf16 only with f32 hidden
+        ext.reader_fwd(h.double(), w.double(), k.bfloat16(), k.bfloat16(), w.double(), 1e-6, 0.5)

@@ -82,3 +82,18 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert md.count("\n") == len(rows) + 2 and "written_memory" in md
     assert (tmp_path / "recall.png").stat().st_size > 10_000
     json.dumps(rows)
+
+
+def test_probe_finds_the_subject_at_the_answer_position_of_the_shipped_lm():
+    """The shipped base LM carries who a question is about to its answer
+    position (what a memory keys on): two question templates about the same
+    held-out name are each other's nearest neighbour far above chance at the
+    last layers, and not at the embeddings (the answer token is the same)."""
+    from memkernels.recall import probe
+    rows = probe.run(n_names=40, fit_names=200, log=lambda *_: None)
+    assert len(rows) == base_lm.MODEL_CONFIG["num_hidden_layers"] + 1
+    assert rows[0]["question_question"] <= 0.1
+    assert max(r["question_question"] for r in rows[-2:]) >= 0.7
+    for r in rows:
+        assert 0.0 <= r["question_statement"] <= 1.0
+        assert all(1 <= s <= 40 for s in r["slots_hit"])

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../slot_math.h"
@@ -20,24 +21,114 @@ namespace memkernels::cpu {
 constexpr int64_t kBlockM = 128;  // query rows per tile
 constexpr int64_t kBlockN = 512;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
 
-template <typename T>
+// Keys/values stored in bfloat16 (the raw 16 bits): a decode step streams the
+// cached bank once, so halving its bytes halves the read's floor. Widening
+// to float is exact (a 16-bit shift).
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float widen(bf16 x) {
+  const uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+
+// KV is the storage type of keys and values: T, or bf16 with T = float.
+template <typename T, typename KV = T>
 struct AttentionProblem {
   int64_t groups, rows, keys, dim;
   const T* q;
-  const T* k;
-  const T* v;
+  const KV* k;
+  const KV* v;
   MaskIndex mask;
   T scale;
 };
 
-// Forward for rows [r0, r0 + mr) of group g: writes out[mr, D] and lse[mr].
+// A [n] tile of keys or values as T: the pointer itself, or (bf16) widened
+// into buf, which stays in L2 (kBlockN x D floats).
 template <typename T>
-void attention_forward_tile(const AttentionProblem<T>& p, int64_t g, int64_t r0, int64_t mr,
+inline const T* tile_as(const T* src, int64_t, std::vector<T>&) {
+  return src;
+}
+
+MK_CPU_CLONES inline const float* tile_as(const bf16* src, int64_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  float* dst = buf.data();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = widen(src[j]);
+  return dst;
+}
+
+// scores[j] = scale * <q, k_j> for keys stored as KV (widened to T). One
+// cloned function around both loops (a cloned dot product per key is an
+// ifunc call per key), and a 16-lane partial sum halved in 4 vector steps:
+// `omp simd reduction` summed its lanes one by one, ~30 cycles per key.
+template <typename T, typename KV>
+MK_CPU_CLONES void single_row_scores(const T* q, const KV* k, int64_t N, int64_t D, T scale,
+                                     T* scores) {
+  constexpr int64_t L = 16;
+  const int64_t D_main = D - D % L;
+  for (int64_t j = 0; j < N; ++j) {
+    const KV* kj = k + j * D;
+    T part[L] = {};
+    for (int64_t d0 = 0; d0 < D_main; d0 += L) {
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) part[l] += q[d0 + l] * T(widen(kj[d0 + l]));
+    }
+    for (int64_t d = D_main; d < D; ++d) part[d - D_main] += q[d] * T(widen(kj[d]));
+    for (int64_t w = L / 2; w > 0; w /= 2) {
+#pragma omp simd
+      for (int64_t l = 0; l < w; ++l) part[l] += part[l + w];
+    }
+    scores[j] = scale * part[0];
+  }
+}
+
+// out[d] = sum_j p[j] * v_j[d] for values stored as KV.
+template <typename T, typename KV>
+MK_CPU_CLONES void single_row_values(const T* p, const KV* v, int64_t N, int64_t D, T* out) {
+  std::fill(out, out + D, T(0));
+  for (int64_t j = 0; j < N; ++j) {
+    const KV* vj = v + j * D;
+    const T pj = p[j];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] += pj * T(widen(vj[d]));
+  }
+}
+
+// Forward for a group with a single query row and no mask (a decode step):
+// one pass over the keys into a row of scores, one over the values, with no
+// GEMM call or tile bookkeeping: at one query row those cost more than the
+// arithmetic.
+template <typename T, typename KV>
+void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T* out, T* lse,
+                                  std::vector<T>& scratch) {
+  const int64_t D = p.dim, N = p.keys;
+  scratch.resize(N);
+  T* s = scratch.data();
+  single_row_scores(p.q + g * D, p.k + g * N * D, N, D, p.scale, s);
+  const T row_max = mask_and_max<T>(s, nullptr, N);
+  const T row_sum = exp_row(s, N, row_max);
+  single_row_values(s, p.v + g * N * D, N, D, out);
+  const T inv = safe_inverse(row_sum);
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  *lse = log_sum_exp(row_max, row_sum);
+}
+
+// Forward for rows [r0, r0 + mr) of group g: writes out[mr, D] and lse[mr].
+template <typename T, typename KV>
+void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
                             T* out, T* lse, std::vector<T>& scratch) {
   const int64_t D = p.dim, N = p.keys;
   const T* q = p.q + (g * p.rows + r0) * D;
-  const T* k = p.k + g * N * D;
-  const T* v = p.v + g * N * D;
+  const KV* k = p.k + g * N * D;
+  const KV* v = p.v + g * N * D;
+  thread_local std::vector<T> k_tile, v_tile;  // used only when KV != T
   scratch.resize(kBlockM * kBlockN + 2 * kBlockM);
   T* scores = scratch.data();
   T* row_max = scores + kBlockM * kBlockN;
@@ -48,7 +139,8 @@ void attention_forward_tile(const AttentionProblem<T>& p, int64_t g, int64_t r0,
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
-    gemm<T>(false, true, mr, nb, D, p.scale, q, D, k + n0 * D, D, T(0), scores, nb);
+    const T* kb = tile_as(k + n0 * D, nb * D, k_tile);
+    gemm<T>(false, true, mr, nb, D, p.scale, q, D, kb, D, T(0), scores, nb);
     for (int64_t r = 0; r < mr; ++r) {
       T* s = scores + r * nb;
       const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
@@ -61,7 +153,8 @@ void attention_forward_tile(const AttentionProblem<T>& p, int64_t g, int64_t r0,
         for (int64_t d = 0; d < D; ++d) o[d] *= correction;
       }
     }
-    gemm<T>(false, false, mr, D, nb, T(1), scores, nb, v + n0 * D, D, T(1), out, D);
+    const T* vb = tile_as(v + n0 * D, nb * D, v_tile);
+    gemm<T>(false, false, mr, D, nb, T(1), scores, nb, vb, D, T(1), out, D);
   }
   for (int64_t r = 0; r < mr; ++r) {
     const T inv = safe_inverse(row_sum[r]);

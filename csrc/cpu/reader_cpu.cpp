@@ -10,8 +10,8 @@
 
 namespace memkernels::cpu {
 
-template <typename T>
-void reader_forward(const ReaderProblem<T>& r, T* out) {
+template <typename T, typename KV>
+void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
   const int64_t W = H * D;
   std::vector<T> xn(N * C), q(N * W), qg(N * W), og(N * W), lse(N * H);
@@ -33,7 +33,7 @@ void reader_forward(const ReaderProblem<T>& r, T* out) {
     for (int64_t h = 0; h < H; ++h)
       std::copy(q.data() + n * W + h * D, q.data() + n * W + (h + 1) * D,
                 qg.data() + group_row(n, h) * D);
-  AttentionProblem<T> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
+  AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
                         r.scale};
   read_forward(p, og.data(), lse.data());
   for (int64_t n = 0; n < N; ++n)
@@ -46,5 +46,6 @@ void reader_forward(const ReaderProblem<T>& r, T* out) {
 
 template void reader_forward<float>(const ReaderProblem<float>&, float*);
 template void reader_forward<double>(const ReaderProblem<double>&, double*);
+template void reader_forward<float, bf16>(const ReaderProblem<float, bf16>&, float*);
 
 }  // namespace memkernels::cpu

@@ -8,8 +8,8 @@ namespace {
 
 // Runs body(g, r0, mr, scratch) for every [kBlockM]-row tile of every group,
 // in parallel, one scratch buffer per thread.
-template <typename T, typename Body>
-void for_each_row_tile(const AttentionProblem<T>& p, Body body) {
+template <typename T, typename KV, typename Body>
+void for_each_row_tile(const AttentionProblem<T, KV>& p, Body body) {
   const int64_t tiles_per_group = (p.rows + kBlockM - 1) / kBlockM;
   const int64_t items = p.groups * tiles_per_group;
 #pragma omp parallel
@@ -36,9 +36,15 @@ void for_each_group(int64_t groups, Body body) {
 
 }  // namespace
 
-template <typename T>
-void read_forward(const AttentionProblem<T>& p, T* out, T* lse) {
+template <typename T, typename KV>
+void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse) {
   const int64_t D = p.dim;
+  if (p.rows == 1 && p.mask.mask == nullptr) {  // decode: one query per group
+    for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
+      attention_forward_single_row(p, g, out + g * D, lse + g, scratch);
+    });
+    return;
+  }
   for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * p.rows + r0;
     attention_forward_tile(p, g, r0, mr, out + row * D, lse + row, scratch);
@@ -101,5 +107,6 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
 MK_INSTANTIATE(float)
 MK_INSTANTIATE(double)
 #undef MK_INSTANTIATE
+template void read_forward<float, bf16>(const AttentionProblem<float, bf16>&, float*, float*);
 
 }  // namespace memkernels::cpu

@@ -9,8 +9,9 @@
 namespace memkernels::cpu {
 
 // memory_read: queries attend over slots. out [G, M, D], lse [G, M].
-template <typename T>
-void read_forward(const AttentionProblem<T>& p, T* out, T* lse);
+// Instantiated with KV = T, and with bf16 keys/values for float.
+template <typename T, typename KV = T>
+void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse);
 
 template <typename T>
 void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, const T* lse,
@@ -38,19 +39,19 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
 // One reading layer at inference (see reader_cpu.cpp): hidden [B*T, C],
 // query_w [H*Dh, C] (norm weight folded in), keys/values [H, S, Dh] (shared)
 // or [B, H, S, Dh], out_w [H*Dh, C] (gate folded in). out [B*T, C].
-template <typename T>
+template <typename T, typename KV = T>
 struct ReaderProblem {
   int64_t batch, tokens, hidden, heads, head_dim, slots;
   bool shared;
   const T* hidden_states;
   const T* query_w;
-  const T* keys;
-  const T* values;
+  const KV* keys;  // T, or bf16 with T = float
+  const KV* values;
   const T* out_w;
   T eps, scale;
 };
 
-template <typename T>
-void reader_forward(const ReaderProblem<T>& r, T* out);
+template <typename T, typename KV = T>
+void reader_forward(const ReaderProblem<T, KV>& r, T* out);
 
 }  // namespace memkernels::cpu

@@ -17,6 +17,7 @@ measured overhead.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -50,7 +51,7 @@ def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 
 def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
-            dtype: torch.dtype) -> dict:
+            dtype: torch.dtype, kv_dtype: torch.dtype) -> dict:
     model = build_model(dtype)
     config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
                                   num_slots=slots)
@@ -65,20 +66,21 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
     per_token_seconds(model, prompt, 4)  # warm-up
     for _ in range(reps):
         base.append(per_token_seconds(model, prompt, new_tokens))
-        with memkernels.attach(model, memory, bank):
+        with memkernels.attach(model, memory, bank, kv_dtype=kv_dtype):
             with_memory.append(per_token_seconds(model, prompt, new_tokens))
-    elem = torch.tensor([], dtype=dtype).element_size()
-    weight_bytes = sum(p.numel() for p in model.parameters()) * elem
-    bank_bytes = len(config.read_layers) * batch * 2 * heads * slots * head_dim * elem
+    weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    bank_bytes = len(config.read_layers) * batch * 2 * heads * slots * head_dim * kv_dtype.itemsize
     b, m = statistics.median(base), statistics.median(with_memory)
     return dict(batch=batch, heads=heads, head_dim=head_dim, slots=slots,
                 read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
+                kv_dtype=str(kv_dtype).split(".")[-1],
                 base_ms=1e3 * b, memory_ms=1e3 * m, overhead=m / b - 1,
                 weight_mb=weight_bytes / 1e6, bank_mb_per_token=bank_bytes / 1e6,
                 floor=bank_bytes / weight_bytes, reps=reps, new_tokens=new_tokens)
 
 
-def profile_reads(batch: int, heads: int, head_dim: int, slots: int, new_tokens: int = 40) -> dict:
+def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: torch.dtype,
+                  new_tokens: int = 40) -> dict:
     """Median time of one memory read inside the decode loop, and of the fused
     C++ layer call within it (the rest is Python and small ops)."""
     from memkernels import _backend, memory as memory_module  # noqa: PLC0415
@@ -111,7 +113,7 @@ def profile_reads(batch: int, heads: int, head_dim: int, slots: int, new_tokens:
     memory_module._fused_cpu_reader = lambda *a: timed_call if pick(*a) else None
     try:
         prompt = torch.randint(0, LLAMA["vocab_size"], (batch, 16))
-        with memkernels.attach(model, memory, bank), torch.inference_mode():
+        with memkernels.attach(model, memory, bank, kv_dtype=kv_dtype), torch.inference_mode():
             model.generate(prompt, attention_mask=torch.ones_like(prompt),
                            max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     finally:
@@ -129,37 +131,40 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--kv-dtype", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16"], help="dtype of the cached bank keys/values")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
     args = ap.parse_args(argv)
     if args.profile:
-        for heads, head_dim in zip(args.heads, args.head_dim):
-            for batch in args.batch:
-                p = profile_reads(batch, heads, head_dim, args.slots)
-                print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}: one read "
-                      f"{p['read_us']:.0f} us in the decode loop, of which the fused C++ "
-                      f"layer {p['fused_call_us']:.0f} us")
+        for (heads, head_dim), batch, kv in itertools.product(zip(args.heads, args.head_dim),
+                                                              args.batch, args.kv_dtype):
+            p = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv))
+            print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: one read "
+                  f"{p['read_us']:.0f} us in the decode loop, of which the fused C++ "
+                  f"layer {p['fused_call_us']:.0f} us")
         return
     rows = []
-    for heads, head_dim in zip(args.heads, args.head_dim):
-        for batch in args.batch:
-            row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
-                          torch.float32)
-            rows.append(row)
-            print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}: "
-                  f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
-                  f"overhead {100 * row['overhead']:+.1f}% "
-                  f"(floor {100 * row['floor']:.1f}%: {row['bank_mb_per_token']:.1f} MB of bank "
-                  f"per token over {row['weight_mb']:.0f} MB of weights)", flush=True)
+    for (heads, head_dim), batch, kv in itertools.product(zip(args.heads, args.head_dim),
+                                                          args.batch, args.kv_dtype):
+        row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
+                      torch.float32, getattr(torch, kv))
+        rows.append(row)
+        print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: "
+              f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
+              f"overhead {100 * row['overhead']:+.1f}% "
+              f"(floor {100 * row['floor']:.1f}%: {row['bank_mb_per_token']:.1f} MB of bank "
+              f"per token over {row['weight_mb']:.0f} MB of weights)", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "llm_overhead.json"), "w") as f:
             json.dump({"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
                        "model": LLAMA, "rows": rows}, f, indent=1)
-        lines = ["| batch | memory H x Dh | S | base ms/token | with memory | overhead | floor |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| batch | memory H x Dh | S | K/V cache | base ms/token | with memory | overhead "
+                 "| floor |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['heads']} x {r['head_dim']} | {r['slots']} | "
+                  f"{r['kv_dtype']} | "
                   f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "
                   f"{100 * r['floor']:.1f}% |" for r in rows]
         with open(os.path.join(args.out, "llm_overhead.md"), "w") as f:

@@ -1,0 +1,107 @@
+"""What the frozen base LM gives a memory to key on, layer by layer.
+
+    python -m memkernels.recall.probe [--names 200]
+
+A memory can only recall a fact about X if the hidden state where the answer
+is predicted identifies X. For held-out (eval-split) names this prints, per
+layer output (index 0 = embeddings):
+- question->question: nearest-neighbour accuracy (cosine, centred) between the
+  answer position of two different question templates about the same names;
+- question->statement: the same between a question's answer position and a
+  statement's object position ("X lives in" -> ...), after a ridge map fitted
+  on other (train-split) names: the best a linear query projection could do;
+- slots hit: how many distinct slots the statement positions' queries pick
+  first (per head) in a freshly initialised memory reading that layer; few
+  means every fact starts out competing for the same slots.
+Chance for the accuracies is 1 / names.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+import torch.nn.functional as F
+
+from memkernels.recall import base_lm, tasks
+from memkernels.recall.facts import make_name
+
+QUESTION_A = "Q: Where does {s} live? A:"
+QUESTION_B = "Q: In which city does {s} live? A:"
+STATEMENT = "{s} lives in"
+
+
+def last_token_states(model, tokenizer, names: list[str], template: str) -> torch.Tensor:
+    """[names, layers + 1, hidden]: every layer's output at the last token."""
+    prompts = [tokenizer(template.format(s=n))["input_ids"] for n in names]
+    out = []
+    for i in range(0, len(prompts), 100):
+        chunk = prompts[i:i + 100]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        out.append(torch.stack([h[:, -1] for h in hidden], 1))
+    return torch.cat(out)
+
+
+def nearest_neighbour_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of rows of a whose most similar row of b (cosine, each set
+    centred) is the same index."""
+    a = F.normalize(a - a.mean(0), dim=-1)
+    b = F.normalize(b - b.mean(0), dim=-1)
+    return (a @ b.T).argmax(1).eq(torch.arange(len(a))).float().mean().item()
+
+
+def ridge_map(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    x = x - x.mean(0)
+    return torch.linalg.solve(x.T @ x + alpha * torch.eye(x.shape[1]), x.T @ (y - y.mean(0)))
+
+
+def distinct_first_slots(model, hidden: torch.Tensor, seed: int = 0) -> list[int]:
+    """Per head, the number of distinct slots that rows of `hidden` attend to
+    most in a fresh default memory (its first reader's query projection)."""
+    memory = tasks.default_memory(model, seed=seed)
+    reader = memory.readers[0]
+    c = memory.config
+    with torch.no_grad():
+        q = reader.query(reader.norm(hidden)).view(len(hidden), c.num_heads, c.head_dim)
+        keys, _ = memory.bank_keys_values(memory.init_bank[None])
+        top = torch.einsum("nhd,hsd->hns", q, keys).argmax(-1)
+    return [len(set(t.tolist())) for t in top]
+
+
+def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, log=print) -> list[dict]:
+    model, tokenizer = base_lm.load()
+    rng = random.Random(seed)
+    fit = list(dict.fromkeys(make_name(rng, "train") for _ in range(3 * fit_names)))[:fit_names]
+    held = list(dict.fromkeys(make_name(rng, "eval") for _ in range(3 * n_names)))[:n_names]
+    qa, qb, st = (last_token_states(model, tokenizer, held, t)
+                  for t in (QUESTION_A, QUESTION_B, STATEMENT))
+    fit_q, fit_s = (last_token_states(model, tokenizer, fit, t) for t in (QUESTION_A, STATEMENT))
+    rows = []
+    for layer in range(qa.shape[1]):
+        w = ridge_map(fit_q[:, layer], fit_s[:, layer])
+        mapped = (qa[:, layer] - fit_q[:, layer].mean(0)) @ w
+        row = dict(layer=layer,
+                   question_question=nearest_neighbour_accuracy(qa[:, layer], qb[:, layer]),
+                   question_statement=nearest_neighbour_accuracy(mapped, st[:, layer]),
+                   slots_hit=distinct_first_slots(model, st[:, layer]))
+        rows.append(row)
+        log(f"layer output {layer}: question->question {row['question_question']:.2f}, "
+            f"question->statement (ridge) {row['question_statement']:.2f}, "
+            f"slots hit per head {row['slots_hit']} (of {len(held)} names; chance "
+            f"{1 / len(held):.3f})")
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--names", type=int, default=200)
+    args = ap.parse_args(argv)
+    run(args.names)
+
+
+if __name__ == "__main__":
+    main()
