@@ -437,18 +437,21 @@ def test_fused_cpu_reader_matches_the_autograd_path(dtype, rows, tokens):
     torch.testing.assert_close(fused, unfused.detach(), **tol)
 
 
-@pytest.mark.parametrize("rows, tokens, slots", [(1, 1, 37), (3, 1, 1100), (3, 5, 513), (1, 7, 1)],
+@pytest.mark.parametrize("rows, tokens, slots, head_dim",
+                         [(1, 1, 37, 8), (3, 1, 1100, 40), (3, 5, 513, 8), (1, 7, 1, 40)],
                          ids=["shared-decode", "per-row-decode-3-tiles", "per-row-prefill",
                               "shared-prefill-S1"])
-def test_bf16_key_value_cache_reads_the_rounded_bank_exactly(rows, tokens, slots):
-    """kv_dtype=bfloat16: the fused read (bf16 tiles widened in the kernel)
-    equals the float32 read of the same keys/values rounded to bf16."""
-    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=8, num_slots=slots)
+def test_bf16_key_value_cache_reads_the_rounded_bank_exactly(rows, tokens, slots, head_dim):
+    """kv_dtype=bfloat16: the fused read (bf16 widened in the kernel: in
+    tiles for several query rows, per key for one) equals the float32 read of
+    the same keys/values rounded to bf16."""
+    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=head_dim,
+                          num_slots=slots)
     memory = MemoryModel(config)
     with torch.no_grad():
         for r in memory.readers:
             r.gate.uniform_(-1, 1)
-    bank = MemoryBank(memory, 3 * torch.randn(rows, 3, slots, 8))  # large logits
+    bank = MemoryBank(memory, 3 * torch.randn(rows, 3, slots, head_dim))  # large logits
     hidden = torch.randn(3, tokens, 48)
     with torch.no_grad():
         fused = memory.read(0, hidden, bank, torch.bfloat16)

@@ -18,6 +18,8 @@ READ_SHAPES = [
     (3, 1, 64, 1000, 80),
     (1, 4, 300, 128, 128),
     (2, 1, 300, 1000, 64),
+    (3, 2, 1, 1000, 20),  # decode (one query row per group): the single-row CPU kernel,
+    (1, 3, 1, 5, 3),      # its 4-key and 16-lane remainders
 ]
 # (B, H, S, T, Dh)
 WRITE_SHAPES = [
