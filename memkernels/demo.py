@@ -90,8 +90,12 @@ def main(argv=None) -> None:
     plain = _decode_ms_per_token(model, prompt)
     with memkernels.attach(model, memory, bank):
         attached = _decode_ms_per_token(model, prompt)
+    with memkernels.attach(model, memory, bank, kv_dtype=torch.bfloat16):
+        attached_bf16 = _decode_ms_per_token(model, prompt)
     print(f"decode: {plain:.2f} ms/token without memory, {attached:.2f} ms/token with it "
-          f"({100 * (attached / plain - 1):+.0f}%; a {memory.config.num_slots}-slot bank on a "
+          f"({100 * (attached / plain - 1):+.0f}%), {attached_bf16:.2f} with its keys/values "
+          f"cached in bf16 ({100 * (attached_bf16 / plain - 1):+.0f}%; a "
+          f"{memory.config.num_slots}-slot bank on a "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LM)")
     print("more: python -m memkernels.recall.benchmark (all conditions), "
           "python -m memkernels.bench.llm_overhead, python -m memkernels.bench")
