@@ -463,6 +463,24 @@ def test_bf16_key_value_cache_reads_the_rounded_bank_exactly(rows, tokens, slots
     torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_cache_on_the_unfused_path_matches_the_fused_read():
+    """Backends without the fused reader (here the reference) read a bf16
+    cache by casting the query to bf16: close to the fused float32 math."""
+    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=16, num_slots=300)
+    memory = MemoryModel(config)
+    with torch.no_grad():
+        for r in memory.readers:
+            r.gate.uniform_(-1, 1)
+    bank = MemoryBank(memory, torch.randn(2, 3, 300, 16))
+    hidden = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank, torch.bfloat16)
+        memory.readers[0].backend = "reference"
+        unfused = memory.read(0, hidden, bank, torch.bfloat16)
+    assert unfused.dtype == torch.float32
+    torch.testing.assert_close(unfused, fused, rtol=2e-2, atol=2e-2)
+
+
 def test_bf16_cache_follows_writes_and_attach_checks_kv_dtype():
     model = MODELS["llama"]().float()
     memory = make_memory(model, open_gates=True).float()
@@ -502,3 +520,38 @@ def test_fused_cpu_reader_rejects_bad_tensors():
         ext.reader_fwd(h, w, k.bfloat16(), k, w, 1e-6, 0.5)
     with pytest.raises(RuntimeError, match="keys must have dtype"):  # bf16 only with f32 hidden
         ext.reader_fwd(h.double(), w.double(), k.bfloat16(), k.bfloat16(), w.double(), 1e-6, 0.5)
+
+
+@pytest.mark.parametrize("slots", [1, 64])
+def test_memory_learns_to_copy_a_written_token_without_an_llm(slots):
+    """The write -> read path can learn a copy: episodes write 6 token vectors,
+    one of them an 'object' among 10; a fixed query must return it. Fresh
+    episodes every step, so only a general copy fits (the recall benchmark's
+    written memory, through a frozen LM, did not learn this: see NOTES)."""
+    torch.manual_seed(0)
+    C, vocab, objects, T, B = 64, 40, 10, 6, 32
+    table = torch.randn(vocab, C)
+    memory = MemoryModel(MemoryConfig(hidden_size=C, num_layers=1, num_heads=4, head_dim=16,
+                                      num_slots=slots, read_layers=(0,), write_layer=0,
+                                      gate_init=1.0))
+    query = torch.randn(C)
+    opt = torch.optim.Adam(memory.parameters(), lr=3e-3)
+
+    def episode():
+        tokens = torch.randint(objects, vocab, (B, T))
+        obj = torch.randint(0, objects, (B,))
+        tokens[torch.arange(B), torch.randint(0, T, (B,))] = obj
+        bank = memory.write(memory.init_bank[None].expand(B, -1, -1, -1), table[tokens])
+        read = memory.read(0, query.expand(B, 1, C).contiguous(), MemoryBank(memory, bank))
+        return (read[:, 0] - query) @ table[:objects].T, obj
+
+    for _ in range(250):
+        logits, obj = episode()
+        loss = torch.nn.functional.cross_entropy(logits, obj)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits, obj = episode()
+    assert (logits.argmax(1) == obj).float().mean() >= 0.9
+
