@@ -202,25 +202,35 @@ class _StopForward(Exception):
 
 
 def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
-                       attention_mask: Tensor) -> Tensor:
-    """The base model's hidden states at the memory's write layer, [N, T, hidden].
+                       attention_mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """What a write reads from the base model: the hidden states at the
+    memory's write layer [N, T, hidden] (the token keys), and, when
+    `config.values_from == "embeddings"`, the input of the first decoder
+    layer (the token values; else None: the values use the same states).
     Memory reads (if attached) are off; layers after the write layer are skipped."""
     handle = attached_handle(model)
     layers = handle.layers if handle is not None else find_decoder_layers(model)
     target = layers[memory.config.resolved_write_layer]
+    values: list[Tensor] = []
 
     def capture(module, args, output):
         raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
-    hook = target.register_forward_hook(capture)
+    def capture_input(module, args, kwargs):
+        values.append(args[0] if args else kwargs["hidden_states"])
+
+    hooks = [target.register_forward_hook(capture)]
+    if memory.config.values_from == "embeddings":
+        hooks.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
     try:
         with off:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward as stop:
-        return stop.hidden
+        return stop.hidden, (values[0] if values else None)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     raise RuntimeError("the write layer did not run during the forward pass")
 
 
@@ -280,19 +290,27 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
         for n, ids in enumerate(flat):
             input_ids[n, :len(ids)] = torch.tensor(ids)
             attention[n, :len(ids)] = 1
-        hidden = write_layer_hidden(model, memory, input_ids.to(device), attention.to(device))
+        hidden, value_hidden = write_layer_hidden(model, memory, input_ids.to(device),
+                                                  attention.to(device))
         # Row b's texts become one token sequence of its write.
         width = max(len(p) for p in pieces) * T
-        row_hidden = hidden.new_zeros(len(rows), width, hidden.shape[-1])
         row_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+
+        def by_row(h: Tensor) -> Tensor:
+            out = h.new_zeros(len(rows), width, h.shape[-1])
+            start = 0
+            for b, piece in enumerate(pieces):
+                n = len(piece)
+                if n:
+                    out[b, :n * T] = h[start:start + n].reshape(n * T, -1)
+                start += n
+            return out
         start = 0
         for b, piece in enumerate(pieces):
             n = len(piece)
-            if n == 0:
-                continue
-            row_hidden[b, :n * T] = hidden[start:start + n].reshape(n * T, -1)
             row_mask[b, :n * T] = attention[start:start + n].reshape(-1).bool()
             start += n
-        mem = memory.write(mem, row_hidden, row_mask)
+        mem = memory.write(mem, by_row(hidden), row_mask,
+                           None if value_hidden is None else by_row(value_hidden))
     bank.mem = mem
     return bank

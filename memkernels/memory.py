@@ -47,8 +47,14 @@ class MemoryConfig:
     slot's content is its address (it sets the slot's write query), so the
     first write mostly replaces it: sigmoid(-2) = 0.12 kept, sigmoid(2) =
     0.88 written (gate biases move slowly under AdamW, ~lr per step, so a
-    wrong start is not unlearned in a short run). backend: forces a kernel
-    backend (None = auto).
+    wrong start is not unlearned in a short run). values_from: where the
+    written token values come from: "write_layer" (the same hidden states as
+    the keys) or "embeddings" (the input of the first decoder layer). A
+    small LM overwrites a token's identity within a layer or two (the recall
+    base LM: 100% at the embeddings, 8% at its write layer, nearest-centroid),
+    so a value taken from a late layer no longer says which token it was,
+    while the key needs the late layer's context (who a statement is about).
+    backend: forces a kernel backend (None = auto).
     """
     hidden_size: int
     num_layers: int
@@ -60,10 +66,14 @@ class MemoryConfig:
     gate_init: float = 0.0
     forget_bias: float = -2.0
     input_bias: float = 2.0
+    values_from: str = "write_layer"
     backend: Optional[str] = None
 
     def __post_init__(self):
         self.read_layers = tuple(int(i) for i in self.read_layers)
+        if self.values_from not in ("write_layer", "embeddings"):
+            raise ValueError(f"MemoryConfig.values_from must be 'write_layer' or 'embeddings', "
+                             f"got {self.values_from!r}")
         for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_slots"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -249,11 +259,14 @@ class MemoryModel(nn.Module):
         keys, values = bank.keys_values(kv_dtype)
         return self.readers[reader_index](hidden, keys, values)
 
-    def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
+              value_hidden: Optional[Tensor] = None) -> Tensor:
         """Writes tokens into a bank: differentiable, returns the new bank.
 
         mem: [B, H, S, Dh]; hidden: the write layer's hidden states
-        [B, T, hidden_size]; token_mask: bool [B, T], True = real token.
+        [B, T, hidden_size]; token_mask: bool [B, T], True = real token;
+        value_hidden: the hidden states the token values are projected from
+        (same shape; default `hidden`; see MemoryConfig.values_from).
         A row with no real token is left unchanged (no forgetting either).
         """
         B, T, _ = hidden.shape
@@ -261,9 +274,13 @@ class MemoryModel(nn.Module):
         if mem.dim() != 4 or mem.shape[0] != B or mem.shape[1] != H or mem.shape[3] != D:
             raise ValueError(f"mem must be [B, H, S, Dh] = [{B}, {H}, S, {D}] for hidden of "
                              f"shape {tuple(hidden.shape)}, got {tuple(mem.shape)}")
+        if value_hidden is not None and value_hidden.shape != hidden.shape:
+            raise ValueError(f"value_hidden must have the shape of hidden {tuple(hidden.shape)}, "
+                             f"got {tuple(value_hidden.shape)}")
         x = self.write_norm(hidden)
+        xv = x if value_hidden is None else self.write_norm(value_hidden)
         k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
-        v_tok = self.token_value(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
+        v_tok = self.token_value(xv).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
         # .to(mem.dtype): under autocast the einsums come out in bf16
         q_slots = torch.einsum("bhsd,hde->bhse", mem, self.slot_query).to(mem.dtype).contiguous()
         f = (torch.einsum("bhsd,hd->bhs", mem, self.forget) + self.forget_bias[:, None])[..., None]

@@ -78,11 +78,14 @@ class _MemoryStep(nn.Module):
             bank = memory.trainable_bank()
         else:
             B, n, Tw = batch.write_ids.shape
-            hidden = write_layer_hidden(self.llm, memory, batch.write_ids.reshape(B * n, Tw),
-                                        batch.write_mask.reshape(B * n, Tw))
+            hidden, value_hidden = write_layer_hidden(self.llm, memory,
+                                                      batch.write_ids.reshape(B * n, Tw),
+                                                      batch.write_mask.reshape(B * n, Tw))
             start = memory.init_bank.unsqueeze(0).expand(B, -1, -1, -1)
-            bank = MemoryBank(memory, memory.write(start, hidden.reshape(B, n * Tw, -1),
-                                                   batch.write_mask.reshape(B, n * Tw).bool()))
+            per_row = lambda h: None if h is None else h.reshape(B, n * Tw, -1)  # noqa: E731
+            bank = MemoryBank(memory, memory.write(start, per_row(hidden),
+                                                   batch.write_mask.reshape(B, n * Tw).bool(),
+                                                   per_row(value_hidden)))
         self.handle.bank = bank
         logits = self.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits, labels = logits[:, :-1].float(), batch.labels[:, 1:]

@@ -180,7 +180,7 @@ def test_training_step_changes_only_memory_parameters():
     for _ in range(2):
         handle.bank = memory.trainable_bank()
         written = memory.write(handle.bank.mem.expand(2, -1, -1, -1),
-                               write_layer_hidden(model, memory, x, torch.ones_like(x)))
+                               write_layer_hidden(model, memory, x, torch.ones_like(x))[0])
         handle.bank = MemoryBank(memory, written)
         loss = model(x, labels=x).loss
         opt.zero_grad()
@@ -207,7 +207,7 @@ def test_memory_gradients_match_the_reference_ops():
             r.backend = backend
         memory.zero_grad()
         with memkernels.attach(model, memory, memory.trainable_bank()) as h:
-            hidden = write_layer_hidden(model, memory, x, torch.ones_like(x))
+            hidden, _ = write_layer_hidden(model, memory, x, torch.ones_like(x))
             h.bank = MemoryBank(memory, memory.write(h.bank.mem.expand(2, -1, -1, -1), hidden))
             model(x, labels=x).loss.backward()
         return {n: p.grad.clone() for n, p in memory.named_parameters()}
@@ -261,24 +261,28 @@ def test_generate_with_kv_cache_matches_step_by_step(name, sample):
 
 # --- store ------------------------------------------------------------------------
 
-def test_store_equals_the_reference_write_of_the_hidden_states():
+@pytest.mark.parametrize("values_from", ["write_layer", "embeddings"])
+def test_store_equals_the_reference_write_of_the_hidden_states(values_from):
     model = MODELS["llama"]()
-    memory = make_memory(model)
+    memory = make_memory(model, values_from=values_from)
     texts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     bank = memory.store(model, None, texts, chunk_size=8)
-    # reference: the base model's hidden states at the write layer, all three
-    # texts as one masked token sequence, written with the reference op
-    hs = model(torch.tensor([t + [0] * (4 - len(t)) for t in texts]),
-               attention_mask=torch.tensor([[1] * len(t) + [0] * (4 - len(t)) for t in texts]),
-               output_hidden_states=True).hidden_states[memory.config.write_layer + 1]
+    # reference: the base model's hidden states at the write layer (keys) and
+    # at the write layer or the embeddings (values), all three texts as one
+    # masked token sequence, written with the reference op
+    all_hs = model(torch.tensor([t + [0] * (4 - len(t)) for t in texts]),
+                   attention_mask=torch.tensor([[1] * len(t) + [0] * (4 - len(t))
+                                                for t in texts]),
+                   output_hidden_states=True).hidden_states
+    hs = all_hs[memory.config.write_layer + 1]
+    vs = all_hs[0] if values_from == "embeddings" else hs
     mask = torch.tensor([[1] * len(t) + [0] * (4 - len(t)) for t in texts], dtype=torch.bool)
-    hidden, mask = hs.reshape(1, 12, -1), mask.reshape(1, 12)
+    hidden, value_hidden, mask = hs.reshape(1, 12, -1), vs.reshape(1, 12, -1), mask.reshape(1, 12)
     mem = memory.new_bank().mem
     m = memory
     H, D = m.config.num_heads, m.config.head_dim
-    x = m.write_norm(hidden)
-    k = m.token_key(x).view(1, 12, H, D).transpose(1, 2)
-    v = m.token_value(x).view(1, 12, H, D).transpose(1, 2)
+    k = m.token_key(m.write_norm(hidden)).view(1, 12, H, D).transpose(1, 2)
+    v = m.token_value(m.write_norm(value_hidden)).view(1, 12, H, D).transpose(1, 2)
     q = torch.einsum("bhsd,hde->bhse", mem, m.slot_query)
     f = (torch.einsum("bhsd,hd->bhs", mem, m.forget) + m.forget_bias[:, None])[..., None]
     i = (torch.einsum("bhsd,hd->bhs", mem, m.input) + m.input_bias[:, None])[..., None]
@@ -554,4 +558,18 @@ def test_memory_learns_to_copy_a_written_token_without_an_llm(slots):
     with torch.no_grad():
         logits, obj = episode()
     assert (logits.argmax(1) == obj).float().mean() >= 0.9
+
+
+def test_values_from_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="values_from"):
+        MemoryConfig(hidden_size=8, num_layers=2, values_from="layer0")
+    model = MODELS["llama"]()
+    memory = make_memory(model, values_from="embeddings")
+    memory.save_pretrained(tmp_path / "m")
+    assert MemoryModel.from_pretrained(tmp_path / "m").config.values_from == "embeddings"
+    x = ids(2, 5)
+    keys_hidden, values_hidden = write_layer_hidden(model, memory, x, torch.ones_like(x))
+    torch.testing.assert_close(values_hidden, model.get_input_embeddings()(x))
+    with pytest.raises(ValueError, match="value_hidden must have the shape"):
+        memory.write(memory.new_bank(2).mem, keys_hidden, None, values_hidden[:, :2])
 
