@@ -97,3 +97,17 @@ def test_probe_finds_the_subject_at_the_answer_position_of_the_shipped_lm():
     for r in rows:
         assert 0.0 <= r["question_statement"] <= 1.0
         assert all(1 <= s <= 40 for s in r["slots_hit"])
+
+
+def test_written_curriculum_grows_the_facts_per_episode(lm):
+    _, tok = lm
+    make = tasks.written_batches(tok, 6, seed=3, facts_per_row=(4, 16), curriculum_steps=100)
+
+    def facts_per_row(step):
+        return (make(step, 0).write_mask.sum(-1) > 0).sum(-1)  # statements written per row
+
+    assert facts_per_row(0).tolist() == [1] * 6  # one fact each at the start
+    assert facts_per_row(50).max() <= 4  # 16 ** 0.5
+    late = torch.cat([facts_per_row(s) for s in range(100, 110)])
+    assert late.min() >= 4 and late.max() <= 16 and late.max() > 4
+    assert torch.equal(make(37, 1).write_ids, make(37, 1).write_ids)  # a pure function

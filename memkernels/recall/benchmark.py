@@ -42,7 +42,9 @@ from memkernels.train import Trainer, TrainConfig
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
 WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
-WRITTEN_STEPS = 300
+WRITTEN_STEPS = 3000
+WRITTEN_FACTS = (4, 32)  # facts written per training episode, reached by a curriculum
+WRITTEN_CURRICULUM = 2000
 TRAINED_STEPS = 2000
 
 
@@ -97,11 +99,14 @@ def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_f
                  distractors: bool = False, batch: int = 16, slots: int = 1024,
                  log=print) -> MemoryModel:
     """Trains (or loads from `directory`) a memory for `model`. A written-memory
-    batch is batch/2 episodes of 4-128 facts each."""
+    batch is batch/2 episodes of WRITTEN_FACTS facts each, after a curriculum
+    from one fact per episode."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return MemoryModel.from_pretrained(directory)
     memory = tasks.default_memory(model, slots=slots)
-    make_batch = (tasks.written_batches(tokenizer, batch // 2, seed=1) if mode == "written" else
+    make_batch = (tasks.written_batches(tokenizer, batch // 2, seed=1, facts_per_row=WRITTEN_FACTS,
+                                        curriculum_steps=min(WRITTEN_CURRICULUM, steps))
+                  if mode == "written" else
                   tasks.trained_batches(tokenizer, batch, seed=1, n_facts=n_facts,
                                         distractors=distractors))
     lr = 3e-3 if mode == "written" else 1e-2  # a trained-memory step is ~15x cheaper

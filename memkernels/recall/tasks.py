@@ -17,13 +17,16 @@ from memkernels.train import Batch
 
 
 def default_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
-    """4 heads x 32, reading at the last two decoder layers, writing the
-    (base model's) hidden states of the first of them: late enough that a
-    statement's object position has gathered who the statement is about."""
+    """4 heads x 32, reading at the last two decoder layers; a write keys on
+    the (base model's) hidden states of the first of them (late enough that a
+    statement's object position has gathered who the statement is about) and
+    takes its values from the embeddings (where the object is still itself:
+    at the write layer the base LM has overwritten it)."""
     torch.manual_seed(seed)
     n = model.config.num_hidden_layers
     config = MemoryConfig.from_hf(model.config, num_heads=4, head_dim=32, num_slots=slots,
-                                  read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0))
+                                  read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0),
+                                  values_from="embeddings")
     return MemoryModel(config)
 
 
@@ -66,17 +69,28 @@ def random_fact(rng: random.Random, split: str = "train") -> Fact:
 
 
 def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, int] = (4, 128),
-                    questions_per_row: int = 8) -> Callable[[int, int], Batch]:
+                    questions_per_row: int = 8,
+                    curriculum_steps: int = 0) -> Callable[[int, int], Batch]:
     """Episodes: each row writes k fresh facts (statements) into its own
     fresh bank, then answers questions about some of them (other templates).
-    Names come from the train split: the benchmark's never appear."""
+    Names come from the train split: the benchmark's never appear.
+    curriculum_steps: the most facts per row grows geometrically from 1 to
+    facts_per_row[1] over these steps (a memory learns to copy one fact
+    first; started at 4-32 facts, its loss did not move in 200 steps)."""
     pad = tokenizer.pad_token_id
+    lo, hi = facts_per_row
+
+    def facts_range(step: int) -> tuple[int, int]:
+        if step >= curriculum_steps:
+            return lo, hi
+        top = max(1, round(hi ** (step / curriculum_steps)))
+        return min(lo, top), top
 
     def make(step: int, rank: int) -> Batch:
         rng = _rng(seed, rank, step, 1)
         rows, writes = [], []
         for _ in range(batch):
-            facts = [random_fact(rng) for _ in range(rng.randint(*facts_per_row))]
+            facts = [random_fact(rng) for _ in range(rng.randint(*facts_range(step)))]
             writes.append([tokenizer(f.statement(rng))["input_ids"] for f in facts])
             ids, labels = [], []
             for f in rng.sample(facts, min(questions_per_row, len(facts))):
