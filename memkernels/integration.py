@@ -294,9 +294,8 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
                                                   attention.to(device))
         # Row b's texts become one token sequence of its write.
         width = max(len(p) for p in pieces) * T
-        row_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
 
-        def by_row(h: Tensor) -> Tensor:
+        def by_row(h: Tensor) -> Tensor:  # [texts, T, C] -> [rows, width, C]
             out = h.new_zeros(len(rows), width, h.shape[-1])
             start = 0
             for b, piece in enumerate(pieces):
@@ -305,11 +304,7 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
                     out[b, :n * T] = h[start:start + n].reshape(n * T, -1)
                 start += n
             return out
-        start = 0
-        for b, piece in enumerate(pieces):
-            n = len(piece)
-            row_mask[b, :n * T] = attention[start:start + n].reshape(-1).bool()
-            start += n
+        row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
         mem = memory.write(mem, by_row(hidden), row_mask,
                            None if value_hidden is None else by_row(value_hidden))
     bank.mem = mem
