@@ -90,10 +90,15 @@ def test_probe_finds_the_subject_at_the_answer_position_of_the_shipped_lm():
     held-out name are each other's nearest neighbour far above chance at the
     last layers, and not at the embeddings (the answer token is the same)."""
     from memkernels.recall import probe
-    rows = probe.run(n_names=40, fit_names=200, log=lambda *_: None)
+    rows = probe.run(n_names=40, fit_names=200, statements=400, log=lambda *_: None)
     assert len(rows) == base_lm.MODEL_CONFIG["num_hidden_layers"] + 1
     assert rows[0]["question_question"] <= 0.1
     assert max(r["question_question"] for r in rows[-2:]) >= 0.7
+    # which object a statement ends with: plain at the embeddings, mostly
+    # overwritten by the write layer (why the recall memory writes values
+    # from the embeddings)
+    assert rows[0]["object"] >= 0.9
+    assert rows[3]["object"] <= 0.5 * rows[0]["object"]
     for r in rows:
         assert 0.0 <= r["question_statement"] <= 1.0
         assert all(1 <= s <= 40 for s in r["slots_hit"])

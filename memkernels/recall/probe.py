@@ -12,8 +12,11 @@ layer output (index 0 = embeddings):
   on other (train-split) names: the best a linear query projection could do;
 - slots hit: how many distinct slots the statement positions' queries pick
   first (per head) in a freshly initialised memory reading that layer; few
-  means every fact starts out competing for the same slots.
-Chance for the accuracies is 1 / names.
+  means every fact starts out competing for the same slots;
+- object: at the first token of a statement's object ("... lives in Paris"),
+  which object it is, by nearest class centroid (held-out statements; chance
+  1 / objects): what a value written from that layer can still say.
+Chance for the name accuracies is 1 / names.
 """
 from __future__ import annotations
 
@@ -72,7 +75,37 @@ def distinct_first_slots(model, hidden: torch.Tensor, seed: int = 0) -> list[int
     return [len(set(t.tolist())) for t in top]
 
 
-def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, log=print) -> list[dict]:
+def object_identity(model, tokenizer, statements: int = 1500, seed: int = 0) -> list[float]:
+    """Per layer output: nearest-centroid accuracy of which object sits at the
+    object's first token (centroids from 80% of the statements, scored on the rest)."""
+    rng = random.Random(seed)
+    states, labels = [], []
+    for _ in range(statements):
+        fact = tasks.random_fact(rng)
+        text = fact.statement(rng)
+        position = len(tokenizer(text.rsplit(fact.object, 1)[0].rstrip())["input_ids"])
+        with torch.no_grad():
+            hidden = model(torch.tensor([tokenizer(text)["input_ids"]]),
+                           output_hidden_states=True).hidden_states
+        states.append(torch.stack([h[0, position] for h in hidden]))
+        labels.append(fact.object)
+    x = torch.stack(states)  # [statements, layers + 1, hidden]
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(o) for o in labels])
+    fit = int(0.8 * statements)
+    accuracy = []
+    for layer in range(x.shape[1]):
+        xs = x[:, layer] - x[:fit, layer].mean(0)
+        centroids = torch.stack([xs[:fit][y[:fit] == c].mean(0) if (y[:fit] == c).any()
+                                 else torch.full((xs.shape[1],), float("nan"))
+                                 for c in range(len(classes))]).nan_to_num(0.0)
+        scores = F.normalize(xs[fit:], dim=-1) @ F.normalize(centroids, dim=-1).T
+        accuracy.append(scores.argmax(1).eq(y[fit:]).float().mean().item())
+    return accuracy
+
+
+def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, statements: int = 1500,
+        log=print) -> list[dict]:
     model, tokenizer = base_lm.load()
     rng = random.Random(seed)
     fit = list(dict.fromkeys(make_name(rng, "train") for _ in range(3 * fit_names)))[:fit_names]
@@ -80,6 +113,7 @@ def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, log=print) -> 
     qa, qb, st = (last_token_states(model, tokenizer, held, t)
                   for t in (QUESTION_A, QUESTION_B, STATEMENT))
     fit_q, fit_s = (last_token_states(model, tokenizer, fit, t) for t in (QUESTION_A, STATEMENT))
+    objects = object_identity(model, tokenizer, statements)
     rows = []
     for layer in range(qa.shape[1]):
         w = ridge_map(fit_q[:, layer], fit_s[:, layer])
@@ -87,12 +121,13 @@ def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, log=print) -> 
         row = dict(layer=layer,
                    question_question=nearest_neighbour_accuracy(qa[:, layer], qb[:, layer]),
                    question_statement=nearest_neighbour_accuracy(mapped, st[:, layer]),
-                   slots_hit=distinct_first_slots(model, st[:, layer]))
+                   slots_hit=distinct_first_slots(model, st[:, layer]),
+                   object=objects[layer])
         rows.append(row)
         log(f"layer output {layer}: question->question {row['question_question']:.2f}, "
             f"question->statement (ridge) {row['question_statement']:.2f}, "
             f"slots hit per head {row['slots_hit']} (of {len(held)} names; chance "
-            f"{1 / len(held):.3f})")
+            f"{1 / len(held):.3f}); object at its own token {row['object']:.2f}")
     return rows
 
 
