@@ -127,16 +127,39 @@ class MemoryConfig:
         return d
 
 
+def _tracked(mem: Tensor) -> Tensor:
+    """A bank tensor whose in-place changes bump a version counter (which the
+    key/value cache checks): an inference tensor (made under
+    torch.inference_mode) has none, so it is copied to a normal one."""
+    if mem.is_inference():
+        with torch.inference_mode(False):
+            return mem.clone()
+    return mem
+
+
+_FUSED_READER_CHOICE: dict = {}
+
+
 def _fused_cpu_reader(hidden: Tensor, keys: Tensor, backend: Optional[str]):
-    """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None."""
+    """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None.
+    Memoised per (device, dtypes, backend request): it runs once per reading layer per
+    decode token."""
+    if torch.compiler.is_compiling():
+        return None
+    key = (hidden.device.type, hidden.dtype, keys.dtype, backend,
+           os.environ.get(_backend.ENV_VAR))
+    try:
+        return _FUSED_READER_CHOICE[key]
+    except KeyError:
+        pass
     kv_ok = keys.dtype == hidden.dtype or (keys.dtype, hidden.dtype) == (torch.bfloat16,
                                                                          torch.float32)
-    if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64)
-            or not kv_ok or torch.compiler.is_compiling()):
-        return None
-    if _backend.resolve(backend, hidden.device) != "cpu":
-        return None
-    return getattr(_backend.extension()[0], "reader_fwd", None)
+    fused = None
+    if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64) and kv_ok
+            and _backend.resolve(backend, hidden.device) == "cpu"):
+        fused = getattr(_backend.extension()[0], "reader_fwd", None)
+    _FUSED_READER_CHOICE[key] = fused
+    return fused
 
 
 class MemoryReader(nn.Module):
@@ -170,23 +193,36 @@ class MemoryReader(nn.Module):
         fused = _fused_cpu_reader(hidden, keys, self.backend)
         if fused is not None:
             with nvtx_range("memkernels.reader_fwd[cpu]"):
-                return fused(hidden, query_w, keys, values, out_w, self.norm.eps or 1e-6,
-                             self.head_dim ** -0.5)
+                return fused(hidden, query_w, keys, values, out_w,
+                             self._modules["norm"].eps or 1e-6, self.head_dim ** -0.5)
         q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
         read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                            .to(keys.dtype), keys, values, backend=self.backend).to(hidden.dtype)
         out = torch.addmm(hidden.reshape(B * T, C), read.transpose(1, 2).reshape(B * T, -1), out_w)
         return out.view(B, T, C)
 
+    def _params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(norm weight, query weight, out weight, gate), looked up in the module
+        dicts: nn.Module.__getattr__ costs ~0.7 us a lookup, paid per reading
+        layer per decode token."""
+        modules = self._modules
+        return (modules["norm"]._parameters["weight"], modules["query"]._parameters["weight"],
+                modules["out"]._parameters["weight"], self._parameters["gate"])
+
     def _folded_weights(self) -> tuple[Tensor, Tensor]:
-        params = (self.norm.weight, self.query.weight, self.out.weight, self.gate)
-        stamp = tuple((p._version, p.data_ptr()) for p in params)
-        if self._folded is None or self._folded[0] != stamp:
+        norm_w, query_w, out_w, gate = self._params()
+        try:
+            stamp = (norm_w._version, query_w._version, out_w._version, gate._version,
+                     norm_w.data_ptr(), query_w.data_ptr(), out_w.data_ptr(), gate.data_ptr())
+        except RuntimeError:  # parameters created under inference_mode: no version to trust
+            stamp = None
+        folded = self._folded
+        if folded is None or stamp is None or folded[0] != stamp:
             with torch.no_grad():
-                query_w = self.query.weight * self.norm.weight
-                out_w = (self.out.weight * torch.tanh(self.gate)[:, None]).t().contiguous()
-            self._folded = (stamp, query_w, out_w)
-        return self._folded[1], self._folded[2]
+                folded = (stamp, query_w * norm_w,
+                          (out_w * torch.tanh(gate)[:, None]).t().contiguous())
+            self._folded = folded
+        return folded[1], folded[2]
 
 
 class MemoryModel(nn.Module):
@@ -375,7 +411,7 @@ class MemoryBank:
             raise ValueError(f"bank tensor must be [B, H, S, Dh] with H={c.num_heads}, "
                              f"Dh={c.head_dim}, got {tuple(mem.shape)}")
         self.memory = memory
-        self._mem = mem
+        self._mem = _tracked(mem)
         self._cache: Optional[tuple] = None
 
     @property
@@ -384,7 +420,7 @@ class MemoryBank:
 
     @mem.setter
     def mem(self, value: Tensor) -> None:
-        self._mem = value
+        self._mem = _tracked(value)
         self._cache = None
 
     @property
@@ -406,18 +442,24 @@ class MemoryBank:
         torch.bfloat16 halves what a decode step reads). With autograd
         recording and a trainable bank or projection, they are recomputed in
         the bank's dtype so gradients reach them."""
-        m = self.memory
-        if torch.is_grad_enabled() and (self._mem.requires_grad or m.slot_key.requires_grad
-                                        or m.slot_value.requires_grad):
-            return m.bank_keys_values(self._mem)
-        dtype = dtype or self._mem.dtype
-        stamp = (self._mem._version, m.slot_key._version, m.slot_value._version,
-                 m.slot_key.data_ptr(), m.slot_value.data_ptr(), dtype)
-        if self._cache is None or self._cache[0] != stamp:
+        m, mem = self.memory, self._mem
+        # the module dict, not nn.Module.__getattr__: see MemoryReader._params
+        slot_key, slot_value = m._parameters["slot_key"], m._parameters["slot_value"]
+        if torch.is_grad_enabled() and (mem.requires_grad or slot_key.requires_grad
+                                        or slot_value.requires_grad):
+            return m.bank_keys_values(mem)
+        dtype = dtype or mem.dtype
+        try:
+            stamp = (mem._version, slot_key._version, slot_value._version, mem.data_ptr(),
+                     slot_key.data_ptr(), slot_value.data_ptr(), dtype)
+        except RuntimeError:  # projections created under inference_mode: no version to trust
+            stamp = None
+        cache = self._cache
+        if cache is None or stamp is None or cache[0] != stamp:
             with torch.no_grad():
-                keys, values = m.bank_keys_values(self._mem)
-                self._cache = (stamp, (keys.to(dtype), values.to(dtype)))
-        return self._cache[1]
+                keys, values = m.bank_keys_values(mem)
+                cache = self._cache = (stamp, (keys.to(dtype), values.to(dtype)))
+        return cache[1]
 
     def store(self, model, tokenizer, items, **kwargs) -> "MemoryBank":
         """Writes texts into this bank (see MemoryModel.store)."""

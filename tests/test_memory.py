@@ -422,23 +422,72 @@ def test_memory_save_and_load_pretrained(tmp_path):
 # --- the fused inference reader (CPU) ---------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rows, tokens", [(1, 1), (3, 1), (3, 5), (1, 7)],
-                         ids=["shared-decode", "per-row-decode", "per-row-prefill",
-                              "shared-prefill"])
-def test_fused_cpu_reader_matches_the_autograd_path(dtype, rows, tokens):
-    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=8, num_slots=37)
+@pytest.mark.parametrize("rows, batch, tokens, hidden_size",
+                         [(1, 3, 1, 48), (3, 3, 1, 48), (4, 4, 1, 53), (5, 5, 1, 53),
+                          (3, 3, 5, 48), (1, 3, 7, 48)],
+                         ids=["shared-decode", "per-row-decode", "decode-4-rows-odd-hidden",
+                              "decode-5-rows-gemm", "per-row-prefill", "shared-prefill"])
+def test_fused_cpu_reader_matches_the_autograd_path(dtype, rows, batch, tokens, hidden_size):
+    """Up to 4 query rows the fused layer projects with its own GEMVs, above
+    that with the vendor GEMM: both against the autograd path."""
+    config = MemoryConfig(hidden_size=hidden_size, num_layers=2, num_heads=3, head_dim=8,
+                          num_slots=37)
     memory = MemoryModel(config).to(dtype)
     with torch.no_grad():
         for r in memory.readers:
             r.gate.uniform_(-1, 1)
             r.norm.weight.uniform_(0.5, 1.5)
     bank = MemoryBank(memory, torch.randn(rows, 3, 37, 8, dtype=dtype))
-    hidden = torch.randn(3, tokens, 48, dtype=dtype)
+    hidden = torch.randn(batch, tokens, hidden_size, dtype=dtype)
     with torch.no_grad():
         fused = memory.read(0, hidden, bank)  # inference: memkernels._C.reader_fwd
     unfused = memory.read(0, hidden.clone().requires_grad_(), bank)  # autograd path
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, unfused.detach(), **tol)
+
+
+def test_bank_made_under_inference_mode_is_read_and_its_cache_follows_writes():
+    """Inference tensors carry no version counter, which the key/value cache
+    checks: a bank made under inference_mode is kept as a normal tensor."""
+    config = MemoryConfig(hidden_size=32, num_layers=2, num_heads=2, head_dim=16, num_slots=9,
+                          gate_init=0.5)
+    memory = MemoryModel(config)
+    hidden = torch.randn(1, 1, 32)
+    with torch.inference_mode():
+        bank = MemoryBank(memory, torch.randn(1, 2, 9, 16))
+        first = memory.read(0, hidden, bank, torch.bfloat16)
+        bank.mem.mul_(-1.0)  # in place, inside inference mode
+        second = memory.read(0, hidden, bank, torch.bfloat16)
+        keys, values = (t.float() for t in bank.keys_values(torch.bfloat16))
+    expected = memory.readers[0](hidden.clone().requires_grad_(), keys.clone(), values.clone())
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_reader_follows_changed_reader_parameters():
+    """The folded inference weights are cached: an in-place update (an
+    optimiser step) or a reassigned parameter must not be served stale."""
+    config = MemoryConfig(hidden_size=32, num_layers=2, num_heads=2, head_dim=8, num_slots=5)
+    memory = MemoryModel(config)
+    bank = memory.new_bank()
+    hidden = torch.randn(2, 1, 32)
+    reader = memory.readers[0]
+
+    def fused_and_expected():
+        with torch.no_grad():
+            fused = memory.read(0, hidden, bank)
+        return fused, memory.read(0, hidden.clone().requires_grad_(), bank).detach()
+    fused, expected = fused_and_expected()
+    torch.testing.assert_close(fused, expected)
+    with torch.no_grad():
+        reader.gate.fill_(0.7)
+        reader.norm.weight.mul_(1.5)
+    fused, expected = fused_and_expected()
+    assert not torch.equal(fused, hidden)
+    torch.testing.assert_close(fused, expected)
+    reader.out.weight = torch.nn.Parameter(torch.randn_like(reader.out.weight))
+    fused, expected = fused_and_expected()
+    torch.testing.assert_close(fused, expected)
 
 
 @pytest.mark.parametrize("rows, tokens, slots, head_dim",

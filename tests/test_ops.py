@@ -20,6 +20,10 @@ READ_SHAPES = [
     (2, 1, 300, 1000, 64),
     (3, 2, 1, 1000, 20),  # decode (one query row per group): the single-row CPU kernel,
     (1, 3, 1, 5, 3),      # its 4-key and 16-lane remainders
+    (2, 3, 1, 1003, 32),  # ... and its AVX-512 passes (Dh 16-64): 4-key and 2-key remainders
+    (1, 2, 1, 6, 16),
+    (1, 1, 1, 1, 48),
+    (2, 1, 1, 129, 64),
 ]
 # (B, H, S, T, Dh)
 WRITE_SHAPES = [

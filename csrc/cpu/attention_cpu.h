@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../slot_math.h"
@@ -65,6 +66,12 @@ MK_CPU_CLONES inline const float* tile_as(const bf16* src, int64_t n, std::vecto
 }
 
 constexpr int64_t kPrefetchBytes = 8192;
+
+}  // namespace memkernels::cpu
+
+#include "single_row_avx512.h"  // needs bf16 above
+
+namespace memkernels::cpu {
 
 // scores[j] = scale * <q, k_j> for keys stored as KV (widened to T). One
 // cloned function around the loops (a cloned dot product per key is an ifunc
@@ -140,10 +147,22 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
   const int64_t D = p.dim, N = p.keys;
   scratch.resize(N);
   T* s = scratch.data();
-  single_row_scores(p.q + g * D, p.k + g * N * D, N, D, p.scale, s);
+  const T* q = p.q + g * D;
+  const KV *k = p.k + g * N * D, *v = p.v + g * N * D;
+  bool vectorised = false;  // by hand (AVX-512), else the generic loops
+#ifdef MK_HAVE_AVX512_SINGLE_ROW
+  const int64_t ahead = kPrefetchBytes / int64_t(sizeof(KV) * D) + 1;
+  if constexpr (std::is_same_v<T, float>) vectorised = avx512::try_scores(q, k, N, D, p.scale, s, ahead);
+#endif
+  if (!vectorised) single_row_scores(q, k, N, D, p.scale, s);
   const T row_max = mask_and_max<T>(s, nullptr, N);
   const T row_sum = exp_row(s, N, row_max);
-  single_row_values(s, p.v + g * N * D, N, D, out);
+  if (!vectorised) single_row_values(s, v, N, D, out);
+#ifdef MK_HAVE_AVX512_SINGLE_ROW
+  if constexpr (std::is_same_v<T, float>) {
+    if (vectorised) avx512::try_values(s, v, N, D, out, ahead);
+  }
+#endif
   const T inv = safe_inverse(row_sum);
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   *lse = log_sum_exp(row_max, row_sum);

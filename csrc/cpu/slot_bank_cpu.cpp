@@ -24,9 +24,13 @@ void for_each_row_tile(const AttentionProblem<T, KV>& p, Body body) {
   }
 }
 
+// work: elements touched in all; below kParallelWork a thread hand-off costs
+// more than it saves (a decode read of a tiny bank).
+constexpr int64_t kParallelWork = 1 << 15;
+
 template <typename T, typename Body>
-void for_each_group(int64_t groups, Body body) {
-#pragma omp parallel
+void for_each_group(int64_t groups, Body body, int64_t work = kParallelWork) {
+#pragma omp parallel if (work >= kParallelWork)
   {
     std::vector<T> scratch, extra;
 #pragma omp for schedule(dynamic, 1)
@@ -42,7 +46,7 @@ void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse) {
   if (p.rows == 1 && p.mask.mask == nullptr) {  // decode: one query per group
     for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
       attention_forward_single_row(p, g, out + g * D, lse + g, scratch);
-    });
+    }, p.groups * p.keys * D);
     return;
   }
   for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
