@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import tempfile
 from typing import Optional, Sequence, Union
@@ -138,6 +139,34 @@ def _tracked(mem: Tensor) -> Tensor:
 
 
 _FUSED_READER_CHOICE: dict = {}
+_VERSION = operator.attrgetter("_version")
+# Counts parameter/submodule (re)assignments on a memory's modules: a memoised
+# read (MemoryBank._memoised_fused_read) built before one is rebuilt. The hooks
+# are global in torch; modules of a MemoryModel carry _MEMORY_OWNED.
+_REGISTRATIONS = [0]
+_MEMORY_OWNED = "_memkernels_memory_module"
+
+
+def _mark_owned(module: nn.Module) -> None:
+    for m in module.modules():
+        m.__dict__[_MEMORY_OWNED] = True
+
+
+def _count_parameter_registration(module, name, value):
+    if module.__dict__.get(_MEMORY_OWNED):
+        _REGISTRATIONS[0] += 1
+
+
+def _count_module_registration(module, name, value):
+    if module.__dict__.get(_MEMORY_OWNED):
+        _REGISTRATIONS[0] += 1
+        if isinstance(value, nn.Module):
+            _mark_owned(value)
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(
+    _count_parameter_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
 
 
 def _fused_cpu_reader(hidden: Tensor, keys: Tensor, backend: Optional[str]):
@@ -256,6 +285,7 @@ class MemoryModel(nn.Module):
         nn.init.normal_(self.token_key.weight, std=sharp)
         for reader in self.readers:
             nn.init.normal_(reader.query.weight, std=sharp)
+        _mark_owned(self)  # see _REGISTRATIONS
 
     # --- banks ------------------------------------------------------------------
 
@@ -288,10 +318,14 @@ class MemoryModel(nn.Module):
              kv_dtype: Optional[torch.dtype] = None) -> Tensor:
         """hidden [B, T, hidden_size] plus the gated memory read of reader i
         (kv_dtype: see MemoryBank.keys_values)."""
-        if bank.batch_size not in (1, hidden.shape[0]):
+        if bank.mem.shape[0] not in (1, hidden.shape[0]):
             raise ValueError(f"bank has {bank.batch_size} rows but the model's batch has "
                              f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
                              f"one row per sequence (MemoryBank.stack)")
+        if not torch.is_grad_enabled():
+            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype)
+            if out is not None:
+                return out
         keys, values = bank.keys_values(kv_dtype)
         return self.readers[reader_index](hidden, keys, values)
 
@@ -413,6 +447,7 @@ class MemoryBank:
         self.memory = memory
         self._mem = _tracked(mem)
         self._cache: Optional[tuple] = None
+        self._plans: dict = {}  # reader index -> memoised fused read (_memoised_fused_read)
 
     @property
     def mem(self) -> Tensor:
@@ -422,6 +457,7 @@ class MemoryBank:
     def mem(self, value: Tensor) -> None:
         self._mem = _tracked(value)
         self._cache = None
+        self._plans = {}
 
     @property
     def batch_size(self) -> int:
@@ -460,6 +496,53 @@ class MemoryBank:
                 keys, values = m.bank_keys_values(mem)
                 cache = self._cache = (stamp, (keys.to(dtype), values.to(dtype)))
         return cache[1]
+
+    def _memoised_fused_read(self, reader_index: int, hidden: Tensor,
+                             kv_dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+        """Reader i's inference read through the fused CPU layer, its operands
+        (keys/values, folded weights) memoised; None where that path does not
+        apply.
+
+        Why memoised this way: in a decode step every Python function and
+        every object a read touches is cold, evicted by the weights streamed
+        since the last token; in the decode loop the general path spent ~90 us
+        per read outside the C++ call, ~12 us of it on a few dict lookups. So
+        a valid memo is checked in builtins only, on the tensors it was built
+        from (version and storage: in-place updates, `.data =`), the dtypes and
+        a count of parameter/module registrations anywhere (a reassigned
+        parameter or reader). The backend is picked when the memo is built
+        (a change of $MEMKERNELS_BACKEND applies from the next change of the
+        bank or the memory's parameters)."""
+        plan = self._plans.get(reader_index)
+        if plan is not None:
+            sources = plan[3]
+            try:
+                stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
+                         *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
+            except RuntimeError:  # inference tensors (parameters made under inference_mode)
+                return None
+            if stamp == plan[0]:
+                with nvtx_range("memkernels.reader_fwd[cpu]"):
+                    return plan[1](hidden, *plan[2])
+        m = self.memory
+        reader = m.readers[reader_index]
+        sources = (self._mem, m.slot_key, m.slot_value, reader.norm.weight, reader.query.weight,
+                   reader.out.weight, reader.gate)
+        if any(t.is_inference() for t in sources):
+            return None
+        keys, values = self.keys_values(kv_dtype)
+        fused = _fused_cpu_reader(hidden, keys, reader.backend)
+        if fused is None:
+            self._plans.pop(reader_index, None)
+            return None
+        query_w, out_w = reader._folded_weights()
+        stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
+                 *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
+        self._plans[reader_index] = (stamp, fused, (query_w, keys, values, out_w,
+                                                    reader.norm.eps or 1e-6,
+                                                    reader.head_dim ** -0.5), sources)
+        with nvtx_range("memkernels.reader_fwd[cpu]"):
+            return fused(hidden, *self._plans[reader_index][2])
 
     def store(self, model, tokenizer, items, **kwargs) -> "MemoryBank":
         """Writes texts into this bank (see MemoryModel.store)."""

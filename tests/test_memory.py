@@ -465,8 +465,9 @@ def test_bank_made_under_inference_mode_is_read_and_its_cache_follows_writes():
 
 
 def test_fused_reader_follows_changed_reader_parameters():
-    """The folded inference weights are cached: an in-place update (an
-    optimiser step) or a reassigned parameter must not be served stale."""
+    """The fused inference read is memoised (folded weights, keys/values): an
+    in-place update (an optimiser step), a reassigned parameter or submodule,
+    or `.data =` must not be served stale."""
     config = MemoryConfig(hidden_size=32, num_layers=2, num_heads=2, head_dim=8, num_slots=5)
     memory = MemoryModel(config)
     bank = memory.new_bank()
@@ -488,6 +489,21 @@ def test_fused_reader_follows_changed_reader_parameters():
     reader.out.weight = torch.nn.Parameter(torch.randn_like(reader.out.weight))
     fused, expected = fused_and_expected()
     torch.testing.assert_close(fused, expected)
+    reader.query = torch.nn.Linear(32, 16, bias=False)  # a new submodule ...
+    fused, expected = fused_and_expected()
+    torch.testing.assert_close(fused, expected)
+    reader.query.weight = torch.nn.Parameter(torch.randn(16, 32))  # ... and its parameter
+    fused, expected = fused_and_expected()
+    torch.testing.assert_close(fused, expected)
+    memory.slot_value.data = torch.randn_like(memory.slot_value)  # no version bump
+    fused, expected = fused_and_expected()
+    torch.testing.assert_close(fused, expected)
+    for kv_dtype in (torch.bfloat16, None):  # the memo is per dtype
+        with torch.no_grad():
+            fused = memory.read(0, hidden, bank, kv_dtype)
+            keys, values = (t.float() for t in bank.keys_values(kv_dtype))
+        torch.testing.assert_close(fused, reader(hidden, keys, values).detach(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows, tokens, slots, head_dim",

@@ -43,13 +43,19 @@ def build_model(dtype: torch.dtype):
 
 
 def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    def run(n):
+    """Median time of one decode step: the time between the starts of
+    consecutive forward calls in one generate() (the first, prefill, is left
+    out). A median over steps is not moved by the occasional step that a
+    noisy machine stretches, which a whole-run mean is."""
+    starts = []
+    hook = model.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter()))
+    try:
         with torch.inference_mode():
-            start = time.perf_counter()
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-            return time.perf_counter() - start
-    return (run(1 + new_tokens) - run(1)) / new_tokens
+            model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                           max_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
 
 
 def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
@@ -143,7 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int, default=4096)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--kv-dtype", nargs="+", default=["float32", "bfloat16"],
                     choices=["float32", "bfloat16"], help="dtype of the cached bank keys/values")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
