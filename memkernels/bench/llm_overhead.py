@@ -59,7 +59,7 @@ def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 
 def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
-            dtype: torch.dtype, kv_dtype: torch.dtype) -> dict:
+            dtype: torch.dtype, kv_dtype: torch.dtype, shared_bank: bool = False) -> dict:
     model = build_model(dtype)
     config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
                                   num_slots=slots)
@@ -67,8 +67,9 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
     with torch.no_grad():  # open the gates so the read is not optimised away by anyone
         for r in memory.readers:
             r.gate.fill_(0.1)
+    bank_rows = 1 if shared_bank else batch
     bank = MemoryBank.stack([MemoryBank(memory, torch.randn_like(memory.new_bank().mem))
-                             for _ in range(batch)])
+                             for _ in range(bank_rows)])
     prompt = torch.randint(0, LLAMA["vocab_size"], (batch, 16))
     base, with_memory, ratios, base_vs_base = [], [], [], []
 
@@ -87,9 +88,10 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
         ratios.append((m1 + m2) / (b1 + b2) - 1)
         base_vs_base.append(abs(b2 / b1 - 1))
     weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    bank_bytes = len(config.read_layers) * batch * 2 * heads * slots * head_dim * kv_dtype.itemsize
+    bank_bytes = (len(config.read_layers) * bank_rows * 2 * heads * slots * head_dim
+                  * kv_dtype.itemsize)
     b, m = statistics.median(base), statistics.median(with_memory)
-    return dict(batch=batch, heads=heads, head_dim=head_dim, slots=slots,
+    return dict(batch=batch, bank="shared" if shared_bank else "per row", heads=heads, head_dim=head_dim, slots=slots,
                 read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
                 kv_dtype=str(kv_dtype).split(".")[-1],
                 base_ms=1e3 * b, memory_ms=1e3 * m, overhead=statistics.median(ratios),
@@ -152,6 +154,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--kv-dtype", nargs="+", default=["float32", "bfloat16"],
                     choices=["float32", "bfloat16"], help="dtype of the cached bank keys/values")
+    ap.add_argument("--bank", nargs="+", default=["per-row"], choices=["per-row", "shared"],
+                    help="a bank per sequence (the issue's case) or one bank shared by the batch")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
@@ -165,12 +169,14 @@ def main(argv=None) -> None:
                   f"layer {p['fused_call_us']:.0f} us")
         return
     rows = []
-    for (heads, head_dim), batch, kv in itertools.product(zip(args.heads, args.head_dim),
-                                                          args.batch, args.kv_dtype):
+    for (heads, head_dim), batch, kv, bank in itertools.product(
+            zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.bank):
+        if bank == "shared" and batch == 1:
+            continue  # the same as per-row
         row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
-                      torch.float32, getattr(torch, kv))
+                      torch.float32, getattr(torch, kv), shared_bank=bank == "shared")
         rows.append(row)
-        print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: "
+        print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}, bank {bank}: "
               f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
               f"overhead {100 * row['overhead']:+.1f}% (base vs base {100 * row['noise']:.1f}%) "
               f"(floor {100 * row['floor']:.1f}%: {row['bank_mb_per_token']:.1f} MB of bank "
@@ -180,9 +186,9 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "llm_overhead.json"), "w") as f:
             json.dump({"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
                        "model": LLAMA, "rows": rows}, f, indent=1)
-        lines = ["| batch | memory H x Dh | S | K/V cache | base ms/token | with memory | overhead "
-                 "| base vs base | floor |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['heads']} x {r['head_dim']} | {r['slots']} | "
+        lines = ["| batch | bank | memory H x Dh | S | K/V cache | base ms/token | with memory "
+                 "| overhead | base vs base | floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['bank']} | {r['heads']} x {r['head_dim']} | {r['slots']} | "
                   f"{r['kv_dtype']} | "
                   f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "
                   f"{100 * r['noise']:.1f}% | "
