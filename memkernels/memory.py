@@ -509,8 +509,8 @@ class MemoryBank:
         per read outside the C++ call, ~12 us of it on a few dict lookups. So
         a valid memo is checked in builtins only, on the tensors it was built
         from (version and storage: in-place updates, `.data =`), the dtypes and
-        a count of parameter/module registrations anywhere (a reassigned
-        parameter or reader). The backend is picked when the memo is built
+        a count of parameter/submodule assignments on the memory's modules (a
+        reassigned parameter or reader). The backend is picked when the memo is built
         (a change of $MEMKERNELS_BACKEND applies from the next change of the
         bank or the memory's parameters)."""
         plan = self._plans.get(reader_index)
