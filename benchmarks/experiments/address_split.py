@@ -1,0 +1,175 @@
+"""Experiment (not product code): a written memory whose slots hold an address
+and a content, trained with an optional contrastive loss that ties each
+question's read query to its statement's address. Figures and what they mean:
+benchmarks/NOTES.md, "Session 4".
+
+    python benchmarks/experiments/address_split.py --steps 1500 --facts 16 --aux 1.0
+
+The bank gets 2H heads: heads [0, H) hold a slot's address, written from the
+write layer at token t (who/what the context is about); heads [H, 2H) hold its
+content, written from the embedding of token t+1 (what came next). Both halves
+share one write attention (same slot queries, from the address half, and the
+same token keys, centred per write), so address and content come from the same
+tokens; read keys come from the address half, values from the content half
+(the reader's 2H query heads read the H pairs twice). With --aux > 0 the loss
+adds aux x cross-entropy of each question's read query (first reader, answer
+position) against the addresses at every statement's pre-object token in the
+batch (its own statement is the target).
+"""
+import argparse
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+import memkernels
+from memkernels import MemoryBank, MemoryConfig, MemoryModel
+from memkernels.integration import find_decoder_layers, write_layer_hidden
+from memkernels.ops import memory_write
+from memkernels.recall import base_lm, benchmark, tasks
+from memkernels.recall.facts import make_facts
+
+
+class AddressContentMemory(MemoryModel):
+    """Bank heads [0, H): addresses; [H, 2H): contents (see the module docstring)."""
+
+    def bank_keys_values(self, mem):
+        H = self.config.num_heads // 2
+        k = torch.einsum("bhsd,hde->bhse", mem[:, :H], self.slot_key[:H])
+        v = torch.einsum("bhsd,hde->bhse", mem[:, H:], self.slot_value[H:])
+        keys, values = torch.cat([k, k], 1), torch.cat([v, v], 1)
+        if mem.shape[0] == 1:
+            keys, values = keys[0], values[0]
+        return keys.to(mem.dtype).contiguous(), values.to(mem.dtype).contiguous()
+
+    def addresses(self, hidden):
+        """[B, T, H, D]: what each token writes into the address half."""
+        B, T, _ = hidden.shape
+        H2, D = self.config.num_heads, self.config.head_dim
+        return self.token_value(self.write_norm(hidden)).view(B, T, H2, D)[:, :, :H2 // 2]
+
+    def write(self, mem, hidden, token_mask=None, value_hidden=None):
+        B, T, _ = hidden.shape
+        H2, D = self.config.num_heads, self.config.head_dim
+        H = H2 // 2
+        x, xv = self.write_norm(hidden), self.write_norm(value_hidden)
+        xv_next = torch.cat([xv[:, 1:], torch.zeros_like(xv[:, :1])], 1)
+        k = self.token_key(x).view(B, T, H2, D).transpose(1, 2)[:, :H]
+        m = token_mask[:, None, :, None].to(k.dtype)
+        k = k - (k * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp(min=1)  # centred
+        address = self.token_value(x).view(B, T, H2, D).transpose(1, 2)[:, :H]
+        content = self.token_value(xv_next).view(B, T, H2, D).transpose(1, 2)[:, H:]
+        q = torch.einsum("bhsd,hde->bhse", mem[:, :H], self.slot_query[:H])
+        f = (torch.einsum("bhsd,hd->bhs", mem[:, :H], self.forget[:H])
+             + self.forget_bias[:H, None])[..., None]
+        i = (torch.einsum("bhsd,hd->bhs", mem[:, :H], self.input[:H])
+             + self.input_bias[:H, None])[..., None]
+        both = lambda t: torch.cat([t, t], 1).contiguous()  # noqa: E731 (one attention, two halves)
+        return memory_write(mem, both(q), both(k), torch.cat([address, content], 1).contiguous(),
+                            both(f), both(i), token_mask=token_mask)
+
+
+def make_batch(tok, step: int, facts_hi: int, curriculum: int, rows: int = 8,
+               questions: int = 8, seed: int = 1):
+    """Written episodes as tasks.written_batches makes them, plus each
+    statement's pre-object position and each question's answer position."""
+    rng = random.Random(hash((seed, step)))
+    top = facts_hi if step >= curriculum else max(1, round(facts_hi ** (step / curriculum)))
+    lm_rows, writes, pre_object, asked = [], [], [], []
+    first_scored = lambda labels: next(i for i, lab in enumerate(labels) if lab != -100)  # noqa: E731
+    for _ in range(rows):
+        facts = [tasks.random_fact(rng) for _ in range(rng.randint(min(4, top), top))]
+        statements = [tasks.statement_tokens(tok, f, rng) for f in facts]
+        writes.append([ids for ids, _ in statements])
+        pre_object.append([first_scored(labels) - 1 for _, labels in statements])
+        ids, labels, asks = [], [], []
+        for j in rng.sample(range(len(facts)), min(questions, len(facts))):
+            q_ids, q_labels = tasks.qa_tokens(tok, facts[j], rng, follows=bool(ids))
+            asks.append((len(ids) + first_scored(q_labels) - 1, j))
+            ids, labels = ids + q_ids, labels + q_labels
+        lm_rows.append((ids, labels))
+        asked.append(asks)
+    batch = tasks._lm_batch(lm_rows, tok.pad_token_id)
+    n, tw = max(len(w) for w in writes), max(len(t) for w in writes for t in w)
+    write_ids = torch.full((rows, n, tw), tok.pad_token_id)
+    write_mask = torch.zeros(rows, n, tw, dtype=torch.long)
+    for r, w in enumerate(writes):
+        for j, t in enumerate(w):
+            write_ids[r, j, :len(t)] = torch.tensor(t)
+            write_mask[r, j, :len(t)] = 1
+    return batch, write_ids, write_mask, pre_object, asked
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--facts", type=int, default=16, help="most facts per episode")
+    ap.add_argument("--curriculum", type=int, default=1000, help="steps from 1 to --facts")
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the contrastive loss")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    args = ap.parse_args()
+    model, tok = base_lm.load()
+    torch.manual_seed(0)
+    nl = model.config.num_hidden_layers
+    config = MemoryConfig.from_hf(model.config, num_heads=8, head_dim=32, num_slots=1024,
+                                  read_layers=(nl - 2, nl - 1), write_layer=max(nl - 2, 0),
+                                  values_from="embeddings")
+    memory = AddressContentMemory(config)
+    H, D = config.num_heads // 2, config.head_dim
+    read_layer_output = {}  # the first reading layer's output, before the memory adds to it
+    find_decoder_layers(model)[config.resolved_read_layers[0]].register_forward_hook(
+        lambda m, a, o: read_layer_output.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    handle = memkernels.attach(model, memory)
+    opt = torch.optim.AdamW([p for p in memory.parameters() if p.requires_grad], lr=args.lr)
+    start_time, history = time.time(), []
+    for step in range(args.steps):
+        batch, write_ids, write_mask, pre_object, asked = make_batch(tok, step, args.facts,
+                                                                     args.curriculum)
+        B, n, tw = write_ids.shape
+        hk, hv = write_layer_hidden(model, memory, write_ids.reshape(B * n, tw),
+                                    write_mask.reshape(B * n, tw))
+        hk, hv = hk.reshape(B, n * tw, -1), hv.reshape(B, n * tw, -1)
+        start = memory.init_bank.unsqueeze(0).expand(B, -1, -1, -1)
+        handle.bank = MemoryBank(memory, memory.write(start, hk, write_mask.reshape(B, n * tw).bool(), hv))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                             batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+        aux = torch.zeros(())
+        if args.aux > 0:
+            keys = torch.einsum("bthd,hde->bthe", torch.tanh(memory.addresses(hk)),
+                                memory.slot_key[:H])
+            candidates = torch.stack([keys[b, j * tw + p] for b in range(B)
+                                      for j, p in enumerate(pre_object[b])])
+            reader = memory.readers[0]
+            q = reader.query(reader.norm(read_layer_output["h"])).view(B, -1, 2 * H, D)[:, :, :H]
+            offsets = [0]
+            for b in range(B):
+                offsets.append(offsets[-1] + len(pre_object[b]))
+            anchors = torch.stack([q[b, pos] for b in range(B) for pos, _ in asked[b]])
+            targets = torch.tensor([offsets[b] + j for b in range(B) for _, j in asked[b]])
+            scores = torch.einsum("ahd,chd->ac", anchors, candidates) / math.sqrt(H * D)
+            aux = F.cross_entropy(scores, targets)
+        loss = lm + args.aux * aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
+        opt.step()
+        history.append((lm.item(), aux.item()))
+        if step % 100 == 0 or step == args.steps - 1:
+            tail = history[-50:]
+            print(f"step {step}: lm loss {sum(x for x, _ in tail) / len(tail):.3f}, aux loss "
+                  f"{sum(y for _, y in tail) / len(tail):.3f}, {time.time() - start_time:.0f} s",
+                  flush=True)
+    handle.detach()
+    memory.eval()
+    for n_facts in (10, 32, 100):
+        facts, others = make_facts(n_facts, seed=0)
+        row = benchmark.evaluate("written_memory", model, tok, facts, others, memory=memory)
+        print(f"N={n_facts}: exact match {row['accuracy']:.3f} ({row['questions']} questions)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
