@@ -1,5 +1,9 @@
 """Every backend's fused kernels against the reference, forward and every
 gradient, on fresh random inputs over a grid of shapes, masks and dtypes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -163,3 +167,36 @@ def test_write_half_precision(backend, device, dtype):
 def test_write_large_logits_noncontiguous(backend, device):
     run_write(backend, device, (2, 2, 33, 70, 48), 1, True, torch.float32, logit_scale=50.0,
               noncontig=True)
+
+
+GENERIC_PATH_SCRIPT = r"""
+import torch
+from memkernels import MemoryBank, MemoryConfig, MemoryModel, memory_read, reference
+torch.manual_seed(0)
+for D, S in ((16, 6), (32, 1003), (48, 1), (64, 129)):
+    q, k, v = torch.randn(2, 3, 1, D), 3 * torch.randn(2, 3, S, D), torch.randn(2, 3, S, D)
+    want = reference.memory_read(q.double(), k.double(), v.double()).float()
+    torch.testing.assert_close(memory_read(q, k, v, backend="cpu"), want, rtol=1e-5, atol=1e-5)
+    memory = MemoryModel(MemoryConfig(hidden_size=40, num_layers=2, num_heads=2, head_dim=D,
+                                      num_slots=S, gate_init=0.5))
+    bank, hidden = MemoryBank(memory, torch.randn(3, 2, S, D)), torch.randn(3, 1, 40)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank, torch.bfloat16)
+        keys, values = (t.float() for t in bank.keys_values(torch.bfloat16))
+    want = memory.readers[0](hidden.clone().requires_grad_(), keys.clone(), values.clone())
+    torch.testing.assert_close(fused, want.detach(), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_cpu_decode_read_generic_loops_match_the_reference():
+    """The single-query read has AVX-512 passes for Dh 16-64 and generic loops
+    for the rest and for other CPUs; MEMKERNELS_CPU_GENERIC=1 forces the
+    generic loops (read once per process, hence the subprocess), float32 and
+    bf16 keys/values, against the reference."""
+    if _backend.extension()[0] is None:
+        pytest.skip("needs memkernels._C")
+    env = dict(os.environ, MEMKERNELS_CPU_GENERIC="1")
+    done = subprocess.run([sys.executable, "-c", GENERIC_PATH_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -109,11 +109,13 @@ def main() -> None:
     ap.add_argument("--curriculum", type=int, default=1000, help="steps from 1 to --facts")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the contrastive loss")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--heads", type=int, default=4, help="heads per half (x 32 dims)")
     args = ap.parse_args()
     model, tok = base_lm.load()
     torch.manual_seed(0)
     nl = model.config.num_hidden_layers
-    config = MemoryConfig.from_hf(model.config, num_heads=8, head_dim=32, num_slots=1024,
+    config = MemoryConfig.from_hf(model.config, num_heads=2 * args.heads, head_dim=32,
+                                  num_slots=1024,
                                   read_layers=(nl - 2, nl - 1), write_layer=max(nl - 2, 0),
                                   values_from="embeddings")
     memory = AddressContentMemory(config)

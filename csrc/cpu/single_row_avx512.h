@@ -15,16 +15,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 namespace memkernels::cpu::avx512 {
 
 #define MK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
+// MEMKERNELS_CPU_GENERIC=1 (read once) takes the generic loops instead: the
+// tests check both paths on an AVX-512 machine.
 inline bool supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
+  static const bool yes = [] {
+    const char* generic = std::getenv("MEMKERNELS_CPU_GENERIC");
+    if (generic != nullptr && generic[0] == '1') return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
   return yes;
 }
 
