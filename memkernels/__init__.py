@@ -7,7 +7,7 @@ memkernels.reference. Backends: memkernels.available_backends().
 from memkernels import reference
 from memkernels._backend import BACKENDS
 from memkernels.ops import MemoryReadFunction, MemoryWriteFunction, memory_read, memory_write
-from memkernels.memory import MemoryBank, MemoryConfig, MemoryModel  # noqa: E402
+from memkernels.memory import Int8Rows, MemoryBank, MemoryConfig, MemoryModel  # noqa: E402
 from memkernels.integration import MemoryHandle, attach, find_decoder_layers  # noqa: E402
 
 __version__ = "0.1.0"
@@ -23,5 +23,5 @@ def available_backends(device="cpu") -> list[str]:
 
 
 __all__ = ["memory_read", "memory_write", "MemoryReadFunction", "MemoryWriteFunction",
-           "MemoryConfig", "MemoryModel", "MemoryBank", "attach", "MemoryHandle",
+           "MemoryConfig", "MemoryModel", "MemoryBank", "Int8Rows", "attach", "MemoryHandle",
            "find_decoder_layers", "reference", "available_backends", "BACKENDS", "__version__"]

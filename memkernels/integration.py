@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from memkernels.memory import MemoryBank, MemoryModel
+from memkernels.memory import KV_DTYPES, MemoryBank, MemoryModel
 
 # Where common HF causal LMs keep their decoder layers (Llama, Mistral, Qwen2,
 # Phi, Gemma: model.layers; GPT-2, GPT-J: transformer.h; GPT-NeoX, Pythia:
@@ -149,7 +149,10 @@ def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = N
     model's parameters are frozen until detach(). kv_dtype: the dtype of
     the bank keys/values cached for reads without gradients (decoding);
     torch.bfloat16 halves the bytes a decode step streams per reading layer,
-    at bf16 rounding of keys and values (queries and sums stay float32).
+    at bf16 rounding of keys and values; torch.int8 quarters them (one
+    float32 scale per slot, error at most half a step of 1/127 of the slot's
+    largest entry). Queries, scores and sums stay float32. The int8 cache is
+    read in place by the fused CPU reader; other backends dequantize it.
     """
     if not isinstance(memory, MemoryModel):
         raise TypeError(f"memory must be a MemoryModel, got {type(memory).__name__}")
@@ -170,9 +173,9 @@ def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = N
     if ref is not None and (ref.device != p.device or (ref.is_floating_point() and ref.dtype != p.dtype)):
         raise ValueError(f"memory must be on the model's device and dtype ({ref.device}, "
                          f"{ref.dtype}), got ({p.device}, {p.dtype}); use memory.to(...)")
-    if kv_dtype not in (None, p.dtype, torch.bfloat16):
-        raise ValueError(f"kv_dtype must be None, the memory's dtype ({p.dtype}) or "
-                         f"torch.bfloat16, got {kv_dtype}")
+    if kv_dtype not in (None, p.dtype, *KV_DTYPES):
+        raise ValueError(f"kv_dtype must be None, the memory's dtype ({p.dtype}), "
+                         f"torch.bfloat16 or torch.int8, got {kv_dtype}")
     return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank,
                         kv_dtype)
 

@@ -20,7 +20,7 @@ import math
 import operator
 import os
 import tempfile
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,37 @@ def _tracked(mem: Tensor) -> Tensor:
     return mem
 
 
+class Int8Rows(NamedTuple):
+    """Bank keys or values cached as int8 with one float32 scale per slot:
+    x[..., s, :] ~= scale[..., s] * data[..., s, :] (symmetric, per row of Dh,
+    rounding error at most scale / 2 per element). A decode step streams a
+    quarter of float32's bytes (plus 4 per slot). Made by
+    MemoryBank.keys_values(torch.int8); the fused CPU reader reads it as is,
+    other paths dequantize it first."""
+    data: Tensor   # int8 [..., S, Dh]
+    scale: Tensor  # float32 [..., S]
+
+    @staticmethod
+    def quantize(x: Tensor) -> "Int8Rows":
+        x = x.float()
+        scale = x.abs().amax(-1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0
+        data = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return Int8Rows(data.contiguous(), scale.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.data.to(dtype) * self.scale[..., None].to(dtype)
+
+
+def _reader_operands(keys, values) -> tuple:
+    """(keys, values, key_scale, value_scale) as memkernels._C.reader_fwd takes them."""
+    if isinstance(keys, Int8Rows):
+        return keys.data, values.data, keys.scale, values.scale
+    return keys, values, None, None
+
+
+KV_DTYPES = (torch.bfloat16, torch.int8)  # narrow caches beside the memory's own dtype
+
 _FUSED_READER_CHOICE: dict = {}
 _VERSION = operator.attrgetter("_version")
 # Counts parameter/submodule (re)assignments on a memory's modules: a memoised
@@ -169,20 +200,21 @@ torch.nn.modules.module.register_module_parameter_registration_hook(
 torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
 
 
-def _fused_cpu_reader(hidden: Tensor, keys: Tensor, backend: Optional[str]):
+def _fused_cpu_reader(hidden: Tensor, keys, backend: Optional[str]):
     """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None.
     Memoised per (device, dtypes, backend request): it runs once per reading layer per
     decode token."""
     if torch.compiler.is_compiling():
         return None
+    keys = keys.data if isinstance(keys, Int8Rows) else keys
     key = (hidden.device.type, hidden.dtype, keys.dtype, backend,
            os.environ.get(_backend.ENV_VAR))
     try:
         return _FUSED_READER_CHOICE[key]
     except KeyError:
         pass
-    kv_ok = keys.dtype == hidden.dtype or (keys.dtype, hidden.dtype) == (torch.bfloat16,
-                                                                         torch.float32)
+    kv_ok = keys.dtype == hidden.dtype or (keys.dtype in KV_DTYPES
+                                           and hidden.dtype == torch.float32)
     fused = None
     if (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64) and kv_ok
             and _backend.resolve(backend, hidden.device) == "cpu"):
@@ -205,10 +237,13 @@ class MemoryReader(nn.Module):
 
         self._folded: Optional[tuple] = None
 
-    def forward(self, hidden: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, keys, values) -> Tensor:
+        """keys/values: tensors, or Int8Rows (from a no-grad int8 cache)."""
         B, T, C = hidden.shape
         if torch.is_grad_enabled() and (self.gate.requires_grad or self.query.weight.requires_grad
                                         or self.out.weight.requires_grad or hidden.requires_grad):
+            if isinstance(keys, Int8Rows):
+                keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
             q = self.query(self.norm(hidden))
             # under autocast q may be bf16 while the bank is not: the read runs in the bank's dtype
             q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).to(keys.dtype)
@@ -221,9 +256,12 @@ class MemoryReader(nn.Module):
         query_w, out_w = self._folded_weights()
         fused = _fused_cpu_reader(hidden, keys, self.backend)
         if fused is not None:
+            k, v, k_scale, v_scale = _reader_operands(keys, values)
             with nvtx_range("memkernels.reader_fwd[cpu]"):
-                return fused(hidden, query_w, keys, values, out_w,
-                             self._modules["norm"].eps or 1e-6, self.head_dim ** -0.5)
+                return fused(hidden, query_w, k, v, out_w, self._modules["norm"].eps or 1e-6,
+                             self.head_dim ** -0.5, k_scale, v_scale)
+        if isinstance(keys, Int8Rows):  # no int8 kernel here: read the dequantized bank
+            keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
         read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                            .to(keys.dtype), keys, values, backend=self.backend).to(hidden.dtype)
@@ -475,7 +513,8 @@ class MemoryBank:
     def keys_values(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         """(keys, values) for memory_read, cached while neither the bank nor
         the projections change. dtype: the cache's dtype (default the bank's;
-        torch.bfloat16 halves what a decode step reads). With autograd
+        torch.bfloat16 halves what a decode step reads; torch.int8 quarters
+        it, returned as Int8Rows with a scale per slot). With autograd
         recording and a trainable bank or projection, they are recomputed in
         the bank's dtype so gradients reach them."""
         m, mem = self.memory, self._mem
@@ -494,7 +533,11 @@ class MemoryBank:
         if cache is None or stamp is None or cache[0] != stamp:
             with torch.no_grad():
                 keys, values = m.bank_keys_values(mem)
-                cache = self._cache = (stamp, (keys.to(dtype), values.to(dtype)))
+                if dtype == torch.int8:
+                    kv = Int8Rows.quantize(keys), Int8Rows.quantize(values)
+                else:
+                    kv = keys.to(dtype), values.to(dtype)
+                cache = self._cache = (stamp, kv)
         return cache[1]
 
     def _memoised_fused_read(self, reader_index: int, hidden: Tensor,
@@ -538,9 +581,10 @@ class MemoryBank:
         query_w, out_w = reader._folded_weights()
         stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
                  *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
-        self._plans[reader_index] = (stamp, fused, (query_w, keys, values, out_w,
-                                                    reader.norm.eps or 1e-6,
-                                                    reader.head_dim ** -0.5), sources)
+        k, v, k_scale, v_scale = _reader_operands(keys, values)
+        self._plans[reader_index] = (stamp, fused, (query_w, k, v, out_w, reader.norm.eps or 1e-6,
+                                                    reader.head_dim ** -0.5, k_scale, v_scale),
+                                     sources)
         with nvtx_range("memkernels.reader_fwd[cpu]"):
             return fused(hidden, *self._plans[reader_index][2])
 

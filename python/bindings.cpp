@@ -125,14 +125,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
 // One reading layer at inference, fused (memkernels.memory.MemoryReader).
 // keys/values may be bfloat16 with float32 hidden states (the decode cache).
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
-                  const Tensor& values, const Tensor& out_w, double eps, double scale) {
+                  const Tensor& values, const Tensor& out_w, double eps, double scale,
+                  const OptTensor& key_scale, const OptTensor& value_scale) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
   TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
   check_same(query_w, hidden, "query_w");
-  const bool bf16_kv = hidden.scalar_type() == at::kFloat && keys.scalar_type() == at::kBFloat16;
-  if (!bf16_kv) check_same(keys, hidden, "keys");
+  // Narrow key/value storage (with float32 hidden states): bf16, or int8 with
+  // one float32 scale per slot in key_scale/value_scale.
+  const bool narrow = hidden.scalar_type() == at::kFloat &&
+                      (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kChar);
+  if (!narrow) check_same(keys, hidden, "keys");
   check_same(values, keys, "values");
   TORCH_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
   check_same(out_w, hidden, "out_w");
@@ -146,19 +150,45 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   check_shape(values, "values", keys.sizes());
   check_shape(query_w, "query_w", {H * D, C});
   check_shape(out_w, "out_w", {H * D, C});
+  const bool int8_kv = keys.scalar_type() == at::kChar;
+  TORCH_CHECK(int8_kv == (key_scale.has_value() && value_scale.has_value()),
+              int8_kv ? "int8 keys/values need key_scale and value_scale (float32, one per slot)"
+                      : "key_scale/value_scale go only with int8 keys/values");
+  Tensor ks, vs;
+  if (int8_kv) {
+    const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);
+    auto check_scale = [&](const Tensor& t, const char* name) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
+                  t.scalar_type());
+      TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+      check_shape(t, name, per_slot);
+    };
+    check_scale(*key_scale, "key_scale");
+    check_scale(*value_scale, "value_scale");
+    ks = key_scale->contiguous();
+    vs = value_scale->contiguous();
+  }
   Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
          v = values.contiguous(), ow = out_w.contiguous();
   Tensor out = at::empty_like(h);
-  if (bf16_kv) {
-    using bf16 = mk::bf16;
-    static_assert(sizeof(bf16) == sizeof(at::BFloat16), "bf16 must be 16 bits");
-    mk::ReaderProblem<float, bf16> r{B, T, C, H, D, S, shared, h.data_ptr<float>(),
-                                     qw.data_ptr<float>(),
-                                     reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>()),
-                                     reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>()),
-                                     ow.data_ptr<float>(), static_cast<float>(eps),
-                                     static_cast<float>(scale)};
-    mk::reader_forward<float, bf16>(r, out.data_ptr<float>());
+  auto run_narrow = [&](auto kv_tag) {
+    using KV = decltype(kv_tag);
+    mk::ReaderProblem<float, KV> r{B, T, C, H, D, S, shared, h.data_ptr<float>(),
+                                   qw.data_ptr<float>(),
+                                   static_cast<const KV*>(k.data_ptr()),
+                                   static_cast<const KV*>(v.data_ptr()),
+                                   ow.data_ptr<float>(), static_cast<float>(eps),
+                                   static_cast<float>(scale)};
+    if (int8_kv) {
+      r.key_scale = ks.data_ptr<float>();
+      r.value_scale = vs.data_ptr<float>();
+    }
+    mk::reader_forward<float, KV>(r, out.data_ptr<float>());
+  };
+  if (narrow) {
+    static_assert(sizeof(mk::bf16) == sizeof(at::BFloat16), "bf16 must be 16 bits");
+    if (int8_kv) run_narrow(int8_t{});
+    else run_narrow(mk::bf16{});
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "reader_fwd", [&] {
@@ -182,7 +212,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_fwd", &write_fwd, "memory_write forward (CPU) -> (new_mem, upd, lse)");
   m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
   m.def("reader_fwd", &reader_fwd,
-        "one reading layer at inference: hidden + read(rms_norm(hidden) @ query_w^T) @ out_w");
+        "one reading layer at inference: hidden + read(rms_norm(hidden) @ query_w^T) @ out_w",
+        py::arg("hidden"), py::arg("query_w"), py::arg("keys"), py::arg("values"),
+        py::arg("out_w"), py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
+        py::arg("value_scale") = py::none());
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);

@@ -506,40 +506,72 @@ def test_fused_reader_follows_changed_reader_parameters():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows, tokens, slots, head_dim",
-                         [(1, 1, 37, 8), (3, 1, 1100, 40), (3, 5, 513, 8), (1, 7, 1, 40)],
-                         ids=["shared-decode", "per-row-decode-3-tiles", "per-row-prefill",
-                              "shared-prefill-S1"])
+NARROW_CACHE_SHAPES = pytest.mark.parametrize(
+    "rows, tokens, slots, head_dim",
+    [(1, 1, 37, 8), (3, 1, 1100, 40), (3, 1, 77, 32), (3, 5, 513, 8), (1, 7, 1, 40)],
+    ids=["shared-decode", "per-row-decode-3-tiles", "per-row-decode-d32", "per-row-prefill",
+         "shared-prefill-S1"])
+
+
+def memory_with_open_gates(head_dim, slots):
+    """A memory for hidden size 48 and 3 heads, its gates open at random."""
+    memory = MemoryModel(MemoryConfig(hidden_size=48, num_layers=2, num_heads=3,
+                                      head_dim=head_dim, num_slots=slots))
+    with torch.no_grad():
+        for r in memory.readers:
+            r.gate.uniform_(-1, 1)
+    return memory
+
+
+def read_through_narrow_cache(kv_dtype, rows, tokens, slots, head_dim):
+    """A memory read through a kv_dtype cache of a bank with large logits:
+    (fused read, the cached keys and values, the float32 keys and values,
+    the unfused float32 read of the cached ones widened)."""
+    memory = memory_with_open_gates(head_dim, slots)
+    bank = MemoryBank(memory, 3 * torch.randn(rows, 3, slots, head_dim))
+    hidden = torch.randn(3, tokens, 48)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank, kv_dtype)
+        keys, values = bank.keys_values(kv_dtype)
+        k32, v32 = bank.keys_values()
+    widen = (lambda t: t.dequantize()) if kv_dtype == torch.int8 else (lambda t: t.float())
+    expected = memory.readers[0](hidden.clone().requires_grad_(), widen(keys), widen(values))
+    return fused, (keys, values), (k32, v32), expected.detach()
+
+
+@NARROW_CACHE_SHAPES
 def test_bf16_key_value_cache_reads_the_rounded_bank_exactly(rows, tokens, slots, head_dim):
     """kv_dtype=bfloat16: the fused read (bf16 widened in the kernel: in
     tiles for several query rows, per key for one) equals the float32 read of
     the same keys/values rounded to bf16."""
-    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=head_dim,
-                          num_slots=slots)
-    memory = MemoryModel(config)
-    with torch.no_grad():
-        for r in memory.readers:
-            r.gate.uniform_(-1, 1)
-    bank = MemoryBank(memory, 3 * torch.randn(rows, 3, slots, head_dim))  # large logits
-    hidden = torch.randn(3, tokens, 48)
-    with torch.no_grad():
-        fused = memory.read(0, hidden, bank, torch.bfloat16)
-        keys, values = bank.keys_values(torch.bfloat16)
-        assert keys.dtype == values.dtype == torch.bfloat16
-        k32, v32 = bank.keys_values()
-        torch.testing.assert_close(keys.float(), k32, rtol=1e-2, atol=1e-2)  # only rounded
-    expected = memory.readers[0](hidden.clone().requires_grad_(), keys.float(), values.float())
-    torch.testing.assert_close(fused, expected.detach(), rtol=1e-5, atol=1e-5)
+    fused, (keys, values), (k32, _), expected = read_through_narrow_cache(
+        torch.bfloat16, rows, tokens, slots, head_dim)
+    assert keys.dtype == values.dtype == torch.bfloat16
+    torch.testing.assert_close(keys.float(), k32, rtol=1e-2, atol=1e-2)  # only rounded
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+@NARROW_CACHE_SHAPES
+def test_int8_key_value_cache_reads_the_dequantized_bank_exactly(rows, tokens, slots, head_dim):
+    """kv_dtype=int8: keys/values are int8 with a float32 scale per slot; the
+    fused read (widened and scaled in the kernel) equals the float32 read of
+    the dequantized keys/values, and those are within half a step of the
+    float32 ones."""
+    fused, cached, exact, expected = read_through_narrow_cache(
+        torch.int8, rows, tokens, slots, head_dim)
+    for q, x in zip(cached, exact):
+        assert isinstance(q, memkernels.Int8Rows)
+        assert q.data.dtype == torch.int8 and q.scale.dtype == torch.float32
+        assert q.data.shape == x.shape and q.scale.shape == x.shape[:-1]
+        assert q.data.abs().amax(-1).eq(127).all()  # each slot uses the full range
+        assert ((q.dequantize() - x).abs() <= 0.5001 * q.scale[..., None]).all()
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_cache_on_the_unfused_path_matches_the_fused_read():
     """Backends without the fused reader (here the reference) read a bf16
     cache by casting the query to bf16: close to the fused float32 math."""
-    config = MemoryConfig(hidden_size=48, num_layers=2, num_heads=3, head_dim=16, num_slots=300)
-    memory = MemoryModel(config)
-    with torch.no_grad():
-        for r in memory.readers:
-            r.gate.uniform_(-1, 1)
+    memory = memory_with_open_gates(head_dim=16, slots=300)
     bank = MemoryBank(memory, torch.randn(2, 3, 300, 16))
     hidden = torch.randn(2, 3, 48)
     with torch.no_grad():
@@ -550,24 +582,86 @@ def test_bf16_cache_on_the_unfused_path_matches_the_fused_read():
     torch.testing.assert_close(unfused, fused, rtol=2e-2, atol=2e-2)
 
 
-def test_bf16_cache_follows_writes_and_attach_checks_kv_dtype():
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_narrow_cache_follows_writes_and_attach_reads_it(kv_dtype):
     model = MODELS["llama"]().float()
     memory = make_memory(model, open_gates=True).float()
     bank = memory.new_bank()
-    first = bank.keys_values(torch.bfloat16)[0].clone()
+
+    def first_keys():
+        keys = bank.keys_values(kv_dtype)[0]
+        return keys.data if kv_dtype == torch.int8 else keys
+    first = first_keys().clone()
     with torch.no_grad():
-        bank.mem.add_(1.0)  # an in-place change: the cache must not be served stale
-    assert not torch.equal(bank.keys_values(torch.bfloat16)[0], first)
-    with pytest.raises(ValueError, match="kv_dtype"):
+        bank.mem.mul_(-1.0)  # an in-place change: the cache must not be served stale
+    assert not torch.equal(first_keys(), first)
+    with pytest.raises(ValueError, match="kv_dtype must be None.*torch.int8, got torch.float16"):
         memkernels.attach(model, memory, kv_dtype=torch.float16)
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     with torch.no_grad():
         with memkernels.attach(model, memory, bank):
             full = model(ids).logits
-        with memkernels.attach(model, memory, bank, kv_dtype=torch.bfloat16):
-            half = model(ids).logits
-    assert not torch.equal(full, half)  # the bf16 cache is what was read
-    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+        with memkernels.attach(model, memory, bank, kv_dtype=kv_dtype):
+            narrow = model(ids).logits
+    assert not torch.equal(full, narrow)  # the narrow cache is what was read
+    torch.testing.assert_close(narrow, full, rtol=0.05, atol=0.05)
+
+
+def test_int8_rows_quantize_zero_and_extreme_rows():
+    x = torch.zeros(2, 3, 4)
+    x[0, 1] = torch.tensor([1e30, -1e30, 0.5, 0.0])
+    x[1, 2] = torch.tensor([-1e-30, 1e-30, 0.0, 0.0])
+    q = memkernels.Int8Rows.quantize(x)
+    assert torch.equal(q.dequantize()[0, 0], torch.zeros(4))  # an all-zero row stays zero
+    assert q.data[0, 1].tolist() == [127, -127, 0, 0]
+    assert q.data[1, 2].tolist() == [-127, 127, 0, 0]
+    assert torch.isfinite(q.scale).all()
+    torch.testing.assert_close(q.dequantize(), x, rtol=0, atol=1e30 / 254 * 1.001)
+
+
+def test_int8_cache_on_the_unfused_path_and_with_grad_matches_the_fused_read():
+    """Backends without an int8 kernel (here the reference), and a read with
+    autograd recording on a frozen memory, dequantize the cache first."""
+    memory = memory_with_open_gates(head_dim=16, slots=300).requires_grad_(False)
+    bank = MemoryBank(memory, torch.randn(2, 3, 300, 16))
+    hidden = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        fused = memory.read(0, hidden, bank, torch.int8)
+    leaf = hidden.clone().requires_grad_()
+    with_grad = memory.read(0, leaf, bank, torch.int8)
+    with_grad.sum().backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(with_grad.detach(), fused, rtol=1e-5, atol=1e-5)
+    memory.readers[0].backend = "reference"
+    with torch.no_grad():
+        unfused = memory.read(0, hidden, bank, torch.int8)
+    torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cpu_reader_rejects_bad_int8_scales():
+    from memkernels import _backend
+    ext = _backend.extension()[0]
+    if ext is None:
+        pytest.skip("memkernels._C is not built")
+    h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
+    k = torch.randint(-127, 128, (2, 5, 4), dtype=torch.int8)
+    s = torch.rand(2, 5)
+    with pytest.raises(RuntimeError, match="need key_scale and value_scale"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="need key_scale and value_scale"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, None)
+    with pytest.raises(RuntimeError, match="key_scale must have shape"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s[:, :4], s)
+    with pytest.raises(RuntimeError, match="value_scale must have dtype Float"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s.double())
+    with pytest.raises(RuntimeError, match="go only with int8"):
+        ext.reader_fwd(h, w, k.float(), k.float(), w, 1e-6, 0.5, s, s)
+    with pytest.raises(RuntimeError, match="keys must have dtype"):  # int8 only with f32 hidden
+        ext.reader_fwd(h.double(), w.double(), k, k, w.double(), 1e-6, 0.5, s, s)
+    out = ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s)
+    kf = k.float() * s[..., None]
+    torch.testing.assert_close(out, ext.reader_fwd(h, w, kf, kf, w, 1e-6, 0.5),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fused_cpu_reader_rejects_bad_tensors():

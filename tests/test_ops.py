@@ -180,11 +180,13 @@ for D, S in ((16, 6), (32, 1003), (48, 1), (64, 129)):
     memory = MemoryModel(MemoryConfig(hidden_size=40, num_layers=2, num_heads=2, head_dim=D,
                                       num_slots=S, gate_init=0.5))
     bank, hidden = MemoryBank(memory, torch.randn(3, 2, S, D)), torch.randn(3, 1, 40)
-    with torch.no_grad():
-        fused = memory.read(0, hidden, bank, torch.bfloat16)
-        keys, values = (t.float() for t in bank.keys_values(torch.bfloat16))
-    want = memory.readers[0](hidden.clone().requires_grad_(), keys.clone(), values.clone())
-    torch.testing.assert_close(fused, want.detach(), rtol=1e-5, atol=1e-5)
+    for kv_dtype in (torch.bfloat16, torch.int8):
+        with torch.no_grad():
+            fused = memory.read(0, hidden, bank, kv_dtype)
+            keys, values = (t.dequantize() if kv_dtype == torch.int8 else t.float()
+                            for t in bank.keys_values(kv_dtype))
+        want = memory.readers[0](hidden.clone().requires_grad_(), keys.clone(), values.clone())
+        torch.testing.assert_close(fused, want.detach(), rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
@@ -192,8 +194,8 @@ print("ok")
 def test_cpu_decode_read_generic_loops_match_the_reference():
     """The single-query read has AVX-512 passes for Dh 16-64 and generic loops
     for the rest and for other CPUs; MEMKERNELS_CPU_GENERIC=1 forces the
-    generic loops (read once per process, hence the subprocess), float32 and
-    bf16 keys/values, against the reference."""
+    generic loops (read once per process, hence the subprocess), float32,
+    bf16 and int8 keys/values, against the reference."""
     if _backend.extension()[0] is None:
         pytest.skip("needs memkernels._C")
     env = dict(os.environ, MEMKERNELS_CPU_GENERIC="1")

@@ -38,8 +38,13 @@ inline float widen(bf16 x) {
 
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
+// int8 keys/values carry one float scale per key (row): x = scale * int8.
+// A quarter of float32's bytes (plus 4 bytes a row), for the decode cache.
+inline float widen(int8_t x) { return float(x); }
 
-// KV is the storage type of keys and values: T, or bf16 with T = float.
+// KV is the storage type of keys and values: T, or bf16 / int8 with T = float.
+// With int8, k_scale/v_scale [G, N] hold each key's and value's scale
+// (nullptr otherwise).
 template <typename T, typename KV = T>
 struct AttentionProblem {
   int64_t groups, rows, keys, dim;
@@ -48,21 +53,46 @@ struct AttentionProblem {
   const KV* v;
   MaskIndex mask;
   T scale;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
 };
 
-// A [n] tile of keys or values as T: the pointer itself, or (bf16) widened
-// into buf, which stays in L2 (kBlockN x D floats).
+// A tile of `rows` keys or values [rows, D] as T: the pointer itself, or
+// (bf16, int8) widened into buf, which stays in L2 (kBlockN x D floats);
+// row_scale (int8 only) scales each row.
 template <typename T>
-inline const T* tile_as(const T* src, int64_t, std::vector<T>&) {
+inline const T* tile_as(const T* src, const float*, int64_t, int64_t, std::vector<T>&) {
   return src;
 }
 
-MK_CPU_CLONES inline const float* tile_as(const bf16* src, int64_t n, std::vector<float>& buf) {
+MK_CPU_CLONES inline const float* tile_as(const bf16* src, const float*, int64_t rows, int64_t D,
+                                          std::vector<float>& buf) {
+  const int64_t n = rows * D;
   buf.resize(n);
   float* dst = buf.data();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = widen(src[j]);
   return dst;
+}
+
+MK_CPU_CLONES inline const float* tile_as(const int8_t* src, const float* row_scale, int64_t rows,
+                                          int64_t D, std::vector<float>& buf) {
+  buf.resize(rows * D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* s = src + r * D;
+    float* dst = buf.data() + r * D;
+    const float scale = row_scale[r];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = scale * float(s[d]);
+  }
+  return buf.data();
+}
+
+// s[j] *= scale[j]: applies int8 keys' scales to their scores, and folds int8
+// values' scales into their probabilities (after the row sum is taken).
+MK_CPU_CLONES inline void scale_row(float* s, const float* scale, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] *= scale[j];
 }
 
 constexpr int64_t kPrefetchBytes = 8192;
@@ -155,8 +185,10 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
   if constexpr (std::is_same_v<T, float>) vectorised = avx512::try_scores(q, k, N, D, p.scale, s, ahead);
 #endif
   if (!vectorised) single_row_scores(q, k, N, D, p.scale, s);
+  if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.k_scale + g * N, N);
   const T row_max = mask_and_max<T>(s, nullptr, N);
   const T row_sum = exp_row(s, N, row_max);
+  if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.v_scale + g * N, N);
   if (!vectorised) single_row_values(s, v, N, D, out);
 #ifdef MK_HAVE_AVX512_SINGLE_ROW
   if constexpr (std::is_same_v<T, float>) {
@@ -187,7 +219,7 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
-    const T* kb = tile_as(k + n0 * D, nb * D, k_tile);
+    const T* kb = tile_as(k + n0 * D, p.k_scale ? p.k_scale + g * N + n0 : nullptr, nb, D, k_tile);
     gemm<T>(false, true, mr, nb, D, p.scale, q, D, kb, D, T(0), scores, nb);
     for (int64_t r = 0; r < mr; ++r) {
       T* s = scores + r * nb;
@@ -201,7 +233,7 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
         for (int64_t d = 0; d < D; ++d) o[d] *= correction;
       }
     }
-    const T* vb = tile_as(v + n0 * D, nb * D, v_tile);
+    const T* vb = tile_as(v + n0 * D, p.v_scale ? p.v_scale + g * N + n0 : nullptr, nb, D, v_tile);
     gemm<T>(false, false, mr, D, nb, T(1), scores, nb, vb, D, T(1), out, D);
   }
   for (int64_t r = 0; r < mr; ++r) {

@@ -54,7 +54,7 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
       std::copy(q.data() + n * W + h * D, q.data() + n * W + (h + 1) * D,
                 qg.data() + group_row(n, h) * D);
   AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
-                        r.scale};
+                            r.scale, r.key_scale, r.value_scale};
   read_forward(p, og.data(), lse.data());
   for (int64_t n = 0; n < N; ++n)
     for (int64_t h = 0; h < H; ++h)
@@ -74,5 +74,6 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
 template void reader_forward<float>(const ReaderProblem<float>&, float*);
 template void reader_forward<double>(const ReaderProblem<double>&, double*);
 template void reader_forward<float, bf16>(const ReaderProblem<float, bf16>&, float*);
+template void reader_forward<float, int8_t>(const ReaderProblem<float, int8_t>&, float*);
 
 }  // namespace memkernels::cpu

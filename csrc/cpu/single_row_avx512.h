@@ -1,5 +1,5 @@
 // AVX-512 passes of the single-query read (a decode step), float queries and
-// float or bf16 keys/values, head dims 16, 32, 48, 64.
+// float, bf16 or int8 keys/values, head dims 16, 32, 48, 64.
 //
 // Why by hand: GCC's vectorisation of the generic loops (attention_cpu.h)
 // used 256-bit registers and separate multiply/add even in the avx512f clone,
@@ -38,6 +38,11 @@ MK_AVX512 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
 MK_AVX512 inline __m512 load16(const bf16* x) {  // bf16 is the high half of a float
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+MK_AVX512 inline __m512 load16(const int8_t* x) {  // the int8 value; its scale is applied outside
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
 }
 
 // Horizontal sums of a0..a3, as the four lanes of an __m128.

@@ -112,5 +112,6 @@ MK_INSTANTIATE(float)
 MK_INSTANTIATE(double)
 #undef MK_INSTANTIATE
 template void read_forward<float, bf16>(const AttentionProblem<float, bf16>&, float*, float*);
+template void read_forward<float, int8_t>(const AttentionProblem<float, int8_t>&, float*, float*);
 
 }  // namespace memkernels::cpu

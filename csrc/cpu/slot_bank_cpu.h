@@ -9,7 +9,8 @@
 namespace memkernels::cpu {
 
 // memory_read: queries attend over slots. out [G, M, D], lse [G, M].
-// Instantiated with KV = T, and with bf16 keys/values for float.
+// Instantiated with KV = T, and with bf16 or int8 (scaled per key) keys/values
+// for float.
 template <typename T, typename KV = T>
 void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse);
 
@@ -45,10 +46,12 @@ struct ReaderProblem {
   bool shared;
   const T* hidden_states;
   const T* query_w;
-  const KV* keys;  // T, or bf16 with T = float
+  const KV* keys;  // T, or bf16 / int8 with T = float
   const KV* values;
   const T* out_w;
   T eps, scale;
+  const float* key_scale = nullptr;  // int8: one scale per slot, [H, S] or [B, H, S]
+  const float* value_scale = nullptr;
 };
 
 template <typename T, typename KV = T>

@@ -88,8 +88,9 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
         ratios.append((m1 + m2) / (b1 + b2) - 1)
         base_vs_base.append(abs(b2 / b1 - 1))
     weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    bank_bytes = (len(config.read_layers) * bank_rows * 2 * heads * slots * head_dim
-                  * kv_dtype.itemsize)
+    # int8 keys/values carry a float32 scale per slot
+    slot_bytes = head_dim * kv_dtype.itemsize + (4 if kv_dtype == torch.int8 else 0)
+    bank_bytes = len(config.read_layers) * bank_rows * 2 * heads * slots * slot_bytes
     b, m = statistics.median(base), statistics.median(with_memory)
     return dict(batch=batch, bank="shared" if shared_bank else "per row", heads=heads, head_dim=head_dim, slots=slots,
                 read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
@@ -152,8 +153,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--kv-dtype", nargs="+", default=["float32", "bfloat16"],
-                    choices=["float32", "bfloat16"], help="dtype of the cached bank keys/values")
+    ap.add_argument("--kv-dtype", nargs="+", default=["float32", "bfloat16", "int8"],
+                    choices=["float32", "bfloat16", "int8"],
+                    help="dtype of the cached bank keys/values (int8: a float32 scale per slot)")
     ap.add_argument("--bank", nargs="+", default=["per-row"], choices=["per-row", "shared"],
                     help="a bank per sequence (the issue's case) or one bank shared by the batch")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
