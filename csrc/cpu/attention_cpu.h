@@ -99,6 +99,7 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 }  // namespace memkernels::cpu
 
+#include "single_row_avx2.h"    // needs bf16 above
 #include "single_row_avx512.h"  // needs bf16 above
 
 namespace memkernels::cpu {
@@ -179,22 +180,31 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
   T* s = scratch.data();
   const T* q = p.q + g * D;
   const KV *k = p.k + g * N * D, *v = p.v + g * N * D;
-  bool vectorised = false;  // by hand (AVX-512), else the generic loops
+  // by hand (AVX-512, else AVX2: float queries, head dims up to 64), else the generic loops
+  enum class Path { generic, avx512, avx2 } path = Path::generic;
+  [[maybe_unused]] const int64_t ahead = kPrefetchBytes / int64_t(sizeof(KV) * D) + 1;
+  if constexpr (std::is_same_v<T, float>) {
 #ifdef MK_HAVE_AVX512_SINGLE_ROW
-  const int64_t ahead = kPrefetchBytes / int64_t(sizeof(KV) * D) + 1;
-  if constexpr (std::is_same_v<T, float>) vectorised = avx512::try_scores(q, k, N, D, p.scale, s, ahead);
+    if (avx512::try_scores(q, k, N, D, p.scale, s, ahead)) path = Path::avx512;
 #endif
-  if (!vectorised) single_row_scores(q, k, N, D, p.scale, s);
+#ifdef MK_HAVE_AVX2_SINGLE_ROW
+    if (path == Path::generic && avx2::try_scores(q, k, N, D, p.scale, s, ahead)) path = Path::avx2;
+#endif
+  }
+  if (path == Path::generic) single_row_scores(q, k, N, D, p.scale, s);
   if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.k_scale + g * N, N);
   const T row_max = mask_and_max<T>(s, nullptr, N);
   const T row_sum = exp_row(s, N, row_max);
   if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.v_scale + g * N, N);
-  if (!vectorised) single_row_values(s, v, N, D, out);
-#ifdef MK_HAVE_AVX512_SINGLE_ROW
   if constexpr (std::is_same_v<T, float>) {
-    if (vectorised) avx512::try_values(s, v, N, D, out, ahead);
-  }
+#ifdef MK_HAVE_AVX512_SINGLE_ROW
+    if (path == Path::avx512) avx512::try_values(s, v, N, D, out, ahead);
 #endif
+#ifdef MK_HAVE_AVX2_SINGLE_ROW
+    if (path == Path::avx2) avx2::try_values(s, v, N, D, out, ahead);
+#endif
+  }
+  if (path == Path::generic) single_row_values(s, v, N, D, out);
   const T inv = safe_inverse(row_sum);
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   *lse = log_sum_exp(row_max, row_sum);
