@@ -88,14 +88,13 @@ def main(argv=None) -> None:
 
     prompt = torch.tensor([tokenizer(prompts[0])["input_ids"]])
     plain = _decode_ms_per_token(model, prompt)
-    with memkernels.attach(model, memory, bank):
-        attached = _decode_ms_per_token(model, prompt)
-    with memkernels.attach(model, memory, bank, kv_dtype=torch.bfloat16):
-        attached_bf16 = _decode_ms_per_token(model, prompt)
-    print(f"decode: {plain:.2f} ms/token without memory, {attached:.2f} ms/token with it "
-          f"({100 * (attached / plain - 1):+.0f}%), {attached_bf16:.2f} with its keys/values "
-          f"cached in bf16 ({100 * (attached_bf16 / plain - 1):+.0f}%; a "
-          f"{memory.config.num_slots}-slot bank on a "
+    costs = []
+    for kv_dtype, name in ((None, "float32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
+        with memkernels.attach(model, memory, bank, kv_dtype=kv_dtype):
+            attached = _decode_ms_per_token(model, prompt)
+        costs.append(f"{attached:.2f} ({100 * (attached / plain - 1):+.0f}%) with {name}")
+    print(f"decode: {plain:.2f} ms/token without memory; with it, by the dtype of its cached "
+          f"keys/values: {', '.join(costs)} (a {memory.config.num_slots}-slot bank on a "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LM)")
     print("more: python -m memkernels.recall.benchmark (all conditions), "
           "python -m memkernels.bench.llm_overhead, python -m memkernels.bench")

@@ -137,6 +137,19 @@ class MemoryHandle:
         self.detach()
 
 
+def check_kv_dtype(kv_dtype: Optional[torch.dtype], memory_dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """attach()'s kv_dtype: None, the memory's dtype, bfloat16, or (CPU only) int8."""
+    if kv_dtype not in (None, memory_dtype, *KV_DTYPES):
+        raise ValueError(f"kv_dtype must be None, the memory's dtype ({memory_dtype}), "
+                         f"torch.bfloat16 or torch.int8, got {kv_dtype}")
+    if kv_dtype == torch.int8 and torch.device(device).type != "cpu":
+        # only the fused CPU reader reads int8 in place; elsewhere every read
+        # would dequantize the whole bank first, slower than no cache at all
+        raise ValueError(f"kv_dtype=torch.int8 is read in place only on the CPU; the memory is "
+                         f"on {device}: use kv_dtype=torch.bfloat16 there")
+
+
 def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = None, *,
            layers: Optional[Sequence[nn.Module]] = None,
            kv_dtype: Optional[torch.dtype] = None) -> MemoryHandle:
@@ -151,8 +164,9 @@ def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = N
     torch.bfloat16 halves the bytes a decode step streams per reading layer,
     at bf16 rounding of keys and values; torch.int8 quarters them (one
     float32 scale per slot, error at most half a step of 1/127 of the slot's
-    largest entry). Queries, scores and sums stay float32. The int8 cache is
-    read in place by the fused CPU reader; other backends dequantize it.
+    largest entry; CPU only). Queries, scores and sums stay float32. The int8
+    cache is read in place by the fused CPU reader (the reference backend
+    dequantizes it).
     """
     if not isinstance(memory, MemoryModel):
         raise TypeError(f"memory must be a MemoryModel, got {type(memory).__name__}")
@@ -173,9 +187,7 @@ def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = N
     if ref is not None and (ref.device != p.device or (ref.is_floating_point() and ref.dtype != p.dtype)):
         raise ValueError(f"memory must be on the model's device and dtype ({ref.device}, "
                          f"{ref.dtype}), got ({p.device}, {p.dtype}); use memory.to(...)")
-    if kv_dtype not in (None, p.dtype, *KV_DTYPES):
-        raise ValueError(f"kv_dtype must be None, the memory's dtype ({p.dtype}), "
-                         f"torch.bfloat16 or torch.int8, got {kv_dtype}")
+    check_kv_dtype(kv_dtype, p.dtype, p.device)
     return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank,
                         kv_dtype)
 

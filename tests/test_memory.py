@@ -607,6 +607,14 @@ def test_narrow_cache_follows_writes_and_attach_reads_it(kv_dtype):
     torch.testing.assert_close(narrow, full, rtol=0.05, atol=0.05)
 
 
+def test_int8_cache_is_refused_off_the_cpu():
+    from memkernels.integration import check_kv_dtype
+    check_kv_dtype(torch.int8, torch.float32, torch.device("cpu"))
+    check_kv_dtype(torch.bfloat16, torch.float32, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="int8 is read in place only on the CPU.*cuda:0"):
+        check_kv_dtype(torch.int8, torch.float32, torch.device("cuda", 0))
+
+
 def test_int8_rows_quantize_zero_and_extreme_rows():
     x = torch.zeros(2, 3, 4)
     x[0, 1] = torch.tensor([1e30, -1e30, 0.5, 0.0])
