@@ -1,6 +1,7 @@
 """What the frozen base LM gives a memory to key on, layer by layer.
 
     python -m memkernels.recall.probe [--names 200]
+    python -m memkernels.recall.probe --address-ceiling
 
 A memory can only recall a fact about X if the hidden state where the answer
 is predicted identifies X. For held-out (eval-split) names this prints, per
@@ -17,6 +18,11 @@ layer output (index 0 = embeddings):
   which object it is, by nearest class centroid (held-out statements; chance
   1 / objects): what a value written from that layer can still say.
 Chance for the name accuracies is 1 / names.
+
+--address-ceiling: the same question->statement match on the benchmark's own
+templates and relations, as N-way retrieval among N written facts, by a
+linear map (what the memory's bilinear read can reach) and by contrastively
+trained MLPs (what a nonlinear query/address could); see address_ceiling.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from memkernels.recall import base_lm, tasks
-from memkernels.recall.facts import make_name
+from memkernels.recall.facts import make_facts, make_name, qa_prompt
 
 QUESTION_A = "Q: Where does {s} live? A:"
 QUESTION_B = "Q: In which city does {s} live? A:"
@@ -36,7 +42,12 @@ STATEMENT = "{s} lives in"
 
 def last_token_states(model, tokenizer, names: list[str], template: str) -> torch.Tensor:
     """[names, layers + 1, hidden]: every layer's output at the last token."""
-    prompts = [tokenizer(template.format(s=n))["input_ids"] for n in names]
+    return text_end_states(model, tokenizer, [template.format(s=n) for n in names])
+
+
+def text_end_states(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """[texts, layers + 1, hidden]: every layer's output at each text's last token."""
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
     out = []
     for i in range(0, len(prompts), 100):
         chunk = prompts[i:i + 100]
@@ -104,6 +115,73 @@ def object_identity(model, tokenizer, statements: int = 1500, seed: int = 0) -> 
     return accuracy
 
 
+def address_ceiling(model, tokenizer, sizes=(10, 100, 1000), fit_facts: int = 8000,
+                    draws: int = 3, mlp_steps: int = 3000, seed: int = 11,
+                    log=print) -> list[dict]:
+    """How well a read address can find the right written fact, on the
+    benchmark's own mix of templates and relations: each of N held-out
+    questions' answer position ("Q: Where does X live? A:") must pick its own
+    statement's pre-object position ("X has a home in"), among the N written,
+    as the most similar. Two address maps, fitted on train-split facts:
+    - linear: a ridge map from question to statement states, then cosine
+      nearest neighbour, per layer output. The memory's read is such a
+      bilinear match (a linear query projection against keys projected from
+      what was written), so this is what its design can reach;
+    - mlp: two 2-layer MLPs (question side, statement side) trained with a
+      contrastive loss (InfoNCE over batches of 512), at the layer where the
+      linear map does best: what a nonlinear query/address could reach.
+    Averaged over `draws` sets of facts."""
+    def states(facts, rng):
+        questions = [qa_prompt(f.question(rng)) for f in facts]
+        prefixes = [f.statement(rng).rsplit(f.object, 1)[0].rstrip() for f in facts]
+        return (text_end_states(model, tokenizer, questions),
+                text_end_states(model, tokenizer, prefixes))
+    rng = random.Random(seed)
+    fit_q, fit_s = states(make_facts(fit_facts, seed, split="train")[0], rng)
+    held = {n: [states(make_facts(n, seed + 1 + d)[0], rng) for d in range(draws)] for n in sizes}
+    layers = range(fit_q.shape[1])
+    maps = [ridge_map(fit_q[:, layer], fit_s[:, layer], alpha=0.1) for layer in layers]
+    linear = {n: [sum(nearest_neighbour_accuracy((q[:, layer] - fit_q[:, layer].mean(0)) @ w,
+                                                 st[:, layer]) for q, st in held[n]) / draws
+                  for layer, w in enumerate(maps)] for n in sizes}
+    best = max(layers, key=lambda layer: linear[max(sizes)][layer])
+    encode_q, encode_s = _contrastive_mlps(fit_q[:, best], fit_s[:, best], mlp_steps, seed, log)
+    rows = []
+    with torch.no_grad():
+        for n in sizes:
+            mlp = sum((F.normalize(encode_q(q[:, best]), dim=-1)
+                       @ F.normalize(encode_s(st[:, best]), dim=-1).T)
+                      .argmax(1).eq(torch.arange(n)).float().mean().item()
+                      for q, st in held[n]) / draws
+            rows.append(dict(facts=n, linear_per_layer=linear[n], mlp_layer=best, mlp=mlp))
+    return rows
+
+
+def _contrastive_mlps(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, log):
+    """Two MLPs whose outputs match row i of x to row i of y (InfoNCE)."""
+    torch.manual_seed(seed)
+
+    def mlp(data):
+        mean, std = data.mean(0), data.std(0) + 1e-6
+        net = torch.nn.Sequential(torch.nn.Linear(data.shape[1], 512), torch.nn.GELU(),
+                                  torch.nn.Linear(512, 256))
+        return net, lambda h: net((h - mean) / std)
+    (net_x, encode_x), (net_y, encode_y) = mlp(x), mlp(y)
+    opt = torch.optim.AdamW([*net_x.parameters(), *net_y.parameters()], lr=1e-3,
+                            weight_decay=1e-2)
+    for step in range(steps):
+        rows = torch.randint(0, len(x), (512,))
+        logits = (F.normalize(encode_x(x[rows]), dim=-1)
+                  @ F.normalize(encode_y(y[rows]), dim=-1).T) / 0.05
+        loss = F.cross_entropy(logits, torch.arange(len(rows)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 1000 == 0:
+            log(f"contrastive MLPs: step {step}, loss {loss.item():.2f}")
+    return encode_x, encode_y
+
+
 def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, statements: int = 1500,
         log=print) -> list[dict]:
     model, tokenizer = base_lm.load()
@@ -134,7 +212,17 @@ def run(n_names: int = 200, fit_names: int = 2000, seed: int = 5, statements: in
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--names", type=int, default=200)
+    ap.add_argument("--address-ceiling", action="store_true",
+                    help="instead: the best linear question -> statement address at N facts")
     args = ap.parse_args(argv)
+    if args.address_ceiling:
+        model, tokenizer = base_lm.load()
+        for row in address_ceiling(model, tokenizer):
+            print(f"N={row['facts']}: a question finds its statement among the N: linear map "
+                  f"per layer output (0 = embeddings) "
+                  + ", ".join(f"{a:.2f}" for a in row["linear_per_layer"])
+                  + f"; MLPs at layer output {row['mlp_layer']}: {row['mlp']:.2f}")
+        return
     run(args.names)
 
 
