@@ -4,6 +4,8 @@ question's read query to its statement's address. Figures and what they mean:
 benchmarks/NOTES.md, "Session 4".
 
     python benchmarks/experiments/address_split.py --steps 1500 --facts 16 --aux 1.0
+    python benchmarks/experiments/address_split.py --mlp --aux 5.0 --aux-temperature 0.05 \
+        --pretrain-address 2000     # session 5: MLP query/address, pre-fitted
 
 The bank gets 2H heads: heads [0, H) hold a slot's address, written from the
 write layer at token t (who/what the context is about); heads [H, 2H) hold its
@@ -20,6 +22,7 @@ import argparse
 import math
 import random
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,8 @@ import memkernels
 from memkernels import MemoryBank, MemoryConfig, MemoryModel
 from memkernels.integration import find_decoder_layers, write_layer_hidden
 from memkernels.ops import memory_write
-from memkernels.recall import base_lm, benchmark, tasks
-from memkernels.recall.facts import make_facts
+from memkernels.recall import base_lm, benchmark, probe, tasks
+from memkernels.recall.facts import make_facts, qa_prompt
 
 
 class AddressContentMemory(MemoryModel):
@@ -45,10 +48,20 @@ class AddressContentMemory(MemoryModel):
         return keys.to(mem.dtype).contiguous(), values.to(mem.dtype).contiguous()
 
     def addresses(self, hidden):
-        """[B, T, H, D]: what each token writes into the address half."""
+        """[B, T, H, D]: what each token writes into the address half (through
+        address_mlp when there is one: see --mlp)."""
         B, T, _ = hidden.shape
         H2, D = self.config.num_heads, self.config.head_dim
-        return self.token_value(self.write_norm(hidden)).view(B, T, H2, D)[:, :, :H2 // 2]
+        x = self.write_norm(hidden)
+        if hasattr(self, "address_mlp"):
+            return self.address_mlp(x).view(B, T, H2 // 2, D)
+        return self.token_value(x).view(B, T, H2, D)[:, :, :H2 // 2]
+
+    def read(self, reader_index, hidden, bank, kv_dtype=None):
+        if not hasattr(self, "address_mlp"):
+            return super().read(reader_index, hidden, bank, kv_dtype)
+        keys, values = bank.keys_values()  # no fused path: the query is an MLP
+        return self.readers[reader_index](hidden, keys, values)
 
     def write(self, mem, hidden, token_mask=None, value_hidden=None):
         B, T, _ = hidden.shape
@@ -59,7 +72,7 @@ class AddressContentMemory(MemoryModel):
         k = self.token_key(x).view(B, T, H2, D).transpose(1, 2)[:, :H]
         m = token_mask[:, None, :, None].to(k.dtype)
         k = k - (k * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp(min=1)  # centred
-        address = self.token_value(x).view(B, T, H2, D).transpose(1, 2)[:, :H]
+        address = self.addresses(hidden).transpose(1, 2)
         content = self.token_value(xv_next).view(B, T, H2, D).transpose(1, 2)[:, H:]
         q = torch.einsum("bhsd,hde->bhse", mem[:, :H], self.slot_query[:H])
         f = (torch.einsum("bhsd,hd->bhs", mem[:, :H], self.forget[:H])
@@ -69,6 +82,89 @@ class AddressContentMemory(MemoryModel):
         both = lambda t: torch.cat([t, t], 1).contiguous()  # noqa: E731 (one attention, two halves)
         return memory_write(mem, both(q), both(k), torch.cat([address, content], 1).contiguous(),
                             both(f), both(i), token_mask=token_mask)
+
+
+class Standardize(torch.nn.Module):
+    """x -> (x - mean) / std per feature, the statistics taken from the first
+    batch seen and then fixed: the hidden states share a large mean direction
+    that an RMS norm keeps (the probe's MLPs centre and scale their inputs)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.fitted = False
+
+    def forward(self, x):
+        if not self.fitted:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            self.mean.copy_(flat.mean(0))
+            self.std.copy_(flat.std(0) + 1e-6)
+            self.fitted = True
+        return (x - self.mean) / self.std
+
+
+def address_keys(memory, hidden):
+    """[B, T, H, D]: the read key a slot would have if it held only this token's address."""
+    H = memory.config.num_heads // 2
+    return torch.einsum("bthd,hde->bthe", torch.tanh(memory.addresses(hidden)),
+                        memory.slot_key[:H])
+
+
+def read_queries(memory, hidden):
+    """[B, T, H, D]: the first reader's queries on the address heads."""
+    B, T, _ = hidden.shape
+    reader, H2 = memory.readers[0], memory.config.num_heads
+    return reader.query(reader.norm(hidden)).view(B, T, H2, -1)[:, :, :H2 // 2]
+
+
+def contrastive(anchors, candidates, targets, temperature):
+    """Cross-entropy of each anchor against all candidates, its target the right one:
+    cosine over all heads / temperature when temperature > 0, else scaled dots."""
+    if temperature > 0:
+        scores = (F.normalize(anchors.flatten(1), dim=-1)
+                  @ F.normalize(candidates.flatten(1), dim=-1).T) / temperature
+    else:
+        scores = torch.einsum("ahd,chd->ac", anchors, candidates) / math.sqrt(anchors[0].numel())
+    return F.cross_entropy(scores, targets)
+
+
+def pretrain_address(memory, model, tok, steps: int, temperature: float, facts: int = 8000):
+    """Fits the address MLP, the first reader's query MLP and the address heads'
+    slot keys on (question, statement) pairs of train-split facts alone, as the
+    probe's --address-ceiling MLPs (which find the statement 91% of the time at
+    N=100): InfoNCE over batches of 512. Run before the memory is attached (the
+    states are the base LM's)."""
+    rng = random.Random(11)
+    pairs = make_facts(facts, seed=11, split="train")[0]
+    layer = memory.config.resolved_write_layer + 1  # hidden_states index of its output
+    q_states = probe.text_end_states(model, tok, [qa_prompt(f.question(rng)) for f in pairs])
+    s_states = probe.text_end_states(model, tok, [f.statement(rng).rsplit(f.object, 1)[0].rstrip()
+                                                  for f in pairs])
+    q_states, s_states = q_states[:, layer, None], s_states[:, layer, None]  # [facts, 1, C]
+    params = [*memory.address_mlp.parameters(), *memory.readers[0].query.parameters(),
+              memory.slot_key]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    for step in range(steps):
+        rows = torch.randint(0, facts, (512,))
+        loss = contrastive(read_queries(memory, q_states[rows])[:, 0],
+                           address_keys(memory, s_states[rows])[:, 0], torch.arange(512),
+                           temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"address pre-training step {step}: loss {loss.item():.3f}", flush=True)
+
+
+def mlp_reader_forward(self, hidden, keys, values):
+    """MemoryReader.forward without the inference fast path (which folds a
+    linear query projection): the query may be any module."""
+    B, T, _ = hidden.shape
+    q = self.query(self.norm(hidden)).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    read = memkernels.memory_read(q.to(keys.dtype).contiguous(), keys, values,
+                                  backend=self.backend).to(hidden.dtype)
+    return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
 
 
 def make_batch(tok, step: int, facts_hi: int, curriculum: int, rows: int = 8,
@@ -110,6 +206,14 @@ def main() -> None:
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the contrastive loss")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--heads", type=int, default=4, help="heads per half (x 32 dims)")
+    ap.add_argument("--mlp", action="store_true",
+                    help="read queries and written addresses through 2-layer MLPs (the probe's "
+                         "--address-ceiling: a linear address finds the statement 33%% of the "
+                         "time at N=100, MLPs 91%%)")
+    ap.add_argument("--aux-temperature", type=float, default=0.0,
+                    help="> 0: the contrastive loss on cosine similarity / this (else scaled dots)")
+    ap.add_argument("--pretrain-address", type=int, default=0, metavar="STEPS",
+                    help="with --mlp: first fit the address/query MLPs alone (see pretrain_address)")
     args = ap.parse_args()
     model, tok = base_lm.load()
     torch.manual_seed(0)
@@ -120,11 +224,29 @@ def main() -> None:
                                   values_from="embeddings")
     memory = AddressContentMemory(config)
     H, D = config.num_heads // 2, config.head_dim
+    if args.mlp:
+        C = config.hidden_size
+        memory.address_mlp = torch.nn.Sequential(Standardize(C), torch.nn.Linear(C, 512),
+                                                 torch.nn.GELU(), torch.nn.Linear(512, H * D))
+        for reader in memory.readers:
+            reader.query = torch.nn.Sequential(Standardize(C), torch.nn.Linear(C, 512),
+                                               torch.nn.GELU(), torch.nn.Linear(512, 2 * H * D))
+            reader.forward = types.MethodType(mlp_reader_forward, reader)
+    if args.pretrain_address:
+        pretrain_address(memory, model, tok, args.pretrain_address, args.aux_temperature or 0.05)
     read_layer_output = {}  # the first reading layer's output, before the memory adds to it
     find_decoder_layers(model)[config.resolved_read_layers[0]].register_forward_hook(
         lambda m, a, o: read_layer_output.__setitem__("h", o[0] if isinstance(o, tuple) else o))
     handle = memkernels.attach(model, memory)
-    opt = torch.optim.AdamW([p for p in memory.parameters() if p.requires_grad], lr=args.lr)
+    # pre-trained address/query parameters move 10x slower (Adam's first steps
+    # moved them by ~lr each and undid the pre-training in one step)
+    pretrained = ({id(p) for p in [*memory.address_mlp.parameters(),
+                                   *memory.readers[0].query.parameters(), memory.slot_key]}
+                  if args.pretrain_address else set())
+    opt = torch.optim.AdamW([
+        {"params": [p for p in memory.parameters() if p.requires_grad and id(p) not in pretrained]},
+        {"params": [p for p in memory.parameters() if id(p) in pretrained], "lr": args.lr / 10}],
+        lr=args.lr)
     start_time, history = time.time(), []
     for step in range(args.steps):
         batch, write_ids, write_mask, pre_object, asked = make_batch(tok, step, args.facts,
@@ -140,19 +262,16 @@ def main() -> None:
                              batch.labels[:, 1:].reshape(-1), ignore_index=-100)
         aux = torch.zeros(())
         if args.aux > 0:
-            keys = torch.einsum("bthd,hde->bthe", torch.tanh(memory.addresses(hk)),
-                                memory.slot_key[:H])
+            keys = address_keys(memory, hk)
             candidates = torch.stack([keys[b, j * tw + p] for b in range(B)
                                       for j, p in enumerate(pre_object[b])])
-            reader = memory.readers[0]
-            q = reader.query(reader.norm(read_layer_output["h"])).view(B, -1, 2 * H, D)[:, :, :H]
+            q = read_queries(memory, read_layer_output["h"])
             offsets = [0]
             for b in range(B):
                 offsets.append(offsets[-1] + len(pre_object[b]))
             anchors = torch.stack([q[b, pos] for b in range(B) for pos, _ in asked[b]])
             targets = torch.tensor([offsets[b] + j for b in range(B) for _, j in asked[b]])
-            scores = torch.einsum("ahd,chd->ac", anchors, candidates) / math.sqrt(H * D)
-            aux = F.cross_entropy(scores, targets)
+            aux = contrastive(anchors, candidates, targets, args.aux_temperature)
         loss = lm + args.aux * aux
         opt.zero_grad()
         loss.backward()
