@@ -5,8 +5,9 @@
 A Llama-style model built from a config (8 layers, hidden 512, 8 heads,
 random weights: latency does not depend on what the weights are), greedy
 decoding with the KV cache, with and without a memory of S=4096 slots read at
-2 layers, one bank per row, batch 1 and 8. Per-token time is
-(time(1 + N new tokens) - time(1 new token)) / N, so prefill cancels out; the
+2 layers, one bank per row (or --bank shared), batch 1 and 8, the bank's
+cached keys/values in float32, bfloat16 and int8 (--kv-dtype). Per-token time
+is the median decode step inside one generate() (per_token_seconds); the
 two conditions are interleaved (base, memory, memory, base in each rep) and the
 overhead is the median over reps of each rep's ratio; the two base runs of a
 rep differ by the printed noise (median |base2 / base1 - 1|).
