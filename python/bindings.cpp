@@ -123,7 +123,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
 }
 
 // One reading layer at inference, fused (memkernels.memory.MemoryReader).
-// keys/values may be bfloat16 with float32 hidden states (the decode cache).
+// keys/values may be bfloat16, or int8 with a float32 scale per slot, with
+// float32 hidden states (the decode cache).
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
                   const Tensor& values, const Tensor& out_w, double eps, double scale,
                   const OptTensor& key_scale, const OptTensor& value_scale) {
@@ -151,9 +152,13 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   check_shape(query_w, "query_w", {H * D, C});
   check_shape(out_w, "out_w", {H * D, C});
   const bool int8_kv = keys.scalar_type() == at::kChar;
-  TORCH_CHECK(int8_kv == (key_scale.has_value() && value_scale.has_value()),
-              int8_kv ? "int8 keys/values need key_scale and value_scale (float32, one per slot)"
-                      : "key_scale/value_scale go only with int8 keys/values");
+  if (int8_kv) {
+    TORCH_CHECK(key_scale.has_value() && value_scale.has_value(),
+                "int8 keys/values need key_scale and value_scale (float32, one per slot)");
+  } else {
+    TORCH_CHECK(!key_scale.has_value() && !value_scale.has_value(),
+                "key_scale/value_scale go only with int8 keys/values");
+  }
   Tensor ks, vs;
   if (int8_kv) {
     const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);

@@ -664,6 +664,8 @@ def test_fused_cpu_reader_rejects_bad_int8_scales():
         ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s.double())
     with pytest.raises(RuntimeError, match="go only with int8"):
         ext.reader_fwd(h, w, k.float(), k.float(), w, 1e-6, 0.5, s, s)
+    with pytest.raises(RuntimeError, match="go only with int8"):  # one scale alone, too
+        ext.reader_fwd(h, w, k.float(), k.float(), w, 1e-6, 0.5, None, s)
     with pytest.raises(RuntimeError, match="keys must have dtype"):  # int8 only with f32 hidden
         ext.reader_fwd(h.double(), w.double(), k, k, w.double(), 1e-6, 0.5, s, s)
     out = ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s)
