@@ -478,32 +478,36 @@ def test_fused_reader_follows_changed_reader_parameters():
         with torch.no_grad():
             fused = memory.read(0, hidden, bank)
         return fused, memory.read(0, hidden.clone().requires_grad_(), bank).detach()
+
+    def assert_fresh(fused, expected):
+        # The unscaled randn weights below make scores ~10x the init's, so the
+        # folded float32 math may differ by 2e-5; a stale read differs by O(1).
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
     fused, expected = fused_and_expected()
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     with torch.no_grad():
         reader.gate.fill_(0.7)
         reader.norm.weight.mul_(1.5)
     fused, expected = fused_and_expected()
     assert not torch.equal(fused, hidden)
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     reader.out.weight = torch.nn.Parameter(torch.randn_like(reader.out.weight))
     fused, expected = fused_and_expected()
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     reader.query = torch.nn.Linear(32, 16, bias=False)  # a new submodule ...
     fused, expected = fused_and_expected()
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     reader.query.weight = torch.nn.Parameter(torch.randn(16, 32))  # ... and its parameter
     fused, expected = fused_and_expected()
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     memory.slot_value.data = torch.randn_like(memory.slot_value)  # no version bump
     fused, expected = fused_and_expected()
-    torch.testing.assert_close(fused, expected)
+    assert_fresh(fused, expected)
     for kv_dtype in (torch.bfloat16, None):  # the memo is per dtype
         with torch.no_grad():
             fused = memory.read(0, hidden, bank, kv_dtype)
             keys, values = (t.float() for t in bank.keys_values(kv_dtype))
-        torch.testing.assert_close(fused, reader(hidden, keys, values).detach(),
-                                   rtol=1e-5, atol=1e-5)
+        assert_fresh(fused, reader(hidden, keys, values).detach())
 
 
 NARROW_CACHE_SHAPES = pytest.mark.parametrize(
