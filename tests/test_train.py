@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
 
+import memkernels  # noqa: E402
 from memkernels.recall import base_lm, facts, tasks  # noqa: E402
 from memkernels.train import Trainer, TrainConfig  # noqa: E402
 
@@ -137,7 +138,7 @@ def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path):
 
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {package_root!r}]  # the memkernels this pytest imported
     from test_train import tiny_lm
     from memkernels.recall import base_lm, tasks
     from memkernels.train import Trainer, TrainConfig
@@ -160,7 +161,9 @@ DDP_SCRIPT = textwrap.dedent("""
 
 def test_trainer_runs_under_torchrun_with_ddp_on_gloo(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    package_root = os.path.dirname(os.path.dirname(memkernels.__file__))
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path),
+                                        package_root=package_root))
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
