@@ -240,28 +240,29 @@ class MemoryReader(nn.Module):
     def forward(self, hidden: Tensor, keys, values) -> Tensor:
         """keys/values: tensors, or Int8Rows (from a no-grad int8 cache)."""
         B, T, C = hidden.shape
-        if torch.is_grad_enabled() and (self.gate.requires_grad or self.query.weight.requires_grad
-                                        or self.out.weight.requires_grad or hidden.requires_grad):
-            if isinstance(keys, Int8Rows):
-                keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
+        with_grad = torch.is_grad_enabled() and (
+            self.gate.requires_grad or self.query.weight.requires_grad
+            or self.out.weight.requires_grad or hidden.requires_grad)
+        if not with_grad:
+            # Inference: the norm weight is folded into the query projection and the
+            # gate into the output projection. On the CPU backend the whole layer is
+            # one fused C++ call; elsewhere 6 ATen ops. Per decode token, the fixed
+            # cost of ~10 small ops was as large as the read of a small bank.
+            query_w, out_w = self._folded_weights()
+            fused = _fused_cpu_reader(hidden, keys, self.backend)
+            if fused is not None:
+                k, v, k_scale, v_scale = _reader_operands(keys, values)
+                with nvtx_range("memkernels.reader_fwd[cpu]"):
+                    return fused(hidden, query_w, k, v, out_w, self._modules["norm"].eps or 1e-6,
+                                 self.head_dim ** -0.5, k_scale, v_scale)
+        if isinstance(keys, Int8Rows):  # only the fused CPU reader reads int8 in place
+            keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
+        if with_grad:
             q = self.query(self.norm(hidden))
             # under autocast q may be bf16 while the bank is not: the read runs in the bank's dtype
             q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).to(keys.dtype)
             read = memory_read(q, keys, values, backend=self.backend).to(hidden.dtype)
             return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
-        # Inference: the norm weight is folded into the query projection and the
-        # gate into the output projection. On the CPU backend the whole layer is
-        # one fused C++ call; elsewhere 6 ATen ops. Per decode token, the fixed
-        # cost of ~10 small ops was as large as the read of a small bank.
-        query_w, out_w = self._folded_weights()
-        fused = _fused_cpu_reader(hidden, keys, self.backend)
-        if fused is not None:
-            k, v, k_scale, v_scale = _reader_operands(keys, values)
-            with nvtx_range("memkernels.reader_fwd[cpu]"):
-                return fused(hidden, query_w, k, v, out_w, self._modules["norm"].eps or 1e-6,
-                             self.head_dim ** -0.5, k_scale, v_scale)
-        if isinstance(keys, Int8Rows):  # no int8 kernel here: read the dequantized bank
-            keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         q = F.linear(F.rms_norm(hidden, (C,), eps=self.norm.eps), query_w)
         read = memory_read(q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                            .to(keys.dtype), keys, values, backend=self.backend).to(hidden.dtype)

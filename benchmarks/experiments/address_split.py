@@ -6,6 +6,8 @@ benchmarks/NOTES.md, "Session 4".
     python benchmarks/experiments/address_split.py --steps 1500 --facts 16 --aux 1.0
     python benchmarks/experiments/address_split.py --mlp --aux 5.0 --aux-temperature 0.05 \
         --pretrain-address 2000     # session 5: MLP query/address, pre-fitted
+    python benchmarks/experiments/address_split.py --mlp --allocate --aux 0 \
+        --pretrain-address 2000     # session 6: each written token in its own slot
 
 The bank gets 2H heads: heads [0, H) hold a slot's address, written from the
 write layer at token t (who/what the context is about); heads [H, 2H) hold its
@@ -64,6 +66,8 @@ class AddressContentMemory(MemoryModel):
         return self.readers[reader_index](hidden, keys, values)
 
     def write(self, mem, hidden, token_mask=None, value_hidden=None):
+        if getattr(self, "allocate", False):
+            return self.allocate_write(mem, hidden, token_mask, value_hidden)
         B, T, _ = hidden.shape
         H2, D = self.config.num_heads, self.config.head_dim
         H = H2 // 2
@@ -82,6 +86,30 @@ class AddressContentMemory(MemoryModel):
         both = lambda t: torch.cat([t, t], 1).contiguous()  # noqa: E731 (one attention, two halves)
         return memory_write(mem, both(q), both(k), torch.cat([address, content], 1).contiguous(),
                             both(f), both(i), token_mask=token_mask)
+
+
+    def allocate_write(self, mem, hidden, token_mask, value_hidden):
+        """--allocate: no write attention; the n real tokens of a row take
+        slots [0, n) in order (slot j: tanh(address of token j), tanh(content
+        of token j + 1)), the other slots keep `mem` (a fresh bank: the
+        learned initial slots). The write that cannot blur facts together: it
+        bounds what a learned allocation (a usage-ranked slot per selected
+        token) could reach; a bank holds at most S tokens, and a second write
+        starts again at slot 0."""
+        B, T, _ = hidden.shape
+        S, H = mem.shape[2], self.config.num_heads // 2
+        real = token_mask.sum(1)
+        if int(real.max()) > S:
+            raise ValueError(f"--allocate: {int(real.max())} tokens do not fit {S} slots")
+        xv = self.write_norm(value_hidden)
+        xv_next = torch.cat([xv[:, 1:], torch.zeros_like(xv[:, :1])], 1)
+        content = self.token_value(xv_next).view(B, T, 2 * H, -1)[:, :, H:]
+        tokens = torch.cat([torch.tanh(self.addresses(hidden)), torch.tanh(content)], 2)
+        order = torch.sort((~token_mask).to(torch.int8), dim=1, stable=True).indices
+        tokens = tokens.gather(1, order[:, :, None, None].expand_as(tokens))  # real tokens first
+        tokens = F.pad(tokens, (0, 0, 0, 0, 0, max(0, S - T)))[:, :S].transpose(1, 2)
+        used = torch.arange(S, device=mem.device)[None, :] < real[:, None]
+        return torch.where(used[:, None, :, None], tokens.to(mem.dtype), mem)
 
 
 class Standardize(torch.nn.Module):
@@ -214,6 +242,9 @@ def main() -> None:
                     help="> 0: the contrastive loss on cosine similarity / this (else scaled dots)")
     ap.add_argument("--pretrain-address", type=int, default=0, metavar="STEPS",
                     help="with --mlp: first fit the address/query MLPs alone (see pretrain_address)")
+    ap.add_argument("--allocate", action="store_true",
+                    help="each written token in its own slot (see allocate_write)")
+    ap.add_argument("--eval-facts", type=int, nargs="+", default=[10, 32, 100])
     args = ap.parse_args()
     model, tok = base_lm.load()
     torch.manual_seed(0)
@@ -223,6 +254,7 @@ def main() -> None:
                                   read_layers=(nl - 2, nl - 1), write_layer=max(nl - 2, 0),
                                   values_from="embeddings")
     memory = AddressContentMemory(config)
+    memory.allocate = args.allocate
     H, D = config.num_heads // 2, config.head_dim
     if args.mlp:
         C = config.hidden_size
@@ -285,7 +317,7 @@ def main() -> None:
                   flush=True)
     handle.detach()
     memory.eval()
-    for n_facts in (10, 32, 100):
+    for n_facts in args.eval_facts:
         facts, others = make_facts(n_facts, seed=0)
         row = benchmark.evaluate("written_memory", model, tok, facts, others, memory=memory)
         print(f"N={n_facts}: exact match {row['accuracy']:.3f} ({row['questions']} questions)",
