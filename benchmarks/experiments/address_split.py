@@ -37,6 +37,9 @@ from memkernels.recall import base_lm, benchmark, probe, tasks
 from memkernels.recall.facts import make_facts, qa_prompt
 
 
+NULL_SLOTS = 8  # --allocate: initial slots every read keeps (the "nothing stored" answer)
+
+
 class AddressContentMemory(MemoryModel):
     """Bank heads [0, H): addresses; [H, 2H): contents (see the module docstring)."""
 
@@ -108,7 +111,12 @@ class AddressContentMemory(MemoryModel):
         order = torch.sort((~token_mask).to(torch.int8), dim=1, stable=True).indices
         tokens = tokens.gather(1, order[:, :, None, None].expand_as(tokens))  # real tokens first
         tokens = F.pad(tokens, (0, 0, 0, 0, 0, max(0, S - T)))[:, :S].transpose(1, 2)
-        used = torch.arange(S, device=mem.device)[None, :] < real[:, None]
+        slot = torch.arange(S, device=mem.device)[None, :]
+        used = slot < real[:, None]
+        # the reads after this write see the written slots and NULL_SLOTS learned
+        # defaults; without the mask, ~1000 initial slots drown the 10-50 written
+        # (an unchanged lm loss of 1.56 over 500 steps)
+        self.slot_mask = used | (slot >= S - NULL_SLOTS)
         return torch.where(used[:, None, :, None], tokens.to(mem.dtype), mem)
 
 
@@ -185,14 +193,62 @@ def pretrain_address(memory, model, tok, steps: int, temperature: float, facts: 
             print(f"address pre-training step {step}: loss {loss.item():.3f}", flush=True)
 
 
+def read_geometry(reader, q, keys):
+    """(q, keys, scale) as the read scores them: scaled dots, or with
+    --cosine-read C, cosine x C per head (the pre-training's InfoNCE geometry)."""
+    cosine = getattr(reader, "cosine_scale", 0.0)
+    if not cosine:
+        return q, keys, None
+    return F.normalize(q, dim=-1), F.normalize(keys, dim=-1).contiguous(), cosine
+
+
 def mlp_reader_forward(self, hidden, keys, values):
     """MemoryReader.forward without the inference fast path (which folds a
     linear query projection): the query may be any module."""
     B, T, _ = hidden.shape
     q = self.query(self.norm(hidden)).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-    read = memkernels.memory_read(q.to(keys.dtype).contiguous(), keys, values,
-                                  backend=self.backend).to(hidden.dtype)
+    q, keys, scale = read_geometry(self, q, keys)
+    slot_mask = getattr(self, "slot_mask_of", lambda: None)()
+    if slot_mask is not None and slot_mask.shape[0] != B:
+        slot_mask = slot_mask.expand(B, -1)  # one stored bank read by a batch of questions
+    read = memkernels.memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=scale,
+                                  slot_mask=slot_mask, backend=self.backend).to(hidden.dtype)
     return hidden + torch.tanh(self.gate) * self.out(read.transpose(1, 2).reshape(B, T, -1))
+
+
+def read_hits(memory, model, tok, facts, read_layer_output, seed: int = 0) -> dict:
+    """--allocate only: stores the facts' statements, then asks each question
+    and looks at the first reader's attention (address heads, summed over
+    heads) at the answer position: how often its largest weight is on the
+    asked statement's pre-object slot, and the mean weight there. Tells a
+    failed address (the read looks elsewhere) from a failed content (it finds
+    the slot, the answer is still wrong)."""
+    rng = random.Random(seed)
+    statements = [f.statement(rng) for f in facts]
+    heads = [tok(t.rsplit(f.object, 1)[0].rstrip())["input_ids"] for t, f in zip(statements, facts)]
+    lengths = [len(tok(t)["input_ids"]) for t in statements]
+    starts = [sum(lengths[:j]) for j in range(len(facts))]
+    target = torch.tensor([starts[j] + len(heads[j]) - 1 for j in range(len(facts))])
+    bank = memory.store(model, tok, statements, chunk_size=len(statements), progress=False)
+    keys, _ = bank.keys_values()  # [2H, S, D]: address keys, twice
+    H = memory.config.num_heads // 2
+    prompts = [tok(qa_prompt(f.question(rng)))["input_ids"] for f in facts]
+    hits, mass = 0, 0.0
+    handle = memkernels.attach(model, memory, bank)
+    try:
+        with torch.no_grad():
+            for j, ids in enumerate(prompts):
+                model(input_ids=torch.tensor([ids]))
+                q = read_queries(memory, read_layer_output["h"])[0, -1]  # [H, D]
+                q, k, scale = read_geometry(memory.readers[0], q, keys[:H])
+                scores = torch.einsum("hd,hsd->hs", q, k) * (scale or q.shape[-1] ** -0.5)
+                scores = scores.masked_fill(~memory.slot_mask[0], float("-inf"))
+                weights = scores.softmax(-1).sum(0) / H
+                hits += int(weights.argmax() == target[j])
+                mass += weights[target[j]].item()
+    finally:
+        handle.detach()
+    return dict(hit=hits / len(facts), mass=mass / len(facts))
 
 
 def make_batch(tok, step: int, facts_hi: int, curriculum: int, rows: int = 8,
@@ -244,8 +300,12 @@ def main() -> None:
                     help="with --mlp: first fit the address/query MLPs alone (see pretrain_address)")
     ap.add_argument("--allocate", action="store_true",
                     help="each written token in its own slot (see allocate_write)")
+    ap.add_argument("--cosine-read", type=float, default=0.0, metavar="C",
+                    help="with --mlp: the read scores cosine x C per head (else q.k / sqrt(Dh))")
     ap.add_argument("--eval-facts", type=int, nargs="+", default=[10, 32, 100])
     args = ap.parse_args()
+    if args.allocate and not args.mlp:
+        ap.error("--allocate needs --mlp (its reads take the slot mask in mlp_reader_forward)")
     model, tok = base_lm.load()
     torch.manual_seed(0)
     nl = model.config.num_hidden_layers
@@ -264,6 +324,9 @@ def main() -> None:
             reader.query = torch.nn.Sequential(Standardize(C), torch.nn.Linear(C, 512),
                                                torch.nn.GELU(), torch.nn.Linear(512, 2 * H * D))
             reader.forward = types.MethodType(mlp_reader_forward, reader)
+            reader.cosine_scale = args.cosine_read
+            if args.allocate:
+                reader.slot_mask_of = lambda: getattr(memory, "slot_mask", None)
     if args.pretrain_address:
         pretrain_address(memory, model, tok, args.pretrain_address, args.aux_temperature or 0.05)
     read_layer_output = {}  # the first reading layer's output, before the memory adds to it
@@ -322,6 +385,10 @@ def main() -> None:
         row = benchmark.evaluate("written_memory", model, tok, facts, others, memory=memory)
         print(f"N={n_facts}: exact match {row['accuracy']:.3f} ({row['questions']} questions)",
               flush=True)
+        if args.allocate:
+            hits = read_hits(memory, model, tok, facts, read_layer_output)
+            print(f"N={n_facts}: the read's largest weight on the asked statement's pre-object "
+                  f"slot {hits['hit']:.3f}, mean weight there {hits['mass']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
