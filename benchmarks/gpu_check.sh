@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One call proves the GPU: builds the CUDA extension, runs the whole GPU test
-# suite (cpu, triton and cuda backends against the reference) and the
-# benchmarks, and writes one log and one results file. Keep it under 9 min.
+# One call proves the GPU: builds the CUDA extension, runs the benchmarks, the
+# whole test suite (cpu, triton and cuda backends against the reference) and
+# the standalone CMake build with its profiling driver, and writes one log and
+# one results file. Each phase has a time limit so the whole stays under 9 min.
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/
 #   RESULTS=/some/dir bash benchmarks/gpu_check.sh
+#   TEST_ARGS="-k cuda" BENCH_ARGS="--ops read_fwd" bash benchmarks/gpu_check.sh
+#
+# The benchmarks run before the tests so that a slow test phase cannot cost
+# the figures; a failing phase does not stop the next one (exit status: any).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results}
@@ -12,20 +17,29 @@ mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 status=0
+phase() { echo "== $1 ($(date -u +%T))"; }
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "== build"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+  phase build
   time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 || status=1
   python3 -c "import memkernels, torch; print('backends on cuda:', memkernels.available_backends('cuda'))"
-  echo "== tests"
+  phase benchmarks
+  timeout "${BENCH_TIMEOUT:-150}" python3 -m memkernels.bench --device cuda \
+    --min-time "${BENCH_MIN_TIME:-0.3}" --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
+  phase tests
   # pytest-xdist (on the GPU image) spreads the suite over the CPU cores.
-  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}")
-  python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark $xdist || status=1
-  echo "== benchmarks"
-  python3 -m memkernels.bench --device cuda --min-time ${BENCH_MIN_TIME:-0.3} \
-    --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
-  echo "== exit status $status"
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-16}")
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark \
+    --durations=10 $xdist ${TEST_ARGS:-} || status=1
+  phase "cmake build + profiling driver"
+  if [ "${SKIP_CMAKE:-0}" != 1 ]; then
+    timeout 120 bash -c 'cmake -S . -B /tmp/mk-build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null &&
+      cmake --build /tmp/mk-build -j "$MAX_JOBS" >/dev/null &&
+      /tmp/mk-build/memkernels_check_cpu | tail -n 2 && /tmp/mk-build/memkernels_profile' || status=1
+  fi
+  phase "exit status $status"
 } 2>&1 | tee "$LOG"
 exit $status

@@ -32,6 +32,36 @@ class MaskIndex:
     row_stride: int = 0
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Where row m of group g of q (and of out, lse, dO, dQ, which share q's
+    layout) lives, counted in rows of D elements:
+    g * group_stride + (m // row_div) * row_hi + (m % row_div) * row_lo.
+    It lets the kernels read and write the caller's [B, H, T, D] tensors in
+    place, with no transpose copies (each copy is a kernel launch, which is
+    what a decode step is made of)."""
+    G: int
+    M: int
+    group_stride: int
+    row_div: int = 1
+    row_hi: int = 1
+    row_lo: int = 0
+
+    @staticmethod
+    def grouped(G: int, M: int) -> "RowLayout":  # contiguous [G, M, D]
+        return RowLayout(G, M, M)
+
+    def args(self) -> tuple[int, int, int, int]:
+        return self.group_stride, self.row_div, self.row_hi, self.row_lo
+
+
+@triton.jit
+def _rows_at(g, rows, group_stride, row_div, row_hi, row_lo):
+    """RowLayout's formula, as int64 row numbers."""
+    return (g.to(tl.int64) * group_stride + (rows // row_div).to(tl.int64) * row_hi
+            + (rows % row_div).to(tl.int64) * row_lo)
+
+
 @triton.jit
 def _mask_rows(g, rows, group_div, group_stride, row_div, row_stride):
     return (g // group_div) * group_stride + (rows // row_div) * row_stride
@@ -47,16 +77,16 @@ def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Mask, Mem, Fg, Ig, NewMem,
     M, N, D, keys_per_split, gate_dim,
     group_div, group_stride, row_div, row_stride,
+    q_gs, q_rd, q_rh, q_rl, o_gs, o_rd, o_rh, o_rl, o_split_stride,
     scale,
     HAS_MASK: tl.constexpr, WRITE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     row_ok, d_ok = rows < M, dcol < D
-    q_off = (g * M + rows)[:, None].to(tl.int64) * D + dcol[None, :]
+    q_off = _rows_at(g, rows, q_gs, q_rd, q_rh, q_rl)[:, None] * D + dcol[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -89,24 +119,27 @@ def _attn_fwd_kernel(
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-    o_off = split.to(tl.int64) * G * M * D + q_off
+    o_row = split.to(tl.int64) * o_split_stride + _rows_at(g, rows, o_gs, o_rd, o_rh, o_rl)
     o_mask = row_ok[:, None] & d_ok[None, :]
-    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=o_mask)
-    tl.store(Lse + split.to(tl.int64) * G * M + g * M + rows, lse, mask=row_ok)
+    tl.store(Out + o_row[:, None] * D + dcol[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(Lse + o_row, lse, mask=row_ok)
     if WRITE:  # fused gate blend: new = sigmoid(f) * mem + sigmoid(i) * tanh(upd)
+        c_row = (g * M + rows)[:, None].to(tl.int64)  # mem and the gates are [G, M, *]
         gcol = tl.where(gate_dim == 1, 0, dcol)
-        g_off = (g * M + rows)[:, None].to(tl.int64) * gate_dim + gcol[None, :]
+        g_off = c_row * gate_dim + gcol[None, :]
         f = tl.load(Fg + g_off, mask=o_mask, other=0.0).to(ACC)
         i = tl.load(Ig + g_off, mask=o_mask, other=0.0).to(ACC)
-        mem = tl.load(Mem + q_off, mask=o_mask, other=0.0).to(ACC)
+        m_off = c_row * D + dcol[None, :]
+        mem = tl.load(Mem + m_off, mask=o_mask, other=0.0).to(ACC)
         new = tl.sigmoid(f) * mem + tl.sigmoid(i) * _tanh(out)
-        tl.store(NewMem + q_off, new.to(NewMem.dtype.element_ty), mask=o_mask)
+        tl.store(NewMem + m_off, new.to(NewMem.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _combine_kernel(Part, PartLse, Out, Lse, GM, D, splits,
+def _combine_kernel(Part, PartLse, Out, Lse, GM, M, D, splits, o_gs, o_rd, o_rh, o_rl,
                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merges per-split (out, lse) into the final out and lse (flash-decoding)."""
+    """Merges per-split (out, lse) into the final out and lse (flash-decoding);
+    the parts are [splits, G, M, *] contiguous, out/lse in their RowLayout."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dcol = tl.arange(0, BLOCK_D)
     row_ok = rows < GM
@@ -125,15 +158,15 @@ def _combine_kernel(Part, PartLse, Out, Lse, GM, D, splits,
         acc += w[:, None] * part
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     lse = tl.where(total > 0, m_safe + tl.log(total), float("-inf"))
-    tl.store(Out + rows[:, None].to(tl.int64) * D + dcol[None, :], out.to(Out.dtype.element_ty),
-             mask=mask2)
-    tl.store(Lse + rows, lse, mask=row_ok)
+    o_row = _rows_at(rows // M, rows % M, o_gs, o_rd, o_rh, o_rl)
+    tl.store(Out + o_row[:, None] * D + dcol[None, :], out.to(Out.dtype.element_ty), mask=mask2)
+    tl.store(Lse + o_row, lse, mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Mask,
-    M, N, D, group_div, group_stride, row_div, row_stride, scale,
+    M, N, D, group_div, group_stride, row_div, row_stride, r_gs, r_rd, r_rh, r_rl, scale,
     HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -152,12 +185,13 @@ def _attn_bwd_dkdv_kernel(
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        r_off = (g * M + rows)[:, None].to(tl.int64) * D + dcol[None, :]
+        r_row = _rows_at(g, rows, r_gs, r_rd, r_rh, r_rl)
+        r_off = r_row[:, None] * D + dcol[None, :]
         r_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + r_off, mask=r_mask, other=0.0)
         do = tl.load(DO + r_off, mask=r_mask, other=0.0)
-        lse = tl.load(Lse + g * M + rows, mask=row_ok, other=float("-inf"))
-        delta = tl.load(Delta + g * M + rows, mask=row_ok, other=0.0)
+        lse = tl.load(Lse + r_row, mask=row_ok, other=float("-inf"))
+        delta = tl.load(Delta + r_row, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale
         valid = col_ok[None, :] & (lse != float("-inf"))[:, None]
         if HAS_MASK:
@@ -178,7 +212,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Mask,
-    M, N, D, group_div, group_stride, row_div, row_stride, scale,
+    M, N, D, group_div, group_stride, row_div, row_stride, r_gs, r_rd, r_rh, r_rl, scale,
     HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -186,12 +220,13 @@ def _attn_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     row_ok, d_ok = rows < M, dcol < D
-    r_off = (g * M + rows)[:, None].to(tl.int64) * D + dcol[None, :]
+    r_row = _rows_at(g, rows, r_gs, r_rd, r_rh, r_rl)
+    r_off = r_row[:, None] * D + dcol[None, :]
     r_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + r_off, mask=r_mask, other=0.0)
     do = tl.load(DO + r_off, mask=r_mask, other=0.0)
-    lse = tl.load(Lse + g * M + rows, mask=row_ok, other=float("-inf"))
-    delta = tl.load(Delta + g * M + rows, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + r_row, mask=row_ok, other=float("-inf"))
+    delta = tl.load(Delta + r_row, mask=row_ok, other=0.0)
     lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
     if HAS_MASK:
         mrow = _mask_rows(g, rows, group_div, group_stride, row_div, row_stride)
@@ -262,13 +297,16 @@ def forward_config(G: int, M: int, N: int, D: int, device_index: int, elt: int =
 
 
 def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=None,
-                      config=None):
-    """q [G, M, D], k/v [G, N, D] contiguous -> (out [G, M, D], lse [G, M]).
+                      config=None, rows: Optional[RowLayout] = None):
+    """q [G, M, D] (or any contiguous tensor whose rows `rows` places), k/v
+    [G, N, D] contiguous -> (out, lse): out shaped like q, lse like q[..., 0].
 
     write = (mem, forget, input, gate_dim) fuses the gate blend and then also
     returns new_mem: (upd, lse, new_mem); upd is kept in the stat dtype.
     """
-    G, M, D = q.shape
+    D = q.shape[-1]
+    rows = rows or RowLayout.grouped(*q.shape[:2])
+    G, M = rows.G, rows.M
     N = k.shape[1]
     dev_index = q.device.index if q.device.type == "cuda" else -1
     bm, bn, splits, warps, stages = config or forward_config(G, M, N, D, dev_index,
@@ -278,9 +316,15 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
     sdt = stat_dtype(q.dtype)
     keys_per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
     splits = triton.cdiv(N, keys_per_split)
-    part_dtype = sdt if (splits > 1 or write is not None) else out_dtype
-    part = torch.empty((splits, G, M, D), device=q.device, dtype=part_dtype)
-    part_lse = torch.empty((splits, G, M), device=q.device, dtype=sdt)
+    out_dtype = sdt if write is not None else out_dtype  # upd is kept for the backward
+    out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=sdt)
+    if splits > 1:  # per-split partials, merged by the combine kernel
+        part = torch.empty((splits, G, M, D), device=q.device, dtype=sdt)
+        part_lse = torch.empty((splits, G, M), device=q.device, dtype=sdt)
+        part_rows = RowLayout.grouped(G, M)
+    else:
+        part, part_lse, part_rows = out, lse, rows
     if write is not None:
         mem, fg, ig, gate_dim = write
         new_mem = torch.empty_like(mem)
@@ -292,33 +336,38 @@ def attention_forward(q, k, v, mask: MaskIndex, scale: float, out_dtype, write=N
     _attn_fwd_kernel[grid](
         q, k, v, part, part_lse, mk, mem, fg, ig, new_mem,
         M, N, D, keys_per_split, gate_dim,
-        mask.group_div, mask.group_stride, mask.row_div, mask.row_stride, scale,
+        mask.group_div, mask.group_stride, mask.row_div, mask.row_stride,
+        *rows.args(), *part_rows.args(), G * M, scale,
         HAS_MASK=mask.mask is not None, WRITE=write is not None, ACC=acc_dtype(q.dtype),
         PREC=dot_precision(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages)
     if write is not None:
-        return part[0], part_lse[0], new_mem
-    if splits == 1:
-        return part[0], part_lse[0]
-    out = torch.empty((G, M, D), device=q.device, dtype=out_dtype)
-    lse = torch.empty((G, M), device=q.device, dtype=sdt)
-    br = 16
-    _combine_kernel[(triton.cdiv(G * M, br),)](part, part_lse, out, lse, G * M, D, splits,
-                                               ACC=acc_dtype(q.dtype), BLOCK_R=br, BLOCK_D=block_d(D), num_warps=4)
+        return out, lse, new_mem
+    if splits > 1:
+        br = 16
+        _combine_kernel[(triton.cdiv(G * M, br),)](
+            part, part_lse, out, lse, G * M, M, D, splits, *rows.args(),
+            ACC=acc_dtype(q.dtype), BLOCK_R=br, BLOCK_D=block_d(D), num_warps=4)
     return out, lse
 
 
-def attention_backward(q, k, v, out, dout, lse, mask: MaskIndex, scale: float):
-    """Gradients of attention_forward; all [G, ...] contiguous. dq/dk/dv in q's dtype."""
-    G, M, D = q.shape
+def attention_backward(q, k, v, out, dout, lse, mask: MaskIndex, scale: float,
+                       rows: Optional[RowLayout] = None):
+    """Gradients of attention_forward. q, out, dout (contiguous, shaped like q)
+    and lse share the RowLayout `rows` (default: [G, M, D]); k/v [G, N, D]
+    contiguous. dq is shaped like q; dq/dk/dv in q's dtype."""
+    D = q.shape[-1]
+    rows = rows or RowLayout.grouped(*q.shape[:2])
+    G, M = rows.G, rows.M
     N = k.shape[1]
-    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O)
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # rowsum(dO * O), lse's layout
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bd = block_d(D)
     bm, bn = (64, 64) if bd <= 64 else (32, 64) if bd <= 128 else (16, 32)
     warps = 4
     mk = mask.mask if mask.mask is not None else q
-    common = (M, N, D, mask.group_div, mask.group_stride, mask.row_div, mask.row_stride, scale)
+    common = (M, N, D, mask.group_div, mask.group_stride, mask.row_div, mask.row_stride,
+              *rows.args(), scale)
     meta = dict(HAS_MASK=mask.mask is not None, ACC=acc_dtype(q.dtype), PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_D=bd, num_warps=warps, num_stages=2)
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, bn), G)](q, k, v, dout, lse, delta, dk, dv, mk,

@@ -2,7 +2,9 @@
 
 A shared bank [H, S, D] makes one group per head holding all B*T queries,
 so each slot block is loaded once per head for the whole batch (and dK/dV
-are reduced over the batch inside the dK/dV kernel)."""
+are reduced over the batch inside the dK/dV kernel). The kernels read q, dO
+and write out, lse, dQ in the caller's [B, H, T, D] layout (a RowLayout), so
+a decode step launches no transpose copies."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from memkernels.triton_attention import MaskIndex, attention_backward, attention_forward
+from memkernels.triton_attention import MaskIndex, RowLayout, attention_backward, attention_forward
 
 
 class _Layout:
@@ -30,14 +32,13 @@ class _Layout:
             else:
                 self.mask = MaskIndex(m, group_div=self.H, group_stride=self.S)
 
-    def to_groups(self, x: Tensor) -> Tensor:  # [B, H, T, ...] -> [G, M, ...]
-        x = x.transpose(0, 1) if self.shared else x
-        return x.reshape(self.G, self.M, *x.shape[3:]).contiguous()
-
-    def from_groups(self, x: Tensor) -> Tensor:  # [G, M, ...] -> [B, H, T, ...]
+    def rows(self) -> RowLayout:
+        """Group g, row m of a contiguous [B, H, T, *] tensor: shared bank: g = h,
+        m = b * T + t; bank per sequence: g = b * H + h, m = t."""
         if self.shared:
-            return x.reshape(self.H, self.B, self.T, *x.shape[2:]).transpose(0, 1).contiguous()
-        return x.reshape(self.B, self.H, self.T, *x.shape[2:])
+            return RowLayout(self.G, self.M, group_stride=self.T, row_div=self.T,
+                             row_hi=self.H * self.T, row_lo=1)
+        return RowLayout.grouped(self.G, self.M)
 
     def bank(self, x: Tensor) -> Tensor:
         return x.reshape(self.G, self.S, self.D).contiguous()
@@ -45,12 +46,13 @@ class _Layout:
 
 def read_fwd(q, k, v, slot_mask, scale):
     L = _Layout(q, k, slot_mask)
-    out, lse = attention_forward(L.to_groups(q), L.bank(k), L.bank(v), L.mask, scale, q.dtype)
-    return L.from_groups(out), L.from_groups(lse)
+    return attention_forward(q.contiguous(), L.bank(k), L.bank(v), L.mask, scale, q.dtype,
+                             rows=L.rows())
 
 
 def read_bwd(dout, q, k, v, out, lse, slot_mask, scale):
     L = _Layout(q, k, slot_mask)
-    dq, dk, dv = attention_backward(L.to_groups(q), L.bank(k), L.bank(v), L.to_groups(out),
-                                    L.to_groups(dout), L.to_groups(lse), L.mask, scale)
-    return L.from_groups(dq), dk.reshape(k.shape), dv.reshape(v.shape)
+    dq, dk, dv = attention_backward(q.contiguous(), L.bank(k), L.bank(v), out.contiguous(),
+                                    dout.contiguous(), lse.contiguous(), L.mask, scale,
+                                    rows=L.rows())
+    return dq, dk.reshape(k.shape), dv.reshape(v.shape)

@@ -28,6 +28,7 @@ READ_SHAPES = [
     (1, 2, 1, 6, 16),
     (1, 1, 1, 1, 48),
     (2, 1, 1, 129, 64),
+    (2, 2, 5, 517, 128),  # the CUDA decode kernel: 2 row chunks when shared, 32 lanes per key
 ]
 # (B, H, S, T, Dh)
 WRITE_SHAPES = [
@@ -93,7 +94,8 @@ def test_read_float32(backend, device, shape, shared, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 3), (4, 2, 1, 128, 64), (3, 1, 64, 1000, 80)],
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 3), (4, 2, 1, 128, 64), (3, 1, 64, 1000, 80),
+                                   (2, 2, 1, 300, 256)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_read_half_precision(backend, device, shape, dtype):
     run_read(backend, device, shape, True, "BS", dtype)

@@ -148,6 +148,194 @@ attention_forward_kernel(Attention p, int kt, int64_t keys_per_split, OutT* out,
   if (tid < kRows && r0 + tid < M) lse[base + r0 + tid] = log_sum_exp(smax[tid], ssum[tid]);
 }
 
+// --- decode forward: few query rows per group ---------------------------------
+// A step of generation asks for 1 row per group (bank per sequence) or B rows
+// (shared bank): too few to fill a tile, so the generic kernel above idles on
+// barriers. Here each CTA takes kDecodeRows rows and one split of the keys, and
+// streams the keys with 16-byte loads: a key row of D elements is spread over
+// D / VEC lanes ("a key group"), so a warp reads 32 / (D / VEC) keys per step
+// and the CTA's bytes in flight scale with the grid, not with barriers. q rows,
+// running max/sum and the output accumulators stay in registers; the key
+// groups and warps merge their partial softmax states once, at the end.
+constexpr int kDecodeRows = 8;
+
+template <typename T>
+__host__ __device__ constexpr int vec_of() { return int(16 / sizeof(T)); }  // per 16-byte load
+
+template <typename T, typename Acc, int VEC>
+__device__ __forceinline__ void load_vec(const T* src, Acc (&dst)[VEC]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = to_acc(e[i]);
+}
+
+// Merges the softmax state (m, l, acc) of another part into this one.
+template <typename Acc, int VEC>
+__device__ __forceinline__ void merge_state(Acc& m, Acc& l, Acc (&acc)[VEC], Acc m_o, Acc l_o,
+                                            const Acc (&acc_o)[VEC]) {
+  const Acc m_new = fmax(m, m_o);
+  const Acc c = exp_shifted(m, m_new), c_o = exp_shifted(m_o, m_new);
+  l = l * c + l_o * c_o;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = acc[i] * c + acc_o[i] * c_o;
+  m = m_new;
+}
+
+template <typename T, typename OutT, int ROWS>
+__global__ void __launch_bounds__(kThreads)
+attention_decode_kernel(Attention p, int64_t keys_per_split, OutT* out,
+                        typename AccOf<T>::type* lse) {
+  using Acc = typename AccOf<T>::type;
+  constexpr int VEC = vec_of<T>();
+  extern __shared__ unsigned char smem_raw[];
+  const int D = int(p.dim), lanes_per_key = D / VEC, keys_per_warp = 32 / lanes_per_key;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key_in_step = lane / lanes_per_key, slice = lane % lanes_per_key;
+  const int64_t M = p.rows, N = p.keys, G = p.groups;
+  const int64_t g = blockIdx.y, split = blockIdx.z, r0 = int64_t(blockIdx.x) * ROWS;
+  const int rows_here = int(lmin(ROWS, M - r0));
+  const T* q = static_cast<const T*>(p.q) + (g * M + r0) * D + slice * VEC;
+  const T* k = static_cast<const T*>(p.k) + g * N * D + slice * VEC;
+  const T* v = static_cast<const T*>(p.v) + g * N * D + slice * VEC;
+  const Acc scale = Acc(p.scale);
+
+  Acc qr[ROWS][VEC], acc[ROWS][VEC], m[ROWS], l[ROWS];
+  const bool* mask_row[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (r < rows_here) {
+      load_vec<T, Acc, VEC>(q + int64_t(r) * D, qr[r]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) qr[r][i] = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[r][i] = 0;
+    m[r] = neg_inf<Acc>();
+    l[r] = 0;
+    mask_row[r] = p.mask.mask != nullptr && r < rows_here ? p.mask.row(g, r0 + r) : nullptr;
+  }
+
+  const int64_t n_start = split * keys_per_split, n_end = lmin(N, n_start + keys_per_split);
+  const int keys_per_step = kWarps * keys_per_warp;
+  // Loads the key and value slices of `key` (zeros past the split).
+  auto load_kv = [&](int64_t key, Acc (&kv)[VEC], Acc (&vv)[VEC]) {
+    if (key < n_end) {
+      load_vec<T, Acc, VEC>(k + key * D, kv);
+      load_vec<T, Acc, VEC>(v + key * D, vv);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) kv[i] = vv[i] = 0;
+    }
+  };
+  Acc kv[VEC], vv[VEC];
+  load_kv(n_start + warp * keys_per_warp + key_in_step, kv, vv);
+  // The loop bound is warp-uniform: every lane takes part in the shuffles.
+  for (int64_t first = n_start + warp * keys_per_warp; first < n_end; first += keys_per_step) {
+    const int64_t key = first + key_in_step;
+    Acc kv_next[VEC], vv_next[VEC];  // the next step's loads go out before this step's math
+    load_kv(key + keys_per_step, kv_next, vv_next);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      Acc s = 0;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s += qr[r][i] * kv[i];
+      for (int o = lanes_per_key / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const bool ok = key < n_end && r < rows_here && (mask_row[r] == nullptr || mask_row[r][key]);
+      if (!ok) continue;
+      s *= scale;
+      if (s > m[r]) {  // new running max: rescale (rare after the first keys)
+        const Acc c = exp_shifted(m[r], s);
+        l[r] *= c;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[r][i] *= c;
+        m[r] = s;
+      }
+      const Acc prob = mk_exp(s - m[r]);
+      l[r] += prob;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[r][i] += prob * vv[i];
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) { kv[i] = kv_next[i]; vv[i] = vv_next[i]; }
+  }
+
+  // Merge the key groups of each warp (lanes with the same slice), then the warps.
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    for (int o = lanes_per_key; o < 32; o <<= 1) {
+      Acc acc_o[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc_o[i] = __shfl_xor_sync(0xffffffffu, acc[r][i], o);
+      const Acc m_o = __shfl_xor_sync(0xffffffffu, m[r], o);
+      const Acc l_o = __shfl_xor_sync(0xffffffffu, l[r], o);
+      merge_state<Acc, VEC>(m[r], l[r], acc[r], m_o, l_o, acc_o);
+    }
+  }
+  Acc* s_acc = reinterpret_cast<Acc*>(smem_raw);  // [kWarps][ROWS][D]
+  Acc* s_m = s_acc + kWarps * ROWS * D;           // [kWarps][ROWS]
+  Acc* s_l = s_m + kWarps * ROWS;
+  if (key_in_step == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s_acc[(warp * ROWS + r) * D + slice * VEC + i] = acc[r][i];
+      if (slice == 0) { s_m[warp * ROWS + r] = m[r]; s_l[warp * ROWS + r] = l[r]; }
+    }
+  }
+  __syncthreads();
+  const int64_t base = (split * G + g) * M + r0;
+  for (int e = threadIdx.x; e < rows_here * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    Acc m_all = neg_inf<Acc>();
+    for (int w = 0; w < kWarps; ++w) m_all = fmax(m_all, s_m[w * ROWS + r]);
+    Acc sum = 0, a = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const Acc c = exp_shifted(s_m[w * ROWS + r], m_all);
+      sum += s_l[w * ROWS + r] * c;
+      a += s_acc[(w * ROWS + r) * D + d] * c;
+    }
+    out[(base + r) * D + d] = from_acc<OutT>(a * safe_inverse(sum));
+    if (d == 0) lse[base + r] = log_sum_exp(m_all, sum);
+  }
+}
+
+int element_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 0;
+}
+
+// The decode kernel takes the problem: few rows, and D a power-of-two number
+// of 16-byte vectors, at most one per lane (the gate blend is the caller's test).
+bool decode_fits(const Attention& p) {
+  const int vec = 16 / element_size(p.dtype);
+  const int64_t lanes = p.dim / vec;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return p.rows <= 2 * kDecodeRows && p.dim % vec == 0 && lanes >= 1 && lanes <= 32 &&
+         (lanes & (lanes - 1)) == 0 && aligned(p.q) && aligned(p.k) && aligned(p.v);
+}
+
+template <typename T, typename OutT>
+cudaError_t launch_decode(const Attention& p, int64_t per_split, int splits, OutT* out,
+                          typename AccOf<T>::type* lse, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const bool one_row = p.rows == 1;
+  const int rows = one_row ? 1 : kDecodeRows;
+  const size_t smem = sizeof(Acc) * size_t(kWarps) * rows * (p.dim + 2);
+  const dim3 grid(unsigned((p.rows + rows - 1) / rows), unsigned(p.groups), unsigned(splits));
+  auto kernel = one_row ? attention_decode_kernel<T, OutT, 1>
+                        : attention_decode_kernel<T, OutT, kDecodeRows>;
+  if (auto e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, smem, stream>>>(p, per_split, out, lse);
+  return cudaGetLastError();
+}
+
 // Merges the per-split (out, lse) of one row (block) into the final result.
 template <typename T>
 __global__ void combine_kernel(const typename AccOf<T>::type* part,
@@ -306,6 +494,11 @@ attention_dq_kernel(Attention p, int kt, const T* dout, const typename AccOf<T>:
 }  // namespace
 
 int forward_splits(const Attention& p, int sm_count) {
+  if (decode_fits(p)) {  // about 4 CTAs per SM, each at least 64 keys
+    const int64_t rows = p.rows == 1 ? 1 : kDecodeRows;
+    const int64_t ctas = p.groups * ((p.rows + rows - 1) / rows);
+    return int(std::max<int64_t>(1, lmin((4 * sm_count + ctas - 1) / ctas, (p.keys + 63) / 64)));
+  }
   const int64_t ctas = p.groups * ((p.rows + kRows - 1) / kRows);
   if (ctas >= sm_count) return 1;
   const int64_t key_tiles = (p.keys + 31) / 32;
@@ -318,6 +511,22 @@ cudaError_t attention_forward(const Attention& p, int splits, void* out, void* l
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;
+    if (blend == nullptr && decode_fits(p)) {
+      const int64_t per_split = (p.keys + splits - 1) / splits;
+      splits = int((p.keys + per_split - 1) / per_split);
+      if (splits == 1)
+        return launch_decode<T, T>(p, per_split, 1, static_cast<T*>(out), static_cast<Acc*>(lse),
+                                   stream);
+      if (auto e = launch_decode<T, Acc>(p, per_split, splits, static_cast<Acc*>(part),
+                                         static_cast<Acc*>(part_lse), stream);
+          e != cudaSuccess)
+        return e;
+      const int64_t GM = p.groups * p.rows;
+      combine_kernel<T><<<unsigned(GM), 64, 0, stream>>>(
+          static_cast<const Acc*>(part), static_cast<const Acc*>(part_lse), static_cast<T*>(out),
+          static_cast<Acc*>(lse), GM, int(p.dim), splits);
+      return cudaGetLastError();
+    }
     const int D = int(p.dim);
     const int kt = key_tile([&](int t) { return forward_smem<Acc>(D, t); });
     if (kt == 0) return cudaErrorInvalidConfiguration;

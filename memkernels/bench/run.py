@@ -97,6 +97,8 @@ def main(argv=None) -> int:
           f"copy {bw / 1e9:.1f} GB/s | matmul {peak / 1e12:.2f} TFLOP/s | backends {backends}")
 
     rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out_file = open(args.out, "a") if args.out else None  # one line per row, as measured
     try:
         from tqdm import tqdm
     except ImportError:
@@ -123,18 +125,18 @@ def main(argv=None) -> int:
                          gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
                          pct_of_floor=100 * floor / t, timing="graph" if graphed else "eager",
                          bound="memory" if case.bytes / bw > case.flops / peak else "compute"))
+        if out_file:
+            out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
+                                       "copy_gbps": bw / 1e9, "matmul_gflops": peak / 1e9,
+                                       "time": stamp, **info}) + "\n")
+            out_file.flush()
         del case.fns
 
     print()
     print(markdown_table(rows))
 
-    if args.out:
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**r, "dtype": str(dtype), "device": device.type,
-                                    "copy_gbps": bw / 1e9, "matmul_gflops": peak / 1e9,
-                                    "time": stamp, **info}) + "\n")
+    if out_file:
+        out_file.close()
     return 0
 
 
