@@ -165,6 +165,70 @@ def contrastive(anchors, candidates, targets, temperature):
     return F.cross_entropy(scores, targets)
 
 
+def read_nll(q, keys, targets, scale: float, valid=None):
+    """-log of the weight the read puts on each target slot, in the read's own
+    geometry (--cosine-read: cosine x scale per head, softmax per head over
+    the slots, weights averaged over heads, as read_hits measures it).
+    q [A, H, D], keys [K, H, D], targets [A] (indices into K), valid [K] bool."""
+    scores = torch.einsum("ahd,khd->ahk", F.normalize(q, dim=-1), F.normalize(keys, dim=-1))
+    scores = scores * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[None, None, :], float("-inf"))
+    # the target's log-weight per head, then averaged over heads in log space
+    # (gathered first: a logsumexp over masked, all -inf columns has NaN gradients)
+    per_head = scores.log_softmax(-1).gather(2, targets[:, None, None].expand(-1, q.shape[1], 1))
+    return -(torch.logsumexp(per_head[..., 0], dim=1) - math.log(q.shape[1])).mean()
+
+
+def statement_token_states(model, tok, memory, texts: list[str]) -> list[torch.Tensor]:
+    """Each text's write-layer states, every token ([len, C] per text): what a
+    store() of the text writes from (each statement is its own row there)."""
+    out = []
+    for i in range(0, len(texts), 100):
+        ids = [tok(t)["input_ids"] for t in texts[i:i + 100]]
+        width = max(map(len, ids))
+        batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        with torch.no_grad():
+            hidden, _ = write_layer_hidden(model, memory, batch, mask)
+        out += [hidden[r, :len(x)] for r, x in enumerate(ids)]
+    return out
+
+
+def pretrain_address_all_tokens(memory, model, tok, steps: int, scale: float,
+                                facts: int = 8000, batch: int = 256):
+    """--pretrain-negatives all: as pretrain_address, but each question competes
+    for its statement's pre-object token against every token of the batch's
+    statements (what the read meets in an allocated bank: all written tokens,
+    the asked statement's own subject and verb among them), scored as the read
+    scores (read_nll)."""
+    rng = random.Random(11)
+    pairs = make_facts(facts, seed=11, split="train")[0]
+    layer = memory.config.resolved_write_layer + 1
+    q_states = probe.text_end_states(model, tok, [qa_prompt(f.question(rng)) for f in pairs])
+    q_states = q_states[:, layer, None]
+    statements = [f.statement(rng) for f in pairs]
+    tokens = statement_token_states(model, tok, memory, statements)
+    pre = [len(tok(t.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
+           for t, f in zip(statements, pairs)]
+    params = [*memory.address_mlp.parameters(), *memory.readers[0].query.parameters(),
+              memory.slot_key]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    for step in range(steps):
+        rows = torch.randperm(facts)[:batch].tolist()
+        cand = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
+        starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)
+        targets = starts + torch.tensor([pre[r] for r in rows])
+        loss = read_nll(read_queries(memory, q_states[rows])[:, 0],
+                        address_keys(memory, cand)[0], targets, scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"address pre-training (all tokens) step {step}: loss {loss.item():.3f}",
+                  flush=True)
+
+
 def pretrain_address(memory, model, tok, steps: int, temperature: float, facts: int = 8000):
     """Fits the address MLP, the first reader's query MLP and the address heads'
     slot keys on (question, statement) pairs of train-split facts alone, as the
@@ -251,6 +315,15 @@ def read_hits(memory, model, tok, facts, read_layer_output, seed: int = 0) -> di
     return dict(hit=hits / len(facts), mass=mass / len(facts))
 
 
+def grow_bank(memory, slots: int) -> None:
+    """--eval-slots: a bank of `slots` slots whose last NULL_SLOTS are the
+    trained defaults (allocate_write fills the others and masks the rest)."""
+    old = memory.init_bank.data
+    new = torch.zeros(old.shape[0], slots, old.shape[2], dtype=old.dtype)
+    new[:, -NULL_SLOTS:] = old[:, -NULL_SLOTS:]
+    memory.init_bank = torch.nn.Parameter(new)
+
+
 def make_batch(tok, step: int, facts_hi: int, curriculum: int, rows: int = 8,
                questions: int = 8, seed: int = 1):
     """Written episodes as tasks.written_batches makes them, plus each
@@ -302,7 +375,16 @@ def main() -> None:
                     help="each written token in its own slot (see allocate_write)")
     ap.add_argument("--cosine-read", type=float, default=0.0, metavar="C",
                     help="with --mlp: the read scores cosine x C per head (else q.k / sqrt(Dh))")
+    ap.add_argument("--pretrain-negatives", choices=["statements", "all"], default="statements",
+                    help="all: pre-train (and the --aux loss) against every written token, in "
+                         "the read's geometry (needs --cosine-read and --allocate)")
     ap.add_argument("--eval-facts", type=int, nargs="+", default=[10, 32, 100])
+    ap.add_argument("--save", metavar="FILE", help="save the trained memory's state_dict here")
+    ap.add_argument("--load", metavar="FILE",
+                    help="skip training: load a state_dict saved by --save (same flags)")
+    ap.add_argument("--eval-slots", type=int, default=0,
+                    help="with --allocate: evaluate with a bank of this many slots (the trained "
+                         "defaults kept), so that N=1000 facts (~10k tokens) fit")
     args = ap.parse_args()
     if args.allocate and not args.mlp:
         ap.error("--allocate needs --mlp (its reads take the slot mask in mlp_reader_forward)")
@@ -327,7 +409,18 @@ def main() -> None:
             reader.cosine_scale = args.cosine_read
             if args.allocate:
                 reader.slot_mask_of = lambda: getattr(memory, "slot_mask", None)
-    if args.pretrain_address:
+    if args.load:
+        memory.load_state_dict(torch.load(args.load))
+        for m in memory.modules():
+            if isinstance(m, Standardize):
+                m.fitted = True
+        args.pretrain_address, args.steps = 0, 0
+    all_tokens = args.pretrain_negatives == "all"
+    if all_tokens and not (args.cosine_read and args.allocate):
+        ap.error("--pretrain-negatives all needs --cosine-read and --allocate")
+    if args.pretrain_address and all_tokens:
+        pretrain_address_all_tokens(memory, model, tok, args.pretrain_address, args.cosine_read)
+    elif args.pretrain_address:
         pretrain_address(memory, model, tok, args.pretrain_address, args.aux_temperature or 0.05)
     read_layer_output = {}  # the first reading layer's output, before the memory adds to it
     find_decoder_layers(model)[config.resolved_read_layers[0]].register_forward_hook(
@@ -356,7 +449,14 @@ def main() -> None:
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                              batch.labels[:, 1:].reshape(-1), ignore_index=-100)
         aux = torch.zeros(())
-        if args.aux > 0:
+        if args.aux > 0 and all_tokens:  # each row's questions against all its written tokens
+            keys = address_keys(memory, hk)  # [B, n * tw, H, D]
+            q = read_queries(memory, read_layer_output["h"])
+            flat_mask = write_mask.reshape(B, n * tw).bool()
+            aux = sum(read_nll(q[b, [pos for pos, _ in asked[b]]], keys[b],
+                               torch.tensor([j * tw + pre_object[b][j] for _, j in asked[b]]),
+                               args.cosine_read, flat_mask[b]) for b in range(B)) / B
+        elif args.aux > 0:
             keys = address_keys(memory, hk)
             candidates = torch.stack([keys[b, j * tw + p] for b in range(B)
                                       for j, p in enumerate(pre_object[b])])
@@ -380,6 +480,10 @@ def main() -> None:
                   flush=True)
     handle.detach()
     memory.eval()
+    if args.save:
+        torch.save(memory.state_dict(), args.save)
+    if args.eval_slots:
+        grow_bank(memory, args.eval_slots)
     for n_facts in args.eval_facts:
         facts, others = make_facts(n_facts, seed=0)
         row = benchmark.evaluate("written_memory", model, tok, facts, others, memory=memory)
