@@ -376,9 +376,19 @@ def main() -> None:
     ap.add_argument("--cosine-read", type=float, default=0.0, metavar="C",
                     help="with --mlp: the read scores cosine x C per head (else q.k / sqrt(Dh))")
     ap.add_argument("--pretrain-negatives", choices=["statements", "all"], default="statements",
-                    help="all: pre-train (and the --aux loss) against every written token, in "
-                         "the read's geometry (needs --cosine-read and --allocate)")
+                    help="all: pre-train against every written token, in the read's geometry "
+                         "(needs --cosine-read and --allocate)")
+    ap.add_argument("--aux-negatives", choices=["statements", "all"], default="statements",
+                    help="all: the --aux loss against every token written in the row, in the "
+                         "read's geometry (needs --cosine-read and --allocate)")
     ap.add_argument("--eval-facts", type=int, nargs="+", default=[10, 32, 100])
+    ap.add_argument("--freeze-address", action="store_true",
+                    help="with --pretrain-address: the pre-trained address/query parameters stay "
+                         "fixed in the joint training (else they move at lr / 10)")
+    ap.add_argument("--eval-seed", type=int, default=0, help="which facts are evaluated")
+    ap.add_argument("--distractors", action="store_true",
+                    help="evaluate with as many distractor facts stored (similar names, other "
+                         "objects) as asked ones")
     ap.add_argument("--save", metavar="FILE", help="save the trained memory's state_dict here")
     ap.add_argument("--load", metavar="FILE",
                     help="skip training: load a state_dict saved by --save (same flags)")
@@ -415,10 +425,11 @@ def main() -> None:
             if isinstance(m, Standardize):
                 m.fitted = True
         args.pretrain_address, args.steps = 0, 0
-    all_tokens = args.pretrain_negatives == "all"
-    if all_tokens and not (args.cosine_read and args.allocate):
-        ap.error("--pretrain-negatives all needs --cosine-read and --allocate")
-    if args.pretrain_address and all_tokens:
+    all_tokens = args.aux_negatives == "all"
+    if "all" in (args.pretrain_negatives, args.aux_negatives) and not (args.cosine_read and
+                                                                       args.allocate):
+        ap.error("--pretrain-negatives / --aux-negatives all need --cosine-read and --allocate")
+    if args.pretrain_address and args.pretrain_negatives == "all":
         pretrain_address_all_tokens(memory, model, tok, args.pretrain_address, args.cosine_read)
     elif args.pretrain_address:
         pretrain_address(memory, model, tok, args.pretrain_address, args.aux_temperature or 0.05)
@@ -431,10 +442,13 @@ def main() -> None:
     pretrained = ({id(p) for p in [*memory.address_mlp.parameters(),
                                    *memory.readers[0].query.parameters(), memory.slot_key]}
                   if args.pretrain_address else set())
-    opt = torch.optim.AdamW([
-        {"params": [p for p in memory.parameters() if p.requires_grad and id(p) not in pretrained]},
-        {"params": [p for p in memory.parameters() if id(p) in pretrained], "lr": args.lr / 10}],
-        lr=args.lr)
+    for p in memory.parameters():
+        if args.freeze_address and id(p) in pretrained:
+            p.requires_grad_(False)
+    groups = [{"params": [p for p in memory.parameters() if p.requires_grad and id(p) not in pretrained]},
+              {"params": [p for p in memory.parameters() if p.requires_grad and id(p) in pretrained],
+               "lr": args.lr / 10}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
     start_time, history = time.time(), []
     for step in range(args.steps):
         batch, write_ids, write_mask, pre_object, asked = make_batch(tok, step, args.facts,
@@ -485,7 +499,7 @@ def main() -> None:
     if args.eval_slots:
         grow_bank(memory, args.eval_slots)
     for n_facts in args.eval_facts:
-        facts, others = make_facts(n_facts, seed=0)
+        facts, others = make_facts(n_facts, seed=args.eval_seed, distractors=args.distractors)
         row = benchmark.evaluate("written_memory", model, tok, facts, others, memory=memory)
         print(f"N={n_facts}: exact match {row['accuracy']:.3f} ({row['questions']} questions)",
               flush=True)
