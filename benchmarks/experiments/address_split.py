@@ -1,13 +1,18 @@
 """Experiment (not product code): a written memory whose slots hold an address
 and a content, trained with an optional contrastive loss that ties each
 question's read query to its statement's address. Figures and what they mean:
-benchmarks/NOTES.md, "Session 4".
+benchmarks/NOTES.md, "Session 4" to "Session 7".
 
     python benchmarks/experiments/address_split.py --steps 1500 --facts 16 --aux 1.0
     python benchmarks/experiments/address_split.py --mlp --aux 5.0 --aux-temperature 0.05 \
         --pretrain-address 2000     # session 5: MLP query/address, pre-fitted
     python benchmarks/experiments/address_split.py --mlp --allocate --aux 0 \
         --pretrain-address 2000     # session 6: each written token in its own slot
+    python benchmarks/experiments/address_split.py --mlp --allocate --cosine-read 20 \
+        --aux 5.0 --aux-temperature 0.05 --pretrain-address 6000 \
+        --pretrain-negatives all --save mem.pt   # session 7: N=100 80% (NOTES.md)
+    python benchmarks/experiments/address_split.py --mlp --allocate --cosine-read 20 \
+        --load mem.pt --eval-slots 12288 --eval-facts 1000   # the same memory at N=1000
 
 The bank gets 2H heads: heads [0, H) hold a slot's address, written from the
 write layer at token t (who/what the context is about); heads [H, 2H) hold its
