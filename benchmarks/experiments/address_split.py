@@ -391,6 +391,7 @@ def main() -> None:
                     help="with --pretrain-address: the pre-trained address/query parameters stay "
                          "fixed in the joint training (else they move at lr / 10)")
     ap.add_argument("--eval-seed", type=int, default=0, help="which facts are evaluated")
+    ap.add_argument("--seed", type=int, default=0, help="the training run's seed (init, episodes)")
     ap.add_argument("--distractors", action="store_true",
                     help="evaluate with as many distractor facts stored (similar names, other "
                          "objects) as asked ones")
@@ -404,7 +405,7 @@ def main() -> None:
     if args.allocate and not args.mlp:
         ap.error("--allocate needs --mlp (its reads take the slot mask in mlp_reader_forward)")
     model, tok = base_lm.load()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     nl = model.config.num_hidden_layers
     config = MemoryConfig.from_hf(model.config, num_heads=2 * args.heads, head_dim=32,
                                   num_slots=1024,
@@ -457,7 +458,8 @@ def main() -> None:
     start_time, history = time.time(), []
     for step in range(args.steps):
         batch, write_ids, write_mask, pre_object, asked = make_batch(tok, step, args.facts,
-                                                                     args.curriculum)
+                                                                     args.curriculum,
+                                                                     seed=1 + args.seed)
         B, n, tw = write_ids.shape
         hk, hv = write_layer_hidden(model, memory, write_ids.reshape(B * n, tw),
                                     write_mask.reshape(B * n, tw))
