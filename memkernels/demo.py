@@ -59,8 +59,8 @@ def main(argv=None) -> None:
                                     steps=benchmark.WRITTEN_STEPS)
     print(f"base LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, frozen; "
           f"memory: {sum(p.numel() for p in memory.parameters()) / 1e6:.2f} M parameters, "
-          f"{memory.config.num_slots} slots x {memory.config.num_heads} heads x "
-          f"{memory.config.head_dim}, reads at layers {memory.config.resolved_read_layers}")
+          f"{memory.config.num_heads} heads x {memory.config.head_dim}, write rule "
+          f"{memory.config.write_rule!r}, reads at layers {memory.config.resolved_read_layers}")
 
     facts, _ = make_facts(args.facts, seed=2026)  # names never seen in any training
     rng = random.Random(0)
@@ -69,8 +69,8 @@ def main(argv=None) -> None:
     prompts = [qa_prompt(f.question(rng)) for f in asked]
     start = time.perf_counter()
     bank = memory.store(model, tokenizer, statements, chunk_size=len(statements))
-    print(f"stored {len(statements)} new facts in {time.perf_counter() - start:.2f} s, e.g. "
-          f"{statements[0]!r}")
+    print(f"stored {len(statements)} new facts in {time.perf_counter() - start:.2f} s "
+          f"({bank.num_slots} slots), e.g. {statements[0]!r}")
 
     base_answers = benchmark.answer(model, tokenizer, prompts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
             attached = _decode_ms_per_token(model, prompt)
         costs.append(f"{attached:.2f} ({100 * (attached / plain - 1):+.0f}%) with {name}")
     print(f"decode: {plain:.2f} ms/token without memory; with it, by the dtype of its cached "
-          f"keys/values: {', '.join(costs)} (a {memory.config.num_slots}-slot bank on a "
+          f"keys/values: {', '.join(costs)} (a {bank.num_slots}-slot bank on a "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LM)")
     print("more: python -m memkernels.recall.benchmark (all conditions), "
           "python -m memkernels.bench.llm_overhead, python -m memkernels.bench")

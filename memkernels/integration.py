@@ -249,6 +249,30 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
     raise RuntimeError("the write layer did not run during the forward pass")
 
 
+@torch.no_grad()
+def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
+                    batch_size: int = 100) -> Tensor:
+    """[texts, layers + 1, hidden]: the embeddings and every decoder layer's
+    output at each text's last token (the base model's: an attached memory's
+    reads are off). Left-padded batches, positions counted from each text's
+    first token, as generate() counts them."""
+    handle = attached_handle(model)
+    off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
+    device = next(model.parameters()).device
+    out = []
+    with off:
+        for i in range(0, len(texts), batch_size):
+            chunk = [tokenizer(t)["input_ids"] for t in texts[i:i + batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                device=device)
+            hidden = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           output_hidden_states=True, use_cache=False).hidden_states
+            out.append(torch.stack([h[:, -1] for h in hidden], 1))
+    return torch.cat(out)
+
+
 def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
     if isinstance(item, str):
         if tokenizer is None:
@@ -285,9 +309,10 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
     """MemoryModel.store: see there."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    bank = memory.new_bank() if bank is None else bank
-    rows = _rows_of_items(items, bank.batch_size)
+    rows = _rows_of_items(items, 1 if bank is None else bank.batch_size)
     rows = [[_token_ids(x, tokenizer, max_length) for x in row] for row in rows]
+    if bank is None:  # a fresh bank that takes it all (append rule: a slot per token)
+        bank = memory.new_bank(num_slots=memory.slots_to_store(sum(map(len, rows[0]))))
     device = memory.init_bank.device
     n_chunks = max(math.ceil(len(r) / chunk_size) for r in rows)
     from tqdm.auto import tqdm  # noqa: PLC0415

@@ -55,6 +55,18 @@ class MemoryConfig:
     base LM: 100% at the embeddings, 8% at its write layer, nearest-centroid),
     so a value taken from a late layer no longer says which token it was,
     while the key needs the late layer's context (who a statement is about).
+    write_rule: how a write enters the bank. "blend": the slots attend over
+    the tokens and blend the result in through the forget/input gates (the
+    fused write op; a fixed-size bank). "append": each real token takes the
+    next empty slot, holding an address (from the write layer, through an
+    MLP) in bank heads [0, H/2) and a content (the next token's value) in
+    heads [H/2, H); reads score cosine x read_scale through an MLP query,
+    over the written slots and null_slots learned default slots (the
+    "nothing stored" answer). A bank then holds at most num_slots - null_slots
+    written tokens (MemoryModel.new_bank(num_slots=...) makes a bigger one);
+    facts cannot blur together (memkernels.append_memory).
+    null_slots, read_scale, mlp_hidden: "append" only (see above; mlp_hidden
+    is the width of the query and address MLPs).
     backend: forces a kernel backend (None = auto).
     """
     hidden_size: int
@@ -68,6 +80,10 @@ class MemoryConfig:
     forget_bias: float = -2.0
     input_bias: float = 2.0
     values_from: str = "write_layer"
+    write_rule: str = "blend"
+    null_slots: int = 8
+    read_scale: float = 20.0
+    mlp_hidden: int = 512
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -75,7 +91,11 @@ class MemoryConfig:
         if self.values_from not in ("write_layer", "embeddings"):
             raise ValueError(f"MemoryConfig.values_from must be 'write_layer' or 'embeddings', "
                              f"got {self.values_from!r}")
-        for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_slots"):
+        if self.write_rule not in ("blend", "append"):
+            raise ValueError(f"MemoryConfig.write_rule must be 'blend' or 'append', "
+                             f"got {self.write_rule!r}")
+        for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_slots",
+                     "null_slots", "mlp_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryConfig.{name} must be a positive int, got {value!r}")
@@ -87,6 +107,16 @@ class MemoryConfig:
                                  f"{self.num_layers} decoder layers")
         if len(set(self.resolved_read_layers)) != len(self.read_layers):
             raise ValueError(f"MemoryConfig.read_layers has duplicates: {self.read_layers}")
+        if self.write_rule == "append":
+            if self.num_heads % 2:
+                raise ValueError(f"MemoryConfig.num_heads must be even with write_rule='append' "
+                                 f"(half address, half content heads), got {self.num_heads}")
+            if self.null_slots >= self.num_slots:
+                raise ValueError(f"MemoryConfig.null_slots ({self.null_slots}) must be below "
+                                 f"num_slots ({self.num_slots})")
+            if not (isinstance(self.read_scale, (int, float)) and self.read_scale > 0):
+                raise ValueError(f"MemoryConfig.read_scale must be a positive number, "
+                                 f"got {self.read_scale!r}")
 
     @property
     def width(self) -> int:
@@ -328,17 +358,35 @@ class MemoryModel(nn.Module):
 
     # --- banks ------------------------------------------------------------------
 
-    def new_bank(self, batch_size: int = 1) -> "MemoryBank":
+    def fresh_mem(self, batch_size: int = 1, num_slots: Optional[int] = None) -> Tensor:
+        """The content of a fresh bank [batch_size, H, S, Dh], differentiable
+        in the trained initial bank (what a training episode writes into).
+        num_slots: only config.num_slots for the blend rule (its slots are
+        trained); any size above null_slots for the append rule."""
+        if num_slots not in (None, self.config.num_slots):
+            raise ValueError(f"num_slots: a blend-rule bank has the trained "
+                             f"{self.config.num_slots} slots, got {num_slots}")
+        return self.init_bank.unsqueeze(0).expand(batch_size, -1, -1, -1)
+
+    def new_bank(self, batch_size: int = 1, num_slots: Optional[int] = None) -> "MemoryBank":
         """A fresh bank (state, detached from the parameters): batch_size rows,
         each a copy of the trained initial bank. One row is shared by every
-        sequence of a batch."""
-        mem = self.init_bank.detach().unsqueeze(0).expand(batch_size, -1, -1, -1).clone()
-        return MemoryBank(self, mem)
+        sequence of a batch. num_slots: see fresh_mem."""
+        return MemoryBank(self, self.fresh_mem(batch_size, num_slots).detach().clone())
+
+    def slots_to_store(self, tokens: int) -> Optional[int]:
+        """The num_slots of a fresh bank that can take `tokens` tokens: None
+        (the trained size) for the blend rule, whatever is written."""
+        return None
 
     def trainable_bank(self) -> "MemoryBank":
         """The initial bank as a view of the parameter (for training the bank
         itself: gradients flow into init_bank)."""
         return MemoryBank(self, self.init_bank.unsqueeze(0))
+
+    def slot_mask(self, mem: Tensor) -> Optional[Tensor]:
+        """Which slots a read sees, bool [B, S] (None: all of them)."""
+        return None
 
     def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
         """Read keys and values of a bank [B, H, S, Dh]; a one-row bank is
@@ -357,10 +405,7 @@ class MemoryModel(nn.Module):
              kv_dtype: Optional[torch.dtype] = None) -> Tensor:
         """hidden [B, T, hidden_size] plus the gated memory read of reader i
         (kv_dtype: see MemoryBank.keys_values)."""
-        if bank.mem.shape[0] not in (1, hidden.shape[0]):
-            raise ValueError(f"bank has {bank.batch_size} rows but the model's batch has "
-                             f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
-                             f"one row per sequence (MemoryBank.stack)")
+        self._check_bank_rows(bank, hidden)
         if not torch.is_grad_enabled():
             out = bank._memoised_fused_read(reader_index, hidden, kv_dtype)
             if out is not None:
@@ -378,14 +423,9 @@ class MemoryModel(nn.Module):
         (same shape; default `hidden`; see MemoryConfig.values_from).
         A row with no real token is left unchanged (no forgetting either).
         """
+        self._check_write_args(mem, hidden, value_hidden)
         B, T, _ = hidden.shape
         H, D = self.config.num_heads, self.config.head_dim
-        if mem.dim() != 4 or mem.shape[0] != B or mem.shape[1] != H or mem.shape[3] != D:
-            raise ValueError(f"mem must be [B, H, S, Dh] = [{B}, {H}, S, {D}] for hidden of "
-                             f"shape {tuple(hidden.shape)}, got {tuple(mem.shape)}")
-        if value_hidden is not None and value_hidden.shape != hidden.shape:
-            raise ValueError(f"value_hidden must have the shape of hidden {tuple(hidden.shape)}, "
-                             f"got {tuple(value_hidden.shape)}")
         x = self.write_norm(hidden)
         xv = x if value_hidden is None else self.write_norm(value_hidden)
         k_tok = self.token_key(x).view(B, T, H, D).transpose(1, 2).to(mem.dtype).contiguous()
@@ -403,6 +443,23 @@ class MemoryModel(nn.Module):
                 new = torch.where(has_tokens[:, None, None, None], new, mem)
         return new
 
+    @staticmethod
+    def _check_bank_rows(bank: "MemoryBank", hidden: Tensor) -> None:
+        if bank.mem.shape[0] not in (1, hidden.shape[0]):
+            raise ValueError(f"bank has {bank.batch_size} rows but the model's batch has "
+                             f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
+                             f"one row per sequence (MemoryBank.stack)")
+
+    def _check_write_args(self, mem: Tensor, hidden: Tensor, value_hidden: Optional[Tensor]) -> None:
+        B = hidden.shape[0]
+        H, D = self.config.num_heads, self.config.head_dim
+        if mem.dim() != 4 or mem.shape[0] != B or mem.shape[1] != H or mem.shape[3] != D:
+            raise ValueError(f"mem must be [B, H, S, Dh] = [{B}, {H}, S, {D}] for hidden of "
+                             f"shape {tuple(hidden.shape)}, got {tuple(mem.shape)}")
+        if value_hidden is not None and value_hidden.shape != hidden.shape:
+            raise ValueError(f"value_hidden must have the shape of hidden {tuple(hidden.shape)}, "
+                             f"got {tuple(value_hidden.shape)}")
+
     def store(self, model, tokenizer, items, bank: Optional["MemoryBank"] = None, *,
               chunk_size: int = 64, max_length: Optional[int] = None,
               progress: Optional[bool] = None) -> "MemoryBank":
@@ -413,7 +470,8 @@ class MemoryModel(nn.Module):
         to row b). Every text is encoded on its own (no attention across
         texts); chunk_size texts per row make one write. The write layer's
         hidden states come from the base model (memory reads are off while
-        encoding). Returns the bank (a new one-row bank if bank is None).
+        encoding). Returns the bank (if bank is None, a new one-row bank, with
+        a slot per token under the append rule).
         """
         from memkernels.integration import encode_for_write  # noqa: PLC0415 (import cycle)
         return encode_for_write(self, model, tokenizer, items, bank, chunk_size=chunk_size,
@@ -425,9 +483,13 @@ class MemoryModel(nn.Module):
         """Hash of the config and the parameters that give a bank's content its
         meaning (bank projections, write projections, gates). A saved bank
         records it; loading with another memory is refused unless strict=False."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        config = self.config.to_dict()
+        if self.config.write_rule == "blend":  # as before these fields existed
+            for key in ("write_rule", "null_slots", "read_scale", "mlp_hidden"):
+                del config[key]
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, p in sorted(self.named_parameters()):
-            if name.startswith(("slot_", "token_", "write_norm", "forget", "input")):
+            if name.startswith(("slot_", "token_", "write_norm", "forget", "input", "address")):
                 h.update(name.encode())
                 h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
@@ -449,9 +511,18 @@ class MemoryModel(nn.Module):
         with open(os.path.join(directory, "config.json")) as f:
             config = MemoryConfig(**json.load(f))
         state = load_file(os.path.join(directory, "memory.safetensors"))
-        memory = cls(config).to(dtype=state["init_bank"].dtype)  # keep the saved precision
+        memory = (build_memory(config) if cls is MemoryModel else cls(config))
+        memory = memory.to(dtype=state["init_bank"].dtype)  # keep the saved precision
         memory.load_state_dict(state)
         return memory.to(map_location)
+
+
+def build_memory(config: MemoryConfig) -> MemoryModel:
+    """The memory model that config.write_rule names."""
+    if config.write_rule == "append":
+        from memkernels.append_memory import AppendMemory  # noqa: PLC0415 (import cycle)
+        return AppendMemory(config)
+    return MemoryModel(config)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -486,6 +557,7 @@ class MemoryBank:
         self.memory = memory
         self._mem = _tracked(mem)
         self._cache: Optional[tuple] = None
+        self._mask_cache: Optional[tuple] = None
         self._plans: dict = {}  # reader index -> memoised fused read (_memoised_fused_read)
 
     @property
@@ -496,6 +568,7 @@ class MemoryBank:
     def mem(self, value: Tensor) -> None:
         self._mem = _tracked(value)
         self._cache = None
+        self._mask_cache = None
         self._plans = {}
 
     @property
@@ -539,6 +612,19 @@ class MemoryBank:
                 else:
                     kv = keys.to(dtype), values.to(dtype)
                 cache = self._cache = (stamp, kv)
+        return cache[1]
+
+    def slot_mask(self) -> Optional[Tensor]:
+        """Which slots reads see, bool [B, S], or None for all of them (the
+        memory's rule: MemoryModel.slot_mask), cached until the bank changes."""
+        mem = self._mem
+        try:
+            stamp = (mem._version, mem.data_ptr())
+        except RuntimeError:
+            stamp = None
+        cache = self._mask_cache
+        if cache is None or stamp is None or cache[0] != stamp:
+            cache = self._mask_cache = (stamp, self.memory.slot_mask(mem))
         return cache[1]
 
     def _memoised_fused_read(self, reader_index: int, hidden: Tensor,

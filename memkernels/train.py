@@ -60,6 +60,9 @@ class TrainConfig:
     checkpoint_every: int = 250
     out_dir: Optional[str] = None
     progress: bool = True
+    # parameter-name prefix -> lr multiplier (the first prefix that matches);
+    # e.g. pre-trained parameters that should move slowly
+    lr_scales: dict = dataclasses.field(default_factory=dict)
 
 
 class _MemoryStep(nn.Module):
@@ -81,10 +84,10 @@ class _MemoryStep(nn.Module):
             hidden, value_hidden = write_layer_hidden(self.llm, memory,
                                                       batch.write_ids.reshape(B * n, Tw),
                                                       batch.write_mask.reshape(B * n, Tw))
-            start = memory.init_bank.unsqueeze(0).expand(B, -1, -1, -1)
+            mask = batch.write_mask.reshape(B, n * Tw)
+            start = memory.fresh_mem(B, memory.slots_to_store(int(mask.sum(1).max())))
             per_row = lambda h: None if h is None else h.reshape(B, n * Tw, -1)  # noqa: E731
-            bank = MemoryBank(memory, memory.write(start, per_row(hidden),
-                                                   batch.write_mask.reshape(B, n * Tw).bool(),
+            bank = MemoryBank(memory, memory.write(start, per_row(hidden), mask.bool(),
                                                    per_row(value_hidden)))
         self.handle.bank = bank
         logits = self.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -94,6 +97,10 @@ class _MemoryStep(nn.Module):
         scored = labels != -100
         correct = ((logits.argmax(-1) == labels) & scored).sum()
         return loss, correct, scored.sum()
+
+
+def trainer_rank() -> int:
+    return _distributed()[0]
 
 
 def _distributed() -> tuple[int, int]:
@@ -117,8 +124,14 @@ class Trainer:
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.step_module,
                                                              find_unused_parameters=True)
-        params = [p for p in memory.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        groups: dict[float, list] = {}
+        for name, p in memory.named_parameters():
+            if p.requires_grad:
+                scale = next((v for k, v in config.lr_scales.items() if name.startswith(k)), 1.0)
+                groups.setdefault(float(scale), []).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=ps, lr_scale=scale) for scale, ps in groups.items()],
+            lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
 
     @property
@@ -140,7 +153,7 @@ class Trainer:
         history = []
         for step in bar:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(step)
+                group["lr"] = self.lr_at(step) * group["lr_scale"]
             loss_sum, correct, scored = 0.0, 0, 0
             for micro in range(c.grad_accum):
                 batch = self.make_batch(step * c.grad_accum + micro, self.rank)
@@ -188,9 +201,7 @@ class Trainer:
         from safetensors import safe_open  # noqa: PLC0415
         loaded = MemoryModel.from_pretrained(os.path.join(directory, "memory"),
                                              map_location=self.memory.init_bank.device)
-        with torch.no_grad():
-            for p, q in zip(self.memory.parameters(), loaded.parameters()):
-                p.copy_(q)
+        self.memory.load_state_dict(loaded.state_dict())  # parameters and buffers, in place
         params = dict(self.memory.named_parameters())
         with safe_open(os.path.join(directory, "trainer.safetensors"), framework="pt") as f:
             self.step = int(f.metadata()["step"])
@@ -199,6 +210,72 @@ class Trainer:
                 p = params[name]
                 value = f.get_tensor(key)
                 self.optimizer.state[p][slot] = value.to(p.device) if value.dim() else value
+
+
+# after pretrain_address, the parameters it fitted move 10x slower in the joint
+# training: Adam's first steps move every parameter by ~lr and undid the
+# pre-training at the full rate (benchmarks/NOTES.md, session 5)
+PRETRAINED_LR_SCALES = {"address.": 0.1, "slot_key": 0.1, "readers.0.query.": 0.1}
+
+
+def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],
+                     targets: list[int], *, steps: int, batch: int = 256, lr: float = 1e-3,
+                     seed: int = 0, progress: bool = True) -> list[float]:
+    """Pre-trains an append-rule memory's address (the address MLP, slot_key
+    and the first reader's query MLP) with the LLM frozen: query text i must
+    find token targets[i] of statement i, when its statement and those of the
+    other batch - 1 pairs are written (every token a candidate, its own
+    statement's other tokens too), scored as the read scores
+    (append_memory.address_nll). First fits the MLPs' input statistics on the
+    same states. Without it the joint training does not find the address in
+    a few thousand steps (benchmarks/NOTES.md, sessions 5-7). Returns the
+    losses."""
+    from memkernels.append_memory import AppendMemory, address_nll  # noqa: PLC0415
+    from memkernels.integration import text_end_states  # noqa: PLC0415
+    if not isinstance(memory, AppendMemory):
+        raise TypeError("pretrain_address needs an append-rule memory "
+                        "(MemoryConfig(write_rule='append'))")
+    if not len(queries) == len(statements) == len(targets) or len(queries) < 2:
+        raise ValueError(f"queries, statements and targets must be as long, at least 2, got "
+                         f"{len(queries)}, {len(statements)}, {len(targets)}")
+    batch = min(batch, len(queries))
+    device = memory.init_bank.device
+    layers = [i + 1 for i in memory.config.resolved_read_layers]  # hidden_states index
+    q_states = text_end_states(llm, tokenizer, queries)[:, layers].to(device)  # [N, readers, C]
+    tokens = []
+    for i in range(0, len(statements), 100):
+        ids = [tokenizer(t)["input_ids"] for t in statements[i:i + 100]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        with torch.no_grad():
+            hidden, _ = write_layer_hidden(llm, memory, input_ids, mask)
+        tokens += [hidden[r, :len(x)] for r, x in enumerate(ids)]
+    for t, (tok_states, target) in enumerate(zip(tokens, targets)):
+        if not 0 <= target < len(tok_states):
+            raise ValueError(f"targets[{t}] = {target} is not a token of statement {t} "
+                             f"({len(tok_states)} tokens)")
+    memory.fit_statistics(torch.cat(tokens), [q_states[:, i] for i in range(len(layers))])
+    reader = memory.readers[0]
+    params = [*memory.address.parameters(), memory.slot_key, *reader.query.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    bar = tqdm(range(steps), desc="pre-train address", disable=not progress)
+    losses = []
+    for _ in bar:
+        rows = torch.randperm(len(queries), generator=gen)[:batch].tolist()
+        candidates = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
+        starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)
+        target = (starts + torch.tensor([targets[r] for r in rows])).to(device)
+        q = reader.queries(q_states[rows, :1])[:, 0, 0]  # [batch, P, Dh]: copy 0 of each pair
+        loss = address_nll(q, memory.address_keys(candidates)[0], target, reader.scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
 
 def main(argv=None) -> None:
@@ -213,6 +290,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slots", type=int, default=1024)
+    ap.add_argument("--write-rule", choices=("blend", "append"), default="append",
+                    help="written mode: how a write enters the bank (MemoryConfig.write_rule)")
+    ap.add_argument("--pretrain-steps", type=int, default=6000,
+                    help="append rule: steps of pretrain_address before the joint training")
     ap.add_argument("--model", default=base_lm.ASSET_DIR, help="an HF causal LM directory")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -220,12 +301,19 @@ def main(argv=None) -> None:
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
     model, tokenizer = base_lm.load(args.model)
-    memory = tasks.default_memory(model, slots=args.slots, seed=args.seed)
+    append = args.mode == "written" and args.write_rule == "append"
+    memory = tasks.default_memory(model, slots=args.slots, seed=args.seed,
+                                  write_rule="append" if append else "blend")
     make_batch = (tasks.written_batches(tokenizer, args.batch, args.seed) if args.mode == "written"
                   else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
+    if append and not args.resume:
+        pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+                         steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
     trainer = Trainer(model, memory, make_batch,
                       TrainConfig(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
-                                  bf16=args.bf16, seed=args.seed, out_dir=args.out))
+                                  bf16=args.bf16, seed=args.seed, out_dir=args.out,
+                                  weight_decay=0.01 if append else 0.0,
+                                  lr_scales=PRETRAINED_LR_SCALES if append else {}))
     if args.resume:
         trainer.load_checkpoint(os.path.join(args.out, "checkpoint"))
     result = trainer.train()

@@ -54,11 +54,15 @@ def test_evaluate_scores_exact_matches(lm, monkeypatch):
     assert row["accuracy"] == 0.5 and row["questions"] == 2
 
 
-@pytest.mark.parametrize("condition", benchmark.CONDITIONS)
-def test_every_condition_runs(lm, condition):
+@pytest.mark.parametrize("condition, write_rule",
+                         [(c, "blend") for c in benchmark.CONDITIONS]
+                         + [("written_memory", "append")])
+def test_every_condition_runs(lm, condition, write_rule):
     model, tok = lm
     facts, others = make_facts(6, seed=0, distractors=True)
-    memory = tasks.default_memory(model, slots=8)
+    # an append-rule bank of 16 slots: evaluate makes one that holds the ~140 tokens
+    memory = tasks.default_memory(model, slots=8 if write_rule == "blend" else 16,
+                                  write_rule=write_rule)
     row = benchmark.evaluate(condition, model, tok, facts, others, memory=memory,
                              max_questions=4, max_context=4096)
     assert row["condition"] == condition and row["questions"] == 4
@@ -132,3 +136,29 @@ def test_written_curriculum_grows_the_facts_per_episode(lm):
     late = torch.cat([facts_per_row(s) for s in range(100, 110)])
     assert late.min() >= 4 and late.max() <= 16 and late.max() > 4
     assert torch.equal(make(37, 1).write_ids, make(37, 1).write_ids)  # a pure function
+
+
+def test_train_memory_pretrains_trains_saves_and_reloads_the_written_memory(lm, tmp_path,
+                                                                          monkeypatch):
+    model, tok = lm
+    pairs = tasks.address_pairs
+    monkeypatch.setattr(tasks, "address_pairs", lambda t: pairs(t, n=64))
+    memory = benchmark.train_memory(model, tok, "written", str(tmp_path / "w"), steps=2,
+                                    pretrain_steps=3, batch=4, slots=64)
+    info = json.load(open(tmp_path / "w" / "training.json"))
+    assert info["write_rule"] == "append" and info["pretrain_steps"] == 3 and info["steps"] == 2
+    again = benchmark.train_memory(model, tok, "written", str(tmp_path / "w"), steps=2)
+    assert type(again) is type(memory)
+    for (name, a), b in zip(memory.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_address_pairs_target_the_token_before_the_object(lm):
+    _, tok = lm
+    questions, statements, targets = tasks.address_pairs(tok, n=20)
+    facts = make_facts(20, seed=11, split="train")[0]  # what address_pairs draws
+    for q, s, t, f in zip(questions, statements, targets, facts):
+        ids = tok(s)["input_ids"]
+        assert q.startswith("Q: ") and q.endswith(" A:") and f.subject in q and f.subject in s
+        assert tok.decode(ids[t + 1:]).strip().startswith(f.object)  # the object comes next
+        assert not tok.decode(ids[t:]).strip().startswith(f.object)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)"
 
 import memkernels  # noqa: E402
 from memkernels.recall import base_lm, facts, tasks  # noqa: E402
-from memkernels.train import Trainer, TrainConfig  # noqa: E402
+from memkernels.train import PRETRAINED_LR_SCALES, Trainer, TrainConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,13 @@ def test_labels_score_only_the_answer(tokenizer):
 
 # --- the trainer ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["written", "trained"])
-def test_training_lowers_the_loss_and_never_touches_the_llm(tokenizer, mode):
+@pytest.mark.parametrize("mode, write_rule", [("written", "blend"), ("written", "append"),
+                                              ("trained", "blend")])
+def test_training_lowers_the_loss_and_never_touches_the_llm(tokenizer, mode, write_rule):
     model = tiny_lm(len(tokenizer))
     before = snapshot(model)
-    memory = tasks.default_memory(model, slots=32)
+    memory = tasks.default_memory(model, slots=32 if write_rule == "blend" else 256,
+                                  write_rule=write_rule)
     make = (tasks.written_batches(tokenizer, 4, seed=0, facts_per_row=(2, 4)) if mode == "written"
             else tasks.trained_batches(tokenizer, 8, seed=0, n_facts=4, aux_facts=4))
     fixed = make(0, 0)  # one batch, over and over: the loss must go down
@@ -117,14 +119,18 @@ def test_grad_accumulation_and_bf16_autocast_run(tokenizer):
     assert memory.init_bank.dtype == torch.float32  # autocast never changes the parameters
 
 
-def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path):
+@pytest.mark.parametrize("write_rule", ["blend", "append"])
+def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path, write_rule):
     make = tasks.written_batches(tokenizer, 2, seed=0, facts_per_row=(2, 3))
 
     def trainer(steps, out):
         model = tiny_lm(len(tokenizer))
-        memory = tasks.default_memory(model, slots=16)
+        memory = tasks.default_memory(model, slots=16 if write_rule == "blend" else 128,
+                                      write_rule=write_rule)
+        scales = PRETRAINED_LR_SCALES if write_rule == "append" else {}
         return Trainer(model, memory, make, TrainConfig(steps=steps, lr=1e-2, out_dir=str(out),
-                                                        checkpoint_every=3, progress=False))
+                                                        checkpoint_every=3, progress=False,
+                                                        lr_scales=scales))
     straight = trainer(6, tmp_path / "a")
     straight.train()
     resumed = trainer(6, tmp_path / "b")
@@ -134,6 +140,22 @@ def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path):
     resumed.train()
     for (n, p), q in zip(straight.memory.named_parameters(), resumed.memory.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_lr_scales_slow_the_named_parameters(tokenizer):
+    model = tiny_lm(len(tokenizer))
+    memory = tasks.default_memory(model, slots=128, write_rule="append")
+    trainer = Trainer(model, memory,
+                      tasks.written_batches(tokenizer, 2, seed=0, facts_per_row=(2, 3)),
+                      TrainConfig(steps=1, lr=1e-2, warmup=1, lr_scales=PRETRAINED_LR_SCALES,
+                                  progress=False))
+    trainer.train()
+    trainer.close()
+    lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, p in memory.named_parameters():
+        slow = name.startswith(tuple(PRETRAINED_LR_SCALES))
+        assert lrs[id(p)] == pytest.approx(1e-2 * (0.1 if slow else 1.0)), name
+    assert any(n.startswith("readers.1.query") for n, _ in memory.named_parameters())
 
 
 DDP_SCRIPT = textwrap.dedent("""

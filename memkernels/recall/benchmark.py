@@ -38,13 +38,17 @@ import memkernels
 from memkernels.memory import MemoryModel
 from memkernels.recall import base_lm, tasks
 from memkernels.recall.facts import Fact, make_facts, qa_prompt
-from memkernels.train import Trainer, TrainConfig
+from memkernels.train import PRETRAINED_LR_SCALES, Trainer, TrainConfig, pretrain_address
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
 WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
-WRITTEN_STEPS = 3000
-WRITTEN_FACTS = (4, 32)  # facts written per training episode, reached by a curriculum
-WRITTEN_CURRICULUM = 2000
+# the written memory: the append rule (memkernels.append_memory), its address
+# pre-trained first (memkernels.train.pretrain_address), then the joint training
+# on episodes of WRITTEN_FACTS facts, reached by a curriculum from one
+WRITTEN_PRETRAIN_STEPS = 6000
+WRITTEN_STEPS = 1500
+WRITTEN_FACTS = (4, 16)
+WRITTEN_CURRICULUM = 1000
 TRAINED_STEPS = 2000
 
 
@@ -97,27 +101,40 @@ class BM25Retriever:
 
 def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_facts: int = 0,
                  distractors: bool = False, batch: int = 16, slots: int = 1024,
+                 pretrain_steps: int = WRITTEN_PRETRAIN_STEPS, seed: int = 0,
                  log=print) -> MemoryModel:
-    """Trains (or loads from `directory`) a memory for `model`. A written-memory
-    batch is batch/2 episodes of WRITTEN_FACTS facts each, after a curriculum
-    from one fact per episode."""
+    """Trains (or loads from `directory`) a memory for `model`. written: an
+    append-rule memory, its address pre-trained for pretrain_steps, then
+    batch/2 episodes a step of WRITTEN_FACTS facts each, after a curriculum
+    from one fact per episode. trained: a blend-rule memory whose bank learns
+    the n_facts facts."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return MemoryModel.from_pretrained(directory)
-    memory = tasks.default_memory(model, slots=slots)
-    make_batch = (tasks.written_batches(tokenizer, batch // 2, seed=1, facts_per_row=WRITTEN_FACTS,
-                                        curriculum_steps=min(WRITTEN_CURRICULUM, steps))
-                  if mode == "written" else
-                  tasks.trained_batches(tokenizer, batch, seed=1, n_facts=n_facts,
-                                        distractors=distractors))
-    lr = 3e-3 if mode == "written" else 1e-2  # a trained-memory step is ~15x cheaper
-    trainer = Trainer(model, memory, make_batch, TrainConfig(steps=steps, lr=lr))
     start = time.time()
+    if mode == "written":
+        memory = tasks.default_memory(model, slots=slots, seed=seed, write_rule="append")
+        pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+                                    steps=pretrain_steps, seed=seed)
+        make_batch = tasks.written_batches(tokenizer, batch // 2, seed=1 + seed,
+                                           facts_per_row=WRITTEN_FACTS,
+                                           curriculum_steps=min(WRITTEN_CURRICULUM, steps))
+        config = TrainConfig(steps=steps, lr=3e-3, weight_decay=0.01, seed=seed,
+                             lr_scales=PRETRAINED_LR_SCALES)
+    else:
+        memory = tasks.default_memory(model, slots=slots, seed=seed)
+        pretrain = []
+        make_batch = tasks.trained_batches(tokenizer, batch, seed=1 + seed, n_facts=n_facts,
+                                           distractors=distractors)
+        config = TrainConfig(steps=steps, lr=1e-2, seed=seed)  # a step is ~15x cheaper
+    trainer = Trainer(model, memory, make_batch, config)
     history = trainer.train()["history"]
     trainer.close()
     memory.save_pretrained(directory)
     tail = history[-20:]
-    info = dict(mode=mode, steps=steps, n_facts=n_facts, distractors=distractors,
-                seconds=time.time() - start,
+    info = dict(mode=mode, write_rule=memory.config.write_rule, steps=steps, n_facts=n_facts,
+                distractors=distractors, seed=seed, seconds=time.time() - start,
+                pretrain_steps=len(pretrain),
+                pretrain_final_loss=sum(pretrain[-50:]) / max(len(pretrain[-50:]), 1),
                 final_loss=sum(h["loss"] for h in tail) / len(tail),
                 final_token_accuracy=sum(h["accuracy"] for h in tail) / len(tail))
     with open(os.path.join(directory, "training.json"), "w") as f:
@@ -155,11 +172,11 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
         if condition == "trained_memory":
             bank = memory.new_bank()
         else:
+            store_tokens = sum(len(tokenizer(s)["input_ids"]) for s in statements)
             start = time.perf_counter()
             bank = memory.store(model, tokenizer, statements, chunk_size=len(statements),
                                 progress=False)
             store_seconds = time.perf_counter() - start
-            store_tokens = sum(len(tokenizer(s)["input_ids"]) for s in statements)
         handle = memkernels.attach(model, memory, bank)
     else:
         raise ValueError(f"unknown condition {condition!r}")
@@ -182,11 +199,12 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
 # --- the sweep and its report ----------------------------------------------------------------
 
 def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
-        written_steps: int, trained_steps: int, conditions=CONDITIONS, log=print) -> list[dict]:
+        written_steps: int, trained_steps: int, conditions=CONDITIONS, log=print,
+        written_dir: str = WRITTEN_MEMORY) -> list[dict]:
     model, tokenizer = base_lm.load()
     written = None
     if "written_memory" in conditions:
-        written = train_memory(model, tokenizer, "written", WRITTEN_MEMORY, steps=written_steps,
+        written = train_memory(model, tokenizer, "written", written_dir, steps=written_steps,
                                log=log)
     rows = []
     for distract in (False, True):
@@ -260,9 +278,12 @@ def main(argv=None) -> None:
     ap.add_argument("--written-steps", type=int, default=WRITTEN_STEPS)
     ap.add_argument("--trained-steps", type=int, default=TRAINED_STEPS)
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    ap.add_argument("--written-dir", default=WRITTEN_MEMORY,
+                    help="the written memory (trained there when missing; default: the one "
+                         "that ships)")
     args = ap.parse_args(argv)
     run(args.out, args.cache, args.sizes, args.trained_sizes, args.written_steps,
-        args.trained_steps, args.conditions)
+        args.trained_steps, args.conditions, written_dir=args.written_dir)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from memkernels.integration import text_end_states
 from memkernels.recall import base_lm, tasks
 from memkernels.recall.facts import make_facts, make_name, qa_prompt
 
@@ -43,21 +44,6 @@ STATEMENT = "{s} lives in"
 def last_token_states(model, tokenizer, names: list[str], template: str) -> torch.Tensor:
     """[names, layers + 1, hidden]: every layer's output at the last token."""
     return text_end_states(model, tokenizer, [template.format(s=n) for n in names])
-
-
-def text_end_states(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """[texts, layers + 1, hidden]: every layer's output at each text's last token."""
-    prompts = [tokenizer(t)["input_ids"] for t in texts]
-    out = []
-    for i in range(0, len(prompts), 100):
-        chunk = prompts[i:i + 100]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with torch.no_grad():
-            hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        out.append(torch.stack([h[:, -1] for h in hidden], 1))
-    return torch.cat(out)
 
 
 def nearest_neighbour_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,23 +11,40 @@ from typing import Callable
 
 import torch
 
-from memkernels.memory import MemoryConfig, MemoryModel
+from memkernels.memory import MemoryConfig, MemoryModel, build_memory
 from memkernels.recall.facts import RELATIONS, Fact, make_facts, make_name, qa_prompt
 from memkernels.train import Batch
 
 
-def default_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
-    """4 heads x 32, reading at the last two decoder layers; a write keys on
-    the (base model's) hidden states of the first of them (late enough that a
+def default_memory(model, *, slots: int = 1024, seed: int = 0,
+                   write_rule: str = "blend") -> MemoryModel:
+    """Reads at the last two decoder layers; a write keys on the (base
+    model's) hidden states of the first of them (late enough that a
     statement's object position has gathered who the statement is about) and
     takes its values from the embeddings (where the object is still itself:
-    at the write layer the base LM has overwritten it)."""
+    at the write layer the base LM has overwritten it). blend: 4 heads x 32;
+    append: 4 address + 4 content heads x 32 (memkernels.append_memory)."""
     torch.manual_seed(seed)
     n = model.config.num_hidden_layers
-    config = MemoryConfig.from_hf(model.config, num_heads=4, head_dim=32, num_slots=slots,
+    config = MemoryConfig.from_hf(model.config, num_heads=8 if write_rule == "append" else 4,
+                                  head_dim=32, num_slots=slots,
                                   read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0),
-                                  values_from="embeddings")
-    return MemoryModel(config)
+                                  values_from="embeddings", write_rule=write_rule)
+    return build_memory(config)
+
+
+def address_pairs(tokenizer, n: int = 8000, seed: int = 11) -> tuple[list[str], list[str], list[int]]:
+    """(questions, statements, targets) of n train-split facts for
+    memkernels.train.pretrain_address: question i, put as the benchmark puts
+    it, must find the last token before the object in statement i (where the
+    statement has said whom it is about and which relation it states)."""
+    rng = random.Random(seed)
+    facts = make_facts(n, seed=seed, split="train")[0]
+    questions = [qa_prompt(f.question(rng)) for f in facts]
+    statements = [f.statement(rng) for f in facts]
+    targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
+               for s, f in zip(statements, facts)]
+    return questions, statements, targets
 
 
 def _rng(*key: int) -> random.Random:

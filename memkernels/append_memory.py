@@ -1,0 +1,234 @@
+"""The append rule, MemoryConfig(write_rule="append"): one slot per written
+token, found by an MLP address and a cosine read.
+
+Why (benchmarks/NOTES.md, sessions 4-7): the blend write lets every slot
+attend over all tokens of a write, so facts blur together; and a linear query
+against keys linear in the slot content finds a question's statement among
+100 about a third of the time on the recall base LM, where two MLPs find it
+91% of the time. Written facts are recalled ~80% at N=100 this way, against
+11% with the blend rule.
+
+Bank layout, P = num_heads / 2 pairs of heads:
+- heads [0, P): a slot's address, tanh(MLP(norm(h_t))) from the write layer's
+  state of token t: who and what the context is about there;
+- heads [P, 2P): its content, tanh(W_v norm(e_{t+1})) from the value states
+  (MemoryConfig.values_from) of the token after t: what came next (zero
+  where padding comes next).
+
+A write puts a row's real tokens, in order, into its first empty slots (an
+empty slot is all zeros; a fresh bank is empty but for null_slots learned
+defaults at its end, the "nothing stored" answer). A read sees the non-empty
+slots only: keys are slot_key . address (unit length), values slot_value .
+content; each reader has 2P query heads from an MLP (unit length); heads p
+and P + p both read pair p, scored cosine x read_scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memkernels.memory import Int8Rows, MemoryBank, MemoryConfig, MemoryModel, _mark_owned
+from memkernels.ops import memory_read
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) / std per feature, with statistics fitted once from data
+    (fit) and then fixed; the identity until fitted. Hidden states share a
+    large mean direction that an RMS norm keeps; centred and scaled inputs let
+    the MLP's first layer spend its width on what tells tokens apart."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if flat.shape[0] < 2:
+            raise ValueError(f"Standardize.fit needs at least 2 rows, got {flat.shape[0]}")
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0) + 1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def _mlp(width_in: int, hidden: int, width_out: int) -> nn.Sequential:
+    return nn.Sequential(Standardize(width_in), nn.Linear(width_in, hidden), nn.GELU(),
+                         nn.Linear(hidden, width_out))
+
+
+def address_nll(queries: Tensor, keys: Tensor, targets: Tensor, scale: float) -> Tensor:
+    """Mean -log of the weight a read puts on each query's target slot, in the
+    read's own geometry: cosine x scale per head, softmax over the slots per
+    head, weights averaged over heads. queries [A, P, Dh], keys [K, P, Dh]
+    (unit length, as AppendMemory.address_keys gives them), targets [A]
+    (indices into K)."""
+    scores = torch.einsum("apd,kpd->apk", F.normalize(queries, dim=-1), keys) * scale
+    # the target's log-weight per head, then averaged over heads in log space
+    per_head = scores.log_softmax(-1).gather(2, targets[:, None, None].expand(-1, queries.shape[1], 1))
+    return -(torch.logsumexp(per_head[..., 0], dim=1) - math.log(queries.shape[1])).mean()
+
+
+class AppendReader(nn.Module):
+    """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        self.pairs, self.head_dim = config.num_heads // 2, config.head_dim
+        self.scale = float(config.read_scale)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
+        self.query = _mlp(config.hidden_size, config.mlp_hidden, config.width)
+        self.out = nn.Linear(config.width, config.hidden_size, bias=False)
+        self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
+        self.backend = config.backend
+
+    def queries(self, hidden: Tensor) -> Tensor:
+        """[B, T, 2, P, Dh], unit length: copy c of pair p is query head c * P + p."""
+        B, T, _ = hidden.shape
+        q = self.query(self.norm(hidden)).view(B, T, 2, self.pairs, self.head_dim)
+        return F.normalize(q, dim=-1)
+
+    def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor]) -> Tensor:
+        """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
+        or Int8Rows; slot_mask bool [1 or B, S] (True = read)."""
+        B, T, _ = hidden.shape
+        if isinstance(keys, Int8Rows):
+            keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
+        if slot_mask is not None and keys.dim() == 3:
+            slot_mask = slot_mask[0]
+        # both query copies of a pair read it as one query sequence of 2T rows
+        q = self.queries(hidden).permute(0, 3, 2, 1, 4).reshape(B, self.pairs, 2 * T, -1)
+        read = memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=self.scale,
+                           slot_mask=slot_mask, backend=self.backend)
+        read = read.view(B, self.pairs, 2, T, -1).permute(0, 3, 2, 1, 4).reshape(B, T, -1)
+        return hidden + torch.tanh(self.gate) * self.out(read.to(hidden.dtype))
+
+
+class AppendMemory(MemoryModel):
+    """The trained parameters of an append-rule memory (see the module docstring)."""
+
+    def __init__(self, config: MemoryConfig):
+        nn.Module.__init__(self)  # none of the blend rule's write attention and gates
+        if config.write_rule != "append":
+            raise ValueError(f"AppendMemory needs MemoryConfig(write_rule='append'), got "
+                             f"{config.write_rule!r}")
+        self.config = config
+        P, D, C = config.num_heads // 2, config.head_dim, config.hidden_size
+
+        def per_pair_identity():  # identity plus noise, as MemoryModel's projections
+            return nn.Parameter(torch.eye(D).repeat(P, 1, 1) + torch.randn(P, D, D) * D ** -0.5 / 4)
+
+        self.init_bank = nn.Parameter(torch.randn(config.num_heads, config.null_slots, D))
+        self.slot_key = per_pair_identity()
+        self.slot_value = per_pair_identity()
+        self.write_norm = nn.RMSNorm(C, eps=1e-6)
+        self.address = _mlp(C, config.mlp_hidden, P * D)
+        self.token_value = nn.Linear(C, P * D, bias=False)
+        self.readers = nn.ModuleList(AppendReader(config) for _ in config.read_layers)
+        _mark_owned(self)
+
+    @property
+    def pairs(self) -> int:
+        return self.config.num_heads // 2
+
+    # --- banks -------------------------------------------------------------------
+
+    def fresh_mem(self, batch_size: int = 1, num_slots: Optional[int] = None) -> Tensor:
+        """Empty slots, then the null_slots learned defaults (differentiable in them)."""
+        S, null = num_slots or self.config.num_slots, self.config.null_slots
+        if not isinstance(S, int) or S <= null:
+            raise ValueError(f"num_slots must be an int above null_slots ({null}), got {S!r}")
+        defaults = self.init_bank.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        return torch.cat([defaults.new_zeros(batch_size, defaults.shape[1], S - null,
+                                             defaults.shape[3]), defaults], 2)
+
+    def slots_to_store(self, tokens: int) -> int:
+        """One slot per token plus the null slots (at least config.num_slots)."""
+        return max(self.config.num_slots, tokens + self.config.null_slots)
+
+    def trainable_bank(self) -> MemoryBank:
+        raise ValueError("an append-rule memory has no trained bank: knowledge enters it by "
+                         "writing (store), use write_rule='blend' to train a bank")
+
+    def slot_mask(self, mem: Tensor) -> Tensor:
+        """The non-empty slots (written or learned defaults), bool [B, S]."""
+        return mem.ne(0).any(3).any(1)
+
+    def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
+        P, spec = self.pairs, "bpsd,pde->bpse"
+        if mem.shape[0] == 1:  # the shared-bank layout: read once for a whole batch
+            mem, spec = mem[0], "psd,pde->pse"
+        address, content = mem[..., :P, :, :], mem[..., P:, :, :]
+        keys = F.normalize(torch.einsum(spec, address, self.slot_key), dim=-1)
+        values = torch.einsum(spec, content, self.slot_value)
+        return keys.to(mem.dtype).contiguous(), values.to(mem.dtype).contiguous()
+
+    # --- read and write -----------------------------------------------------------
+
+    def read(self, reader_index: int, hidden: Tensor, bank: MemoryBank,
+             kv_dtype: Optional[torch.dtype] = None) -> Tensor:
+        self._check_bank_rows(bank, hidden)
+        keys, values = bank.keys_values(kv_dtype)
+        return self.readers[reader_index](hidden, keys, values, bank.slot_mask())
+
+    def token_addresses(self, hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: what each token writes into the address heads."""
+        B, T, _ = hidden.shape
+        return torch.tanh(self.address(self.write_norm(hidden))).view(B, T, self.pairs, -1)
+
+    def address_keys(self, hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: the read key a slot gets from this token (unit length)."""
+        return F.normalize(torch.einsum("btpd,pde->btpe", self.token_addresses(hidden),
+                                        self.slot_key), dim=-1)
+
+    def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
+              value_hidden: Optional[Tensor] = None) -> Tensor:
+        """Appends each real token of a row to the row's next empty slot
+        (differentiable; returns the new bank). Raises ValueError, leaving
+        `mem` as it was, when a row has fewer empty slots than tokens."""
+        self._check_write_args(mem, hidden, value_hidden)
+        B, T, _ = hidden.shape
+        S = mem.shape[2]
+        if token_mask is None:
+            token_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+        token_mask = token_mask.bool()
+        empty = ~self.slot_mask(mem)
+        tokens_in, empty_slots = token_mask.sum(1), empty.sum(1)
+        if bool((tokens_in > empty_slots).any()):
+            b = int((tokens_in > empty_slots).nonzero()[0])
+            raise ValueError(f"write: bank row {b} has {int(empty_slots[b])} empty slots, the "
+                             f"write has {int(tokens_in[b])} tokens; an append-rule bank holds "
+                             f"num_slots - null_slots tokens, make a bigger one with "
+                             f"memory.new_bank(num_slots=...)")
+        xv = self.write_norm(hidden if value_hidden is None else value_hidden)
+        # what follows token t (nothing where padding follows it)
+        xv_next = torch.cat([xv[:, 1:] * token_mask[:, 1:, None], torch.zeros_like(xv[:, :1])], 1)
+        content = torch.tanh(self.token_value(xv_next)).view(B, T, self.pairs, -1)
+        tokens = torch.cat([self.token_addresses(hidden), content], 2)  # [B, T, 2P, Dh]
+        # the k-th empty slot of a row takes the row's k-th real token
+        real_first = torch.sort((~token_mask).to(torch.int8), dim=1, stable=True).indices
+        rank = empty.long().cumsum(1) - 1
+        takes = empty & (rank < tokens_in[:, None])
+        source = real_first.gather(1, rank.clamp(0, T - 1))
+        picked = tokens.gather(1, source[:, :, None, None].expand(B, S, *tokens.shape[2:]))
+        return torch.where(takes[:, None, :, None], picked.transpose(1, 2).to(mem.dtype), mem)
+
+    # --- fitting the MLP inputs ------------------------------------------------------
+
+    def fit_statistics(self, address_states: Tensor, reader_states: list[Tensor]) -> None:
+        """Fits the Standardize layers: the address MLP's on write-layer states
+        of written tokens [N, C], reader i's on states of its layer [N_i, C] at
+        the positions it answers from (before its norm)."""
+        if len(reader_states) != len(self.readers):
+            raise ValueError(f"reader_states: one tensor per reader ({len(self.readers)}), "
+                             f"got {len(reader_states)}")
+        with torch.no_grad():
+            self.address[0].fit(self.write_norm(address_states))
+            for reader, states in zip(self.readers, reader_states):
+                reader.query[0].fit(reader.norm(states))

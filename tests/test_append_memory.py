@@ -1,0 +1,291 @@
+"""The append rule (memkernels.append_memory): one slot per written token, an
+MLP address, a cosine read. Checked against plain PyTorch computations of the
+same math, in float64, on tiny models built from configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memkernels
+from memkernels import AppendMemory, MemoryBank, MemoryConfig, MemoryModel, build_memory
+from memkernels.append_memory import address_nll
+from memkernels.train import pretrain_address
+
+transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+
+VOCAB, HIDDEN = 61, 24
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def make_memory(model=None, *, slots=20, null_slots=3, open_gates=False, **overrides):
+    if model is None:
+        config = MemoryConfig(hidden_size=HIDDEN, num_layers=3, read_layers=(1, 2), write_layer=1,
+                              num_heads=4, head_dim=8, num_slots=slots, null_slots=null_slots,
+                              mlp_hidden=16, write_rule="append", **overrides)
+    else:
+        config = MemoryConfig.from_hf(model.config, num_heads=4, head_dim=8, num_slots=slots,
+                                      null_slots=null_slots, mlp_hidden=16, write_rule="append",
+                                      **overrides)
+    memory = build_memory(config).double()
+    if open_gates:  # a "trained" memory: reads change the output
+        with torch.no_grad():
+            for r in memory.readers:
+                r.gate.uniform_(0.5, 1.5)
+    return memory
+
+
+def expected_slots(memory, hidden, value_hidden, mask=None):
+    """[T, 2P, Dh]: what each token of one row writes (address | next token's
+    content, none where padding comes next)."""
+    x = memory.write_norm(hidden)
+    xv = memory.write_norm(value_hidden)
+    xv_next = torch.stack([xv[t + 1] if t + 1 < len(xv) and (mask is None or mask[t + 1])
+                           else torch.zeros_like(xv[0]) for t in range(len(xv))])
+    P = memory.pairs
+    address = torch.tanh(memory.address(x)).view(len(x), P, -1)
+    content = torch.tanh(memory.token_value(xv_next)).view(len(x), P, -1)
+    return torch.cat([address, content], 1)
+
+
+# --- config ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(write_rule="copy"), "write_rule"),
+    (dict(write_rule="append", num_heads=3), "num_heads must be even"),
+    (dict(write_rule="append", null_slots=16), "null_slots"),
+    (dict(write_rule="append", read_scale=0.0), "read_scale"),
+    (dict(write_rule="append", mlp_hidden=0), "mlp_hidden"),
+])
+def test_config_rejects_bad_append_settings(kwargs, match):
+    base = dict(hidden_size=HIDDEN, num_layers=3, num_heads=4, head_dim=8, num_slots=16)
+    with pytest.raises(ValueError, match=match):
+        MemoryConfig(**{**base, **kwargs})
+
+
+def test_build_memory_picks_the_class_and_banks_have_their_sizes():
+    memory = make_memory()
+    assert isinstance(memory, AppendMemory)
+    assert type(build_memory(MemoryConfig(hidden_size=HIDDEN, num_layers=3))) is MemoryModel
+    bank = memory.new_bank(2, num_slots=50)
+    assert bank.mem.shape == (2, 4, 50, 8)
+    assert bank.slot_mask().sum(1).tolist() == [3, 3]  # the null slots alone
+    assert torch.equal(bank.mem[0, :, -3:], memory.init_bank.detach())
+    with pytest.raises(ValueError, match="num_slots"):
+        memory.new_bank(num_slots=3)
+    with pytest.raises(ValueError, match="no trained bank"):
+        memory.trainable_bank()
+    blend = build_memory(MemoryConfig(hidden_size=HIDDEN, num_layers=3, num_slots=16))
+    with pytest.raises(ValueError, match="trained 16 slots"):
+        blend.new_bank(num_slots=32)
+
+
+# --- write ------------------------------------------------------------------------------
+
+def test_write_appends_each_real_token_to_the_next_empty_slot():
+    torch.manual_seed(0)
+    memory = make_memory(slots=24)
+    B, T = 2, 7
+    hidden, values = torch.randn(B, T, HIDDEN).double(), torch.randn(B, T, HIDDEN).double()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2] = mask[0, 5] = False  # padding inside a row is skipped
+    mask[1, 4:] = False
+    mem = memory.write(memory.fresh_mem(B), hidden, mask, values)
+    for b in range(B):
+        want = expected_slots(memory, hidden[b], values[b], mask[b])[mask[b]]  # [n, 2P, Dh], in order
+        n = len(want)
+        torch.testing.assert_close(mem[b, :, :n].transpose(0, 1), want)
+        assert torch.equal(mem[b, :, n:-3], torch.zeros_like(mem[b, :, n:-3]))  # still empty
+        assert torch.equal(mem[b, :, -3:], memory.init_bank.detach())  # null slots kept
+    # a second write goes on where the first stopped
+    more = torch.randn(B, 3, HIDDEN).double()
+    mem2 = memory.write(mem, more, None, more)
+    for b in range(B):
+        n = int(mask[b].sum())
+        torch.testing.assert_close(mem2[b, :, n:n + 3].transpose(0, 1),
+                                   expected_slots(memory, more[b], more[b]))
+        assert torch.equal(mem2[b, :, :n], mem[b, :, :n])
+
+
+def test_write_fills_the_holes_of_a_merged_bank_in_slot_order():
+    memory = make_memory(slots=10, null_slots=2)
+    a = MemoryBank(memory, memory.write(memory.fresh_mem(), torch.randn(1, 4, HIDDEN).double()))
+    merged = MemoryBank.merge(a, a)  # [4 written, 4 empty, 2 null] twice
+    hidden = torch.randn(1, 6, HIDDEN).double()
+    new = memory.write(merged.mem, hidden)
+    empty = (~merged.slot_mask()[0]).nonzero()[:, 0]
+    assert len(empty) == 8
+    torch.testing.assert_close(new[0][:, empty[:6]].transpose(0, 1),
+                               expected_slots(memory, hidden[0], hidden[0]))
+    assert MemoryBank(memory, new).slot_mask().sum() == 18
+
+
+def test_a_full_bank_is_refused_and_left_as_it_was():
+    model = tiny_llama()
+    memory = make_memory(model, slots=8, null_slots=2)
+    bank = memory.store(model, None, [[1, 2, 3, 4]])
+    before = bank.mem.clone()
+    with pytest.raises(ValueError, match="row 0 has 2 empty slots, the write has 3 tokens"):
+        bank.store(model, None, [[5, 6, 7]])
+    assert torch.equal(bank.mem, before)
+    bank.store(model, None, [[5, 6]])  # what fits still goes in
+    assert bool(bank.slot_mask().all())
+
+
+def test_write_gradients_reach_the_tokens_and_the_null_slots():
+    memory = make_memory()
+    hidden = torch.randn(2, 5, HIDDEN, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    torch.autograd.gradcheck(lambda h: memory.write(memory.fresh_mem(2).detach(), h, mask),
+                             (hidden,))
+    memory.write(memory.fresh_mem(2), hidden, mask).pow(2).sum().backward()
+    assert memory.init_bank.grad is not None and bool(memory.init_bank.grad.ne(0).all())
+    assert bool(hidden.grad[~mask].eq(0).all())  # padding writes nothing
+    assert bool(hidden.grad[mask].ne(0).any(-1).all())
+
+
+# --- read ----------------------------------------------------------------------------------
+
+def plain_read(memory, reader, hidden, mem):
+    """The reader's output in plain PyTorch: every query head softmaxes cosine x
+    scale over the non-empty slots of its pair."""
+    B, T, _ = hidden.shape
+    P, D = memory.pairs, memory.config.head_dim
+    q = F.normalize(reader.query(reader.norm(hidden)).view(B, T, 2 * P, D), dim=-1)
+    mem = mem.expand(B, -1, -1, -1)
+    keys = F.normalize(torch.einsum("bpsd,pde->bpse", mem[:, :P], memory.slot_key), dim=-1)
+    values = torch.einsum("bpsd,pde->bpse", mem[:, P:], memory.slot_value)
+    keys, values = torch.cat([keys, keys], 1), torch.cat([values, values], 1)  # head c*P + p
+    scores = torch.einsum("bthd,bhsd->bhts", q, keys) * reader.scale
+    scores = scores.masked_fill(~mem.ne(0).any(3).any(1)[:, None, None, :], float("-inf"))
+    read = torch.einsum("bhts,bhsd->bthd", scores.softmax(-1), values).reshape(B, T, -1)
+    return hidden + torch.tanh(reader.gate) * reader.out(read)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_read_matches_plain_pytorch_forward_and_backward(rows):
+    torch.manual_seed(1)
+    memory = make_memory(slots=30, open_gates=True)
+    B, T = 3, 4
+    written = torch.randn(rows, 9, HIDDEN).double()
+    mask = torch.rand(rows, 9) < 0.8
+    bank = MemoryBank(memory, memory.write(memory.fresh_mem(rows), written, mask).detach())
+    hidden = torch.randn(B, T, HIDDEN, dtype=torch.float64, requires_grad=True)
+    for reader_index, reader in enumerate(memory.readers):
+        got = memory.read(reader_index, hidden, bank)
+        want = plain_read(memory, reader, hidden, bank.mem)
+        torch.testing.assert_close(got, want)
+        params = [hidden, memory.slot_key, memory.slot_value, *reader.parameters()]
+        g_got = torch.autograd.grad(got.pow(2).sum(), params, allow_unused=True)
+        g_want = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+        with torch.no_grad():
+            torch.testing.assert_close(memory.read(reader_index, hidden, bank), want)
+
+
+def test_empty_slots_are_never_read():
+    torch.manual_seed(2)
+    memory = make_memory(slots=40, open_gates=True)
+    written = torch.randn(1, 6, HIDDEN).double()
+    big = MemoryBank(memory, memory.write(memory.fresh_mem(1, 40), written).detach())
+    small = MemoryBank(memory, memory.write(memory.fresh_mem(1, 9), written).detach())
+    hidden = torch.randn(2, 3, HIDDEN).double()
+    with torch.no_grad():
+        torch.testing.assert_close(memory.read(0, hidden, big), memory.read(0, hidden, small))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_narrow_key_value_caches_read_close_to_the_exact_bank(kv_dtype):
+    torch.manual_seed(3)
+    memory = make_memory(slots=20, open_gates=True).float()
+    bank = MemoryBank(memory, memory.write(memory.fresh_mem(1), torch.randn(1, 8, HIDDEN)).detach())
+    hidden = torch.randn(2, 3, HIDDEN)
+    with torch.no_grad():
+        exact = memory.read(0, hidden, bank)
+        narrow = memory.read(0, hidden, bank, kv_dtype)
+    torch.testing.assert_close(narrow, exact, atol=0.05, rtol=0)
+    assert not torch.equal(narrow, exact)  # the narrow cache was used
+
+
+# --- on an LLM -------------------------------------------------------------------------------
+
+def test_attached_with_closed_gates_the_logits_are_unchanged_and_open_they_change():
+    torch.manual_seed(4)
+    model = tiny_llama()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    base = model(ids).logits
+    memory = make_memory(model)
+    bank = memory.store(model, None, [[1, 2, 3], [4, 5, 6, 7]])
+    with memkernels.attach(model, memory, bank):
+        assert torch.equal(model(ids).logits, base)
+    opened = make_memory(model, open_gates=True)
+    with memkernels.attach(model, opened, opened.store(model, None, [[1, 2, 3]])):
+        assert not torch.allclose(model(ids).logits, base)
+
+
+def test_save_load_pretrained_and_banks_roundtrip(tmp_path):
+    torch.manual_seed(5)
+    model = tiny_llama()
+    memory = make_memory(model, open_gates=True)
+    memory.fit_statistics(torch.randn(50, HIDDEN).double(),
+                          [torch.randn(20, HIDDEN).double() for _ in memory.readers])
+    memory.save_pretrained(tmp_path / "m")
+    loaded = MemoryModel.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, AppendMemory) and loaded.init_bank.dtype == torch.float64
+    for (name, a), b in zip(memory.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name  # buffers (the fitted statistics) too
+    bank = memory.store(model, None, [[1, 2, 3, 4], [5, 6]])
+    bank.save(tmp_path / "bank.safetensors")
+    back = MemoryBank.load(tmp_path / "bank.safetensors", loaded)
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with memkernels.attach(model, memory, bank):
+        want = model(ids).logits
+    with memkernels.attach(model, loaded, back):
+        assert torch.equal(model(ids).logits, want)
+    assert memory.fingerprint() == loaded.fingerprint()
+
+
+# --- the address pre-training ------------------------------------------------------------------
+
+class CharTokenizer:
+    """One id per character (ids 1..60): enough for a tiny LM built from a config."""
+
+    def __call__(self, text):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+
+def test_address_nll_is_minus_the_log_of_the_mean_weight_over_heads():
+    torch.manual_seed(6)
+    q, keys = torch.randn(5, 3, 8).double(), F.normalize(torch.randn(11, 3, 8).double(), dim=-1)
+    targets = torch.randint(0, 11, (5,))
+    weights = (torch.einsum("apd,kpd->apk", F.normalize(q, dim=-1), keys) * 7).softmax(-1)
+    want = -weights[torch.arange(5), :, targets].mean(1).log().mean()
+    torch.testing.assert_close(address_nll(q, keys, targets, 7.0), want)
+
+
+def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():
+    torch.manual_seed(7)
+    model = tiny_llama()
+    memory = make_memory(model)
+    names = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(3)) for i in range(40)]
+    queries = [f"who {n}?" for n in names]
+    statements = [f"{n} is {names[(i + 5) % 40]}." for i, n in enumerate(names)]
+    before = memory.slot_value.detach().clone()
+    losses = pretrain_address(memory, model, CharTokenizer(), queries, statements,
+                              [2] * len(names), steps=60, batch=16, lr=3e-3, progress=False)
+    assert len(losses) == 60 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    assert not torch.equal(memory.address[0].std, torch.ones(HIDDEN, dtype=torch.float64))
+    assert torch.equal(memory.slot_value, before)  # only the address and the query train
+    with pytest.raises(ValueError, match=r"targets\[0\] = 99"):
+        pretrain_address(memory, model, CharTokenizer(), queries, statements, [99] * 40, steps=1)
+    with pytest.raises(TypeError, match="append-rule"):
+        blend = MemoryModel(MemoryConfig.from_hf(model.config)).double()
+        pretrain_address(blend, model, CharTokenizer(), queries, statements, [2] * 40, steps=1)
