@@ -75,6 +75,17 @@ def address_nll(queries: Tensor, keys: Tensor, targets: Tensor, scale: float) ->
     return -(torch.logsumexp(per_head[..., 0], dim=1) - math.log(queries.shape[1])).mean()
 
 
+def address_contrastive(queries: Tensor, keys: Tensor, targets: Tensor,
+                        temperature: float) -> Tensor:
+    """Cross-entropy of each query against all keys, its target the right one,
+    scored by the cosine over all heads at once / temperature (InfoNCE; the
+    joint training's address loss, TrainConfig.address_loss). queries [A, P, Dh],
+    keys [K, P, Dh] (raw: AppendReader.raw_queries, AppendMemory.raw_address_keys),
+    targets [A] (indices into K)."""
+    scores = F.normalize(queries.flatten(1), dim=-1) @ F.normalize(keys.flatten(1), dim=-1).T
+    return F.cross_entropy(scores / temperature, targets)
+
+
 class AppendReader(nn.Module):
     """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))."""
 
@@ -93,6 +104,11 @@ class AppendReader(nn.Module):
         B, T, _ = hidden.shape
         q = self.query(self.norm(hidden)).view(B, T, 2, self.pairs, self.head_dim)
         return F.normalize(q, dim=-1)
+
+    def raw_queries(self, hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: copy 0 of each pair's query, before normalisation."""
+        B, T, _ = hidden.shape
+        return self.query(self.norm(hidden)).view(B, T, 2, self.pairs, self.head_dim)[:, :, 0]
 
     def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor]) -> Tensor:
         """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
@@ -182,10 +198,13 @@ class AppendMemory(MemoryModel):
         B, T, _ = hidden.shape
         return torch.tanh(self.address(self.write_norm(hidden))).view(B, T, self.pairs, -1)
 
+    def raw_address_keys(self, hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: the read key a slot gets from this token, before normalisation."""
+        return torch.einsum("btpd,pde->btpe", self.token_addresses(hidden), self.slot_key)
+
     def address_keys(self, hidden: Tensor) -> Tensor:
         """[B, T, P, Dh]: the read key a slot gets from this token (unit length)."""
-        return F.normalize(torch.einsum("btpd,pde->btpe", self.token_addresses(hidden),
-                                        self.slot_key), dim=-1)
+        return F.normalize(self.raw_address_keys(hidden), dim=-1)
 
     def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
               value_hidden: Optional[Tensor] = None) -> Tensor:

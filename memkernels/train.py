@@ -39,12 +39,16 @@ from memkernels.memory import MemoryBank, MemoryModel, _atomic_write
 class Batch:
     """input_ids/attention_mask [B, T]; labels [B, T] (-100 = no loss);
     write_ids/write_mask [B, n, Tw]: row b's n texts to write first (None =
-    read the trained bank)."""
+    read the trained bank). For TrainConfig.address_loss: address_targets
+    [B, n], the token of text j that a question about it should find (-1:
+    none); asks [Q, 3], rows (b, t, j): position t of row b asks about text j."""
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
     write_ids: Optional[Tensor] = None
     write_mask: Optional[Tensor] = None
+    address_targets: Optional[Tensor] = None
+    asks: Optional[Tensor] = None
 
 
 @dataclasses.dataclass
@@ -63,20 +67,36 @@ class TrainConfig:
     # parameter-name prefix -> lr multiplier (the first prefix that matches);
     # e.g. pre-trained parameters that should move slowly
     lr_scales: dict = dataclasses.field(default_factory=dict)
+    # append rule: weight of append_memory.address_contrastive on batches with
+    # asks (each question's first-reader query against every written target of
+    # the batch); without it the joint training pulls the pre-trained address
+    # away (benchmarks/NOTES.md, session 8: N=100 32% without, ~80% with)
+    address_loss: float = 0.0
+    address_temperature: float = 0.05
 
 
 class _MemoryStep(nn.Module):
     """The unit DDP wraps: it owns only the memory (the LLM is not a
     submodule, so DDP never sees or syncs its frozen parameters)."""
 
-    def __init__(self, llm: nn.Module, memory: MemoryModel):
+    def __init__(self, llm: nn.Module, memory: MemoryModel, address_loss: float = 0.0,
+                 address_temperature: float = 0.05):
         super().__init__()
         self.memory = memory
         object.__setattr__(self, "llm", llm)  # not registered
         self.handle = memkernels.attach(llm, memory)
+        self.address_loss, self.address_temperature = address_loss, address_temperature
+        self._read_input: list[Tensor] = []
+        if address_loss:
+            # the first reading layer's output before the memory adds to it (runs first)
+            layer = self.handle.layers[memory.config.resolved_read_layers[0]]
+            self._capture = layer.register_forward_hook(
+                lambda m, a, out: self._read_input.append(out[0] if isinstance(out, tuple) else out),
+                prepend=True)
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         memory = self.memory
+        hidden = None
         if batch.write_ids is None:
             bank = memory.trainable_bank()
         else:
@@ -90,13 +110,32 @@ class _MemoryStep(nn.Module):
             bank = MemoryBank(memory, memory.write(start, per_row(hidden), mask.bool(),
                                                    per_row(value_hidden)))
         self.handle.bank = bank
+        self._read_input.clear()
         logits = self.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits, labels = logits[:, :-1].float(), batch.labels[:, 1:]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            labels.reshape(-1), ignore_index=-100)
+        if self.address_loss and batch.asks is not None and hidden is not None:
+            loss = loss + self.address_loss * self._address_loss(batch, hidden)
         scored = labels != -100
         correct = ((logits.argmax(-1) == labels) & scored).sum()
         return loss, correct, scored.sum()
+
+    def _address_loss(self, batch: Batch, write_hidden: Tensor) -> Tensor:
+        """append_memory.address_contrastive of each ask's first-reader query
+        against the addresses of every text's target token in the batch."""
+        from memkernels.append_memory import address_contrastive  # noqa: PLC0415
+        memory, (B, n, Tw) = self.memory, batch.write_ids.shape
+        has = batch.address_targets >= 0
+        cand_b, cand_j = has.nonzero(as_tuple=True)
+        index = torch.full((B, n), -1, dtype=torch.long, device=has.device)
+        index[cand_b, cand_j] = torch.arange(len(cand_b), device=has.device)
+        rows = write_hidden.reshape(B, n, Tw, -1)[cand_b, cand_j,
+                                                   batch.address_targets[cand_b, cand_j]]
+        keys = memory.raw_address_keys(rows[:, None])[:, 0]  # [K, P, Dh]
+        b, t, j = batch.asks.unbind(1)
+        queries = memory.readers[0].raw_queries(self._read_input[0][b, t][:, None])[:, 0]
+        return address_contrastive(queries, keys, index[b, j], self.address_temperature)
 
 
 def trainer_rank() -> int:
@@ -119,7 +158,8 @@ class Trainer:
         self.config, self.make_batch = config, make_batch
         self.rank, self.world = _distributed()
         torch.manual_seed(config.seed)
-        self.step_module = _MemoryStep(llm, memory)
+        self.step_module = _MemoryStep(llm, memory, config.address_loss,
+                                       config.address_temperature)
         self.model = self.step_module
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.step_module,
@@ -178,6 +218,8 @@ class Trainer:
     def close(self) -> None:
         """Detaches the memory: the LLM is as it was."""
         self.step_module.handle.detach()
+        if hasattr(self.step_module, "_capture"):
+            self.step_module._capture.remove()
 
     # --- checkpoints -------------------------------------------------------------
 
@@ -216,6 +258,14 @@ class Trainer:
 # training: Adam's first steps move every parameter by ~lr and undid the
 # pre-training at the full rate (benchmarks/NOTES.md, session 5)
 PRETRAINED_LR_SCALES = {"address.": 0.1, "slot_key": 0.1, "readers.0.query.": 0.1}
+
+
+def append_joint_config(**overrides) -> TrainConfig:
+    """The joint training of an append-rule memory after pretrain_address:
+    pre-trained parameters at lr / 10, the address loss at weight 5, AdamW's
+    usual weight decay (what reached ~80% at N=100, benchmarks/NOTES.md)."""
+    return TrainConfig(**{**dict(weight_decay=0.01, lr_scales=PRETRAINED_LR_SCALES,
+                                 address_loss=5.0, address_temperature=0.05), **overrides})
 
 
 def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],
@@ -309,11 +359,10 @@ def main(argv=None) -> None:
     if append and not args.resume:
         pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
                          steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
+    settings = dict(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, bf16=args.bf16,
+                    seed=args.seed, out_dir=args.out)
     trainer = Trainer(model, memory, make_batch,
-                      TrainConfig(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
-                                  bf16=args.bf16, seed=args.seed, out_dir=args.out,
-                                  weight_decay=0.01 if append else 0.0,
-                                  lr_scales=PRETRAINED_LR_SCALES if append else {}))
+                      append_joint_config(**settings) if append else TrainConfig(**settings))
     if args.resume:
         trainer.load_checkpoint(os.path.join(args.out, "checkpoint"))
     result = trainer.train()

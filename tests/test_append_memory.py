@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import memkernels
 from memkernels import AppendMemory, MemoryBank, MemoryConfig, MemoryModel, build_memory
-from memkernels.append_memory import address_nll
+from memkernels.append_memory import address_contrastive, address_nll
 from memkernels.train import pretrain_address
 
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
@@ -268,6 +268,16 @@ def test_address_nll_is_minus_the_log_of_the_mean_weight_over_heads():
     weights = (torch.einsum("apd,kpd->apk", F.normalize(q, dim=-1), keys) * 7).softmax(-1)
     want = -weights[torch.arange(5), :, targets].mean(1).log().mean()
     torch.testing.assert_close(address_nll(q, keys, targets, 7.0), want)
+
+
+def test_address_contrastive_is_infonce_on_the_cosine_over_all_heads():
+    torch.manual_seed(8)
+    q, keys = torch.randn(4, 3, 8).double(), torch.randn(9, 3, 8).double()
+    targets = torch.tensor([0, 8, 3, 3])
+    cos = torch.stack([torch.stack([F.cosine_similarity(a.flatten(), k.flatten(), dim=0)
+                                    for k in keys]) for a in q])
+    want = -(cos / 0.1).log_softmax(1)[torch.arange(4), targets].mean()
+    torch.testing.assert_close(address_contrastive(q, keys, targets, 0.1), want)
 
 
 def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():

@@ -1,6 +1,7 @@
 """The trainer and the recall tasks, on a tiny LM with a tokenizer trained here."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -140,6 +141,31 @@ def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path, write_rule):
     resumed.train()
     for (n, p), q in zip(straight.memory.named_parameters(), resumed.memory.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_address_loss_adds_the_contrastive_term_and_trains_the_address(tokenizer):
+    model = tiny_lm(len(tokenizer))
+    memory = tasks.default_memory(model, slots=128, write_rule="append")
+    batch = tasks.written_batches(tokenizer, 3, seed=0, facts_per_row=(2, 4))(5, 0)
+    assert batch.asks.shape[1] == 3 and len(batch.asks) >= 3
+    for b, t, j in batch.asks.tolist():  # each ask predicts its answer, about a written text
+        assert batch.labels[b, t] == -100 and batch.labels[b, t + 1] != -100
+        assert batch.address_targets[b, j] >= 0
+    losses = {}
+    for weight in (0.0, 5.0):
+        trainer = Trainer(model, memory, lambda step, rank: batch,
+                          TrainConfig(steps=1, address_loss=weight, progress=False))
+        loss, _, _ = trainer.step_module(batch)
+        losses[weight] = loss
+        if weight:
+            memory.zero_grad()
+            loss.backward()
+            assert memory.address[1].weight.grad.abs().sum() > 0
+            assert memory.readers[0].query[1].weight.grad.abs().sum() > 0
+        trainer.close()
+    extra = (losses[5.0] - losses[0.0]).item() / 5.0  # the contrastive term itself
+    assert 0 < extra < 2 * math.log(int((batch.address_targets >= 0).sum()))
+    assert all(len(layer._forward_hooks) == 0 for layer in model.model.layers)  # all removed
 
 
 def test_lr_scales_slow_the_named_parameters(tokenizer):

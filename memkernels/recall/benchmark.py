@@ -38,7 +38,7 @@ import memkernels
 from memkernels.memory import MemoryModel
 from memkernels.recall import base_lm, tasks
 from memkernels.recall.facts import Fact, make_facts, qa_prompt
-from memkernels.train import PRETRAINED_LR_SCALES, Trainer, TrainConfig, pretrain_address
+from memkernels.train import Trainer, TrainConfig, append_joint_config, pretrain_address
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
 WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
@@ -118,8 +118,7 @@ def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_f
         make_batch = tasks.written_batches(tokenizer, batch // 2, seed=1 + seed,
                                            facts_per_row=WRITTEN_FACTS,
                                            curriculum_steps=min(WRITTEN_CURRICULUM, steps))
-        config = TrainConfig(steps=steps, lr=3e-3, weight_decay=0.01, seed=seed,
-                             lr_scales=PRETRAINED_LR_SCALES)
+        config = append_joint_config(steps=steps, lr=3e-3, seed=seed)
     else:
         memory = tasks.default_memory(model, slots=slots, seed=seed)
         pretrain = []

@@ -90,6 +90,8 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
                     curriculum_steps: int = 0) -> Callable[[int, int], Batch]:
     """Episodes: each row writes k fresh facts (statements) into its own
     fresh bank, then answers questions about some of them (other templates).
+    address_targets / asks: each statement's last token before its object,
+    and each question's position that predicts the answer (Batch).
     Names come from the train split: the benchmark's never appear.
     curriculum_steps: the most facts per row grows geometrically from 1 to
     facts_per_row[1] over these steps (a memory learns to copy one fact
@@ -105,13 +107,16 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
 
     def make(step: int, rank: int) -> Batch:
         rng = _rng(seed, rank, step, 1)
-        rows, writes = [], []
-        for _ in range(batch):
+        rows, writes, targets, asks = [], [], [], []
+        for r in range(batch):
             facts = [random_fact(rng) for _ in range(rng.randint(*facts_range(step)))]
-            writes.append([tokenizer(f.statement(rng))["input_ids"] for f in facts])
+            statements = [statement_tokens(tokenizer, f, rng) for f in facts]
+            writes.append([ids for ids, _ in statements])
+            targets.append([_first_scored(labels) - 1 for _, labels in statements])
             ids, labels = [], []
-            for f in rng.sample(facts, min(questions_per_row, len(facts))):
-                i, lab = qa_tokens(tokenizer, f, rng, follows=bool(ids))
+            for j in rng.sample(range(len(facts)), min(questions_per_row, len(facts))):
+                i, lab = qa_tokens(tokenizer, facts[j], rng, follows=bool(ids))
+                asks.append((r, len(ids) + _first_scored(lab) - 1, j))  # predicts the answer
                 ids, labels = ids + i, labels + lab
             rows.append((ids, labels))
         b = _lm_batch(rows, pad)
@@ -119,12 +124,19 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
         tw = max(len(t) for w in writes for t in w)
         b.write_ids = torch.full((batch, n, tw), pad, dtype=torch.long)
         b.write_mask = torch.zeros(batch, n, tw, dtype=torch.long)
+        b.address_targets = torch.full((batch, n), -1, dtype=torch.long)
         for r, w in enumerate(writes):
             for j, t in enumerate(w):
                 b.write_ids[r, j, :len(t)] = torch.tensor(t)
                 b.write_mask[r, j, :len(t)] = 1
+                b.address_targets[r, j] = targets[r][j]
+        b.asks = torch.tensor(asks, dtype=torch.long)
         return b
     return make
+
+
+def _first_scored(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != -100)
 
 
 def trained_facts(n: int, seed: int, distractors: bool = False) -> list[Fact]:
