@@ -118,12 +118,46 @@ class AppendReader(nn.Module):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         if slot_mask is not None and keys.dim() == 3:
             slot_mask = slot_mask[0]
+        inference = not torch.is_grad_enabled()
+        if inference:  # the same math in fewer ops: see _folded_weights
+            w1, b1, w2, b2, out_w = self._folded_weights()
+            x = F.rms_norm(hidden, (hidden.shape[-1],), eps=self.norm.eps)
+            q = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+            q = F.normalize(q.view(B, T, 2, self.pairs, self.head_dim), dim=-1)
+        else:
+            q = self.queries(hidden)
         # both query copies of a pair read it as one query sequence of 2T rows
-        q = self.queries(hidden).permute(0, 3, 2, 1, 4).reshape(B, self.pairs, 2 * T, -1)
+        q = q.permute(0, 3, 2, 1, 4).reshape(B, self.pairs, 2 * T, -1)
         read = memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=self.scale,
                            slot_mask=slot_mask, backend=self.backend)
-        read = read.view(B, self.pairs, 2, T, -1).permute(0, 3, 2, 1, 4).reshape(B, T, -1)
-        return hidden + torch.tanh(self.gate) * self.out(read.to(hidden.dtype))
+        read = read.view(B, self.pairs, 2, T, -1).permute(0, 3, 2, 1, 4).reshape(B * T, -1)
+        if inference:
+            C = hidden.shape[-1]
+            return torch.addmm(hidden.reshape(B * T, C), read.to(hidden.dtype), out_w).view(B, T, C)
+        return hidden + torch.tanh(self.gate) * self.out(read.to(hidden.dtype)).view(B, T, -1)
+
+    def _folded_weights(self) -> tuple[Tensor, ...]:
+        """(w1, b1, w2, b2, out_w) for reads without gradients: the norm's weight
+        and the Standardize statistics folded into the first layer of the
+        query MLP, the gate into the output projection (each fold is exact up
+        to rounding), rebuilt when a parameter or statistic changes. A decode
+        step then runs 2 fewer elementwise passes and 2 fewer ops per layer."""
+        standardize, first, second = self.query[0], self.query[1], self.query[3]
+        sources = (self.norm.weight, standardize.mean, standardize.std, first.weight, first.bias,
+                   second.weight, second.bias, self.out.weight, self.gate)
+        try:
+            stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        except RuntimeError:  # made under inference_mode: no version to trust
+            stamp = None
+        folded = getattr(self, "_folded", None)
+        if folded is None or stamp is None or folded[0] != stamp:
+            with torch.no_grad():
+                scale = self.norm.weight / standardize.std  # x * norm_w, then (. - mean) / std
+                w1 = first.weight * scale[None, :]
+                b1 = first.bias - first.weight @ (standardize.mean / standardize.std)
+                out_w = (self.out.weight * torch.tanh(self.gate)[:, None]).t().contiguous()
+            folded = self._folded = (stamp, (w1, b1, second.weight, second.bias, out_w))
+        return folded[1]
 
 
 class AppendMemory(MemoryModel):

@@ -251,11 +251,12 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
 
 @torch.no_grad()
 def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
-                    batch_size: int = 100) -> Tensor:
+                    batch_size: int = 100, every_token: bool = False) -> Tensor:
     """[texts, layers + 1, hidden]: the embeddings and every decoder layer's
     output at each text's last token (the base model's: an attached memory's
-    reads are off). Left-padded batches, positions counted from each text's
-    first token, as generate() counts them."""
+    reads are off); with every_token, at all tokens of all texts
+    [tokens, layers + 1, hidden]. Left-padded batches, positions counted from
+    each text's first token, as generate() counts them."""
     handle = attached_handle(model)
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
     device = next(model.parameters()).device
@@ -269,7 +270,8 @@ def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
                                 device=device)
             hidden = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                            output_hidden_states=True, use_cache=False).hidden_states
-            out.append(torch.stack([h[:, -1] for h in hidden], 1))
+            hidden = torch.stack(hidden, 2)  # [batch, width, layers + 1, hidden]
+            out.append(hidden[mask.bool()] if every_token else hidden[:, -1])
     return torch.cat(out)
 
 

@@ -305,7 +305,12 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
         if not 0 <= target < len(tok_states):
             raise ValueError(f"targets[{t}] = {target} is not a token of statement {t} "
                              f"({len(tok_states)} tokens)")
-    memory.fit_statistics(torch.cat(tokens), [q_states[:, i] for i in range(len(layers))])
+    # reader 0 is pre-trained on the question ends alone: its statistics from
+    # there; the others read every position untrained: theirs from every token
+    # of the questions (fitted on the ends alone, N=100 came out 72-81%)
+    every = text_end_states(llm, tokenizer, queries[:1000], every_token=True)
+    memory.fit_statistics(torch.cat(tokens), [q_states[:, 0]] + [every[:, i].to(device)
+                                                                 for i in layers[1:]])
     reader = memory.readers[0]
     params = [*memory.address.parameters(), memory.slot_key, *reader.query.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)

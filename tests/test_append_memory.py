@@ -172,6 +172,8 @@ def plain_read(memory, reader, hidden, mem):
 def test_read_matches_plain_pytorch_forward_and_backward(rows):
     torch.manual_seed(1)
     memory = make_memory(slots=30, open_gates=True)
+    memory.fit_statistics(torch.randn(40, HIDDEN).double() * 3 + 1,
+                          [torch.randn(40, HIDDEN).double() * 2 - 1 for _ in memory.readers])
     B, T = 3, 4
     written = torch.randn(rows, 9, HIDDEN).double()
     mask = torch.rand(rows, 9) < 0.8
@@ -186,8 +188,13 @@ def test_read_matches_plain_pytorch_forward_and_backward(rows):
         g_want = torch.autograd.grad(want.pow(2).sum(), params, allow_unused=True)
         for a, b in zip(g_got, g_want):
             torch.testing.assert_close(a, b)
-        with torch.no_grad():
+        with torch.no_grad():  # the folded inference path, also after in-place updates
             torch.testing.assert_close(memory.read(reader_index, hidden, bank), want)
+            reader.query[0].mean.add_(0.5)
+            reader.query[1].bias.add_(0.1)
+            reader.gate.mul_(0.5)
+            torch.testing.assert_close(memory.read(reader_index, hidden, bank),
+                                       plain_read(memory, reader, hidden, bank.mem))
 
 
 def test_empty_slots_are_never_read():
