@@ -57,6 +57,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 50
+    schedule: str = "cosine"  # after the warmup: "cosine" decay to 0, or "constant"
     grad_accum: int = 1
     clip: float = 1.0
     bf16: bool = False
@@ -73,6 +74,18 @@ class TrainConfig:
     # away (benchmarks/NOTES.md, session 8: N=100 32% without, ~80% with)
     address_loss: float = 0.0
     address_temperature: float = 0.05
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"TrainConfig.schedule must be 'cosine' or 'constant', "
+                             f"got {self.schedule!r}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of a step: a linear warmup, then the schedule."""
+        warm = min(1.0, (step + 1) / max(self.warmup, 1))
+        if self.schedule == "constant":
+            return self.lr * warm
+        return self.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step / max(self.steps, 1), 1.0)))
 
 
 class _MemoryStep(nn.Module):
@@ -178,11 +191,6 @@ class Trainer:
     def memory(self) -> MemoryModel:
         return self.step_module.memory
 
-    def lr_at(self, step: int) -> float:
-        c = self.config
-        warm = min(1.0, (step + 1) / max(c.warmup, 1))
-        return c.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step / max(c.steps, 1), 1.0)))
-
     def train(self, until: Optional[int] = None) -> dict:
         """Runs steps up to `until` (default: config.steps); returns the history."""
         c = self.config
@@ -193,7 +201,7 @@ class Trainer:
         history = []
         for step in bar:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(step) * group["lr_scale"]
+                group["lr"] = c.lr_at(step) * group["lr_scale"]
             loss_sum, correct, scored = 0.0, 0, 0
             for micro in range(c.grad_accum):
                 batch = self.make_batch(step * c.grad_accum + micro, self.rank)
@@ -263,9 +271,11 @@ PRETRAINED_LR_SCALES = {"address.": 0.1, "slot_key": 0.1, "readers.0.query.": 0.
 def append_joint_config(**overrides) -> TrainConfig:
     """The joint training of an append-rule memory after pretrain_address:
     pre-trained parameters at lr / 10, the address loss at weight 5, AdamW's
-    usual weight decay (what reached ~80% at N=100, benchmarks/NOTES.md)."""
+    usual weight decay, a constant rate after the warmup (the curriculum
+    reaches the most facts per episode late; benchmarks/NOTES.md, session 8)."""
     return TrainConfig(**{**dict(weight_decay=0.01, lr_scales=PRETRAINED_LR_SCALES,
-                                 address_loss=5.0, address_temperature=0.05), **overrides})
+                                 address_loss=5.0, address_temperature=0.05,
+                                 schedule="constant"), **overrides})
 
 
 def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],

@@ -306,3 +306,20 @@ def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():
     with pytest.raises(TypeError, match="append-rule"):
         blend = MemoryModel(MemoryConfig.from_hf(model.config)).double()
         pretrain_address(blend, model, CharTokenizer(), queries, statements, [2] * 40, steps=1)
+
+
+def test_text_end_states_every_token_matches_each_text_run_alone():
+    from memkernels.integration import text_end_states
+    torch.manual_seed(9)
+    model = tiny_llama()
+    texts = ["ab", "hello there", "xyz?"]
+    ends = text_end_states(model, CharTokenizer(), texts)
+    every = text_end_states(model, CharTokenizer(), texts, every_token=True)
+    assert ends.shape == (3, 4, HIDDEN) and every.shape == (sum(map(len, texts)), 4, HIDDEN)
+    start = 0
+    for i, text in enumerate(texts):
+        ids = torch.tensor([CharTokenizer()(text)["input_ids"]])
+        alone = torch.stack(model(ids, output_hidden_states=True).hidden_states, 2)[0]
+        torch.testing.assert_close(every[start:start + len(text)], alone)
+        torch.testing.assert_close(ends[i], alone[-1])
+        start += len(text)

@@ -168,6 +168,15 @@ def test_address_loss_adds_the_contrastive_term_and_trains_the_address(tokenizer
     assert all(len(layer._forward_hooks) == 0 for layer in model.model.layers)  # all removed
 
 
+def test_learning_rate_schedules():
+    assert TrainConfig(steps=100, lr=1.0, warmup=10).lr_at(0) == pytest.approx(0.1)
+    for schedule, at_90 in (("cosine", 0.5 * (1 + math.cos(math.pi * 0.9))), ("constant", 1.0)):
+        config = TrainConfig(steps=100, lr=1.0, warmup=10, schedule=schedule)
+        assert config.lr_at(90) == pytest.approx(at_90)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
 def test_lr_scales_slow_the_named_parameters(tokenizer):
     model = tiny_lm(len(tokenizer))
     memory = tasks.default_memory(model, slots=128, write_rule="append")
