@@ -112,12 +112,10 @@ class AppendReader(nn.Module):
 
     def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor]) -> Tensor:
         """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
-        or Int8Rows; slot_mask bool [1 or B, S] (True = read)."""
+        or Int8Rows; slot_mask None or bool [B, S] (True = read)."""
         B, T, _ = hidden.shape
         if isinstance(keys, Int8Rows):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
-        if slot_mask is not None and keys.dim() == 3:
-            slot_mask = slot_mask[0]
         inference = not torch.is_grad_enabled()
         if inference:  # the same math in fewer ops: see _folded_weights
             w1, b1, w2, b2, out_w = self._folded_weights()
@@ -211,9 +209,12 @@ class AppendMemory(MemoryModel):
         return mem.ne(0).any(3).any(1)
 
     def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys/values [B, P, S, Dh]; a one-row bank's as [P, S_used, Dh], its
+        non-empty slots only (the shared-bank layout, read once for a whole
+        batch, with no slot mask: a read never streams the empty slots)."""
         P, spec = self.pairs, "bpsd,pde->bpse"
-        if mem.shape[0] == 1:  # the shared-bank layout: read once for a whole batch
-            mem, spec = mem[0], "psd,pde->pse"
+        if mem.shape[0] == 1:
+            mem, spec = mem[0][:, self.slot_mask(mem)[0]], "psd,pde->pse"
         address, content = mem[..., :P, :, :], mem[..., P:, :, :]
         keys = F.normalize(torch.einsum(spec, address, self.slot_key), dim=-1)
         values = torch.einsum(spec, content, self.slot_value)
@@ -225,7 +226,9 @@ class AppendMemory(MemoryModel):
              kv_dtype: Optional[torch.dtype] = None) -> Tensor:
         self._check_bank_rows(bank, hidden)
         keys, values = bank.keys_values(kv_dtype)
-        return self.readers[reader_index](hidden, keys, values, bank.slot_mask())
+        shared = bank.batch_size == 1  # compacted: no empty slot left to mask
+        return self.readers[reader_index](hidden, keys, values,
+                                          None if shared else bank.slot_mask())
 
     def token_addresses(self, hidden: Tensor) -> Tensor:
         """[B, T, P, Dh]: what each token writes into the address heads."""

@@ -29,7 +29,7 @@ import time
 import torch
 
 import memkernels
-from memkernels import MemoryBank, MemoryConfig, MemoryModel
+from memkernels import MemoryBank, MemoryConfig, MemoryModel, build_memory
 
 LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -59,12 +59,21 @@ def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
 
 
+def build_memory_for(model, heads: int, head_dim: int, slots: int, write_rule: str):
+    """blend: `heads` heads; append: `heads` (address, content) pairs, so both
+    read the same bytes of keys and values per token."""
+    config = MemoryConfig.from_hf(model.config, num_heads=heads * (2 if write_rule == "append"
+                                                                   else 1),
+                                  head_dim=head_dim, num_slots=slots, write_rule=write_rule)
+    return build_memory(config)
+
+
 def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
-            dtype: torch.dtype, kv_dtype: torch.dtype, shared_bank: bool = False) -> dict:
+            dtype: torch.dtype, kv_dtype: torch.dtype, shared_bank: bool = False,
+            write_rule: str = "blend") -> dict:
     model = build_model(dtype)
-    config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
-                                  num_slots=slots)
-    memory = MemoryModel(config).to(dtype).eval()
+    memory = build_memory_for(model, heads, head_dim, slots, write_rule).to(dtype).eval()
+    config = memory.config
     with torch.no_grad():  # open the gates so the read is not optimised away by anyone
         for r in memory.readers:
             r.gate.fill_(0.1)
@@ -93,7 +102,8 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
     slot_bytes = head_dim * kv_dtype.itemsize + (4 if kv_dtype == torch.int8 else 0)
     bank_bytes = len(config.read_layers) * bank_rows * 2 * heads * slots * slot_bytes
     b, m = statistics.median(base), statistics.median(with_memory)
-    return dict(batch=batch, bank="shared" if shared_bank else "per row", heads=heads, head_dim=head_dim, slots=slots,
+    return dict(batch=batch, bank="shared" if shared_bank else "per row", write_rule=write_rule,
+                heads=heads, head_dim=head_dim, slots=slots,
                 read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
                 kv_dtype=str(kv_dtype).split(".")[-1],
                 base_ms=1e3 * b, memory_ms=1e3 * m, overhead=statistics.median(ratios),
@@ -159,6 +169,9 @@ def main(argv=None) -> None:
                     help="dtype of the cached bank keys/values (int8: a float32 scale per slot)")
     ap.add_argument("--bank", nargs="+", default=["per-row"], choices=["per-row", "shared"],
                     help="a bank per sequence (the issue's case) or one bank shared by the batch")
+    ap.add_argument("--write-rule", nargs="+", default=["blend"], choices=["blend", "append"],
+                    help="the memory's write rule (append: --heads pairs of address and "
+                         "content heads, an MLP query, a cosine read)")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
@@ -172,14 +185,15 @@ def main(argv=None) -> None:
                   f"layer {p['fused_call_us']:.0f} us")
         return
     rows = []
-    for (heads, head_dim), batch, kv, bank in itertools.product(
-            zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.bank):
+    for (heads, head_dim), batch, kv, bank, rule in itertools.product(
+            zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.bank, args.write_rule):
         if bank == "shared" and batch == 1:
             continue  # the same as per-row
         row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
-                      torch.float32, getattr(torch, kv), shared_bank=bank == "shared")
+                      torch.float32, getattr(torch, kv), shared_bank=bank == "shared",
+                      write_rule=rule)
         rows.append(row)
-        print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}, bank {bank}: "
+        print(f"B={batch} {rule} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}, bank {bank}: "
               f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
               f"overhead {100 * row['overhead']:+.1f}% (base vs base {100 * row['noise']:.1f}%) "
               f"(floor {100 * row['floor']:.1f}%: {row['bank_mb_per_token']:.1f} MB of bank "
@@ -189,9 +203,11 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "llm_overhead.json"), "w") as f:
             json.dump({"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
                        "model": LLAMA, "rows": rows}, f, indent=1)
-        lines = ["| batch | bank | memory H x Dh | S | K/V cache | base ms/token | with memory "
-                 "| overhead | base vs base | floor |", "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['bank']} | {r['heads']} x {r['head_dim']} | {r['slots']} | "
+        lines = ["| batch | bank | write rule | memory H x Dh | S | K/V cache | base ms/token "
+                 "| with memory | overhead | base vs base | floor |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['bank']} | {r['write_rule']} | {r['heads']} x "
+                  f"{r['head_dim']} | {r['slots']} | "
                   f"{r['kv_dtype']} | "
                   f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "
                   f"{100 * r['noise']:.1f}% | "
