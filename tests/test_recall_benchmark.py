@@ -162,3 +162,17 @@ def test_address_pairs_target_the_token_before_the_object(lm):
         assert q.startswith("Q: ") and q.endswith(" A:") and f.subject in q and f.subject in s
         assert tok.decode(ids[t + 1:]).strip().startswith(f.object)  # the object comes next
         assert not tok.decode(ids[t:]).strip().startswith(f.object)
+
+
+def test_a_trained_memory_learns_the_fact_draw_it_is_asked_about(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    seen = {}
+    real = tasks.trained_batches
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tasks, "trained_batches", spy)
+    benchmark.train_memory(model, tok, "trained", str(tmp_path / "t"), steps=1, n_facts=4,
+                           slots=8, fact_seed=3)
+    assert seen["eval_seed"] == 3 and seen["n_facts"] == 4

@@ -101,13 +101,13 @@ class BM25Retriever:
 
 def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_facts: int = 0,
                  distractors: bool = False, batch: int = 16, slots: int = 1024,
-                 pretrain_steps: int = WRITTEN_PRETRAIN_STEPS, seed: int = 0,
+                 pretrain_steps: int = WRITTEN_PRETRAIN_STEPS, seed: int = 0, fact_seed: int = 0,
                  log=print) -> MemoryModel:
     """Trains (or loads from `directory`) a memory for `model`. written: an
     append-rule memory, its address pre-trained for pretrain_steps, then
     batch/2 episodes a step of WRITTEN_FACTS facts each, after a curriculum
     from one fact per episode. trained: a blend-rule memory whose bank learns
-    the n_facts facts."""
+    the n_facts facts of draw fact_seed."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return MemoryModel.from_pretrained(directory)
     start = time.time()
@@ -123,7 +123,7 @@ def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_f
         memory = tasks.default_memory(model, slots=slots, seed=seed)
         pretrain = []
         make_batch = tasks.trained_batches(tokenizer, batch, seed=1 + seed, n_facts=n_facts,
-                                           distractors=distractors)
+                                           distractors=distractors, eval_seed=fact_seed)
         config = TrainConfig(steps=steps, lr=1e-2, seed=seed)  # a step is ~15x cheaper
     trainer = Trainer(model, memory, make_batch, config)
     history = trainer.train()["history"]
@@ -199,7 +199,7 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
 
 def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
         written_steps: int, trained_steps: int, conditions=CONDITIONS, log=print,
-        written_dir: str = WRITTEN_MEMORY) -> list[dict]:
+        written_dir: str = WRITTEN_MEMORY, fact_seed: int = 0) -> list[dict]:
     model, tokenizer = base_lm.load()
     written = None
     if "written_memory" in conditions:
@@ -208,16 +208,17 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
     rows = []
     for distract in (False, True):
         for n in sizes:
-            facts, others = make_facts(n, seed=0, distractors=distract)
+            facts, others = make_facts(n, seed=fact_seed, distractors=distract)
             for condition in conditions:
                 memory = written
                 if condition == "trained_memory":
                     if n not in trained_sizes:
                         continue
-                    name = f"trained-n{n}{'-distract' if distract else ''}"
+                    name = (f"trained-n{n}{'-distract' if distract else ''}"
+                            f"{f'-facts{fact_seed}' if fact_seed else ''}")
                     memory = train_memory(model, tokenizer, "trained", os.path.join(cache, name),
                                           steps=trained_steps, n_facts=n, distractors=distract,
-                                          log=log)
+                                          fact_seed=fact_seed, log=log)
                 row = evaluate(condition, model, tokenizer, facts, others, memory=memory)
                 if row is None:
                     log(f"{condition:15s} N={n:5d} distractors={distract}: does not fit")
@@ -277,12 +278,16 @@ def main(argv=None) -> None:
     ap.add_argument("--written-steps", type=int, default=WRITTEN_STEPS)
     ap.add_argument("--trained-steps", type=int, default=TRAINED_STEPS)
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    ap.add_argument("--fact-seed", type=int, default=0,
+                    help="which draw of facts (names, objects) is stored and asked; a trained "
+                         "memory is trained on the draw (cached per seed)")
     ap.add_argument("--written-dir", default=WRITTEN_MEMORY,
                     help="the written memory (trained there when missing; default: the one "
                          "that ships)")
     args = ap.parse_args(argv)
     run(args.out, args.cache, args.sizes, args.trained_sizes, args.written_steps,
-        args.trained_steps, args.conditions, written_dir=args.written_dir)
+        args.trained_steps, args.conditions, written_dir=args.written_dir,
+        fact_seed=args.fact_seed)
 
 
 if __name__ == "__main__":
