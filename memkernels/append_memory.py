@@ -15,7 +15,8 @@ Bank layout, P = num_heads / 2 pairs of heads:
   (MemoryConfig.values_from) of the token after t: what came next (zero
   where padding comes next).
 
-A write puts a row's real tokens, in order, into its first empty slots (an
+A write puts a row's real tokens, in order, into its first empty slots (with
+MemoryConfig.store_threshold > 0 only those a learned store gate keeps; an
 empty slot is all zeros; a fresh bank is empty but for null_slots learned
 defaults at its end, the "nothing stored" answer). A read sees the non-empty
 slots only: keys are slot_key . address (unit length), values slot_value .
@@ -178,6 +179,8 @@ class AppendMemory(MemoryModel):
         self.write_norm = nn.RMSNorm(C, eps=1e-6)
         self.address = _mlp(C, config.mlp_hidden, P * D)
         self.token_value = nn.Linear(C, P * D, bias=False)
+        # the store gate: which tokens a write keeps (None: every real token)
+        self.keep = (_mlp(C, config.mlp_hidden // 4, 1) if config.store_threshold > 0 else None)
         self.readers = nn.ModuleList(AppendReader(config) for _ in config.read_layers)
         _mark_owned(self)
 
@@ -243,23 +246,41 @@ class AppendMemory(MemoryModel):
         """[B, T, P, Dh]: the read key a slot gets from this token (unit length)."""
         return F.normalize(self.raw_address_keys(hidden), dim=-1)
 
+    def keep_logits(self, hidden: Tensor) -> Tensor:
+        """[B, T]: the store gate's logit per token (MemoryConfig.store_threshold)."""
+        if self.keep is None:
+            raise ValueError("this memory has no store gate: MemoryConfig.store_threshold is 0")
+        return self.keep(self.write_norm(hidden))[..., 0]
+
+    def stored_tokens(self, hidden: Tensor, token_mask: Tensor) -> Tensor:
+        """bool [B, T]: the tokens a write stores: the real ones (token_mask),
+        and with a store gate only those whose probability reaches the threshold."""
+        stored = token_mask.bool()
+        if self.keep is not None:
+            with torch.no_grad():
+                kept = torch.sigmoid(self.keep_logits(hidden).float()) >= self.config.store_threshold
+            stored = stored & kept
+        return stored
+
     def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
               value_hidden: Optional[Tensor] = None) -> Tensor:
-        """Appends each real token of a row to the row's next empty slot
-        (differentiable; returns the new bank). Raises ValueError, leaving
-        `mem` as it was, when a row has fewer empty slots than tokens."""
+        """Appends each stored token of a row (stored_tokens) to the row's
+        next empty slot (differentiable; returns the new bank). Raises
+        ValueError, leaving `mem` as it was, when a row has fewer empty slots
+        than tokens to store."""
         self._check_write_args(mem, hidden, value_hidden)
         B, T, _ = hidden.shape
         S = mem.shape[2]
         if token_mask is None:
             token_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         token_mask = token_mask.bool()
+        stored = self.stored_tokens(hidden, token_mask)
         empty = ~self.slot_mask(mem)
-        tokens_in, empty_slots = token_mask.sum(1), empty.sum(1)
+        tokens_in, empty_slots = stored.sum(1), empty.sum(1)
         if bool((tokens_in > empty_slots).any()):
             b = int((tokens_in > empty_slots).nonzero()[0])
             raise ValueError(f"write: bank row {b} has {int(empty_slots[b])} empty slots, the "
-                             f"write has {int(tokens_in[b])} tokens; an append-rule bank holds "
+                             f"write has {int(tokens_in[b])} tokens to store; an append-rule bank holds "
                              f"num_slots - null_slots tokens, make a bigger one with "
                              f"memory.new_bank(num_slots=...)")
         xv = self.write_norm(hidden if value_hidden is None else value_hidden)
@@ -267,8 +288,8 @@ class AppendMemory(MemoryModel):
         xv_next = torch.cat([xv[:, 1:] * token_mask[:, 1:, None], torch.zeros_like(xv[:, :1])], 1)
         content = torch.tanh(self.token_value(xv_next)).view(B, T, self.pairs, -1)
         tokens = torch.cat([self.token_addresses(hidden), content], 2)  # [B, T, 2P, Dh]
-        # the k-th empty slot of a row takes the row's k-th real token
-        real_first = torch.sort((~token_mask).to(torch.int8), dim=1, stable=True).indices
+        # the k-th empty slot of a row takes the row's k-th stored token
+        real_first = torch.sort((~stored).to(torch.int8), dim=1, stable=True).indices
         rank = empty.long().cumsum(1) - 1
         takes = empty & (rank < tokens_in[:, None])
         source = real_first.gather(1, rank.clamp(0, T - 1))
@@ -278,7 +299,8 @@ class AppendMemory(MemoryModel):
     # --- fitting the MLP inputs ------------------------------------------------------
 
     def fit_statistics(self, address_states: Tensor, reader_states: list[Tensor]) -> None:
-        """Fits the Standardize layers: the address MLP's on write-layer states
+        """Fits the Standardize layers: the address MLP's (and the store
+        gate's) on write-layer states
         of written tokens [N, C], reader i's on states of its layer [N_i, C] at
         the positions it answers from (before its norm)."""
         if len(reader_states) != len(self.readers):
@@ -286,5 +308,7 @@ class AppendMemory(MemoryModel):
                              f"got {len(reader_states)}")
         with torch.no_grad():
             self.address[0].fit(self.write_norm(address_states))
+            if self.keep is not None:
+                self.keep[0].fit(self.write_norm(address_states))
             for reader, states in zip(self.readers, reader_states):
                 reader.query[0].fit(reader.norm(states))

@@ -66,7 +66,12 @@ class MemoryConfig:
     written tokens (MemoryModel.new_bank(num_slots=...) makes a bigger one);
     facts cannot blur together (memkernels.append_memory).
     null_slots, read_scale, mlp_hidden: "append" only (see above; mlp_hidden
-    is the width of the query and address MLPs).
+    is the width of the query and address MLPs). store_threshold: "append"
+    only; 0 stores every real token; above 0 adds a learned store gate (an
+    MLP on the write layer's state, trained by
+    memkernels.train.pretrain_address to pick the tokens reads look for) and
+    a write stores a token only when the gate's probability reaches it: a
+    bank then holds a few slots per fact instead of one per token.
     backend: forces a kernel backend (None = auto).
     """
     hidden_size: int
@@ -84,6 +89,7 @@ class MemoryConfig:
     null_slots: int = 8
     read_scale: float = 20.0
     mlp_hidden: int = 512
+    store_threshold: float = 0.0
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -117,6 +123,12 @@ class MemoryConfig:
             if not (isinstance(self.read_scale, (int, float)) and self.read_scale > 0):
                 raise ValueError(f"MemoryConfig.read_scale must be a positive number, "
                                  f"got {self.read_scale!r}")
+        if not (isinstance(self.store_threshold, (int, float)) and 0 <= self.store_threshold < 1):
+            raise ValueError(f"MemoryConfig.store_threshold must be a number in [0, 1), "
+                             f"got {self.store_threshold!r}")
+        if self.store_threshold and self.write_rule != "append":
+            raise ValueError("MemoryConfig.store_threshold needs write_rule='append' (the blend "
+                             "rule writes every token into every slot)")
 
     @property
     def width(self) -> int:
@@ -487,6 +499,8 @@ class MemoryModel(nn.Module):
         if self.config.write_rule == "blend":  # as before these fields existed
             for key in ("write_rule", "null_slots", "read_scale", "mlp_hidden"):
                 del config[key]
+        if not self.config.store_threshold:  # as before the store gate existed
+            del config["store_threshold"]
         h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, p in sorted(self.named_parameters()):
             if name.startswith(("slot_", "token_", "write_norm", "forget", "input", "address")):

@@ -62,6 +62,9 @@ def expected_slots(memory, hidden, value_hidden, mask=None):
     (dict(write_rule="append", null_slots=16), "null_slots"),
     (dict(write_rule="append", read_scale=0.0), "read_scale"),
     (dict(write_rule="append", mlp_hidden=0), "mlp_hidden"),
+    (dict(write_rule="append", store_threshold=1.0), "store_threshold"),
+    (dict(write_rule="append", store_threshold=-0.1), "store_threshold"),
+    (dict(write_rule="blend", store_threshold=0.5), "store_threshold needs write_rule='append'"),
 ])
 def test_config_rejects_bad_append_settings(kwargs, match):
     base = dict(hidden_size=HIDDEN, num_layers=3, num_heads=4, head_dim=8, num_slots=16)
@@ -124,6 +127,36 @@ def test_write_fills_the_holes_of_a_merged_bank_in_slot_order():
     torch.testing.assert_close(new[0][:, empty[:6]].transpose(0, 1),
                                expected_slots(memory, hidden[0], hidden[0]))
     assert MemoryBank(memory, new).slot_mask().sum() == 18
+
+
+def test_store_gate_stores_only_the_tokens_it_keeps():
+    """With store_threshold > 0 a write stores, in order, exactly the real
+    tokens whose gate probability reaches the threshold; their content is still
+    the next token's (kept or not), and a gate that keeps fewer tokens lets a
+    bank hold more writes."""
+    torch.manual_seed(3)
+    memory = make_memory(slots=12, null_slots=2, store_threshold=0.5)
+    assert make_memory().keep is None
+    B, T = 2, 9
+    hidden, values = torch.randn(B, T, HIDDEN).double(), torch.randn(B, T, HIDDEN).double()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 6:] = False
+    keep = torch.sigmoid(memory.keep_logits(hidden)) >= 0.5
+    assert 0 < int((keep & mask).sum()) < int(mask.sum())  # this draw keeps some, drops some
+    stored = memory.stored_tokens(hidden, mask)
+    assert torch.equal(stored, keep & mask)
+    mem = memory.write(memory.fresh_mem(B), hidden, mask, values)
+    for b in range(B):
+        want = expected_slots(memory, hidden[b], values[b], mask[b])[stored[b]]
+        n = len(want)
+        torch.testing.assert_close(mem[b, :, :n].transpose(0, 1), want)
+        assert not bool(mem[b, :, n:-2].any())  # the rest stays empty
+    with torch.no_grad():  # a gate that keeps nothing stores nothing
+        memory.keep[3].bias.fill_(-50.0)
+    assert torch.equal(memory.write(mem, hidden, mask, values), mem)
+    plain = make_memory(slots=12, null_slots=2)
+    with pytest.raises(ValueError, match="no store gate"):
+        plain.keep_logits(hidden)
 
 
 def test_a_full_bank_is_refused_and_left_as_it_was():
@@ -301,6 +334,18 @@ def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
     assert not torch.equal(memory.address[0].std, torch.ones(HIDDEN, dtype=torch.float64))
     assert torch.equal(memory.slot_value, before)  # only the address and the query train
+    gated = make_memory(model, store_threshold=0.5)
+    last = [len(s) - 1 for s in statements]  # the "." (an easy target for a tiny random LM)
+    losses = pretrain_address(gated, model, CharTokenizer(), queries, statements,
+                              last, steps=80, batch=16, lr=3e-3, progress=False)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    # the gate learns to keep each statement's target token and little else
+    ids = torch.tensor([CharTokenizer()(s)["input_ids"] for s in statements[:8]])
+    from memkernels.integration import write_layer_hidden
+    with torch.no_grad():
+        hidden, _ = write_layer_hidden(model, gated, ids, torch.ones_like(ids))
+        kept = torch.sigmoid(gated.keep_logits(hidden)) >= 0.5
+    assert kept[:, -1].float().mean() >= 0.75 and kept[:, :-1].float().mean() < 0.1
     with pytest.raises(ValueError, match=r"targets\[0\] = 99"):
         pretrain_address(memory, model, CharTokenizer(), queries, statements, [99] * 40, steps=1)
     with pytest.raises(TypeError, match="append-rule"):

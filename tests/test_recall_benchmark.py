@@ -138,6 +138,15 @@ def test_written_curriculum_grows_the_facts_per_episode(lm):
     assert torch.equal(make(37, 1).write_ids, make(37, 1).write_ids)  # a pure function
 
 
+def test_append_episodes_ask_one_question_a_row_alone(lm):
+    _, tok = lm
+    batch = tasks.append_episodes(tok, 5, seed=2, steps=10)(20, 0)
+    assert batch.asks[:, 0].tolist() == list(range(5))  # one ask per row
+    for row in batch.input_ids:
+        text = tok.decode(row)
+        assert text.startswith("Q: ") and text.count("Q: ") == 1  # asked alone
+
+
 def test_train_memory_pretrains_trains_saves_and_reloads_the_written_memory(lm, tmp_path,
                                                                           monkeypatch):
     model, tok = lm
@@ -147,6 +156,7 @@ def test_train_memory_pretrains_trains_saves_and_reloads_the_written_memory(lm, 
                                     pretrain_steps=3, batch=4, slots=64)
     info = json.load(open(tmp_path / "w" / "training.json"))
     assert info["write_rule"] == "append" and info["pretrain_steps"] == 3 and info["steps"] == 2
+    assert memory.config.store_threshold == tasks.STORE_THRESHOLD and memory.keep is not None
     again = benchmark.train_memory(model, tok, "written", str(tmp_path / "w"), steps=2)
     assert type(again) is type(memory)
     for (name, a), b in zip(memory.state_dict().items(), again.state_dict().values()):

@@ -177,20 +177,29 @@ def test_learning_rate_schedules():
         TrainConfig(schedule="linear")
 
 
-def test_lr_scales_slow_the_named_parameters(tokenizer):
+def test_lr_scales_set_each_named_parameters_rate_and_zero_freezes_it(tokenizer):
     model = tiny_lm(len(tokenizer))
-    memory = tasks.default_memory(model, slots=128, write_rule="append")
+    memory = tasks.default_memory(model, slots=128, write_rule="append", store_threshold=0.3)
+    before = {n: p.detach().clone() for n, p in memory.named_parameters()}
+    scales = {**PRETRAINED_LR_SCALES, "slot_value": 0.1}
     trainer = Trainer(model, memory,
                       tasks.written_batches(tokenizer, 2, seed=0, facts_per_row=(2, 3)),
-                      TrainConfig(steps=1, lr=1e-2, warmup=1, lr_scales=PRETRAINED_LR_SCALES,
+                      TrainConfig(steps=2, lr=1e-2, warmup=1, weight_decay=0.01, lr_scales=scales,
+                                  schedule="constant",
                                   progress=False))
     trainer.train()
     trainer.close()
     lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
     for name, p in memory.named_parameters():
-        slow = name.startswith(tuple(PRETRAINED_LR_SCALES))
-        assert lrs[id(p)] == pytest.approx(1e-2 * (0.1 if slow else 1.0)), name
-    assert any(n.startswith("readers.1.query") for n, _ in memory.named_parameters())
+        scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+        assert lrs[id(p)] == pytest.approx(1e-2 * scale), name
+        if scale == 0.0:  # frozen: not even weight decay moves it
+            assert torch.equal(p, before[name]), name
+    # what pretrain_address fits is frozen, the rest of the reader trains
+    frozen = [n for n, _ in memory.named_parameters() if n.startswith(tuple(PRETRAINED_LR_SCALES))]
+    assert any(n.startswith("keep.") for n in frozen) and "readers.0.norm.weight" in frozen
+    assert not any(n.startswith(("readers.1.", "token_value", "readers.0.out")) for n in frozen)
+    assert not torch.equal(memory.readers[1].query[1].weight, before["readers.1.query.1.weight"])
 
 
 DDP_SCRIPT = textwrap.dedent("""

@@ -42,13 +42,11 @@ from memkernels.train import Trainer, TrainConfig, append_joint_config, pretrain
 
 CONDITIONS = ("base", "in_context", "retrieval", "trained_memory", "written_memory")
 WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memory")
-# the written memory: the append rule (memkernels.append_memory), its address
-# pre-trained first (memkernels.train.pretrain_address), then the joint training
-# on episodes of WRITTEN_FACTS facts, reached by a curriculum from one
+# the written memory: the append rule (memkernels.append_memory) with a store
+# gate, its address pre-trained first (memkernels.train.pretrain_address), then
+# the joint training on episodes (tasks.append_episodes)
 WRITTEN_PRETRAIN_STEPS = 6000
 WRITTEN_STEPS = 1500
-WRITTEN_FACTS = (4, 16)
-WRITTEN_CURRICULUM = 1000
 TRAINED_STEPS = 2000
 
 
@@ -104,20 +102,18 @@ def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_f
                  pretrain_steps: int = WRITTEN_PRETRAIN_STEPS, seed: int = 0, fact_seed: int = 0,
                  log=print) -> MemoryModel:
     """Trains (or loads from `directory`) a memory for `model`. written: an
-    append-rule memory, its address pre-trained for pretrain_steps, then
-    batch/2 episodes a step of WRITTEN_FACTS facts each, after a curriculum
-    from one fact per episode. trained: a blend-rule memory whose bank learns
+    append-rule memory with a store gate, its address pre-trained for
+    pretrain_steps, then batch/2 episodes a step (tasks.append_episodes). trained: a blend-rule memory whose bank learns
     the n_facts facts of draw fact_seed."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return MemoryModel.from_pretrained(directory)
     start = time.time()
     if mode == "written":
-        memory = tasks.default_memory(model, slots=slots, seed=seed, write_rule="append")
+        memory = tasks.default_memory(model, slots=slots, seed=seed, write_rule="append",
+                                      store_threshold=tasks.STORE_THRESHOLD)
         pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
                                     steps=pretrain_steps, seed=seed)
-        make_batch = tasks.written_batches(tokenizer, batch // 2, seed=1 + seed,
-                                           facts_per_row=WRITTEN_FACTS,
-                                           curriculum_steps=min(WRITTEN_CURRICULUM, steps))
+        make_batch = tasks.append_episodes(tokenizer, batch // 2, 1 + seed, steps)
         config = append_joint_config(steps=steps, lr=3e-3, seed=seed)
     else:
         memory = tasks.default_memory(model, slots=slots, seed=seed)

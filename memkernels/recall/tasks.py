@@ -16,20 +16,27 @@ from memkernels.recall.facts import RELATIONS, Fact, make_facts, make_name, qa_p
 from memkernels.train import Batch
 
 
-def default_memory(model, *, slots: int = 1024, seed: int = 0,
-                   write_rule: str = "blend") -> MemoryModel:
+# the append memory's store gate keeps a token from this probability on (a
+# missed statement costs a fact, an extra token only a slot)
+STORE_THRESHOLD = 0.3
+
+
+def default_memory(model, *, slots: int = 1024, seed: int = 0, write_rule: str = "blend",
+                   store_threshold: float = 0.0) -> MemoryModel:
     """Reads at the last two decoder layers; a write keys on the (base
     model's) hidden states of the first of them (late enough that a
     statement's object position has gathered who the statement is about) and
     takes its values from the embeddings (where the object is still itself:
     at the write layer the base LM has overwritten it). blend: 4 heads x 32;
-    append: 4 address + 4 content heads x 32 (memkernels.append_memory)."""
+    append: 4 address + 4 content heads x 32 (memkernels.append_memory),
+    store_threshold as MemoryConfig.store_threshold."""
     torch.manual_seed(seed)
     n = model.config.num_hidden_layers
     config = MemoryConfig.from_hf(model.config, num_heads=8 if write_rule == "append" else 4,
                                   head_dim=32, num_slots=slots,
                                   read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0),
-                                  values_from="embeddings", write_rule=write_rule)
+                                  values_from="embeddings", write_rule=write_rule,
+                                  store_threshold=store_threshold)
     return build_memory(config)
 
 
@@ -133,6 +140,16 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
         b.asks = torch.tensor(asks, dtype=torch.long)
         return b
     return make
+
+
+def append_episodes(tokenizer, batch: int, seed: int, steps: int) -> Callable[[int, int], Batch]:
+    """The episodes of an append memory's joint training (the recall
+    benchmark's and `python -m memkernels.train`'s): 4-16 facts written a
+    row, reached by a curriculum from one over the first 1000 steps, and one
+    question a row, asked alone as the benchmark asks it (the first reader's
+    query is frozen at what pretrain_address fitted on questions alone)."""
+    return written_batches(tokenizer, batch, seed, facts_per_row=(4, 16), questions_per_row=1,
+                           curriculum_steps=min(1000, steps))
 
 
 def _first_scored(labels: list[int]) -> int:
