@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memkernels.memory import Int8Rows, MemoryBank, MemoryConfig, MemoryModel, _mark_owned
+from memkernels._nvtx import nvtx_range
+from memkernels.memory import (Int8Rows, MemoryBank, MemoryConfig, MemoryModel, _fused_cpu_reader,
+                               _mark_owned, _reader_operands)
 from memkernels.ops import memory_read
 
 
@@ -115,9 +117,20 @@ class AppendReader(nn.Module):
         """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
         or Int8Rows; slot_mask None or bool [B, S] (True = read)."""
         B, T, _ = hidden.shape
+        inference = not torch.is_grad_enabled()
+        shared = (keys.data if isinstance(keys, Int8Rows) else keys).dim() == 3
+        if inference and slot_mask is None and shared:
+            # a shared, compacted bank on the CPU backend: the whole layer is one
+            # fused C++ call (memkernels._C.reader_fwd with the MLP query)
+            fused = _fused_cpu_reader(hidden, keys, self.backend)
+            if fused is not None:
+                w1, b1, w2, b2, out_w = self._folded_weights()
+                k, v, k_scale, v_scale = _reader_operands(keys, values)
+                with nvtx_range("memkernels.append_reader_fwd[cpu]"):
+                    return fused(hidden, w2, k, v, out_w, self.norm.eps, self.scale, k_scale,
+                                 v_scale, mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
         if isinstance(keys, Int8Rows):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
-        inference = not torch.is_grad_enabled()
         if inference:  # the same math in fewer ops: see _folded_weights
             w1, b1, w2, b2, out_w = self._folded_weights()
             x = F.rms_norm(hidden, (hidden.shape[-1],), eps=self.norm.eps)

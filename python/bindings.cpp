@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../csrc/cpu/slot_bank_cpu.h"
 #include "common.h"
@@ -122,12 +123,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   return {dmem.to(dt), dqs.to(dt), dk.to(dt), dv.to(dt), df.to(dt), di.to(dt)};
 }
 
-// One reading layer at inference, fused (memkernels.memory.MemoryReader).
+// One reading layer at inference, fused (memkernels.memory.MemoryReader, and
+// with mlp_w the append rule's memkernels.append_memory.AppendReader).
 // keys/values may be bfloat16, or int8 with a float32 scale per slot, with
-// float32 hidden states (the decode cache).
+// float32 hidden states (the decode cache). Query heads (query_w rows / Dh)
+// may be a multiple of the kv heads: head h reads kv head h % Hk.
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
                   const Tensor& values, const Tensor& out_w, double eps, double scale,
-                  const OptTensor& key_scale, const OptTensor& value_scale) {
+                  const OptTensor& key_scale, const OptTensor& value_scale,
+                  const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
+                  bool unit_queries) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
@@ -145,11 +150,31 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   TORCH_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
               shape_str(keys.sizes()));
   const bool shared = keys.dim() == 3;
-  const int64_t H = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
+  const int64_t Hk = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
   TORCH_CHECK(S > 0 && D > 0, "keys must hold at least one slot");
-  if (!shared) check_shape(keys, "keys", {B, H, S, D});
+  if (!shared) check_shape(keys, "keys", {B, Hk, S, D});
   check_shape(values, "values", keys.sizes());
-  check_shape(query_w, "query_w", {H * D, C});
+  TORCH_CHECK(query_w.dim() == 2 && query_w.size(0) % (Hk * D) == 0,
+              "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
+              "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
+  const int64_t H = query_w.size(0) / D;
+  const int64_t M = mlp_w.has_value() ? mlp_w->size(0) : 0;
+  if (mlp_w.has_value()) {
+    check_same(*mlp_w, hidden, "mlp_w");
+    check_shape(*mlp_w, "mlp_w", {M, C});
+    TORCH_CHECK(mlp_b.has_value(), "mlp_w needs mlp_b");
+  } else {
+    TORCH_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
+  }
+  if (mlp_b.has_value()) {
+    check_same(*mlp_b, hidden, "mlp_b");
+    check_shape(*mlp_b, "mlp_b", {M});
+  }
+  if (query_b.has_value()) {
+    check_same(*query_b, hidden, "query_b");
+    check_shape(*query_b, "query_b", {H * D});
+  }
+  check_shape(query_w, "query_w", {H * D, M > 0 ? M : C});
   check_shape(out_w, "out_w", {H * D, C});
   const bool int8_kv = keys.scalar_type() == at::kChar;
   if (int8_kv) {
@@ -175,7 +200,20 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   }
   Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
          v = values.contiguous(), ow = out_w.contiguous();
+  Tensor w1 = mlp_w.has_value() ? mlp_w->contiguous() : Tensor(),
+         b1 = mlp_b.has_value() ? mlp_b->contiguous() : Tensor(),
+         bq = query_b.has_value() ? query_b->contiguous() : Tensor();
   Tensor out = at::empty_like(h);
+  // the options beside the blend reader's: kv heads, the MLP query, unit queries
+  auto set_options = [&](auto& r, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    r.kv_heads = Hk;
+    r.mlp_hidden = M;
+    r.mlp_w = M > 0 ? w1.data_ptr<T>() : nullptr;
+    r.mlp_b = M > 0 ? b1.data_ptr<T>() : nullptr;
+    r.query_b = bq.defined() ? bq.data_ptr<T>() : nullptr;
+    r.unit_queries = unit_queries;
+  };
   auto run_narrow = [&](auto kv_tag) {
     using KV = decltype(kv_tag);
     mk::ReaderProblem<float, KV> r{B, T, C, H, D, S, shared, h.data_ptr<float>(),
@@ -188,6 +226,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
       r.key_scale = ks.data_ptr<float>();
       r.value_scale = vs.data_ptr<float>();
     }
+    set_options(r, static_cast<float*>(nullptr));
     mk::reader_forward<float, KV>(r, out.data_ptr<float>());
   };
   if (narrow) {
@@ -202,6 +241,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                                   k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                   ow.data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
                                   static_cast<scalar_t>(scale)};
+    set_options(r, static_cast<scalar_t*>(nullptr));
     mk::reader_forward<scalar_t>(r, out.data_ptr<scalar_t>());
   });
   return out;
@@ -217,10 +257,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_fwd", &write_fwd, "memory_write forward (CPU) -> (new_mem, upd, lse)");
   m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
   m.def("reader_fwd", &reader_fwd,
-        "one reading layer at inference: hidden + read(rms_norm(hidden) @ query_w^T) @ out_w",
+        "one reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w, "
+        "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b) @ query_w^T; "
+        "+ query_b, then unit length per head with unit_queries",
         py::arg("hidden"), py::arg("query_w"), py::arg("keys"), py::arg("values"),
         py::arg("out_w"), py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
-        py::arg("value_scale") = py::none());
+        py::arg("value_scale") = py::none(), py::arg("mlp_w") = py::none(),
+        py::arg("mlp_b") = py::none(), py::arg("query_b") = py::none(),
+        py::arg("unit_queries") = false);
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);

@@ -230,6 +230,50 @@ def test_read_matches_plain_pytorch_forward_and_backward(rows):
                                        plain_read(memory, reader, hidden, bank.mem))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5])  # the fused layer's GEMV path (<= 4 rows) and GEMM path
+def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, tokens):
+    """A read without gradients of a one-row bank on the CPU backend goes
+    through memkernels._C.reader_fwd (MLP query, unit queries, 2 query heads
+    per bank pair) and matches the plain PyTorch read."""
+    import memkernels.append_memory as append_memory
+    if append_memory._fused_cpu_reader(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype),
+                                       None) is None:
+        pytest.skip("memkernels._C is not built")
+    torch.manual_seed(8)
+    memory = make_memory(slots=30, open_gates=True).to(dtype)
+    memory.fit_statistics(torch.randn(40, HIDDEN, dtype=dtype) * 3 + 1,
+                          [torch.randn(40, HIDDEN, dtype=dtype) * 2 - 1 for _ in memory.readers])
+    bank = MemoryBank(memory, memory.write(memory.fresh_mem(1), torch.randn(1, 9, HIDDEN,
+                                                                            dtype=dtype)).detach())
+    calls = []
+    real = append_memory._fused_cpu_reader
+
+    def spy(*args):
+        fused = real(*args)
+        return None if fused is None else (lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(append_memory, "_fused_cpu_reader", spy)
+    hidden = torch.randn(2, tokens, HIDDEN, dtype=dtype) * 4
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for i, reader in enumerate(memory.readers):
+        with torch.no_grad():
+            got = memory.read(i, hidden, bank)
+        torch.testing.assert_close(got, plain_read(memory, reader, hidden, bank.mem), **tol)
+    assert len(calls) == 2
+    if dtype == torch.float32:  # the narrow caches, read in place
+        with torch.no_grad():
+            exact = memory.read(0, hidden, bank)
+            bf16 = memory.read(0, hidden, bank, torch.bfloat16)
+            int8 = memory.read(0, hidden, bank, torch.int8)
+            monkeypatch.setattr(append_memory, "_fused_cpu_reader", lambda *a: None)
+            int8_unfused = memory.read(0, hidden, bank, torch.int8)  # dequantized, then read
+        assert len(calls) == 5
+        torch.testing.assert_close(int8, int8_unfused, rtol=1e-5, atol=1e-5)
+        # (the unfused bf16 read rounds the queries to bf16 too: compared to exact)
+        torch.testing.assert_close(bf16, exact, atol=0.05, rtol=0)
+        assert not torch.equal(bf16, exact)
+
+
 def test_empty_slots_are_never_read():
     torch.manual_seed(2)
     memory = make_memory(slots=40, open_gates=True)

@@ -687,7 +687,7 @@ def test_fused_cpu_reader_rejects_bad_tensors():
     k = torch.randn(2, 5, 4)
     with pytest.raises(RuntimeError, match="hidden must be"):
         ext.reader_fwd(h[0], w, k, k, w, 1e-6, 0.5)
-    with pytest.raises(RuntimeError, match="query_w must have shape"):
+    with pytest.raises(RuntimeError, match="query_w must be \\[H \\* Dh, C\\]"):
         ext.reader_fwd(h, w[:3], k, k, w, 1e-6, 0.5)
     with pytest.raises(RuntimeError, match="values must have dtype"):
         ext.reader_fwd(h, w, k, k.double(), w, 1e-6, 0.5)
@@ -746,3 +746,26 @@ def test_values_from_is_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match="value_hidden must have the shape"):
         memory.write(memory.new_bank(2).mem, keys_hidden, None, values_hidden[:, :2])
 
+
+
+def test_fused_cpu_reader_rejects_a_bad_mlp_query():
+    from memkernels import _backend
+    ext = _backend.extension()[0]
+    if ext is None:
+        pytest.skip("memkernels._C is not built")
+    h, k = torch.randn(1, 2, 16), torch.randn(2, 5, 4)
+    w1, b1, w2, wo = torch.randn(12, 16), torch.randn(12), torch.randn(16, 12), torch.randn(16, 16)
+    with pytest.raises(RuntimeError, match="mlp_w needs mlp_b"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1)
+    with pytest.raises(RuntimeError, match="mlp_b goes only with mlp_w"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="mlp_w must have shape"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1[:, :8], mlp_b=b1)
+    with pytest.raises(RuntimeError, match="query_w must have shape"):  # [H * Dh, M] after an MLP
+        ext.reader_fwd(h, w2[:, :8], k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="H a multiple of the keys' 2 heads"):
+        ext.reader_fwd(h, w2[:12], k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="query_b must have shape"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, query_b=b1)
+    with pytest.raises(RuntimeError, match="mlp_b must have dtype"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1.double())

@@ -1,8 +1,11 @@
 // Fused inference step of one reading layer (the decode hot path):
-//   out = hidden + read(rms_norm(hidden) @ Wq^T, K, V) @ Wo
-// with the norm weight folded into Wq and the gate into Wo by the caller.
+//   out = hidden + read(query(rms_norm(hidden)), K, V) @ Wo
+// query(x) = x @ Wq^T (the blend rule's reader), or unit(gelu(x @ W1^T + b1)
+// @ Wq^T + bq) per head (the append rule's MLP query); the norm weight is
+// folded into the first projection and the gate into Wo by the caller.
 // One call instead of ~10 small ATen ops: per decode token, the fixed cost of
 // those ops was as large as the read of a small bank.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -20,13 +23,48 @@ MK_CPU_CLONES void add_rows(T* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
+// y[n] = x[n] @ w^T (+ bias): [N, width_in] -> [N, width_out]
+template <typename T>
+void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out,
+             int64_t width_in, T* y) {
+  // A decode step has a row or a few: the vendor GEMM's per-call cost (and its
+  // thread hand-off) is then more than the arithmetic of a 512 x 128 GEMV.
+  if (N <= kGemvRows) {
+    for (int64_t n = 0; n < N; ++n)
+      single_row_scores<T, T>(x + n * width_in, w, width_out, width_in, T(1), y + n * width_out);
+  } else {
+    gemm<T>(false, true, N, width_out, width_in, T(1), x, width_in, w, width_in, T(0), y,
+            width_out);
+  }
+  if (bias != nullptr)
+    for (int64_t n = 0; n < N; ++n) add_rows(y + n * width_out, bias, width_out);
+}
+
+template <typename T>
+void gelu_in_place(T* x, int64_t n) {  // exact (erf) GELU, as nn.GELU()
+  const T inv_sqrt2 = T(0.70710678118654752440);
+  for (int64_t i = 0; i < n; ++i) x[i] = T(0.5) * x[i] * (T(1) + std::erf(x[i] * inv_sqrt2));
+}
+
+template <typename T>
+void unit_rows(T* x, int64_t rows, int64_t D) {  // as F.normalize (eps 1e-12)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* v = x + r * D;
+    T ss = 0;
+    for (int64_t d = 0; d < D; ++d) ss += v[d] * v[d];
+    const T inv = T(1) / std::max(std::sqrt(ss), T(1e-12));
+    for (int64_t d = 0; d < D; ++d) v[d] *= inv;
+  }
+}
+
 }  // namespace
 
 template <typename T, typename KV>
 void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
-  const int64_t W = H * D;
-  std::vector<T> xn(N * C), q(N * W), qg(N * W), og(N * W), lse(N * H);
+  const int64_t W = H * D, M = r.mlp_hidden;
+  const int64_t Hk = r.kv_heads > 0 ? r.kv_heads : H, per_kv = H / Hk;
+  std::vector<T> xn(N * C), hid(N * M), q(N * W), qg(N * W), og(N * W), lse(N * H);
   for (int64_t n = 0; n < N; ++n) {  // rms_norm without weight (folded into Wq)
     const T* x = r.hidden_states + n * C;
     T ss = 0;
@@ -34,33 +72,39 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
     const T inv = T(1) / std::sqrt(ss / T(C) + r.eps);
     for (int64_t c = 0; c < C; ++c) xn[n * C + c] = x[c] * inv;
   }
-  // A decode step has a row or a few: the vendor GEMM's per-call cost (and its
-  // thread hand-off) is then more than the arithmetic of a 512 x 128 GEMV.
-  const bool few_rows = N <= kGemvRows;
-  if (few_rows) {
-    for (int64_t n = 0; n < N; ++n)  // q[n, j] = <Wq[j], xn[n]>
-      single_row_scores<T, T>(xn.data() + n * C, r.query_w, W, C, T(1), q.data() + n * W);
+  if (M > 0) {
+    project<T>(xn.data(), r.mlp_w, r.mlp_b, N, M, C, hid.data());
+    gelu_in_place(hid.data(), N * M);
+    project<T>(hid.data(), r.query_w, r.query_b, N, W, M, q.data());
   } else {
-    gemm<T>(false, true, N, W, C, T(1), xn.data(), C, r.query_w, C, T(0), q.data(), W);
+    project<T>(xn.data(), r.query_w, r.query_b, N, W, C, q.data());
   }
-  // [N, H, D] -> read groups: a shared bank is one group per head holding all
-  // N rows; a bank per sequence is one group per (b, h) holding its T rows.
-  const int64_t groups = r.shared ? H : r.batch * H, rows = r.shared ? N : r.tokens;
-  auto group_row = [&](int64_t n, int64_t h) {
-    return r.shared ? h * N + n : ((n / r.tokens) * H + h) * r.tokens + n % r.tokens;
+  if (r.unit_queries) unit_rows(q.data(), N * H, D);
+  // [N, H, D] -> read groups, one per kv head (shared bank) or per (b, kv
+  // head), once per query head of a kv head: head h = c * Hk + g reads kv head
+  // g in pass c. One pass per c rather than all c's rows in one group: a decode
+  // step's one row per group takes the single-row kernel, and the second pass
+  // finds the bank in cache (the append reader, S=1024, hot: 76 us a call
+  // against 95 us with 2 rows per group).
+  const int64_t groups = r.shared ? Hk : r.batch * Hk, rows = r.shared ? N : r.tokens;
+  auto group_row = [&](int64_t n, int64_t g) {
+    return r.shared ? g * N + n : ((n / r.tokens) * Hk + g) * r.tokens + n % r.tokens;
   };
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h)
-      std::copy(q.data() + n * W + h * D, q.data() + n * W + (h + 1) * D,
-                qg.data() + group_row(n, h) * D);
-  AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
-                            r.scale, r.key_scale, r.value_scale};
-  read_forward(p, og.data(), lse.data());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < H; ++h)
-      std::copy(og.data() + group_row(n, h) * D, og.data() + (group_row(n, h) + 1) * D,
-                q.data() + n * W + h * D);
-  if (few_rows) {
+  for (int64_t c = 0; c < per_kv; ++c) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < Hk; ++g) {
+        const T* src = q.data() + n * W + (c * Hk + g) * D;
+        std::copy(src, src + D, qg.data() + group_row(n, g) * D);
+      }
+    AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
+                              r.scale, r.key_scale, r.value_scale};
+    read_forward(p, og.data(), lse.data());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < Hk; ++g)
+        std::copy(og.data() + group_row(n, g) * D, og.data() + (group_row(n, g) + 1) * D,
+                  q.data() + n * W + (c * Hk + g) * D);
+  }
+  if (N <= kGemvRows) {
     for (int64_t n = 0; n < N; ++n) {  // out[n] = hidden[n] + sum_j o[n, j] * Wo[j]
       single_row_values<T, T>(q.data() + n * W, r.out_w, W, C, out + n * C);
       add_rows(out + n * C, r.hidden_states + n * C, C);

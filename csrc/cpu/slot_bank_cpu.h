@@ -38,8 +38,12 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
                     T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput);
 
 // One reading layer at inference (see reader_cpu.cpp): hidden [B*T, C],
-// query_w [H*Dh, C] (norm weight folded in), keys/values [H, S, Dh] (shared)
-// or [B, H, S, Dh], out_w [H*Dh, C] (gate folded in). out [B*T, C].
+// query_w [H*Dh, C] (norm weight folded in), keys/values [Hk, S, Dh] (shared)
+// or [B, Hk, S, Dh], out_w [H*Dh, C] (gate folded in). out [B*T, C].
+// Query head h reads kv head h % Hk (Hk = kv_heads, 0 = H). With mlp_hidden
+// M > 0 the query is an MLP: gelu(x @ mlp_w^T + mlp_b) @ query_w^T, mlp_w
+// [M, C] (norm weight folded in), query_w [H*Dh, M]; query_b (optional) is
+// added last, and unit_queries scales each head's query to unit length.
 template <typename T, typename KV = T>
 struct ReaderProblem {
   int64_t batch, tokens, hidden, heads, head_dim, slots;
@@ -50,8 +54,14 @@ struct ReaderProblem {
   const KV* values;
   const T* out_w;
   T eps, scale;
-  const float* key_scale = nullptr;  // int8: one scale per slot, [H, S] or [B, H, S]
+  const float* key_scale = nullptr;  // int8: one scale per slot, [Hk, S] or [B, Hk, S]
   const float* value_scale = nullptr;
+  int64_t kv_heads = 0;
+  int64_t mlp_hidden = 0;
+  const T* mlp_w = nullptr;
+  const T* mlp_b = nullptr;
+  const T* query_b = nullptr;
+  bool unit_queries = false;
 };
 
 template <typename T, typename KV = T>

@@ -29,7 +29,7 @@ import time
 import torch
 
 import memkernels
-from memkernels import MemoryBank, MemoryConfig, MemoryModel, build_memory
+from memkernels import MemoryBank, MemoryConfig, build_memory
 
 LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
@@ -113,14 +113,13 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
 
 
 def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: torch.dtype,
-                  new_tokens: int = 40) -> dict:
+                  new_tokens: int = 40, write_rule: str = "blend", fused_layer: bool = True) -> dict:
     """Median time of one memory read inside the decode loop, and of the fused
-    C++ layer call within it (the rest is Python and small ops)."""
-    from memkernels import _backend, memory as memory_module  # noqa: PLC0415
+    C++ layer call within it (the rest is Python and small ops); with
+    fused_layer=False of the same read through ATen ops (what the fused layer saves)."""
+    from memkernels import _backend, append_memory, memory as memory_module  # noqa: PLC0415
     model = build_model(torch.float32)
-    config = MemoryConfig.from_hf(model.config, num_heads=heads, head_dim=head_dim,
-                                  num_slots=slots)
-    memory = MemoryModel(config).eval()
+    memory = build_memory_for(model, heads, head_dim, slots, write_rule).eval()
     with torch.no_grad():
         for r in memory.readers:
             r.gate.fill_(0.1)
@@ -129,29 +128,31 @@ def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: t
     reads, calls = [], []
     fused = getattr(_backend.extension()[0], "reader_fwd", None)
 
-    def timed_call(*args):
+    def timed_call(*args, **kwargs):
         start = time.perf_counter()
-        out = fused(*args)
+        out = fused(*args, **kwargs)
         calls.append(time.perf_counter() - start)
         return out
-    read = MemoryModel.read
+    memory_class, pick = type(memory), memory_module._fused_cpu_reader
+    read = memory_class.read
 
     def timed_read(self, *args):
         start = time.perf_counter()
         out = read(self, *args)
         reads.append(time.perf_counter() - start)
         return out
-    pick = memory_module._fused_cpu_reader
-    MemoryModel.read = timed_read
-    memory_module._fused_cpu_reader = lambda *a: timed_call if pick(*a) else None
+    memory_class.read = timed_read
+    for module in (memory_module, append_memory):  # where each rule's reader looks it up
+        module._fused_cpu_reader = lambda *a: timed_call if fused_layer and pick(*a) else None
     try:
         prompt = torch.randint(0, LLAMA["vocab_size"], (batch, 16))
         with memkernels.attach(model, memory, bank, kv_dtype=kv_dtype), torch.inference_mode():
             model.generate(prompt, attention_mask=torch.ones_like(prompt),
                            max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     finally:
-        MemoryModel.read = read
-        memory_module._fused_cpu_reader = pick
+        memory_class.read = read
+        for module in (memory_module, append_memory):
+            module._fused_cpu_reader = pick
     return dict(read_us=1e6 * statistics.median(reads),
                 fused_call_us=1e6 * statistics.median(calls) if calls else None)
 
@@ -175,14 +176,22 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
+    ap.add_argument("--unfused", action="store_true",
+                    help="with --profile: also time the read without the fused C++ layer")
     args = ap.parse_args(argv)
     if args.profile:
-        for (heads, head_dim), batch, kv in itertools.product(zip(args.heads, args.head_dim),
-                                                              args.batch, args.kv_dtype):
-            p = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv))
-            print(f"B={batch} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: one read "
-                  f"{p['read_us']:.0f} us in the decode loop, of which the fused C++ "
-                  f"layer {p['fused_call_us']:.0f} us")
+        for (heads, head_dim), batch, kv, rule in itertools.product(
+                zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.write_rule):
+            p = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
+                              write_rule=rule)
+            fused = (f"of which the fused C++ layer {p['fused_call_us']:.0f} us"
+                     if p["fused_call_us"] is not None else "not fused")
+            if args.unfused:
+                u = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
+                                  write_rule=rule, fused_layer=False)
+                fused += f"; {u['read_us']:.0f} us without the fused layer"
+            print(f"B={batch} {rule} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: one read "
+                  f"{p['read_us']:.0f} us in the decode loop, {fused}")
         return
     rows = []
     for (heads, head_dim), batch, kv, bank, rule in itertools.product(
