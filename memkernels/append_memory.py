@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from memkernels._nvtx import nvtx_range
 from memkernels.memory import (Int8Rows, MemoryBank, MemoryConfig, MemoryModel, _fused_cpu_reader,
-                               _mark_owned, _reader_operands)
+                               _fused_read_operands, _mark_owned, _reader_operands)
 from memkernels.ops import memory_read
 
 
@@ -148,6 +148,24 @@ class AppendReader(nn.Module):
             return torch.addmm(hidden.reshape(B * T, C), read.to(hidden.dtype), out_w).view(B, T, C)
         return hidden + torch.tanh(self.gate) * self.out(read.to(hidden.dtype)).view(B, T, -1)
 
+    def fused_plan(self, memory: "AppendMemory", bank: MemoryBank,
+                   kv_dtype: Optional[torch.dtype], hidden: Tensor) -> Optional[tuple]:
+        """(sources, fused, args, kwargs) of this layer's fused CPU read of a
+        one-row bank (MemoryBank._memoised_fused_read), or None where it does not apply."""
+        if bank.batch_size != 1:  # several rows: a slot mask, read through ATen ops
+            return None
+        standardize, first, second = self.query[0], self.query[1], self.query[3]
+        sources = (bank._mem, memory.slot_key, memory.slot_value, self.norm.weight,
+                   standardize.mean, standardize.std, first.weight, first.bias, second.weight,
+                   second.bias, self.out.weight, self.gate)
+        operands = _fused_read_operands(sources, bank, kv_dtype, hidden, self.backend)
+        if operands is None:
+            return None
+        fused, k, v, k_scale, v_scale = operands
+        w1, b1, w2, b2, out_w = self._folded_weights()
+        return sources, fused, (w2, k, v, out_w, self.norm.eps, self.scale, k_scale, v_scale), \
+            dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+
     def _folded_weights(self) -> tuple[Tensor, ...]:
         """(w1, b1, w2, b2, out_w) for reads without gradients: the norm's weight
         and the Standardize statistics folded into the first layer of the
@@ -216,6 +234,17 @@ class AppendMemory(MemoryModel):
         """One slot per token plus the null slots (at least config.num_slots)."""
         return max(self.config.num_slots, tokens + self.config.null_slots)
 
+    def shrink_to_fit(self, mem: Tensor) -> Tensor:
+        """Drops the empty slots after the last written one (of any row), keeping
+        the null slots and at least config.num_slots: a bank that store() made
+        for a write a store gate thinned holds what it kept, not a slot per token."""
+        S, null = mem.shape[2], self.config.null_slots
+        written = self.slot_mask(mem)[:, :S - null].any(0).nonzero()
+        keep = max(int(written[-1]) + 1 if len(written) else 0, self.config.num_slots - null)
+        if keep >= S - null:
+            return mem
+        return torch.cat([mem[:, :, :keep], mem[:, :, S - null:]], 2).contiguous()
+
     def trainable_bank(self) -> MemoryBank:
         raise ValueError("an append-rule memory has no trained bank: knowledge enters it by "
                          "writing (store), use write_rule='blend' to train a bank")
@@ -241,6 +270,10 @@ class AppendMemory(MemoryModel):
     def read(self, reader_index: int, hidden: Tensor, bank: MemoryBank,
              kv_dtype: Optional[torch.dtype] = None) -> Tensor:
         self._check_bank_rows(bank, hidden)
+        if not torch.is_grad_enabled():  # one fused C++ call, its operands memoised
+            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype)
+            if out is not None:
+                return out
         keys, values = bank.keys_values(kv_dtype)
         shared = bank.batch_size == 1  # compacted: no empty slot left to mask
         return self.readers[reader_index](hidden, keys, values,

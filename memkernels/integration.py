@@ -313,7 +313,8 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = _rows_of_items(items, 1 if bank is None else bank.batch_size)
     rows = [[_token_ids(x, tokenizer, max_length) for x in row] for row in rows]
-    if bank is None:  # a fresh bank that takes it all (append rule: a slot per token)
+    fresh = bank is None
+    if fresh:  # a fresh bank that takes it all (append rule: a slot per token, shrunk after)
         bank = memory.new_bank(num_slots=memory.slots_to_store(sum(map(len, rows[0]))))
     device = memory.init_bank.device
     n_chunks = max(math.ceil(len(r) / chunk_size) for r in rows)
@@ -349,5 +350,5 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
         row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
         mem = memory.write(mem, by_row(hidden), row_mask,
                            None if value_hidden is None else by_row(value_hidden))
-    bank.mem = mem
+    bank.mem = memory.shrink_to_fit(mem) if fresh else mem
     return bank

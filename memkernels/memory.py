@@ -242,6 +242,18 @@ torch.nn.modules.module.register_module_parameter_registration_hook(
 torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
 
 
+def _fused_read_operands(sources: tuple, bank: "MemoryBank", kv_dtype: Optional[torch.dtype],
+                         hidden: Tensor, backend: Optional[str]) -> Optional[tuple]:
+    """(reader_fwd, keys, values, key_scale, value_scale) for a fused read of
+    `bank`'s key/value cache, or None where the fused CPU layer does not apply
+    (or a source of the memo is an inference tensor: no version to check)."""
+    if any(t.is_inference() for t in sources):
+        return None
+    keys, values = bank.keys_values(kv_dtype)
+    fused = _fused_cpu_reader(hidden, keys, backend)
+    return None if fused is None else (fused, *_reader_operands(keys, values))
+
+
 def _fused_cpu_reader(hidden: Tensor, keys, backend: Optional[str]):
     """memkernels._C.reader_fwd when it applies (CPU backend, float32/64, eager), else None.
     Memoised per (device, dtypes, backend request): it runs once per reading layer per
@@ -278,6 +290,20 @@ class MemoryReader(nn.Module):
         self.backend = config.backend
 
         self._folded: Optional[tuple] = None
+
+    def fused_plan(self, memory: "MemoryModel", bank: "MemoryBank",
+                   kv_dtype: Optional[torch.dtype], hidden: Tensor) -> Optional[tuple]:
+        """(sources, fused, args, kwargs) of this layer's fused CPU read of
+        `bank` (MemoryBank._memoised_fused_read), or None where it does not apply."""
+        sources = (bank._mem, memory.slot_key, memory.slot_value, self.norm.weight,
+                   self.query.weight, self.out.weight, self.gate)
+        operands = _fused_read_operands(sources, bank, kv_dtype, hidden, self.backend)
+        if operands is None:
+            return None
+        fused, k, v, k_scale, v_scale = operands
+        query_w, out_w = self._folded_weights()
+        return sources, fused, (query_w, k, v, out_w, self.norm.eps or 1e-6,
+                                self.head_dim ** -0.5, k_scale, v_scale), {}
 
     def forward(self, hidden: Tensor, keys, values) -> Tensor:
         """keys/values: tensors, or Int8Rows (from a no-grad int8 cache)."""
@@ -391,6 +417,11 @@ class MemoryModel(nn.Module):
         (the trained size) for the blend rule, whatever is written."""
         return None
 
+    def shrink_to_fit(self, mem: Tensor) -> Tensor:
+        """A fresh bank that store() filled, without the slots it left empty
+        (append rule; the blend rule's bank is returned as it is)."""
+        return mem
+
     def trainable_bank(self) -> "MemoryBank":
         """The initial bank as a view of the parameter (for training the bank
         itself: gradients flow into init_bank)."""
@@ -482,8 +513,10 @@ class MemoryModel(nn.Module):
         to row b). Every text is encoded on its own (no attention across
         texts); chunk_size texts per row make one write. The write layer's
         hidden states come from the base model (memory reads are off while
-        encoding). Returns the bank (if bank is None, a new one-row bank, with
-        a slot per token under the append rule).
+        encoding). Returns the bank (if bank is None, a new one-row bank: under
+        the append rule with a slot per stored token, at least num_slots, so
+        exactly full once past num_slots; store more into a bigger one,
+        memory.new_bank(num_slots=...)).
         """
         from memkernels.integration import encode_for_write  # noqa: PLC0415 (import cycle)
         return encode_for_write(self, model, tokenizer, items, bank, chunk_size=chunk_size,
@@ -667,27 +700,17 @@ class MemoryBank:
                 return None
             if stamp == plan[0]:
                 with nvtx_range("memkernels.reader_fwd[cpu]"):
-                    return plan[1](hidden, *plan[2])
-        m = self.memory
-        reader = m.readers[reader_index]
-        sources = (self._mem, m.slot_key, m.slot_value, reader.norm.weight, reader.query.weight,
-                   reader.out.weight, reader.gate)
-        if any(t.is_inference() for t in sources):
-            return None
-        keys, values = self.keys_values(kv_dtype)
-        fused = _fused_cpu_reader(hidden, keys, reader.backend)
-        if fused is None:
+                    return plan[1](hidden, *plan[2], **plan[4])
+        built = self.memory.readers[reader_index].fused_plan(self.memory, self, kv_dtype, hidden)
+        if built is None:
             self._plans.pop(reader_index, None)
             return None
-        query_w, out_w = reader._folded_weights()
+        sources, fused, args, kwargs = built
         stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
                  *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
-        k, v, k_scale, v_scale = _reader_operands(keys, values)
-        self._plans[reader_index] = (stamp, fused, (query_w, k, v, out_w, reader.norm.eps or 1e-6,
-                                                    reader.head_dim ** -0.5, k_scale, v_scale),
-                                     sources)
+        self._plans[reader_index] = (stamp, fused, args, sources, kwargs)
         with nvtx_range("memkernels.reader_fwd[cpu]"):
-            return fused(hidden, *self._plans[reader_index][2])
+            return fused(hidden, *args, **kwargs)
 
     def store(self, model, tokenizer, items, **kwargs) -> "MemoryBank":
         """Writes texts into this bank (see MemoryModel.store)."""

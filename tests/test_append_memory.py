@@ -159,6 +159,30 @@ def test_store_gate_stores_only_the_tokens_it_keeps():
         plain.keep_logits(hidden)
 
 
+def test_store_into_no_bank_keeps_a_slot_per_stored_token_only():
+    """store() with no bank sizes it for every token, then drops the slots a
+    store gate left empty (never below num_slots); the reads are the same."""
+    torch.manual_seed(9)
+    model = tiny_llama()
+    gated = make_memory(model, slots=6, null_slots=2, store_threshold=0.5, open_gates=True)
+    texts = [[1 + (7 * i + j) % 50 for j in range(5)] for i in range(8)]  # 40 tokens
+    with torch.no_grad():
+        gated.keep[3].bias.fill_(0.0)
+        gated.keep[3].weight.normal_(0.0, 3.0)  # some tokens kept, some not
+    bank = gated.store(model, None, texts)
+    stored = int(bank.slot_mask().sum()) - 2
+    assert 0 < stored < 40 and bank.num_slots == max(stored, 4) + 2
+    assert bool(bank.slot_mask()[0, :stored].all())
+    full = MemoryBank(gated, gated.fresh_mem(1, 42))
+    full.store(model, None, texts)
+    ids = torch.randint(1, VOCAB, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(gated.read(0, model.model.embed_tokens(ids), bank),
+                                   gated.read(0, model.model.embed_tokens(ids), full))
+    plain = make_memory(model, slots=6, null_slots=2)  # no gate: a slot per token
+    assert plain.store(model, None, texts).num_slots == 42
+
+
 def test_a_full_bank_is_refused_and_left_as_it_was():
     model = tiny_llama()
     memory = make_memory(model, slots=8, null_slots=2)
@@ -237,6 +261,7 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
     through memkernels._C.reader_fwd (MLP query, unit queries, 2 query heads
     per bank pair) and matches the plain PyTorch read."""
     import memkernels.append_memory as append_memory
+    import memkernels.memory as memory_module
     if append_memory._fused_cpu_reader(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype),
                                        None) is None:
         pytest.skip("memkernels._C is not built")
@@ -252,7 +277,7 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
     def spy(*args):
         fused = real(*args)
         return None if fused is None else (lambda *a, **k: calls.append(1) or fused(*a, **k))
-    monkeypatch.setattr(append_memory, "_fused_cpu_reader", spy)
+    monkeypatch.setattr(memory_module, "_fused_cpu_reader", spy)  # where reads look it up
     hidden = torch.randn(2, tokens, HIDDEN, dtype=dtype) * 4
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     for i, reader in enumerate(memory.readers):
@@ -266,7 +291,8 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
             bf16 = memory.read(0, hidden, bank, torch.bfloat16)
             int8 = memory.read(0, hidden, bank, torch.int8)
             monkeypatch.setattr(append_memory, "_fused_cpu_reader", lambda *a: None)
-            int8_unfused = memory.read(0, hidden, bank, torch.int8)  # dequantized, then read
+            # the reader layer itself, unfused: dequantized, then read
+            int8_unfused = memory.readers[0](hidden, *bank.keys_values(torch.int8), None)
         assert len(calls) == 5
         torch.testing.assert_close(int8, int8_unfused, rtol=1e-5, atol=1e-5)
         # (the unfused bf16 read rounds the queries to bf16 too: compared to exact)
