@@ -124,11 +124,9 @@ class AppendReader(nn.Module):
             # fused C++ call (memkernels._C.reader_fwd with the MLP query)
             fused = _fused_cpu_reader(hidden, keys, self.backend)
             if fused is not None:
-                w1, b1, w2, b2, out_w = self._folded_weights()
-                k, v, k_scale, v_scale = _reader_operands(keys, values)
-                with nvtx_range("memkernels.append_reader_fwd[cpu]"):
-                    return fused(hidden, w2, k, v, out_w, self.norm.eps, self.scale, k_scale,
-                                 v_scale, mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+                args, kwargs = self._fused_arguments(*_reader_operands(keys, values))
+                with nvtx_range("memkernels.reader_fwd[cpu]"):
+                    return fused(hidden, *args, **kwargs)
         if isinstance(keys, Int8Rows):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         if inference:  # the same math in fewer ops: see _folded_weights
@@ -161,10 +159,13 @@ class AppendReader(nn.Module):
         operands = _fused_read_operands(sources, bank, kv_dtype, hidden, self.backend)
         if operands is None:
             return None
-        fused, k, v, k_scale, v_scale = operands
+        return (sources, operands[0], *self._fused_arguments(*operands[1:]))
+
+    def _fused_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
+        """(args, kwargs) after `hidden` of memkernels._C.reader_fwd for this layer."""
         w1, b1, w2, b2, out_w = self._folded_weights()
-        return sources, fused, (w2, k, v, out_w, self.norm.eps, self.scale, k_scale, v_scale), \
-            dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+        return ((w2, keys, values, out_w, self.norm.eps, self.scale, key_scale, value_scale),
+                dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True))
 
     def _folded_weights(self) -> tuple[Tensor, ...]:
         """(w1, b1, w2, b2, out_w) for reads without gradients: the norm's weight
@@ -211,7 +212,8 @@ class AppendMemory(MemoryModel):
         self.address = _mlp(C, config.mlp_hidden, P * D)
         self.token_value = nn.Linear(C, P * D, bias=False)
         # the store gate: which tokens a write keeps (None: every real token)
-        self.keep = (_mlp(C, config.mlp_hidden // 4, 1) if config.store_threshold > 0 else None)
+        self.keep = (_mlp(C, max(1, config.mlp_hidden // 4), 1) if config.store_threshold > 0
+                     else None)
         self.readers = nn.ModuleList(AppendReader(config) for _ in config.read_layers)
         _mark_owned(self)
 
