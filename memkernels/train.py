@@ -341,7 +341,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
         q = reader.queries(q_states[rows, :1])[:, 0, 0]  # [batch, P, Dh]: copy 0 of each pair
         loss = address_nll(q, memory.address_keys(candidates)[0], target, reader.scale)
         if gate:
-            is_target = torch.zeros(candidates.shape[1], device=device).index_fill_(0, target, 1.0)
+            is_target = candidates.new_zeros(candidates.shape[1]).index_fill_(0, target, 1.0)
             loss = loss + F.binary_cross_entropy_with_logits(memory.keep_logits(candidates)[0],
                                                              is_target)
         opt.zero_grad()
