@@ -10,7 +10,9 @@ against keys linear in the slot content finds a question's statement among
 
 Bank layout, P = num_heads / 2 pairs of heads:
 - heads [0, P): a slot's address, tanh(MLP(norm(h_t))) from the write layer's
-  state of token t: who and what the context is about there;
+  state of token t: who and what the context is about there (with
+  MemoryConfig.context_decay, MLP([norm(h_t), c_t]), c_t the decayed mean
+  of the embeddings so far: decayed_context);
 - heads [P, 2P): its content, tanh(W_v norm(e_{t+1})) from the value states
   (MemoryConfig.values_from) of the token after t: what came next (zero
   where padding comes next).
@@ -20,8 +22,9 @@ MemoryConfig.store_threshold > 0 only those a learned store gate keeps; an
 empty slot is all zeros; a fresh bank is empty but for null_slots learned
 defaults at its end, the "nothing stored" answer). A read sees the non-empty
 slots only: keys are slot_key . address (unit length), values slot_value .
-content; each reader has 2P query heads from an MLP (unit length); heads p
-and P + p both read pair p, scored cosine x read_scale.
+content; each reader has 2P query heads from an MLP (unit length; its input
+is [norm(h_t), c_t] with a context); heads p and P + p both read pair p,
+scored cosine x read_scale.
 """
 from __future__ import annotations
 
@@ -61,6 +64,46 @@ class Standardize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+# the decayed sum runs over blocks of this many tokens (a [L, L] weight matrix
+# each), its state carried from block to block
+_CONTEXT_BLOCK = 64
+
+
+def decayed_context(embeddings: Tensor, mask: Optional[Tensor], decay: float,
+                    state: Optional[tuple[Tensor, Tensor]] = None
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The context of each token (MemoryConfig.context_decay): the mean of
+    the embeddings of the real tokens up to and including it, token t-k
+    weighted decay^k (zero before the first real token).
+
+    embeddings [B, T, C]; mask [B, T] (True/1 = real token) or None (all
+    real); state: what a previous call returned for the tokens before these
+    (a decode step continues its prompt). Returns (context [B, T, C], state).
+    Why: a small LM's late hidden states blur which made-up name a text is
+    about; the tokens themselves do not, and a decayed mean carries the last
+    few of them, the name among them, to where a question is answered. It is
+    a linear recurrence, so a decode step costs O(C) per token."""
+    B, T, C = embeddings.shape
+    x = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+    m = x.new_ones(B, T) if mask is None else mask.to(x.dtype)
+    total, weight = ((x.new_zeros(B, C), x.new_zeros(B)) if state is None
+                     else (state[0].to(x.dtype), state[1].to(x.dtype)))
+    out = []
+    for start in range(0, T, _CONTEXT_BLOCK):
+        L = min(_CONTEXT_BLOCK, T - start)
+        steps = torch.arange(L, device=x.device, dtype=x.dtype)
+        lag = steps[:, None] - steps[None, :]
+        within = torch.where(lag >= 0, decay ** lag.clamp(min=0), 0.0)  # [L, L]
+        carried = decay ** (steps + 1)  # what the state before the block still weighs
+        mb = m[:, start:start + L]
+        sums = within @ (x[:, start:start + L] * mb[..., None]) + carried[:, None] * total[:, None]
+        weights = mb @ within.T + carried * weight[:, None]
+        out.append(sums / weights.clamp(min=1e-20)[..., None] * (weights > 0)[..., None])
+        total, weight = sums[:, -1], weights[:, -1]
+    context = torch.cat(out, 1) if out else x.new_zeros(B, 0, C)
+    return context.to(embeddings.dtype), (total, weight)
+
+
 def _mlp(width_in: int, hidden: int, width_out: int) -> nn.Sequential:
     return nn.Sequential(Standardize(width_in), nn.Linear(width_in, hidden), nn.GELU(),
                          nn.Linear(hidden, width_out))
@@ -90,34 +133,61 @@ def address_contrastive(queries: Tensor, keys: Tensor, targets: Tensor,
 
 
 class AppendReader(nn.Module):
-    """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))."""
+    """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))
+    (MLP([norm(h), context]) with MemoryConfig.context_decay)."""
 
     def __init__(self, config: MemoryConfig):
         super().__init__()
         self.pairs, self.head_dim = config.num_heads // 2, config.head_dim
         self.scale = float(config.read_scale)
+        self.uses_context = bool(config.context_decay)
         self.norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
-        self.query = _mlp(config.hidden_size, config.mlp_hidden, config.width)
+        self.query = _mlp(config.hidden_size * (2 if self.uses_context else 1),
+                          config.mlp_hidden, config.width)
         self.out = nn.Linear(config.width, config.hidden_size, bias=False)
         self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
         self.backend = config.backend
 
-    def queries(self, hidden: Tensor) -> Tensor:
+    def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """What the query MLP reads: norm(h), and the context beside it."""
+        if not self.uses_context:
+            return self.norm(hidden)
+        if context is None:
+            raise ValueError("this reader keys on the context (MemoryConfig.context_decay > 0): "
+                             "pass context")
+        return torch.cat([self.norm(hidden), context.to(hidden.dtype)], -1)
+
+    def queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, 2, P, Dh], unit length: copy c of pair p is query head c * P + p."""
         B, T, _ = hidden.shape
-        q = self.query(self.norm(hidden)).view(B, T, 2, self.pairs, self.head_dim)
+        q = self.query(self.query_input(hidden, context)).view(B, T, 2, self.pairs, self.head_dim)
         return F.normalize(q, dim=-1)
 
-    def raw_queries(self, hidden: Tensor) -> Tensor:
+    def raw_queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh]: copy 0 of each pair's query, before normalisation."""
         B, T, _ = hidden.shape
-        return self.query(self.norm(hidden)).view(B, T, 2, self.pairs, self.head_dim)[:, :, 0]
+        q = self.query(self.query_input(hidden, context))
+        return q.view(B, T, 2, self.pairs, self.head_dim)[:, :, 0]
 
-    def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor]) -> Tensor:
+    def first_bias(self, context: Optional[Tensor]) -> Optional[Tensor]:
+        """[B, T, M]: the query MLP's first-layer bias with the context's share
+        added (inference; None without a context): the fused call then sees
+        the hidden state alone."""
+        if not self.uses_context:
+            return None
+        B, T, C = context.shape
+        _, b1, _, _, _, w1_context = self._folded_weights()
+        return torch.addmm(b1, context.reshape(B * T, C).to(b1.dtype), w1_context.t()).view(B, T, -1)
+
+    def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor],
+                context: Optional[Tensor] = None) -> Tensor:
         """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
-        or Int8Rows; slot_mask None or bool [B, S] (True = read)."""
+        or Int8Rows; slot_mask None or bool [B, S] (True = read); context
+        [B, T, C] with MemoryConfig.context_decay."""
         B, T, _ = hidden.shape
         inference = not torch.is_grad_enabled()
+        if self.uses_context and context is None:
+            self.query_input(hidden, context)  # raises, naming the argument
         shared = (keys.data if isinstance(keys, Int8Rows) else keys).dim() == 3
         if inference and slot_mask is None and shared:
             # a shared, compacted bank on the CPU backend: the whole layer is one
@@ -125,17 +195,21 @@ class AppendReader(nn.Module):
             fused = _fused_cpu_reader(hidden, keys, self.backend)
             if fused is not None:
                 args, kwargs = self._fused_arguments(*_reader_operands(keys, values))
+                if self.uses_context:
+                    kwargs["mlp_b"] = self.first_bias(context)
                 with nvtx_range("memkernels.reader_fwd[cpu]"):
                     return fused(hidden, *args, **kwargs)
         if isinstance(keys, Int8Rows):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         if inference:  # the same math in fewer ops: see _folded_weights
-            w1, b1, w2, b2, out_w = self._folded_weights()
+            w1, b1, w2, b2, out_w, _ = self._folded_weights()
             x = F.rms_norm(hidden, (hidden.shape[-1],), eps=self.norm.eps)
-            q = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+            first = self.first_bias(context)
+            first = F.linear(x, w1, b1) if first is None else F.linear(x, w1) + first.to(x.dtype)
+            q = F.linear(F.gelu(first), w2, b2)
             q = F.normalize(q.view(B, T, 2, self.pairs, self.head_dim), dim=-1)
         else:
-            q = self.queries(hidden)
+            q = self.queries(hidden, context)
         # both query copies of a pair read it as one query sequence of 2T rows
         q = q.permute(0, 3, 2, 1, 4).reshape(B, self.pairs, 2 * T, -1)
         read = memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=self.scale,
@@ -162,17 +236,20 @@ class AppendReader(nn.Module):
         return (sources, operands[0], *self._fused_arguments(*operands[1:]))
 
     def _fused_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
-        """(args, kwargs) after `hidden` of memkernels._C.reader_fwd for this layer."""
-        w1, b1, w2, b2, out_w = self._folded_weights()
+        """(args, kwargs) after `hidden` of memkernels._C.reader_fwd for this layer
+        (with a context, mlp_b is first_bias(context), per call)."""
+        w1, b1, w2, b2, out_w, _ = self._folded_weights()
         return ((w2, keys, values, out_w, self.norm.eps, self.scale, key_scale, value_scale),
                 dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True))
 
     def _folded_weights(self) -> tuple[Tensor, ...]:
-        """(w1, b1, w2, b2, out_w) for reads without gradients: the norm's weight
-        and the Standardize statistics folded into the first layer of the
-        query MLP, the gate into the output projection (each fold is exact up
-        to rounding), rebuilt when a parameter or statistic changes. A decode
-        step then runs 2 fewer elementwise passes and 2 fewer ops per layer."""
+        """(w1, b1, w2, b2, out_w, w1_context) for reads without gradients: the
+        norm's weight and the Standardize statistics folded into the first
+        layer of the query MLP, the gate into the output projection (each fold
+        is exact up to rounding), rebuilt when a parameter or statistic
+        changes. A decode step then runs 2 fewer elementwise passes and 2
+        fewer ops per layer. With a context, w1 is the first layer's columns
+        for norm(h) and w1_context those for the context (else None)."""
         standardize, first, second = self.query[0], self.query[1], self.query[3]
         sources = (self.norm.weight, standardize.mean, standardize.std, first.weight, first.bias,
                    second.weight, second.bias, self.out.weight, self.gate)
@@ -183,11 +260,14 @@ class AppendReader(nn.Module):
         folded = getattr(self, "_folded", None)
         if folded is None or stamp is None or folded[0] != stamp:
             with torch.no_grad():
-                scale = self.norm.weight / standardize.std  # x * norm_w, then (. - mean) / std
-                w1 = first.weight * scale[None, :]
-                b1 = first.bias - first.weight @ (standardize.mean / standardize.std)
+                C = self.norm.weight.shape[0]
+                w = first.weight / standardize.std[None, :]  # (x - mean) / std, then W1
+                b1 = first.bias - w @ standardize.mean
+                w1 = (w[:, :C] * self.norm.weight[None, :]).contiguous()  # x * norm_w
+                w1_context = w[:, C:].contiguous() if self.uses_context else None
                 out_w = (self.out.weight * torch.tanh(self.gate)[:, None]).t().contiguous()
-            folded = self._folded = (stamp, (w1, b1, second.weight, second.bias, out_w))
+            folded = self._folded = (stamp, (w1, b1, second.weight, second.bias, out_w,
+                                             w1_context))
         return folded[1]
 
 
@@ -209,7 +289,7 @@ class AppendMemory(MemoryModel):
         self.slot_key = per_pair_identity()
         self.slot_value = per_pair_identity()
         self.write_norm = nn.RMSNorm(C, eps=1e-6)
-        self.address = _mlp(C, config.mlp_hidden, P * D)
+        self.address = _mlp(C * (2 if config.context_decay else 1), config.mlp_hidden, P * D)
         self.token_value = nn.Linear(C, P * D, bias=False)
         # the store gate: which tokens a write keeps (None: every real token)
         self.keep = (_mlp(C, max(1, config.mlp_hidden // 4), 1) if config.store_threshold > 0
@@ -270,29 +350,40 @@ class AppendMemory(MemoryModel):
     # --- read and write -----------------------------------------------------------
 
     def read(self, reader_index: int, hidden: Tensor, bank: MemoryBank,
-             kv_dtype: Optional[torch.dtype] = None) -> Tensor:
+             kv_dtype: Optional[torch.dtype] = None, context: Optional[Tensor] = None) -> Tensor:
         self._check_bank_rows(bank, hidden)
+        self._check_context(context, hidden)
+        reader = self.readers[reader_index]
         if not torch.is_grad_enabled():  # one fused C++ call, its operands memoised
-            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype)
+            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype,
+                                            reader.first_bias(context))
             if out is not None:
                 return out
         keys, values = bank.keys_values(kv_dtype)
         shared = bank.batch_size == 1  # compacted: no empty slot left to mask
-        return self.readers[reader_index](hidden, keys, values,
-                                          None if shared else bank.slot_mask())
+        return reader(hidden, keys, values, None if shared else bank.slot_mask(), context)
 
-    def token_addresses(self, hidden: Tensor) -> Tensor:
+    def address_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """What the address MLP reads: write_norm(h), and the context beside it."""
+        x = self.write_norm(hidden)
+        if not self.config.context_decay:
+            return x
+        self._check_context(context, hidden)
+        return torch.cat([x, context.to(x.dtype)], -1)
+
+    def token_addresses(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh]: what each token writes into the address heads."""
         B, T, _ = hidden.shape
-        return torch.tanh(self.address(self.write_norm(hidden))).view(B, T, self.pairs, -1)
+        x = self.address_input(hidden, context)
+        return torch.tanh(self.address(x)).view(B, T, self.pairs, -1)
 
-    def raw_address_keys(self, hidden: Tensor) -> Tensor:
+    def raw_address_keys(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh]: the read key a slot gets from this token, before normalisation."""
-        return torch.einsum("btpd,pde->btpe", self.token_addresses(hidden), self.slot_key)
+        return torch.einsum("btpd,pde->btpe", self.token_addresses(hidden, context), self.slot_key)
 
-    def address_keys(self, hidden: Tensor) -> Tensor:
+    def address_keys(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh]: the read key a slot gets from this token (unit length)."""
-        return F.normalize(self.raw_address_keys(hidden), dim=-1)
+        return F.normalize(self.raw_address_keys(hidden, context), dim=-1)
 
     def keep_logits(self, hidden: Tensor) -> Tensor:
         """[B, T]: the store gate's logit per token (MemoryConfig.store_threshold)."""
@@ -311,12 +402,13 @@ class AppendMemory(MemoryModel):
         return stored
 
     def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
-              value_hidden: Optional[Tensor] = None) -> Tensor:
+              value_hidden: Optional[Tensor] = None, context: Optional[Tensor] = None) -> Tensor:
         """Appends each stored token of a row (stored_tokens) to the row's
-        next empty slot (differentiable; returns the new bank). Raises
-        ValueError, leaving `mem` as it was, when a row has fewer empty slots
-        than tokens to store."""
-        self._check_write_args(mem, hidden, value_hidden)
+        next empty slot (differentiable; returns the new bank). context: each
+        token's (decayed_context of its own text), with MemoryConfig.context_decay.
+        Raises ValueError, leaving `mem` as it was, when a row has fewer empty
+        slots than tokens to store."""
+        self._check_write_args(mem, hidden, value_hidden, context)
         B, T, _ = hidden.shape
         S = mem.shape[2]
         if token_mask is None:
@@ -335,7 +427,7 @@ class AppendMemory(MemoryModel):
         # what follows token t (nothing where padding follows it)
         xv_next = torch.cat([xv[:, 1:] * token_mask[:, 1:, None], torch.zeros_like(xv[:, :1])], 1)
         content = torch.tanh(self.token_value(xv_next)).view(B, T, self.pairs, -1)
-        tokens = torch.cat([self.token_addresses(hidden), content], 2)  # [B, T, 2P, Dh]
+        tokens = torch.cat([self.token_addresses(hidden, context), content], 2)  # [B, T, 2P, Dh]
         # the k-th empty slot of a row takes the row's k-th stored token
         real_first = torch.sort((~stored).to(torch.int8), dim=1, stable=True).indices
         rank = empty.long().cumsum(1) - 1
@@ -346,17 +438,26 @@ class AppendMemory(MemoryModel):
 
     # --- fitting the MLP inputs ------------------------------------------------------
 
-    def fit_statistics(self, address_states: Tensor, reader_states: list[Tensor]) -> None:
+    def fit_statistics(self, address_states: Tensor, reader_states: list[Tensor],
+                       address_context: Optional[Tensor] = None,
+                       reader_contexts: Optional[list[Tensor]] = None) -> None:
         """Fits the Standardize layers: the address MLP's (and the store
-        gate's) on write-layer states
-        of written tokens [N, C], reader i's on states of its layer [N_i, C] at
-        the positions it answers from (before its norm)."""
+        gate's) on write-layer states of written tokens [N, C], reader i's on
+        states of its layer [N_i, C] at the positions it answers from (before
+        its norm); with MemoryConfig.context_decay, the contexts of the same
+        tokens beside them (same shapes)."""
         if len(reader_states) != len(self.readers):
             raise ValueError(f"reader_states: one tensor per reader ({len(self.readers)}), "
                              f"got {len(reader_states)}")
+        contexts = reader_contexts if reader_contexts is not None else [None] * len(self.readers)
+        if len(contexts) != len(self.readers):
+            raise ValueError(f"reader_contexts: one tensor per reader ({len(self.readers)}), "
+                             f"got {len(contexts)}")
         with torch.no_grad():
-            self.address[0].fit(self.write_norm(address_states))
+            self.address[0].fit(self.address_input(address_states, address_context))
             if self.keep is not None:
                 self.keep[0].fit(self.write_norm(address_states))
-            for reader, states in zip(self.readers, reader_states):
-                reader.query[0].fit(reader.norm(states))
+            for reader, states, context in zip(self.readers, reader_states, contexts):
+                if reader.uses_context:
+                    self._check_context(context, states)
+                reader.query[0].fit(reader.query_input(states, context))

@@ -55,8 +55,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     _kernel_check()
     model, tokenizer = base_lm.load()
-    memory = benchmark.train_memory(model, tokenizer, "written", benchmark.WRITTEN_MEMORY,
-                                    steps=benchmark.WRITTEN_STEPS)
+    memory = benchmark.train_written_memory(model, tokenizer, benchmark.WRITTEN_MEMORY,
+                                             steps=benchmark.WRITTEN_STEPS)
     print(f"base LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, frozen; "
           f"memory: {sum(p.numel() for p in memory.parameters()) / 1e6:.2f} M parameters, "
           f"{memory.config.num_heads} heads x {memory.config.head_dim}, write rule "

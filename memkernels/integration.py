@@ -8,18 +8,22 @@
 Reads are forward hooks on the chosen decoder layers: no module of the LLM
 is replaced and none of its parameters change (attach freezes them and
 detach restores their requires_grad flags). A read only depends on the
-current token's hidden state and the bank, so it composes with the KV cache.
+current token's hidden state and the bank (and, with
+MemoryConfig.context_decay, on the decayed mean of the embeddings so far,
+which the handle carries from one forward call to the next: a call with an
+empty or no KV cache starts it afresh), so it composes with the KV cache.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import weakref
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from memkernels.append_memory import decayed_context
 from memkernels.memory import KV_DTYPES, MemoryBank, MemoryModel
 
 # Where common HF causal LMs keep their decoder layers (Llama, Mistral, Qwen2,
@@ -68,19 +72,64 @@ class MemoryHandle:
             p.requires_grad_(False)
         self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
                        for r, i in enumerate(memory.config.resolved_read_layers)]
+        # the context (MemoryConfig.context_decay): [B, T, C] for the tokens of
+        # the forward call under way, and its state after them
+        self.context: Optional[Tensor] = None
+        self._context_state: Optional[tuple[Tensor, Tensor]] = None
+        self._call: tuple[Optional[Tensor], bool] = (None, False)  # (attention mask, continues)
+        if memory.config.context_decay:
+            self._hooks += [
+                model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+                self.layers[0].register_forward_pre_hook(self._track_context, with_kwargs=True)]
         _ATTACHED[model] = self
 
     def _read_hook(self, reader_index: int):
         memory = self.memory
+        uses_context = bool(memory.config.context_decay)
 
         def hook(module, args, output):
             bank = self._bank
             if bank is None or not self.reading:
                 return None
-            if isinstance(output, tuple):  # transformers < 5 returns (hidden, ...)
-                return (memory.read(reader_index, output[0], bank, self.kv_dtype), *output[1:])
-            return memory.read(reader_index, output, bank, self.kv_dtype)
+            hidden = output[0] if isinstance(output, tuple) else output
+            read = memory.read(reader_index, hidden, bank, self.kv_dtype,
+                               self.context if uses_context else None)
+            # transformers < 5 returns (hidden, ...)
+            return (read, *output[1:]) if isinstance(output, tuple) else read
         return hook
+
+    def _begin_call(self, module, args, kwargs):
+        """A forward call of the model: its attention mask (to skip padding),
+        and whether it continues the previous call's sequences (a non-empty
+        KV cache) or starts new ones."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length"):
+            cached = past.get_seq_length()
+        elif isinstance(past, (tuple, list)) and past and past[0] is not None:
+            cached = past[0][0].shape[-2]  # legacy (key, value) tuples
+        else:
+            cached = 0
+        self._call = (mask, cached > 0)
+
+    def _track_context(self, module, args, kwargs):
+        """The first decoder layer's input: the context of this call's tokens
+        (not while reads are off: encoding text to store leaves a decode's
+        context as it was)."""
+        if not self.reading:
+            return
+        embeddings = args[0] if args else kwargs["hidden_states"]
+        B, T, _ = embeddings.shape
+        mask, continues = self._call
+        if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T):
+            mask = None  # not a [B, past + T] padding mask: every token is real
+        state = self._context_state
+        if not continues or state is None or state[0].shape[0] != B:
+            state = None
+        self.context, self._context_state = decayed_context(
+            embeddings.detach(), None if mask is None else mask[:, -T:],
+            self.memory.config.context_decay, state)
+        self._call = (None, False)  # a later call without the model's forward starts afresh
 
     @property
     def bank(self) -> Optional[MemoryBank]:
@@ -216,12 +265,19 @@ class _StopForward(Exception):
         self.hidden = hidden
 
 
+class WriteInputs(NamedTuple):
+    """What MemoryModel.write takes from the base model for N texts."""
+    hidden: Tensor  # the write layer's hidden states [N, T, hidden] (the token keys)
+    values: Optional[Tensor]  # the token values' states, or None: `hidden` (values_from)
+    context: Optional[Tensor]  # each token's context within its text (context_decay), or None
+
+
 def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
-                       attention_mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """What a write reads from the base model: the hidden states at the
-    memory's write layer [N, T, hidden] (the token keys), and, when
-    `config.values_from == "embeddings"`, the input of the first decoder
-    layer (the token values; else None: the values use the same states).
+                       attention_mask: Tensor) -> WriteInputs:
+    """What a write reads from the base model (WriteInputs): the hidden
+    states at the memory's write layer [N, T, hidden], and, from the input
+    of the first decoder layer, the token values when `config.values_from ==
+    "embeddings"` and each token's context when `config.context_decay > 0`.
     Memory reads (if attached) are off; layers after the write layer are skipped."""
     handle = attached_handle(model)
     layers = handle.layers if handle is not None else find_decoder_layers(model)
@@ -234,15 +290,19 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
     def capture_input(module, args, kwargs):
         values.append(args[0] if args else kwargs["hidden_states"])
 
+    config = memory.config
     hooks = [target.register_forward_hook(capture)]
-    if memory.config.values_from == "embeddings":
+    if config.values_from == "embeddings" or config.context_decay:
         hooks.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
     try:
         with off:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward as stop:
-        return stop.hidden, (values[0] if values else None)
+        context = (decayed_context(values[0], attention_mask, config.context_decay)[0]
+                   if config.context_decay else None)
+        return WriteInputs(stop.hidden, values[0] if config.values_from == "embeddings" else None,
+                           context)
     finally:
         for hook in hooks:
             hook.remove()
@@ -251,16 +311,20 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
 
 @torch.no_grad()
 def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
-                    batch_size: int = 100, every_token: bool = False) -> Tensor:
+                    batch_size: int = 100, every_token: bool = False,
+                    context_decay: float = 0.0):
     """[texts, layers + 1, hidden]: the embeddings and every decoder layer's
     output at each text's last token (the base model's: an attached memory's
     reads are off); with every_token, at all tokens of all texts
     [tokens, layers + 1, hidden]. Left-padded batches, positions counted from
-    each text's first token, as generate() counts them."""
+    each text's first token, as generate() counts them. With context_decay
+    > 0, returns (states, contexts): the decayed context at the same tokens
+    [texts or tokens, hidden] (append_memory.decayed_context of the
+    embeddings, hidden_states[0], as a reading memory sees it)."""
     handle = attached_handle(model)
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
     device = next(model.parameters()).device
-    out = []
+    out, contexts = [], []
     with off:
         for i in range(0, len(texts), batch_size):
             chunk = [tokenizer(t)["input_ids"] for t in texts[i:i + batch_size]]
@@ -271,8 +335,11 @@ def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
             hidden = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                            output_hidden_states=True, use_cache=False).hidden_states
             hidden = torch.stack(hidden, 2)  # [batch, width, layers + 1, hidden]
-            out.append(hidden[mask.bool()] if every_token else hidden[:, -1])
-    return torch.cat(out)
+            pick = (lambda h: h[mask.bool()]) if every_token else (lambda h: h[:, -1])
+            out.append(pick(hidden))
+            if context_decay:
+                contexts.append(pick(decayed_context(hidden[:, :, 0], mask, context_decay)[0]))
+    return (torch.cat(out), torch.cat(contexts)) if context_decay else torch.cat(out)
 
 
 def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
@@ -333,8 +400,8 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
         for n, ids in enumerate(flat):
             input_ids[n, :len(ids)] = torch.tensor(ids)
             attention[n, :len(ids)] = 1
-        hidden, value_hidden = write_layer_hidden(model, memory, input_ids.to(device),
-                                                  attention.to(device))
+        hidden, value_hidden, context = write_layer_hidden(model, memory, input_ids.to(device),
+                                                           attention.to(device))
         # Row b's texts become one token sequence of its write.
         width = max(len(p) for p in pieces) * T
 
@@ -349,6 +416,7 @@ def encode_for_write(memory: MemoryModel, model: nn.Module, tokenizer, items,
             return out
         row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
         mem = memory.write(mem, by_row(hidden), row_mask,
-                           None if value_hidden is None else by_row(value_hidden))
+                           None if value_hidden is None else by_row(value_hidden),
+                           None if context is None else by_row(context))
     bank.mem = memory.shrink_to_fit(mem) if fresh else mem
     return bank

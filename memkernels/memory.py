@@ -72,6 +72,12 @@ class MemoryConfig:
     memkernels.train.pretrain_address to pick the tokens reads look for) and
     a write stores a token only when the gate's probability reaches it: a
     bank then holds a few slots per fact instead of one per token.
+    context_decay: "append" only; 0 keys on the hidden state alone; d in
+    (0, 1) also feeds the address and query MLPs the context of each token:
+    the mean of the embeddings (the first decoder layer's input) of the real
+    tokens so far, token t-k weighted d^k (append_memory.decayed_context).
+    The tokens themselves say exactly which name a text is about, where the
+    late hidden states of a small LM blur it (benchmarks/NOTES.md, session 10).
     backend: forces a kernel backend (None = auto).
     """
     hidden_size: int
@@ -90,6 +96,7 @@ class MemoryConfig:
     read_scale: float = 20.0
     mlp_hidden: int = 512
     store_threshold: float = 0.0
+    context_decay: float = 0.0
     backend: Optional[str] = None
 
     def __post_init__(self):
@@ -123,12 +130,14 @@ class MemoryConfig:
             if not (isinstance(self.read_scale, (int, float)) and self.read_scale > 0):
                 raise ValueError(f"MemoryConfig.read_scale must be a positive number, "
                                  f"got {self.read_scale!r}")
-        if not (isinstance(self.store_threshold, (int, float)) and 0 <= self.store_threshold < 1):
-            raise ValueError(f"MemoryConfig.store_threshold must be a number in [0, 1), "
-                             f"got {self.store_threshold!r}")
-        if self.store_threshold and self.write_rule != "append":
-            raise ValueError("MemoryConfig.store_threshold needs write_rule='append' (the blend "
-                             "rule writes every token into every slot)")
+        # the append rule's options in [0, 1), 0 = off
+        for name, why in (("store_threshold", "the blend rule writes every token into every slot"),
+                          ("context_decay", "the append rule's MLPs take the context")):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"MemoryConfig.{name} must be a number in [0, 1), got {value!r}")
+            if value and self.write_rule != "append":
+                raise ValueError(f"MemoryConfig.{name} needs write_rule='append' ({why})")
 
     @property
     def width(self) -> int:
@@ -445,10 +454,12 @@ class MemoryModel(nn.Module):
     # --- read and write -----------------------------------------------------------
 
     def read(self, reader_index: int, hidden: Tensor, bank: "MemoryBank",
-             kv_dtype: Optional[torch.dtype] = None) -> Tensor:
+             kv_dtype: Optional[torch.dtype] = None, context: Optional[Tensor] = None) -> Tensor:
         """hidden [B, T, hidden_size] plus the gated memory read of reader i
-        (kv_dtype: see MemoryBank.keys_values)."""
+        (kv_dtype: see MemoryBank.keys_values; context: MemoryConfig.context_decay,
+        never used by this rule)."""
         self._check_bank_rows(bank, hidden)
+        self._check_context(context, hidden)
         if not torch.is_grad_enabled():
             out = bank._memoised_fused_read(reader_index, hidden, kv_dtype)
             if out is not None:
@@ -457,16 +468,17 @@ class MemoryModel(nn.Module):
         return self.readers[reader_index](hidden, keys, values)
 
     def write(self, mem: Tensor, hidden: Tensor, token_mask: Optional[Tensor] = None,
-              value_hidden: Optional[Tensor] = None) -> Tensor:
+              value_hidden: Optional[Tensor] = None, context: Optional[Tensor] = None) -> Tensor:
         """Writes tokens into a bank: differentiable, returns the new bank.
 
         mem: [B, H, S, Dh]; hidden: the write layer's hidden states
         [B, T, hidden_size]; token_mask: bool [B, T], True = real token;
         value_hidden: the hidden states the token values are projected from
-        (same shape; default `hidden`; see MemoryConfig.values_from).
+        (same shape; default `hidden`; see MemoryConfig.values_from);
+        context: MemoryConfig.context_decay (never used by this rule).
         A row with no real token is left unchanged (no forgetting either).
         """
-        self._check_write_args(mem, hidden, value_hidden)
+        self._check_write_args(mem, hidden, value_hidden, context)
         B, T, _ = hidden.shape
         H, D = self.config.num_heads, self.config.head_dim
         x = self.write_norm(hidden)
@@ -493,7 +505,23 @@ class MemoryModel(nn.Module):
                              f"{hidden.shape[0]}; use a one-row bank (shared by the batch) or "
                              f"one row per sequence (MemoryBank.stack)")
 
-    def _check_write_args(self, mem: Tensor, hidden: Tensor, value_hidden: Optional[Tensor]) -> None:
+    def _check_context(self, context: Optional[Tensor], hidden: Tensor) -> None:
+        """context goes with MemoryConfig.context_decay > 0, shaped as hidden."""
+        if not self.config.context_decay:
+            if context is not None:
+                raise ValueError("context is given but this memory does not key on it "
+                                 "(MemoryConfig.context_decay is 0)")
+            return
+        if context is None:
+            raise ValueError("this memory keys on the context (MemoryConfig.context_decay > 0): "
+                             "pass context=append_memory.decayed_context(embeddings, mask, decay)"
+                             "[0], or read through memkernels.attach, which tracks it")
+        if context.shape != hidden.shape:
+            raise ValueError(f"context must have the shape of hidden {tuple(hidden.shape)}, "
+                             f"got {tuple(context.shape)}")
+
+    def _check_write_args(self, mem: Tensor, hidden: Tensor, value_hidden: Optional[Tensor],
+                          context: Optional[Tensor] = None) -> None:
         B = hidden.shape[0]
         H, D = self.config.num_heads, self.config.head_dim
         if mem.dim() != 4 or mem.shape[0] != B or mem.shape[1] != H or mem.shape[3] != D:
@@ -502,6 +530,7 @@ class MemoryModel(nn.Module):
         if value_hidden is not None and value_hidden.shape != hidden.shape:
             raise ValueError(f"value_hidden must have the shape of hidden {tuple(hidden.shape)}, "
                              f"got {tuple(value_hidden.shape)}")
+        self._check_context(context, hidden)
 
     def store(self, model, tokenizer, items, bank: Optional["MemoryBank"] = None, *,
               chunk_size: int = 64, max_length: Optional[int] = None,
@@ -532,8 +561,9 @@ class MemoryModel(nn.Module):
         if self.config.write_rule == "blend":  # as before these fields existed
             for key in ("write_rule", "null_slots", "read_scale", "mlp_hidden"):
                 del config[key]
-        if not self.config.store_threshold:  # as before the store gate existed
-            del config["store_threshold"]
+        for key in ("store_threshold", "context_decay"):  # as before these options existed
+            if not config[key]:
+                del config[key]
         h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, p in sorted(self.named_parameters()):
             if name.startswith(("slot_", "token_", "write_norm", "forget", "input", "address")):
@@ -675,10 +705,12 @@ class MemoryBank:
         return cache[1]
 
     def _memoised_fused_read(self, reader_index: int, hidden: Tensor,
-                             kv_dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+                             kv_dtype: Optional[torch.dtype],
+                             first_bias: Optional[Tensor] = None) -> Optional[Tensor]:
         """Reader i's inference read through the fused CPU layer, its operands
         (keys/values, folded weights) memoised; None where that path does not
-        apply.
+        apply. first_bias [B, T, M]: the MLP query's first-layer bias per token
+        (the context's share, MemoryConfig.context_decay), in place of the memo's.
 
         Why memoised this way: in a decode step every Python function and
         every object a read touches is cold, evicted by the weights streamed
@@ -699,8 +731,9 @@ class MemoryBank:
             except RuntimeError:  # inference tensors (parameters made under inference_mode)
                 return None
             if stamp == plan[0]:
+                kwargs = plan[4] if first_bias is None else {**plan[4], "mlp_b": first_bias}
                 with nvtx_range("memkernels.reader_fwd[cpu]"):
-                    return plan[1](hidden, *plan[2], **plan[4])
+                    return plan[1](hidden, *plan[2], **kwargs)
         built = self.memory.readers[reader_index].fused_plan(self.memory, self, kv_dtype, hidden)
         if built is None:
             self._plans.pop(reader_index, None)
@@ -709,6 +742,8 @@ class MemoryBank:
         stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
                  *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
         self._plans[reader_index] = (stamp, fused, args, sources, kwargs)
+        if first_bias is not None:
+            kwargs = {**kwargs, "mlp_b": first_bias}
         with nvtx_range("memkernels.reader_fwd[cpu]"):
             return fused(hidden, *args, **kwargs)
 

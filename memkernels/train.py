@@ -11,8 +11,10 @@ attached to, frozen, and left bitwise unchanged. Checkpoints are safetensors
 function of (seed, rank, step).
 
 Two ways knowledge enters the memory (Batch.write_ids decides per batch):
-- trained memory: no write; the model reads the trainable initial bank, so
-  the corpus is learned into the bank itself;
+- trained memory: no write; the model reads the trainable initial bank (the
+  blend rule), or with Trainer(bank=...) the slots of that bank, the memory
+  itself frozen (any rule: an append bank store() made from the corpus, then
+  optimised on it), so the corpus is learned into the bank itself;
 - written memory: each row's texts are written into a fresh bank first
   (differentiable), then the row's questions are answered from it, so the
   write and read projections and gates learn what to store.
@@ -90,13 +92,15 @@ class TrainConfig:
 
 
 class _MemoryStep(nn.Module):
-    """The unit DDP wraps: it owns only the memory (the LLM is not a
-    submodule, so DDP never sees or syncs its frozen parameters)."""
+    """The unit DDP wraps: it owns only the memory, and the bank's slots when
+    a bank is trained (the LLM is not a submodule, so DDP never sees or syncs
+    its frozen parameters)."""
 
     def __init__(self, llm: nn.Module, memory: MemoryModel, address_loss: float = 0.0,
-                 address_temperature: float = 0.05):
+                 address_temperature: float = 0.05, bank: Optional[MemoryBank] = None):
         super().__init__()
         self.memory = memory
+        self.bank_slots = None if bank is None else nn.Parameter(bank.mem.detach().clone())
         object.__setattr__(self, "llm", llm)  # not registered
         self.handle = memkernels.attach(llm, memory)
         self.address_loss, self.address_temperature = address_loss, address_temperature
@@ -112,17 +116,18 @@ class _MemoryStep(nn.Module):
         memory = self.memory
         hidden = None
         if batch.write_ids is None:
-            bank = memory.trainable_bank()
+            bank = (memory.trainable_bank() if self.bank_slots is None
+                    else MemoryBank(memory, self.bank_slots))
         else:
             B, n, Tw = batch.write_ids.shape
-            hidden, value_hidden = write_layer_hidden(self.llm, memory,
-                                                      batch.write_ids.reshape(B * n, Tw),
-                                                      batch.write_mask.reshape(B * n, Tw))
+            hidden, value_hidden, context = write_layer_hidden(
+                self.llm, memory, batch.write_ids.reshape(B * n, Tw),
+                batch.write_mask.reshape(B * n, Tw))
             mask = batch.write_mask.reshape(B, n * Tw)
             start = memory.fresh_mem(B, memory.slots_to_store(int(mask.sum(1).max())))
             per_row = lambda h: None if h is None else h.reshape(B, n * Tw, -1)  # noqa: E731
             bank = MemoryBank(memory, memory.write(start, per_row(hidden), mask.bool(),
-                                                   per_row(value_hidden)))
+                                                   per_row(value_hidden), per_row(context)))
         self.handle.bank = bank
         self._read_input.clear()
         logits = self.llm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -130,12 +135,13 @@ class _MemoryStep(nn.Module):
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            labels.reshape(-1), ignore_index=-100)
         if self.address_loss and batch.asks is not None and hidden is not None:
-            loss = loss + self.address_loss * self._address_loss(batch, hidden)
+            loss = loss + self.address_loss * self._address_loss(batch, hidden, context)
         scored = labels != -100
         correct = ((logits.argmax(-1) == labels) & scored).sum()
         return loss, correct, scored.sum()
 
-    def _address_loss(self, batch: Batch, write_hidden: Tensor) -> Tensor:
+    def _address_loss(self, batch: Batch, write_hidden: Tensor,
+                      write_context: Optional[Tensor]) -> Tensor:
         """append_memory.address_contrastive of each ask's first-reader query
         against the addresses of every text's target token in the batch."""
         from memkernels.append_memory import address_contrastive  # noqa: PLC0415
@@ -144,11 +150,15 @@ class _MemoryStep(nn.Module):
         cand_b, cand_j = has.nonzero(as_tuple=True)
         index = torch.full((B, n), -1, dtype=torch.long, device=has.device)
         index[cand_b, cand_j] = torch.arange(len(cand_b), device=has.device)
-        rows = write_hidden.reshape(B, n, Tw, -1)[cand_b, cand_j,
-                                                   batch.address_targets[cand_b, cand_j]]
-        keys = memory.raw_address_keys(rows[:, None])[:, 0]  # [K, P, Dh]
+        def targets(h):  # [B * n, Tw, C] -> the target tokens' rows [K, 1, C]
+            return h.reshape(B, n, Tw, -1)[cand_b, cand_j, batch.address_targets[cand_b, cand_j]][:, None]
+        keys = memory.raw_address_keys(
+            targets(write_hidden), None if write_context is None else targets(write_context))[:, 0]
         b, t, j = batch.asks.unbind(1)
-        queries = memory.readers[0].raw_queries(self._read_input[0][b, t][:, None])[:, 0]
+        read_context = self.handle.context
+        queries = memory.readers[0].raw_queries(
+            self._read_input[0][b, t][:, None],
+            None if not memory.config.context_decay else read_context[b, t][:, None])[:, 0]
         return address_contrastive(queries, keys, index[b, j], self.address_temperature)
 
 
@@ -165,21 +175,32 @@ def _distributed() -> tuple[int, int]:
 class Trainer:
     """Optimises `memory` attached to the frozen `llm` on batches from
     make_batch(step, rank) (a pure function, so a resumed run sees the same
-    data)."""
+    data). With `bank`, optimises that bank's slots instead (on batches
+    without writes), the memory frozen for the run; `trainer.bank` is the
+    result."""
 
     def __init__(self, llm: nn.Module, memory: MemoryModel,
-                 make_batch: Callable[[int, int], Batch], config: TrainConfig):
+                 make_batch: Callable[[int, int], Batch], config: TrainConfig,
+                 bank: Optional[MemoryBank] = None):
         self.config, self.make_batch = config, make_batch
         self.rank, self.world = _distributed()
         torch.manual_seed(config.seed)
+        if bank is not None and (bank.memory is not memory or bank.batch_size != 1):
+            raise ValueError("bank: a one-row bank of this memory (memory.store(...) or "
+                             "memory.new_bank())")
         self.step_module = _MemoryStep(llm, memory, config.address_loss,
-                                       config.address_temperature)
+                                       config.address_temperature, bank)
+        # the parameters this run optimises: the memory's, or the bank's slots alone
+        self._memory_requires_grad = {p: p.requires_grad for p in memory.parameters()}
+        if bank is not None:
+            for p in memory.parameters():
+                p.requires_grad_(False)
         self.model = self.step_module
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.step_module,
                                                              find_unused_parameters=True)
         groups: dict[float, list] = {}
-        for name, p in memory.named_parameters():
+        for name, p in self._named_trained():
             if p.requires_grad:
                 scale = next((v for k, v in config.lr_scales.items() if name.startswith(k)), 1.0)
                 groups.setdefault(float(scale), []).append(p)
@@ -191,6 +212,17 @@ class Trainer:
     @property
     def memory(self) -> MemoryModel:
         return self.step_module.memory
+
+    @property
+    def bank(self) -> Optional[MemoryBank]:
+        """The trained bank (a copy), when the Trainer was given one."""
+        slots = self.step_module.bank_slots
+        return None if slots is None else MemoryBank(self.memory, slots.detach().clone())
+
+    def _named_trained(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what this run optimises (checkpoint names)."""
+        slots = self.step_module.bank_slots
+        return list(self.memory.named_parameters()) if slots is None else [("bank", slots)]
 
     def train(self, until: Optional[int] = None) -> dict:
         """Runs steps up to `until` (default: config.steps); returns the history."""
@@ -212,7 +244,8 @@ class Trainer:
                 (loss / c.grad_accum).backward()
                 loss_sum += loss.item() / c.grad_accum
                 correct, scored = correct + int(ok), scored + int(n)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.memory.parameters(), c.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self._named_trained()],
+                                                       c.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step + 1
@@ -225,21 +258,27 @@ class Trainer:
         return dict(history=history)
 
     def close(self) -> None:
-        """Detaches the memory: the LLM is as it was."""
+        """Detaches the memory: the LLM is as it was (and the memory's
+        requires_grad flags, after training a bank)."""
         self.step_module.handle.detach()
+        for p, flag in self._memory_requires_grad.items():
+            p.requires_grad_(flag)
         if hasattr(self.step_module, "_capture"):
             self.step_module._capture.remove()
 
     # --- checkpoints -------------------------------------------------------------
 
     def save_checkpoint(self, directory: str) -> None:
-        """memory/ (save_pretrained) + trainer.safetensors (AdamW moments and
-        step counts per parameter name, the step). Rank 0 writes."""
+        """memory/ (save_pretrained), bank.safetensors when a bank is trained,
+        and trainer.safetensors (AdamW moments and step counts per parameter
+        name, the step). Rank 0 writes."""
         if self.rank != 0:
             return
         from safetensors.torch import save_file  # noqa: PLC0415
         self.memory.save_pretrained(os.path.join(directory, "memory"))
-        names = {p: n for n, p in self.memory.named_parameters()}
+        if self.step_module.bank_slots is not None:
+            self.bank.save(os.path.join(directory, "bank.safetensors"))
+        names = {p: n for n, p in self._named_trained()}
         tensors = {}
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
@@ -253,7 +292,11 @@ class Trainer:
         loaded = MemoryModel.from_pretrained(os.path.join(directory, "memory"),
                                              map_location=self.memory.init_bank.device)
         self.memory.load_state_dict(loaded.state_dict())  # parameters and buffers, in place
-        params = dict(self.memory.named_parameters())
+        if self.step_module.bank_slots is not None:
+            saved = MemoryBank.load(os.path.join(directory, "bank.safetensors"), self.memory)
+            with torch.no_grad():
+                self.step_module.bank_slots.copy_(saved.mem)
+        params = dict(self._named_trained())
         with safe_open(os.path.join(directory, "trainer.safetensors"), framework="pt") as f:
             self.step = int(f.metadata()["step"])
             for key in f.keys():
@@ -299,22 +342,28 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     if not isinstance(memory, AppendMemory):
         raise TypeError("pretrain_address needs an append-rule memory "
                         "(MemoryConfig(write_rule='append'))")
+    decay = memory.config.context_decay
     if not len(queries) == len(statements) == len(targets) or len(queries) < 2:
         raise ValueError(f"queries, statements and targets must be as long, at least 2, got "
                          f"{len(queries)}, {len(statements)}, {len(targets)}")
     batch = min(batch, len(queries))
     device = memory.init_bank.device
     layers = [i + 1 for i in memory.config.resolved_read_layers]  # hidden_states index
-    q_states = text_end_states(llm, tokenizer, queries)[:, layers].to(device)  # [N, readers, C]
-    tokens = []
+    ends = text_end_states(llm, tokenizer, queries, context_decay=decay)
+    q_states, q_context = ends if decay else (ends, None)
+    q_states = q_states[:, layers].to(device)  # [N, readers, C]
+    q_context = q_context.to(device) if decay else None  # [N, C]
+    tokens, token_contexts = [], []
     for i in range(0, len(statements), 100):
         ids = [tokenizer(t)["input_ids"] for t in statements[i:i + 100]]
         width = max(map(len, ids))
         input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
         with torch.no_grad():
-            hidden, _ = write_layer_hidden(llm, memory, input_ids, mask)
+            hidden, _, context = write_layer_hidden(llm, memory, input_ids, mask)
         tokens += [hidden[r, :len(x)] for r, x in enumerate(ids)]
+        if decay:
+            token_contexts += [context[r, :len(x)] for r, x in enumerate(ids)]
     for t, (tok_states, target) in enumerate(zip(tokens, targets)):
         if not 0 <= target < len(tok_states):
             raise ValueError(f"targets[{t}] = {target} is not a token of statement {t} "
@@ -322,9 +371,13 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     # reader 0 is pre-trained on the question ends alone: its statistics from
     # there; the others read every position untrained: theirs from every token
     # of the questions (fitted on the ends alone, N=100 came out 72-81%)
-    every = text_end_states(llm, tokenizer, queries[:1000], every_token=True)
+    every = text_end_states(llm, tokenizer, queries[:1000], every_token=True, context_decay=decay)
+    every, every_context = every if decay else (every, None)
     memory.fit_statistics(torch.cat(tokens), [q_states[:, 0]] + [every[:, i].to(device)
-                                                                 for i in layers[1:]])
+                                                                 for i in layers[1:]],
+                          torch.cat(token_contexts) if decay else None,
+                          [q_context] + [every_context.to(device)] * (len(layers) - 1)
+                          if decay else None)
     reader = memory.readers[0]
     gate = list(memory.keep.parameters()) if memory.keep is not None else []
     params = [*memory.address.parameters(), memory.slot_key, *reader.query.parameters(), *gate]
@@ -336,10 +389,12 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     for _ in bar:
         rows = torch.randperm(len(queries), generator=gen)[:batch].tolist()
         candidates = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
+        contexts = torch.cat([token_contexts[r] for r in rows])[None] if decay else None
         starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)
         target = (starts + torch.tensor([targets[r] for r in rows])).to(device)
-        q = reader.queries(q_states[rows, :1])[:, 0, 0]  # [batch, P, Dh]: copy 0 of each pair
-        loss = address_nll(q, memory.address_keys(candidates)[0], target, reader.scale)
+        # [batch, P, Dh]: copy 0 of each pair
+        q = reader.queries(q_states[rows, :1], q_context[rows, None] if decay else None)[:, 0, 0]
+        loss = address_nll(q, memory.address_keys(candidates, contexts)[0], target, reader.scale)
         if gate:
             is_target = candidates.new_zeros(candidates.shape[1]).index_fill_(0, target, 1.0)
             loss = loss + F.binary_cross_entropy_with_logits(memory.keep_logits(candidates)[0],
@@ -360,13 +415,19 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16,
                     help="rows a step (written mode, append rule: batch / 2 episodes)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="default 3e-3; a trained append bank: recall.benchmark.TRAINED_LR")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slots", type=int, default=1024)
     ap.add_argument("--write-rule", choices=("blend", "append"), default="append",
-                    help="written mode: how a write enters the bank (MemoryConfig.write_rule)")
+                    help="how a write enters the bank (MemoryConfig.write_rule); trained mode: "
+                         "append trains the slots of a bank that --memory stored the facts in, "
+                         "blend a blend-rule memory's bank from scratch")
+    ap.add_argument("--memory", default=None,
+                    help="trained mode, append rule: the written memory whose bank is trained "
+                         "(default: the one that ships, memkernels/recall/assets/written_memory)")
     ap.add_argument("--pretrain-steps", type=int, default=6000,
                     help="append rule: steps of pretrain_address before the joint training")
     ap.add_argument("--model", default=base_lm.ASSET_DIR, help="an HF causal LM directory")
@@ -377,24 +438,38 @@ def main(argv=None) -> None:
         dist.init_process_group("gloo")
     model, tokenizer = base_lm.load(args.model)
     append = args.mode == "written" and args.write_rule == "append"
-    memory = tasks.default_memory(model, slots=args.slots, seed=args.seed,
-                                  write_rule="append" if append else "blend",
-                                  store_threshold=tasks.STORE_THRESHOLD if append else 0.0)
-    make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps) if append
-                  else tasks.written_batches(tokenizer, args.batch, args.seed)
-                  if args.mode == "written"
-                  else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
+    trained_bank = args.mode == "trained" and args.write_rule == "append"
+    bank = None
+    if trained_bank:  # the written memory's bank of the facts, its slots trained
+        from memkernels.recall import benchmark  # noqa: PLC0415
+        memory = MemoryModel.from_pretrained(args.memory or benchmark.WRITTEN_MEMORY)
+        bank = tasks.stored_facts(memory, model, tokenizer, args.facts)
+        make_batch = tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts,
+                                           aux_facts=0)
+    else:
+        memory = (tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
+                  else tasks.default_memory(model, slots=args.slots, seed=args.seed))
+        make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps)
+                      if append else tasks.written_batches(tokenizer, args.batch, args.seed)
+                      if args.mode == "written"
+                      else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
     if append and not args.resume:
         pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
                          steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
+    if args.lr is None:
+        from memkernels.recall.benchmark import TRAINED_LR  # noqa: PLC0415
+        args.lr = TRAINED_LR if trained_bank else 3e-3
     settings = dict(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, bf16=args.bf16,
                     seed=args.seed, out_dir=args.out)
     trainer = Trainer(model, memory, make_batch,
-                      append_joint_config(**settings) if append else TrainConfig(**settings))
+                      append_joint_config(**settings) if append else TrainConfig(**settings),
+                      bank=bank)
     if args.resume:
         trainer.load_checkpoint(os.path.join(args.out, "checkpoint"))
     result = trainer.train()
     trainer.close()
+    if trainer.rank == 0 and trained_bank:
+        trainer.bank.save(os.path.join(args.out, "bank.safetensors"))
     if trainer.rank == 0:
         last = result["history"][-20:]
         print(json.dumps({"mode": args.mode, "steps": trainer.step,

@@ -166,9 +166,12 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   } else {
     TORCH_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
   }
+  // mlp_b: [M], or [B, T, M] (a first-layer bias per token: the context's share)
+  const bool mlp_b_per_row = mlp_b.has_value() && mlp_b->dim() == 3;
   if (mlp_b.has_value()) {
     check_same(*mlp_b, hidden, "mlp_b");
-    check_shape(*mlp_b, "mlp_b", {M});
+    if (mlp_b_per_row) check_shape(*mlp_b, "mlp_b", {B, T, M});
+    else check_shape(*mlp_b, "mlp_b", {M});
   }
   if (query_b.has_value()) {
     check_same(*query_b, hidden, "query_b");
@@ -211,6 +214,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     r.mlp_hidden = M;
     r.mlp_w = M > 0 ? w1.data_ptr<T>() : nullptr;
     r.mlp_b = M > 0 ? b1.data_ptr<T>() : nullptr;
+    r.mlp_b_per_row = mlp_b_per_row;
     r.query_b = bq.defined() ? bq.data_ptr<T>() : nullptr;
     r.unit_queries = unit_queries;
   };
@@ -258,8 +262,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
   m.def("reader_fwd", &reader_fwd,
         "one reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w, "
-        "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b) @ query_w^T; "
-        "+ query_b, then unit length per head with unit_queries",
+        "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b) @ query_w^T "
+        "(mlp_b [M] or one row per token [B, T, M]); + query_b, then unit length per head "
+        "with unit_queries",
         py::arg("hidden"), py::arg("query_w"), py::arg("keys"), py::arg("values"),
         py::arg("out_w"), py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
         py::arg("value_scale") = py::none(), py::arg("mlp_w") = py::none(),

@@ -41,10 +41,11 @@ def make_memory(model=None, *, slots=20, null_slots=3, open_gates=False, **overr
     return memory
 
 
-def expected_slots(memory, hidden, value_hidden, mask=None):
-    """[T, 2P, Dh]: what each token of one row writes (address | next token's
-    content, none where padding comes next)."""
+def expected_slots(memory, hidden, value_hidden, mask=None, context=None):
+    """[T, 2P, Dh]: what each token of one row writes (address, from the
+    context too when given | next token's content, none where padding comes next)."""
     x = memory.write_norm(hidden)
+    x = x if context is None else torch.cat([x, context], -1)
     xv = memory.write_norm(value_hidden)
     xv_next = torch.stack([xv[t + 1] if t + 1 < len(xv) and (mask is None or mask[t + 1])
                            else torch.zeros_like(xv[0]) for t in range(len(xv))])
@@ -65,6 +66,9 @@ def expected_slots(memory, hidden, value_hidden, mask=None):
     (dict(write_rule="append", store_threshold=1.0), "store_threshold"),
     (dict(write_rule="append", store_threshold=-0.1), "store_threshold"),
     (dict(write_rule="blend", store_threshold=0.5), "store_threshold needs write_rule='append'"),
+    (dict(write_rule="append", context_decay=1.0), "context_decay"),
+    (dict(write_rule="append", context_decay=-0.5), "context_decay"),
+    (dict(write_rule="blend", context_decay=0.7), "context_decay needs write_rule='append'"),
 ])
 def test_config_rejects_bad_append_settings(kwargs, match):
     base = dict(hidden_size=HIDDEN, num_layers=3, num_heads=4, head_dim=8, num_slots=16)
@@ -209,12 +213,14 @@ def test_write_gradients_reach_the_tokens_and_the_null_slots():
 
 # --- read ----------------------------------------------------------------------------------
 
-def plain_read(memory, reader, hidden, mem):
+def plain_read(memory, reader, hidden, mem, context=None):
     """The reader's output in plain PyTorch: every query head softmaxes cosine x
-    scale over the non-empty slots of its pair."""
+    scale over the non-empty slots of its pair (the query MLP reads the
+    context beside the normed hidden state when given)."""
     B, T, _ = hidden.shape
     P, D = memory.pairs, memory.config.head_dim
-    q = F.normalize(reader.query(reader.norm(hidden)).view(B, T, 2 * P, D), dim=-1)
+    x = reader.norm(hidden) if context is None else torch.cat([reader.norm(hidden), context], -1)
+    q = F.normalize(reader.query(x).view(B, T, 2 * P, D), dim=-1)
     mem = mem.expand(B, -1, -1, -1)
     keys = F.normalize(torch.einsum("bpsd,pde->bpse", mem[:, :P], memory.slot_key), dim=-1)
     values = torch.einsum("bpsd,pde->bpse", mem[:, P:], memory.slot_value)
@@ -413,7 +419,7 @@ def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():
     ids = torch.tensor([CharTokenizer()(s)["input_ids"] for s in statements[:8]])
     from memkernels.integration import write_layer_hidden
     with torch.no_grad():
-        hidden, _ = write_layer_hidden(model, gated, ids, torch.ones_like(ids))
+        hidden, *_ = write_layer_hidden(model, gated, ids, torch.ones_like(ids))
         kept = torch.sigmoid(gated.keep_logits(hidden)) >= 0.5
     assert kept[:, -1].float().mean() >= 0.75 and kept[:, :-1].float().mean() < 0.1
     with pytest.raises(ValueError, match=r"targets\[0\] = 99"):
@@ -438,3 +444,137 @@ def test_text_end_states_every_token_matches_each_text_run_alone():
         torch.testing.assert_close(every[start:start + len(text)], alone)
         torch.testing.assert_close(ends[i], alone[-1])
         start += len(text)
+
+
+# --- the context (MemoryConfig.context_decay) ------------------------------------------------
+
+def loop_context(x, mask, decay):
+    """decayed_context, one token at a time."""
+    total, weight = torch.zeros_like(x[:, 0]), torch.zeros_like(x[:, 0, 0])
+    out = []
+    for t in range(x.shape[1]):
+        m = mask[:, t].to(x.dtype)
+        total, weight = decay * total + m[:, None] * x[:, t], decay * weight + m
+        out.append(torch.where(weight[:, None] > 0, total / weight.clamp(min=1e-300)[:, None], 0.0))
+    return torch.stack(out, 1)
+
+
+def test_decayed_context_is_the_masked_decayed_mean_and_carries_its_state():
+    from memkernels.append_memory import decayed_context
+    torch.manual_seed(11)
+    x = torch.randn(3, 150, 5, dtype=torch.float64)  # over two blocks of 64 tokens
+    mask = torch.rand(3, 150) < 0.7
+    mask[2] = False  # a row of padding only: zeros, never NaN
+    mask[1, :20] = False  # left padding
+    want = loop_context(x, mask, 0.7)
+    got, _ = decayed_context(x, mask, 0.7)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+    assert bool(got[2].eq(0).all()) and bool(got[1, :20].eq(0).all())
+    # a prompt, then a token at a time (a decode loop), carrying the state
+    pieces, state = [], None
+    for start, stop in [(0, 70), *[(t, t + 1) for t in range(70, 150)]]:
+        piece, state = decayed_context(x[:, start:stop], mask[:, start:stop], 0.7, state)
+        pieces.append(piece)
+    torch.testing.assert_close(torch.cat(pieces, 1), want)
+    torch.testing.assert_close(decayed_context(x, None, 0.3)[0],
+                               loop_context(x, torch.ones(3, 150, dtype=torch.bool), 0.3))
+
+
+def fitted_context_memory(dtype=torch.float64, **overrides):
+    memory = make_memory(slots=30, open_gates=True, context_decay=0.6, **overrides).to(dtype)
+    states = lambda: torch.randn(40, HIDDEN, dtype=dtype)  # noqa: E731
+    memory.fit_statistics(states() * 3 + 1, [states() * 2 - 1 for _ in memory.readers],
+                          states() + 2, [states() - 1 for _ in memory.readers])
+    return memory
+
+
+def test_context_write_keys_each_address_on_its_token_and_context():
+    torch.manual_seed(12)
+    memory = fitted_context_memory()
+    hidden, values, context = (torch.randn(1, 6, HIDDEN).double() for _ in range(3))
+    mem = memory.write(memory.fresh_mem(1), hidden, None, values, context)
+    torch.testing.assert_close(mem[0, :, :6].transpose(0, 1),
+                               expected_slots(memory, hidden[0], values[0], None, context[0]))
+    with pytest.raises(ValueError, match="keys on the context"):
+        memory.write(memory.fresh_mem(1), hidden, None, values)
+    with pytest.raises(ValueError, match="context must have the shape"):
+        memory.write(memory.fresh_mem(1), hidden, None, values, context[:, :2])
+    plain = make_memory()
+    with pytest.raises(ValueError, match="context_decay is 0"):
+        plain.write(plain.fresh_mem(1), hidden, None, values, context)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (1, 5), (3, 2)])
+def test_context_read_matches_plain_pytorch_with_and_without_gradients(dtype, rows, tokens):
+    """The training path (gradients), the folded inference path and, for a
+    one-row bank, the fused C++ call (the context's share of the query MLP's
+    first layer as a per-token bias) all match plain PyTorch."""
+    torch.manual_seed(13)
+    memory = fitted_context_memory(dtype)
+    written = torch.randn(rows, 9, HIDDEN, dtype=dtype)
+    bank = MemoryBank(memory, memory.write(memory.fresh_mem(rows), written, None, None,
+                                           torch.randn(rows, 9, HIDDEN, dtype=dtype)).detach())
+    hidden = torch.randn(rows, tokens, HIDDEN, dtype=dtype, requires_grad=True) * 3
+    context = torch.randn(rows, tokens, HIDDEN, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for i, reader in enumerate(memory.readers):
+        want = plain_read(memory, reader, hidden, bank.mem, context)
+        got = memory.read(i, hidden, bank, context=context)
+        torch.testing.assert_close(got, want, **tol)
+        params = [hidden, *reader.query.parameters()]
+        for a, b in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params)):
+            torch.testing.assert_close(a, b, **tol)
+        with torch.no_grad():
+            torch.testing.assert_close(memory.read(i, hidden, bank, context=context), want, **tol)
+            reader.query[0].mean.add_(0.3)  # the folded weights follow the statistics
+            torch.testing.assert_close(memory.read(i, hidden, bank, context=context),
+                                       plain_read(memory, reader, hidden, bank.mem, context), **tol)
+        with pytest.raises(ValueError, match="keys on the context"):
+            memory.read(i, hidden, bank)
+
+
+def test_attached_context_memory_decodes_with_a_kv_cache_as_one_forward():
+    """The handle carries the context from the prompt to each decode step
+    (and skips left padding): logits of a prefill then one token at a time
+    with the KV cache equal one forward over the whole batch."""
+    torch.manual_seed(14)
+    model = tiny_llama()
+    memory = make_memory(model, open_gates=True, context_decay=0.7)
+    bank = memory.store(model, None, [[5, 6, 7, 8], [9, 10, 11]])
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: left padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with memkernels.attach(model, memory, bank) as handle, torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits
+        out = model(ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5],
+                    use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        for t in range(5, 9):
+            if t == 7:  # storing text mid-decode leaves the decode's context alone
+                handle.bank = memory.store(model, None, [[5, 6, 7, 8], [9, 10, 11]])
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                        position_ids=positions[:, t:t + 1], past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+        torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()])
+        # a new call without a cache starts afresh
+        torch.testing.assert_close(model(ids[1:, 3:]).logits, full[1:, 3:])
+        assert handle.context.shape == (1, 6, HIDDEN)
+
+
+def test_pretrain_address_with_a_context_lowers_its_loss():
+    torch.manual_seed(15)
+    model = tiny_llama()
+    memory = make_memory(model, context_decay=0.7)
+    names = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(3)) for i in range(40)]
+    queries = [f"who {n}?" for n in names]
+    statements = [f"{n} is {names[(i + 5) % 40]}." for i, n in enumerate(names)]
+    losses = pretrain_address(memory, model, CharTokenizer(), queries, statements,
+                              [2] * len(names), steps=60, batch=16, lr=3e-3, progress=False)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    assert memory.address[0].mean.shape == (2 * HIDDEN,)
+    assert not torch.equal(memory.readers[0].query[0].std[HIDDEN:],
+                           torch.ones(HIDDEN, dtype=torch.float64))  # fitted on the contexts

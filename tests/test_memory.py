@@ -207,7 +207,7 @@ def test_memory_gradients_match_the_reference_ops():
             r.backend = backend
         memory.zero_grad()
         with memkernels.attach(model, memory, memory.trainable_bank()) as h:
-            hidden, _ = write_layer_hidden(model, memory, x, torch.ones_like(x))
+            hidden, *_ = write_layer_hidden(model, memory, x, torch.ones_like(x))
             h.bank = MemoryBank(memory, memory.write(h.bank.mem.expand(2, -1, -1, -1), hidden))
             model(x, labels=x).loss.backward()
         return {n: p.grad.clone() for n, p in memory.named_parameters()}
@@ -741,7 +741,7 @@ def test_values_from_is_checked_and_saved(tmp_path):
     memory.save_pretrained(tmp_path / "m")
     assert MemoryModel.from_pretrained(tmp_path / "m").config.values_from == "embeddings"
     x = ids(2, 5)
-    keys_hidden, values_hidden = write_layer_hidden(model, memory, x, torch.ones_like(x))
+    keys_hidden, values_hidden, _ = write_layer_hidden(model, memory, x, torch.ones_like(x))
     torch.testing.assert_close(values_hidden, model.get_input_embeddings()(x))
     with pytest.raises(ValueError, match="value_hidden must have the shape"):
         memory.write(memory.new_bank(2).mem, keys_hidden, None, values_hidden[:, :2])
@@ -769,3 +769,11 @@ def test_fused_cpu_reader_rejects_a_bad_mlp_query():
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, query_b=b1)
     with pytest.raises(RuntimeError, match="mlp_b must have dtype"):
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1.double())
+    with pytest.raises(RuntimeError, match=r"mlp_b must have shape \[1, 2, 12\]"):  # per token
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=torch.randn(1, 3, 12))
+    # a first-layer bias per token is each row's own bias
+    per_row = torch.randn(1, 2, 12)
+    both = ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=per_row)
+    for t in range(2):
+        alone = ext.reader_fwd(h[:, t:t + 1], w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=per_row[0, t])
+        torch.testing.assert_close(both[:, t:t + 1], alone)

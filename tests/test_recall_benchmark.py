@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
 pytest.importorskip("rank_bm25", reason="needs rank_bm25 for the retrieval baseline")
 
+from memkernels.memory import MemoryBank  # noqa: E402
 from memkernels.recall import base_lm, benchmark, tasks  # noqa: E402
 from memkernels.recall.facts import Fact, make_facts  # noqa: E402
 
@@ -55,15 +56,20 @@ def test_evaluate_scores_exact_matches(lm, monkeypatch):
 
 
 @pytest.mark.parametrize("condition, write_rule",
-                         [(c, "blend") for c in benchmark.CONDITIONS]
-                         + [("written_memory", "append")])
+                         [(c, "blend") for c in benchmark.CONDITIONS if c != "trained_memory"]
+                         + [("written_memory", "append"), ("trained_memory", "append")])
 def test_every_condition_runs(lm, condition, write_rule):
     model, tok = lm
     facts, others = make_facts(6, seed=0, distractors=True)
     # an append-rule bank of 16 slots: evaluate makes one that holds the ~140 tokens
     memory = tasks.default_memory(model, slots=8 if write_rule == "blend" else 16,
                                   write_rule=write_rule)
-    row = benchmark.evaluate(condition, model, tok, facts, others, memory=memory,
+    bank = None
+    if condition == "trained_memory":  # its bank: the facts stored (train_bank's start)
+        with pytest.raises(ValueError, match="trained bank"):
+            benchmark.evaluate(condition, model, tok, facts, others, memory=memory)
+        bank = memory.store(model, tok, [f"{f.subject} lives in {f.object}." for f in facts])
+    row = benchmark.evaluate(condition, model, tok, facts, others, memory=memory, bank=bank,
                              max_questions=4, max_context=4096)
     assert row["condition"] == condition and row["questions"] == 4
     assert 0.0 <= row["accuracy"] <= 1.0 and row["latency_ms"] > 0
@@ -112,16 +118,20 @@ def test_address_ceiling_nonlinear_beats_linear_on_the_shipped_lm():
     """Which written statement a question is about: on the shipped LM a
     linear map (what the memory's bilinear read can do) finds it far less
     often than contrastively trained MLPs on the same states; at the
-    embeddings (the answer position's token is the same "A:") it is chance."""
+    embeddings (the answer position's token is the same "A:") it is chance.
+    With the decayed context of the embeddings beside the state (the tokens
+    of the name itself), the MLPs find it almost always."""
     from memkernels.recall import probe
     model, tokenizer = base_lm.load()
     rows = probe.address_ceiling(model, tokenizer, sizes=(50,), fit_facts=2000, draws=1,
-                                 mlp_steps=400, log=lambda *_: None)
+                                 mlp_steps=400, context_decay=0.7, log=lambda *_: None)
     (row,) = rows
+    assert len(row["linear_per_layer"]) == model.config.num_hidden_layers + 1
     assert row["linear_per_layer"][0] <= 0.1  # chance is 0.02
     assert row["mlp_layer"] == max(range(len(row["linear_per_layer"])),
                                    key=row["linear_per_layer"].__getitem__)
     assert row["mlp"] >= max(row["linear_per_layer"]) + 0.2
+    assert row["mlp_context"] >= max(row["mlp"] + 0.05, 0.9)
 
 
 def test_written_curriculum_grows_the_facts_per_episode(lm):
@@ -147,17 +157,17 @@ def test_append_episodes_ask_one_question_a_row_alone(lm):
         assert text.startswith("Q: ") and text.count("Q: ") == 1  # asked alone
 
 
-def test_train_memory_pretrains_trains_saves_and_reloads_the_written_memory(lm, tmp_path,
-                                                                          monkeypatch):
+def test_train_written_memory_pretrains_trains_saves_and_reloads(lm, tmp_path, monkeypatch):
     model, tok = lm
     pairs = tasks.address_pairs
     monkeypatch.setattr(tasks, "address_pairs", lambda t: pairs(t, n=64))
-    memory = benchmark.train_memory(model, tok, "written", str(tmp_path / "w"), steps=2,
-                                    pretrain_steps=3, batch=4, slots=64)
+    memory = benchmark.train_written_memory(model, tok, str(tmp_path / "w"), steps=2,
+                                            pretrain_steps=3, batch=4, slots=64)
     info = json.load(open(tmp_path / "w" / "training.json"))
     assert info["write_rule"] == "append" and info["pretrain_steps"] == 3 and info["steps"] == 2
     assert memory.config.store_threshold == tasks.STORE_THRESHOLD and memory.keep is not None
-    again = benchmark.train_memory(model, tok, "written", str(tmp_path / "w"), steps=2)
+    assert memory.config.context_decay == tasks.CONTEXT_DECAY
+    again = benchmark.train_written_memory(model, tok, str(tmp_path / "w"), steps=2)
     assert type(again) is type(memory)
     for (name, a), b in zip(memory.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
@@ -174,7 +184,11 @@ def test_address_pairs_target_the_token_before_the_object(lm):
         assert not tok.decode(ids[t:]).strip().startswith(f.object)
 
 
-def test_a_trained_memory_learns_the_fact_draw_it_is_asked_about(lm, tmp_path, monkeypatch):
+def test_a_trained_bank_is_stored_then_optimised_on_its_fact_draw_and_cached(lm, tmp_path,
+                                                                              monkeypatch):
+    """train_bank: the draw's facts stored by the memory, then the bank's
+    slots trained on their statements (no auxiliary facts, never questions),
+    the memory's weights untouched; cached, and retrained for other weights."""
     model, tok = lm
     seen = {}
     real = tasks.trained_batches
@@ -183,6 +197,44 @@ def test_a_trained_memory_learns_the_fact_draw_it_is_asked_about(lm, tmp_path, m
         seen.update(kwargs)
         return real(*args, **kwargs)
     monkeypatch.setattr(tasks, "trained_batches", spy)
-    benchmark.train_memory(model, tok, "trained", str(tmp_path / "t"), steps=1, n_facts=4,
-                           slots=8, fact_seed=3)
-    assert seen["eval_seed"] == 3 and seen["n_facts"] == 4
+    torch.manual_seed(0)
+    memory = tasks.written_memory(model, slots=256)  # more than 4 statements fill
+    with torch.no_grad():
+        for reader in memory.readers:
+            reader.gate.fill_(1.0)  # reads reach the logits: the bank gets gradients
+    weights = {k: v.clone() for k, v in memory.state_dict().items()}
+    stored = tasks.stored_facts(memory, model, tok, 4, 3)
+    bank = benchmark.train_bank(model, tok, memory, str(tmp_path / "b"), steps=3, n_facts=4,
+                                fact_seed=3, lr=1e-2, log=lambda *_: None)
+    assert seen["eval_seed"] == 3 and seen["n_facts"] == 4 and seen["aux_facts"] == 0
+    assert bank.mem.shape == stored.mem.shape and not torch.equal(bank.mem, stored.mem)
+    empty = ~memory.slot_mask(stored.mem)[0]
+    assert bool(empty.any()) and bool(bank.mem[:, :, empty].eq(0).all())  # and stay empty
+    for k, v in memory.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert all(p.requires_grad for p in memory.parameters())  # restored after the run
+    info = json.load(open(tmp_path / "b" / "training.json"))
+    assert info["mode"] == "trained" and info["steps"] == 3 and info["n_facts"] == 4
+    again = benchmark.train_bank(model, tok, memory, str(tmp_path / "b"), steps=3, n_facts=4,
+                                 fact_seed=3, log=lambda *_: None)
+    assert torch.equal(again.mem, bank.mem)  # from the cache
+    with torch.no_grad():
+        memory.slot_key.mul_(2)  # other weights: the cached bank is not theirs
+    retrained = benchmark.train_bank(model, tok, memory, str(tmp_path / "b"), steps=0, n_facts=4,
+                                     fact_seed=3, log=lambda *_: None)
+    assert torch.equal(retrained.mem, stored.mem)  # 0 steps: the stored bank itself
+    MemoryBank.load(tmp_path / "b" / "bank.safetensors", memory)  # saved for these weights
+
+
+def test_train_command_trains_a_bank_for_the_shipped_written_memory(tmp_path):
+    """`python -m memkernels.train --mode trained` (append rule, the default):
+    the shipped written memory stores the facts, the bank's slots train, the
+    bank is saved for that memory."""
+    from memkernels.memory import MemoryModel
+    from memkernels.train import main
+    main(["--mode", "trained", "--facts", "8", "--steps", "2", "--batch", "4",
+          "--out", str(tmp_path)])
+    memory = MemoryModel.from_pretrained(benchmark.WRITTEN_MEMORY)
+    bank = MemoryBank.load(tmp_path / "bank.safetensors", memory)
+    stored = tasks.stored_facts(memory, *base_lm.load(), 8)
+    assert bank.mem.shape == stored.mem.shape and not torch.equal(bank.mem, stored.mem)

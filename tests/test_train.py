@@ -143,6 +143,51 @@ def test_resume_from_a_checkpoint_is_exact(tokenizer, tmp_path, write_rule):
         assert torch.equal(p, q), n
 
 
+def bank_trainer(tokenizer, steps, out=None, fixed=False):
+    """A trained append bank: the facts stored by a memory whose reads reach
+    the logits (open gates), then the bank's slots trained alone."""
+    model = tiny_lm(len(tokenizer))
+    torch.manual_seed(1)
+    memory = tasks.written_memory(model, slots=256)
+    with torch.no_grad():
+        for reader in memory.readers:
+            reader.gate.fill_(1.0)
+    bank = tasks.stored_facts(memory, model, tokenizer, 4)
+    make = tasks.trained_batches(tokenizer, 8, seed=0, n_facts=4, aux_facts=0)
+    if fixed:
+        batch = make(0, 0)
+        make = lambda step, rank: batch  # noqa: E731
+    config = TrainConfig(steps=steps, lr=3e-2, warmup=1, progress=False, checkpoint_every=3,
+                         out_dir=None if out is None else str(out))
+    return model, memory, bank, Trainer(model, memory, make, config, bank=bank)
+
+
+def test_a_bank_trains_alone_and_the_memory_and_llm_stay_as_they_were(tokenizer):
+    model, memory, stored, trainer = bank_trainer(tokenizer, 40, fixed=True)
+    llm_before, memory_before = snapshot(model), snapshot(memory)
+    history = trainer.train()["history"]
+    assert all(p.grad is None for p in memory.parameters())  # frozen for the run: no gradients
+    trainer.close()
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    assert not torch.equal(trainer.bank.mem, stored.mem)
+    assert all(torch.equal(p, memory_before[n]) for n, p in memory.named_parameters())
+    assert all(torch.equal(p, llm_before[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in memory.parameters())  # given back after the run
+    with pytest.raises(ValueError, match="one-row bank of this memory"):
+        Trainer(model, memory, lambda s, r: None, TrainConfig(), bank=memory.new_bank(2))
+
+
+def test_a_trained_bank_resumes_from_its_checkpoint_exactly(tokenizer, tmp_path):
+    straight = bank_trainer(tokenizer, 6)[3]
+    straight.train()
+    bank_trainer(tokenizer, 6, tmp_path)[3].train(until=3)  # checkpoint at step 3
+    resumed = bank_trainer(tokenizer, 6, tmp_path)[3]
+    resumed.load_checkpoint(str(tmp_path / "checkpoint"))
+    assert resumed.step == 3
+    resumed.train()
+    assert torch.equal(straight.bank.mem, resumed.bank.mem)
+
+
 def test_address_loss_adds_the_contrastive_term_and_trains_the_address(tokenizer):
     model = tiny_lm(len(tokenizer))
     memory = tasks.default_memory(model, slots=128, write_rule="append")

@@ -195,7 +195,7 @@ def statement_token_states(model, tok, memory, texts: list[str]) -> list[torch.T
         batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
         with torch.no_grad():
-            hidden, _ = write_layer_hidden(model, memory, batch, mask)
+            hidden, *_ = write_layer_hidden(model, memory, batch, mask)
         out += [hidden[r, :len(x)] for r, x in enumerate(ids)]
     return out
 
@@ -461,7 +461,7 @@ def main() -> None:
                                                                      args.curriculum,
                                                                      seed=1 + args.seed)
         B, n, tw = write_ids.shape
-        hk, hv = write_layer_hidden(model, memory, write_ids.reshape(B * n, tw),
+        hk, hv, _ = write_layer_hidden(model, memory, write_ids.reshape(B * n, tw),
                                     write_mask.reshape(B * n, tw))
         hk, hv = hk.reshape(B, n * tw, -1), hv.reshape(B, n * tw, -1)
         start = memory.init_bank.unsqueeze(0).expand(B, -1, -1, -1)

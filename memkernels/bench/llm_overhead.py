@@ -59,20 +59,24 @@ def per_token_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))
 
 
-def build_memory_for(model, heads: int, head_dim: int, slots: int, write_rule: str):
+def build_memory_for(model, heads: int, head_dim: int, slots: int, write_rule: str,
+                     context_decay: float = 0.0):
     """blend: `heads` heads; append: `heads` (address, content) pairs, so both
-    read the same bytes of keys and values per token."""
+    read the same bytes of keys and values per token (context_decay: append
+    only, MemoryConfig.context_decay)."""
     config = MemoryConfig.from_hf(model.config, num_heads=heads * (2 if write_rule == "append"
                                                                    else 1),
-                                  head_dim=head_dim, num_slots=slots, write_rule=write_rule)
+                                  head_dim=head_dim, num_slots=slots, write_rule=write_rule,
+                                  context_decay=context_decay if write_rule == "append" else 0.0)
     return build_memory(config)
 
 
 def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_tokens: int,
             dtype: torch.dtype, kv_dtype: torch.dtype, shared_bank: bool = False,
-            write_rule: str = "blend") -> dict:
+            write_rule: str = "blend", context_decay: float = 0.0) -> dict:
     model = build_model(dtype)
-    memory = build_memory_for(model, heads, head_dim, slots, write_rule).to(dtype).eval()
+    memory = build_memory_for(model, heads, head_dim, slots, write_rule,
+                              context_decay).to(dtype).eval()
     config = memory.config
     with torch.no_grad():  # open the gates so the read is not optimised away by anyone
         for r in memory.readers:
@@ -103,7 +107,7 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
     bank_bytes = len(config.read_layers) * bank_rows * 2 * heads * slots * slot_bytes
     b, m = statistics.median(base), statistics.median(with_memory)
     return dict(batch=batch, bank="shared" if shared_bank else "per row", write_rule=write_rule,
-                heads=heads, head_dim=head_dim, slots=slots,
+                context_decay=config.context_decay, heads=heads, head_dim=head_dim, slots=slots,
                 read_layers=list(config.resolved_read_layers), dtype=str(dtype).split(".")[-1],
                 kv_dtype=str(kv_dtype).split(".")[-1],
                 base_ms=1e3 * b, memory_ms=1e3 * m, overhead=statistics.median(ratios),
@@ -113,13 +117,14 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
 
 
 def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: torch.dtype,
-                  new_tokens: int = 40, write_rule: str = "blend", fused_layer: bool = True) -> dict:
+                  new_tokens: int = 40, write_rule: str = "blend", fused_layer: bool = True,
+                  context_decay: float = 0.0) -> dict:
     """Median time of one memory read inside the decode loop, and of the fused
     C++ layer call within it (the rest is Python and small ops); with
     fused_layer=False of the same read through ATen ops (what the fused layer saves)."""
     from memkernels import _backend, append_memory, memory as memory_module  # noqa: PLC0415
     model = build_model(torch.float32)
-    memory = build_memory_for(model, heads, head_dim, slots, write_rule).eval()
+    memory = build_memory_for(model, heads, head_dim, slots, write_rule, context_decay).eval()
     with torch.no_grad():
         for r in memory.readers:
             r.gate.fill_(0.1)
@@ -173,6 +178,8 @@ def main(argv=None) -> None:
     ap.add_argument("--write-rule", nargs="+", default=["blend"], choices=["blend", "append"],
                     help="the memory's write rule (append: --heads pairs of address and "
                          "content heads, an MLP query, a cosine read)")
+    ap.add_argument("--context-decay", type=float, nargs="+", default=[0.0],
+                    help="append rule: MemoryConfig.context_decay (0: none); each value is a row")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
@@ -180,28 +187,34 @@ def main(argv=None) -> None:
                     help="with --profile: also time the read without the fused C++ layer")
     args = ap.parse_args(argv)
     if args.profile:
-        for (heads, head_dim), batch, kv, rule in itertools.product(
-                zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.write_rule):
+        for (heads, head_dim), batch, kv, rule, decay in itertools.product(
+                zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.write_rule,
+                args.context_decay):
+            if decay and rule != "append":
+                continue
             p = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
-                              write_rule=rule)
+                              write_rule=rule, context_decay=decay)
             fused = (f"of which the fused C++ layer {p['fused_call_us']:.0f} us"
                      if p["fused_call_us"] is not None else "not fused")
             if args.unfused:
                 u = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
-                                  write_rule=rule, fused_layer=False)
+                                  write_rule=rule, fused_layer=False, context_decay=decay)
                 fused += f"; {u['read_us']:.0f} us without the fused layer"
+            rule += f" (context {decay})" if decay else ""
             print(f"B={batch} {rule} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: one read "
                   f"{p['read_us']:.0f} us in the decode loop, {fused}")
         return
     rows = []
-    for (heads, head_dim), batch, kv, bank, rule in itertools.product(
-            zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.bank, args.write_rule):
-        if bank == "shared" and batch == 1:
-            continue  # the same as per-row
+    for (heads, head_dim), batch, kv, bank, rule, decay in itertools.product(
+            zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.bank, args.write_rule,
+            args.context_decay):
+        if (bank == "shared" and batch == 1) or (decay and rule != "append"):
+            continue  # the same as per-row; a context is the append rule's
         row = measure(batch, heads, head_dim, args.slots, args.reps, args.new_tokens,
                       torch.float32, getattr(torch, kv), shared_bank=bank == "shared",
-                      write_rule=rule)
+                      write_rule=rule, context_decay=decay)
         rows.append(row)
+        rule += f" (context {decay})" if decay else ""
         print(f"B={batch} {rule} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}, bank {bank}: "
               f"{row['base_ms']:.2f} ms/token -> {row['memory_ms']:.2f} ms/token, "
               f"overhead {100 * row['overhead']:+.1f}% (base vs base {100 * row['noise']:.1f}%) "
@@ -215,7 +228,8 @@ def main(argv=None) -> None:
         lines = ["| batch | bank | write rule | memory H x Dh | S | K/V cache | base ms/token "
                  "| with memory | overhead | base vs base | floor |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['bank']} | {r['write_rule']} | {r['heads']} x "
+        context = lambda r: f" (context {r['context_decay']})" if r["context_decay"] else ""  # noqa: E731
+        lines += [f"| {r['batch']} | {r['bank']} | {r['write_rule']}{context(r)} | {r['heads']} x "
                   f"{r['head_dim']} | {r['slots']} | "
                   f"{r['kv_dtype']} | "
                   f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "

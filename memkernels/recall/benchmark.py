@@ -10,8 +10,10 @@ Conditions (the same frozen base LM in all of them):
   longer fits the LM's context);
 - retrieval: BM25 (rank_bm25) picks the top-k statements for the question,
   they go in the prompt;
-- trained_memory: a memory whose bank was trained on the facts' statements
-  (memkernels.train --mode trained), read at 2 layers;
+- trained_memory: the written memory's weights with a bank trained on the
+  facts' statements: stored once by store(), then its slots optimised on
+  the statements (every template) by gradient descent, the memory and the
+  LM frozen (train_bank; memkernels.train --mode trained);
 - written_memory: a memory trained on episodes of other facts
   (memkernels.train --mode written); the benchmark's facts, never seen, are
   written by store() alone, then read.
@@ -19,7 +21,8 @@ Conditions (the same frozen base LM in all of them):
 For each N (and with as many distractor facts: similar names, other objects)
 it reports exact-match accuracy, per-query latency (batch 1, median) and
 tokens processed per query, as results.json, recall.md and recall.png.
-Memories are trained on first use and cached under --cache.
+The written memory ships (trained there when --written-dir is missing);
+trained banks are trained on first use and cached under --cache.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from typing import Optional
 import torch
 
 import memkernels
-from memkernels.memory import MemoryModel
+from memkernels.memory import MemoryBank, MemoryModel
 from memkernels.recall import base_lm, tasks
 from memkernels.recall.facts import Fact, make_facts, qa_prompt
 from memkernels.train import Trainer, TrainConfig, append_joint_config, pretrain_address
@@ -47,7 +50,10 @@ WRITTEN_MEMORY = os.path.join(os.path.dirname(__file__), "assets", "written_memo
 # the joint training on episodes (tasks.append_episodes)
 WRITTEN_PRETRAIN_STEPS = 6000
 WRITTEN_STEPS = 1500
-TRAINED_STEPS = 2000
+# the trained memory: steps (batch 16 statements) and rate of a bank's slots
+# (entries in [-1, 1]: tanh of what the write put there)
+TRAINED_STEPS = 300
+TRAINED_LR = 1e-3
 
 
 # --- answering ---------------------------------------------------------------------
@@ -97,51 +103,79 @@ class BM25Retriever:
 
 # --- memories ------------------------------------------------------------------------
 
-def train_memory(model, tokenizer, mode: str, directory: str, *, steps: int, n_facts: int = 0,
-                 distractors: bool = False, batch: int = 16, slots: int = 1024,
-                 pretrain_steps: int = WRITTEN_PRETRAIN_STEPS, seed: int = 0, fact_seed: int = 0,
-                 log=print) -> MemoryModel:
-    """Trains (or loads from `directory`) a memory for `model`. written: an
-    append-rule memory with a store gate, its address pre-trained for
-    pretrain_steps, then batch/2 episodes a step (tasks.append_episodes). trained: a blend-rule memory whose bank learns
-    the n_facts facts of draw fact_seed."""
+def train_written_memory(model, tokenizer, directory: str, *, steps: int, batch: int = 16,
+                         slots: int = 1024, pretrain_steps: int = WRITTEN_PRETRAIN_STEPS,
+                         seed: int = 0, log=print) -> MemoryModel:
+    """Trains (or loads from `directory`) the written memory for `model`: an
+    append-rule memory with a store gate and a context (tasks.written_memory),
+    its address pre-trained for pretrain_steps, then batch/2 episodes a step
+    (tasks.append_episodes)."""
     if os.path.isfile(os.path.join(directory, "config.json")):
         return MemoryModel.from_pretrained(directory)
     start = time.time()
-    if mode == "written":
-        memory = tasks.default_memory(model, slots=slots, seed=seed, write_rule="append",
-                                      store_threshold=tasks.STORE_THRESHOLD)
-        pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
-                                    steps=pretrain_steps, seed=seed)
-        make_batch = tasks.append_episodes(tokenizer, batch // 2, 1 + seed, steps)
-        config = append_joint_config(steps=steps, lr=3e-3, seed=seed)
-    else:
-        memory = tasks.default_memory(model, slots=slots, seed=seed)
-        pretrain = []
-        make_batch = tasks.trained_batches(tokenizer, batch, seed=1 + seed, n_facts=n_facts,
-                                           distractors=distractors, eval_seed=fact_seed)
-        config = TrainConfig(steps=steps, lr=1e-2, seed=seed)  # a step is ~15x cheaper
-    trainer = Trainer(model, memory, make_batch, config)
+    memory = tasks.written_memory(model, slots=slots, seed=seed)
+    pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+                                steps=pretrain_steps, seed=seed)
+    trainer = Trainer(model, memory, tasks.append_episodes(tokenizer, batch // 2, 1 + seed, steps),
+                      append_joint_config(steps=steps, lr=3e-3, seed=seed))
     history = trainer.train()["history"]
     trainer.close()
     memory.save_pretrained(directory)
     tail = history[-20:]
-    info = dict(mode=mode, write_rule=memory.config.write_rule, steps=steps, n_facts=n_facts,
-                distractors=distractors, seed=seed, seconds=time.time() - start,
-                pretrain_steps=len(pretrain),
+    info = dict(mode="written", write_rule=memory.config.write_rule, steps=steps, seed=seed,
+                seconds=time.time() - start, pretrain_steps=len(pretrain),
                 pretrain_final_loss=sum(pretrain[-50:]) / max(len(pretrain[-50:]), 1),
                 final_loss=sum(h["loss"] for h in tail) / len(tail),
                 final_token_accuracy=sum(h["accuracy"] for h in tail) / len(tail))
     with open(os.path.join(directory, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
-    log(f"trained {mode} memory ({n_facts or 'episodes'}): {info}")
+    log(f"trained the written memory: {info}")
     return memory
+
+
+def train_bank(model, tokenizer, memory: MemoryModel, directory: str, *, steps: int,
+               n_facts: int, distractors: bool = False, fact_seed: int = 0, seed: int = 0,
+               batch: int = 16, lr: float = TRAINED_LR, log=print) -> MemoryBank:
+    """The trained memory's bank: the n_facts facts of draw fact_seed (with
+    distractors, theirs too) stored by `memory`, one statement each, then the
+    bank's slots optimised for `steps` on the facts' statements in every
+    template (tasks.trained_batches without auxiliary facts), the memory and
+    the LM frozen (Trainer(bank=...)). Cached as directory/bank.safetensors,
+    retrained when it was made with other memory weights."""
+    path = os.path.join(directory, "bank.safetensors")
+    if os.path.isfile(path):
+        try:
+            return MemoryBank.load(path, memory)
+        except ValueError as exc:  # another memory's bank (fingerprint)
+            log(f"retraining {path}: {exc}")
+    start = time.time()
+    bank = tasks.stored_facts(memory, model, tokenizer, n_facts, fact_seed, distractors)
+    make_batch = tasks.trained_batches(tokenizer, batch, seed=1 + seed, n_facts=n_facts,
+                                       distractors=distractors, eval_seed=fact_seed, aux_facts=0)
+    trainer = Trainer(model, memory, make_batch,
+                      TrainConfig(steps=steps, lr=lr, seed=seed, warmup=min(50, steps)), bank=bank)
+    history = trainer.train()["history"]
+    trainer.close()
+    bank = trainer.bank
+    os.makedirs(directory, exist_ok=True)
+    bank.save(path)
+    info = dict(mode="trained", write_rule=memory.config.write_rule, steps=steps, lr=lr,
+                n_facts=n_facts, distractors=distractors, fact_seed=fact_seed, seed=seed,
+                slots=bank.num_slots, seconds=time.time() - start,
+                first_loss=history[0]["loss"] if history else None,
+                final_loss=(sum(h["loss"] for h in history[-20:]) / len(history[-20:])
+                            if history else None))
+    with open(os.path.join(directory, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    log(f"trained a bank ({n_facts} facts): {info}")
+    return bank
 
 
 # --- one condition at one N ----------------------------------------------------------------
 
 def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_facts: list[Fact],
-             *, memory: Optional[MemoryModel] = None, max_questions: int = 300,
+             *, memory: Optional[MemoryModel] = None, bank: Optional[MemoryBank] = None,
+             max_questions: int = 300,
              max_context: int = base_lm.SEQ_LEN, top_k: int = 3,
              seed: int = 0) -> Optional[dict]:
     rng = random.Random(seed)
@@ -165,7 +199,8 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
     elif condition in ("trained_memory", "written_memory"):
         prompts = [qa_prompt(q) for q in questions]
         if condition == "trained_memory":
-            bank = memory.new_bank()
+            if bank is None:
+                raise ValueError("trained_memory: pass its trained bank (train_bank)")
         else:
             store_tokens = sum(len(tokenizer(s)["input_ids"]) for s in statements)
             start = time.perf_counter()
@@ -198,24 +233,24 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
         written_dir: str = WRITTEN_MEMORY, fact_seed: int = 0) -> list[dict]:
     model, tokenizer = base_lm.load()
     written = None
-    if "written_memory" in conditions:
-        written = train_memory(model, tokenizer, "written", written_dir, steps=written_steps,
-                               log=log)
+    if "written_memory" in conditions or "trained_memory" in conditions:
+        written = train_written_memory(model, tokenizer, written_dir, steps=written_steps, log=log)
     rows = []
     for distract in (False, True):
         for n in sizes:
             facts, others = make_facts(n, seed=fact_seed, distractors=distract)
             for condition in conditions:
-                memory = written
+                bank = None
                 if condition == "trained_memory":
                     if n not in trained_sizes:
                         continue
-                    name = (f"trained-n{n}{'-distract' if distract else ''}"
-                            f"{f'-facts{fact_seed}' if fact_seed else ''}")
-                    memory = train_memory(model, tokenizer, "trained", os.path.join(cache, name),
-                                          steps=trained_steps, n_facts=n, distractors=distract,
-                                          fact_seed=fact_seed, log=log)
-                row = evaluate(condition, model, tokenizer, facts, others, memory=memory)
+                    name = (f"bank-n{n}{'-distract' if distract else ''}"
+                            f"{f'-facts{fact_seed}' if fact_seed else ''}-steps{trained_steps}")
+                    bank = train_bank(model, tokenizer, written, os.path.join(cache, name),
+                                      steps=trained_steps, n_facts=n, distractors=distract,
+                                      fact_seed=fact_seed, log=log)
+                row = evaluate(condition, model, tokenizer, facts, others, memory=written,
+                               bank=bank)
                 if row is None:
                     log(f"{condition:15s} N={n:5d} distractors={distract}: does not fit")
                     continue

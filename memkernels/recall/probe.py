@@ -103,7 +103,7 @@ def object_identity(model, tokenizer, statements: int = 1500, seed: int = 0) -> 
 
 def address_ceiling(model, tokenizer, sizes=(10, 100, 1000), fit_facts: int = 8000,
                     draws: int = 3, mlp_steps: int = 3000, seed: int = 11,
-                    log=print) -> list[dict]:
+                    context_decay: float = 0.0, log=print) -> list[dict]:
     """How well a read address can find the right written fact, on the
     benchmark's own mix of templates and relations: each of N held-out
     questions' answer position ("Q: Where does X live? A:") must pick its own
@@ -115,32 +115,43 @@ def address_ceiling(model, tokenizer, sizes=(10, 100, 1000), fit_facts: int = 80
       what was written), so this is what its design can reach;
     - mlp: two 2-layer MLPs (question side, statement side) trained with a
       contrastive loss (InfoNCE over batches of 512), at the layer where the
-      linear map does best: what a nonlinear query/address could reach.
+      linear map does best: what a nonlinear query/address could reach;
+    - with context_decay > 0, also MLPs on that layer's state and the
+      decayed context of the embeddings beside it (what an append memory with
+      MemoryConfig(context_decay=...) reads), as mlp_context.
     Averaged over `draws` sets of facts."""
     def states(facts, rng):
+        """(question states, statement states), each [N, layers + 1, C], with
+        the decayed context [N, C] appended as one more "layer" when asked."""
         questions = [qa_prompt(f.question(rng)) for f in facts]
         prefixes = [f.statement(rng).rsplit(f.object, 1)[0].rstrip() for f in facts]
-        return (text_end_states(model, tokenizer, questions),
-                text_end_states(model, tokenizer, prefixes))
+        out = []
+        for texts in (questions, prefixes):
+            got = text_end_states(model, tokenizer, texts, context_decay=context_decay)
+            out.append(torch.cat([got[0], got[1][:, None]], 1) if context_decay else got)
+        return tuple(out)
     rng = random.Random(seed)
     fit_q, fit_s = states(make_facts(fit_facts, seed, split="train")[0], rng)
     held = {n: [states(make_facts(n, seed + 1 + d)[0], rng) for d in range(draws)] for n in sizes}
-    layers = range(fit_q.shape[1])
+    layers = range(fit_q.shape[1] - (1 if context_decay else 0))
     maps = [ridge_map(fit_q[:, layer], fit_s[:, layer], alpha=0.1) for layer in layers]
     linear = {n: [sum(nearest_neighbour_accuracy((q[:, layer] - fit_q[:, layer].mean(0)) @ w,
                                                  st[:, layer]) for q, st in held[n]) / draws
                   for layer, w in enumerate(maps)] for n in sizes}
     best = max(layers, key=lambda layer: linear[max(sizes)][layer])
-    encode_q, encode_s = _contrastive_mlps(fit_q[:, best], fit_s[:, best], mlp_steps, seed, log)
-    rows = []
-    with torch.no_grad():
-        for n in sizes:
-            mlp = sum((F.normalize(encode_q(q[:, best]), dim=-1)
-                       @ F.normalize(encode_s(st[:, best]), dim=-1).T)
-                      .argmax(1).eq(torch.arange(n)).float().mean().item()
-                      for q, st in held[n]) / draws
-            rows.append(dict(facts=n, linear_per_layer=linear[n], mlp_layer=best, mlp=mlp))
-    return rows
+
+    def mlp_accuracy(features) -> dict:
+        encode_q, encode_s = _contrastive_mlps(features(fit_q), features(fit_s), mlp_steps, seed,
+                                               log)
+        with torch.no_grad():
+            return {n: sum((F.normalize(encode_q(features(q)), dim=-1)
+                            @ F.normalize(encode_s(features(st)), dim=-1).T)
+                           .argmax(1).eq(torch.arange(n)).float().mean().item()
+                           for q, st in held[n]) / draws for n in sizes}
+    mlp = mlp_accuracy(lambda x: x[:, best])
+    with_context = mlp_accuracy(lambda x: torch.cat([x[:, best], x[:, -1]], -1)) if context_decay else {}
+    return [dict(facts=n, linear_per_layer=linear[n], mlp_layer=best, mlp=mlp[n],
+                 **({"mlp_context": with_context[n]} if context_decay else {})) for n in sizes]
 
 
 def _contrastive_mlps(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, log):
@@ -200,14 +211,17 @@ def main(argv=None) -> None:
     ap.add_argument("--names", type=int, default=200)
     ap.add_argument("--address-ceiling", action="store_true",
                     help="instead: the best linear question -> statement address at N facts")
+    ap.add_argument("--context-decay", type=float, default=0.0,
+                    help="with --address-ceiling: also MLPs that read the decayed context")
     args = ap.parse_args(argv)
     if args.address_ceiling:
         model, tokenizer = base_lm.load()
-        for row in address_ceiling(model, tokenizer):
+        for row in address_ceiling(model, tokenizer, context_decay=args.context_decay):
             print(f"N={row['facts']}: a question finds its statement among the N: linear map "
                   f"per layer output (0 = embeddings) "
                   + ", ".join(f"{a:.2f}" for a in row["linear_per_layer"])
-                  + f"; MLPs at layer output {row['mlp_layer']}: {row['mlp']:.2f}")
+                  + f"; MLPs at layer output {row['mlp_layer']}: {row['mlp']:.2f}"
+                  + (f"; with the context: {row['mlp_context']:.2f}" if "mlp_context" in row else ""))
         return
     run(args.names)
 

@@ -19,25 +19,38 @@ from memkernels.train import Batch
 # the append memory's store gate keeps a token from this probability on (a
 # missed statement costs a fact, an extra token only a slot)
 STORE_THRESHOLD = 0.3
+# the append memory's context (MemoryConfig.context_decay): the last few
+# tokens, the asked name among them, weigh most (an address probe found the
+# asked statement among 1000 99% of the time with 0.7 or 0.9, 71% without:
+# benchmarks/NOTES.md, session 10)
+CONTEXT_DECAY = 0.7
 
 
 def default_memory(model, *, slots: int = 1024, seed: int = 0, write_rule: str = "blend",
-                   store_threshold: float = 0.0) -> MemoryModel:
+                   store_threshold: float = 0.0, context_decay: float = 0.0) -> MemoryModel:
     """Reads at the last two decoder layers; a write keys on the (base
     model's) hidden states of the first of them (late enough that a
     statement's object position has gathered who the statement is about) and
     takes its values from the embeddings (where the object is still itself:
     at the write layer the base LM has overwritten it). blend: 4 heads x 32;
     append: 4 address + 4 content heads x 32 (memkernels.append_memory),
-    store_threshold as MemoryConfig.store_threshold."""
+    store_threshold and context_decay as MemoryConfig's."""
     torch.manual_seed(seed)
     n = model.config.num_hidden_layers
     config = MemoryConfig.from_hf(model.config, num_heads=8 if write_rule == "append" else 4,
                                   head_dim=32, num_slots=slots,
                                   read_layers=(n - 2, n - 1), write_layer=max(n - 2, 0),
                                   values_from="embeddings", write_rule=write_rule,
-                                  store_threshold=store_threshold)
+                                  store_threshold=store_threshold, context_decay=context_decay)
     return build_memory(config)
+
+
+def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
+    """The written memory's configuration (the recall benchmark's and
+    `python -m memkernels.train --mode written`'s): the append rule with a
+    store gate and a context."""
+    return default_memory(model, slots=slots, seed=seed, write_rule="append",
+                          store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY)
 
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11) -> tuple[list[str], list[str], list[int]]:
@@ -156,6 +169,15 @@ def _first_scored(labels: list[int]) -> int:
     return next(i for i, label in enumerate(labels) if label != -100)
 
 
+def stored_facts(memory: MemoryModel, model, tokenizer, n: int, seed: int = 0,
+                 distractors: bool = False):
+    """A bank that `memory` stored trained_facts(n, seed, distractors) in, one
+    statement each (a trained append bank starts there)."""
+    rng = random.Random(seed)
+    return memory.store(model, tokenizer, [f.statement(rng) for f in trained_facts(n, seed, distractors)],
+                        chunk_size=256, progress=False)
+
+
 def trained_facts(n: int, seed: int, distractors: bool = False) -> list[Fact]:
     """The facts a trained memory learns for a benchmark run of size n
     (the eval split, as the benchmark asks them)."""
@@ -167,9 +189,11 @@ def trained_batches(tokenizer, batch: int, seed: int, n_facts: int, *, distracto
                     eval_seed: int = 0, aux_facts: int = 2000,
                     qa_fraction: float = 0.5) -> Callable[[int, int], Batch]:
     """The corpus a trained memory learns: every benchmark fact as statements
-    (never as questions), plus auxiliary train-split facts as statements and as
-    questions, so the memory learns to answer questions from what it learned
-    from statements. The benchmark's questions are never trained on."""
+    (never as questions; each row a statement template drawn at random), plus
+    auxiliary train-split facts as statements and as questions, so the memory
+    learns to answer questions from what it learned from statements (a blend
+    bank learned from scratch; aux_facts=0: the statements alone, for a bank
+    store() made from them). The benchmark's questions are never trained on."""
     pad = tokenizer.pad_token_id
     target = trained_facts(n_facts, eval_seed, distractors)
     aux = [random_fact(random.Random(seed * 7919 + i)) for i in range(aux_facts)]
@@ -178,7 +202,9 @@ def trained_batches(tokenizer, batch: int, seed: int, n_facts: int, *, distracto
         rng = _rng(seed, rank, step, 2)
         rows = []
         for _ in range(batch):
-            if rng.random() < qa_fraction:
+            if not aux:
+                rows.append(statement_tokens(tokenizer, rng.choice(target), rng))
+            elif rng.random() < qa_fraction:
                 rows.append(qa_tokens(tokenizer, rng.choice(aux), rng))
             else:
                 f = rng.choice(target) if rng.random() < 0.8 else rng.choice(aux)
