@@ -169,16 +169,6 @@ class AppendReader(nn.Module):
         q = self.query(self.query_input(hidden, context))
         return q.view(B, T, 2, self.pairs, self.head_dim)[:, :, 0]
 
-    def first_bias(self, context: Optional[Tensor]) -> Optional[Tensor]:
-        """[B, T, M]: the query MLP's first-layer bias with the context's share
-        added (inference; None without a context): the fused call then sees
-        the hidden state alone."""
-        if not self.uses_context:
-            return None
-        B, T, C = context.shape
-        _, b1, _, _, _, w1_context = self._folded_weights()
-        return torch.addmm(b1, context.reshape(B * T, C).to(b1.dtype), w1_context.t()).view(B, T, -1)
-
     def forward(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor],
                 context: Optional[Tensor] = None) -> Tensor:
         """keys/values [P, S, Dh] (a bank shared by the batch) or [B, P, S, Dh],
@@ -196,16 +186,17 @@ class AppendReader(nn.Module):
             if fused is not None:
                 args, kwargs = self._fused_arguments(*_reader_operands(keys, values))
                 if self.uses_context:
-                    kwargs["mlp_b"] = self.first_bias(context)
+                    kwargs["context"] = context.to(hidden.dtype)
                 with nvtx_range("memkernels.reader_fwd[cpu]"):
                     return fused(hidden, *args, **kwargs)
         if isinstance(keys, Int8Rows):
             keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
         if inference:  # the same math in fewer ops: see _folded_weights
-            w1, b1, w2, b2, out_w, _ = self._folded_weights()
+            w1, b1, w2, b2, out_w, w1_context = self._folded_weights()
             x = F.rms_norm(hidden, (hidden.shape[-1],), eps=self.norm.eps)
-            first = self.first_bias(context)
-            first = F.linear(x, w1, b1) if first is None else F.linear(x, w1) + first.to(x.dtype)
+            first = F.linear(x, w1, b1)
+            if self.uses_context:
+                first = first + F.linear(context.to(x.dtype), w1_context)
             q = F.linear(F.gelu(first), w2, b2)
             q = F.normalize(q.view(B, T, 2, self.pairs, self.head_dim), dim=-1)
         else:
@@ -237,10 +228,13 @@ class AppendReader(nn.Module):
 
     def _fused_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
         """(args, kwargs) after `hidden` of memkernels._C.reader_fwd for this layer
-        (with a context, mlp_b is first_bias(context), per call)."""
-        w1, b1, w2, b2, out_w, _ = self._folded_weights()
+        (with a context, the call adds context=, per call)."""
+        w1, b1, w2, b2, out_w, w1_context = self._folded_weights()
+        kwargs = dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+        if self.uses_context:
+            kwargs["context_w"] = w1_context
         return ((w2, keys, values, out_w, self.norm.eps, self.scale, key_scale, value_scale),
-                dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True))
+                kwargs)
 
     def _folded_weights(self) -> tuple[Tensor, ...]:
         """(w1, b1, w2, b2, out_w, w1_context) for reads without gradients: the
@@ -355,8 +349,7 @@ class AppendMemory(MemoryModel):
         self._check_context(context, hidden)
         reader = self.readers[reader_index]
         if not torch.is_grad_enabled():  # one fused C++ call, its operands memoised
-            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype,
-                                            reader.first_bias(context))
+            out = bank._memoised_fused_read(reader_index, hidden, kv_dtype, context)
             if out is not None:
                 return out
         keys, values = bank.keys_values(kv_dtype)

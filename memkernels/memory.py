@@ -706,11 +706,10 @@ class MemoryBank:
 
     def _memoised_fused_read(self, reader_index: int, hidden: Tensor,
                              kv_dtype: Optional[torch.dtype],
-                             first_bias: Optional[Tensor] = None) -> Optional[Tensor]:
+                             context: Optional[Tensor] = None) -> Optional[Tensor]:
         """Reader i's inference read through the fused CPU layer, its operands
         (keys/values, folded weights) memoised; None where that path does not
-        apply. first_bias [B, T, M]: the MLP query's first-layer bias per token
-        (the context's share, MemoryConfig.context_decay), in place of the memo's.
+        apply. context: [B, T, C], the append rule's (MemoryConfig.context_decay).
 
         Why memoised this way: in a decode step every Python function and
         every object a read touches is cold, evicted by the weights streamed
@@ -731,7 +730,7 @@ class MemoryBank:
             except RuntimeError:  # inference tensors (parameters made under inference_mode)
                 return None
             if stamp == plan[0]:
-                kwargs = plan[4] if first_bias is None else {**plan[4], "mlp_b": first_bias}
+                kwargs = plan[4] if context is None else {**plan[4], "context": context}
                 with nvtx_range("memkernels.reader_fwd[cpu]"):
                     return plan[1](hidden, *plan[2], **kwargs)
         built = self.memory.readers[reader_index].fused_plan(self.memory, self, kv_dtype, hidden)
@@ -742,8 +741,8 @@ class MemoryBank:
         stamp = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype,
                  *map(_VERSION, sources), *map(Tensor.data_ptr, sources))
         self._plans[reader_index] = (stamp, fused, args, sources, kwargs)
-        if first_bias is not None:
-            kwargs = {**kwargs, "mlp_b": first_bias}
+        if context is not None:
+            kwargs = {**kwargs, "context": context}
         with nvtx_range("memkernels.reader_fwd[cpu]"):
             return fused(hidden, *args, **kwargs)
 

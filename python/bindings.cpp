@@ -132,7 +132,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                   const Tensor& values, const Tensor& out_w, double eps, double scale,
                   const OptTensor& key_scale, const OptTensor& value_scale,
                   const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
-                  bool unit_queries) {
+                  bool unit_queries, const OptTensor& context, const OptTensor& context_w) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
@@ -166,12 +166,19 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   } else {
     TORCH_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
   }
-  // mlp_b: [M], or [B, T, M] (a first-layer bias per token: the context's share)
-  const bool mlp_b_per_row = mlp_b.has_value() && mlp_b->dim() == 3;
   if (mlp_b.has_value()) {
     check_same(*mlp_b, hidden, "mlp_b");
-    if (mlp_b_per_row) check_shape(*mlp_b, "mlp_b", {B, T, M});
-    else check_shape(*mlp_b, "mlp_b", {M});
+    check_shape(*mlp_b, "mlp_b", {M});
+  }
+  // the context beside the normed hidden state, into the MLP's first layer
+  TORCH_CHECK(context.has_value() == context_w.has_value(),
+              "context and context_w go together (the context and its first-layer columns)");
+  if (context.has_value()) {
+    TORCH_CHECK(M > 0, "context goes only with mlp_w (an MLP query)");
+    check_same(*context, hidden, "context");
+    check_shape(*context, "context", hidden.sizes());
+    check_same(*context_w, hidden, "context_w");
+    check_shape(*context_w, "context_w", {M, C});
   }
   if (query_b.has_value()) {
     check_same(*query_b, hidden, "query_b");
@@ -205,7 +212,9 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
          v = values.contiguous(), ow = out_w.contiguous();
   Tensor w1 = mlp_w.has_value() ? mlp_w->contiguous() : Tensor(),
          b1 = mlp_b.has_value() ? mlp_b->contiguous() : Tensor(),
-         bq = query_b.has_value() ? query_b->contiguous() : Tensor();
+         bq = query_b.has_value() ? query_b->contiguous() : Tensor(),
+         ctx = context.has_value() ? context->contiguous() : Tensor(),
+         wc = context_w.has_value() ? context_w->contiguous() : Tensor();
   Tensor out = at::empty_like(h);
   // the options beside the blend reader's: kv heads, the MLP query, unit queries
   auto set_options = [&](auto& r, auto* tag) {
@@ -214,8 +223,9 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     r.mlp_hidden = M;
     r.mlp_w = M > 0 ? w1.data_ptr<T>() : nullptr;
     r.mlp_b = M > 0 ? b1.data_ptr<T>() : nullptr;
-    r.mlp_b_per_row = mlp_b_per_row;
     r.query_b = bq.defined() ? bq.data_ptr<T>() : nullptr;
+    r.context = ctx.defined() ? ctx.data_ptr<T>() : nullptr;
+    r.context_w = wc.defined() ? wc.data_ptr<T>() : nullptr;
     r.unit_queries = unit_queries;
   };
   auto run_narrow = [&](auto kv_tag) {
@@ -262,14 +272,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
   m.def("reader_fwd", &reader_fwd,
         "one reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w, "
-        "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b) @ query_w^T "
-        "(mlp_b [M] or one row per token [B, T, M]); + query_b, then unit length per head "
-        "with unit_queries",
+        "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b "
+        "[+ context @ context_w^T]) @ query_w^T; + query_b, then unit length per head with "
+        "unit_queries",
         py::arg("hidden"), py::arg("query_w"), py::arg("keys"), py::arg("values"),
         py::arg("out_w"), py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
         py::arg("value_scale") = py::none(), py::arg("mlp_w") = py::none(),
         py::arg("mlp_b") = py::none(), py::arg("query_b") = py::none(),
-        py::arg("unit_queries") = false);
+        py::arg("unit_queries") = false, py::arg("context") = py::none(),
+        py::arg("context_w") = py::none());
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);

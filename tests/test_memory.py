@@ -769,11 +769,18 @@ def test_fused_cpu_reader_rejects_a_bad_mlp_query():
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, query_b=b1)
     with pytest.raises(RuntimeError, match="mlp_b must have dtype"):
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1.double())
-    with pytest.raises(RuntimeError, match=r"mlp_b must have shape \[1, 2, 12\]"):  # per token
-        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=torch.randn(1, 3, 12))
-    # a first-layer bias per token is each row's own bias
-    per_row = torch.randn(1, 2, 12)
-    both = ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=per_row)
-    for t in range(2):
-        alone = ext.reader_fwd(h[:, t:t + 1], w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=per_row[0, t])
-        torch.testing.assert_close(both[:, t:t + 1], alone)
+    context, wc = torch.randn(1, 2, 16), torch.randn(12, 16)
+    with pytest.raises(RuntimeError, match="context and context_w go together"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context)
+    with pytest.raises(RuntimeError, match="context goes only with mlp_w"):
+        ext.reader_fwd(h, w2[:, :16].contiguous(), k, k, wo, 1e-6, 0.5, context=context,
+                       context_w=wc)
+    with pytest.raises(RuntimeError, match=r"context must have shape \[1, 2, 16\]"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context[:, :1],
+                       context_w=wc)
+    with pytest.raises(RuntimeError, match=r"context_w must have shape \[12, 16\]"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context,
+                       context_w=wc[:8])
+    with pytest.raises(RuntimeError, match="context must have dtype"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context.double(),
+                       context_w=wc)

@@ -1,8 +1,8 @@
 // Fused inference step of one reading layer (the decode hot path):
 //   out = hidden + read(query(rms_norm(hidden)), K, V) @ Wo
-// query(x) = x @ Wq^T (the blend rule's reader), or unit(gelu(x @ W1^T + b1)
-// @ Wq^T + bq) per head (the append rule's MLP query; b1 may differ per token:
-// the context's share of the first layer, MemoryConfig.context_decay); the norm weight is
+// query(x) = x @ Wq^T (the blend rule's reader), or unit(gelu(x @ W1^T + b1
+// [+ context @ W1c^T]) @ Wq^T + bq) per head (the append rule's MLP query, with
+// MemoryConfig.context_decay the context beside x); the norm weight is
 // folded into the first projection and the gate into Wo by the caller.
 // One call instead of ~10 small ATen ops: per decode token, the fixed cost of
 // those ops was as large as the read of a small bank.
@@ -24,11 +24,10 @@ MK_CPU_CLONES void add_rows(T* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
-// y[n] = x[n] @ w^T (+ bias, the same row for every n, or row n with bias_per_row):
-// [N, width_in] -> [N, width_out]
+// y[n] = x[n] @ w^T (+ bias): [N, width_in] -> [N, width_out]
 template <typename T>
 void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out,
-             int64_t width_in, T* y, bool bias_per_row = false) {
+             int64_t width_in, T* y) {
   // A decode step has a row or a few: the vendor GEMM's per-call cost (and its
   // thread hand-off) is then more than the arithmetic of a 512 x 128 GEMV.
   if (N <= kGemvRows) {
@@ -39,8 +38,7 @@ void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out
             width_out);
   }
   if (bias != nullptr)
-    for (int64_t n = 0; n < N; ++n)
-      add_rows(y + n * width_out, bias + (bias_per_row ? n * width_out : 0), width_out);
+    for (int64_t n = 0; n < N; ++n) add_rows(y + n * width_out, bias, width_out);
 }
 
 template <typename T>
@@ -68,6 +66,7 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   const int64_t W = H * D, M = r.mlp_hidden;
   const int64_t Hk = r.kv_heads > 0 ? r.kv_heads : H, per_kv = H / Hk;
   std::vector<T> xn(N * C), hid(N * M), q(N * W), qg(N * W), og(N * W), lse(N * H);
+  std::vector<T> from_context(r.context != nullptr ? N * M : 0);
   for (int64_t n = 0; n < N; ++n) {  // rms_norm without weight (folded into Wq)
     const T* x = r.hidden_states + n * C;
     T ss = 0;
@@ -76,7 +75,11 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
     for (int64_t c = 0; c < C; ++c) xn[n * C + c] = x[c] * inv;
   }
   if (M > 0) {
-    project<T>(xn.data(), r.mlp_w, r.mlp_b, N, M, C, hid.data(), r.mlp_b_per_row);
+    project<T>(xn.data(), r.mlp_w, r.mlp_b, N, M, C, hid.data());
+    if (r.context != nullptr) {  // the first layer's columns for the context
+      project<T>(r.context, r.context_w, nullptr, N, M, C, from_context.data());
+      add_rows(hid.data(), from_context.data(), N * M);
+    }
     gelu_in_place(hid.data(), N * M);
     project<T>(hid.data(), r.query_w, r.query_b, N, W, M, q.data());
   } else {

@@ -59,8 +59,11 @@ struct ReaderProblem {
   int64_t kv_heads = 0;
   int64_t mlp_hidden = 0;
   const T* mlp_w = nullptr;
-  const T* mlp_b = nullptr;      // [M], or one row per token with mlp_b_per_row
-  bool mlp_b_per_row = false;     // [B * T, M]: the context's share of the first layer
+  const T* mlp_b = nullptr;
+  // with an MLP query: the context beside the normed hidden state
+  // (MemoryConfig.context_decay), [B * T, C], and its first-layer columns [M, C]
+  const T* context = nullptr;
+  const T* context_w = nullptr;
   const T* query_b = nullptr;
   bool unit_queries = false;
 };
