@@ -195,15 +195,17 @@ class Trainer:
         if bank is not None:
             for p in memory.parameters():
                 p.requires_grad_(False)
+        groups: dict[float, list] = {}
+        for name, p in self._named_trained():
+            scale = next((v for k, v in config.lr_scales.items() if name.startswith(k)), 1.0)
+            if scale == 0:  # frozen for the run: no gradient computed, no optimizer state
+                p.requires_grad_(False)
+            if p.requires_grad:
+                groups.setdefault(float(scale), []).append(p)
         self.model = self.step_module
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(self.step_module,
                                                              find_unused_parameters=True)
-        groups: dict[float, list] = {}
-        for name, p in self._named_trained():
-            if p.requires_grad:
-                scale = next((v for k, v in config.lr_scales.items() if name.startswith(k)), 1.0)
-                groups.setdefault(float(scale), []).append(p)
         self.optimizer = torch.optim.AdamW(
             [dict(params=ps, lr_scale=scale) for scale, ps in groups.items()],
             lr=config.lr, weight_decay=config.weight_decay)
@@ -258,8 +260,9 @@ class Trainer:
         return dict(history=history)
 
     def close(self) -> None:
-        """Detaches the memory: the LLM is as it was (and the memory's
-        requires_grad flags, after training a bank)."""
+        """Detaches the memory: the LLM is as it was, and so are the memory's
+        requires_grad flags (parameters frozen for the run: an lr scale of 0,
+        or all of them while a bank trains)."""
         self.step_module.handle.detach()
         for p, flag in self._memory_requires_grad.items():
             p.requires_grad_(flag)

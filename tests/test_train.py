@@ -233,13 +233,17 @@ def test_lr_scales_set_each_named_parameters_rate_and_zero_freezes_it(tokenizer)
                                   schedule="constant",
                                   progress=False))
     trainer.train()
+    training = {n: p.requires_grad for n, p in memory.named_parameters()}  # during the run
     trainer.close()
     lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
     for name, p in memory.named_parameters():
         scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
-        assert lrs[id(p)] == pytest.approx(1e-2 * scale), name
-        if scale == 0.0:  # frozen: not even weight decay moves it
+        if scale == 0.0:  # frozen: no gradient, no optimizer state, not even weight decay
+            assert id(p) not in lrs and not training[name], name
             assert torch.equal(p, before[name]), name
+            assert p.requires_grad, name  # given back at close()
+        else:
+            assert lrs[id(p)] == pytest.approx(1e-2 * scale) and training[name], name
     # what pretrain_address fits is frozen, the rest of the reader trains
     frozen = [n for n, _ in memory.named_parameters() if n.startswith(tuple(PRETRAINED_LR_SCALES))]
     assert any(n.startswith("keep.") for n in frozen) and "readers.0.norm.weight" in frozen
