@@ -104,6 +104,34 @@ def decayed_context(embeddings: Tensor, mask: Optional[Tensor], decay: float,
     return context.to(embeddings.dtype), (total, weight)
 
 
+def cluster_slots(keys: Tensor, clusters: int, iterations: int = 10,
+                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """An inverted-file index of unit keys [P, S, Dh] (spherical k-means per
+    kv head, `iterations` Lloyd steps from `clusters` distinct slots drawn
+    with `seed`): (order [P, S], the slots sorted by cluster; centroids [P,
+    clusters, Dh], unit length; starts [P, clusters + 1], where each
+    cluster's range begins in the sorted order). MemoryBank.build_index."""
+    P, S, D = keys.shape
+    clusters = max(1, min(clusters, S))
+    x = keys.detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.stack([torch.randperm(S, generator=gen)[:clusters] for _ in range(P)])
+    centroids = torch.gather(x, 1, first.to(x.device)[..., None].expand(-1, -1, D))
+    for _ in range(iterations):
+        assign = torch.einsum("psd,pcd->psc", x, centroids).argmax(-1)  # [P, S]
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, D), x)
+        # an emptied cluster keeps its centroid (it will hold nothing)
+        centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, F.normalize(sums, dim=-1),
+                                centroids)
+    assign = torch.einsum("psd,pcd->psc", x, centroids).argmax(-1)
+    order = torch.argsort(assign, dim=1, stable=True)
+    counts = torch.zeros(P, clusters, dtype=torch.long, device=x.device).scatter_add_(
+        1, assign, torch.ones_like(assign))
+    starts = torch.cat([counts.new_zeros(P, 1), counts.cumsum(1)], 1)
+    return order, centroids, starts
+
+
 def _mlp(width_in: int, hidden: int, width_out: int) -> nn.Sequential:
     return nn.Sequential(Standardize(width_in), nn.Linear(width_in, hidden), nn.GELU(),
                          nn.Linear(hidden, width_out))
@@ -224,7 +252,13 @@ class AppendReader(nn.Module):
         operands = _fused_read_operands(sources, bank, kv_dtype, hidden, self.backend)
         if operands is None:
             return None
-        return (sources, operands[0], *self._fused_arguments(*operands[1:]))
+        args, kwargs = self._fused_arguments(*operands[1:])
+        index = bank.read_index(kv_dtype)
+        if index is not None:  # the keys are sorted by cluster: each row reads its nearest
+            centroids, starts, probes = index
+            kwargs.update(centroids=centroids.to(hidden.dtype), cluster_starts=starts,
+                          probes=probes)
+        return sources, operands[0], args, kwargs
 
     def _fused_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
         """(args, kwargs) after `hidden` of memkernels._C.reader_fwd for this layer

@@ -132,7 +132,8 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                   const Tensor& values, const Tensor& out_w, double eps, double scale,
                   const OptTensor& key_scale, const OptTensor& value_scale,
                   const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
-                  bool unit_queries, const OptTensor& context, const OptTensor& context_w) {
+                  bool unit_queries, const OptTensor& context, const OptTensor& context_w,
+                  const OptTensor& centroids, const OptTensor& cluster_starts, int64_t probes) {
   TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
@@ -180,6 +181,32 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     check_same(*context_w, hidden, "context_w");
     check_shape(*context_w, "context_w", {M, C});
   }
+  // an inverted-file index of a shared bank: keys sorted by cluster per kv head
+  TORCH_CHECK(centroids.has_value() == cluster_starts.has_value() &&
+                  centroids.has_value() == (probes > 0),
+              "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
+              "probes = ", probes);
+  if (centroids.has_value()) {
+    TORCH_CHECK(shared, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
+    check_same(*centroids, hidden, "centroids");
+    TORCH_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk && centroids->size(2) == D &&
+                    centroids->size(1) > 0,
+                "centroids must be [", Hk, ", clusters, ", D, "], got ",
+                shape_str(centroids->sizes()));
+    const int64_t Cn = centroids->size(1);
+    TORCH_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
+                "cluster_starts must be int64 on the CPU");
+    check_shape(*cluster_starts, "cluster_starts", {Hk, Cn + 1});
+    const Tensor starts = cluster_starts->contiguous();
+    const int64_t* st = starts.data_ptr<int64_t>();
+    for (int64_t g = 0; g < Hk; ++g) {  // ranges in order, covering [0, S): reads stay in the bank
+      TORCH_CHECK(st[g * (Cn + 1)] == 0 && st[g * (Cn + 1) + Cn] == S,
+                  "cluster_starts[", g, "] must run from 0 to the ", S, " slots");
+      for (int64_t j = 0; j < Cn; ++j)
+        TORCH_CHECK(st[g * (Cn + 1) + j] <= st[g * (Cn + 1) + j + 1],
+                    "cluster_starts[", g, "] must not decrease");
+    }
+  }
   if (query_b.has_value()) {
     check_same(*query_b, hidden, "query_b");
     check_shape(*query_b, "query_b", {H * D});
@@ -214,7 +241,9 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
          b1 = mlp_b.has_value() ? mlp_b->contiguous() : Tensor(),
          bq = query_b.has_value() ? query_b->contiguous() : Tensor(),
          ctx = context.has_value() ? context->contiguous() : Tensor(),
-         wc = context_w.has_value() ? context_w->contiguous() : Tensor();
+         wc = context_w.has_value() ? context_w->contiguous() : Tensor(),
+         cent = centroids.has_value() ? centroids->contiguous() : Tensor(),
+         starts = cluster_starts.has_value() ? cluster_starts->contiguous() : Tensor();
   Tensor out = at::empty_like(h);
   // the options beside the blend reader's: kv heads, the MLP query, unit queries
   auto set_options = [&](auto& r, auto* tag) {
@@ -226,6 +255,12 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     r.query_b = bq.defined() ? bq.data_ptr<T>() : nullptr;
     r.context = ctx.defined() ? ctx.data_ptr<T>() : nullptr;
     r.context_w = wc.defined() ? wc.data_ptr<T>() : nullptr;
+    if (cent.defined()) {
+      r.centroids = cent.data_ptr<T>();
+      r.cluster_starts = starts.data_ptr<int64_t>();
+      r.clusters = cent.size(1);
+      r.probes = probes;
+    }
     r.unit_queries = unit_queries;
   };
   auto run_narrow = [&](auto kv_tag) {
@@ -274,13 +309,15 @@ PYBIND11_MODULE(_C, m) {
         "one reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w, "
         "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b "
         "[+ context @ context_w^T]) @ query_w^T; + query_b, then unit length per head with "
-        "unit_queries",
+        "unit_queries; with centroids/cluster_starts/probes (a bank sorted by cluster) each "
+        "query row reads its `probes` nearest clusters only",
         py::arg("hidden"), py::arg("query_w"), py::arg("keys"), py::arg("values"),
         py::arg("out_w"), py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
         py::arg("value_scale") = py::none(), py::arg("mlp_w") = py::none(),
         py::arg("mlp_b") = py::none(), py::arg("query_b") = py::none(),
         py::arg("unit_queries") = false, py::arg("context") = py::none(),
-        py::arg("context_w") = py::none());
+        py::arg("context_w") = py::none(), py::arg("centroids") = py::none(),
+        py::arg("cluster_starts") = py::none(), py::arg("probes") = 0);
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);

@@ -110,3 +110,13 @@ def reference_read(slot_mask, scale=None):
 
 def reference_write(token_mask, scale=None):
     return lambda *a: reference.memory_write(*a, scale=scale, token_mask=token_mask)
+
+
+def cpu_extension():
+    """memkernels._C, or skip the test with the reason (not built)."""
+    import pytest  # noqa: PLC0415
+    from memkernels import _backend  # noqa: PLC0415
+    ext = _backend.extension()[0]
+    if ext is None:
+        pytest.skip("memkernels._C is not built")
+    return ext

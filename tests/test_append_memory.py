@@ -12,6 +12,8 @@ from memkernels import AppendMemory, MemoryBank, MemoryConfig, MemoryModel, buil
 from memkernels.append_memory import address_contrastive, address_nll
 from memkernels.train import pretrain_address
 
+from helpers import cpu_extension
+
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
 
 VOCAB, HIDDEN = 61, 24
@@ -578,3 +580,96 @@ def test_pretrain_address_with_a_context_lowers_its_loss():
     assert memory.address[0].mean.shape == (2 * HIDDEN,)
     assert not torch.equal(memory.readers[0].query[0].std[HIDDEN:],
                            torch.ones(HIDDEN, dtype=torch.float64))  # fitted on the contexts
+
+
+# --- an index for large banks (MemoryBank.build_index) --------------------------------------
+
+def test_cluster_slots_sorts_every_slot_into_its_nearest_centroid():
+    from memkernels.append_memory import cluster_slots
+    torch.manual_seed(16)
+    keys = F.normalize(torch.randn(3, 50, 8, dtype=torch.float64), dim=-1)
+    order, centroids, starts = cluster_slots(keys, 7)
+    assert order.shape == (3, 50) and centroids.shape == (3, 7, 8) and starts.shape == (3, 8)
+    for p in range(3):
+        assert sorted(order[p].tolist()) == list(range(50))  # a permutation
+        assert starts[p, 0] == 0 and starts[p, -1] == 50 and bool((starts[p].diff() >= 0).all())
+        nearest = (keys[p] @ centroids[p].T).argmax(1)
+        for c in range(7):  # cluster c's range holds exactly the slots nearest to centroid c
+            members = order[p, starts[p, c]:starts[p, c + 1]]
+            assert bool(nearest[members].eq(c).all())
+    torch.testing.assert_close(centroids.norm(dim=-1), torch.ones(3, 7, dtype=torch.float64))
+
+
+def probed_read(memory, reader, hidden, bank, context=None):
+    """The read an index gives, in plain PyTorch: each query head softmaxes over
+    the slots of its `probes` clusters of highest centroid score only."""
+    (keys, values), (centroids, starts, probes) = bank._cached_keys_values(None)
+    B, T, _ = hidden.shape
+    P, D = memory.pairs, memory.config.head_dim
+    x = reader.norm(hidden) if context is None else torch.cat([reader.norm(hidden), context], -1)
+    q = F.normalize(reader.query(x).view(B * T, 2 * P, D), dim=-1)
+    out = torch.zeros_like(q)
+    for n in range(B * T):
+        for h in range(2 * P):
+            g = h % P
+            best = (centroids[g] @ q[n, h]).topk(min(probes, centroids.shape[1])).indices
+            slots = torch.cat([torch.arange(starts[g, c], starts[g, c + 1]) for c in best.tolist()])
+            w = (keys[g, slots] @ q[n, h] * reader.scale).softmax(0)
+            out[n, h] = w @ values[g, slots]
+    return hidden + torch.tanh(reader.gate) * reader.out(out.view(B, T, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_indexed_read_reads_the_nearest_clusters_and_all_of_them_is_exact(dtype, tokens):
+    import memkernels.append_memory as append_memory
+    if append_memory._fused_cpu_reader(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype),
+                                       None) is None:
+        pytest.skip("memkernels._C is not built")
+    torch.manual_seed(17)
+    memory = fitted_context_memory(dtype)
+    bank = MemoryBank(memory, memory.write(memory.fresh_mem(1, 70), torch.randn(1, 60, HIDDEN,
+                                           dtype=dtype), None, None,
+                                           torch.randn(1, 60, HIDDEN, dtype=dtype)).detach())
+    hidden = torch.randn(2, tokens, HIDDEN, dtype=dtype) * 3
+    context = torch.randn(2, tokens, HIDDEN, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    with torch.no_grad():
+        exact = [memory.read(i, hidden, bank, context=context) for i in range(2)]
+        bank.build_index(probes=2, clusters=6)
+        for i, reader in enumerate(memory.readers):
+            got = memory.read(i, hidden, bank, context=context)
+            torch.testing.assert_close(got, probed_read(memory, reader, hidden, bank, context), **tol)
+            assert not torch.allclose(got, exact[i])  # 2 of 6 clusters: not the whole read
+        bank.build_index(probes=6, clusters=6)  # every cluster: the exact read
+        for i in range(2):
+            torch.testing.assert_close(memory.read(i, hidden, bank, context=context), exact[i], **tol)
+        bank.drop_index()
+        for i in range(2):
+            torch.testing.assert_close(memory.read(i, hidden, bank, context=context), exact[i], **tol)
+    with pytest.raises(ValueError, match="one-row bank"):
+        MemoryBank.stack([bank, bank]).build_index()
+    with pytest.raises(ValueError, match="probes must be a positive int"):
+        bank.build_index(probes=0)
+
+
+def test_reader_fwd_checks_the_index():
+    ext = cpu_extension()
+    h, k = torch.randn(1, 2, 16), torch.randn(2, 5, 4)
+    w1, b1, w2, wo = torch.randn(12, 16), torch.randn(12), torch.randn(8, 12), torch.randn(8, 16)
+    cent, starts = torch.randn(2, 3, 4), torch.tensor([[0, 2, 4, 5], [0, 0, 3, 5]])
+    call = lambda **kw: ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, **kw)  # noqa: E731
+    call(centroids=cent, cluster_starts=starts, probes=1)
+    with pytest.raises(RuntimeError, match="go together"):
+        call(centroids=cent, cluster_starts=starts)
+    with pytest.raises(RuntimeError, match=r"centroids must be \[2, clusters, 4\]"):
+        call(centroids=cent[:, :, :3], cluster_starts=starts, probes=1)
+    with pytest.raises(RuntimeError, match=r"cluster_starts\[1\] must run from 0 to the 5 slots"):
+        call(centroids=cent, cluster_starts=torch.tensor([[0, 2, 4, 5], [0, 0, 3, 6]]), probes=1)
+    with pytest.raises(RuntimeError, match=r"cluster_starts\[0\] must not decrease"):
+        call(centroids=cent, cluster_starts=torch.tensor([[0, 4, 2, 5], [0, 0, 3, 5]]), probes=1)
+    with pytest.raises(RuntimeError, match="cluster_starts must be int64"):
+        call(centroids=cent, cluster_starts=starts.int(), probes=1)
+    with pytest.raises(RuntimeError, match="shared by the batch"):
+        ext.reader_fwd(h, w2, k[None], k[None], wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1,
+                       centroids=cent, cluster_starts=starts, probes=1)

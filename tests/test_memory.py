@@ -15,6 +15,8 @@ import memkernels
 from memkernels import MemoryBank, MemoryConfig, MemoryModel, reference
 from memkernels.integration import attached_handle, write_layer_hidden
 
+from helpers import cpu_extension
+
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
 
 VOCAB = 97
@@ -651,10 +653,7 @@ def test_int8_cache_on_the_unfused_path_and_with_grad_matches_the_fused_read():
 
 
 def test_fused_cpu_reader_rejects_bad_int8_scales():
-    from memkernels import _backend
-    ext = _backend.extension()[0]
-    if ext is None:
-        pytest.skip("memkernels._C is not built")
+    ext = cpu_extension()
     h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
     k = torch.randint(-127, 128, (2, 5, 4), dtype=torch.int8)
     s = torch.rand(2, 5)
@@ -679,10 +678,7 @@ def test_fused_cpu_reader_rejects_bad_int8_scales():
 
 
 def test_fused_cpu_reader_rejects_bad_tensors():
-    from memkernels import _backend
-    ext = _backend.extension()[0]
-    if ext is None:
-        pytest.skip("memkernels._C is not built")
+    ext = cpu_extension()
     h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
     k = torch.randn(2, 5, 4)
     with pytest.raises(RuntimeError, match="hidden must be"):
@@ -749,10 +745,7 @@ def test_values_from_is_checked_and_saved(tmp_path):
 
 
 def test_fused_cpu_reader_rejects_a_bad_mlp_query():
-    from memkernels import _backend
-    ext = _backend.extension()[0]
-    if ext is None:
-        pytest.skip("memkernels._C is not built")
+    ext = cpu_extension()
     h, k = torch.randn(1, 2, 16), torch.randn(2, 5, 4)
     w1, b1, w2, wo = torch.randn(12, 16), torch.randn(12), torch.randn(16, 12), torch.randn(16, 16)
     with pytest.raises(RuntimeError, match="mlp_w needs mlp_b"):

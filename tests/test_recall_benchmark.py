@@ -58,8 +58,10 @@ def test_evaluate_scores_exact_matches(lm, monkeypatch):
 @pytest.mark.parametrize("condition, write_rule",
                          [(c, "blend") for c in benchmark.CONDITIONS if c != "trained_memory"]
                          + [("written_memory", "append"), ("trained_memory", "append")])
-def test_every_condition_runs(lm, condition, write_rule):
+def test_every_condition_runs(lm, condition, write_rule, monkeypatch):
     model, tok = lm
+    if write_rule == "append":  # its banks read through an index, as large ones are
+        monkeypatch.setattr(benchmark, "INDEX_MIN_SLOTS", 1)
     facts, others = make_facts(6, seed=0, distractors=True)
     # an append-rule bank of 16 slots: evaluate makes one that holds the ~140 tokens
     memory = tasks.default_memory(model, slots=8 if write_rule == "blend" else 16,
@@ -75,6 +77,7 @@ def test_every_condition_runs(lm, condition, write_rule):
     assert 0.0 <= row["accuracy"] <= 1.0 and row["latency_ms"] > 0
     assert row["tokens_per_query"] > 5
     assert (row["store_tokens"] > 0) == (condition == "written_memory")
+    assert row["index_probes"] == (benchmark.INDEX_PROBES if write_rule == "append" else 0)
 
 
 def test_in_context_reports_when_the_prompt_does_not_fit(lm):

@@ -8,6 +8,7 @@
 // those ops was as large as the read of a small bank.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "slot_bank_cpu.h"
@@ -58,6 +59,41 @@ void unit_rows(T* x, int64_t rows, int64_t D) {  // as F.normalize (eps 1e-12)
   }
 }
 
+// One query row of kv head g read over its `probes` nearest clusters only
+// (ReaderProblem::centroids): each cluster's keys are a contiguous range, read
+// by the single-row kernel; the partial reads merge by their log-sum-exp.
+template <typename T, typename KV>
+void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T* out,
+                        std::vector<T>& scores, std::vector<T>& part, std::vector<T>& scratch,
+                        std::vector<int64_t>& order) {
+  const int64_t D = r.head_dim, S = r.slots, Cn = r.clusters;
+  const int64_t* start = r.cluster_starts + g * (Cn + 1);
+  scores.resize(Cn);
+  single_row_scores<T, T>(q, r.centroids + g * Cn * D, Cn, D, T(1), scores.data());
+  order.resize(Cn);
+  for (int64_t j = 0; j < Cn; ++j) order[j] = j;
+  const int64_t probes = std::min(r.probes, Cn);
+  std::partial_sort(order.begin(), order.begin() + probes, order.end(),
+                    [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
+  part.resize(D);
+  std::fill(out, out + D, T(0));
+  T total = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < probes; ++i) {
+    const int64_t s0 = start[order[i]], n = start[order[i] + 1] - s0;
+    if (n <= 0) continue;
+    const int64_t at = g * S + s0;
+    AttentionProblem<T, KV> sub{1, 1, n, D, q, r.keys + at * D, r.values + at * D, MaskIndex{},
+                                r.scale, r.key_scale ? r.key_scale + at : nullptr,
+                                r.value_scale ? r.value_scale + at : nullptr};
+    T lse;
+    attention_forward_single_row(sub, 0, part.data(), &lse, scratch);
+    const T merged = std::max(total, lse) + std::log1p(std::exp(-std::abs(total - lse)));
+    const T keep = std::exp(total - merged), add = std::exp(lse - merged);
+    for (int64_t d = 0; d < D; ++d) out[d] = keep * out[d] + add * part[d];
+    total = merged;
+  }
+}
+
 }  // namespace
 
 template <typename T, typename KV>
@@ -96,7 +132,17 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   auto group_row = [&](int64_t n, int64_t g) {
     return r.shared ? g * N + n : ((n / r.tokens) * Hk + g) * r.tokens + n % r.tokens;
   };
-  for (int64_t c = 0; c < per_kv; ++c) {
+  if (r.probes > 0) {  // a shared bank with an index: each row reads its nearest clusters
+    std::vector<T> scores, part, scratch, row(D);
+    std::vector<int64_t> order;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < H; ++h) {  // query head h = c * Hk + g reads kv head g
+        T* qh = q.data() + n * W + h * D;
+        clustered_read_row(r, h % Hk, qh, row.data(), scores, part, scratch, order);
+        std::copy(row.begin(), row.end(), qh);
+      }
+  }
+  for (int64_t c = 0; c < (r.probes > 0 ? 0 : per_kv); ++c) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t g = 0; g < Hk; ++g) {
         const T* src = q.data() + n * W + (c * Hk + g) * D;

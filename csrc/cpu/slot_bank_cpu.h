@@ -64,6 +64,13 @@ struct ReaderProblem {
   // (MemoryConfig.context_decay), [B * T, C], and its first-layer columns [M, C]
   const T* context = nullptr;
   const T* context_w = nullptr;
+  // an inverted-file index of a shared bank (probes > 0): keys sorted by
+  // cluster within each kv head, centroids [Hk, clusters, Dh] (unit length),
+  // cluster_starts [Hk, clusters + 1]; a query row reads its `probes` clusters
+  // of highest centroid score only
+  const T* centroids = nullptr;
+  const int64_t* cluster_starts = nullptr;
+  int64_t clusters = 0, probes = 0;
   const T* query_b = nullptr;
   bool unit_queries = false;
 };

@@ -17,6 +17,9 @@ Conditions (the same frozen base LM in all of them):
 - written_memory: a memory trained on episodes of other facts
   (memkernels.train --mode written); the benchmark's facts, never seen, are
   written by store() alone, then read.
+A memory's bank of INDEX_MIN_SLOTS slots or more is read through an index
+(MemoryBank.build_index: each question reads its INDEX_PROBES nearest
+clusters of slots).
 
 For each N (and with as many distractor facts: similar names, other objects)
 it reports exact-match accuracy, per-query latency (batch 1, median) and
@@ -54,6 +57,10 @@ WRITTEN_STEPS = 1500
 # (entries in [-1, 1]: tanh of what the write put there)
 TRAINED_STEPS = 300
 TRAINED_LR = 1e-3
+# banks from this many slots are read through an index (MemoryBank.build_index):
+# each question reads the slots of its INDEX_PROBES nearest clusters, of ~sqrt(S)
+INDEX_MIN_SLOTS = 2048
+INDEX_PROBES = 8
 
 
 # --- answering ---------------------------------------------------------------------
@@ -207,6 +214,8 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
             bank = memory.store(model, tokenizer, statements, chunk_size=len(statements),
                                 progress=False)
             store_seconds = time.perf_counter() - start
+        if bank.num_slots >= INDEX_MIN_SLOTS:
+            bank.build_index(probes=INDEX_PROBES)
         handle = memkernels.attach(model, memory, bank)
     else:
         raise ValueError(f"unknown condition {condition!r}")
@@ -218,8 +227,11 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
             handle.detach()
     correct = sum(g == f.object for g, f in zip(got, asked))
     prompt_tokens = statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts)
+    index = handle is not None and handle.bank.read_index() is not None
     return dict(condition=condition, n_facts=len(facts), distractors=len(distractor_facts),
                 questions=len(asked), accuracy=correct / len(asked),
+                slots=handle.bank.num_slots if handle is not None else 0,
+                index_probes=INDEX_PROBES if index else 0,
                 latency_ms=1e3 * latency, tokens_per_query=prompt_tokens + 5,
                 store_seconds=store_seconds, store_tokens=store_tokens,
                 examples=[dict(q=q, want=f.object, got=g)
@@ -268,12 +280,14 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
 
 
 def write_report(rows: list[dict], out_dir: str) -> None:
-    lines = ["| condition | N facts | distractors | accuracy | ms / query | tokens / query |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| condition | N facts | distractors | accuracy | ms / query | tokens / query "
+             "| memory slots |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        slots = (f"{r['slots']}" + (f" (index, {r['index_probes']} probes)"
+                                    if r.get("index_probes") else "")) if r.get("slots") else "-"
         lines.append(f"| {r['condition']} | {r['n_facts']} | {r['distractors']} | "
                      f"{100 * r['accuracy']:.1f}% | {r['latency_ms']:.1f} | "
-                     f"{r['tokens_per_query']:.0f} |")
+                     f"{r['tokens_per_query']:.0f} | {slots} |")
     with open(os.path.join(out_dir, "recall.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib  # noqa: PLC0415
