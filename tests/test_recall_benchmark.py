@@ -78,6 +78,8 @@ def test_every_condition_runs(lm, condition, write_rule, monkeypatch):
     assert row["tokens_per_query"] > 5
     assert (row["store_tokens"] > 0) == (condition == "written_memory")
     assert row["index_probes"] == (benchmark.INDEX_PROBES if write_rule == "append" else 0)
+    memory_condition = condition.endswith("_memory")
+    assert (row["overhead_vs_base"] is not None) == memory_condition  # paired with reads off
 
 
 def test_in_context_reports_when_the_prompt_does_not_fit(lm):

@@ -118,7 +118,7 @@ def measure(batch: int, heads: int, head_dim: int, slots: int, reps: int, new_to
 
 def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: torch.dtype,
                   new_tokens: int = 40, write_rule: str = "blend", fused_layer: bool = True,
-                  context_decay: float = 0.0) -> dict:
+                  context_decay: float = 0.0, index_probes: int = 0) -> dict:
     """Median time of one memory read inside the decode loop, and of the fused
     C++ layer call within it (the rest is Python and small ops); with
     fused_layer=False of the same read through ATen ops (what the fused layer saves)."""
@@ -130,6 +130,8 @@ def profile_reads(batch: int, heads: int, head_dim: int, slots: int, kv_dtype: t
             r.gate.fill_(0.1)
     bank = MemoryBank.stack([MemoryBank(memory, torch.randn_like(memory.new_bank().mem))
                              for _ in range(batch)])
+    if index_probes:  # MemoryBank.build_index (one-row banks)
+        bank.build_index(probes=index_probes)
     reads, calls = [], []
     fused = getattr(_backend.extension()[0], "reader_fwd", None)
 
@@ -180,6 +182,9 @@ def main(argv=None) -> None:
                          "content heads, an MLP query, a cosine read)")
     ap.add_argument("--context-decay", type=float, nargs="+", default=[0.0],
                     help="append rule: MemoryConfig.context_decay (0: none); each value is a row")
+    ap.add_argument("--index-probes", type=int, nargs="+", default=[0],
+                    help="with --profile, B=1: read the bank through an index with this many "
+                         "probes (MemoryBank.build_index; 0: exact); each value is a row")
     ap.add_argument("--out", default=None, help="directory for llm_overhead.{json,md}")
     ap.add_argument("--profile", action="store_true",
                     help="instead: time one read inside the decode loop, and its fused call")
@@ -187,20 +192,21 @@ def main(argv=None) -> None:
                     help="with --profile: also time the read without the fused C++ layer")
     args = ap.parse_args(argv)
     if args.profile:
-        for (heads, head_dim), batch, kv, rule, decay in itertools.product(
+        for (heads, head_dim), batch, kv, rule, decay, probes in itertools.product(
                 zip(args.heads, args.head_dim), args.batch, args.kv_dtype, args.write_rule,
-                args.context_decay):
-            if decay and rule != "append":
+                args.context_decay, args.index_probes):
+            if (decay or probes) and rule != "append" or (probes and batch != 1):
                 continue
             p = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
-                              write_rule=rule, context_decay=decay)
+                              write_rule=rule, context_decay=decay, index_probes=probes)
             fused = (f"of which the fused C++ layer {p['fused_call_us']:.0f} us"
                      if p["fused_call_us"] is not None else "not fused")
             if args.unfused:
                 u = profile_reads(batch, heads, head_dim, args.slots, getattr(torch, kv),
                                   write_rule=rule, fused_layer=False, context_decay=decay)
                 fused += f"; {u['read_us']:.0f} us without the fused layer"
-            rule += f" (context {decay})" if decay else ""
+            rule += (f" (context {decay})" if decay else "") + (f" (index, {probes} probes)"
+                                                                 if probes else "")
             print(f"B={batch} {rule} memory {heads}x{head_dim}, S={args.slots}, K/V {kv}: one read "
                   f"{p['read_us']:.0f} us in the decode loop, {fused}")
         return

@@ -22,7 +22,8 @@ A memory's bank of INDEX_MIN_SLOTS slots or more is read through an index
 clusters of slots).
 
 For each N (and with as many distractor facts: similar names, other objects)
-it reports exact-match accuracy, per-query latency (batch 1, median) and
+it reports exact-match accuracy, per-query latency (batch 1, median; for a
+memory also its cost paired with the same question's time with reads off) and
 tokens processed per query, as results.json, recall.md and recall.png.
 The written memory ships (trained there when --written-dir is missing);
 trained banks are trained on first use and cached under --cache.
@@ -82,14 +83,25 @@ def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
     return answers
 
 
-def per_query_latency(model, tokenizer, prompts: list[str], reps: int = 12) -> float:
-    """Median seconds to answer one question (batch 1, prompt + 5 new tokens)."""
-    times = []
-    for p in prompts[:reps]:
+def per_query_latency(model, tokenizer, prompts: list[str], reps: int = 24,
+                      handle=None) -> tuple[float, Optional[float]]:
+    """(median seconds to answer one question: batch 1, prompt + 5 new tokens;
+    with a memory's `handle`, the median ratio of each question's time to the
+    same question's time with the memory's reads off, timed right before it,
+    minus 1: the memory's cost, paired so that the machine's drift cancels)."""
+    def seconds(p):
         start = time.perf_counter()
         answer(model, tokenizer, [p], batch_size=1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    times, ratios = [], []
+    for p in prompts[:reps]:
+        if handle is not None:
+            with handle.reads_disabled():
+                base = seconds(p)
+        times.append(seconds(p))
+        if handle is not None:
+            ratios.append(times[-1] / base - 1)
+    return statistics.median(times), statistics.median(ratios) if ratios else None
 
 
 class BM25Retriever:
@@ -221,7 +233,7 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
         raise ValueError(f"unknown condition {condition!r}")
     try:
         got = answer(model, tokenizer, prompts)
-        latency = per_query_latency(model, tokenizer, prompts)
+        latency, overhead = per_query_latency(model, tokenizer, prompts, handle=handle)
     finally:
         if handle is not None:
             handle.detach()
@@ -232,7 +244,8 @@ def evaluate(condition: str, model, tokenizer, facts: list[Fact], distractor_fac
                 questions=len(asked), accuracy=correct / len(asked),
                 slots=handle.bank.num_slots if handle is not None else 0,
                 index_probes=INDEX_PROBES if index else 0,
-                latency_ms=1e3 * latency, tokens_per_query=prompt_tokens + 5,
+                latency_ms=1e3 * latency, overhead_vs_base=overhead,
+                tokens_per_query=prompt_tokens + 5,
                 store_seconds=store_seconds, store_tokens=store_tokens,
                 examples=[dict(q=q, want=f.object, got=g)
                           for q, f, g in list(zip(questions, asked, got))[:3]])
@@ -268,8 +281,10 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
                     continue
                 rows.append(row)
                 log(f"{condition:15s} N={n:5d} distractors={distract}: "
-                    f"accuracy {row['accuracy']:.3f}, {row['latency_ms']:.1f} ms/query, "
-                    f"{row['tokens_per_query']:.0f} tokens/query")
+                    f"accuracy {row['accuracy']:.3f}, {row['latency_ms']:.1f} ms/query"
+                    + (f" ({100 * row['overhead_vs_base']:+.0f}% over reads off)"
+                       if row["overhead_vs_base"] is not None else "")
+                    + f", {row['tokens_per_query']:.0f} tokens/query")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(machine=f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
@@ -280,13 +295,15 @@ def run(out_dir: str, cache: str, sizes: list[int], trained_sizes: list[int],
 
 
 def write_report(rows: list[dict], out_dir: str) -> None:
-    lines = ["| condition | N facts | distractors | accuracy | ms / query | tokens / query "
-             "| memory slots |", "|---|---|---|---|---|---|---|"]
+    lines = ["| condition | N facts | distractors | accuracy | ms / query | memory's cost, paired "
+             "| tokens / query | memory slots |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         slots = (f"{r['slots']}" + (f" (index, {r['index_probes']} probes)"
                                     if r.get("index_probes") else "")) if r.get("slots") else "-"
+        paired = (f"{100 * r['overhead_vs_base']:+.0f}%" if r.get("overhead_vs_base") is not None
+                  else "-")
         lines.append(f"| {r['condition']} | {r['n_facts']} | {r['distractors']} | "
-                     f"{100 * r['accuracy']:.1f}% | {r['latency_ms']:.1f} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['latency_ms']:.1f} | {paired} | "
                      f"{r['tokens_per_query']:.0f} | {slots} |")
     with open(os.path.join(out_dir, "recall.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
