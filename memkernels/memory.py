@@ -718,7 +718,8 @@ class MemoryBank:
         search does it). Applies to the append rule's fused CPU read, where
         a cosine x 20 read puts nearly all its weight on a few slots; every
         other read stays exact. Rebuilt lazily when the bank or the memory's
-        weights change. Returns the bank."""
+        weights change; not saved with the bank, nor carried by clone/stack/
+        merge (build it again there). Returns the bank."""
         if self.batch_size != 1:
             raise ValueError(f"build_index: a one-row bank (shared by the batch), this one has "
                              f"{self.batch_size} rows")
