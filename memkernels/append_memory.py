@@ -28,6 +28,7 @@ scored cosine x read_scale.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -91,17 +92,26 @@ def decayed_context(embeddings: Tensor, mask: Optional[Tensor], decay: float,
     out = []
     for start in range(0, T, _CONTEXT_BLOCK):
         L = min(_CONTEXT_BLOCK, T - start)
-        steps = torch.arange(L, device=x.device, dtype=x.dtype)
-        lag = steps[:, None] - steps[None, :]
-        within = torch.where(lag >= 0, decay ** lag.clamp(min=0), 0.0)  # [L, L]
-        carried = decay ** (steps + 1)  # what the state before the block still weighs
+        within, carried = _decay_weights(L, float(decay), x.dtype, x.device)
         mb = m[:, start:start + L]
         sums = within @ (x[:, start:start + L] * mb[..., None]) + carried[:, None] * total[:, None]
         weights = mb @ within.T + carried * weight[:, None]
         out.append(sums / weights.clamp(min=1e-20)[..., None] * (weights > 0)[..., None])
         total, weight = sums[:, -1], weights[:, -1]
-    context = torch.cat(out, 1) if out else x.new_zeros(B, 0, C)
+    context = out[0] if len(out) == 1 else torch.cat(out, 1) if out else x.new_zeros(B, 0, C)
     return context.to(embeddings.dtype), (total, weight)
+
+
+@functools.lru_cache(maxsize=64)
+def _decay_weights(L: int, decay: float, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """decayed_context's weights for a block of L tokens: within [L, L] (token
+    j's weight at token i, decay^(i-j) for j <= i) and carried [L] (what the
+    state before the block still weighs at token i). Cached: a decode step
+    would otherwise rebuild them for every token."""
+    steps = torch.arange(L, device=device, dtype=dtype)
+    lag = steps[:, None] - steps[None, :]
+    return torch.where(lag >= 0, decay ** lag.clamp(min=0), 0.0), decay ** (steps + 1)
 
 
 def cluster_slots(keys: Tensor, clusters: int, iterations: int = 10,
@@ -381,6 +391,8 @@ class AppendMemory(MemoryModel):
              kv_dtype: Optional[torch.dtype] = None, context: Optional[Tensor] = None) -> Tensor:
         self._check_bank_rows(bank, hidden)
         self._check_context(context, hidden)
+        if context is not None:
+            context = context.to(hidden.dtype)  # the fused call takes both in one dtype
         reader = self.readers[reader_index]
         if not torch.is_grad_enabled():  # one fused C++ call, its operands memoised
             out = bank._memoised_fused_read(reader_index, hidden, kv_dtype, context)

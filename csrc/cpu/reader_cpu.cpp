@@ -8,7 +8,6 @@
 // those ops was as large as the read of a small bank.
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "slot_bank_cpu.h"
@@ -61,7 +60,8 @@ void unit_rows(T* x, int64_t rows, int64_t D) {  // as F.normalize (eps 1e-12)
 
 // One query row of kv head g read over its `probes` nearest clusters only
 // (ReaderProblem::centroids): each cluster's keys are a contiguous range, read
-// by the single-row kernel; the partial reads merge by their log-sum-exp.
+// by the single-row kernel; the partial reads merge as online-softmax blocks
+// whose max is their log-sum-exp and whose sum is 1 (slot_math.h).
 template <typename T, typename KV>
 void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T* out,
                         std::vector<T>& scores, std::vector<T>& part, std::vector<T>& scratch,
@@ -77,7 +77,7 @@ void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T*
                     [&](int64_t a, int64_t b) { return scores[a] > scores[b]; });
   part.resize(D);
   std::fill(out, out + D, T(0));
-  T total = -std::numeric_limits<T>::infinity();
+  T row_max = neg_inf<T>(), row_sum = 0;
   for (int64_t i = 0; i < probes; ++i) {
     const int64_t s0 = start[order[i]], n = start[order[i] + 1] - s0;
     if (n <= 0) continue;
@@ -85,13 +85,15 @@ void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T*
     AttentionProblem<T, KV> sub{1, 1, n, D, q, r.keys + at * D, r.values + at * D, MaskIndex{},
                                 r.scale, r.key_scale ? r.key_scale + at : nullptr,
                                 r.value_scale ? r.value_scale + at : nullptr};
-    T lse;
+    T lse, correction;
     attention_forward_single_row(sub, 0, part.data(), &lse, scratch);
-    const T merged = std::max(total, lse) + std::log1p(std::exp(-std::abs(total - lse)));
-    const T keep = std::exp(total - merged), add = std::exp(lse - merged);
-    for (int64_t d = 0; d < D; ++d) out[d] = keep * out[d] + add * part[d];
-    total = merged;
+    row_max = online_softmax_rescale(row_max, lse, &correction);
+    const T weight = exp_shifted(lse, row_max);
+    row_sum = row_sum * correction + weight;
+    for (int64_t d = 0; d < D; ++d) out[d] = out[d] * correction + weight * part[d];
   }
+  const T inv = safe_inverse(row_sum);
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 }  // namespace
@@ -101,7 +103,7 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
   const int64_t W = H * D, M = r.mlp_hidden;
   const int64_t Hk = r.kv_heads > 0 ? r.kv_heads : H, per_kv = H / Hk;
-  std::vector<T> xn(N * C), hid(N * M), q(N * W), qg(N * W), og(N * W), lse(N * H);
+  std::vector<T> xn(N * C), hid(N * M), q(N * W);
   std::vector<T> from_context(r.context != nullptr ? N * M : 0);
   for (int64_t n = 0; n < N; ++n) {  // rms_norm without weight (folded into Wq)
     const T* x = r.hidden_states + n * C;
@@ -141,20 +143,22 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
         clustered_read_row(r, h % Hk, qh, row.data(), scores, part, scratch, order);
         std::copy(row.begin(), row.end(), qh);
       }
-  }
-  for (int64_t c = 0; c < (r.probes > 0 ? 0 : per_kv); ++c) {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < Hk; ++g) {
-        const T* src = q.data() + n * W + (c * Hk + g) * D;
-        std::copy(src, src + D, qg.data() + group_row(n, g) * D);
-      }
-    AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values, MaskIndex{},
-                              r.scale, r.key_scale, r.value_scale};
-    read_forward(p, og.data(), lse.data());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t g = 0; g < Hk; ++g)
-        std::copy(og.data() + group_row(n, g) * D, og.data() + (group_row(n, g) + 1) * D,
-                  q.data() + n * W + (c * Hk + g) * D);
+  } else {  // every slot, one pass per query head of a kv head
+    std::vector<T> qg(N * W), og(N * W), lse(N * H);
+    for (int64_t c = 0; c < per_kv; ++c) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t g = 0; g < Hk; ++g) {
+          const T* src = q.data() + n * W + (c * Hk + g) * D;
+          std::copy(src, src + D, qg.data() + group_row(n, g) * D);
+        }
+      AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values,
+                                MaskIndex{}, r.scale, r.key_scale, r.value_scale};
+      read_forward(p, og.data(), lse.data());
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t g = 0; g < Hk; ++g)
+          std::copy(og.data() + group_row(n, g) * D, og.data() + (group_row(n, g) + 1) * D,
+                    q.data() + n * W + (c * Hk + g) * D);
+    }
   }
   if (N <= kGemvRows) {
     for (int64_t n = 0; n < N; ++n) {  // out[n] = hidden[n] + sum_j o[n, j] * Wo[j]

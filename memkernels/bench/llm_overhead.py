@@ -234,8 +234,9 @@ def main(argv=None) -> None:
         lines = ["| batch | bank | write rule | memory H x Dh | S | K/V cache | base ms/token "
                  "| with memory | overhead | base vs base | floor |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        context = lambda r: f" (context {r['context_decay']})" if r["context_decay"] else ""  # noqa: E731
-        lines += [f"| {r['batch']} | {r['bank']} | {r['write_rule']}{context(r)} | {r['heads']} x "
+        lines += [f"| {r['batch']} | {r['bank']} | {r['write_rule']}"
+                  + (f" (context {r['context_decay']})" if r["context_decay"] else "")
+                  + f" | {r['heads']} x "
                   f"{r['head_dim']} | {r['slots']} | "
                   f"{r['kv_dtype']} | "
                   f"{r['base_ms']:.2f} | {r['memory_ms']:.2f} | {100 * r['overhead']:+.1f}% | "
