@@ -2,7 +2,7 @@
 # One call proves the GPU: builds the CUDA extension, runs the benchmarks, the
 # GPU test suite (triton and cuda backends against the reference, the memory
 # model on CUDA) and the standalone CMake build with its profiling driver, and
-# writes one log, one results file and one per-test log. Each phase has a time
+# writes one log, the results files and one per-test log. Each phase has a time
 # limit so the whole stays under 9 min.
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/
@@ -29,6 +29,10 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   phase benchmarks
   timeout "${BENCH_TIMEOUT:-150}" python3 -m memkernels.bench --device cuda \
     --min-time "${BENCH_MIN_TIME:-0.3}" --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
+  phase "benchmarks: the CUDA backend's tensor-core forward (opt-in)"
+  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_BENCH_TIMEOUT:-90}" python3 -m memkernels.bench \
+    --device cuda --backends cuda --ops read_fwd write_fwd --min-time "${BENCH_MIN_TIME:-0.3}" \
+    --out "$RESULTS/gpu_results_tensor_cores.jsonl" || status=1
   phase tests
   # The tests that touch the GPU (triton and cuda backends, the memory model on
   # CUDA); CI runs the CPU-only ones on every commit. pytest-xdist and

@@ -95,7 +95,10 @@ def test_read_float32(backend, device, shape, shared, mask):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 3), (4, 2, 1, 128, 64), (3, 1, 64, 1000, 80),
-                                   (2, 2, 1, 300, 256)],
+                                   (2, 2, 1, 300, 256),
+                                   # the CUDA tensor-core forward: a partial 64-row tile, a
+                                   # partial 64-key tile, D=16, and a split over keys at D=128
+                                   (2, 2, 33, 130, 16), (1, 2, 70, 300, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_read_half_precision(backend, device, shape, dtype):
     run_read(backend, device, shape, True, "BS", dtype)
@@ -166,6 +169,22 @@ def test_write_float32(backend, device, shape, mask):
 def test_write_half_precision(backend, device, dtype):
     run_write(backend, device, (2, 3, 37, 19, 64), "D", True, dtype)
     run_write(backend, device, (1, 2, 130, 7, 80), 1, False, dtype)
+    run_write(backend, device, (2, 1, 70, 130, 16), "D", True, dtype)
+
+
+def test_cuda_tensor_core_kernels_match_the_reference():
+    """The CUDA backend's tensor-core kernels (float16/bfloat16) are opt-in through
+    MEMKERNELS_CUDA_TENSOR_CORES=1, read once per process: the half-precision tests
+    run again in a subprocess with it set."""
+    ok, why = _backend.available("cuda", torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    env = {**os.environ, "MEMKERNELS_CUDA_TENSOR_CORES": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                           "-k", "cuda and half_precision"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
 
 def test_write_large_logits_noncontiguous(backend, device):

@@ -7,6 +7,7 @@
 // Rows of a tile are padded to D + 1 so lanes walking keys hit distinct banks.
 #include <algorithm>
 
+#include "attention_mma.cuh"
 #include "dtype.cuh"
 
 namespace memkernels::cuda {
@@ -136,14 +137,7 @@ attention_forward_kernel(Attention p, int kt, int64_t keys_per_split, OutT* out,
     if (row >= M) continue;
     const Acc o = sacc[i] * safe_inverse(ssum[r]);
     out[(base + row) * D + d] = from_acc<OutT>(o);
-    if constexpr (kBlend) {
-      const int64_t e = (g * M + row) * D + d;
-      const int64_t gi = (g * M + row) * blend.gate_dim + (blend.gate_dim == 1 ? 0 : d);
-      const Acc mem = to_acc(static_cast<const T*>(blend.mem)[e]);
-      const Acc f = to_acc(static_cast<const T*>(blend.forget_logit)[gi]);
-      const Acc in = to_acc(static_cast<const T*>(blend.input_logit)[gi]);
-      static_cast<T*>(blend.new_mem)[e] = from_acc<T>(gate_blend(mem, o, f, in));
-    }
+    if constexpr (kBlend) store_gate_blend<T>(blend, g, M, row, d, D, o);
   }
   if (tid < kRows && r0 + tid < M) lse[base + r0 + tid] = log_sum_exp(smax[tid], ssum[tid]);
 }
@@ -357,6 +351,17 @@ __global__ void combine_kernel(const typename AccOf<T>::type* part,
   if (threadIdx.x == 0) lse[row] = log_sum_exp(m_safe, total);
 }
 
+template <typename T>
+cudaError_t launch_combine(const Attention& p, int splits, const void* part, const void* part_lse,
+                           void* out, void* lse, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t GM = p.groups * p.rows;
+  combine_kernel<T><<<unsigned(GM), 64, 0, stream>>>(
+      static_cast<const Acc*>(part), static_cast<const Acc*>(part_lse), static_cast<T*>(out),
+      static_cast<Acc*>(lse), GM, int(p.dim), splits);
+  return cudaGetLastError();
+}
+
 // Shared by both backward kernels: for the kRows x kt (row, key) pairs of the
 // current tiles, P = exp(S - lse) (0 where masked) and dS = P * (dP - delta) * scale.
 template <typename Acc>
@@ -499,7 +504,8 @@ int forward_splits(const Attention& p, int sm_count) {
     const int64_t ctas = p.groups * ((p.rows + rows - 1) / rows);
     return int(std::max<int64_t>(1, lmin((4 * sm_count + ctas - 1) / ctas, (p.keys + 63) / 64)));
   }
-  const int64_t ctas = p.groups * ((p.rows + kRows - 1) / kRows);
+  const int64_t rows_per_cta = mma_fits(p) ? kMmaRows : kRows;
+  const int64_t ctas = p.groups * ((p.rows + rows_per_cta - 1) / rows_per_cta);
   if (ctas >= sm_count) return 1;
   const int64_t key_tiles = (p.keys + 31) / 32;
   return int(std::max<int64_t>(1, lmin((sm_count + ctas - 1) / ctas, key_tiles / 2)));
@@ -521,11 +527,16 @@ cudaError_t attention_forward(const Attention& p, int splits, void* out, void* l
                                          static_cast<Acc*>(part_lse), stream);
           e != cudaSuccess)
         return e;
-      const int64_t GM = p.groups * p.rows;
-      combine_kernel<T><<<unsigned(GM), 64, 0, stream>>>(
-          static_cast<const Acc*>(part), static_cast<const Acc*>(part_lse), static_cast<T*>(out),
-          static_cast<Acc*>(lse), GM, int(p.dim), splits);
-      return cudaGetLastError();
+      return launch_combine<T>(p, splits, part, part_lse, out, lse, stream);
+    }
+    if (mma_fits(p)) {  // tensor cores (float16/bfloat16, sm_80+, opt-in)
+      const int64_t per_split = ((p.keys + splits - 1) / splits + 63) / 64 * 64;
+      splits = int((p.keys + per_split - 1) / per_split);
+      if (auto e = launch_forward_mma(p, per_split, splits, splits > 1 ? part : out,
+                                      splits > 1 ? part_lse : lse, blend, stream);
+          e != cudaSuccess || splits == 1)
+        return e;
+      return launch_combine<T>(p, splits, part, part_lse, out, lse, stream);
     }
     const int D = int(p.dim);
     const int kt = key_tile([&](int t) { return forward_smem<Acc>(D, t); });
@@ -550,10 +561,7 @@ cudaError_t attention_forward(const Attention& p, int splits, void* out, void* l
       kernel<<<grid, kThreads, smem, stream>>>(p, kt, per_split, static_cast<Acc*>(part),
                                                static_cast<Acc*>(part_lse), GateBlend{});
       if (auto e = cudaGetLastError(); e != cudaSuccess) return e;
-      const int64_t GM = p.groups * p.rows;
-      combine_kernel<T><<<unsigned(GM), 64, 0, stream>>>(
-          static_cast<const Acc*>(part), static_cast<const Acc*>(part_lse), static_cast<T*>(out),
-          static_cast<Acc*>(lse), GM, D, splits);
+      return launch_combine<T>(p, splits, part, part_lse, out, lse, stream);
     }
     return cudaGetLastError();
   });
@@ -562,6 +570,8 @@ cudaError_t attention_forward(const Attention& p, int splits, void* out, void* l
 cudaError_t attention_backward(const Attention& p, const void* dout, const void* lse,
                                const void* delta, void* dq, void* dk, void* dv,
                                cudaStream_t stream) {
+  if (mma_fits(p) && reinterpret_cast<uintptr_t>(dout) % 16 == 0)  // tensor cores (opt-in)
+    return launch_backward_mma(p, dout, lse, delta, dq, dk, dv, stream);
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using Acc = typename AccOf<T>::type;

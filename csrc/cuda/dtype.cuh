@@ -33,6 +33,19 @@ template <typename Acc> __device__ __forceinline__ Acc warp_sum(Acc v) {
   return v;
 }
 
+// The forward kernels' write epilogue: new_mem = gate_blend(mem, upd, forget, input) for
+// channel d of row `row` of group g (gates [G, M, gate_dim], mem/new_mem [G, M, D]).
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_gate_blend(const GateBlend& blend, int64_t g, int64_t M,
+                                                 int64_t row, int d, int D, Acc upd) {
+  const int64_t e = (g * M + row) * D + d;
+  const int64_t gi = (g * M + row) * blend.gate_dim + (blend.gate_dim == 1 ? 0 : d);
+  const Acc mem = to_acc(static_cast<const T*>(blend.mem)[e]);
+  const Acc f = to_acc(static_cast<const T*>(blend.forget_logit)[gi]);
+  const Acc in = to_acc(static_cast<const T*>(blend.input_logit)[gi]);
+  static_cast<T*>(blend.new_mem)[e] = from_acc<T>(gate_blend(mem, upd, f, in));
+}
+
 // Calls fn(T{}) with T the C++ type of `dtype`.
 template <typename Fn>
 cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {

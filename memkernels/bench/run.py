@@ -39,6 +39,8 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        # the CUDA backend's opt-in tensor-core forward (csrc/cuda/attention_mma.cu)
+        info["cuda_tensor_cores"] = os.environ.get("MEMKERNELS_CUDA_TENSOR_CORES", "0") == "1"
     try:
         import triton
         info["triton"] = triton.__version__
