@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call proves the GPU: builds the CUDA extension, runs the benchmarks, the
 # GPU test suite (triton and cuda backends against the reference, the memory
-# model on CUDA) and the standalone CMake build with its profiling driver, and
+# model on CUDA), the standalone CMake build with its profiling driver, nsys/ncu
+# on that driver when installed (PROFILE=0 skips them), and
 # writes one log, the results files and one per-test log. Each phase has a time
 # limit so the whole stays under 9 min.
 #
@@ -49,7 +50,27 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   if [ "${SKIP_CMAKE:-0}" != 1 ]; then
     timeout 120 bash -c 'cmake -S . -B /tmp/mk-build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null &&
       cmake --build /tmp/mk-build -j "$MAX_JOBS" >/dev/null &&
-      /tmp/mk-build/memkernels_check_cpu | tail -n 2 && /tmp/mk-build/memkernels_profile' || status=1
+      /tmp/mk-build/memkernels_check_cpu | tail -n 2 && /tmp/mk-build/memkernels_profile &&
+      echo "with MEMKERNELS_CUDA_TENSOR_CORES=1:" &&
+      MEMKERNELS_CUDA_TENSOR_CORES=1 /tmp/mk-build/memkernels_profile' || status=1
+  fi
+  phase "nsys / ncu on the profiling driver (README, Profiling)"
+  # Kernel time per NVTX range (nsys), then speed-of-light and occupancy of the decode
+  # read's kernels (ncu); each tool only if installed, each capped at 60 s. Hardware
+  # counters can be refused (ERR_NVGPUCTRPERM) on a shared machine: the log then says so.
+  if [ "${PROFILE:-1}" = 1 ] && [ -x /tmp/mk-build/memkernels_profile ]; then
+    if command -v nsys >/dev/null; then
+      timeout 60 nsys profile -t cuda,nvtx --stats=true -o "$RESULTS/profile" --force-overwrite true \
+        /tmp/mk-build/memkernels_profile > "$RESULTS/nsys.txt" 2>&1 || echo "nsys failed (see nsys.txt)"
+      grep -A 12 "cuda_gpu_kern_sum" "$RESULTS/nsys.txt" | head -n 16
+    fi
+    if command -v ncu >/dev/null; then
+      timeout 60 ncu --nvtx --nvtx-include "read_fwd_decode/" --section SpeedOfLight \
+        --section Occupancy -c 4 /tmp/mk-build/memkernels_profile > "$RESULTS/ncu.txt" 2>&1 \
+        || echo "ncu failed (see ncu.txt)"
+      grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|ERR_" \
+        "$RESULTS/ncu.txt" | head -n 24
+    fi
   fi
   phase "exit status $status"
 } 2>&1 | tee "$LOG"
