@@ -5,6 +5,8 @@
 // SIMT kernels over shared-memory tiles: a CTA of 4 warps holds kRows query
 // rows and streams kt keys at a time (kt = 32, or 16/8 when D is large).
 // Rows of a tile are padded to D + 1 so lanes walking keys hit distinct banks.
+// Every dtype and head dim runs here; float16/bfloat16 with D a multiple of 16 can
+// go to the tensor-core kernels of attention_mma.cu instead (opt-in for now).
 #include <algorithm>
 
 #include "attention_mma.cuh"
