@@ -22,11 +22,17 @@ def test_cuda_sources_exist():
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles(source, arch, tmp_path):
+    """Compiles with setup.py's flags. The PTX is kept and checked for tanh.approx.f32:
+    --use_fast_math turns tanhf into it (relative error up to 2^-11), which the
+    float32 gate blend and its gradients must not use (slot_math.h's mk_tanh)."""
     cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "-Werror", "all-warnings",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", source,
-           "-o", str(tmp_path / "k.o")]
+           "-o", str(tmp_path / "k.o"), "-keep", "-keep-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = [open(f).read() for f in glob.glob(str(tmp_path / "*.ptx"))]
+    assert ptx, "nvcc -keep wrote no PTX"
+    assert not any("tanh.approx" in text for text in ptx), "a kernel uses tanh.approx.f32"
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")

@@ -96,7 +96,7 @@ def test_read_float32(backend, device, shape, shared, mask):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 3, 7, 5, 3), (4, 2, 1, 128, 64), (3, 1, 64, 1000, 80),
                                    (2, 2, 1, 300, 256),
-                                   # the CUDA tensor-core forward: a partial 64-row tile, a
+                                   # the CUDA tensor-core kernels: a partial 64-row tile, a
                                    # partial 64-key tile, D=16, and a split over keys at D=128
                                    (2, 2, 33, 130, 16), (1, 2, 70, 300, 128)],
                          ids=lambda s: "x".join(map(str, s)))
