@@ -309,12 +309,17 @@ int element_size(DType dtype) {
 
 // The decode kernel takes the problem: few rows, and D a power-of-two number
 // of 16-byte vectors, at most one per lane (the gate blend is the caller's test).
+// With the tensor-core kernels on, groups of 2-16 rows go to them instead: the
+// decode kernel spends ~8x the instructions per byte on 8 rows as on 1 (one
+// shuffle reduction and softmax update per row and key), 8% of the H200's
+// bandwidth for the shared-bank decode against 47% for one row.
 bool decode_fits(const Attention& p) {
   const int vec = 16 / element_size(p.dtype);
   const int64_t lanes = p.dim / vec;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return p.rows <= 2 * kDecodeRows && p.dim % vec == 0 && lanes >= 1 && lanes <= 32 &&
-         (lanes & (lanes - 1)) == 0 && aligned(p.q) && aligned(p.k) && aligned(p.v);
+         (lanes & (lanes - 1)) == 0 && aligned(p.q) && aligned(p.k) && aligned(p.v) &&
+         !(p.rows > 1 && mma_fits(p));
 }
 
 template <typename T, typename OutT>
@@ -506,11 +511,15 @@ int forward_splits(const Attention& p, int sm_count) {
     const int64_t ctas = p.groups * ((p.rows + rows - 1) / rows);
     return int(std::max<int64_t>(1, lmin((4 * sm_count + ctas - 1) / ctas, (p.keys + 63) / 64)));
   }
-  const int64_t rows_per_cta = mma_fits(p) ? kMmaRows : kRows;
+  const bool mma = mma_fits(p);
+  const int64_t rows_per_cta = mma ? kMmaRows : kRows;
   const int64_t ctas = p.groups * ((p.rows + rows_per_cta - 1) / rows_per_cta);
-  if (ctas >= sm_count) return 1;
+  // decode rows on tensor cores: ~4 CTAs per SM, as for the decode kernel, to keep
+  // enough bytes in flight; otherwise one wave
+  const int64_t target = mma && p.rows <= 2 * kDecodeRows ? 4 * int64_t(sm_count) : sm_count;
+  if (ctas >= target) return 1;
   const int64_t key_tiles = (p.keys + 31) / 32;
-  return int(std::max<int64_t>(1, lmin((sm_count + ctas - 1) / ctas, key_tiles / 2)));
+  return int(std::max<int64_t>(1, lmin((target + ctas - 1) / ctas, key_tiles / 2)));
 }
 
 cudaError_t attention_forward(const Attention& p, int splits, void* out, void* lse, void* part,
