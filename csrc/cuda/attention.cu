@@ -51,12 +51,6 @@ int key_tile(SmemFn smem) {
   return 0;
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= (48u << 10)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 // Copies rows [r0, r0 + n) of a [*, D] tensor into a padded smem tile (zeros past `limit`).
 template <typename T, typename Acc>
 __device__ void load_tile(Acc* dst, const T* src, int64_t r0, int n, int64_t limit, int D) {

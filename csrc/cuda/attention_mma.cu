@@ -1,8 +1,10 @@
-// Tensor-core forward for float16/bfloat16 on sm_80+: the FlashAttention-2 loop on
-// wmma 16x16x16 tiles (fp32 accumulation). Used by memory_read's prefill/training
-// shapes and memory_write's forward; decode shapes keep attention_decode_kernel.
+// Tensor-core kernels for float16/bfloat16 on sm_80+: FlashAttention-2's forward and
+// backward on wmma 16x16x16 tiles (fp32 accumulation). Opt-in for now
+// (MEMKERNELS_CUDA_TENSOR_CORES=1, see attention_mma.cuh): they then take every
+// float16/bfloat16 problem with D a multiple of 16 up to 128, except one-row decode
+// groups, which keep attention.cu's decode kernel.
 //
-// A CTA of 4 warps owns 64 query rows of one group (16 per warp) and one split of the
+// Forward: a CTA of 4 warps owns 64 query rows of one group (16 per warp) and one split of the
 // keys; the keys stream through shared memory 64 at a time with 16-byte loads. Per key
 // tile, each warp:
 //   1. S = Q K^T on tensor cores, stored to its shared score tile;
@@ -432,12 +434,6 @@ attention_dq_mma_kernel(Attention p, const T* dout, const float* lse, const floa
 #else
   __trap();
 #endif
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= (48u << 10)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
 // Calls fn(std::integral_constant<int, kTiles>{}): the kernels are compiled for 2, 4 and 8

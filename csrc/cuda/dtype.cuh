@@ -1,5 +1,6 @@
-// Element-type plumbing for the CUDA kernels: conversion to and from the
-// accumulation type, warp reductions, and dispatch from DType to a template.
+// Helpers shared by the CUDA kernels: conversion to and from the accumulation
+// type, warp reductions, the write epilogue, the shared-memory opt-in, and
+// dispatch from DType to a template.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,6 +45,13 @@ __device__ __forceinline__ void store_gate_blend(const GateBlend& blend, int64_t
   const Acc f = to_acc(static_cast<const T*>(blend.forget_logit)[gi]);
   const Acc in = to_acc(static_cast<const T*>(blend.input_logit)[gi]);
   static_cast<T*>(blend.new_mem)[e] = from_acc<T>(gate_blend(mem, upd, f, in));
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= (48u << 10)) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
 // Calls fn(T{}) with T the C++ type of `dtype`.
