@@ -258,6 +258,50 @@ __device__ void store_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> 
   __syncwarp();
 }
 
+// The warp's two 16x16 score-like blocks: s = A1 B1^T and dp = A2 B2^T, each operand 16
+// rows of a shared tile (pitch tile_pitch(D)), summed over D; stored to the warp's float
+// chunks (pitch kChunkPitch).
+template <typename T, int kTiles>
+__device__ void chunk_products(const T* a1, const T* b1, const T* a2, const T* b2, int D,
+                               float* s, float* dp) {
+  const int Dp = tile_pitch(D);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc, dp_acc;
+  wmma::fill_fragment(s_acc, 0.f);
+  wmma::fill_fragment(dp_acc, 0.f);
+#pragma unroll
+  for (int kk = 0; kk < kTiles; ++kk) {
+    if (kk < D / 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a1f, a2f;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b1f, b2f;  // rows as B^T
+      wmma::load_matrix_sync(a1f, a1 + kk * 16, Dp);
+      wmma::load_matrix_sync(b1f, b1 + kk * 16, Dp);
+      wmma::load_matrix_sync(a2f, a2 + kk * 16, Dp);
+      wmma::load_matrix_sync(b2f, b2 + kk * 16, Dp);
+      wmma::mma_sync(s_acc, a1f, b1f, s_acc);
+      wmma::mma_sync(dp_acc, a2f, b2f, dp_acc);
+    }
+  }
+  wmma::store_matrix_sync(s, s_acc, kChunkPitch, wmma::mem_row_major);
+  wmma::store_matrix_sync(dp, dp_acc, kChunkPitch, wmma::mem_row_major);
+  __syncwarp();
+}
+
+// acc (16 x D) += chunk (16x16, T, pitch kChunkPitchT) times 16 rows of a shared tile.
+template <typename T, int kTiles>
+__device__ void accumulate_product(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[kTiles],
+                                   const T* chunk, const T* rows, int D) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> cf;
+  wmma::load_matrix_sync(cf, chunk, kChunkPitchT);
+#pragma unroll
+  for (int nd = 0; nd < kTiles; ++nd) {
+    if (nd < D / 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> rf;
+      wmma::load_matrix_sync(rf, rows + nd * 16, tile_pitch(D));
+      wmma::mma_sync(acc[nd], cf, rf, acc[nd]);
+    }
+  }
+}
+
 // One CTA owns 64 keys of one group (16 per warp) and loops over all the group's rows, so
 // dK/dV (summed over the batch for a shared bank) need no atomics.
 template <typename T, int kTiles>
@@ -266,7 +310,7 @@ attention_dkdv_mma_kernel(Attention p, const T* dout, const float* lse, const fl
                           T* dv) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char mma_smem[];
-  const int D = int(p.dim), Dp = tile_pitch(D), dim_tiles = D / 16;
+  const int D = int(p.dim), Dp = tile_pitch(D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t M = p.rows, N = p.keys, g = blockIdx.y, n0 = int64_t(blockIdx.x) * 64;
   const int64_t key0 = n0 + warp * 16;  // this warp's 16 keys
@@ -294,25 +338,8 @@ attention_dkdv_mma_kernel(Attention p, const T* dout, const float* lse, const fl
     for (int c = 0; c < 4; ++c) {  // 16-row chunks of the tile
       if (r0 + c * 16 >= M) break;  // warp-uniform
       // S^T = K_w Q_c^T and dP^T = V_w dO_c^T (16 keys x 16 rows)
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> st, dpt;
-      wmma::fill_fragment(st, 0.f);
-      wmma::fill_fragment(dpt, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kTiles; ++kk) {
-        if (kk < dim_tiles) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf, vf;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> qf, dof;
-          wmma::load_matrix_sync(kf, sk + warp * 16 * Dp + kk * 16, Dp);
-          wmma::load_matrix_sync(vf, sv + warp * 16 * Dp + kk * 16, Dp);
-          wmma::load_matrix_sync(qf, sq + c * 16 * Dp + kk * 16, Dp);
-          wmma::load_matrix_sync(dof, sdo + c * 16 * Dp + kk * 16, Dp);
-          wmma::mma_sync(st, kf, qf, st);
-          wmma::mma_sync(dpt, vf, dof, dpt);
-        }
-      }
-      wmma::store_matrix_sync(b.s, st, kChunkPitch, wmma::mem_row_major);
-      wmma::store_matrix_sync(b.dp, dpt, kChunkPitch, wmma::mem_row_major);
-      __syncwarp();
+      chunk_products<T, kTiles>(sk + warp * 16 * Dp, sq + c * 16 * Dp, sv + warp * 16 * Dp,
+                                sdo + c * 16 * Dp, D, b.s, b.dp);
       for (int e = lane; e < 256; e += 32) {  // entry (key j, row r)
         const int j = e / 16, r = e % 16, rt = c * 16 + r;
         const int64_t key = key0 + j, row = r0 + rt;
@@ -326,19 +353,8 @@ attention_dkdv_mma_kernel(Attention p, const T* dout, const float* lse, const fl
       }
       __syncwarp();
       // dV_w += P^T dO_c, dK_w += dS^T Q_c
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> ptf, dstf;
-      wmma::load_matrix_sync(ptf, spt, kChunkPitchT);
-      wmma::load_matrix_sync(dstf, sdst, kChunkPitchT);
-#pragma unroll
-      for (int nd = 0; nd < kTiles; ++nd) {
-        if (nd < dim_tiles) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> dof, qf;
-          wmma::load_matrix_sync(dof, sdo + c * 16 * Dp + nd * 16, Dp);
-          wmma::load_matrix_sync(qf, sq + c * 16 * Dp + nd * 16, Dp);
-          wmma::mma_sync(dv_acc[nd], ptf, dof, dv_acc[nd]);
-          wmma::mma_sync(dk_acc[nd], dstf, qf, dk_acc[nd]);
-        }
-      }
+      accumulate_product<T, kTiles>(dv_acc, spt, sdo + c * 16 * Dp, D);
+      accumulate_product<T, kTiles>(dk_acc, sdst, sq + c * 16 * Dp, D);
       __syncwarp();  // the scratch is rewritten by the next chunk
     }
   }
@@ -355,7 +371,7 @@ __global__ void __launch_bounds__(kThreads)
 attention_dq_mma_kernel(Attention p, const T* dout, const float* lse, const float* delta, T* dq) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char mma_smem[];
-  const int D = int(p.dim), Dp = tile_pitch(D), dim_tiles = D / 16;
+  const int D = int(p.dim), Dp = tile_pitch(D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t M = p.rows, N = p.keys, g = blockIdx.y, r0 = int64_t(blockIdx.x) * 64;
   const int64_t row0 = r0 + warp * 16;  // this warp's 16 rows
@@ -370,17 +386,9 @@ attention_dq_mma_kernel(Attention p, const T* dout, const float* lse, const floa
   load_tile_16b(sdo, dout + g * M * D, r0, 64, M, D);
   load_row_stats(lse, delta, g, r0, M, slse, sdelta);
   __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[kTiles],
-      dof[kTiles];
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq_acc[kTiles];
 #pragma unroll
-  for (int kk = 0; kk < kTiles; ++kk) {
-    wmma::fill_fragment(dq_acc[kk], 0.f);
-    if (kk < dim_tiles) {
-      wmma::load_matrix_sync(qf[kk], sq + warp * 16 * Dp + kk * 16, Dp);
-      wmma::load_matrix_sync(dof[kk], sdo + warp * 16 * Dp + kk * 16, Dp);
-    }
-  }
+  for (int kk = 0; kk < kTiles; ++kk) wmma::fill_fragment(dq_acc[kk], 0.f);
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     __syncthreads();  // every warp is done with the previous K/V tile
     load_tile_16b(sk, k, n0, 64, N, D);
@@ -389,22 +397,8 @@ attention_dq_mma_kernel(Attention p, const T* dout, const float* lse, const floa
     for (int c = 0; c < 4; ++c) {  // 16-key chunks of the tile
       if (n0 + c * 16 >= N) break;  // warp-uniform
       // S = Q_w K_c^T and dP = dO_w V_c^T (16 rows x 16 keys)
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf, dpf;
-      wmma::fill_fragment(sf, 0.f);
-      wmma::fill_fragment(dpf, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kTiles; ++kk) {
-        if (kk < dim_tiles) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf, vf;
-          wmma::load_matrix_sync(kf, sk + c * 16 * Dp + kk * 16, Dp);
-          wmma::load_matrix_sync(vf, sv + c * 16 * Dp + kk * 16, Dp);
-          wmma::mma_sync(sf, qf[kk], kf, sf);
-          wmma::mma_sync(dpf, dof[kk], vf, dpf);
-        }
-      }
-      wmma::store_matrix_sync(b.s, sf, kChunkPitch, wmma::mem_row_major);
-      wmma::store_matrix_sync(b.dp, dpf, kChunkPitch, wmma::mem_row_major);
-      __syncwarp();
+      chunk_products<T, kTiles>(sq + warp * 16 * Dp, sk + c * 16 * Dp, sdo + warp * 16 * Dp,
+                                sv + c * 16 * Dp, D, b.s, b.dp);
       for (int e = lane; e < 256; e += 32) {  // entry (row r, key j)
         const int r = e / 16, j = e % 16, rt = warp * 16 + r;
         const int64_t row = r0 + rt, key = n0 + c * 16 + j;
@@ -417,16 +411,7 @@ attention_dq_mma_kernel(Attention p, const T* dout, const float* lse, const floa
       }
       __syncwarp();
       // dQ_w += dS K_c
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> dsf;
-      wmma::load_matrix_sync(dsf, sds, kChunkPitchT);
-#pragma unroll
-      for (int nd = 0; nd < kTiles; ++nd) {
-        if (nd < dim_tiles) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> kf;
-          wmma::load_matrix_sync(kf, sk + c * 16 * Dp + nd * 16, Dp);
-          wmma::mma_sync(dq_acc[nd], dsf, kf, dq_acc[nd]);
-        }
-      }
+      accumulate_product<T, kTiles>(dq_acc, sds, sk + c * 16 * Dp, D);
       __syncwarp();  // the scratch is rewritten by the next chunk
     }
   }
