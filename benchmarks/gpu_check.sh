@@ -7,7 +7,7 @@
 # limit (overridable: BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT) so the whole
 # stays under 9 min: 41 s build + 130 + 75 + 170 + 70 + 2 x 25 s at most.
 #
-#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/
+#   bash benchmarks/gpu_check.sh            # logs in benchmarks/results/gpu-latest/
 #   RESULTS=/some/dir bash benchmarks/gpu_check.sh
 #   TEST_K=cuda BENCH_ARGS="--ops read_fwd" bash benchmarks/gpu_check.sh
 #
@@ -15,8 +15,9 @@
 # the figures; a failing phase does not stop the next one (exit status: any).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${RESULTS:-benchmarks/results}
+RESULTS=${RESULTS:-benchmarks/results/gpu-latest}
 mkdir -p "$RESULTS"
+rm -f "$RESULTS/gpu_results.jsonl" "$RESULTS/gpu_results_tensor_cores.jsonl"  # this run's rows only
 LOG="$RESULTS/gpu_check.log"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 status=0
@@ -29,10 +30,13 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 || status=1
   python3 -c "import memkernels, torch; print('backends on cuda:', memkernels.available_backends('cuda'))"
   phase benchmarks
-  timeout "${BENCH_TIMEOUT:-130}" python3 -m memkernels.bench --device cuda \
+  timeout "${BENCH_TIMEOUT:-130}" python3 -m memkernels.apps.bench --device cuda \
     --min-time "${BENCH_MIN_TIME:-0.3}" --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
+  # every run's rows also go to the machine kind's file (ops-h100.jsonl, ops-h200.jsonl, ...)
+  kind=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -oiE "[a-z][0-9]{2,4}" | head -n 1 | tr A-Z a-z)
+  [ -f "$RESULTS/gpu_results.jsonl" ] && cat "$RESULTS/gpu_results.jsonl" >> "benchmarks/results/ops-${kind:-gpu}.jsonl"
   phase "benchmarks: the CUDA backend's tensor-core forward (opt-in)"
-  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_BENCH_TIMEOUT:-75}" python3 -m memkernels.bench \
+  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_BENCH_TIMEOUT:-75}" python3 -m memkernels.apps.bench \
     --device cuda --backends cuda --ops read_fwd write_fwd --min-time "${BENCH_MIN_TIME:-0.3}" \
     --out "$RESULTS/gpu_results_tensor_cores.jsonl" || status=1
   phase tests
@@ -42,8 +46,8 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   # gpu_tests.log, so a run stopped at its limit still names its failures.
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-16}")
   per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
-  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests/test_api.py tests/test_bench_harness.py \
-    tests/test_memory.py tests/test_ops.py -k "${TEST_K:-not cpu}" -v -rfE --durations=10 \
+  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests/ops tests/memory tests/hf tests/apps/test_bench_harness.py \
+    -k "${TEST_K:-not cpu}" -v -rfE --durations=10 \
     -p no:cacheprovider -p no:benchmark $xdist $per_test ${TEST_ARGS:-} > "$RESULTS/gpu_tests.log" 2>&1 \
     || status=1
   grep -E "FAILED|ERROR|Timeout|passed|failed" "$RESULTS/gpu_tests.log" | grep -v PASSED | tail -n 40

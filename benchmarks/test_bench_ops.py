@@ -4,13 +4,13 @@ implementation (memkernels backends and the baselines) as one benchmark.
     pytest benchmarks/test_bench_ops.py --benchmark-only
     pytest benchmarks/test_bench_ops.py --benchmark-only -k "decode and (cpu or folded)"
 
-`python -m memkernels.bench` times the same cases and adds roofline ratios.
+`python -m memkernels.apps.bench` times the same cases and adds roofline ratios.
 """
 import pytest
 import torch
 
 import memkernels
-from memkernels.bench.run import OPS, cases_for, shapes_for
+from memkernels.apps.bench.run import OPS, cases_for, shapes_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -101,13 +101,14 @@ MK_HD T online_softmax_rescale(T old_max, T block_max, T* correction) {
   return new_max;
 }
 
-// Final normalisation: a row that saw no valid key gets 0 and lse = -inf.
+// Final normalisation: a row that saw no valid key (sum 0) gets 0 and lse =
+// -inf; a NaN sum stays NaN (as the reference: a NaN score is never "empty").
 template <typename T>
-MK_HD T safe_inverse(T row_sum) { return row_sum > T(0) ? T(1) / row_sum : T(0); }
+MK_HD T safe_inverse(T row_sum) { return row_sum == T(0) ? T(0) : T(1) / row_sum; }
 
 template <typename T>
 MK_HD T log_sum_exp(T row_max, T row_sum) {
-  return row_sum > T(0) ? row_max + mk_log(row_sum) : neg_inf<T>();
+  return row_sum == T(0) ? neg_inf<T>() : row_max + mk_log(row_sum);
 }
 
 // Probability recomputed in backward from the saved log-sum-exp.

@@ -1,29 +1,24 @@
 """memkernels: fused kernels for a trained slot-bank memory attached to a frozen LLM.
 
-Public ops: memory_read, memory_write (see memkernels.ops). The memory model
-and LLM integration: MemoryConfig, MemoryModel (AppendMemory for the append
-write rule; build_memory picks by config), MemoryBank, attach. Ground truth:
-memkernels.reference. Backends: memkernels.available_backends().
+Layers, each importing only the ones before it:
+- memkernels.ops: memory_read, memory_write, reading_layer (custom ops over
+  C++/Triton/CUDA kernels) and their pure-PyTorch reference.
+- memkernels.memory: MemoryConfig, MemoryModel (BlendMemory, AppendMemory),
+  MemoryBank.
+- memkernels.hf: attach a memory to a Hugging Face causal LM, store text.
+- memkernels.train: Trainer (the memory trained with the LLM frozen).
+- memkernels.apps: the recall benchmark, the demo, the benchmark harness.
 """
-from memkernels import reference
-from memkernels._backend import BACKENDS
-from memkernels.ops import MemoryReadFunction, MemoryWriteFunction, memory_read, memory_write
-from memkernels.memory import Int8Rows, MemoryBank, MemoryConfig, MemoryModel, build_memory  # noqa: E402
-from memkernels.append_memory import AppendMemory  # noqa: E402
-from memkernels.integration import MemoryHandle, attach, find_decoder_layers  # noqa: E402
+from memkernels.hf import MemoryHandle, attach, find_decoder_layers, store
+from memkernels.memory import (AppendMemory, AppendOptions, BlendMemory, BlendOptions, Int8Rows,
+                               MemoryBank, MemoryConfig, MemoryModel)
+from memkernels.ops import (BACKENDS, MemoryReadFunction, MemoryWriteFunction, available_backends,
+                            memory_read, memory_write, reading_layer, reference)
 
 __version__ = "0.1.0"
 
-
-def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on tensors on `device` in this process."""
-    import torch  # noqa: PLC0415
-
-    from memkernels._backend import available  # noqa: PLC0415
-    dev = torch.device(device)
-    return [b for b in BACKENDS[1:] if available(b, dev)[0]]
-
-
-__all__ = ["memory_read", "memory_write", "MemoryReadFunction", "MemoryWriteFunction",
-           "MemoryConfig", "MemoryModel", "AppendMemory", "build_memory", "MemoryBank", "Int8Rows", "attach", "MemoryHandle",
-           "find_decoder_layers", "reference", "available_backends", "BACKENDS", "__version__"]
+__all__ = ["memory_read", "memory_write", "reading_layer", "MemoryReadFunction",
+           "MemoryWriteFunction", "reference", "available_backends", "BACKENDS",
+           "MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel", "BlendMemory",
+           "AppendMemory", "MemoryBank", "Int8Rows", "attach", "store", "MemoryHandle",
+           "find_decoder_layers", "__version__"]

@@ -17,8 +17,8 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 // Shapes are formatted here rather than through c10's operator<< for
-// IntArrayRef: on torch 2.11 that path crashed an extension (seen on an H100
-// machine, 2026-11-25) while plain strings were fine.
+// IntArrayRef: on torch 2.11 that path crashed an extension on a GPU machine
+// while plain strings were fine.
 inline std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "[";
   for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);

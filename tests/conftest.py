@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memkernels
-from memkernels import _backend
+from memkernels.ops import backend as _backend
 
 HAS_GPU = torch.cuda.is_available()
 

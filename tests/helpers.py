@@ -115,7 +115,7 @@ def reference_write(token_mask, scale=None):
 def cpu_extension():
     """memkernels._C, or skip the test with the reason (not built)."""
     import pytest  # noqa: PLC0415
-    from memkernels import _backend  # noqa: PLC0415
+    from memkernels.ops import backend as _backend
     ext = _backend.extension()[0]
     if ext is None:
         pytest.skip("memkernels._C is not built")

@@ -9,7 +9,7 @@ pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)"
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_integration_example_runs(tmp_path, monkeypatch):
+def test_readme_integration_example_runs(tmp_path, monkeypatch, capsys):
     text = README.read_text()
     match = re.search(r"<!-- readme-example: integration -->\n```python\n(.*?)```", text, re.S)
     assert match, "the README lost its integration example"
@@ -19,3 +19,6 @@ def test_readme_integration_example_runs(tmp_path, monkeypatch):
     assert scope["out"].shape[1] == scope["ids"].shape[1] + 8
     assert scope["both"].batch_size == 2 and scope["merged"].num_slots == 512
     assert (tmp_path / "ada.bank.safetensors").exists()
+    # what it prints is what its comments say
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "True" and printed[1].startswith("MemoryBank(rows=1, heads=4, slots=256")

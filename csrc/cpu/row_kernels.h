@@ -28,6 +28,11 @@ MK_CPU_CLONES inline T mask_and_max(T* s, const bool* valid, int64_t n) {
   T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  // The max skips NaN: a row of NaN scores (a NaN query) would look fully masked
+  // and read zeros. Only such a row ends at -inf, so only it pays this scan.
+  if (m == neg_inf<T>())
+    for (int64_t j = 0; j < n; ++j)
+      if (s[j] != s[j]) return s[j];
   return m;
 }
 

@@ -13,7 +13,7 @@ constexpr int kMmaRows = 64;
 // True when the tensor-core kernels take `p`: float16/bfloat16, D a multiple of 16 up to
 // 128, q/k/v 16-byte aligned, an sm_80+ device, and MEMKERNELS_CUDA_TENSOR_CORES=1 in the
 // environment (read once). Opt-in because these kernels have only been compile-checked: no
-// GPU has run them yet (benchmarks/NOTES.md, CUDA "v3").
+// GPU has run them yet (docs/log.md, CUDA "v3").
 bool mma_fits(const Attention& p);
 
 // Same contract as attention_forward: splits == 1 writes out/lse (out in the input dtype,

@@ -1,0 +1,5 @@
+import sys
+
+from memkernels.apps.bench.run import main
+
+sys.exit(main())

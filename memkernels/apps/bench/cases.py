@@ -1,0 +1,108 @@
+"""Benchmark cases: for one shape, every implementation a user could pick
+(memkernels backends, the eager reference, SDPA used as well as it can be,
+torch.compile of the reference), each as callables over rotating inputs."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import memkernels
+from memkernels.ops import reference
+from memkernels.apps.bench.shapes import BACKWARD_FLOP_FACTOR, ReadShape, WriteShape
+
+CACHE_BYTES = {"cpu": 512 << 20, "cuda": 64 << 20}  # inputs rotate past the last-level cache
+
+
+@dataclass
+class Case:
+    op: str          # read_fwd, read_fwd_bwd, write_fwd, write_fwd_bwd
+    shape: object
+    impl: str
+    fns: list[Callable[[], object]]
+    flops: float
+    bytes: float
+
+
+def _n_sets(bytes_per_set: int, device: torch.device) -> int:
+    return max(1, min(8, -(-2 * CACHE_BYTES[device.type] // max(bytes_per_set, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _timed(fn, inputs, mode: str):
+    """The callable that `mode` times: forward, backward alone (over a graph
+    built once, kept between calls) or forward + backward."""
+    if mode == "fwd":
+        return functools.partial(torch.no_grad()(fn), *inputs)
+    if mode == "fwd_bwd":
+        def fwd_bwd():
+            out = fn(*inputs)
+            out.backward(torch.ones_like(out))
+        return fwd_bwd
+    out = fn(*inputs)
+    grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": BACKWARD_FLOP_FACTOR, "fwd_bwd": 1.0 + BACKWARD_FLOP_FACTOR}
+BYTES_FACTOR = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}
+
+
+def read_impls(shape: ReadShape, backends: list[str]) -> dict[str, Callable]:
+    B, H, T, S, D = shape.B, shape.H, shape.T, shape.S, shape.D
+    impls = {f"memkernels[{b}]": functools.partial(memkernels.memory_read, backend=b)
+             for b in backends}
+    impls["reference (eager)"] = reference.memory_read
+    impls["torch.compile(reference)"] = _compiled(reference.memory_read)
+
+    def sdpa_expanded(q, k, v):
+        if k.dim() == 3:
+            k, v = k.expand(B, H, S, D), v.expand(B, H, S, D)
+        return F.scaled_dot_product_attention(q, k, v)
+    impls["sdpa (bank expanded)" if shape.shared else "sdpa"] = sdpa_expanded
+
+    if shape.shared:
+        def sdpa_folded(q, k, v):  # the batch folded into the query length: bank read once
+            qf = q.transpose(0, 1).reshape(1, H, B * T, D)
+            out = F.scaled_dot_product_attention(qf, k.unsqueeze(0), v.unsqueeze(0))
+            return out.reshape(H, B, T, D).transpose(0, 1)
+        impls["sdpa (batch folded)"] = sdpa_folded
+    return impls
+
+
+def _build(kind: str, shape, impls: dict, input_shapes: list[tuple], device, dtype,
+           mode: str) -> list[Case]:
+    """One Case per implementation, over enough random input sets to rotate past the cache."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    elt = torch.finfo(dtype).bits // 8
+    sets = [[torch.randn(*dims, device=device, dtype=dtype).requires_grad_(mode != "fwd")
+             for dims in input_shapes] for _ in range(_n_sets(shape.bytes(elt), device))]
+    flops = shape.flops() * FLOP_FACTOR[mode]
+    nbytes = shape.bytes(elt) * BYTES_FACTOR[mode]
+    return [Case(f"{kind}_{mode}", shape, name, [_timed(fn, s, mode) for s in sets], flops, nbytes)
+            for name, fn in impls.items()]
+
+
+def read_cases(shape: ReadShape, device, dtype, backends, mode: str) -> list[Case]:
+    bank = (shape.H, shape.S, shape.D) if shape.shared else (shape.B, shape.H, shape.S, shape.D)
+    inputs = [(shape.B, shape.H, shape.T, shape.D), bank, bank]
+    return _build("read", shape, read_impls(shape, backends), inputs, device, dtype, mode)
+
+
+def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[Case]:
+    B, H, S, T, D = shape.B, shape.H, shape.S, shape.T, shape.D
+    impls = {f"memkernels[{b}]": functools.partial(memkernels.memory_write, backend=b)
+             for b in backends}
+    impls["reference (eager)"] = reference.memory_write
+    impls["torch.compile(reference)"] = _compiled(reference.memory_write)
+    inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
+    return _build("write", shape, impls, inputs, device, dtype, mode)

@@ -1,0 +1,143 @@
+"""Times every op and backend against the baselines and the machine's limits.
+
+    python -m memkernels.apps.bench                 # whatever device is present
+    python -m memkernels.apps.bench --device cpu --ops read_fwd --out results.jsonl
+
+Each row: median time, achieved GB/s and GFLOP/s, the roofline floor
+(max of bytes / copy bandwidth and FLOPs / matmul rate, both measured in this
+run) as a percentage, and each baseline's time over memkernels' time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+from tqdm import tqdm
+
+import memkernels
+from memkernels.apps.bench import shapes as registry
+from memkernels.apps.bench.cases import read_cases, write_cases
+from memkernels.apps.bench.report import markdown_table
+from memkernels.apps.bench.timing import copy_bandwidth, cuda_graphed, matmul_flops, median_time
+
+OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd")
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        # the CUDA backend's opt-in tensor-core forward (csrc/cuda/attention_mma.cu)
+        info["cuda_tensor_cores"] = os.environ.get("MEMKERNELS_CUDA_TENSOR_CORES", "0") == "1"
+    try:
+        import triton  # optional dependency: the version, where it is installed
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def shapes_for(op: str, device: torch.device):
+    """The registry's shapes that `op` is benchmarked on, on this device."""
+    on_gpu = device.type == "cuda"
+    if op.startswith("read"):
+        shapes = registry.GPU_READ if on_gpu else registry.CPU_READ
+        # decode steps are inference only
+        return [s for s in shapes if not (op.endswith("bwd") and s.name.endswith("decode"))]
+    return registry.GPU_WRITE if on_gpu else registry.CPU_WRITE
+
+
+def cases_for(op, shape, device, dtype, backends):
+    kind, mode = op.split("_", 1)
+    make = read_cases if kind == "read" else write_cases
+    return make(shape, device, dtype, backends, mode)
+
+
+def collect_cases(device, dtype, backends, ops):
+    for op in ops:
+        for shape in shapes_for(op, device):
+            yield from cases_for(op, shape, device, dtype, backends)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds timed per row")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="on CUDA, time eager launches instead of CUDA-graph replays")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    backends = args.backends or [b for b in memkernels.available_backends(device)
+                                 if b != "reference"]
+    info = machine_info(device)
+    bw = copy_bandwidth(device)
+    peak = matmul_flops(device, dtype)
+    print(f"# {info.get('gpu', info['cpu'])} | torch {info['torch']} | {dtype} | "
+          f"copy {bw / 1e9:.1f} GB/s | matmul {peak / 1e12:.2f} TFLOP/s | backends {backends}")
+
+    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out_file = open(args.out, "a") if args.out else None  # one line per row, as measured
+    cases = list(collect_cases(device, dtype, backends, args.ops))
+    it = tqdm(cases, desc="benchmarks", file=sys.stderr)
+    for case in it:
+        graphed = device.type == "cuda" and not args.no_graphs
+        try:
+            fns = case.fns
+            if graphed:
+                try:
+                    fns = cuda_graphed(case.fns)
+                except Exception:  # not capturable (e.g. a CPU sync inside): time it eagerly
+                    graphed = False
+                    torch.cuda.synchronize()
+            t = median_time(fns, device, min_time=args.min_time)
+        except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
+            print(f"  {case.op} {case.shape.name} {case.impl}: failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:120]})", file=sys.stderr)
+            continue
+        floor = max(case.bytes / bw, case.flops / peak)
+        rows.append(dict(op=case.op, shape=case.shape.name, impl=case.impl, ms=t * 1e3,
+                         gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
+                         pct_of_floor=100 * floor / t, timing="graph" if graphed else "eager",
+                         bound="memory" if case.bytes / bw > case.flops / peak else "compute"))
+        if out_file:
+            out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
+                                       "copy_gbps": bw / 1e9, "matmul_gflops": peak / 1e9,
+                                       "time": stamp, **info}) + "\n")
+            out_file.flush()
+        del case.fns
+
+    print()
+    print(markdown_table(rows))
+
+    if out_file:
+        out_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

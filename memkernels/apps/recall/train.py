@@ -1,0 +1,95 @@
+"""Train a memory for the recall world's base LM, the LLM frozen.
+
+    python -m memkernels.apps.recall.train --mode written --steps 1500 --out runs/written
+    python -m memkernels.apps.recall.train --mode trained --facts 1000 --steps 300 --out runs/trained
+    torchrun --nproc_per_node 2 -m memkernels.apps.recall.train ...     # DDP, unchanged
+
+written: a memory trained on episodes (write facts, answer questions about
+them), written to OUT/checkpoint/memory (MemoryModel.from_pretrained). trained:
+a bank whose slots learn the benchmark's facts, OUT/bank.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch.distributed as dist
+
+from memkernels.apps.recall import base_lm, benchmark, tasks
+from memkernels.memory import MemoryModel
+from memkernels.train import (Trainer, TrainConfig, append_joint_config, pretrain_address,
+                              trainer_rank)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--mode", choices=("written", "trained"), default="written")
+    ap.add_argument("--facts", type=int, default=1000, help="trained mode: facts in the corpus")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16,
+                    help="rows a step (written mode, append rule: batch / 2 episodes)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="default 3e-3; a trained append bank: benchmark.TRAINED_LR")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slots", type=int, default=1024)
+    ap.add_argument("--write-rule", choices=("blend", "append"), default="append",
+                    help="how a write enters the bank (MemoryConfig.write_rule); trained mode: "
+                         "append trains the slots of a bank that --memory stored the facts in, "
+                         "blend a blend-rule memory's bank from scratch")
+    ap.add_argument("--memory", default=None,
+                    help="trained mode, append rule: the written memory whose bank is trained "
+                         "(default: the one that ships, memkernels/recall/assets/written_memory)")
+    ap.add_argument("--pretrain-steps", type=int, default=6000,
+                    help="append rule: steps of pretrain_address before the joint training")
+    ap.add_argument("--model", default=base_lm.ASSET_DIR, help="an HF causal LM directory")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    args = ap.parse_args(argv)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    model, tokenizer = base_lm.load(args.model)
+    append = args.mode == "written" and args.write_rule == "append"
+    trained_bank = args.mode == "trained" and args.write_rule == "append"
+    bank = None
+    if trained_bank:  # the written memory's bank of the facts, its slots trained
+        memory = MemoryModel.from_pretrained(args.memory or benchmark.WRITTEN_MEMORY)
+        bank = tasks.stored_facts(memory, model, tokenizer, args.facts)
+        make_batch = tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts,
+                                           aux_facts=0)
+    else:
+        memory = (tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
+                  else tasks.default_memory(model, slots=args.slots, seed=args.seed))
+        make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps)
+                      if append else tasks.written_batches(tokenizer, args.batch, args.seed)
+                      if args.mode == "written"
+                      else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
+    if append and not args.resume:
+        pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+                         steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
+    if args.lr is None:
+        args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
+    settings = dict(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, bf16=args.bf16,
+                    seed=args.seed, out_dir=args.out)
+    trainer = Trainer(model, memory, make_batch,
+                      append_joint_config(**settings) if append else TrainConfig(**settings),
+                      bank=bank)
+    if args.resume:
+        trainer.load_checkpoint(os.path.join(args.out, "checkpoint"))
+    result = trainer.train()
+    trainer.close()
+    if trainer.rank == 0 and trained_bank:
+        trainer.bank.save(os.path.join(args.out, "bank.safetensors"))
+    if trainer.rank == 0:
+        last = result["history"][-20:]
+        print(json.dumps({"mode": args.mode, "steps": trainer.step,
+                          "loss": sum(h["loss"] for h in last) / max(len(last), 1),
+                          "accuracy": sum(h["accuracy"] for h in last) / max(len(last), 1)}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

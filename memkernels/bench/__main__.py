@@ -1,5 +1,0 @@
-import sys
-
-from memkernels.bench.run import main
-
-sys.exit(main())

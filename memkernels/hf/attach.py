@@ -1,0 +1,254 @@
+"""Attach a MemoryModel to any Hugging Face causal LM, kept frozen.
+
+    handle = memkernels.attach(model, memory)        # reads a fresh bank
+    handle.bank = memkernels.store(memory, model, tok, facts)  # or MemoryBank.load(...)
+    model.generate(...)                              # prefill and decode read memory
+    handle.detach()                                  # the model as it was
+
+Reads are forward hooks on the chosen decoder layers: no module of the LLM
+is replaced and none of its parameters change (attach freezes them and
+detach restores their requires_grad flags). A read only depends on the
+current token's hidden state and the bank (and, with
+AppendOptions.context_decay, on the decayed mean of the embeddings so far,
+which the handle carries from one forward call to the next: a call with an
+empty or no KV cache starts it afresh), so it composes with the KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from memkernels.memory.bank import KV_DTYPES, MemoryBank
+from memkernels.memory.base import MemoryModel
+from memkernels.memory.context import decayed_context
+
+# Where common HF causal LMs keep their decoder layers (Llama, Mistral, Qwen2,
+# Phi, Gemma: model.layers; GPT-2, GPT-J: transformer.h; GPT-NeoX, Pythia:
+# gpt_neox.layers; OPT: model.decoder.layers).
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                "transformer.blocks", "layers")
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MemoryHandle]" = weakref.WeakKeyDictionary()
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, found by structure: the known
+    attribute paths first, else the longest ModuleList of same-type modules."""
+    for path in _LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(f"could not find the decoder layers of {type(model).__name__}; pass "
+                         f"layers=[...] (the model's decoder layer modules, in order)")
+    return best
+
+
+class MemoryHandle:
+    """A memory attached to a model. Set `bank` to choose what is read (one
+    row shared by the batch, or one row per sequence); `detach()` removes
+    every hook and restores the model exactly. Also a context manager."""
+
+    def __init__(self, model: nn.Module, memory: MemoryModel, layers: Sequence[nn.Module],
+                 bank: Optional[MemoryBank], kv_dtype: Optional[torch.dtype] = None):
+        self.model, self.memory, self.layers = model, memory, list(layers)
+        self._bank: Optional[MemoryBank] = None
+        self.bank = bank
+        self.kv_dtype = kv_dtype
+        self.reading = True
+        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
+                       for r, i in enumerate(memory.config.resolved_read_layers)]
+        # the context (MemoryConfig.context_decay): [B, T, C] for the tokens of
+        # the forward call under way, and its state after them
+        self.context: Optional[Tensor] = None
+        self._context_state: Optional[tuple[Tensor, Tensor]] = None
+        self._call: tuple[Optional[Tensor], bool] = (None, False)  # (attention mask, continues)
+        if memory.config.context_decay:
+            self._hooks += [
+                model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+                self.layers[0].register_forward_pre_hook(self._track_context, with_kwargs=True)]
+        _ATTACHED[model] = self
+
+    def _read_hook(self, reader_index: int):
+        memory = self.memory
+        uses_context = bool(memory.config.context_decay)
+
+        def hook(module, args, output):
+            bank = self._bank
+            if bank is None or not self.reading:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            read = memory.read(reader_index, hidden, bank, self.kv_dtype,
+                               self.context if uses_context else None)
+            # transformers < 5 returns (hidden, ...)
+            return (read, *output[1:]) if isinstance(output, tuple) else read
+        return hook
+
+    def _begin_call(self, module, args, kwargs):
+        """A forward call of the model: its attention mask (to skip padding),
+        and whether it continues the previous call's sequences (a non-empty
+        KV cache) or starts new ones."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length"):
+            cached = past.get_seq_length()
+        elif isinstance(past, (tuple, list)) and past and past[0] is not None:
+            cached = past[0][0].shape[-2]  # legacy (key, value) tuples
+        else:
+            cached = 0
+        self._call = (mask, cached > 0)
+
+    def _track_context(self, module, args, kwargs):
+        """The first decoder layer's input: the context of this call's tokens
+        (not while reads are off: encoding text to store leaves a decode's
+        context as it was)."""
+        if not self.reading:
+            return
+        embeddings = args[0] if args else kwargs["hidden_states"]
+        B, T, _ = embeddings.shape
+        mask, continues = self._call
+        if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T):
+            mask = None  # not a [B, past + T] padding mask: every token is real
+        state = self._context_state
+        if not continues or state is None or state[0].shape[0] != B:
+            state = None
+        self.context, self._context_state = decayed_context(
+            embeddings.detach(), None if mask is None else mask[:, -T:],
+            self.memory.config.context_decay, state)
+        self._call = (None, False)  # a later call without the model's forward starts afresh
+
+    @property
+    def bank(self) -> Optional[MemoryBank]:
+        return self._bank
+
+    @bank.setter
+    def bank(self, bank: Optional[MemoryBank]) -> None:
+        if bank is not None:
+            if not isinstance(bank, MemoryBank):
+                raise TypeError(f"bank must be a MemoryBank or None, got {type(bank).__name__}")
+            p = self.memory.init_bank
+            if bank.mem.device != p.device or bank.mem.dtype != p.dtype:
+                raise ValueError(f"bank must be on the memory's device/dtype ({p.device}, "
+                                 f"{p.dtype}), got ({bank.mem.device}, {bank.mem.dtype})")
+        self._bank = bank
+
+    @contextlib.contextmanager
+    def using(self, bank: Optional[MemoryBank]) -> Iterator["MemoryHandle"]:
+        """Reads `bank` inside the block, then the previous bank again."""
+        previous = self._bank
+        self.bank = bank
+        try:
+            yield self
+        finally:
+            self._bank = previous
+
+    @contextlib.contextmanager
+    def reads_disabled(self) -> Iterator["MemoryHandle"]:
+        """The base model inside the block (used while encoding text to store)."""
+        previous, self.reading = self.reading, False
+        try:
+            yield self
+        finally:
+            self.reading = previous
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def detach(self) -> None:
+        """Removes the hooks and restores the parameters' requires_grad flags."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def __enter__(self) -> "MemoryHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def check_kv_dtype(kv_dtype: Optional[torch.dtype], memory_dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """attach()'s kv_dtype: None, the memory's dtype, bfloat16, or (CPU only) int8."""
+    if kv_dtype not in (None, memory_dtype, *KV_DTYPES):
+        raise ValueError(f"kv_dtype must be None, the memory's dtype ({memory_dtype}), "
+                         f"torch.bfloat16 or torch.int8, got {kv_dtype}")
+    if kv_dtype == torch.int8 and torch.device(device).type != "cpu":
+        # only the fused CPU reader reads int8 in place; elsewhere every read
+        # would dequantize the whole bank first, slower than no cache at all
+        raise ValueError(f"kv_dtype=torch.int8 is read in place only on the CPU; the memory is "
+                         f"on {device}: use kv_dtype=torch.bfloat16 there")
+
+
+def attach(model: nn.Module, memory: MemoryModel, bank: Optional[MemoryBank] = None, *,
+           layers: Optional[Sequence[nn.Module]] = None,
+           kv_dtype: Optional[torch.dtype] = None) -> MemoryHandle:
+    """Attaches `memory` to `model` (a Hugging Face causal LM or any model
+    whose decoder layers map hidden states [B, T, hidden] to the same).
+
+    bank: what the layers read; default a fresh one-row bank (with the gates
+    closed at initialisation, the model's outputs are unchanged). layers:
+    the decoder layer modules, for models not found by structure. The
+    model's parameters are frozen until detach(). kv_dtype: the dtype of
+    the bank keys/values cached for reads without gradients (decoding);
+    torch.bfloat16 halves the bytes a decode step streams per reading layer,
+    at bf16 rounding of keys and values; torch.int8 quarters them (one
+    float32 scale per slot, error at most half a step of 1/127 of the slot's
+    largest entry; CPU only). Queries, scores and sums stay float32. The int8
+    cache is read in place by the fused CPU reader (the reference backend
+    dequantizes it).
+    """
+    if not isinstance(memory, MemoryModel):
+        raise TypeError(f"memory must be a MemoryModel, got {type(memory).__name__}")
+    if model in _ATTACHED:
+        raise ValueError(f"a memory is already attached to this {type(model).__name__}; "
+                         f"detach() it first")
+    layers = list(find_decoder_layers(model) if layers is None else layers)
+    c = memory.config
+    if len(layers) != c.num_layers:
+        raise ValueError(f"memory was configured for {c.num_layers} decoder layers, the model "
+                         f"has {len(layers)}")
+    hidden = _hf_hidden_size(model)
+    if hidden is not None and hidden != c.hidden_size:
+        raise ValueError(f"memory was configured for hidden_size={c.hidden_size}, the model "
+                         f"has hidden_size={hidden}")
+    ref = next(model.parameters(), None)
+    p = memory.init_bank
+    if ref is not None and (ref.device != p.device or (ref.is_floating_point() and ref.dtype != p.dtype)):
+        raise ValueError(f"memory must be on the model's device and dtype ({ref.device}, "
+                         f"{ref.dtype}), got ({p.device}, {p.dtype}); use memory.to(...)")
+    check_kv_dtype(kv_dtype, p.dtype, p.device)
+    return MemoryHandle(model, memory, layers, memory.new_bank() if bank is None else bank,
+                        kv_dtype)
+
+
+def attached_handle(model: nn.Module) -> Optional[MemoryHandle]:
+    """The handle of the memory attached to `model`, or None."""
+    return _ATTACHED.get(model)
+
+
+def _hf_hidden_size(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if config is not None and isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None

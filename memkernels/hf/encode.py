@@ -1,0 +1,197 @@
+"""Text into a memory: the write layer's hidden states of a frozen model
+(write_layer_hidden), store() of texts into a bank, and the states a
+probe or pre-training reads (text_end_states)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from memkernels.hf.attach import attached_handle, find_decoder_layers
+from memkernels.memory.bank import MemoryBank
+from memkernels.memory.base import MemoryModel
+from memkernels.memory.context import decayed_context
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers after the write layer (and the
+    LM head) are not needed to store text."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class WriteInputs(NamedTuple):
+    """What MemoryModel.write takes from the base model for N texts."""
+    hidden: Tensor  # the write layer's hidden states [N, T, hidden] (the token keys)
+    values: Optional[Tensor]  # the token values' states, or None: `hidden` (values_from)
+    context: Optional[Tensor]  # each token's context within its text (context_decay), or None
+
+
+def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
+                       attention_mask: Tensor) -> WriteInputs:
+    """What a write reads from the base model (WriteInputs): the hidden
+    states at the memory's write layer [N, T, hidden], and, from the input
+    of the first decoder layer, the token values when `config.values_from ==
+    "embeddings"` and each token's context when `config.context_decay > 0`.
+    Memory reads (if attached) are off; layers after the write layer are skipped."""
+    handle = attached_handle(model)
+    layers = handle.layers if handle is not None else find_decoder_layers(model)
+    target = layers[memory.config.resolved_write_layer]
+    values: list[Tensor] = []
+
+    def capture(module, args, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    def capture_input(module, args, kwargs):
+        values.append(args[0] if args else kwargs["hidden_states"])
+
+    config = memory.config
+    hooks = [target.register_forward_hook(capture)]
+    if config.values_from == "embeddings" or config.context_decay:
+        hooks.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
+    off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
+    try:
+        with off:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward as stop:
+        context = (decayed_context(values[0], attention_mask, config.context_decay)[0]
+                   if config.context_decay else None)
+        return WriteInputs(stop.hidden, values[0] if config.values_from == "embeddings" else None,
+                           context)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    raise RuntimeError("the write layer did not run during the forward pass")
+
+
+@torch.no_grad()
+def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
+                    batch_size: int = 100, every_token: bool = False,
+                    context_decay: float = 0.0):
+    """[texts, layers + 1, hidden]: the embeddings and every decoder layer's
+    output at each text's last token (the base model's: an attached memory's
+    reads are off); with every_token, at all tokens of all texts
+    [tokens, layers + 1, hidden]. Left-padded batches, positions counted from
+    each text's first token, as generate() counts them. With context_decay
+    > 0, returns (states, contexts): the decayed context at the same tokens
+    [texts or tokens, hidden] (append_memory.decayed_context of the
+    embeddings, hidden_states[0], as a reading memory sees it)."""
+    handle = attached_handle(model)
+    off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
+    device = next(model.parameters()).device
+    out, contexts = [], []
+    with off:
+        for i in range(0, len(texts), batch_size):
+            chunk = [tokenizer(t)["input_ids"] for t in texts[i:i + batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                device=device)
+            hidden = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           output_hidden_states=True, use_cache=False).hidden_states
+            hidden = torch.stack(hidden, 2)  # [batch, width, layers + 1, hidden]
+            pick = (lambda h: h[mask.bool()]) if every_token else (lambda h: h[:, -1])
+            out.append(pick(hidden))
+            if context_decay:
+                contexts.append(pick(decayed_context(hidden[:, :, 0], mask, context_decay)[0]))
+    return (torch.cat(out), torch.cat(contexts)) if context_decay else torch.cat(out)
+
+
+def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError("storing text needs a tokenizer (or pass token ids)")
+        ids = tokenizer(item)["input_ids"]
+    elif isinstance(item, Tensor):
+        ids = item.reshape(-1).tolist()
+    elif isinstance(item, (list, tuple)) and all(isinstance(i, int) for i in item):
+        ids = list(item)
+    else:
+        raise TypeError(f"each item to store must be a str, a list of token ids or a 1-D "
+                        f"tensor of ids, got {type(item).__name__}")
+    ids = ids[:max_length] if max_length else ids
+    if not ids:
+        raise ValueError("an item to store has no tokens")
+    return ids
+
+
+def _rows_of_items(items, rows: int) -> list[list]:
+    def one_row(x):
+        return [x] if isinstance(x, str) or (isinstance(x, Tensor) and x.dim() == 1) else list(x)
+    if rows == 1:
+        return [one_row(items)]
+    if not isinstance(items, (list, tuple)) or len(items) != rows:
+        raise ValueError(f"the bank has {rows} rows: items must be a list of {rows} lists "
+                         f"(row b's texts are written to row b)")
+    return [one_row(x) for x in items]
+
+
+@torch.no_grad()
+def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
+          bank: Optional[MemoryBank] = None, *, chunk_size: int = 64,
+          max_length: Optional[int] = None, progress: Optional[bool] = None) -> MemoryBank:
+    """Writes texts (or token ids) into a bank of `memory` through the frozen `model`.
+
+    items: for a one-row bank, a str, a list of str, or a list of token-id
+    lists; for a bank of B rows, a list of B such lists (row b's texts go to
+    row b). Every text is encoded on its own (no attention across texts);
+    chunk_size texts per row make one write. The write layer's hidden states
+    come from the base model (an attached memory's reads are off while
+    encoding). Returns the bank (if bank is None, a new one-row bank: under
+    the append rule with a slot per stored token, then shrunk to what a
+    store gate kept; store more into a bigger one, memory.new_bank(num_slots=...)).
+    """
+    if not isinstance(memory, MemoryModel):
+        raise TypeError(f"memory must be a MemoryModel (a bank to write into goes in bank=), "
+                        f"got {type(memory).__name__}")
+    if bank is not None and bank.memory is not memory:
+        raise ValueError("bank belongs to another memory: store(bank.memory, ..., bank=bank)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = _rows_of_items(items, 1 if bank is None else bank.batch_size)
+    rows = [[_token_ids(x, tokenizer, max_length) for x in row] for row in rows]
+    fresh = bank is None
+    if fresh:  # a fresh bank that takes it all (append rule: a slot per token, shrunk after)
+        bank = memory.new_bank(num_slots=memory.slots_to_store(sum(map(len, rows[0]))))
+    device = memory.init_bank.device
+    n_chunks = max(math.ceil(len(r) / chunk_size) for r in rows)
+    bar = tqdm(range(n_chunks), desc="store", unit="chunk",
+               disable=(n_chunks < 2) if progress is None else not progress)
+    mem = bank.mem
+    for c in bar:
+        pieces = [r[c * chunk_size:(c + 1) * chunk_size] for r in rows]
+        flat = [ids for piece in pieces for ids in piece]
+        if not flat:
+            continue
+        T = max(len(ids) for ids in flat)
+        input_ids = torch.zeros(len(flat), T, dtype=torch.long)
+        attention = torch.zeros(len(flat), T, dtype=torch.long)
+        for n, ids in enumerate(flat):
+            input_ids[n, :len(ids)] = torch.tensor(ids)
+            attention[n, :len(ids)] = 1
+        hidden, value_hidden, context = write_layer_hidden(model, memory, input_ids.to(device),
+                                                           attention.to(device))
+        # Row b's texts become one token sequence of its write.
+        width = max(len(p) for p in pieces) * T
+
+        def by_row(h: Tensor) -> Tensor:  # [texts, T, C] -> [rows, width, C]
+            out = h.new_zeros(len(rows), width, h.shape[-1])
+            start = 0
+            for b, piece in enumerate(pieces):
+                n = len(piece)
+                if n:
+                    out[b, :n * T] = h[start:start + n].reshape(n * T, -1)
+                start += n
+            return out
+        row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
+        mem = memory.write(mem, by_row(hidden), row_mask,
+                           None if value_hidden is None else by_row(value_hidden),
+                           None if context is None else by_row(context))
+    bank.mem = memory.shrink_to_fit(mem) if fresh else mem
+    return bank

@@ -1,0 +1,298 @@
+"""MemoryBank: the run-time content of a memory, one row per user or
+sequence; its key/value cache (float, bf16 or int8), its optional index, and
+its file format (safetensors with the config, the memory's fingerprint and a
+checksum).
+
+A bank knows its memory only through a few methods every write rule
+provides (bank_keys_values, slot_mask, config, fingerprint, init_bank), so
+this module imports no memory class.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+import safetensors.torch
+from torch import Tensor
+
+from memkernels.memory.cache import Versioned, cached
+from memkernels.memory.files import atomic_write, tensor_sha256
+from memkernels.memory.index import cluster_slots
+
+BANK_FORMAT = "memkernels.bank"
+BANK_FORMAT_VERSION = 1
+KV_DTYPES = (torch.bfloat16, torch.int8)  # narrow caches beside the memory's own dtype
+
+
+class Int8Rows(NamedTuple):
+    """Bank keys or values cached as int8 with one float32 scale per slot:
+    x[..., s, :] ~= scale[..., s] * data[..., s, :] (symmetric, per row of Dh,
+    rounding error at most scale / 2 per element). A decode step streams a
+    quarter of float32's bytes (plus 4 per slot). Made by
+    MemoryBank.keys_values(torch.int8); the fused CPU reading layer reads it
+    as is, other paths dequantize it first."""
+    data: Tensor   # int8 [..., S, Dh]
+    scale: Tensor  # float32 [..., S]
+
+    @staticmethod
+    def quantize(x: Tensor) -> "Int8Rows":
+        x = x.float()
+        scale = x.abs().amax(-1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0
+        data = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return Int8Rows(data.contiguous(), scale.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.data.to(dtype) * self.scale[..., None].to(dtype)
+
+
+def kernel_operands(keys, values) -> tuple:
+    """(keys, values, key_scale, value_scale) as the reading layer op takes them."""
+    if isinstance(keys, Int8Rows):
+        return keys.data, values.data, keys.scale, values.scale
+    return keys, values, None, None
+
+
+def _tracked(mem: Tensor) -> Tensor:
+    """A bank tensor whose in-place changes bump a version counter (which the
+    key/value cache checks): an inference tensor (made under
+    torch.inference_mode) has none, so it is copied to a normal one."""
+    if mem.is_inference():
+        with torch.inference_mode(False):
+            return mem.clone()
+    return mem
+
+
+class MemoryBank:
+    """The content of a memory at run time: [B, H, S, Dh], one row per user or
+    sequence (one row = shared by a whole batch).
+
+    Not a parameter: writes replace the tensor (never modify it in place, so
+    a failed write leaves the bank as it was). Read keys and values are
+    projected once and cached until the next write or parameter update.
+    """
+
+    def __init__(self, memory, mem: Tensor):
+        c = memory.config
+        if mem.dim() != 4 or mem.shape[1] != c.num_heads or mem.shape[3] != c.head_dim:
+            raise ValueError(f"bank tensor must be [B, H, S, Dh] with H={c.num_heads}, "
+                             f"Dh={c.head_dim}, got {tuple(mem.shape)}")
+        self.memory = memory
+        self.mem = mem
+
+    @property
+    def mem(self) -> Tensor:
+        return self._mem
+
+    @mem.setter
+    def mem(self, value: Tensor) -> None:
+        self._mem = _tracked(value)
+        self._kv_cache: Optional[Versioned] = None
+        self._mask_cache: Optional[Versioned] = None
+        self._index_spec: Optional[tuple[int, Optional[int]]] = getattr(self, "_index_spec", None)
+        # reader index -> memoised fused read (memkernels.memory.fused)
+        self.fused_plans: dict[int, Versioned] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self._mem.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self._mem.shape[2]
+
+    def __repr__(self) -> str:
+        return (f"MemoryBank(rows={self.batch_size}, heads={self._mem.shape[1]}, "
+                f"slots={self.num_slots}, head_dim={self._mem.shape[3]}, dtype={self._mem.dtype}, "
+                f"device={self._mem.device})")
+
+    # --- keys and values -------------------------------------------------------------
+
+    def keys_values(self, dtype: Optional[torch.dtype] = None) -> tuple:
+        """(keys, values) for memory_read, cached while neither the bank nor
+        the projections change. dtype: the cache's dtype (default the bank's;
+        torch.bfloat16 halves what a decode step reads; torch.int8 quarters
+        it, returned as Int8Rows with a scale per slot). With autograd
+        recording and a trainable bank or projection, they are recomputed in
+        the bank's dtype so gradients reach them."""
+        sources = self.projection_sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self.memory.bank_keys_values(self._mem)
+        return self._cached_keys_values(dtype)[0]
+
+    def projection_sources(self) -> tuple[Tensor, ...]:
+        """The tensors the read keys and values are computed from."""
+        m = self.memory  # the module dict, not nn.Module.__getattr__: see memory.fused
+        return (self._mem, m._parameters["slot_key"], m._parameters["slot_value"])
+
+    def _cached_keys_values(self, dtype: Optional[torch.dtype]) -> tuple:
+        """((keys, values), index or None), cached; with an index (build_index)
+        the slots come sorted by cluster (a read over all of them is the
+        same: a softmax does not depend on the order of its slots)."""
+        dtype = dtype or self._mem.dtype
+        self._kv_cache = cached(self._kv_cache, self.projection_sources(),
+                                lambda: self._project(dtype), (dtype, self._index_spec))
+        return self._kv_cache.value
+
+    @torch.no_grad()
+    def _project(self, dtype: torch.dtype) -> tuple:
+        mem = self._mem
+        keys, values = self.memory.bank_keys_values(mem)
+        index = None
+        if self._index_spec is not None and keys.dim() == 3:  # one row, compacted
+            probes, clusters = self._index_spec
+            S = keys.shape[1]
+            order, centroids, starts = cluster_slots(keys, clusters or max(1, round(math.sqrt(S))))
+            keys, values = (torch.gather(t, 1, order[..., None].expand_as(t)).contiguous()
+                            for t in (keys, values))
+            index = (centroids.to(mem.dtype).contiguous(), starts.cpu().contiguous(), probes)
+        if dtype == torch.int8:
+            kv = Int8Rows.quantize(keys), Int8Rows.quantize(values)
+        else:
+            kv = keys.to(dtype), values.to(dtype)
+        return kv, index
+
+    def build_index(self, probes: int = 8, clusters: Optional[int] = None) -> "MemoryBank":
+        """Approximate reads for a large one-row bank: its keys are clustered
+        (spherical k-means per kv head, `clusters` clusters, default sqrt of
+        the slots) and each query row reads the slots of its `probes`
+        nearest clusters only, not all S (an inverted-file index, as vector
+        search does it). Applies to the append rule's fused CPU read, where
+        a cosine x 20 read puts nearly all its weight on a few slots; every
+        other read stays exact. Rebuilt lazily when the bank or the memory's
+        weights change; not saved with the bank, nor carried by clone/stack/
+        merge (build it again there). Returns the bank."""
+        if self.batch_size != 1:
+            raise ValueError(f"build_index: a one-row bank (shared by the batch), this one has "
+                             f"{self.batch_size} rows")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive int, got {probes!r}")
+        if clusters is not None and (isinstance(clusters, bool) or not isinstance(clusters, int)
+                                     or clusters < 1):
+            raise ValueError(f"clusters must be a positive int or None, got {clusters!r}")
+        self._index_spec = (probes, clusters)
+        self.fused_plans = {}
+        return self
+
+    def drop_index(self) -> "MemoryBank":
+        """Exact reads again (see build_index)."""
+        self._index_spec = None
+        self.fused_plans = {}
+        return self
+
+    def read_index(self, dtype: Optional[torch.dtype] = None) -> Optional[tuple]:
+        """(centroids [Hk, clusters, Dh], cluster_starts [Hk, clusters + 1],
+        probes) of the keys keys_values(dtype) returns, or None without an index."""
+        return self._cached_keys_values(dtype)[1]
+
+    def slot_mask(self) -> Optional[Tensor]:
+        """Which slots reads see, bool [B, S], or None for all of them (the
+        memory's rule: slot_mask of the memory), cached until the bank changes."""
+        self._mask_cache = cached(self._mask_cache, (self._mem,),
+                                  lambda: self.memory.slot_mask(self._mem))
+        return self._mask_cache.value
+
+    # --- rows ------------------------------------------------------------------------
+
+    def clone(self) -> "MemoryBank":
+        return MemoryBank(self.memory, self._mem.detach().clone())
+
+    def row(self, index: int) -> "MemoryBank":
+        """Row `index` as a one-row bank (a copy)."""
+        return MemoryBank(self.memory, self._mem[index:index + 1].detach().clone())
+
+    @staticmethod
+    def stack(banks: Sequence["MemoryBank"]) -> "MemoryBank":
+        """One batched bank from several (row order kept): each sequence of a
+        batch reads its own bank."""
+        _check_compatible(banks, "stack")
+        return MemoryBank(banks[0].memory, torch.cat([b.mem.detach() for b in banks], dim=0))
+
+    @staticmethod
+    def merge(a: "MemoryBank", b: "MemoryBank") -> "MemoryBank":
+        """Joins two banks by concatenating their slots (S_a + S_b): reads see
+        what either bank holds, without retraining. Write queries come from
+        slot content, so the merged bank can be written to as well."""
+        _check_compatible((a, b), "merge")
+        if a.batch_size != b.batch_size:
+            raise ValueError(f"merge needs banks with as many rows, got {a.batch_size} and "
+                             f"{b.batch_size}")
+        return MemoryBank(a.memory, torch.cat([a.mem.detach(), b.mem.detach()], dim=2))
+
+    # --- persistence -------------------------------------------------------------------
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Saves the bank as safetensors with its config, the memory's
+        fingerprint and a checksum; written to a temporary file and renamed,
+        so `path` is never half-written."""
+        mem = self._mem.detach().cpu().contiguous()
+        metadata = {
+            "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION),
+            "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
+            "memory_fingerprint": self.memory.fingerprint(),
+            "sha256": tensor_sha256(mem),
+        }
+        atomic_write(os.fspath(path), lambda tmp: safetensors.torch.save_file({"mem": mem}, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], memory, *, strict: bool = True) -> "MemoryBank":
+        """Loads a bank saved by save() for use with `memory`.
+
+        Raises ValueError when the file is not a bank, has another format
+        version, is corrupt (checksum), or was made for a memory of other
+        sizes; with strict=True also when it was made with other trained
+        parameters (memory fingerprint). The bank goes to the memory's device
+        and dtype.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no memory bank file at {path!r}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                mem = f.get_tensor("mem") if "mem" in f.keys() else None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
+                             f"truncated?): {exc}") from exc
+        if meta.get("format") != BANK_FORMAT or mem is None:
+            raise ValueError(f"{path!r} is not a memkernels bank (format "
+                             f"{meta.get('format')!r}, expected {BANK_FORMAT!r})")
+        if meta.get("format_version") != str(BANK_FORMAT_VERSION):
+            raise ValueError(f"{path!r} has bank format version {meta.get('format_version')}, "
+                             f"this memkernels reads version {BANK_FORMAT_VERSION}")
+        if meta.get("sha256") != tensor_sha256(mem):
+            raise ValueError(f"{path!r} is corrupt: its content does not match its checksum")
+        saved = json.loads(meta.get("config", "{}"))
+        ours = memory.config.to_dict()
+        for key in ("hidden_size", "num_heads", "head_dim"):
+            if saved.get(key) != ours[key]:
+                raise ValueError(f"{path!r} was saved for a memory with {key}={saved.get(key)}, "
+                                 f"this memory has {key}={ours[key]}")
+        if strict and meta.get("memory_fingerprint") != memory.fingerprint():
+            raise ValueError(f"{path!r} was written by a memory with other trained parameters "
+                             f"(fingerprint {meta.get('memory_fingerprint')} != "
+                             f"{memory.fingerprint()}); pass strict=False to load it anyway")
+        p = memory.init_bank
+        return cls(memory, mem.to(device=p.device, dtype=p.dtype))
+
+
+def _check_compatible(banks: Sequence[MemoryBank], what: str) -> None:
+    if not banks:
+        raise ValueError(f"{what} needs at least one bank")
+    first = banks[0]
+    for b in banks[1:]:
+        if b.memory is not first.memory and b.memory.fingerprint() != first.memory.fingerprint():
+            raise ValueError(f"{what}: banks belong to different memories")
+        if b.mem.shape[1] != first.mem.shape[1] or b.mem.shape[3] != first.mem.shape[3]:
+            raise ValueError(f"{what}: banks have different heads/head_dim: "
+                             f"{tuple(first.mem.shape)} vs {tuple(b.mem.shape)}")
+        if what == "stack" and b.num_slots != first.num_slots:
+            raise ValueError(f"stack needs banks with as many slots, got {first.num_slots} and "
+                             f"{b.num_slots}")
+        if b.mem.dtype != first.mem.dtype or b.mem.device != first.mem.device:
+            raise ValueError(f"{what}: banks differ in dtype/device: {first.mem.dtype}/"
+                             f"{first.mem.device} vs {b.mem.dtype}/{b.mem.device}")

@@ -1,0 +1,95 @@
+"""The CPU fast path of a memory read at inference, and its memo.
+
+A read without gradients on the CPU backend is one call of the fused reading
+layer (memkernels.ops.reading_layer's CPU kernel) with the reader's folded
+weights and the bank's cached keys/values. Its operands are memoised per
+bank and reader, so a decode step pays one call and a check in builtins
+(docs/design.md, "The decode hot path"). This module is the only place that
+decides whether the fast path applies; every other read goes through
+memory_read (ATen ops around the read kernel).
+
+A memo is valid while the tensors it was built from are unchanged (version
+and storage: in-place updates, `.data =`), for the same dtypes and device,
+and while no parameter or submodule of the memory was reassigned: torch's
+global registration hooks count those, installed on first use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from memkernels.memory.bank import Int8Rows, kernel_operands
+from memkernels.memory.cache import Versioned
+from memkernels.ops.nvtx import nvtx_range
+from memkernels.ops.reading_layer import cpu_kernel
+
+# parameter/submodule (re)assignments on modules of a memory that a memo was
+# built for (modules carry _OWNED once a memo of their memory exists)
+_REGISTRATIONS = [0]
+_OWNED = "_memkernels_memory_module"
+_HOOKS: list = []
+# set to False to read through ATen ops (llm_overhead --unfused measures what it saves)
+enabled = True
+
+
+def _count_parameter(module, name, value):
+    if module.__dict__.get(_OWNED):
+        _REGISTRATIONS[0] += 1
+
+
+def _count_module(module, name, value):
+    if module.__dict__.get(_OWNED):
+        _REGISTRATIONS[0] += 1
+        if isinstance(value, nn.Module):
+            _own(value)
+
+
+def _own(module: nn.Module) -> None:
+    if not _HOOKS:
+        _HOOKS.append(torch.nn.modules.module.register_module_parameter_registration_hook(
+            _count_parameter))
+        _HOOKS.append(torch.nn.modules.module.register_module_module_registration_hook(
+            _count_module))
+    for m in module.modules():
+        m.__dict__[_OWNED] = True
+
+
+def read(memory, bank, reader_index: int, hidden: Tensor, kv_dtype: Optional[torch.dtype],
+         context: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Reader `reader_index`'s read of `bank` (no gradients) through the fused
+    reading layer, or None where it does not apply (then read through ATen ops)."""
+    key = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype)
+    plan = bank.fused_plans.get(reader_index)
+    if plan is None or not plan.fresh(key):
+        plan = _build(memory, bank, reader_index, hidden, kv_dtype)
+        if plan is None:
+            bank.fused_plans.pop(reader_index, None)
+            return None
+        bank.fused_plans[reader_index] = plan = Versioned(plan[0], plan[1], key)
+    kernel, args, kwargs = plan.value
+    if context is not None:
+        kwargs = {**kwargs, "context": context}
+    with nvtx_range("memkernels.reading_layer[cpu]"):
+        return kernel(hidden, *args, **kwargs)
+
+
+def _build(memory, bank, reader_index: int, hidden: Tensor,
+           kv_dtype: Optional[torch.dtype]) -> Optional[tuple]:
+    """((kernel, args, kwargs), sources) of a fused read, or None."""
+    if not enabled or torch.compiler.is_compiling() or not memory.fused_read_applies(bank):
+        return None
+    reader = memory.readers[reader_index]
+    keys, values = bank.keys_values(kv_dtype)
+    kv = keys.data if isinstance(keys, Int8Rows) else keys
+    kernel = cpu_kernel(hidden, kv.dtype, reader.backend)
+    if kernel is None:
+        return None
+    _own(memory)
+    args, kwargs = reader.reading_layer_arguments(*kernel_operands(keys, values))
+    index = bank.read_index(kv_dtype)
+    if index is not None:  # the keys are sorted by cluster: each row reads its nearest
+        centroids, starts, probes = index
+        kwargs.update(centroids=centroids.to(hidden.dtype), cluster_starts=starts, probes=probes)
+    return (kernel, args, kwargs), (*bank.projection_sources(), *reader.weight_sources())

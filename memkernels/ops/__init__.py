@@ -1,0 +1,20 @@
+"""The ops layer: fused kernels behind torch ops, over a pure-PyTorch reference.
+
+- memory_read / memory_write (api): token queries read a slot bank; slots
+  attend over new tokens and blend the result in through gates. Each is a
+  torch.library custom op pair (forward, backward) with a fake
+  implementation, tied by an autograd.Function (MemoryReadFunction,
+  MemoryWriteFunction), behind a public function that checks its arguments
+  (checks) and picks a backend (backend: reference, cpu, triton, cuda).
+- reading_layer (reading_layer): one memory reading layer at inference as
+  one op (the decode hot path); CPU kernel and reference.
+- reference: the ground truth of all three.
+Nothing here knows about memories, banks or LLMs.
+"""
+from memkernels.ops import reference
+from memkernels.ops.api import MemoryReadFunction, MemoryWriteFunction, memory_read, memory_write
+from memkernels.ops.backend import BACKENDS, available_backends
+from memkernels.ops.reading_layer import reading_layer
+
+__all__ = ["memory_read", "memory_write", "reading_layer", "MemoryReadFunction",
+           "MemoryWriteFunction", "reference", "BACKENDS", "available_backends"]

@@ -1,0 +1,115 @@
+"""The fused reading layer: one memory reading layer at inference as one op
+(norm, query projection or MLP, read over the bank, output projection and
+the residual add), the decode hot path of an attached memory.
+
+The same ladder as the read and write ops: a torch.library custom op
+(memkernels::reading_layer) with a fake implementation, so torch.compile
+sees one opaque op, and reading_layer(), which checks the arguments and
+picks the kernel. The math is reference.reading_layer; the CPU kernel is
+memkernels._C.reader_fwd (csrc/cpu/reader_cpu.cpp). Inference only: no
+backward (training composes memory_read, which has one).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from memkernels.ops import backend as _backend
+from memkernels.ops import reference
+from memkernels.ops.checks import check_reading_layer
+from memkernels.ops.nvtx import nvtx_range
+
+# key/value dtypes the CPU kernel reads beside float32 hidden states (bf16, or
+# int8 with a float32 scale per slot)
+NARROW_KV_DTYPES = (torch.bfloat16, torch.int8)
+
+
+def cpu_kernel(hidden: Tensor, kv_dtype: torch.dtype,
+               backend: Optional[str] = None) -> Optional[Callable[..., Tensor]]:
+    """memkernels._C.reader_fwd when it runs this layer: CPU tensors, float32
+    or float64 hidden states, keys/values of that dtype (or bf16/int8 for
+    float32), the cpu backend chosen, the extension built; else None."""
+    kv_ok = kv_dtype == hidden.dtype or (kv_dtype in NARROW_KV_DTYPES
+                                         and hidden.dtype == torch.float32)
+    if not (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
+            and kv_ok and _backend.resolve(backend, hidden.device) == "cpu"):
+        return None
+    return getattr(_backend.extension()[0], "reader_fwd", None)
+
+
+def _run(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w, mlp_b,
+         query_b, unit_queries, context, context_w, centroids, cluster_starts, probes,
+         backend) -> Tensor:
+    args = (hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w, mlp_b,
+            query_b, unit_queries, context, context_w, centroids, cluster_starts, probes)
+    with nvtx_range(f"memkernels.reading_layer[{backend}]"):
+        if backend == "cpu":
+            return _backend.extension()[0].reader_fwd(*args)
+        return reference.reading_layer(*args)
+
+
+@torch.library.custom_op("memkernels::reading_layer", mutates_args=())
+def reading_layer_op(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor, out_w: Tensor,
+                     eps: float, scale: float, key_scale: Optional[Tensor],
+                     value_scale: Optional[Tensor], mlp_w: Optional[Tensor],
+                     mlp_b: Optional[Tensor], query_b: Optional[Tensor], unit_queries: bool,
+                     context: Optional[Tensor], context_w: Optional[Tensor],
+                     centroids: Optional[Tensor], cluster_starts: Optional[Tensor], probes: int,
+                     backend: str) -> Tensor:
+    return _run(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w,
+                mlp_b, query_b, unit_queries, context, context_w, centroids, cluster_starts,
+                probes, backend)
+
+
+@reading_layer_op.register_fake
+def _(hidden, *args):
+    return torch.empty_like(hidden)
+
+
+def reading_layer(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor, out_w: Tensor, *,
+                  eps: float = 1e-6, scale: Optional[float] = None,
+                  key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+                  mlp_w: Optional[Tensor] = None, mlp_b: Optional[Tensor] = None,
+                  query_b: Optional[Tensor] = None, unit_queries: bool = False,
+                  context: Optional[Tensor] = None, context_w: Optional[Tensor] = None,
+                  centroids: Optional[Tensor] = None, cluster_starts: Optional[Tensor] = None,
+                  probes: int = 0, backend: Optional[str] = None) -> Tensor:
+    """One reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w
+    (the math, shapes and options: memkernels.ops.reference.reading_layer).
+
+    hidden [B, T, C]; query_w [H * Dh, C] (or [H * Dh, M] after an MLP of
+    width M: mlp_w [M, C], mlp_b [M], with a context [B, T, C] also
+    context_w [M, C]); keys/values [Hk, S, Dh] or [B, Hk, S, Dh], H a
+    multiple of Hk; out_w [H * Dh, C]; scale default 1/sqrt(Dh).
+    backend: 'auto' (the CPU kernel where it applies, else the reference),
+    'cpu' or 'reference'; the GPU backends have no fused reading layer
+    (compose memory_read there). No gradients: raises when one is asked for.
+    """
+    scale = check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
+                                value_scale, mlp_w, mlp_b, query_b, context, context_w,
+                                centroids, cluster_starts, probes)
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"reading_layer has no {backend} kernel: backend must be 'auto', 'cpu' "
+                         f"or 'reference' (on a GPU, compose memory_read)")
+    name = _backend.resolve(backend, hidden.device)
+    tensors = [t for t in (hidden, query_w, keys, values, out_w, mlp_w, mlp_b, query_b, context,
+                           context_w) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError("reading_layer is inference only (no backward): call it under "
+                         "torch.no_grad(), or compose memory_read for training")
+    if name in ("triton", "cuda"):  # auto on a GPU: the reference composes there
+        name = "reference"
+    if name == "cpu" and cpu_kernel(hidden, keys.dtype, "cpu") is None:
+        if backend is not None and backend != "auto":
+            raise ValueError(f"the cpu reading_layer kernel takes float32/float64 hidden states "
+                             f"with keys of their dtype (or bf16/int8 for float32), got hidden "
+                             f"{hidden.dtype}, keys {keys.dtype}")
+        name = "reference"
+    args = (hidden, query_w, keys, values, out_w, float(eps), scale, key_scale, value_scale,
+            mlp_w, mlp_b, query_b, bool(unit_queries), context, context_w, centroids,
+            cluster_starts, int(probes), name)
+    if torch.compiler.is_compiling():
+        return torch.ops.memkernels.reading_layer(*args)
+    return _run(*args)  # eager: skip the dispatcher (~100 us, more than a small read)

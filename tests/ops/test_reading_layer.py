@@ -1,0 +1,280 @@
+"""The fused reading layer (memkernels.reading_layer, op memkernels::reading_layer):
+the CPU kernel (memkernels._C.reader_fwd) against the pure-PyTorch reference
+on a grid of shapes, its argument checks, and the op under torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memkernels
+from memkernels.memory.bank import Int8Rows
+
+from helpers import cpu_extension
+
+C, D = 21, 8  # odd hidden size; Dh 8
+
+
+def layer_inputs(*, B, T, Hk, per_kv, S, dtype, shared, mlp=0, context=False, query_b=False):
+    """Random operands of one reading layer: H = Hk * per_kv query heads."""
+    W = Hk * per_kv * D
+    hidden = torch.randn(B, T, C, dtype=dtype) * 2
+    width_in = mlp or C
+    kw = dict(query_w=torch.randn(W, width_in, dtype=dtype) / width_in ** 0.5,
+              out_w=torch.randn(W, C, dtype=dtype) / W ** 0.5)
+    bank = (Hk, S, D) if shared else (B, Hk, S, D)
+    kw["keys"], kw["values"] = torch.randn(bank, dtype=dtype), torch.randn(bank, dtype=dtype)
+    opts = {}
+    if mlp:
+        opts.update(mlp_w=torch.randn(mlp, C, dtype=dtype) / C ** 0.5,
+                    mlp_b=torch.randn(mlp, dtype=dtype))
+        if context:
+            opts.update(context=torch.randn(B, T, C, dtype=dtype),
+                        context_w=torch.randn(mlp, C, dtype=dtype) / C ** 0.5)
+    if query_b:
+        opts["query_b"] = torch.randn(W, dtype=dtype)
+    return hidden, kw, opts
+
+
+def both(hidden, kw, **opts):
+    """(the CPU kernel's output, the reference's) for the same operands."""
+    cpu_extension()
+    args = (hidden, kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    with torch.no_grad():
+        got = memkernels.reading_layer(*args, backend="cpu", **opts)
+        want = memkernels.reading_layer(*args, backend="reference", **opts)
+    return got, want
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+GRID = pytest.mark.parametrize("B, T, Hk, per_kv, S, shared", [
+    (1, 1, 2, 1, 37, True), (3, 1, 2, 2, 37, True), (5, 1, 3, 1, 70, True),
+    (3, 1, 2, 1, 37, False), (3, 5, 2, 2, 130, False), (2, 7, 1, 2, 1, True),
+    (6, 1, 2, 1, 513, False)],
+    ids=["decode-shared-1", "decode-shared-2qheads", "decode-5rows-gemm", "decode-per-row",
+         "prefill-per-row", "prefill-shared-S1", "decode-per-row-513"])
+
+
+@GRID
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_query_matches_the_reference(B, T, Hk, per_kv, S, shared, dtype):
+    hidden, kw, _ = layer_inputs(B=B, T=T, Hk=Hk, per_kv=per_kv, S=S, dtype=dtype, shared=shared)
+    got, want = both(hidden, kw, eps=1e-6, scale=0.3)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@GRID
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("context", [False, True], ids=["mlp", "mlp-context"])
+def test_mlp_query_with_unit_queries_and_context_matches_the_reference(B, T, Hk, per_kv, S,
+                                                                        shared, dtype, context):
+    hidden, kw, opts = layer_inputs(B=B, T=T, Hk=Hk, per_kv=per_kv, S=S, dtype=dtype,
+                                    shared=shared, mlp=19, context=context, query_b=True)
+    got, want = both(hidden, kw, scale=20.0, unit_queries=True, **opts)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("T", [1, 5])
+def test_narrow_key_value_caches_match_the_reference(kv_dtype, shared, T):
+    """bf16 keys/values, or int8 with a float32 scale per slot, read in place:
+    the reference widens the same stored values, so both read the same numbers."""
+    hidden, kw, opts = layer_inputs(B=3, T=T, Hk=2, per_kv=2, S=45, dtype=torch.float32,
+                                    shared=shared, mlp=11)
+    if kv_dtype == torch.int8:
+        k8, v8 = Int8Rows.quantize(kw["keys"] * 3), Int8Rows.quantize(kw["values"])
+        kw["keys"], kw["values"] = k8.data, v8.data
+        opts.update(key_scale=k8.scale, value_scale=v8.scale)
+    else:
+        kw["keys"], kw["values"] = kw["keys"].to(kv_dtype), kw["values"].to(kv_dtype)
+    got, want = both(hidden, kw, scale=0.4, **opts)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def sorted_index(keys, clusters):
+    """Keys sorted into `clusters` contiguous ranges per head (an index as
+    MemoryBank.build_index makes one): (keys, centroids, cluster_starts)."""
+    Hk, S, _ = keys.shape
+    assign = torch.randint(0, clusters, (Hk, S))
+    order = torch.argsort(assign, dim=1, stable=True)
+    keys = torch.gather(keys, 1, order[..., None].expand_as(keys))
+    counts = torch.zeros(Hk, clusters, dtype=torch.long).scatter_add_(1, assign,
+                                                                       torch.ones_like(assign))
+    starts = torch.cat([counts.new_zeros(Hk, 1), counts.cumsum(1)], 1)
+    return keys, torch.nn.functional.normalize(torch.randn(Hk, clusters, keys.shape[-1],
+                                                           dtype=keys.dtype), dim=-1), starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T, probes", [(1, 2), (4, 3), (1, 6)], ids=["decode-2of6", "prefill-3of6",
+                                                                       "decode-all"])
+def test_indexed_read_matches_the_reference_and_all_probes_is_exact(dtype, T, probes):
+    hidden, kw, opts = layer_inputs(B=2, T=T, Hk=2, per_kv=2, S=60, dtype=dtype, shared=True,
+                                    mlp=13)
+    keys, centroids, starts = sorted_index(kw["keys"], 6)
+    kw["keys"] = keys
+    index = dict(centroids=centroids, cluster_starts=starts, probes=probes)
+    got, want = both(hidden, kw, scale=3.0, unit_queries=True, **opts, **index)
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    exact, _ = both(hidden, kw, scale=3.0, unit_queries=True, **opts)
+    if probes == 6:  # every cluster: the exact read
+        torch.testing.assert_close(got, exact, **tolerance(dtype))
+    else:
+        assert not torch.allclose(got, exact)
+
+
+def test_large_logits_and_nan_propagate_as_in_the_reference():
+    hidden, kw, _ = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=33, dtype=torch.float64,
+                                 shared=True)
+    got, want = both(hidden, kw, scale=50.0)  # x50 logits: one slot takes the weight
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    hidden[1, 0, 3] = float("nan")
+    got, want = both(hidden, kw, scale=1.0)
+    assert torch.isnan(want[1]).all() and torch.isnan(got[1]).all()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+
+
+def test_reading_layer_checks_its_arguments():
+    hidden, kw, opts = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=5, dtype=torch.float32,
+                                    shared=True, mlp=7)
+    args = (hidden, kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, C\]"):
+        memkernels.reading_layer(hidden[0], *args[1:], **opts)
+    with pytest.raises(ValueError, match="query_w must be"):
+        memkernels.reading_layer(hidden, kw["query_w"][:5], *args[2:], **opts)
+    with pytest.raises(ValueError, match="mlp_w needs mlp_b"):
+        memkernels.reading_layer(*args, mlp_w=opts["mlp_w"])
+    with pytest.raises(ValueError, match="values must be"):
+        memkernels.reading_layer(*args[:3], kw["values"][:, :4], kw["out_w"], **opts)
+    with pytest.raises(ValueError, match="at least one head and one slot"):
+        memkernels.reading_layer(*args[:2], kw["keys"][:, :0], kw["values"][:, :0], kw["out_w"],
+                                 **opts)
+    with pytest.raises(TypeError, match="int8 keys/values need key_scale"):
+        k8 = kw["keys"].to(torch.int8)
+        memkernels.reading_layer(*args[:2], k8, k8, kw["out_w"], **opts)
+    with pytest.raises(ValueError, match="go together"):
+        memkernels.reading_layer(*args, **opts, probes=2)
+    with pytest.raises(ValueError, match="inference only"):
+        memkernels.reading_layer(hidden.requires_grad_(), *args[1:], **opts)
+    with pytest.raises(ValueError, match="no triton kernel"):
+        memkernels.reading_layer(hidden.detach(), *args[1:], backend="triton", **opts)
+
+
+def test_reading_layer_is_one_op_under_torch_compile():
+    """torch.compile(fullgraph=True) sees the custom op (no graph break) and
+    gives the eager result."""
+    hidden, kw, opts = layer_inputs(B=2, T=3, Hk=2, per_kv=2, S=17, dtype=torch.float32,
+                                    shared=True, mlp=9)
+
+    def layer(h):
+        return memkernels.reading_layer(h, kw["query_w"], kw["keys"], kw["values"], kw["out_w"],
+                                        unit_queries=True, scale=5.0, **opts)
+    with torch.no_grad():
+        eager = layer(hidden)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")(hidden)
+    torch.testing.assert_close(compiled, eager)
+
+
+# --- the extension's own checks (a direct call of memkernels._C.reader_fwd) ----------------
+
+def test_fused_cpu_reader_rejects_bad_int8_scales():
+    ext = cpu_extension()
+    h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
+    k = torch.randint(-127, 128, (2, 5, 4), dtype=torch.int8)
+    s = torch.rand(2, 5)
+    with pytest.raises(RuntimeError, match="need key_scale and value_scale"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="need key_scale and value_scale"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, None)
+    with pytest.raises(RuntimeError, match="key_scale must have shape"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s[:, :4], s)
+    with pytest.raises(RuntimeError, match="value_scale must have dtype Float"):
+        ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s.double())
+    with pytest.raises(RuntimeError, match="go only with int8"):
+        ext.reader_fwd(h, w, k.float(), k.float(), w, 1e-6, 0.5, s, s)
+    with pytest.raises(RuntimeError, match="go only with int8"):  # one scale alone, too
+        ext.reader_fwd(h, w, k.float(), k.float(), w, 1e-6, 0.5, None, s)
+    with pytest.raises(RuntimeError, match="keys must have dtype"):  # int8 only with f32 hidden
+        ext.reader_fwd(h.double(), w.double(), k, k, w.double(), 1e-6, 0.5, s, s)
+    out = ext.reader_fwd(h, w, k, k, w, 1e-6, 0.5, s, s)
+    kf = k.float() * s[..., None]
+    torch.testing.assert_close(out, ext.reader_fwd(h, w, kf, kf, w, 1e-6, 0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cpu_reader_rejects_bad_tensors():
+    ext = cpu_extension()
+    h, w = torch.randn(2, 1, 16), torch.randn(8, 16)
+    k = torch.randn(2, 5, 4)
+    with pytest.raises(RuntimeError, match="hidden must be"):
+        ext.reader_fwd(h[0], w, k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="query_w must be \\[H \\* Dh, C\\]"):
+        ext.reader_fwd(h, w[:3], k, k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="values must have dtype"):
+        ext.reader_fwd(h, w, k, k.double(), w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="keys must have shape"):
+        ext.reader_fwd(h, w, torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="values must have dtype"):  # bf16 keys, f32 values
+        ext.reader_fwd(h, w, k.bfloat16(), k, w, 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="keys must have dtype"):  # bf16 only with f32 hidden
+        ext.reader_fwd(h.double(), w.double(), k.bfloat16(), k.bfloat16(), w.double(), 1e-6, 0.5)
+
+
+def test_fused_cpu_reader_rejects_a_bad_mlp_query():
+    ext = cpu_extension()
+    h, k = torch.randn(1, 2, 16), torch.randn(2, 5, 4)
+    w1, b1, w2, wo = torch.randn(12, 16), torch.randn(12), torch.randn(16, 12), torch.randn(16, 16)
+    with pytest.raises(RuntimeError, match="mlp_w needs mlp_b"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1)
+    with pytest.raises(RuntimeError, match="mlp_b goes only with mlp_w"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="mlp_w must have shape"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1[:, :8], mlp_b=b1)
+    with pytest.raises(RuntimeError, match="query_w must have shape"):  # [H * Dh, M] after an MLP
+        ext.reader_fwd(h, w2[:, :8], k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="H a multiple of the keys' 2 heads"):
+        ext.reader_fwd(h, w2[:12], k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1)
+    with pytest.raises(RuntimeError, match="query_b must have shape"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, query_b=b1)
+    with pytest.raises(RuntimeError, match="mlp_b must have dtype"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1.double())
+    context, wc = torch.randn(1, 2, 16), torch.randn(12, 16)
+    with pytest.raises(RuntimeError, match="context and context_w go together"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context)
+    with pytest.raises(RuntimeError, match="context goes only with mlp_w"):
+        ext.reader_fwd(h, w2[:, :16].contiguous(), k, k, wo, 1e-6, 0.5, context=context,
+                       context_w=wc)
+    with pytest.raises(RuntimeError, match=r"context must have shape \[1, 2, 16\]"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context[:, :1],
+                       context_w=wc)
+    with pytest.raises(RuntimeError, match=r"context_w must have shape \[12, 16\]"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context,
+                       context_w=wc[:8])
+    with pytest.raises(RuntimeError, match="context must have dtype"):
+        ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, context=context.double(),
+                       context_w=wc)
+
+
+def test_reader_fwd_checks_the_index():
+    ext = cpu_extension()
+    h, k = torch.randn(1, 2, 16), torch.randn(2, 5, 4)
+    w1, b1, w2, wo = torch.randn(12, 16), torch.randn(12), torch.randn(8, 12), torch.randn(8, 16)
+    cent, starts = torch.randn(2, 3, 4), torch.tensor([[0, 2, 4, 5], [0, 0, 3, 5]])
+    call = lambda **kw: ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1, **kw)  # noqa: E731
+    call(centroids=cent, cluster_starts=starts, probes=1)
+    with pytest.raises(RuntimeError, match="go together"):
+        call(centroids=cent, cluster_starts=starts)
+    with pytest.raises(RuntimeError, match=r"centroids must be \[2, clusters, 4\]"):
+        call(centroids=cent[:, :, :3], cluster_starts=starts, probes=1)
+    with pytest.raises(RuntimeError, match=r"cluster_starts\[1\] must run from 0 to the 5 slots"):
+        call(centroids=cent, cluster_starts=torch.tensor([[0, 2, 4, 5], [0, 0, 3, 6]]), probes=1)
+    with pytest.raises(RuntimeError, match=r"cluster_starts\[0\] must not decrease"):
+        call(centroids=cent, cluster_starts=torch.tensor([[0, 4, 2, 5], [0, 0, 3, 5]]), probes=1)
+    with pytest.raises(RuntimeError, match="cluster_starts must be int64"):
+        call(centroids=cent, cluster_starts=starts.int(), probes=1)
+    with pytest.raises(RuntimeError, match="shared by the batch"):
+        ext.reader_fwd(h, w2, k[None], k[None], wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1,
+                       centroids=cent, cluster_starts=starts, probes=1)
