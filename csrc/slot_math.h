@@ -84,6 +84,11 @@ MK_HD float mk_tanh(float x) {
 }
 MK_HD double mk_tanh(double x) { return tanh(x); }
 
+// max that keeps NaN (fmax drops it): a NaN score must make its row NaN, not
+// vanish from the max (a row of NaN scores would look fully masked and read 0)
+template <typename T>
+MK_HD T max_keep_nan(T a, T b) { return (a != a || a > b) ? a : b; }
+
 // exp(x - row_max), defined as 0 when the whole row is masked so far
 // (row_max == -inf): masked rows never produce NaN.
 template <typename T>

@@ -30,6 +30,7 @@ std::tuple<Tensor, Tensor> read_fwd(const Tensor& q, const Tensor& k, const Tens
   const ReadLayout L = read_layout(q, k, v, slot_mask);
   TORCH_CHECK(q.device().is_cpu(), "memkernels._C.read_fwd: tensors must be on the CPU");
   const auto ct = compute_type(q);
+  if (L.empty()) return {at::empty_like(q), at::empty({L.B, L.H, L.T}, q.options().dtype(ct))};
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
   Tensor qg = L.to_groups(q.to(ct)), kg = L.bank_groups(prep(k, ct)), vg = L.bank_groups(prep(v, ct));
   Tensor out = at::empty({L.groups(), L.rows(), L.D}, qg.options());
@@ -50,6 +51,8 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
   check_shape(dout, "dout", q.sizes());
   check_shape(out, "out", q.sizes());
   check_shape(lse, "lse", {L.B, L.H, L.T});
+  for (auto [t, n] : {std::pair{&dout, "dout"}, {&out, "out"}, {&lse, "lse"}}) check_device(*t, q, n);
+  if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const auto ct = compute_type(q);
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
   Tensor qg = L.to_groups(q.to(ct)), kg = L.bank_groups(prep(k, ct)), vg = L.bank_groups(prep(v, ct));
@@ -82,6 +85,9 @@ std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& mem, const Tensor& q_
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   TORCH_CHECK(mem.device().is_cpu(), "memkernels._C.write_fwd: tensors must be on the CPU");
   const auto ct = compute_type(mem);
+  if (W.empty())
+    return {at::empty_like(mem), at::empty_like(mem, mem.options().dtype(ct)),
+            at::empty({W.B, W.H, W.S}, mem.options().dtype(ct))};
   const OptTensor mask = token_mask ? OptTensor(token_mask->contiguous()) : std::nullopt;
   Tensor m = prep(mem, ct), qs = prep(q_slots, ct), k = prep(k_tok, ct), v = prep(v_tok, ct);
   Tensor f = prep(forget_logit, ct), i = prep(input_logit, ct);
@@ -104,6 +110,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   check_shape(dnew, "dnew", mem.sizes());
   check_shape(upd, "upd", mem.sizes());
   check_shape(lse, "lse", {W.B, W.H, W.S});
+  for (auto [t, n] : {std::pair{&dnew, "dnew"}, {&upd, "upd"}, {&lse, "lse"}}) check_device(*t, mem, n);
+  if (W.empty())
+    return {at::zeros_like(mem), at::zeros_like(q_slots), at::zeros_like(k_tok),
+            at::zeros_like(v_tok), at::zeros_like(forget_logit), at::zeros_like(input_logit)};
   const auto ct = compute_type(mem);
   const OptTensor mask = token_mask ? OptTensor(token_mask->contiguous()) : std::nullopt;
   Tensor m = prep(mem, ct), qs = prep(q_slots, ct), k = prep(k_tok, ct), v = prep(v_tok, ct);
@@ -152,10 +162,13 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
               shape_str(keys.sizes()));
   const bool shared = keys.dim() == 3;
   const int64_t Hk = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
-  TORCH_CHECK(S > 0 && D > 0, "keys must hold at least one slot");
+  TORCH_CHECK(Hk > 0 && S > 0, "keys must hold at least one head and one slot, got ",
+              shape_str(keys.sizes()));
+  check_head_dim(D, "keys");
+  TORCH_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
   if (!shared) check_shape(keys, "keys", {B, Hk, S, D});
   check_shape(values, "values", keys.sizes());
-  TORCH_CHECK(query_w.dim() == 2 && query_w.size(0) % (Hk * D) == 0,
+  TORCH_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk * D) == 0,
               "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
               "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
   const int64_t H = query_w.size(0) / D;
@@ -235,6 +248,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     ks = key_scale->contiguous();
     vs = value_scale->contiguous();
   }
+  if (B * T == 0) return at::empty_like(hidden);  // no row to read for
   Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
          v = values.contiguous(), ow = out_w.contiguous();
   Tensor w1 = mlp_w.has_value() ? mlp_w->contiguous() : Tensor(),

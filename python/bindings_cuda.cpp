@@ -86,6 +86,7 @@ std::tuple<Tensor, Tensor> read_fwd(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& slot_mask, double scale) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
   check_cuda_device(q);
+  if (L.empty()) return {at::empty_like(q), at::empty({L.B, L.H, L.T}, q.options().dtype(compute_type(q)))};
   const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor mask = contiguous_mask(slot_mask);
   Tensor qg = L.to_groups(q), kg = L.bank_groups(k.contiguous()), vg = L.bank_groups(v.contiguous());
@@ -102,6 +103,8 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
   check_shape(dout, "dout", q.sizes());
   check_shape(out, "out", q.sizes());
   check_shape(lse, "lse", {L.B, L.H, L.T});
+  for (auto [t, n] : {std::pair{&dout, "dout"}, {&out, "out"}, {&lse, "lse"}}) check_device(*t, q, n);
+  if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor mask = contiguous_mask(slot_mask);
   Tensor qg = L.to_groups(q), kg = L.bank_groups(k.contiguous()), vg = L.bank_groups(v.contiguous());
@@ -117,6 +120,9 @@ std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& mem, const Tensor& q_
                                              const OptTensor& token_mask, double scale) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   check_cuda_device(mem);
+  if (W.empty())
+    return {at::empty_like(mem), at::empty_like(mem, mem.options().dtype(compute_type(mem))),
+            at::empty({W.B, W.H, W.S}, mem.options().dtype(compute_type(mem)))};
   const c10::cuda::CUDAGuard guard(mem.device());
   const OptTensor mask = contiguous_mask(token_mask);
   Tensor m = mem.contiguous(), qs = q_slots.contiguous(), k = k_tok.contiguous(), v = v_tok.contiguous();
@@ -137,6 +143,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   check_shape(dnew, "dnew", mem.sizes());
   check_shape(upd, "upd", mem.sizes());
   check_shape(lse, "lse", {W.B, W.H, W.S});
+  for (auto [t, n] : {std::pair{&dnew, "dnew"}, {&upd, "upd"}, {&lse, "lse"}}) check_device(*t, mem, n);
+  if (W.empty())
+    return {at::zeros_like(mem), at::zeros_like(q_slots), at::zeros_like(k_tok),
+            at::zeros_like(v_tok), at::zeros_like(forget_logit), at::zeros_like(input_logit)};
   const c10::cuda::CUDAGuard guard(mem.device());
   const OptTensor mask = contiguous_mask(token_mask);
   const auto acc = compute_type(mem);

@@ -40,6 +40,18 @@ inline void check_same(const Tensor& t, const Tensor& ref, const char* name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
 }
 
+inline void check_device(const Tensor& t, const Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+// Head dims the kernels take (the public ops check the same range).
+constexpr int64_t kMaxHeadDim = 256;
+
+inline void check_head_dim(int64_t D, const char* name) {
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, name, " must have a head dim Dh in 1..", kMaxHeadDim,
+              ", got ", std::to_string(D));
+}
+
 inline void check_mask(const OptTensor& m, const char* name, const Tensor& ref) {
   if (!m) return;
   TORCH_CHECK(m->scalar_type() == at::kBool, name, " must be a bool tensor, got ", m->scalar_type());
@@ -60,6 +72,7 @@ struct ReadLayout {
   int64_t B, H, T, S, D;
   bool shared;
   int64_t groups() const { return shared ? H : B * H; }
+  bool empty() const { return B * H * T == 0; }  // no query: empty results, no kernel call
   int64_t rows() const { return shared ? B * T : T; }
 
   Tensor to_groups(const Tensor& x) const {  // [B, H, T, ...] -> [G, M, ...]
@@ -96,6 +109,7 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
   check_same(k, q, "k");
   check_same(v, q, "v");
   ReadLayout L{q.size(0), q.size(1), q.size(2), 0, q.size(3), k.dim() == 3};
+  check_head_dim(L.D, "q");
   TORCH_CHECK(k.dim() == 3 || k.dim() == 4, "k must be [H, S, Dh] or [B, H, S, Dh], got ", shape_str(k.sizes()));
   L.S = k.size(-2);
   TORCH_CHECK(L.S > 0, "k must have at least one slot");
@@ -115,6 +129,7 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
 // memory_write: all tensors [B, H, ...]; groups are (b, h) pairs.
 struct WriteShape {
   int64_t B, H, S, T, D, gate_dim;
+  bool empty() const { return B * H == 0; }  // no slot to write: empty results, no kernel call
 };
 
 inline WriteShape write_shape(const Tensor& mem, const Tensor& qs, const Tensor& k, const Tensor& v,
@@ -126,6 +141,7 @@ inline WriteShape write_shape(const Tensor& mem, const Tensor& qs, const Tensor&
     check_same(*t, mem, n);
   WriteShape W{mem.size(0), mem.size(1), mem.size(2), k.dim() == 4 ? k.size(2) : -1, mem.size(3), 0};
   TORCH_CHECK(W.S > 0, "mem must have at least one slot");
+  check_head_dim(W.D, "mem");
   check_shape(qs, "q_slots", mem.sizes());
   TORCH_CHECK(k.dim() == 4 && W.T > 0, "k_tok must be [B, H, T, Dh] with T >= 1, got ", shape_str(k.sizes()));
   check_shape(k, "k_tok", {W.B, W.H, W.T, W.D});

@@ -164,7 +164,7 @@ __device__ __forceinline__ void load_vec(const T* src, Acc (&dst)[VEC]) {
 template <typename Acc, int VEC>
 __device__ __forceinline__ void merge_state(Acc& m, Acc& l, Acc (&acc)[VEC], Acc m_o, Acc l_o,
                                             const Acc (&acc_o)[VEC]) {
-  const Acc m_new = fmax(m, m_o);
+  const Acc m_new = max_keep_nan(m, m_o);
   const Acc c = exp_shifted(m, m_new), c_o = exp_shifted(m_o, m_new);
   l = l * c + l_o * c_o;
 #pragma unroll
@@ -279,7 +279,7 @@ attention_decode_kernel(Attention p, int64_t keys_per_split, OutT* out,
   for (int e = threadIdx.x; e < rows_here * D; e += kThreads) {
     const int r = e / D, d = e % D;
     Acc m_all = neg_inf<Acc>();
-    for (int w = 0; w < kWarps; ++w) m_all = fmax(m_all, s_m[w * ROWS + r]);
+    for (int w = 0; w < kWarps; ++w) m_all = max_keep_nan(m_all, s_m[w * ROWS + r]);
     Acc sum = 0, a = 0;
     for (int w = 0; w < kWarps; ++w) {
       const Acc c = exp_shifted(s_m[w * ROWS + r], m_all);
@@ -339,7 +339,7 @@ __global__ void combine_kernel(const typename AccOf<T>::type* part,
   using Acc = typename AccOf<T>::type;
   const int64_t row = blockIdx.x;
   Acc m = neg_inf<Acc>();
-  for (int s = 0; s < splits; ++s) m = fmax(m, part_lse[s * GM + row]);
+  for (int s = 0; s < splits; ++s) m = max_keep_nan(m, part_lse[s * GM + row]);
   const Acc m_safe = m == neg_inf<Acc>() ? Acc(0) : m;
   Acc total = 0;
   for (int s = 0; s < splits; ++s) total += exp_shifted(part_lse[s * GM + row], m_safe);

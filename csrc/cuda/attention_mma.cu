@@ -130,9 +130,9 @@ attention_forward_mma_kernel(Attention p, int64_t keys_per_split, OutT* out, flo
       const bool ok = row_ok && key < n_end && (mask_row == nullptr || mask_row[key]);
       const float s = ok ? srow[j] * scale : neg_inf<float>();
       srow[j] = s;
-      tile_max = fmaxf(tile_max, s);
+      tile_max = max_keep_nan(tile_max, s);
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = max_keep_nan(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     float corr;
     const float new_max = online_softmax_rescale(m, tile_max, &corr);
     float sum = 0.f;

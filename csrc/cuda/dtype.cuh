@@ -26,7 +26,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 template <typename T> __device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
 
 template <typename Acc> __device__ __forceinline__ Acc warp_max(Acc v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = max_keep_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 template <typename Acc> __device__ __forceinline__ Acc warp_sum(Acc v) {

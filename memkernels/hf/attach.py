@@ -16,13 +16,14 @@ empty or no KV cache starts it afresh), so it composes with the KV cache.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from memkernels.memory.bank import KV_DTYPES, MemoryBank
+from memkernels.memory.bank import KV_DTYPES, MemoryBank, check_same_memory
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.context import decayed_context
 
@@ -55,10 +56,28 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+class _CallState(threading.local):
+    """What one thread's forward calls of the attached model carry: whether
+    reads are on, the bank this call reads (taken when the call starts, so a
+    concurrent `handle.bank = ...` never splits a forward), the attention mask
+    and whether the call continues the previous one, and the context."""
+    reading: bool = True
+    bank: Optional[MemoryBank] = None
+    in_call: bool = False
+    call: tuple = (None, False)  # (attention mask, continues a KV cache)
+    context: Optional[Tensor] = None
+    context_state: Optional[tuple[Tensor, Tensor]] = None
+
+
 class MemoryHandle:
     """A memory attached to a model. Set `bank` to choose what is read (one
     row shared by the batch, or one row per sequence); `detach()` removes
-    every hook and restores the model exactly. Also a context manager."""
+    every hook and restores the model exactly. Also a context manager.
+
+    Threads: each thread's forward calls keep their own state (reads on or
+    off, the bank read, the context), so threads may run the model, store()
+    and generate() side by side; `handle.bank = ...` applies from the next
+    forward call of each thread."""
 
     def __init__(self, model: nn.Module, memory: MemoryModel, layers: Sequence[nn.Module],
                  bank: Optional[MemoryBank], kv_dtype: Optional[torch.dtype] = None):
@@ -66,70 +85,104 @@ class MemoryHandle:
         self._bank: Optional[MemoryBank] = None
         self.bank = bank
         self.kv_dtype = kv_dtype
-        self.reading = True
+        self._local = _CallState()
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
                        for r, i in enumerate(memory.config.resolved_read_layers)]
-        # the context (MemoryConfig.context_decay): [B, T, C] for the tokens of
-        # the forward call under way, and its state after them
-        self.context: Optional[Tensor] = None
-        self._context_state: Optional[tuple[Tensor, Tensor]] = None
-        self._call: tuple[Optional[Tensor], bool] = (None, False)  # (attention mask, continues)
+        self._hooks += [model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+                        model.register_forward_hook(self._end_call, always_call=True)]
         if memory.config.context_decay:
-            self._hooks += [
-                model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
-                self.layers[0].register_forward_pre_hook(self._track_context, with_kwargs=True)]
+            self._hooks.append(
+                self.layers[0].register_forward_pre_hook(self._track_context, with_kwargs=True))
         _ATTACHED[model] = self
+
+    @property
+    def reading(self) -> bool:
+        """Whether this thread's forward calls read the memory (reads_disabled)."""
+        return self._local.reading
+
+    @property
+    def context(self) -> Optional[Tensor]:
+        """This thread's context [B, T, C] of its last forward call's tokens
+        (AppendOptions.context_decay), or None."""
+        return self._local.context
 
     def _read_hook(self, reader_index: int):
         memory = self.memory
         uses_context = bool(memory.config.context_decay)
+        local = self._local
 
         def hook(module, args, output):
-            bank = self._bank
-            if bank is None or not self.reading:
+            bank = local.bank if local.in_call else self._bank
+            if bank is None or not local.reading:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             read = memory.read(reader_index, hidden, bank, self.kv_dtype,
-                               self.context if uses_context else None)
+                               local.context if uses_context else None)
             # transformers < 5 returns (hidden, ...)
             return (read, *output[1:]) if isinstance(output, tuple) else read
         return hook
 
     def _begin_call(self, module, args, kwargs):
-        """A forward call of the model: its attention mask (to skip padding),
-        and whether it continues the previous call's sequences (a non-empty
-        KV cache) or starts new ones."""
+        """A forward call of the model: the bank it reads, its attention mask
+        (to skip padding), and whether it continues the previous call's
+        sequences (a non-empty KV cache) or starts new ones."""
+        local = self._local
+        local.bank, local.in_call = self._bank, True
+        if not self.memory.config.context_decay:
+            return
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         past = kwargs.get("past_key_values")
         if past is not None and hasattr(past, "get_seq_length"):
             cached = past.get_seq_length()
+            self._follow_reordering(past)
         elif isinstance(past, (tuple, list)) and past and past[0] is not None:
             cached = past[0][0].shape[-2]  # legacy (key, value) tuples
         else:
             cached = 0
-        self._call = (mask, cached > 0)
+        local.call = (mask, cached > 0)
+
+    def _end_call(self, module, args, output):
+        self._local.in_call = False
+
+    def _follow_reordering(self, cache) -> None:
+        """Beam search reorders the KV cache's rows between steps: the context
+        state of each row follows them (wrapping the cache's reorder_cache once)."""
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is None or getattr(reorder, "_memkernels_follows", False):
+            return
+        local = self._local
+
+        def reorder_with_context(beam_idx):
+            reorder(beam_idx)
+            state = local.context_state
+            if state is not None:
+                local.context_state = tuple(t.index_select(0, beam_idx.to(t.device))
+                                            for t in state)
+        reorder_with_context._memkernels_follows = True
+        cache.reorder_cache = reorder_with_context
 
     def _track_context(self, module, args, kwargs):
         """The first decoder layer's input: the context of this call's tokens
         (not while reads are off: encoding text to store leaves a decode's
         context as it was)."""
-        if not self.reading:
+        local = self._local
+        if not local.reading:
             return
         embeddings = args[0] if args else kwargs["hidden_states"]
         B, T, _ = embeddings.shape
-        mask, continues = self._call
+        mask, continues = local.call
         if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < T):
             mask = None  # not a [B, past + T] padding mask: every token is real
-        state = self._context_state
+        state = local.context_state
         if not continues or state is None or state[0].shape[0] != B:
             state = None
-        self.context, self._context_state = decayed_context(
+        local.context, local.context_state = decayed_context(
             embeddings.detach(), None if mask is None else mask[:, -T:],
             self.memory.config.context_decay, state)
-        self._call = (None, False)  # a later call without the model's forward starts afresh
+        local.call = (None, False)  # a later call without the model's forward starts afresh
 
     @property
     def bank(self) -> Optional[MemoryBank]:
@@ -138,8 +191,7 @@ class MemoryHandle:
     @bank.setter
     def bank(self, bank: Optional[MemoryBank]) -> None:
         if bank is not None:
-            if not isinstance(bank, MemoryBank):
-                raise TypeError(f"bank must be a MemoryBank or None, got {type(bank).__name__}")
+            check_same_memory(bank, self.memory, "bank")
             p = self.memory.init_bank
             if bank.mem.device != p.device or bank.mem.dtype != p.dtype:
                 raise ValueError(f"bank must be on the memory's device/dtype ({p.device}, "
@@ -158,19 +210,24 @@ class MemoryHandle:
 
     @contextlib.contextmanager
     def reads_disabled(self) -> Iterator["MemoryHandle"]:
-        """The base model inside the block (used while encoding text to store)."""
-        previous, self.reading = self.reading, False
+        """The base model inside the block, for this thread's calls (used while
+        encoding text to store)."""
+        local = self._local
+        previous, local.reading = local.reading, False
         try:
             yield self
         finally:
-            self.reading = previous
+            local.reading = previous
 
     @property
     def attached(self) -> bool:
         return bool(self._hooks)
 
     def detach(self) -> None:
-        """Removes the hooks and restores the parameters' requires_grad flags."""
+        """Removes the hooks and restores the parameters' requires_grad flags.
+        Once: detaching again (a stale handle, after another attach) does nothing."""
+        if not self._hooks:
+            return
         for h in self._hooks:
             h.remove()
         self._hooks = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -44,12 +45,15 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
     layers = handle.layers if handle is not None else find_decoder_layers(model)
     target = layers[memory.config.resolved_write_layer]
     values: list[Tensor] = []
+    caller = threading.get_ident()  # the hooks act on this call only, not other threads' forwards
 
     def capture(module, args, output):
-        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+        if threading.get_ident() == caller:
+            raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
     def capture_input(module, args, kwargs):
-        values.append(args[0] if args else kwargs["hidden_states"])
+        if threading.get_ident() == caller:
+            values.append(args[0] if args else kwargs["hidden_states"])
 
     config = memory.config
     hooks = [target.register_forward_hook(capture)]
@@ -109,8 +113,11 @@ def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
             raise ValueError("storing text needs a tokenizer (or pass token ids)")
         ids = tokenizer(item)["input_ids"]
     elif isinstance(item, Tensor):
+        if item.is_floating_point() or item.is_complex() or item.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got {item.dtype}")
         ids = item.reshape(-1).tolist()
-    elif isinstance(item, (list, tuple)) and all(isinstance(i, int) for i in item):
+    elif isinstance(item, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                  for i in item):
         ids = list(item)
     else:
         raise TypeError(f"each item to store must be a str, a list of token ids or a 1-D "
@@ -119,6 +126,15 @@ def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
     if not ids:
         raise ValueError("an item to store has no tokens")
     return ids
+
+
+def _max_positions(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _rows_of_items(items, rows: int) -> list[list]:
@@ -152,10 +168,19 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
                         f"got {type(memory).__name__}")
     if bank is not None and bank.memory is not memory:
         raise ValueError("bank belongs to another memory: store(bank.memory, ..., bank=bank)")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
     rows = _rows_of_items(items, 1 if bank is None else bank.batch_size)
     rows = [[_token_ids(x, tokenizer, max_length) for x in row] for row in rows]
+    limit = _max_positions(model)
+    longest = max((len(ids) for row in rows for ids in row), default=0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"a text to store has {longest} tokens, past the model's "
+                         f"{limit} positions (max_position_embeddings): pass max_length= to "
+                         f"cut texts, or split them")
     fresh = bank is None
     if fresh:  # a fresh bank that takes it all (append rule: a slot per token, shrunk after)
         bank = memory.new_bank(num_slots=memory.slots_to_store(sum(map(len, rows[0]))))

@@ -260,7 +260,12 @@ class AppendMemory(MemoryModel, write_rule="append"):
         batch, with no slot mask: a read never streams the empty slots)."""
         P, spec = self.pairs, "bpsd,pde->bpse"
         if mem.shape[0] == 1:
-            mem, spec = mem[0][:, self.slot_mask(mem)[0]], "psd,pde->pse"
+            used = self.slot_mask(mem)[0]
+            if not bool(used.any()):
+                raise ValueError("the bank has no written slot and no null slot (all zeros): "
+                                 "an append-rule bank starts from memory.new_bank(), which "
+                                 "holds the learned null slots")
+            mem, spec = mem[0][:, used], "psd,pde->pse"
         address, content = mem[..., :P, :, :], mem[..., P:, :, :]
         keys = F.normalize(torch.einsum(spec, address, self.slot_key), dim=-1)
         values = torch.einsum(spec, content, self.slot_value)

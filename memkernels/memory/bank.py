@@ -9,6 +9,7 @@ this module imports no memory class.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
 
 BANK_FORMAT = "memkernels.bank"
-BANK_FORMAT_VERSION = 1
+# 2: the checksum covers the metadata too (1: the tensor only; still read)
+BANK_FORMAT_VERSION = 2
 KV_DTYPES = (torch.bfloat16, torch.int8)  # narrow caches beside the memory's own dtype
 
 
@@ -234,8 +236,8 @@ class MemoryBank:
             "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION),
             "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
             "memory_fingerprint": self.memory.fingerprint(),
-            "sha256": tensor_sha256(mem),
         }
+        metadata["sha256"] = _checksum(mem, metadata)
         atomic_write(os.fspath(path), lambda tmp: safetensors.torch.save_file({"mem": mem}, tmp, metadata=metadata))
 
     @classmethod
@@ -258,26 +260,61 @@ class MemoryBank:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
                              f"truncated?): {exc}") from exc
-        if meta.get("format") != BANK_FORMAT or mem is None:
+        if meta.get("format") != BANK_FORMAT:
             raise ValueError(f"{path!r} is not a memkernels bank (format "
                              f"{meta.get('format')!r}, expected {BANK_FORMAT!r})")
-        if meta.get("format_version") != str(BANK_FORMAT_VERSION):
-            raise ValueError(f"{path!r} has bank format version {meta.get('format_version')}, "
-                             f"this memkernels reads version {BANK_FORMAT_VERSION}")
-        if meta.get("sha256") != tensor_sha256(mem):
+        if mem is None:
+            raise ValueError(f"{path!r} has no 'mem' tensor: not a complete memkernels bank")
+        version = meta.get("format_version")
+        if version not in ("1", str(BANK_FORMAT_VERSION)):
+            raise ValueError(f"{path!r} has bank format version {version}, this memkernels "
+                             f"reads versions 1 to {BANK_FORMAT_VERSION}")
+        if meta.get("sha256") != _checksum(mem, meta if version != "1" else None):
             raise ValueError(f"{path!r} is corrupt: its content does not match its checksum")
-        saved = json.loads(meta.get("config", "{}"))
+        try:
+            saved = json.loads(meta.get("config", "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path!r} has an unreadable config entry: {exc}") from exc
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path!r}: its config entry must be a JSON object, got "
+                             f"{type(saved).__name__}")
         ours = memory.config.to_dict()
-        for key in ("hidden_size", "num_heads", "head_dim"):
-            if saved.get(key) != ours[key]:
-                raise ValueError(f"{path!r} was saved for a memory with {key}={saved.get(key)}, "
-                                 f"this memory has {key}={ours[key]}")
+        for key in ("hidden_size", "num_heads", "head_dim", "write_rule"):
+            theirs = saved.get(key, "blend" if key == "write_rule" else None)
+            if theirs != ours[key]:  # checked with strict=False too: another rule's bank is noise
+                raise ValueError(f"{path!r} was saved for a memory with {key}={theirs!r}, this "
+                                 f"memory has {key}={ours[key]!r}")
         if strict and meta.get("memory_fingerprint") != memory.fingerprint():
             raise ValueError(f"{path!r} was written by a memory with other trained parameters "
                              f"(fingerprint {meta.get('memory_fingerprint')} != "
                              f"{memory.fingerprint()}); pass strict=False to load it anyway")
+        if not mem.is_floating_point():
+            raise ValueError(f"{path!r}: the bank must be a floating-point tensor, got {mem.dtype}")
+        if mem.dim() != 4 or 0 in mem.shape:
+            raise ValueError(f"{path!r}: the bank must be a non-empty [B, H, S, Dh] tensor, got "
+                             f"shape {tuple(mem.shape)}")
         p = memory.init_bank
         return cls(memory, mem.to(device=p.device, dtype=p.dtype))
+
+
+def _checksum(mem: Tensor, metadata: Optional[dict]) -> str:
+    """SHA-256 of the bank's content and (format 2 on) of its metadata."""
+    digest = tensor_sha256(mem)
+    if metadata is None:
+        return digest
+    covered = {k: metadata.get(k) for k in ("format", "format_version", "config",
+                                            "memory_fingerprint")}
+    return hashlib.sha256((digest + json.dumps(covered, sort_keys=True)).encode()).hexdigest()
+
+
+def check_same_memory(bank: "MemoryBank", memory, what: str) -> None:
+    """Raises unless `bank` belongs to `memory` (the same object, or one with
+    the same config and trained parameters: the same fingerprint)."""
+    if not isinstance(bank, MemoryBank):
+        raise TypeError(f"{what} must be a MemoryBank, got {type(bank).__name__}")
+    if bank.memory is not memory and bank.memory.fingerprint() != memory.fingerprint():
+        raise ValueError(f"{what} belongs to another memory (other config or trained "
+                         f"parameters): its content means nothing to this one")
 
 
 def _check_compatible(banks: Sequence[MemoryBank], what: str) -> None:

@@ -26,7 +26,7 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from memkernels.memory import fused
-from memkernels.memory.bank import MemoryBank
+from memkernels.memory.bank import MemoryBank, check_same_memory
 from memkernels.memory.config import MemoryConfig
 from memkernels.memory.files import atomic_write
 
@@ -124,6 +124,8 @@ class MemoryModel(nn.Module):
         """hidden [B, T, hidden_size] plus the gated memory read of reader i.
         kv_dtype: the dtype of the bank's cached keys/values (MemoryBank.keys_values);
         context: the decayed context [B, T, C] with AppendOptions.context_decay."""
+        if bank.memory is not self:  # identity first: this runs per layer per decode token
+            check_same_memory(bank, self, "bank")
         self._check_bank_rows(bank, hidden)
         self._check_context(context, hidden)
         if context is not None:

@@ -22,14 +22,24 @@ def cluster_slots(keys: Tensor, clusters: int, iterations: int = 10,
     first = torch.stack([torch.randperm(S, generator=gen)[:clusters] for _ in range(P)])
     centroids = torch.gather(x, 1, first.to(x.device)[..., None].expand(-1, -1, D))
     for _ in range(iterations):
-        assign = torch.einsum("psd,pcd->psc", x, centroids).argmax(-1)  # [P, S]
+        assign = _nearest(x, centroids)  # [P, S]
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, D), x)
         # an emptied cluster keeps its centroid (it will hold nothing)
         centroids = torch.where(sums.norm(dim=-1, keepdim=True) > 0, F.normalize(sums, dim=-1),
                                 centroids)
-    assign = torch.einsum("psd,pcd->psc", x, centroids).argmax(-1)
+    assign = _nearest(x, centroids)
     order = torch.argsort(assign, dim=1, stable=True)
     counts = torch.zeros(P, clusters, dtype=torch.long, device=x.device).scatter_add_(
         1, assign, torch.ones_like(assign))
     starts = torch.cat([counts.new_zeros(P, 1), counts.cumsum(1)], 1)
     return order, centroids, starts
+
+
+def _nearest(x: Tensor, centroids: Tensor, scores_per_chunk: int = 1 << 22) -> Tensor:
+    """[P, S]: each slot's centroid of highest dot product, computed a chunk of
+    slots at a time so that memory stays bounded (scores [P, chunk, clusters]),
+    however many clusters were asked for."""
+    P, S, _ = x.shape
+    chunk = max(1, scores_per_chunk // max(1, P * centroids.shape[1]))
+    return torch.cat([torch.einsum("psd,pcd->psc", x[:, i:i + chunk], centroids).argmax(-1)
+                      for i in range(0, S, chunk)], 1) if S else x.new_zeros(P, 0, dtype=torch.long)

@@ -31,7 +31,7 @@ def default_scale(scale: Optional[float], x: Tensor) -> float:
 def _read_fwd(q: Tensor, k: Tensor, v: Tensor, slot_mask: Optional[Tensor], scale: float,
               backend: str) -> tuple[Tensor, Tensor]:
     with nvtx_range(f"memkernels.read_fwd[{backend}]"):
-        return _backend.kernels(backend).read_fwd(q, k, v, slot_mask, scale)
+        return _backend.kernels(backend, q.dtype).read_fwd(q, k, v, slot_mask, scale)
 
 
 read_fwd = torch.library.custom_op("memkernels::read_fwd", _read_fwd, mutates_args=())
@@ -47,7 +47,8 @@ def read_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              slot_mask: Optional[Tensor], scale: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with nvtx_range(f"memkernels.read_bwd[{backend}]"):
-        return _backend.kernels(backend).read_bwd(dout, q, k, v, out, lse, slot_mask, scale)
+        return _backend.kernels(backend, q.dtype).read_bwd(dout, q, k, v, out, lse, slot_mask,
+                                                           scale)
 
 
 @read_bwd.register_fake
@@ -59,8 +60,9 @@ def _write_fwd(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor, forge
                input_logit: Tensor, token_mask: Optional[Tensor], scale: float,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with nvtx_range(f"memkernels.write_fwd[{backend}]"):
-        return _backend.kernels(backend).write_fwd(mem, q_slots, k_tok, v_tok, forget_logit,
-                                                   input_logit, token_mask, scale)
+        kernels = _backend.kernels(backend, mem.dtype)
+        return kernels.write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit,
+                                 token_mask, scale)
 
 
 write_fwd = torch.library.custom_op("memkernels::write_fwd", _write_fwd, mutates_args=())
@@ -79,8 +81,9 @@ def write_bwd(dnew: Tensor, mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: 
               upd: Tensor, lse: Tensor, scale: float,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with nvtx_range(f"memkernels.write_bwd[{backend}]"):
-        return _backend.kernels(backend).write_bwd(dnew, mem, q_slots, k_tok, v_tok, forget_logit,
-                                                   input_logit, token_mask, upd, lse, scale)
+        kernels = _backend.kernels(backend, mem.dtype)
+        return kernels.write_bwd(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit,
+                                 token_mask, upd, lse, scale)
 
 
 @write_bwd.register_fake

@@ -105,8 +105,13 @@ def available_backends(device="cpu") -> list[str]:
     return [b for b in BACKENDS[1:] if available(b, dev)[0]]
 
 
-def kernels(name: str):
-    """The module holding backend `name`'s read/write forward/backward."""
+def kernels(name: str, dtype: Optional[torch.dtype] = None):
+    """The module holding backend `name`'s read/write forward/backward (for
+    tensors of `dtype`: refused where that backend would compute garbage)."""
+    if name == "triton" and dtype == torch.bfloat16 and triton_interpreted():
+        raise TypeError("bfloat16 on the triton backend under TRITON_INTERPRET=1 is not "
+                        "computed correctly by the interpreter: use float16/float32/float64, "
+                        "another backend, or a GPU")
     if name == "reference":
         return reference
     if name == "cpu":

@@ -137,32 +137,65 @@ def reading_layer(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor,
 
 
 # --- the kernels' signatures (memkernels.ops.backend: the "reference" backend) -------------
+# Backward by the formulas, not autograd: inside a custom op autograd does not record.
+
+def _probs(q, k, scale, valid):
+    """Softmax weights [..., Tq, Tk] (0 on masked keys and on rows with none)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    p = torch.exp(scores - row_max)
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _attention_backward(q, k, v, scale, valid, dout):
+    """(dq, dk, dv) of out = softmax(scale q k^T) v; k, v may broadcast over q's batch."""
+    p = _probs(q, k, scale, valid)
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    dp = torch.matmul(dout, v.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+def _read_valid(slot_mask):
+    if slot_mask is None:
+        return None
+    return slot_mask.view(1, 1, 1, -1) if slot_mask.dim() == 1 else slot_mask[:, None, None, :]
+
 
 def read_fwd(q, k, v, slot_mask, scale):
-    with torch.no_grad():
-        out, lse = memory_read(q, k, v, scale=scale, slot_mask=slot_mask, return_lse=True)
+    out, lse = memory_read(q, k, v, scale=scale, slot_mask=slot_mask, return_lse=True)
     return out, lse.to(stat_dtype(q))
 
 
 def read_bwd(dout, q, k, v, out, lse, slot_mask, scale):
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        again = memory_read(*inputs, scale=scale, slot_mask=slot_mask)
-        return torch.autograd.grad(again, inputs, dout)
+    shared = k.dim() == 3
+    kb, vb = (k.unsqueeze(0), v.unsqueeze(0)) if shared else (k, v)
+    dq, dk, dv = _attention_backward(q, kb, vb, scale, _read_valid(slot_mask), dout.to(q.dtype))
+    if shared:  # one bank read by the whole batch: its gradient sums over the batch
+        dk, dv = dk.sum(0), dv.sum(0)
+    return dq, dk, dv
 
 
 def write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale):
-    with torch.no_grad():
-        valid = None if token_mask is None else token_mask[:, None, None, :]
-        upd, lse = masked_attention(q_slots, k_tok, v_tok, scale, valid)
-        new = torch.sigmoid(forget_logit) * mem + torch.sigmoid(input_logit) * torch.tanh(upd)
+    valid = None if token_mask is None else token_mask[:, None, None, :]
+    upd, lse = masked_attention(q_slots, k_tok, v_tok, scale, valid)
+    new = torch.sigmoid(forget_logit) * mem + torch.sigmoid(input_logit) * torch.tanh(upd)
     return new, upd.to(stat_dtype(mem)), lse.to(stat_dtype(mem))
 
 
 def write_bwd(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, upd, lse,
               scale):
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_()
-                  for t in (mem, q_slots, k_tok, v_tok, forget_logit, input_logit)]
-        again = memory_write(*inputs, scale=scale, token_mask=token_mask)
-        return torch.autograd.grad(again, inputs, dnew)
+    dnew, upd = dnew.to(mem.dtype), upd.to(mem.dtype)
+    sf, si, t = torch.sigmoid(forget_logit), torch.sigmoid(input_logit), torch.tanh(upd)
+    dmem = dnew * sf
+    dupd = dnew * si * (1 - t * t)
+    df, di = dnew * mem * sf * (1 - sf), dnew * t * si * (1 - si)
+    if forget_logit.shape[-1] == 1:  # one gate per slot: summed over the head dim
+        df, di = df.sum(-1, keepdim=True), di.sum(-1, keepdim=True)
+    valid = None if token_mask is None else token_mask[:, None, None, :]
+    dq, dk, dv = _attention_backward(q_slots, k_tok, v_tok, scale, valid, dupd)
+    return dmem, dq, dk, dv, df, di

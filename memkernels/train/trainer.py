@@ -19,9 +19,12 @@ Two ways knowledge enters the memory (Batch.write_ids decides per batch):
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
+import shutil
+import uuid
 from typing import Callable, Optional
 
 import torch
@@ -35,7 +38,7 @@ from memkernels.hf import attach, write_layer_hidden
 from memkernels.memory.append import address_contrastive
 from memkernels.memory.bank import MemoryBank
 from memkernels.memory.base import MemoryModel
-from memkernels.memory.files import atomic_write
+from memkernels.memory.files import atomic_write, fsync_directory, remove_stale
 
 
 @dataclasses.dataclass
@@ -82,6 +85,14 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"TrainConfig.schedule must be 'cosine' or 'constant', "
                              f"got {self.schedule!r}")
+        for name, low in (("steps", 0), ("warmup", 0), ("grad_accum", 1), ("checkpoint_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"TrainConfig.{name} must be a positive number, got {value!r}")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of a step: a linear warmup, then the schedule."""
@@ -279,36 +290,80 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------
 
     def save_checkpoint(self, directory: str) -> None:
-        """memory/ (save_pretrained), bank.safetensors when a bank is trained,
-        and trainer.safetensors (AdamW moments and step counts per parameter
-        name, the step). Rank 0 writes."""
+        """Saves memory/ (save_pretrained), bank.safetensors when a bank is
+        trained, and trainer.safetensors (AdamW moments and step counts per
+        parameter name, the step), atomically as a group: all parts go into a
+        fresh folder NAME-step<N>-<id> beside `directory`, which then becomes
+        what the symbolic link `directory` points to (one rename). A kill at any
+        point leaves `directory` naming a complete checkpoint, old or new;
+        folders and temporary files of killed saves are removed by the next
+        save. Rank 0 writes."""
         if self.rank != 0:
             return
-        self.memory.save_pretrained(os.path.join(directory, "memory"))
-        if self.step_module.bank_slots is not None:
-            self.bank.save(os.path.join(directory, "bank.safetensors"))
-        names = {p: n for n, p in self._named_trained()}
-        tensors = {}
-        for p, state in self.optimizer.state.items():
-            for key, value in state.items():
-                tensors[f"{key}/{names[p]}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        meta = {"step": str(self.step), "config": json.dumps(dataclasses.asdict(self.config))}
-        atomic_write(os.path.join(directory, "trainer.safetensors"),
-                      lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+        path = os.path.abspath(directory)
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        remove_stale(parent, f".{name}.tmp-")
+        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+        try:
+            self.memory.save_pretrained(os.path.join(tmp, "memory"))
+            if self.step_module.bank_slots is not None:
+                self.bank.save(os.path.join(tmp, "bank.safetensors"))
+            names = {p: n for n, p in self._named_trained()}
+            tensors = {}
+            for p, state in self.optimizer.state.items():
+                for key, value in state.items():
+                    tensors[f"{key}/{names[p]}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            meta = {"step": str(self.step), "config": json.dumps(dataclasses.asdict(self.config))}
+            atomic_write(os.path.join(tmp, "trainer.safetensors"),
+                         lambda t: safetensors.torch.save_file(tensors, t, metadata=meta))
+            final = os.path.join(parent, f"{name}-step{self.step}-{uuid.uuid4().hex[:8]}")
+            os.rename(tmp, final)  # complete: a folder of this name is never partial
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_directory(parent)
+        if os.path.isdir(path) and not os.path.islink(path):  # a checkpoint folder of before
+            os.rename(path, os.path.join(parent, f"{name}-step0-legacy-{uuid.uuid4().hex[:8]}"))
+        link = os.path.join(parent, f".{name}.tmp-{os.getpid()}-link")
+        os.symlink(os.path.basename(final), link)
+        os.replace(link, path)  # the commit: one atomic rename
+        fsync_directory(parent)
+        for old in _checkpoint_folders(parent, name):  # the previous ones
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, directory: str) -> None:
-        loaded = MemoryModel.from_pretrained(os.path.join(directory, "memory"),
+        """Loads what save_checkpoint wrote (also a plain folder of the same
+        parts); with no `directory`, the newest complete checkpoint beside it."""
+        path = os.path.abspath(directory)
+        if not os.path.exists(path):
+            found = _checkpoint_folders(*os.path.split(path))
+            if not found:
+                raise FileNotFoundError(f"no checkpoint at {directory!r}")
+            path = found[-1]
+        loaded = MemoryModel.from_pretrained(os.path.join(path, "memory"),
                                              map_location=self.memory.init_bank.device)
         self.memory.load_state_dict(loaded.state_dict())  # parameters and buffers, in place
         if self.step_module.bank_slots is not None:
-            saved = MemoryBank.load(os.path.join(directory, "bank.safetensors"), self.memory)
+            saved = MemoryBank.load(os.path.join(path, "bank.safetensors"), self.memory)
             with torch.no_grad():
                 self.step_module.bank_slots.copy_(saved.mem)
         params = dict(self._named_trained())
-        with safe_open(os.path.join(directory, "trainer.safetensors"), framework="pt") as f:
+        with safe_open(os.path.join(path, "trainer.safetensors"), framework="pt") as f:
             self.step = int(f.metadata()["step"])
             for key in f.keys():
                 slot, name = key.split("/", 1)
                 p = params[name]
                 value = f.get_tensor(key)
                 self.optimizer.state[p][slot] = value.to(p.device) if value.dim() else value
+
+
+def _checkpoint_folders(parent: str, name: str) -> list[str]:
+    """The complete checkpoint folders NAME-step<N>-<id> in `parent`, oldest step first."""
+    def step(folder: str) -> int:
+        return int(os.path.basename(folder)[len(name) + 5:].split("-", 1)[0])
+    found = [f for f in glob.glob(os.path.join(parent, glob.escape(name) + "-step*-*"))
+             if os.path.isdir(f) and os.path.basename(f)[len(name) + 5:].split("-", 1)[0].isdigit()]
+    return sorted(found, key=lambda f: (step(f), os.path.getmtime(f)))

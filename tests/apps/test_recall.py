@@ -245,3 +245,34 @@ def test_train_command_trains_a_bank_for_the_shipped_written_memory(tmp_path):
     bank = MemoryBank.load(tmp_path / "bank.safetensors", memory)
     stored = tasks.stored_facts(memory, *base_lm.load(), 8)
     assert bank.mem.shape == stored.mem.shape and not torch.equal(bank.mem, stored.mem)
+
+
+def test_train_command_fails_at_once_on_a_missing_or_unusable_model(tmp_path):
+    from memkernels.apps.recall.train import main
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        main(["--model", str(tmp_path / "a" / "typo"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        main(["--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a loadable causal LM"):
+        main(["--model", str(tmp_path / "broken"), "--out", str(tmp_path / "o")])
+
+
+def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path):
+    """Another family with its own config class, loaded through the Auto classes
+    (not as a Llama of default size), the written memory trained end to end and
+    reloaded with MemoryModel.from_pretrained."""
+    import transformers
+    from memkernels.apps.recall.train import main
+    from memkernels.memory import MemoryModel
+    tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=256))
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    main(["--model", str(tmp_path / "gpt2"), "--mode", "written", "--steps", "2",
+          "--pretrain-steps", "2", "--batch", "4", "--slots", "64", "--out", str(tmp_path / "o")])
+    memory = MemoryModel.from_pretrained(tmp_path / "o" / "checkpoint" / "memory")
+    assert memory.config.hidden_size == 32 and memory.config.num_layers == 3

@@ -291,3 +291,31 @@ def test_bf16_on_cpu_accumulates_in_float32():
     ref = reference.memory_read(*upcast([q, k, v]))
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("name", ["auto", "reference", "cpu"])
+def test_drop_in_functions_take_the_public_defaults(name):
+    """MemoryReadFunction.apply(q, k, v) and MemoryWriteFunction.apply(mem, ...)
+    work with the public functions' defaults (scale=None, backend="auto"), on
+    every backend including the reference, and give their gradients."""
+    if name == "cpu" and _backend.extension()[0] is None:
+        pytest.skip("memkernels._C is not built")
+    q = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    args = () if name == "auto" else (None, None, name)
+    out, lse = memkernels.MemoryReadFunction.apply(q, k, v, *args)
+    want, want_lse = reference.memory_read(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, ref in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(got, ref)
+    mem = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    gate = torch.randn(2, 3, 5, 1, dtype=torch.float64)
+    wargs = () if name == "auto" else (None, None, name)
+    new, _, _ = memkernels.MemoryWriteFunction.apply(mem, mem, tok, tok, gate, gate, *wargs)
+    torch.testing.assert_close(new, reference.memory_write(mem, mem, tok, tok, gate, gate))
+    new.sum().backward()
+    assert mem.grad is not None and torch.isfinite(mem.grad).all()

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -170,17 +171,33 @@ def train(out_dir: str, steps: int = 4000, seq_len: int = SEQ_LEN, batch: int = 
     return info
 
 
-def load(path: str = ASSET_DIR):
-    """(model, tokenizer) from a directory written by train(); trains one into
-    the user cache when the shipped copy is missing."""
-    from transformers import AutoTokenizer, LlamaForCausalLM  # optional dependency ([hf])
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(os.path.expanduser("~/.cache/memkernels"), "base_lm")
+def load(path: Optional[str] = None):
+    """(model, tokenizer) of a Hugging Face causal LM directory (the Auto
+    classes: any family). With no path, the base LM that ships (trained into
+    the user cache if the shipped copy is missing). A path that is not a
+    loadable causal LM fails at once, naming it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional dependency ([hf])
+    if path is None:
+        path = ASSET_DIR
         if not os.path.isfile(os.path.join(path, "config.json")):
-            train(path)
-    model = LlamaForCausalLM.from_pretrained(path).eval()
+            path = os.path.join(os.path.expanduser("~/.cache/memkernels"), "base_lm")
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                train(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face causal "
+                                f"LM saved with save_pretrained: config.json, weights, tokenizer)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {path!r} has no config.json: not a saved Hugging Face model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--model {path!r} is not a loadable causal LM with its tokenizer: "
+                         f"{exc}") from exc
+    if tokenizer.pad_token_id is None:  # batches are padded: any id works, the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     model.generation_config.eos_token_id = None
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
 
 
 def main(argv=None) -> None:

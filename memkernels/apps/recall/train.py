@@ -44,7 +44,8 @@ def main(argv=None) -> None:
                          "(default: the one that ships, memkernels/recall/assets/written_memory)")
     ap.add_argument("--pretrain-steps", type=int, default=6000,
                     help="append rule: steps of pretrain_address before the joint training")
-    ap.add_argument("--model", default=base_lm.ASSET_DIR, help="an HF causal LM directory")
+    ap.add_argument("--model", default=None,
+                    help="a Hugging Face causal LM directory (default: the shipped base LM)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = ap.parse_args(argv)

@@ -64,7 +64,10 @@ def _rows_at(g, rows, group_stride, row_div, row_hi, row_lo):
 
 @triton.jit
 def _mask_rows(g, rows, group_div, group_stride, row_div, row_stride):
-    return (g // group_div) * group_stride + (rows // row_div) * row_stride
+    """MaskIndex's formula, as int64 offsets: a [B, S] mask of a shared bank of
+    2^20 slots passes 2^31 elements from B = 2048 on."""
+    return ((g // group_div).to(tl.int64) * group_stride
+            + (rows // row_div).to(tl.int64) * row_stride)
 
 
 @triton.jit
@@ -117,14 +120,15 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    # a row with no valid key (sum 0) reads 0, lse -inf; a NaN sum stays NaN
+    out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0, float("-inf"), m_i + tl.log(l_i))
     o_row = split.to(tl.int64) * o_split_stride + _rows_at(g, rows, o_gs, o_rd, o_rh, o_rl)
     o_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(Out + o_row[:, None] * D + dcol[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
     tl.store(Lse + o_row, lse, mask=row_ok)
     if WRITE:  # fused gate blend: new = sigmoid(f) * mem + sigmoid(i) * tanh(upd)
-        c_row = (g * M + rows)[:, None].to(tl.int64)  # mem and the gates are [G, M, *]
+        c_row = (g.to(tl.int64) * M + rows)[:, None]  # mem and the gates are [G, M, *]
         gcol = tl.where(gate_dim == 1, 0, dcol)
         g_off = c_row * gate_dim + gcol[None, :]
         f = tl.load(Fg + g_off, mask=o_mask, other=0.0).to(ACC)
@@ -146,18 +150,20 @@ def _combine_kernel(Part, PartLse, Out, Lse, GM, M, D, splits, o_gs, o_rd, o_rh,
     mask2 = row_ok[:, None] & (dcol < D)[None, :]
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     for s in range(0, splits):
-        m = tl.maximum(m, tl.load(PartLse + s * GM + rows, mask=row_ok, other=float("-inf")))
+        m = tl.maximum(m, tl.load(PartLse + (s * GM + rows.to(tl.int64)), mask=row_ok,
+                                  other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK_R], ACC)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for s in range(0, splits):
-        w = tl.exp(tl.load(PartLse + s * GM + rows, mask=row_ok, other=float("-inf")) - m_safe)
-        part = tl.load(Part + (s * GM + rows)[:, None].to(tl.int64) * D + dcol[None, :],
+        at = s * GM + rows.to(tl.int64)
+        w = tl.exp(tl.load(PartLse + at, mask=row_ok, other=float("-inf")) - m_safe)
+        part = tl.load(Part + at[:, None] * D + dcol[None, :],
                        mask=mask2, other=0.0)
         total += w
         acc += w[:, None] * part
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    lse = tl.where(total > 0, m_safe + tl.log(total), float("-inf"))
+    out = acc / tl.where(total == 0, 1.0, total)[:, None]
+    lse = tl.where(total == 0, float("-inf"), m_safe + tl.log(total))
     o_row = _rows_at(rows // M, rows % M, o_gs, o_rd, o_rh, o_rl)
     tl.store(Out + o_row[:, None] * D + dcol[None, :], out.to(Out.dtype.element_ty), mask=mask2)
     tl.store(Lse + o_row, lse, mask=row_ok)
@@ -176,7 +182,7 @@ def _attn_bwd_dkdv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcol = tl.arange(0, BLOCK_D)
     col_ok, d_ok = cols < N, dcol < D
-    kv_off = (g * N + cols)[:, None].to(tl.int64) * D + dcol[None, :]
+    kv_off = (g.to(tl.int64) * N + cols)[:, None] * D + dcol[None, :]
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)

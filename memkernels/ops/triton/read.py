@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from memkernels.ops.triton.attention import MaskIndex, RowLayout, attention_backward, attention_forward
+from memkernels.ops.triton.attention import (MaskIndex, RowLayout, attention_backward,
+                                             attention_forward, stat_dtype)
 
 
 class _Layout:
@@ -44,12 +46,16 @@ class _Layout:
 
 
 def read_fwd(q, k, v, slot_mask, scale):
+    if q.numel() == 0:  # no query: empty results (the schedule divides by the rows)
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=stat_dtype(q.dtype))
     L = _Layout(q, k, slot_mask)
     return attention_forward(q.contiguous(), L.bank(k), L.bank(v), L.mask, scale, q.dtype,
                              rows=L.rows())
 
 
 def read_bwd(dout, q, k, v, out, lse, slot_mask, scale):
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     L = _Layout(q, k, slot_mask)
     dq, dk, dv = attention_backward(q.contiguous(), L.bank(k), L.bank(v), out.contiguous(),
                                     dout.contiguous(), lse.contiguous(), L.mask, scale,

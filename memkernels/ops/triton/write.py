@@ -3,11 +3,12 @@ blend fused into the attention kernel's epilogue; backward runs one fused
 elementwise kernel for the gate gradients, then the attention backward."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from memkernels.ops.triton.attention import (MaskIndex, _tanh, acc_dtype, attention_backward,
-                                         attention_forward, block_d)
+                                         attention_forward, block_d, stat_dtype)
 
 
 @triton.jit
@@ -47,6 +48,10 @@ def _groups(mem, k_tok, token_mask):
 
 
 def write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale):
+    if mem.numel() == 0:  # no slot to write: empty results (the schedule divides by the rows)
+        stat = stat_dtype(mem.dtype)
+        return (torch.empty_like(mem), torch.empty_like(mem, dtype=stat),
+                mem.new_empty(mem.shape[:3], dtype=stat))
     (G, S, T, D), mask = _groups(mem, k_tok, token_mask)
     gate_dim = forget_logit.shape[-1]
     upd, lse, new_mem = attention_forward(
@@ -58,6 +63,9 @@ def write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask,
 
 def write_bwd(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, upd, lse,
               scale):
+    if mem.numel() == 0:
+        return tuple(torch.zeros_like(x) for x in (mem, q_slots, k_tok, v_tok, forget_logit,
+                                                   input_logit))
     (G, S, T, D), mask = _groups(mem, k_tok, token_mask)
     per_channel = forget_logit.shape[-1] == D and D > 1
     dmem, dupd = mem.new_empty(mem.shape), mem.new_empty(mem.shape)

@@ -1,0 +1,139 @@
+"""Bad and extreme calls of the ops and of the extension itself: no call
+crashes the process, empty problems give empty results, NaN and Inf
+propagate as in the reference, on every backend."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memkernels
+from memkernels import reference
+from memkernels.ops import backend as _backend
+
+from helpers import cpu_extension
+
+# Direct calls that crashed the process (SIGFPE, or MKL's SGEMM parameter
+# error) before their arguments were checked. Each runs in a subprocess: a
+# crash fails the test, not the run.
+CRASH_CASES = {
+    "read_fwd Dh=0, T=1, no mask": """
+        q, k = torch.randn(1, 1, 1, 0), torch.randn(1, 4, 0)
+        _C.read_fwd(q, k, k, None, 1.0)""",
+    "read_fwd Dh=0 on the tile path": """
+        q, k = torch.randn(2, 2, 300, 0), torch.randn(2, 600, 0)
+        _C.read_fwd(q, k, k, None, 1.0)""",
+    "the custom op, Dh=0": """
+        q, k = torch.randn(1, 1, 1, 0), torch.randn(1, 4, 0)
+        torch.ops.memkernels.read_fwd(q, k, k, None, 1.0, "cpu")""",
+    "write_fwd Dh=0": """
+        m, t, g = torch.randn(1, 1, 3, 0), torch.randn(1, 1, 2, 0), torch.randn(1, 1, 3, 1)
+        _C.write_fwd(m, m, t, t, g, g, None, 1.0)""",
+    "reader_fwd keys [0, S, Dh]": """
+        h, w = torch.randn(1, 1, 8), torch.randn(4, 8)
+        _C.reader_fwd(h, w, torch.randn(0, 5, 4), torch.randn(0, 5, 4), w, 1e-6, 0.5)""",
+    "reader_fwd hidden size 0": """
+        h, w = torch.randn(1, 1, 0), torch.randn(4, 0)
+        _C.reader_fwd(h, w, torch.randn(1, 5, 4), torch.randn(1, 5, 4), w, 1e-6, 0.5)""",
+    "reader_fwd query_w [0, C]": """
+        h, w = torch.randn(1, 1, 8), torch.randn(0, 8)
+        _C.reader_fwd(h, w, torch.randn(1, 5, 4), torch.randn(1, 5, 4), w, 1e-6, 0.5)""",
+    "read_bwd with dout on another device": """
+        q, k = torch.randn(1, 1, 2, 4), torch.randn(1, 3, 4)
+        out, lse = _C.read_fwd(q, k, k, None, 0.5)
+        _C.read_bwd(torch.empty(q.shape, device="meta"), q, k, k, out, lse, None, 0.5)""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRASH_CASES))
+def test_direct_extension_calls_raise_instead_of_crashing(case):
+    cpu_extension()
+    body = textwrap.indent(textwrap.dedent(CRASH_CASES[case]).strip(), "    ")
+    script = ("import torch\nimport memkernels\nfrom memkernels import _C\ntry:\n" + body +
+              "\n    print('returned')\nexcept (RuntimeError, ValueError, TypeError) as exc:\n"
+              "    print('raised', type(exc).__name__, str(exc).splitlines()[0])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("raised"), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 8), (2, 2, 0, 8), (2, 0, 3, 8)],
+                         ids=["B=0", "T=0", "H=0"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_empty_reads_give_empty_results_on_every_backend(backend, device, shape, shared):
+    B, H, T, D = shape
+    q = torch.randn(shape, device=device, requires_grad=True)
+    bank = (H, 5, D) if shared else (B, H, 5, D)
+    k = torch.randn(bank, device=device, requires_grad=True)
+    v = torch.randn(bank, device=device, requires_grad=True)
+    out, lse = memkernels.memory_read(q, k, v, return_lse=True, backend=backend)
+    want, want_lse = reference.memory_read(q, k, v, return_lse=True)
+    assert out.shape == want.shape and lse.shape == want_lse.shape
+    out.sum().backward()  # no query: zero gradients
+    assert float(k.grad.abs().sum()) == 0 and float(v.grad.abs().sum()) == 0
+
+
+def test_empty_writes_give_empty_results_on_every_backend(backend, device):
+    mem = torch.randn(0, 2, 4, 8, device=device, requires_grad=True)
+    tok = torch.randn(0, 2, 3, 8, device=device)
+    gate = torch.randn(0, 2, 4, 1, device=device)
+    new = memkernels.memory_write(mem, mem, tok, tok, gate, gate, backend=backend)
+    assert new.shape == mem.shape
+    new.sum().backward()
+    assert mem.grad.shape == mem.shape
+
+
+def nan_pattern(x):
+    return torch.isnan(x.double().cpu())
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_nan_propagates_through_a_read_as_in_the_reference(backend, device, where):
+    q = torch.randn(2, 2, 5, 8, device=device)
+    k, v = torch.randn(2, 7, 8, device=device), torch.randn(2, 7, 8, device=device)
+    {"query": q[1, 0, 2], "key": k[1, 3], "value": v[0, 6]}[where][4] = float("nan")
+    out, lse = memkernels.memory_read(q, k, v, return_lse=True, backend=backend)
+    want, want_lse = reference.memory_read(q, k, v, return_lse=True)
+    assert nan_pattern(want).any()
+    assert torch.equal(nan_pattern(out), nan_pattern(want))
+    assert torch.equal(nan_pattern(lse), nan_pattern(want_lse))
+    finite = ~nan_pattern(want)
+    torch.testing.assert_close(out.double().cpu()[finite], want.double().cpu()[finite],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_nan_in_a_slot_query_propagates_through_a_write(backend, device):
+    mem = torch.randn(2, 2, 4, 8, device=device)
+    q_slots = torch.randn(2, 2, 4, 8, device=device)
+    tok = torch.randn(2, 2, 3, 8, device=device)
+    gate = torch.randn(2, 2, 4, 1, device=device)
+    q_slots[1, 1, 2, 0] = float("nan")
+    new = memkernels.memory_write(mem, q_slots, tok, tok, gate, gate, backend=backend)
+    want = reference.memory_write(mem, q_slots, tok, tok, gate, gate)
+    assert nan_pattern(want).any() and torch.equal(nan_pattern(new), nan_pattern(want))
+
+
+def test_inf_scores_follow_the_reference(backend, device):
+    """An infinite score: the read is NaN where the reference's is (inf - inf)
+    and finite elsewhere, on every backend."""
+    q = torch.randn(2, 2, 3, 8, device=device)
+    k, v = torch.randn(2, 6, 8, device=device), torch.randn(2, 6, 8, device=device)
+    k[0, 2, 1] = float("inf")
+    out = memkernels.memory_read(q, k, v, backend=backend)
+    want = reference.memory_read(q, k, v)
+    assert torch.equal(nan_pattern(out), nan_pattern(want))
+    finite = ~nan_pattern(want)
+    torch.testing.assert_close(out.double().cpu()[finite], want.double().cpu()[finite],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_on_the_interpreted_triton_backend_is_refused():
+    if not (_backend.triton_available() and _backend.triton_interpreted()):
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    q, k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16), torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="TRITON_INTERPRET"):
+        memkernels.memory_read(q, k, k, backend="triton")
