@@ -1,0 +1,161 @@
+"""Open-vocabulary facts: subjects and objects from open generators, many
+relations and phrasings, each with a held-out split built by construction.
+
+Unlike facts.py (objects from closed lists that every training also sees),
+an object here is a fresh made-up word, a two-word name, a number, a date or
+a code: a memory can only answer by copying what was stored. Four things
+have a split, each by a stable hash of its text, so that no draw of one
+split can produce the other's: subjects, objects, relations and phrasings.
+The eval split of each is for the benchmark only: the base LM's corpus and
+the memory's training episodes draw from the train split (the held-out
+relations may appear in the base LM's corpus, as a pretrained LLM knows the
+language, but never in the memory's training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import zlib
+
+SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi fo ga ge go gu ka ke ki ko ku la le li lo "
+             "lu ma me mi mo mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta "
+             "te ti to tu va ve vi vo za ze zi zo").split()
+CODAS = ("", "", "", "n", "r", "s", "l", "k", "th", "x")
+MONTHS = ("January February March April May June July August September October November "
+          "December").split()
+
+# (relation, subject kind, object kind, noun phrase): the generic phrasings below
+# state and ask each through its noun phrase ("the home town of X is Y")
+RELATIONS = [
+    ("home_town", "person", "place", "home town"), ("birthplace", "person", "place", "birthplace"),
+    ("office", "person", "place", "office city"), ("school", "person", "place", "old school"),
+    ("capital", "country", "place", "capital"), ("largest_city", "country", "place", "largest city"),
+    ("port", "country", "place", "main port"), ("river", "country", "word", "longest river"),
+    ("currency", "country", "word", "currency"), ("anthem", "country", "word", "anthem"),
+    ("founder", "company", "name", "founder"), ("chief", "company", "name", "chief executive"),
+    ("product", "company", "word", "best product"), ("headquarters", "company", "place",
+                                                      "headquarters"),
+    ("ticker", "company", "code", "ticker code"), ("founded", "company", "date", "founding date"),
+    ("staff", "company", "number", "head count"), ("captain", "ship", "name", "captain"),
+    ("home_port", "ship", "place", "home port"), ("hull", "ship", "code", "hull number"),
+    ("launch", "ship", "date", "launch date"), ("crew", "ship", "number", "crew size"),
+    ("spouse", "person", "name", "spouse"), ("mentor", "person", "name", "mentor"),
+    ("best_friend", "person", "name", "best friend"), ("pet_name", "person", "word", "pet's name"),
+    ("nickname", "person", "word", "nickname"), ("password", "person", "word", "password"),
+    ("motto", "person", "word", "motto"), ("dish", "person", "word", "favorite dish"),
+    ("instrument", "person", "word", "instrument"), ("hobby", "person", "word", "hobby"),
+    ("birthday", "person", "date", "birthday"), ("wedding", "person", "date", "wedding day"),
+    ("phone", "person", "number", "phone extension"), ("locker", "person", "number",
+                                                       "locker number"),
+    ("badge", "person", "code", "badge code"), ("plate", "person", "code", "licence plate"),
+    ("room", "person", "number", "room number"), ("team", "person", "word", "team"),
+    ("moon", "planet", "word", "largest moon"), ("discoverer", "planet", "name", "discoverer"),
+    ("catalog", "planet", "code", "catalog code"), ("orbit", "planet", "number",
+                                                    "orbit in days"),
+    ("discovery", "planet", "date", "discovery date"), ("star", "planet", "word", "star"),
+    ("author", "book", "name", "author"), ("setting", "book", "place", "setting"),
+    ("hero", "book", "name", "hero"), ("published", "book", "date", "publication date"),
+]
+
+# generic phrasings, split by hand (few enough to list): the eval ones state and
+# ask only the benchmark's facts
+STATEMENTS = {"train": ["The {r} of {s} is {o}.", "{s}'s {r} is {o}.",
+                        "Records say the {r} of {s} is {o}.", "As for {s}, the {r} is {o}."],
+              "eval": ["Everyone knows that {s}'s {r} is {o}.", "It is noted that the {r} of {s} "
+                       "is {o}."]}
+QUESTIONS = {"train": ["What is the {r} of {s}?", "What is {s}'s {r}?",
+                       "Do you know the {r} of {s}?"],
+             "eval": ["Tell me the {r} of {s}.", "Which {r} does {s} have?"]}
+SPLIT_EVERY = 6  # one in six subjects, objects and relations is held out
+
+
+def split_of(kind: str, text: str) -> str:
+    """'eval' for 1 in SPLIT_EVERY of each kind (a stable hash of kind and text), else 'train'."""
+    return "eval" if zlib.crc32(f"{kind}:{text}".encode()) % SPLIT_EVERY == 0 else "train"
+
+
+def relations(split: str) -> list[tuple]:
+    return [r for r in RELATIONS if split_of("relation", r[0]) == split]
+
+
+def phrasings(kind: str, split: str) -> list[str]:
+    """Statement ('statement') or question ('question') phrasings of a split."""
+    return (STATEMENTS if kind == "statement" else QUESTIONS)[split]
+
+
+def made_up_word(rng: random.Random, syllables: tuple[int, int] = (2, 5)) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(*syllables))) + \
+        rng.choice(CODAS)
+
+
+def draw(kind: str, rng: random.Random) -> str:
+    """A fresh value of a kind of subject or object (not yet split)."""
+    if kind in ("place", "country", "planet", "ship", "company", "book"):
+        word = made_up_word(rng).capitalize()
+        if kind == "place" and rng.random() < 0.3:
+            word = f"{word} {made_up_word(rng, (1, 3)).capitalize()}"
+        return word
+    if kind in ("name", "person"):
+        return f"{made_up_word(rng, (1, 3)).capitalize()} {made_up_word(rng, (2, 4)).capitalize()}"
+    if kind == "word":
+        return made_up_word(rng, (1, 4))
+    if kind == "number":
+        return str(rng.randint(10, 999999))
+    if kind == "date":
+        return f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1700, 2099)}"
+    if kind == "code":
+        letters = "".join(rng.choice("ABCDEFGHKLMNPRSTVXZ") for _ in range(rng.randint(2, 3)))
+        return f"{letters}-{rng.randint(10, 9999)}"
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def draw_in_split(kind: str, rng: random.Random, split: str) -> str:
+    """A fresh value whose split (by its text; subjects and objects apart) is `split`."""
+    side = "subject" if kind in ("person", "country", "company", "ship", "planet", "book") \
+        else "object"
+    while True:
+        value = draw(kind, rng)
+        if split_of(side, value) == split:
+            return value
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenFact:
+    subject: str
+    relation: str
+    object: str
+
+    @property
+    def noun(self) -> str:
+        return next(r[3] for r in RELATIONS if r[0] == self.relation)
+
+    def statement(self, rng: random.Random, split: str = "train") -> str:
+        return rng.choice(phrasings("statement", split)).format(r=self.noun, s=self.subject,
+                                                                o=self.object)
+
+    def question(self, rng: random.Random, split: str = "train") -> str:
+        return rng.choice(phrasings("question", split)).format(r=self.noun, s=self.subject)
+
+
+def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",
+                    facts_per_subject: int = 1) -> list[OpenFact]:
+    """n facts with fresh subjects and objects of `split`, over the relations
+    of `relation_split`; facts_per_subject > 1 gives each subject that many
+    relations of its kind (a person with a home town, a spouse, a birthday...)."""
+    rng = random.Random(seed)
+    pool = relations(relation_split)
+    by_kind: dict[str, list[tuple]] = {}
+    for r in pool:
+        by_kind.setdefault(r[1], []).append(r)
+    kinds = sorted(k for k, rs in by_kind.items() if len(rs) >= facts_per_subject)
+    facts: list[OpenFact] = []
+    subjects: set[str] = set()
+    while len(facts) < n:
+        kind = rng.choice(kinds)
+        subject = draw_in_split(kind, rng, split)
+        if subject in subjects:
+            continue
+        subjects.add(subject)
+        for rel in rng.sample(by_kind[kind], facts_per_subject)[:n - len(facts)]:
+            facts.append(OpenFact(subject, rel[0], draw_in_split(rel[2], rng, split)))
+    return facts
