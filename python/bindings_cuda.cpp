@@ -100,10 +100,7 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
                                             const OptTensor& slot_mask, double scale) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
   check_cuda_device(q);
-  check_shape(dout, "dout", q.sizes());
-  check_shape(out, "out", q.sizes());
-  check_shape(lse, "lse", {L.B, L.H, L.T});
-  for (auto [t, n] : {std::pair{&dout, "dout"}, {&out, "out"}, {&lse, "lse"}}) check_device(*t, q, n);
+  check_read_saved(L, q, dout, out, lse);
   if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor mask = contiguous_mask(slot_mask);
@@ -140,10 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
     const OptTensor& token_mask, const Tensor& upd, const Tensor& lse, double scale) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   check_cuda_device(mem);
-  check_shape(dnew, "dnew", mem.sizes());
-  check_shape(upd, "upd", mem.sizes());
-  check_shape(lse, "lse", {W.B, W.H, W.S});
-  for (auto [t, n] : {std::pair{&dnew, "dnew"}, {&upd, "upd"}, {&lse, "lse"}}) check_device(*t, mem, n);
+  check_write_saved(W, mem, dnew, upd, lse);
   if (W.empty())
     return {at::zeros_like(mem), at::zeros_like(q_slots), at::zeros_like(k_tok),
             at::zeros_like(v_tok), at::zeros_like(forget_logit), at::zeros_like(input_logit)};

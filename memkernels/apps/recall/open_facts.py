@@ -24,38 +24,61 @@ CODAS = ("", "", "", "n", "r", "s", "l", "k", "th", "x")
 MONTHS = ("January February March April May June July August September October November "
           "December").split()
 
-# (relation, subject kind, object kind, noun phrase): the generic phrasings below
-# state and ask each through its noun phrase ("the home town of X is Y")
-RELATIONS = [
-    ("home_town", "person", "place", "home town"), ("birthplace", "person", "place", "birthplace"),
-    ("office", "person", "place", "office city"), ("school", "person", "place", "old school"),
-    ("capital", "country", "place", "capital"), ("largest_city", "country", "place", "largest city"),
-    ("port", "country", "place", "main port"), ("river", "country", "word", "longest river"),
-    ("currency", "country", "word", "currency"), ("anthem", "country", "word", "anthem"),
-    ("founder", "company", "name", "founder"), ("chief", "company", "name", "chief executive"),
-    ("product", "company", "word", "best product"), ("headquarters", "company", "place",
-                                                      "headquarters"),
-    ("ticker", "company", "code", "ticker code"), ("founded", "company", "date", "founding date"),
-    ("staff", "company", "number", "head count"), ("captain", "ship", "name", "captain"),
-    ("home_port", "ship", "place", "home port"), ("hull", "ship", "code", "hull number"),
-    ("launch", "ship", "date", "launch date"), ("crew", "ship", "number", "crew size"),
-    ("spouse", "person", "name", "spouse"), ("mentor", "person", "name", "mentor"),
-    ("best_friend", "person", "name", "best friend"), ("pet_name", "person", "word", "pet's name"),
-    ("nickname", "person", "word", "nickname"), ("password", "person", "word", "password"),
-    ("motto", "person", "word", "motto"), ("dish", "person", "word", "favorite dish"),
-    ("instrument", "person", "word", "instrument"), ("hobby", "person", "word", "hobby"),
-    ("birthday", "person", "date", "birthday"), ("wedding", "person", "date", "wedding day"),
-    ("phone", "person", "number", "phone extension"), ("locker", "person", "number",
-                                                       "locker number"),
-    ("badge", "person", "code", "badge code"), ("plate", "person", "code", "licence plate"),
-    ("room", "person", "number", "room number"), ("team", "person", "word", "team"),
-    ("moon", "planet", "word", "largest moon"), ("discoverer", "planet", "name", "discoverer"),
-    ("catalog", "planet", "code", "catalog code"), ("orbit", "planet", "number",
-                                                    "orbit in days"),
-    ("discovery", "planet", "date", "discovery date"), ("star", "planet", "word", "star"),
-    ("author", "book", "name", "author"), ("setting", "book", "place", "setting"),
-    ("hero", "book", "name", "hero"), ("published", "book", "date", "publication date"),
-]
+# relation, subject kind, object kind, then its noun phrase: the generic
+# phrasings below state and ask each through it ("the home town of X is Y")
+_RELATION_TABLE = """
+home_town person place home town
+birthplace person place birthplace
+office person place office city
+school person place old school
+capital country place capital
+largest_city country place largest city
+port country place main port
+river country word longest river
+currency country word currency
+anthem country word anthem
+founder company name founder
+chief company name chief executive
+product company word best product
+headquarters company place headquarters
+ticker company code ticker code
+founded company date founding date
+staff company number head count
+captain ship name captain
+home_port ship place home port
+hull ship code hull number
+launch ship date launch date
+crew ship number crew size
+spouse person name spouse
+mentor person name mentor
+best_friend person name best friend
+pet_name person word pet's name
+nickname person word nickname
+password person word password
+motto person word motto
+dish person word favorite dish
+instrument person word instrument
+hobby person word hobby
+birthday person date birthday
+wedding person date wedding day
+phone person number phone extension
+locker person number locker number
+badge person code badge code
+plate person code licence plate
+room person number room number
+team person word team
+moon planet word largest moon
+discoverer planet name discoverer
+catalog planet code catalog code
+orbit planet number orbit in days
+discovery planet date discovery date
+star planet word star
+author book name author
+setting book place setting
+hero book name hero
+published book date publication date
+"""
+RELATIONS = [tuple(line.split(" ", 3)) for line in _RELATION_TABLE.strip().splitlines()]
 
 # generic phrasings, split by hand (few enough to list): the eval ones state and
 # ask only the benchmark's facts
