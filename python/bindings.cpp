@@ -48,7 +48,8 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
                                             const OptTensor& slot_mask, double scale) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
   TORCH_CHECK(q.device().is_cpu(), "memkernels._C.read_bwd: tensors must be on the CPU");
-  check_read_saved(L, q, dout, out, lse);
+  check_saved(q, {{dout, "dout", q.sizes().vec()}, {out, "out", q.sizes().vec()},
+                  {lse, "lse", {L.B, L.H, L.T}}});
   if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const auto ct = compute_type(q);
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
@@ -104,7 +105,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
     const OptTensor& token_mask, const Tensor& upd, const Tensor& lse, double scale) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   TORCH_CHECK(mem.device().is_cpu(), "memkernels._C.write_bwd: tensors must be on the CPU");
-  check_write_saved(W, mem, dnew, upd, lse);
+  check_saved(mem, {{dnew, "dnew", mem.sizes().vec()}, {upd, "upd", mem.sizes().vec()},
+                    {lse, "lse", {W.B, W.H, W.S}}});
   if (W.empty())
     return {at::zeros_like(mem), at::zeros_like(q_slots), at::zeros_like(k_tok),
             at::zeros_like(v_tok), at::zeros_like(forget_logit), at::zeros_like(input_logit)};

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -126,13 +127,17 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
   return L;
 }
 
-// The saved forward results a backward takes: shaped and placed as the forward made them.
-inline void check_read_saved(const ReadLayout& L, const Tensor& q, const Tensor& dout,
-                             const Tensor& out, const Tensor& lse) {
-  check_shape(dout, "dout", q.sizes());
-  check_shape(out, "out", q.sizes());
-  check_shape(lse, "lse", {L.B, L.H, L.T});
-  for (auto [t, n] : {std::pair{&dout, "dout"}, {&out, "out"}, {&lse, "lse"}}) check_device(*t, q, n);
+// The saved forward results a backward takes: each shaped and placed as the forward made it.
+struct Saved {
+  const Tensor& t;
+  const char* name;
+  std::vector<int64_t> shape;
+};
+inline void check_saved(const Tensor& like, std::initializer_list<Saved> saved) {
+  for (const Saved& s : saved) {
+    check_shape(s.t, s.name, s.shape);
+    check_device(s.t, like, s.name);
+  }
 }
 
 // memory_write: all tensors [B, H, ...]; groups are (b, h) pairs.
@@ -163,14 +168,6 @@ inline WriteShape write_shape(const Tensor& mem, const Tensor& qs, const Tensor&
   check_mask(token_mask, "token_mask", mem);
   if (token_mask) check_shape(*token_mask, "token_mask", {W.B, W.T});
   return W;
-}
-
-inline void check_write_saved(const WriteShape& W, const Tensor& mem, const Tensor& dnew,
-                              const Tensor& upd, const Tensor& lse) {
-  check_shape(dnew, "dnew", mem.sizes());
-  check_shape(upd, "upd", mem.sizes());
-  check_shape(lse, "lse", {W.B, W.H, W.S});
-  for (auto [t, n] : {std::pair{&dnew, "dnew"}, {&upd, "upd"}, {&lse, "lse"}}) check_device(*t, mem, n);
 }
 
 // token_mask [B, T] applies to group g = b * H + h.

@@ -60,11 +60,12 @@ def test_answers_have_from_one_to_several_words_and_kinds():
     assert any(f.object.isdigit() for f in facts) and any("-" in f.object for f in facts)
 
 
-def test_the_open_gap_command_runs_on_a_few_facts():
+def test_the_open_recall_command_runs_on_a_few_facts():
     import pytest
     pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
-    from memkernels.apps.recall import open_gap
-    rows = open_gap.run(4, log=lambda *_: None)
-    assert len(rows) == 6 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
-    assert {r["world"] for r in rows} == {"closed lists (the benchmark's)",
-                                          "open vocabulary, held-out splits"}
+    from memkernels.apps.recall import open_recall
+    rows = open_recall.run([4], questions=4, log=lambda *_: None)
+    assert {(r["world"], r["relations"]) for r in rows} == {("closed", "seen"), ("open", "seen"),
+                                                           ("open", "held")}
+    assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)

@@ -272,7 +272,7 @@ def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path):
         vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=256))
     model.save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
-    main(["--model", str(tmp_path / "gpt2"), "--mode", "written", "--steps", "2",
+    main(["--model", str(tmp_path / "gpt2"), "--mode", "written", "--world", "open", "--steps", "2",
           "--pretrain-steps", "2", "--batch", "4", "--slots", "64", "--out", str(tmp_path / "o")])
-    memory = MemoryModel.from_pretrained(tmp_path / "o" / "checkpoint" / "memory")
+    memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3

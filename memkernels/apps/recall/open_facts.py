@@ -160,6 +160,12 @@ class OpenFact:
         return rng.choice(phrasings("question", split)).format(r=self.noun, s=self.subject)
 
 
+def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:
+    """One fresh fact of `split` over the training relations (a training episode's)."""
+    rel = rng.choice(relations("train"))
+    return OpenFact(draw_in_split(rel[1], rng, split), rel[0], draw_in_split(rel[2], rng, split))
+
+
 def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",
                     facts_per_subject: int = 1) -> list[OpenFact]:
     """n facts with fresh subjects and objects of `split`, over the relations

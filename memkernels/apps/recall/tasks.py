@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from memkernels.memory import AppendOptions, MemoryConfig, MemoryModel
+from memkernels.apps.recall import open_facts
 from memkernels.apps.recall.facts import RELATIONS, Fact, make_facts, make_name, qa_prompt
 from memkernels.hf import store
 from memkernels.train import Batch
@@ -56,13 +57,15 @@ def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
                           store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY)
 
 
-def address_pairs(tokenizer, n: int = 8000, seed: int = 11) -> tuple[list[str], list[str], list[int]]:
+def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
+                  world: str = "closed") -> tuple[list[str], list[str], list[int]]:
     """(questions, statements, targets) of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
     statement has said whom it is about and which relation it states)."""
     rng = random.Random(seed)
-    facts = make_facts(n, seed=seed, split="train")[0]
+    facts = (make_facts(n, seed=seed, split="train")[0] if world == "closed" else
+             open_facts.make_open_facts(n, seed=seed, split="train", relation_split="train"))
     questions = [qa_prompt(f.question(rng)) for f in facts]
     statements = [f.statement(rng) for f in facts]
     targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
@@ -109,8 +112,8 @@ def random_fact(rng: random.Random, split: str = "train") -> Fact:
 
 
 def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, int] = (4, 128),
-                    questions_per_row: int = 8,
-                    curriculum_steps: int = 0) -> Callable[[int, int], Batch]:
+                    questions_per_row: int = 8, curriculum_steps: int = 0,
+                    draw_fact: Callable = random_fact) -> Callable[[int, int], Batch]:
     """Episodes: each row writes k fresh facts (statements) into its own
     fresh bank, then answers questions about some of them (other templates).
     address_targets / asks: each statement's last token before its object,
@@ -132,7 +135,7 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
         rng = _rng(seed, rank, step, 1)
         rows, writes, targets, asks = [], [], [], []
         for r in range(batch):
-            facts = [random_fact(rng) for _ in range(rng.randint(*facts_range(step)))]
+            facts = [draw_fact(rng) for _ in range(rng.randint(*facts_range(step)))]
             statements = [statement_tokens(tokenizer, f, rng) for f in facts]
             writes.append([ids for ids, _ in statements])
             targets.append([_first_scored(labels) - 1 for _, labels in statements])
@@ -158,14 +161,16 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
     return make
 
 
-def append_episodes(tokenizer, batch: int, seed: int, steps: int) -> Callable[[int, int], Batch]:
+def append_episodes(tokenizer, batch: int, seed: int, steps: int,
+                    world: str = "closed") -> Callable[[int, int], Batch]:
     """The episodes of an append memory's joint training (the recall
     benchmark's and `python -m memkernels.apps.recall.train`'s): 4-16 facts written a
     row, reached by a curriculum from one over the first 1000 steps, and one
     question a row, asked alone as the benchmark asks it (the first reader's
     query is frozen at what pretrain_address fitted on questions alone)."""
+    draw = random_fact if world == "closed" else open_facts.random_open_fact
     return written_batches(tokenizer, batch, seed, facts_per_row=(4, 16), questions_per_row=1,
-                           curriculum_steps=min(1000, steps))
+                           curriculum_steps=min(1000, steps), draw_fact=draw)
 
 
 def _first_scored(labels: list[int]) -> int:

@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 2 -m memkernels.apps.recall.train ...     # DDP, unchanged
 
 written: a memory trained on episodes (write facts, answer questions about
-them), written to OUT/checkpoint/memory (MemoryModel.from_pretrained). trained:
-a bank whose slots learn the benchmark's facts, OUT/bank.safetensors.
+them), saved to OUT/memory (MemoryModel.from_pretrained(OUT/memory)); --world
+open draws the episodes from the open-vocabulary generators. trained: a bank
+whose slots learn the benchmark's facts, OUT/bank.safetensors. OUT/checkpoint
+resumes a run (--resume).
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from memkernels.train import (Trainer, TrainConfig, append_joint_config, pretrai
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--mode", choices=("written", "trained"), default="written")
+    ap.add_argument("--world", choices=("closed", "open"), default="closed",
+                    help="written mode, append rule: the episodes' facts: the benchmark's closed "
+                         "lists, or open-vocabulary facts (open_facts, train splits)")
     ap.add_argument("--facts", type=int, default=1000, help="trained mode: facts in the corpus")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16,
@@ -63,12 +68,13 @@ def main(argv=None) -> None:
     else:
         memory = (tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
                   else tasks.default_memory(model, slots=args.slots, seed=args.seed))
-        make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps)
+        make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps,
+                                            world=args.world)
                       if append else tasks.written_batches(tokenizer, args.batch, args.seed)
                       if args.mode == "written"
                       else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
     if append and not args.resume:
-        pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+        pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer, world=args.world),
                          steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
@@ -83,6 +89,8 @@ def main(argv=None) -> None:
     trainer.close()
     if trainer.rank == 0 and trained_bank:
         trainer.bank.save(os.path.join(args.out, "bank.safetensors"))
+    elif trainer.rank == 0:  # the trained memory: MemoryModel.from_pretrained(OUT/memory)
+        memory.save_pretrained(os.path.join(args.out, "memory"))
     if trainer.rank == 0:
         last = result["history"][-20:]
         print(json.dumps({"mode": args.mode, "steps": trainer.step,
