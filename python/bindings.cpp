@@ -129,8 +129,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   return {dmem.to(dt), dqs.to(dt), dk.to(dt), dv.to(dt), df.to(dt), di.to(dt)};
 }
 
-// One reading layer at inference, fused (memkernels.memory.MemoryReader, and
-// with mlp_w the append rule's memkernels.append_memory.AppendReader).
+// One reading layer at inference, fused (memkernels.reading_layer: the blend rule's BlendReader,
+// and with mlp_w the append rule's AppendReader).
 // keys/values may be bfloat16, or int8 with a float32 scale per slot, with
 // float32 hidden states (the decode cache). Query heads (query_w rows / Dh)
 // may be a multiple of the kv heads: head h reads kv head h % Hk.

@@ -84,15 +84,17 @@ def text_end_states(model: nn.Module, tokenizer, texts: Sequence[str],
     [tokens, layers + 1, hidden]. Left-padded batches, positions counted from
     each text's first token, as generate() counts them. With context_decay
     > 0, returns (states, contexts): the decayed context at the same tokens
-    [texts or tokens, hidden] (append_memory.decayed_context of the
-    embeddings, hidden_states[0], as a reading memory sees it)."""
+    [texts or tokens, hidden] (memory.context.decayed_context of the
+    embeddings, hidden_states[0], as a reading memory sees it). A text may be
+    given as its token ids (a list of ints)."""
     handle = attached_handle(model)
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
     device = next(model.parameters()).device
     out, contexts = [], []
     with off:
         for i in range(0, len(texts), batch_size):
-            chunk = [tokenizer(t)["input_ids"] for t in texts[i:i + batch_size]]
+            chunk = [list(t) if isinstance(t, (list, tuple)) else tokenizer(t)["input_ids"]
+                     for t in texts[i:i + batch_size]]
             width = max(map(len, chunk))
             ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],

@@ -41,7 +41,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     find token targets[i] of statement i, when its statement and those of the
     other batch - 1 pairs are written (every token a candidate, its own
     statement's other tokens too), scored as the read scores
-    (append_memory.address_nll). First fits the MLPs' input statistics on the
+    (memory.append.address_nll). First fits the MLPs' input statistics on the
     same states. Without it the joint training does not find the address in
     a few thousand steps (docs/design.md, "Training the append rule"). Returns the
     losses."""

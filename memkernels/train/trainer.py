@@ -74,7 +74,7 @@ class TrainConfig:
     # parameter-name prefix -> lr multiplier (the first prefix that matches);
     # e.g. pre-trained parameters that should move slowly
     lr_scales: dict = dataclasses.field(default_factory=dict)
-    # append rule: weight of append_memory.address_contrastive on batches with
+    # append rule: weight of memory.append.address_contrastive on batches with
     # asks (each question's first-reader query against every written target of
     # the batch); without it the joint training pulls the pre-trained address
     # away (docs/design.md, "Training the append rule")
@@ -162,7 +162,7 @@ class _MemoryStep(nn.Module):
 
     def _address_loss(self, batch: Batch, write_hidden: Tensor,
                       write_context: Optional[Tensor]) -> Tensor:
-        """append_memory.address_contrastive of each ask's first-reader query
+        """memory.append.address_contrastive of each ask's first-reader query
         against the addresses of every text's target token in the batch."""
         memory, (B, n, Tw) = self.memory, batch.write_ids.shape
         has = batch.address_targets >= 0
@@ -205,7 +205,7 @@ class Trainer:
         self.rank, self.world = _distributed()
         torch.manual_seed(config.seed)
         if bank is not None and (bank.memory is not memory or bank.batch_size != 1):
-            raise ValueError("bank: a one-row bank of this memory (memory.store(...) or "
+            raise ValueError("bank: a one-row bank of this memory (memkernels.store(...) or "
                              "memory.new_bank())")
         self.step_module = _MemoryStep(llm, memory, config.address_loss,
                                        config.address_temperature, bank)

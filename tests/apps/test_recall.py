@@ -260,13 +260,15 @@ def test_train_command_fails_at_once_on_a_missing_or_unusable_model(tmp_path):
         main(["--model", str(tmp_path / "broken"), "--out", str(tmp_path / "o")])
 
 
-def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path):
+def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path, monkeypatch):
     """Another family with its own config class, loaded through the Auto classes
     (not as a Llama of default size), the written memory trained end to end and
     reloaded with MemoryModel.from_pretrained."""
     import transformers
     from memkernels.apps.recall.train import main
     from memkernels.memory import MemoryModel
+    pairs = tasks.address_pairs
+    monkeypatch.setattr(tasks, "address_pairs", lambda t, **kw: pairs(t, n=32, **kw))
     tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=256))

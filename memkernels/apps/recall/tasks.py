@@ -58,18 +58,34 @@ def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
 
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
-                  world: str = "closed") -> tuple[list[str], list[str], list[int]]:
+                  world: str = "closed") -> tuple[list, list[str], list[int]]:
     """(questions, statements, targets) of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
-    statement has said whom it is about and which relation it states)."""
+    statement has said whom it is about and which relation it states).
+
+    world="open": open-vocabulary facts with answers of several tokens, one
+    pair per answer token: the question followed by the answer's first j
+    tokens (token ids, as generation sees them) must find the statement's
+    token before answer token j (the slot whose content is that token)."""
     rng = random.Random(seed)
-    facts = (make_facts(n, seed=seed, split="train")[0] if world == "closed" else
-             open_facts.make_open_facts(n, seed=seed, split="train", relation_split="train"))
-    questions = [qa_prompt(f.question(rng)) for f in facts]
-    statements = [f.statement(rng) for f in facts]
-    targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
-               for s, f in zip(statements, facts)]
+    if world == "closed":
+        facts = make_facts(n, seed=seed, split="train")[0]
+        questions = [qa_prompt(f.question(rng)) for f in facts]
+        statements = [f.statement(rng) for f in facts]
+        targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
+                   for s, f in zip(statements, facts)]
+        return questions, statements, targets
+    questions, statements, targets = [], [], []
+    for f in open_facts.make_open_facts(n, seed=seed, split="train", relation_split="train"):
+        statement = f.statement(rng)
+        before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
+        prompt = tokenizer(qa_prompt(f.question(rng)))["input_ids"]
+        answer = tokenizer(f" {f.object}")["input_ids"]
+        for j in range(len(answer)):
+            questions.append(prompt + answer[:j])
+            statements.append(statement)
+            targets.append(before + j)
     return questions, statements, targets
 
 
