@@ -67,5 +67,6 @@ def test_the_open_recall_command_runs_on_a_few_facts():
     rows = open_recall.run([4], questions=4, log=lambda *_: None)
     assert {(r["world"], r["relations"]) for r in rows} == {("closed", "seen"), ("open", "seen"),
                                                            ("open", "held")}
-    assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context"}
+    assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context",
+                                             "BM25 top-3"}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)

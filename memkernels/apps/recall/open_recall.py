@@ -8,7 +8,8 @@ benchmark.
 
 Defaults: the shipped base LM and written memory (trained on closed lists:
 the gap the open-vocabulary memory has to close). Conditions: the LM alone,
-the facts in its prompt (N=10), the written memory (store() then questions).
+the facts in its prompt (N=10), the BM25 top-3 statements in its prompt, the
+written memory (store() then questions).
 Splits, reported apart: relations seen in the memory's training or held out,
 and answers of 1 / 2-3 / 4+ tokens (in the model's tokenizer). Statements and
 questions use held-out phrasings. Exact match of the greedy answer up to its
@@ -34,10 +35,17 @@ from memkernels.memory import MemoryModel
 INDEX_MIN_SLOTS = benchmark.INDEX_MIN_SLOTS
 
 
-def answers(model, tokenizer, statements, questions, memory=None, in_context=False) -> list[str]:
+def answers(model, tokenizer, statements, questions, memory=None, in_context=False,
+            retrieve: int = 0) -> list[str]:
+    """Greedy answers: the LM alone, with all statements in the prompt
+    (in_context), with the BM25 top-`retrieve` statements in the prompt, or
+    reading `memory` after store() of the statements."""
     prompts = [qa_prompt(q) for q in questions]
     if in_context:
         prompts = [" ".join(statements) + " " + p for p in prompts]
+    if retrieve:
+        index = benchmark.BM25Retriever(statements)
+        prompts = [" ".join(index.top(q, retrieve)) + " " + p for q, p in zip(questions, prompts)]
     if memory is None:
         return benchmark.answer(model, tokenizer, prompts, max_new_tokens=16)
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
@@ -90,6 +98,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             if n <= 10:
                 record(world, "facts in context", split, fs,
                        answers(model, tokenizer, statements, qs, in_context=True))
+            record(world, "BM25 top-3", split, fs,
+                   answers(model, tokenizer, statements, qs, retrieve=3))
     return rows
 
 
