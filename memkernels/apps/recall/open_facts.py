@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import zlib
 
 SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi fo ga ge go gu ka ke ki ko ku la le li lo "
@@ -92,9 +93,24 @@ QUESTIONS = {"train": ["What is the {r} of {s}?", "What is {s}'s {r}?",
 SPLIT_EVERY = 6  # one in six subjects, objects and relations is held out
 
 
-def split_of(kind: str, text: str) -> str:
-    """'eval' for 1 in SPLIT_EVERY of each kind (a stable hash of kind and text), else 'train'."""
+def _hashed(kind: str, text: str) -> str:
     return "eval" if zlib.crc32(f"{kind}:{text}".encode()) % SPLIT_EVERY == 0 else "train"
+
+
+def split_of(kind: str, text: str) -> str:
+    """The split of a relation name (kind 'relation') or of a subject or object
+    (kind 'value'): 1 in SPLIT_EVERY by a stable hash, else 'train'. A value
+    made of words is split word by word, and belongs to a split only when all
+    its words do ('mixed' otherwise, never drawn): no word of a held-out value
+    ever appears in a training value, whole or as part of a name. Month names,
+    shared by every date, do not count; a value with no word (a number) splits whole."""
+    if kind == "relation":
+        return _hashed(kind, text)
+    words = [w.lower() for w in re.findall(r"[A-Za-z]{2,}", text) if w not in MONTHS]
+    if not words:
+        return _hashed("value", text)
+    splits = {_hashed("word", w) for w in words}
+    return splits.pop() if len(splits) == 1 else "mixed"
 
 
 def relations(split: str) -> list[tuple]:
@@ -133,12 +149,10 @@ def draw(kind: str, rng: random.Random) -> str:
 
 
 def draw_in_split(kind: str, rng: random.Random, split: str) -> str:
-    """A fresh value whose split (by its text; subjects and objects apart) is `split`."""
-    side = "subject" if kind in ("person", "country", "company", "ship", "planet", "book") \
-        else "object"
+    """A fresh value whose split (split_of) is `split`."""
     while True:
         value = draw(kind, rng)
-        if split_of(side, value) == split:
+        if split_of("value", value) == split:
             return value
 
 

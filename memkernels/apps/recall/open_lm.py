@@ -59,17 +59,17 @@ def corpus(n_docs: int, seed: int = CORPUS_SEED, copies: float = 0.25) -> list[s
 
 @torch.no_grad()
 def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 100,
-                        seed: int = 0) -> float:
-    """Exact match of greedy answers to questions (held-out phrasings) about
-    eval-split facts whose statements (held-out phrasings too) are in the
-    prompt, n_facts of them per prompt."""
+                        seed: int = 0, phrasings: str = "eval") -> float:
+    """Exact match of greedy answers to questions about eval-split facts whose
+    statements are in the prompt, n_facts of them per prompt; statements and
+    questions in the `phrasings` split (held out by default)."""
     rng = random.Random(seed)
     right = []
     while len(right) < questions:
         facts = open_facts.make_open_facts(n_facts, seed=rng.randrange(1 << 30))
-        context = " ".join(f.statement(rng, "eval") for f in facts)
+        context = " ".join(f.statement(rng, phrasings) for f in facts)
         for f in rng.sample(facts, min(len(facts), questions - len(right))):
-            ids = torch.tensor([tokenizer(f"{context} {qa_prompt(f.question(rng, 'eval'))}")
+            ids = torch.tensor([tokenizer(f"{context} {qa_prompt(f.question(rng, phrasings))}")
                                 ["input_ids"]])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -108,6 +108,8 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
                 train_seconds=time.time() - t0,
                 held_out_perplexity=base_lm.perplexity(model, tokenizer, held_out),
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
+                in_context_accuracy_n10_train_phrasings=in_context_accuracy(
+                    model, tokenizer, 10, phrasings="train"),
                 config=base_lm.MODEL_CONFIG)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
