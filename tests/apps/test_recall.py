@@ -278,3 +278,13 @@ def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path, monkeypatc
           "--pretrain-steps", "2", "--batch", "4", "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
+
+
+def test_the_demo_runs_and_prints_what_it_measured(capsys):
+    """`python -m memkernels.apps.demo`, the README's main job, on a few facts."""
+    from memkernels.apps import demo
+    demo.main(["--facts", "8", "--questions", "8"])
+    out = capsys.readouterr().out
+    for line in ("kernels: backend", "recall on 8 questions", "recall of 8 open-vocabulary facts",
+                 "decode:"):
+        assert line in out, out
