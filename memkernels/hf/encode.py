@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from memkernels.hf.attach import attached_handle, find_decoder_layers
-from memkernels.memory.bank import MemoryBank
+from memkernels.memory.bank import MemoryBank, check_same_memory
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.context import decayed_context
 
@@ -168,8 +168,8 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
     if not isinstance(memory, MemoryModel):
         raise TypeError(f"memory must be a MemoryModel (a bank to write into goes in bank=), "
                         f"got {type(memory).__name__}")
-    if bank is not None and bank.memory is not memory:
-        raise ValueError("bank belongs to another memory: store(bank.memory, ..., bank=bank)")
+    if bank is not None:
+        check_same_memory(bank, memory, "bank")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
