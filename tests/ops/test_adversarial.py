@@ -137,3 +137,30 @@ def test_bf16_on_the_interpreted_triton_backend_is_refused():
     q, k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16), torch.randn(2, 5, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="TRITON_INTERPRET"):
         memkernels.memory_read(q, k, k, backend="triton")
+
+
+if _backend.triton_available():  # a probe of the kernels' offset helper (triton is optional)
+    import triton
+    import triton.language as tl
+
+    from memkernels.ops.triton.attention import _mask_rows
+
+    @triton.jit
+    def _mask_offset_probe(Out, g0, group_div, group_stride, row_div, row_stride,
+                           BLOCK: tl.constexpr):
+        g = tl.program_id(0) + g0  # int32, as in the kernels
+        rows = tl.arange(0, BLOCK)
+        tl.store(Out + rows, _mask_rows(g, rows, group_div, group_stride, row_div, row_stride))
+
+
+def test_triton_mask_offsets_do_not_wrap_at_2_to_31():
+    """A [B, S] slot mask of a bank shared by the batch passes 2^31 elements
+    from B = 2048 rows of 2^20 slots: the mask row offset is computed in int64
+    (in int32 it wrapped around)."""
+    if not (_backend.triton_available() and (_backend.triton_interpreted()
+                                             or torch.cuda.is_available())):
+        pytest.skip("needs triton on a GPU or under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.zeros(4, dtype=torch.int64, device=device)
+    _mask_offset_probe[(1,)](out, 4096, 1, 1 << 20, 1, 3, BLOCK=4)
+    assert out.tolist() == [4096 * (1 << 20) + 3 * r for r in range(4)]
