@@ -132,20 +132,15 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def train(out_dir: str, steps: int = 4000, seq_len: int = SEQ_LEN, batch: int = 12,
-          lr: float = 1e-3, seed: int = 0, log=print) -> dict:
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    texts = corpus(40_000)
-    held_out = corpus(400, seed=CORPUS_SEED + 1, roll_calls=0.0, famous=0.0)
-    t0 = time.time()
-    tokenizer = train_tokenizer(texts[:10_000])
-    model = build_model(len(tokenizer))
+def fit(model, tokenizer, texts: list[str], *, steps: int, seq_len: int, batch: int, lr: float,
+        rng: random.Random, desc: str = "base LM") -> None:
+    """Next-token training of `model` on packed windows of `texts` (AdamW, a
+    100-step warmup, then cosine decay to 0); leaves it in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
     bar = tqdm(zip(range(steps), packed_batches(tokenizer, texts, seq_len, batch, rng)),
-               total=steps, desc="base LM")
+               total=steps, desc=desc)
     model.train()
     for step, x in bar:
         loss = model(x, labels=x).loss
@@ -157,15 +152,32 @@ def train(out_dir: str, steps: int = 4000, seq_len: int = SEQ_LEN, batch: int = 
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
-                steps=steps, seq_len=seq_len, batch=batch, train_docs=len(texts),
-                held_out_perplexity=perplexity(model, tokenizer, held_out),
-                train_seconds=time.time() - t0, config=MODEL_CONFIG)
+
+
+def save(out_dir: str, model, tokenizer, info: dict) -> None:
+    """The model, its tokenizer and training.json (what load() reads)."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
+
+
+def train(out_dir: str, steps: int = 4000, seq_len: int = SEQ_LEN, batch: int = 12,
+          lr: float = 1e-3, seed: int = 0, log=print) -> dict:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    texts = corpus(40_000)
+    held_out = corpus(400, seed=CORPUS_SEED + 1, roll_calls=0.0, famous=0.0)
+    t0 = time.time()
+    tokenizer = train_tokenizer(texts[:10_000])
+    model = build_model(len(tokenizer))
+    fit(model, tokenizer, texts, steps=steps, seq_len=seq_len, batch=batch, lr=lr, rng=rng)
+    info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
+                steps=steps, seq_len=seq_len, batch=batch, train_docs=len(texts),
+                held_out_perplexity=perplexity(model, tokenizer, held_out),
+                train_seconds=time.time() - t0, config=MODEL_CONFIG)
+    save(out_dir, model, tokenizer, info)
     log(f"base LM: {info['params'] / 1e6:.2f} M parameters, held-out perplexity "
         f"{info['held_out_perplexity']:.3f}, {info['train_seconds']:.0f} s -> {out_dir}")
     return info

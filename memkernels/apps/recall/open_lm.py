@@ -15,15 +15,12 @@ eval-split facts asked with held-out phrasings (`in_context_accuracy`).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import random
 import statistics
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from memkernels.apps.recall import base_lm, open_facts
 from memkernels.apps.recall.facts import qa_prompt
@@ -86,22 +83,8 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
     t0 = time.time()
     tokenizer = base_lm.train_tokenizer(texts[:15_000])
     model = base_lm.build_model(len(tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
-    bar = tqdm(zip(range(steps), base_lm.packed_batches(tokenizer, texts, base_lm.SEQ_LEN, batch,
-                                                        rng)), total=steps, desc="open LM")
-    model.train()
-    for step, x in bar:
-        loss = model(x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    base_lm.fit(model, tokenizer, texts, steps=steps, seq_len=base_lm.SEQ_LEN, batch=batch, lr=lr,
+                rng=rng, desc="open LM")
     model.generation_config.eos_token_id = None
     info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
                 steps=steps, batch=batch, seq_len=base_lm.SEQ_LEN, train_docs=len(texts),
@@ -111,11 +94,7 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
                 in_context_accuracy_n10_train_phrasings=in_context_accuracy(
                     model, tokenizer, 10, phrasings="train"),
                 config=base_lm.MODEL_CONFIG)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "training.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    base_lm.save(out_dir, model, tokenizer, info)
     log(f"open LM: {info['params'] / 1e6:.2f} M parameters, held-out perplexity "
         f"{info['held_out_perplexity']:.3f}, in-context accuracy at N=10 "
         f"{100 * info['in_context_accuracy_n10']:.0f}%, {info['train_seconds']:.0f} s -> {out_dir}")
