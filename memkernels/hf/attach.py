@@ -5,7 +5,8 @@
     model.generate(...)                              # prefill and decode read memory
     handle.detach()                                  # the model as it was
 
-Reads are forward hooks on the chosen decoder layers: no module of the LLM
+Reads are forward hooks on the chosen decoder layers (the copy rule's: on
+the LM head, whose logits it mixes with the stored tokens): no module of the LLM
 is replaced and none of its parameters change (attach freezes them and
 detach restores their requires_grad flags). A read only depends on the
 current token's hidden state and the bank (and, with
@@ -89,8 +90,15 @@ class MemoryHandle:
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
-                       for r, i in enumerate(memory.config.resolved_read_layers)]
+        if getattr(memory, "reads_logits", False):  # the copy rule: at the LM head
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if head is None or getattr(head, "weight", None) is None:
+                raise ValueError(f"a {type(memory).__name__} reads at the LM head, and "
+                                 f"{type(model).__name__} has none (get_output_embeddings())")
+            self._hooks = [head.register_forward_hook(self._mix_hook())]
+        else:
+            self._hooks = [self.layers[i].register_forward_hook(self._read_hook(r))
+                           for r, i in enumerate(memory.config.resolved_read_layers)]
         self._hooks += [model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                         model.register_forward_hook(self._end_call, always_call=True)]
         if memory.config.context_decay:
@@ -123,6 +131,22 @@ class MemoryHandle:
                                local.context if uses_context else None)
             # transformers < 5 returns (hidden, ...)
             return (read, *output[1:]) if isinstance(output, tuple) else read
+        return hook
+
+    def _mix_hook(self):
+        memory = self.memory
+        uses_context = bool(memory.config.context_decay)
+        local = self._local
+
+        def hook(module, args, output):
+            bank = local.bank if local.in_call else self._bank
+            if bank is None or not local.reading:
+                return None
+            hidden = args[0]
+            context = None
+            if uses_context:  # the head may see only the last positions (logits_to_keep)
+                context = local.context[:, -hidden.shape[1]:]
+            return memory.mix_logits(hidden, output, module.weight, bank, self.kv_dtype, context)
         return hook
 
     def _begin_call(self, module, args, kwargs):

@@ -30,14 +30,15 @@ class _StopForward(Exception):
 class WriteInputs(NamedTuple):
     """What MemoryModel.write takes from the base model for N texts."""
     hidden: Tensor  # the write layer's hidden states [N, T, hidden] (the token keys)
-    values: Optional[Tensor]  # the token values' states, or None: `hidden` (values_from)
+    values: Optional[Tensor]  # the token values' states (or output embedding rows), or None: `hidden` (values_from)
     context: Optional[Tensor]  # each token's context within its text (context_decay), or None
 
 
 def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
                        attention_mask: Tensor) -> WriteInputs:
     """What a write reads from the base model (WriteInputs): the hidden
-    states at the memory's write layer [N, T, hidden], and, from the input
+    states at the memory's write layer [N, T, hidden] (the copy rule's: the
+    LM head's input, where its reads query), and, from the input
     of the first decoder layer, the token values when `config.values_from ==
     "embeddings"` and each token's context when `config.context_decay > 0`.
     Memory reads (if attached) are off; layers after the write layer are skipped."""
@@ -56,7 +57,16 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
             values.append(args[0] if args else kwargs["hidden_states"])
 
     config = memory.config
-    hooks = [target.register_forward_hook(capture)]
+    if getattr(memory, "reads_logits", False):
+        # the copy rule keys a token on what the LM head reads there, as its reads query
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise ValueError(f"a {type(memory).__name__} keys on the LM head's input, and "
+                             f"{type(model).__name__} has none (get_output_embeddings())")
+        hooks = [head.register_forward_pre_hook(
+            lambda module, args: capture(module, args, args[0]))]
+    else:
+        hooks = [target.register_forward_hook(capture)]
     if config.values_from == "embeddings" or config.context_decay:
         hooks.append(layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
     off = handle.reads_disabled() if handle is not None else contextlib.nullcontext()
@@ -66,8 +76,15 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
     except _StopForward as stop:
         context = (decayed_context(values[0], attention_mask, config.context_decay)[0]
                    if config.context_decay else None)
-        return WriteInputs(stop.hidden, values[0] if config.values_from == "embeddings" else None,
-                           context)
+        if config.values_from == "output_embeddings":  # the LM head's row of each token
+            head = model.get_output_embeddings()
+            if head is None or getattr(head, "weight", None) is None:
+                raise ValueError(f"values_from='output_embeddings': {type(model).__name__} has "
+                                 f"no output embedding (get_output_embeddings() with a weight)")
+            token_values = head.weight.detach()[input_ids].to(stop.hidden.dtype)
+        else:
+            token_values = values[0] if config.values_from == "embeddings" else None
+        return WriteInputs(stop.hidden, token_values, context)
     finally:
         for hook in hooks:
             hook.remove()

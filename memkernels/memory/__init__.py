@@ -2,7 +2,8 @@
 
 - config: MemoryConfig (BlendOptions, AppendOptions).
 - base: MemoryModel, the trained parameters; MemoryModel(config) is the
-  write rule's class: blend.BlendMemory or append.AppendMemory.
+  write rule's class: blend.BlendMemory, append.AppendMemory or
+  copy.CopyMemory (the read mixes stored tokens into the LM's output).
 - bank: MemoryBank, the run-time content (one row per user or sequence),
   its key/value cache and file format; index: the clustered index of a
   large bank; context: the decayed context the append rule keys on.
@@ -17,7 +18,8 @@ from memkernels.memory.base import MemoryModel
 from memkernels.memory.blend import BlendMemory, BlendReader
 from memkernels.memory.config import AppendOptions, BlendOptions, MemoryConfig
 from memkernels.memory.context import decayed_context
+from memkernels.memory.copy import CopyMemory, CopyReader
 
 __all__ = ["MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel", "BlendMemory",
-           "AppendMemory", "BlendReader", "AppendReader", "MemoryBank", "Int8Rows",
+           "AppendMemory", "CopyMemory", "BlendReader", "AppendReader", "CopyReader", "MemoryBank", "Int8Rows",
            "decayed_context"]

@@ -305,6 +305,11 @@ class AppendMemory(MemoryModel, write_rule="append"):
         """[B, T, P, Dh]: the read key a slot gets from this token (unit length)."""
         return F.normalize(self.raw_address_keys(hidden, context), dim=-1)
 
+    def token_contents(self, value_hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: what each token gives the slot of the token before it."""
+        B, T, _ = value_hidden.shape
+        return torch.tanh(self.token_value(self.write_norm(value_hidden))).view(B, T, self.pairs, -1)
+
     def keep_logits(self, hidden: Tensor) -> Tensor:
         """[B, T]: the store gate's logit per token (AppendOptions.store_threshold)."""
         if self.keep is None:
@@ -343,10 +348,10 @@ class AppendMemory(MemoryModel, write_rule="append"):
                              f"write has {int(tokens_in[b])} tokens to store; an append-rule bank holds "
                              f"num_slots - null_slots tokens, make a bigger one with "
                              f"memory.new_bank(num_slots=...)")
-        xv = self.write_norm(hidden if value_hidden is None else value_hidden)
+        content = self.token_contents(hidden if value_hidden is None else value_hidden)
         # what follows token t (nothing where padding follows it)
-        xv_next = torch.cat([xv[:, 1:] * token_mask[:, 1:, None], torch.zeros_like(xv[:, :1])], 1)
-        content = torch.tanh(self.token_value(xv_next)).view(B, T, self.pairs, -1)
+        content = torch.cat([content[:, 1:] * token_mask[:, 1:, None, None],
+                             torch.zeros_like(content[:, :1])], 1)
         tokens = torch.cat([self.token_addresses(hidden, context), content], 2)  # [B, T, 2P, Dh]
         # the k-th empty slot of a row takes the row's k-th stored token
         real_first = torch.sort((~stored).to(torch.int8), dim=1, stable=True).indices

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-WRITE_RULES = ("blend", "append")
+WRITE_RULES = ("blend", "append", "copy")
+VALUE_SOURCES = ("write_layer", "embeddings", "output_embeddings")
 
 
 @dataclasses.dataclass
@@ -64,10 +65,12 @@ class MemoryConfig:
     # leaves the LLM's outputs unchanged
     gate_init: float = 0.0
     # where written token values come from: "write_layer" (the states the keys
-    # come from) or "embeddings" (the first decoder layer's input, where a
-    # token is still itself; a small LM blurs it within a layer or two)
+    # come from), "embeddings" (the first decoder layer's input, where a
+    # token is still itself; a small LM blurs it within a layer or two) or
+    # "output_embeddings" (the LM head's row of the token: the copy rule)
     values_from: str = "write_layer"
-    # how a write enters the bank: "blend" or "append" (the options below)
+    # how a write enters the bank: "blend", "append" or "copy" (the options
+    # below; "copy" takes the append options: memkernels.memory.copy)
     write_rule: str = "blend"
     blend: BlendOptions = dataclasses.field(default_factory=BlendOptions)
     append: AppendOptions = dataclasses.field(default_factory=AppendOptions)
@@ -80,8 +83,8 @@ class MemoryConfig:
             self.blend = BlendOptions(**self.blend)
         if isinstance(self.append, dict):
             self.append = AppendOptions(**self.append)
-        if self.values_from not in ("write_layer", "embeddings"):
-            raise ValueError(f"MemoryConfig.values_from must be 'write_layer' or 'embeddings', "
+        if self.values_from not in VALUE_SOURCES:
+            raise ValueError(f"MemoryConfig.values_from must be one of {VALUE_SOURCES}, "
                              f"got {self.values_from!r}")
         if self.write_rule not in WRITE_RULES:
             raise ValueError(f"MemoryConfig.write_rule must be one of {WRITE_RULES}, "
@@ -104,7 +107,7 @@ class MemoryConfig:
         self._check_rule_options()
 
     def _check_rule_options(self) -> None:
-        other = "blend" if self.write_rule == "append" else "append"
+        other = "append" if self.write_rule == "blend" else "blend"
         default = BlendOptions() if other == "blend" else AppendOptions()
         for field in dataclasses.fields(default):  # options of the rule not in use stay default
             if getattr(getattr(self, other), field.name) != getattr(default, field.name):
@@ -118,7 +121,7 @@ class MemoryConfig:
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"MemoryConfig.append.{name} must be a number in [0, 1), "
                                  f"got {value!r}")
-        if self.write_rule == "append":
+        if self.write_rule in ("append", "copy"):
             if self.num_heads % 2:
                 raise ValueError(f"MemoryConfig.num_heads must be even with write_rule='append' "
                                  f"(half address, half content heads), got {self.num_heads}")
@@ -167,6 +170,20 @@ class MemoryConfig:
                         write_layer=max(mid - 1, 0))
         defaults.update(overrides)
         return cls(**defaults)
+
+    @classmethod
+    def for_copy(cls, hf_config, **overrides) -> "MemoryConfig":
+        """A copy-rule config (memkernels.memory.copy) for a Hugging Face
+        model: the content heads hold a token's output embedding, so
+        num_heads / 2 x head_dim = hidden_size (head_dim 64 where it divides
+        the hidden size, else its largest divisor up to 256); the read at
+        the LM head; the write keys on the last decoder layer's states."""
+        probe = cls.from_hf(hf_config)
+        C = probe.hidden_size
+        head_dim = 64 if C % 64 == 0 else max(d for d in range(1, 257) if C % d == 0)
+        defaults = dict(num_heads=2 * (C // head_dim), head_dim=head_dim, read_layers=(-1,),
+                        write_layer=-1, values_from="output_embeddings", write_rule="copy")
+        return cls.from_hf(hf_config, **{**defaults, **overrides})
 
     def to_dict(self) -> dict:
         """The flat dict saved files hold (every option at the top level)."""

@@ -81,15 +81,50 @@ published book date publication date
 """
 RELATIONS = [tuple(line.split(" ", 3)) for line in _RELATION_TABLE.strip().splitlines()]
 
-# generic phrasings, split by hand (few enough to list): the eval ones state and
-# ask only the benchmark's facts
-STATEMENTS = {"train": ["The {r} of {s} is {o}.", "{s}'s {r} is {o}.",
-                        "Records say the {r} of {s} is {o}.", "As for {s}, the {r} is {o}."],
-              "eval": ["Everyone knows that {s}'s {r} is {o}.", "It is noted that the {r} of {s} "
-                       "is {o}."]}
-QUESTIONS = {"train": ["What is the {r} of {s}?", "What is {s}'s {r}?",
-                       "Do you know the {r} of {s}?"],
-             "eval": ["Tell me the {r} of {s}.", "Which {r} does {s} have?"]}
+# Phrasings are a prefix and a core, each split by hand: a train phrasing is a
+# train prefix (or none) with a train core, an eval phrasing an eval prefix with
+# an eval core, so no part of a held-out phrasing is ever trained on. Every
+# statement core names the subject before the object (a memory that keys a
+# token on what came before it cannot file an object under a later subject).
+STATEMENT_CORES = {
+    "train": ["the {r} of {s} is {o}", "{s}'s {r} is {o}", "for {s}, the {r} is {o}",
+              "the {r} for {s} is {o}", "{s} has the {r} {o}", "about {s}: the {r} is {o}",
+              "the {r} of {s} was {o}", "{s}'s {r} was {o}", "as for {s}, the {r} is {o}",
+              "regarding {s}, the {r} is {o}", "{s}'s {r}: {o}", "of {s}, the {r} is {o}",
+              "{s} - {r} - {o}", "the {r} belonging to {s} is {o}",
+              "in the case of {s}, the {r} is {o}", "{s} reports the {r} as {o}"],
+    "eval": ["the {r} that {s} has is {o}", "{s}, whose {r} is {o}",
+             "the {r} known for {s} is {o}", "concerning {s}, its {r} is {o}"]}
+STATEMENT_PREFIXES = {
+    "train": ["", "Records say ", "We learned that ", "In fact, ", "Note: ",
+              "According to the files, ", "It is true that ", "Reportedly, ", "Some say ",
+              "By all accounts, ", "The register says ", "Officially, ", "Today, ",
+              "Apparently, ", "Last year, ", "Indeed, ", "I heard that ", "Our notes say ",
+              "As expected, ", "Sources confirm ", "News: ", "Fact: ", "Once again, ",
+              "For the record, "],
+    "eval": ["Everyone knows that ", "It is noted that ", "Rumor has it that ", "People say ",
+             "A letter says ", "As we found, "]}
+QUESTION_CORES = {
+    "train": ["what is the {r} of {s}?", "what is {s}'s {r}?", "do you know the {r} of {s}?",
+              "name the {r} of {s}.", "what was the {r} of {s}?", "and the {r} of {s}?",
+              "give the {r} of {s}.", "recall the {r} of {s}.", "what is the {r} for {s}?",
+              "{s}'s {r} is what?", "can you say {s}'s {r}?", "which is the {r} of {s}?"],
+    "eval": ["tell me the {r} of {s}.", "which {r} does {s} have?",
+             "what do the files give as {s}'s {r}?", "remind me of the {r} of {s}."]}
+QUESTION_PREFIXES = {"train": ["", "Quick question: ", "Please: ", "One more: ", "Now, ",
+                               "Next: ", "Hmm, ", "Also, "],
+                     "eval": ["Say, ", "Out of curiosity, ", "Just wondering: "]}
+
+
+def _sentence(prefix: str, core: str) -> str:
+    text = prefix + core
+    return text[0].upper() + text[1:]
+
+
+STATEMENTS = {split: [_sentence(p, c) + "." for p in STATEMENT_PREFIXES[split]
+                      for c in STATEMENT_CORES[split]] for split in ("train", "eval")}
+QUESTIONS = {split: [_sentence(p, c) for p in QUESTION_PREFIXES[split]
+                     for c in QUESTION_CORES[split]] for split in ("train", "eval")}
 SPLIT_EVERY = 6  # one in six subjects, objects and relations is held out
 
 

@@ -30,9 +30,9 @@ CORPUS_SEED = 2_000_003
 
 
 def facts_document(rng: random.Random) -> str:
-    """Statements of 2-10 fresh facts (1-3 per subject), then questions about
+    """Statements of 1-10 fresh facts (1-3 per subject), then questions about
     most of them, each answer copied from a statement."""
-    facts = open_facts.make_open_facts(rng.randint(2, 10), seed=rng.randrange(1 << 30),
+    facts = open_facts.make_open_facts(rng.randint(1, 10), seed=rng.randrange(1 << 30),
                                        split="train", relation_split=rng.choice(("train", "eval")),
                                        facts_per_subject=rng.randint(1, 3))
     rng.shuffle(facts)

@@ -57,6 +57,16 @@ def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
                           store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY)
 
 
+def copy_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
+    """The open-vocabulary memory's configuration: the copy rule
+    (memkernels.memory.copy, MemoryConfig.for_copy) with the written
+    memory's store gate and context."""
+    torch.manual_seed(seed)
+    config = MemoryConfig.for_copy(model.config, num_slots=slots, append=AppendOptions(
+        store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY))
+    return MemoryModel(config)
+
+
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
                   world: str = "closed") -> tuple[list, list[str], list[int]]:
     """(questions, statements, targets) of n train-split facts for
@@ -67,7 +77,9 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
     world="open": open-vocabulary facts with answers of several tokens, one
     pair per answer token: the question followed by the answer's first j
     tokens (token ids, as generation sees them) must find the statement's
-    token before answer token j (the slot whose content is that token)."""
+    token before answer token j (the slot whose content is that token), and
+    the question followed by the whole answer the answer's last token (whose
+    slot holds the period: where a copied answer ends)."""
     rng = random.Random(seed)
     if world == "closed":
         facts = make_facts(n, seed=seed, split="train")[0]
@@ -82,7 +94,7 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
         prompt = tokenizer(qa_prompt(f.question(rng)))["input_ids"]
         answer = tokenizer(f" {f.object}")["input_ids"]
-        for j in range(len(answer)):
+        for j in range(len(answer) + 1):  # the answer's tokens, then the period after it
             questions.append(prompt + answer[:j])
             statements.append(statement)
             targets.append(before + j)

@@ -40,10 +40,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slots", type=int, default=1024)
-    ap.add_argument("--write-rule", choices=("blend", "append"), default="append",
+    ap.add_argument("--write-rule", choices=("blend", "append", "copy"), default="append",
                     help="how a write enters the bank (MemoryConfig.write_rule); trained mode: "
                          "append trains the slots of a bank that --memory stored the facts in, "
-                         "blend a blend-rule memory's bank from scratch")
+                         "blend a blend-rule memory's bank from scratch; copy (written mode): "
+                         "the read mixes stored tokens into the LM's output (new words)")
     ap.add_argument("--memory", default=None,
                     help="trained mode, append rule: the written memory whose bank is trained "
                          "(default: the one that ships, memkernels/recall/assets/written_memory)")
@@ -54,10 +55,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = ap.parse_args(argv)
+    if args.write_rule == "copy" and args.mode != "written":
+        ap.error("--write-rule copy trains a written memory: use --mode written")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
     model, tokenizer = base_lm.load(args.model)
-    append = args.mode == "written" and args.write_rule == "append"
+    # the copy rule trains as the append rule does (its address is the append rule's)
+    append = args.mode == "written" and args.write_rule in ("append", "copy")
     trained_bank = args.mode == "trained" and args.write_rule == "append"
     bank = None
     if trained_bank:  # the written memory's bank of the facts, its slots trained
@@ -66,7 +70,9 @@ def main(argv=None) -> None:
         make_batch = tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts,
                                            aux_facts=0)
     else:
-        memory = (tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
+        memory = (tasks.copy_memory(model, slots=args.slots, seed=args.seed)
+                  if args.write_rule == "copy" and args.mode == "written"
+                  else tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
                   else tasks.default_memory(model, slots=args.slots, seed=args.seed))
         make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps,
                                             world=args.world)

@@ -1,0 +1,212 @@
+"""The copy rule, MemoryConfig(write_rule="copy"): a memory that answers with
+the tokens it stored, at the host LM's output distribution.
+
+Why (docs/design.md, "Copying new words"): a read added to the hidden states
+has to get a never-seen word out through the frozen LM's upper layers and
+head, and a memory trained that way learned to pick among the answers its
+training saw (0% on new words). Here the read's weights over the stored
+slots become a distribution over the tokens those slots stored, mixed with
+the LM's own by a learned gate (the kNN-LM / Memory Decoder form), so a
+stored token comes out as itself, however rare or new.
+
+Bank layout: the append rule's (memkernels.memory.append), P = num_heads / 2
+pairs with P * head_dim == hidden_size:
+- heads [0, P): a slot's address, tanh(MLP(norm(h_t))) of what the LM head
+  reads at token t (the final norm's output: where reads query; with
+  AppendOptions.context_decay, beside the decayed context), as the append
+  rule makes it;
+- heads [P, 2P): its content, the unit-length row of the LM's output
+  embedding (lm_head weight) of the token after t, cut into P heads: fixed,
+  nothing learned, so the stored word is the word.
+
+A read (CopyReader) queries with the state the LM head reads (the final
+norm's output) through the query MLP; each pair p's read of the content
+heads gives out_p = sum_i w_pi E_p[token_i], and the memory's logits are
+sharpness * out . E^T (E the unit output embeddings): when every pair puts
+its weight on one slot, its stored token has the largest logit by a margin
+of sharpness * (1 - the largest cosine to another token). The mixture:
+
+    p(y) = g p_memory(y) + (1 - g) p_LM(y),
+    g = sigmoid(gate_bias + gate_confidence * |out|^2 + w . norm(h))
+
+|out|^2 is 1 when the pairs agree on one stored token and near 0 on the null
+slots (zero content): the "nothing stored here" signal. The read itself is
+memory_read, the project's fused attention op, on every backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memkernels.memory.append import AppendMemory, _mlp
+from memkernels.memory.bank import Int8Rows, MemoryBank
+from memkernels.memory.cache import Versioned, cached
+from memkernels.memory.config import MemoryConfig
+from memkernels.ops import memory_read
+
+
+class CopyReader(nn.Module):
+    """The copy rule's read and mixture (see the module docstring)."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.pairs, self.head_dim = config.num_heads // 2, config.head_dim
+        self.scale = float(config.append.read_scale)
+        self.uses_context = bool(config.append.context_decay)
+        self.norm = nn.RMSNorm(C, eps=1e-6)
+        self.query = _mlp(C * (2 if self.uses_context else 1), config.append.mlp_hidden,
+                          self.pairs * self.head_dim)
+        # the memory's logits are sharpness x cosine: 20 puts a margin of 10
+        # nats on a stored token over one at cosine 0.5
+        self.log_sharpness = nn.Parameter(torch.tensor(math.log(20.0)))
+        # closed unless the pairs agree on a stored token (|out|^2 near 1)
+        self.gate_bias = nn.Parameter(torch.tensor(-4.0))
+        self.gate_confidence = nn.Parameter(torch.tensor(8.0))
+        self.gate = nn.Linear(C, 1, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.backend = config.backend
+        self._unit_embeddings: Optional[Versioned] = None
+
+    def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        if not self.uses_context:
+            return self.norm(hidden)
+        if context is None:
+            raise ValueError("this reader keys on the context (AppendOptions.context_decay > 0): "
+                             "pass context")
+        return torch.cat([self.norm(hidden), context.to(hidden.dtype)], -1)
+
+    def raw_queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """[B, T, P, Dh], before normalisation."""
+        B, T, _ = hidden.shape
+        return self.query(self.query_input(hidden, context)).view(B, T, self.pairs, self.head_dim)
+
+    def queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """[B, T, 1, P, Dh], unit length (one query per pair; the append
+        reader's layout with one copy, as pretrain_address indexes it)."""
+        return F.normalize(self.raw_queries(hidden, context), dim=-1)[:, :, None]
+
+    def read(self, hidden: Tensor, keys, values, slot_mask: Optional[Tensor],
+             context: Optional[Tensor] = None) -> Tensor:
+        """out [B, T, P * Dh]: each pair's weighted sum of stored unit embeddings."""
+        B, T, _ = hidden.shape
+        if isinstance(keys, Int8Rows):
+            keys, values = keys.dequantize(hidden.dtype), values.dequantize(hidden.dtype)
+        q = self.queries(hidden, context)[:, :, 0].transpose(1, 2)  # [B, P, T, Dh]
+        out = memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=self.scale,
+                          slot_mask=slot_mask, backend=self.backend)
+        return out.transpose(1, 2).reshape(B, T, -1).to(hidden.dtype)
+
+    def unit_embeddings(self, head_weight: Tensor) -> Tensor:
+        """The LM head's rows at unit length [V, C], cached while the weight is unchanged."""
+        # keyed on inference mode: a tensor made there cannot be saved for backward
+        self._unit_embeddings = cached(self._unit_embeddings, (head_weight,),
+                                       lambda: F.normalize(head_weight.detach(), dim=-1),
+                                       (torch.is_inference_mode_enabled(),))
+        return self._unit_embeddings.value
+
+    def gate_logit(self, hidden: Tensor, out: Tensor) -> Tensor:
+        """[B, T]: the mixture gate's logit."""
+        confidence = out.pow(2).sum(-1)
+        return self.gate_bias + self.gate_confidence * confidence + self.gate(self.norm(hidden))[..., 0]
+
+    def mix(self, hidden: Tensor, logits: Tensor, out: Tensor, head_weight: Tensor) -> Tensor:
+        """log p of the mixture [B, T, V] (float32 at least): the LM's logits
+        and the memory's read `out` for the same positions."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        units = self.unit_embeddings(head_weight).to(dtype)
+        memory_logits = torch.exp(self.log_sharpness).to(dtype) * (out.to(dtype) @ units.T)
+        g = self.gate_logit(hidden, out).to(dtype)[..., None]
+        return torch.logaddexp(F.logsigmoid(g) + memory_logits.log_softmax(-1),
+                               F.logsigmoid(-g) + logits.to(dtype).log_softmax(-1))
+
+    def weight_sources(self) -> tuple[Tensor, ...]:
+        return tuple(self.parameters())
+
+
+class CopyMemory(AppendMemory, write_rule="copy"):
+    """The trained parameters of a copy-rule memory (see the module docstring)."""
+
+    reads_logits = True  # memkernels.attach hooks the LM head, not decoder layers
+
+    def __init__(self, config: MemoryConfig):
+        P, D, C = config.num_heads // 2, config.head_dim, config.hidden_size
+        if config.num_heads % 2 or P * D != C:
+            raise ValueError(f"write_rule='copy' stores the hidden-size output embedding of a "
+                             f"token in num_heads / 2 content heads: num_heads / 2 x head_dim "
+                             f"must equal hidden_size ({C}), got {config.num_heads} heads x "
+                             f"{D}; MemoryConfig.for_copy(hf_config) picks them")
+        if config.values_from != "output_embeddings":
+            raise ValueError(f"write_rule='copy' needs MemoryConfig(values_from="
+                             f"'output_embeddings'), got {config.values_from!r}")
+        if config.resolved_read_layers != (config.num_layers - 1,):
+            raise ValueError(f"write_rule='copy' reads once, at the LM head: read_layers must "
+                             f"be (-1,), got {config.read_layers}")
+        super().__init__(config)
+        del self.token_value  # the content is the output embedding itself
+        self.slot_value.requires_grad_(False)  # kept as the bank's projection source: identity
+        self.readers = nn.ModuleList([CopyReader(config)])
+
+    # --- banks: null slots hold an address and no content ------------------------------
+
+    def fresh_mem(self, batch_size: int = 1, num_slots: Optional[int] = None) -> Tensor:
+        mem = super().fresh_mem(batch_size, num_slots)
+        null = self.config.append.null_slots
+        keep = torch.ones_like(mem[:1, :, :1, :1])
+        keep[:, self.pairs:] = 0  # the null slots' content heads: zero, "nothing stored"
+        return torch.cat([mem[:, :, :-null], mem[:, :, -null:] * keep], 2)
+
+    def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys as the append rule's; values the content heads as stored."""
+        P = self.pairs
+        if mem.shape[0] == 1:
+            used = self.slot_mask(mem)[0]
+            if not bool(used.any()):
+                raise ValueError("the bank has no written slot and no null slot (all zeros): "
+                                 "a copy-rule bank starts from memory.new_bank()")
+            mem = mem[0][:, used]
+            keys = F.normalize(torch.einsum("psd,pde->pse", mem[:P], self.slot_key), dim=-1)
+            return keys.to(mem.dtype).contiguous(), mem[P:].contiguous()
+        keys = F.normalize(torch.einsum("bpsd,pde->bpse", mem[:, :P], self.slot_key), dim=-1)
+        return keys.to(mem.dtype).contiguous(), mem[:, P:].contiguous()
+
+    def token_contents(self, value_hidden: Tensor) -> Tensor:
+        """[B, T, P, Dh]: the unit output embedding of each token, in P heads."""
+        B, T, _ = value_hidden.shape
+        return F.normalize(value_hidden, dim=-1).view(B, T, self.pairs, -1)
+
+    # --- read ---------------------------------------------------------------------------
+
+    def fused_read_applies(self, bank: MemoryBank) -> bool:
+        return False  # the reading-layer op adds to hidden states; this read mixes logits
+
+    def read(self, reader_index, hidden, bank, kv_dtype=None, context=None):
+        raise TypeError("a copy-rule memory reads at the LM head: mix_logits(hidden, logits, "
+                        "head_weight, bank), or through memkernels.attach")
+
+    def mix_logits(self, hidden: Tensor, logits: Tensor, head_weight: Tensor, bank: MemoryBank,
+                   kv_dtype: Optional[torch.dtype] = None,
+                   context: Optional[Tensor] = None) -> Tensor:
+        """log p [B, T, V] of the mixture of the LM's distribution (logits)
+        and the stored tokens the read of `bank` finds. hidden: the LM head's
+        input [B, T, C]; head_weight: its weight [V, C]."""
+        if bank.memory is not self:
+            from memkernels.memory.bank import check_same_memory
+            check_same_memory(bank, self, "bank")
+        self._check_bank_rows(bank, hidden)
+        self._check_context(context, hidden)
+        if logits.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"logits {tuple(logits.shape)} and hidden {tuple(hidden.shape)} "
+                             f"must cover the same [B, T] positions")
+        if head_weight.dim() != 2 or head_weight.shape != (logits.shape[-1], hidden.shape[-1]):
+            raise ValueError(f"head_weight must be [V, C] = [{logits.shape[-1]}, "
+                             f"{hidden.shape[-1]}], got {tuple(head_weight.shape)}")
+        keys, values = bank.keys_values(kv_dtype)
+        shared = bank.batch_size == 1
+        reader = self.readers[0]
+        out = reader.read(hidden, keys, values, None if shared else bank.slot_mask(), context)
+        return reader.mix(hidden, logits, out, head_weight)
