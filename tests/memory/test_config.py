@@ -33,8 +33,8 @@ def test_config_rejects_bad_values(kwargs, match):
 A = AppendOptions
 
 
+@pytest.mark.parametrize("kwargs, match", [
     (dict(write_rule="hash"), "write_rule"),
-    (dict(write_rule="copy"), "write_rule"),
     (dict(write_rule="append", num_heads=3), "num_heads must be even"),
     (dict(write_rule="append", append=A(null_slots=16)), "null_slots"),
     (dict(write_rule="append", append=A(read_scale=0.0)), "read_scale"),
