@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from memkernels.hf import text_end_states, write_layer_hidden
@@ -31,6 +31,18 @@ def append_joint_config(**overrides) -> TrainConfig:
     the most facts per episode late; docs/design.md, "Training the append rule")."""
     return TrainConfig(**{**dict(weight_decay=0.01, lr_scales=PRETRAINED_LR_SCALES,
                                  schedule="constant"), **overrides})
+
+
+def store_targets(statements: list[str], targets: list[int]) -> list[Tensor]:
+    """Per pair, the tokens of its statement that the store gate must keep:
+    every token some pair targets in that same statement. A fact of several
+    answer tokens has a pair per token; each pair's own target alone would
+    teach the gate to drop the statement's other answer tokens (it kept
+    none of them at threshold 0.3, and the memory stored nothing)."""
+    kept: dict[str, set[int]] = {}
+    for statement, target in zip(statements, targets):
+        kept.setdefault(statement, set()).add(target)
+    return [torch.tensor(sorted(kept[s])) for s in statements]
 
 
 def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],
@@ -84,6 +96,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
                           torch.cat(token_contexts) if decay else None,
                           [q_context] + [every_context.to(device)] * (len(layers) - 1)
                           if decay else None)
+    keep_rows = store_targets(statements, targets)
     reader = memory.readers[0]
     gate = list(memory.keep.parameters()) if memory.keep is not None else []
     params = [*memory.address.parameters(), memory.slot_key, *reader.query.parameters(), *gate]
@@ -101,7 +114,8 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
         q = reader.queries(q_states[rows, :1], q_context[rows, None] if decay else None)[:, 0, 0]
         loss = address_nll(q, memory.address_keys(candidates, contexts)[0], target, reader.scale)
         if gate:
-            is_target = candidates.new_zeros(candidates.shape[1]).index_fill_(0, target, 1.0)
+            keep = torch.cat([start + keep_rows[r] for start, r in zip(starts.tolist(), rows)])
+            is_target = candidates.new_zeros(candidates.shape[1]).index_fill_(0, keep.to(device), 1.0)
             loss = loss + F.binary_cross_entropy_with_logits(memory.keep_logits(candidates)[0],
                                                              is_target)
         opt.zero_grad()

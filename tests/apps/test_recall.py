@@ -260,24 +260,33 @@ def test_train_command_fails_at_once_on_a_missing_or_unusable_model(tmp_path):
         main(["--model", str(tmp_path / "broken"), "--out", str(tmp_path / "o")])
 
 
-def test_train_command_trains_a_memory_for_a_gpt2_directory(tmp_path, monkeypatch):
-    """Another family with its own config class, loaded through the Auto classes
-    (not as a Llama of default size), the written memory trained end to end and
-    reloaded with MemoryModel.from_pretrained."""
+@pytest.mark.parametrize("family, write_rule", [("gpt2", "append"), ("gpt2", "copy"),
+                                                ("llama", "copy")])
+def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypatch, family,
+                                                             write_rule):
+    """A GPT-2 (another family, its own config class, loaded through the Auto
+    classes, not as a Llama of default size) and a Llama directory: the
+    written memory trained end to end on open episodes and reloaded with
+    MemoryModel.from_pretrained."""
     import transformers
     from memkernels.apps.recall.train import main
     from memkernels.memory import MemoryModel
     pairs = tasks.address_pairs
     monkeypatch.setattr(tasks, "address_pairs", lambda t, **kw: pairs(t, n=32, **kw))
     tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    model = (transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=256))
-    model.save_pretrained(tmp_path / "gpt2")
-    tok.save_pretrained(tmp_path / "gpt2")
-    main(["--model", str(tmp_path / "gpt2"), "--mode", "written", "--world", "open", "--steps", "2",
-          "--pretrain-steps", "2", "--batch", "4", "--slots", "64", "--out", str(tmp_path / "o")])
+        if family == "gpt2" else transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)))
+    model.save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    main(["--model", str(tmp_path / family), "--mode", "written", "--world", "open",
+          "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
+          "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
+    assert memory.config.write_rule == write_rule
 
 
 def test_the_demo_runs_and_prints_what_it_measured(capsys):
@@ -285,6 +294,6 @@ def test_the_demo_runs_and_prints_what_it_measured(capsys):
     from memkernels.apps import demo
     demo.main(["--facts", "8", "--questions", "8"])
     out = capsys.readouterr().out
-    for line in ("kernels: backend", "recall on 8 questions", "recall of 8 open-vocabulary facts",
+    for line in ("kernels: backend", "write rule 'copy'", "recall on 8 questions about new facts",
                  "decode:"):
         assert line in out, out

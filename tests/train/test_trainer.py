@@ -289,3 +289,11 @@ def test_trainer_runs_under_torchrun_with_ddp_on_gloo(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # both ranks finished, their memories equal after the synced steps
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+def test_the_store_gate_keeps_every_answer_token_of_a_statement():
+    """Pairs of one multi-token fact share a statement: each marks all of
+    that statement's targets as tokens to keep, not only its own."""
+    from memkernels.train.append_recipe import store_targets
+    rows = store_targets(["a b c", "a b c", "a b c", "x y"], [3, 4, 5, 1])
+    assert [r.tolist() for r in rows] == [[3, 4, 5]] * 3 + [[1]]
