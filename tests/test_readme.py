@@ -22,3 +22,15 @@ def test_readme_integration_example_runs(tmp_path, monkeypatch, capsys):
     # what it prints is what its comments say
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "True" and printed[1].startswith("MemoryBank(rows=1, heads=4, slots=256")
+
+
+def test_readme_open_vocabulary_example_runs(capsys):
+    """The shipped open LM and copy memory: new facts stored, asked with other
+    phrasings; the printed answers are the ones the README shows."""
+    text = README.read_text()
+    match = re.search(r"<!-- readme-example: open -->\n```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its open-vocabulary example"
+    exec(compile(match.group(1), "README.md", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    shown = re.findall(r"# -> (\[.*\])", match.group(1))
+    assert printed[-1] == shown[-1], (printed, shown)

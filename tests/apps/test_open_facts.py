@@ -97,6 +97,9 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)
     memory_rows = [r for r in rows if r["condition"] == "written memory" and r["answers"] == "all"]
     assert all(r["bank_bytes_per_fact"] > 0 and r["store_facts_per_s"] > 0 for r in memory_rows)
+    table = open_recall.markdown(rows)
+    assert all(f"**{split}**" in table for split in open_recall.SPLITS)
+    assert "| written memory |" in table and "bank bytes per fact" in table
 
 
 def test_the_open_lm_corpus_never_holds_a_benchmark_value():

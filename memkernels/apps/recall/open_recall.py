@@ -16,11 +16,12 @@ and within each, answers of 1 / 2-3 / 4+ tokens (in the model's tokenizer).
 Statements and questions use held-out phrasings, the question's never the
 statement's. Conditions: the LM alone (first N only), the facts in its prompt
 (N <= 10), the BM25 top-3 statements in its prompt, the written memory
-(store() then questions). Exact match of the greedy answer up to its first
+(store() then questions). At small N a cell pools several independent sets
+of N facts (each its own bank and prompt). Exact match of the greedy answer up to its first
 period. For the memory, per N: store throughput (facts/s), bank bytes per
 fact, and the median cost of a question (batch 1, paired with the same
 question with reads off). With --out, rows are appended to
-DIR/open-recall-cpu.jsonl.
+DIR/open-recall-cpu.jsonl and the tables to DIR/open_recall.md.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import time
 from typing import Optional
 
@@ -88,9 +90,12 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
     seconds = time.perf_counter() - start
     mem = bank.mem
+    written = int(bank.slot_mask().sum()) - memory.config.append.null_slots
+    slot_bytes = mem.shape[1] * mem.shape[3] * mem.element_size()
+    # the slots the facts took (a bank has at least num_slots: the rest stays empty)
     costs = dict(store_facts_per_s=len(statements) / seconds,
-                 bank_bytes_per_fact=mem.numel() * mem.element_size() / len(statements),
-                 slots=bank.num_slots)
+                 bank_bytes_per_fact=written * slot_bytes / len(statements),
+                 slots_per_fact=written / len(statements))
     with memkernels.attach(model, memory, bank) as handle:
         prompts = [qa_prompt(q) for q in questions[:latency_questions]]
         median, cost = benchmark.per_query_latency(model, tokenizer, prompts,
@@ -101,7 +106,10 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
 
 def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optional[str] = None,
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
-        log=print) -> list[dict]:
+        phrasings: str = "eval", log=print) -> list[dict]:
+    """Rows of accuracy (and the memory's costs) per split, condition, N and
+    answer length. phrasings="train" asks held-out facts with trained
+    phrasings (a diagnosis of what held-out phrasings cost, not a result)."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     rng = random.Random(seed)
     rows = []
@@ -113,6 +121,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             groups.setdefault(length_bucket(tokenizer, f.object), []).append(r)
         for group, values in groups.items():
             row = dict(split=split, condition=condition, n_facts=n, answers=group,
+                       phrasings=phrasings,
                        questions=len(values), accuracy=statistics.mean(values),
                        **((extra or {}) if group == "all" else {}))
             rows.append(row)
@@ -120,26 +129,75 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 f"{100 * row['accuracy']:5.1f}%")
 
     for n in n_facts:
+        # small N: several independent sets of n facts (each its own bank and
+        # prompt), so that a cell still has min(questions, 100) questions
+        draws = max(1, min(questions, 100) // n)
         for split in splits or list(SPLITS):
-            facts = open_facts.make_open_facts(n, seed=seed + n, **SPLITS[split])
-            statements = [f.statement(rng, "eval") for f in facts]
-            asked = rng.sample(range(len(facts)), min(questions, len(facts)))
-            qs, fs = [facts[i].question(rng, "eval") for i in asked], [facts[i] for i in asked]
-            bank, costs = memory_costs(model, tokenizer, memory, statements, qs)
+            got: dict[str, list] = {}
+            asked_facts, all_costs = [], []
+            for d in range(draws):
+                facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d, **SPLITS[split])
+                statements = [f.statement(rng, phrasings) for f in facts]
+                asked = rng.sample(range(len(facts)), min(questions, len(facts)))
+                qs, fs = [facts[i].question(rng, phrasings) for i in asked], [facts[i] for i in asked]
+                asked_facts += fs
+                bank, costs = memory_costs(model, tokenizer, memory, statements, qs,
+                                           latency_questions=max(1, 16 // draws))
+                all_costs.append(costs)
+                runs = {"written memory": dict(memory=memory, bank=bank), "BM25 top-3": dict(retrieve=3)}
+                if n == n_facts[0]:
+                    runs["LM alone"] = {}
+                if n <= 10:
+                    runs["facts in context"] = dict(in_context=True)
+                for condition, kwargs in runs.items():
+                    got.setdefault(condition, []).extend(
+                        answers(model, tokenizer, statements, qs, **kwargs))
+            costs = {k: statistics.median(c[k] for c in all_costs) for k in all_costs[0]}
             log(f"{split:20s} N={n}: store {costs['store_facts_per_s']:.0f} facts/s, "
                 f"{costs['bank_bytes_per_fact']:.0f} bank bytes/fact, "
                 f"{1e3 * costs['seconds_per_question']:.1f} ms/question, reads "
                 f"{100 * costs['read_cost']:+.0f}%")
-            record(split, "written memory", n, fs,
-                   answers(model, tokenizer, statements, qs, memory=memory, bank=bank), costs)
-            if n == n_facts[0]:
-                record(split, "LM alone", n, fs, answers(model, tokenizer, statements, qs))
-            if n <= 10:
-                record(split, "facts in context", n, fs,
-                       answers(model, tokenizer, statements, qs, in_context=True))
-            record(split, "BM25 top-3", n, fs,
-                   answers(model, tokenizer, statements, qs, retrieve=3))
+            for condition, values in got.items():
+                record(split, condition, n, asked_facts, values,
+                       costs if condition == "written memory" else None)
     return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as tables: accuracy by split, condition and N (all
+    answers), by answer length for the memory, and the memory's costs."""
+    ns = sorted({r["n_facts"] for r in rows})
+    conditions = ["LM alone", "facts in context", "BM25 top-3", "written memory"]
+    lines = []
+    for split in [s for s in SPLITS if any(r["split"] == s for r in rows)]:
+        lines += [f"**{split}**", "", "| condition | " + " | ".join(f"N={n}" for n in ns) + " |",
+                  "|---" * (len(ns) + 1) + "|"]
+        for condition in conditions:
+            cells = []
+            for n in ns:
+                hit = [r for r in rows if (r["split"], r["condition"], r["n_facts"], r["answers"])
+                       == (split, condition, n, "all")]
+                cells.append(f"{100 * hit[-1]['accuracy']:.1f}%" if hit else "-")
+            lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+        buckets = ["1 token", "2-3 tokens", "4+ tokens"]
+        for bucket in buckets:
+            cells = []
+            for n in ns:
+                hit = [r for r in rows if (r["split"], r["condition"], r["n_facts"], r["answers"])
+                       == (split, "written memory", n, bucket)]
+                cells.append(f"{100 * hit[-1]['accuracy']:.1f}% ({hit[-1]['questions']})"
+                             if hit else "-")
+            lines.append(f"| memory, answers of {bucket} | " + " | ".join(cells) + " |")
+        costs = {r["n_facts"]: r for r in rows if r["split"] == split
+                 and r["condition"] == "written memory" and r["answers"] == "all"}
+        lines.append("| memory: bank bytes per fact | " + " | ".join(
+            f"{costs[n]['bank_bytes_per_fact']:.0f}" if n in costs else "-" for n in ns) + " |")
+        lines.append("| memory: store, facts/s | " + " | ".join(
+            f"{costs[n]['store_facts_per_s']:.0f}" if n in costs else "-" for n in ns) + " |")
+        lines.append("| memory: cost per question, paired | " + " | ".join(
+            f"{100 * costs[n]['read_cost']:+.0f}%" if n in costs else "-" for n in ns) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -149,16 +207,25 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--questions", type=int, default=300)
     ap.add_argument("--splits", nargs="+", choices=list(SPLITS), default=None)
+    ap.add_argument("--phrasings", choices=("eval", "train"), default="eval",
+                    help="held-out phrasings (the benchmark), or trained ones (a diagnosis)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits)
+    rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
+               args.phrasings)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory"}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
+        name = "open_recall.md" if args.phrasings == "eval" else "open_recall_train_phrasings.md"
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(f"# Open-vocabulary recall\n\n`python -m memkernels.apps.recall.open_recall "
+                    f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {info['cpu']}; "
+                    f"exact match, {args.questions} questions per cell at most (per answer "
+                    f"length: the count in brackets).\n\n{markdown(rows)}")
 
 
 if __name__ == "__main__":

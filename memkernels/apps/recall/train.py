@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 
 import torch.distributed as dist
 
@@ -79,8 +81,10 @@ def main(argv=None) -> None:
                       if append else tasks.written_batches(tokenizer, args.batch, args.seed)
                       if args.mode == "written"
                       else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
+    pretrain_losses = []
+    started = time.time()
     if append and not args.resume:
-        pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer, world=args.world),
+        pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer, world=args.world),
                          steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
@@ -99,9 +103,20 @@ def main(argv=None) -> None:
         memory.save_pretrained(os.path.join(args.out, "memory"))
     if trainer.rank == 0:
         last = result["history"][-20:]
-        print(json.dumps({"mode": args.mode, "steps": trainer.step,
-                          "loss": sum(h["loss"] for h in last) / max(len(last), 1),
-                          "accuracy": sum(h["accuracy"] for h in last) / max(len(last), 1)}))
+        summary = {"mode": args.mode, "steps": trainer.step,
+                   "loss": sum(h["loss"] for h in last) / max(len(last), 1),
+                   "accuracy": sum(h["accuracy"] for h in last) / max(len(last), 1)}
+        print(json.dumps(summary))
+        if not trained_bank:  # what made this memory, beside it
+            tail = pretrain_losses[-20:]
+            info = {**summary, "command": "python -m memkernels.apps.recall.train " + " ".join(
+                        argv if argv is not None else sys.argv[1:]),
+                    "write_rule": args.write_rule, "world": args.world,
+                    "pretrain_steps": len(pretrain_losses),
+                    "pretrain_loss": sum(tail) / len(tail) if tail else None,
+                    "seconds": time.time() - started}
+            with open(os.path.join(args.out, "memory", "training.json"), "w") as f:
+                json.dump(info, f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 
