@@ -12,6 +12,7 @@
 3. Prints exact-match recall with and without the memory, saves and reloads
    the bank, and the per-token decode overhead.
 4. Checks the fused kernels against the reference on the way.
+"""
 from __future__ import annotations
 
 import argparse

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memkernels.memory.append import AppendMemory, _mlp
-from memkernels.memory.bank import Int8Rows, MemoryBank
+from memkernels.memory.bank import Int8Rows, MemoryBank, check_same_memory
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.config import MemoryConfig
 from memkernels.ops import memory_read
@@ -195,7 +195,6 @@ class CopyMemory(AppendMemory, write_rule="copy"):
         and the stored tokens the read of `bank` finds. hidden: the LM head's
         input [B, T, C]; head_weight: its weight [V, C]."""
         if bank.memory is not self:
-            from memkernels.memory.bank import check_same_memory
             check_same_memory(bank, self, "bank")
         self._check_bank_rows(bank, hidden)
         self._check_context(context, hidden)

@@ -38,7 +38,7 @@ import torch
 import memkernels
 from memkernels.apps.bench.report import append_jsonl
 from memkernels.apps.bench.run import machine_info
-from memkernels.apps.recall import benchmark, open_facts
+from memkernels.apps.recall import base_lm, benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
 from memkernels.memory import MemoryModel
 
@@ -53,7 +53,6 @@ SPLITS = {"held-out": dict(relation_split="train"),
 
 def load_open(model_dir: Optional[str], memory_dir: Optional[str]):
     """(model, tokenizer, memory): the shipped open LM and memory by default."""
-    from memkernels.apps.recall import base_lm
     model, tokenizer = base_lm.load(model_dir or OPEN_LM)
     return model, tokenizer, MemoryModel.from_pretrained(memory_dir or OPEN_MEMORY)
 
