@@ -117,14 +117,22 @@ class MemoryHandle:
         (AppendOptions.context_decay), or None."""
         return self._local.context
 
+    def _bank_to_read(self) -> Optional[MemoryBank]:
+        """The bank this thread's current forward call reads, or None (no
+        bank, or reads off)."""
+        local = self._local
+        if not local.reading:
+            return None
+        return local.bank if local.in_call else self._bank
+
     def _read_hook(self, reader_index: int):
         memory = self.memory
         uses_context = bool(memory.config.context_decay)
         local = self._local
 
         def hook(module, args, output):
-            bank = local.bank if local.in_call else self._bank
-            if bank is None or not local.reading:
+            bank = self._bank_to_read()
+            if bank is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             read = memory.read(reader_index, hidden, bank, self.kv_dtype,
@@ -139,8 +147,8 @@ class MemoryHandle:
         local = self._local
 
         def hook(module, args, output):
-            bank = local.bank if local.in_call else self._bank
-            if bank is None or not local.reading:
+            bank = self._bank_to_read()
+            if bank is None:
                 return None
             hidden = args[0]
             context = None

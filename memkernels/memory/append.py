@@ -93,22 +93,19 @@ def address_contrastive(queries: Tensor, keys: Tensor, targets: Tensor,
     return F.cross_entropy(scores / temperature, targets)
 
 
-class AppendReader(nn.Module):
-    """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))
-    (MLP([norm(h), context]) with AppendOptions.context_decay)."""
+class QueryReader(nn.Module):
+    """What the append and copy readers share: a query MLP of norm(h) (and
+    the context beside it, with AppendOptions.context_decay), read_scale."""
 
-    def __init__(self, config: MemoryConfig):
+    def __init__(self, config: MemoryConfig, query_width: int):
         super().__init__()
         self.pairs, self.head_dim = config.num_heads // 2, config.head_dim
         self.scale = float(config.append.read_scale)
         self.uses_context = bool(config.append.context_decay)
         self.norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
         self.query = _mlp(config.hidden_size * (2 if self.uses_context else 1),
-                          config.append.mlp_hidden, config.width)
-        self.out = nn.Linear(config.width, config.hidden_size, bias=False)
-        self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
+                          config.append.mlp_hidden, query_width)
         self.backend = config.backend
-        self._folded: Optional[Versioned] = None
 
     def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """What the query MLP reads: norm(h), and the context beside it."""
@@ -118,6 +115,17 @@ class AppendReader(nn.Module):
             raise ValueError("this reader keys on the context (AppendOptions.context_decay > 0): "
                              "pass context")
         return torch.cat([self.norm(hidden), context.to(hidden.dtype)], -1)
+
+
+class AppendReader(QueryReader):
+    """One reading layer: h <- h + tanh(gate) * W_o(read(MLP(norm(h))))
+    (MLP([norm(h), context]) with AppendOptions.context_decay)."""
+
+    def __init__(self, config: MemoryConfig):
+        super().__init__(config, config.width)
+        self.out = nn.Linear(config.width, config.hidden_size, bias=False)
+        self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
+        self._folded: Optional[Versioned] = None
 
     def queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, 2, P, Dh], unit length: copy c of pair p is query head c * P + p."""

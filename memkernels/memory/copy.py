@@ -42,25 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memkernels.memory.append import AppendMemory, _mlp
+from memkernels.memory.append import AppendMemory, QueryReader
 from memkernels.memory.bank import Int8Rows, MemoryBank, check_same_memory
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.config import MemoryConfig
 from memkernels.ops import memory_read
 
 
-class CopyReader(nn.Module):
+class CopyReader(QueryReader):
     """The copy rule's read and mixture (see the module docstring)."""
 
     def __init__(self, config: MemoryConfig):
-        super().__init__()
+        super().__init__(config, config.num_heads // 2 * config.head_dim)
         C = config.hidden_size
-        self.pairs, self.head_dim = config.num_heads // 2, config.head_dim
-        self.scale = float(config.append.read_scale)
-        self.uses_context = bool(config.append.context_decay)
-        self.norm = nn.RMSNorm(C, eps=1e-6)
-        self.query = _mlp(C * (2 if self.uses_context else 1), config.append.mlp_hidden,
-                          self.pairs * self.head_dim)
         # the memory's logits are sharpness x cosine: 20 puts a margin of 10
         # nats on a stored token over one at cosine 0.5
         self.log_sharpness = nn.Parameter(torch.tensor(math.log(20.0)))
@@ -69,16 +63,7 @@ class CopyReader(nn.Module):
         self.gate_confidence = nn.Parameter(torch.tensor(8.0))
         self.gate = nn.Linear(C, 1, bias=False)
         nn.init.zeros_(self.gate.weight)
-        self.backend = config.backend
         self._unit_embeddings: Optional[Versioned] = None
-
-    def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        if not self.uses_context:
-            return self.norm(hidden)
-        if context is None:
-            raise ValueError("this reader keys on the context (AppendOptions.context_decay > 0): "
-                             "pass context")
-        return torch.cat([self.norm(hidden), context.to(hidden.dtype)], -1)
 
     def raw_queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh], before normalisation."""
