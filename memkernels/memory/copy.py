@@ -109,9 +109,6 @@ class CopyReader(QueryReader):
         return torch.logaddexp(F.logsigmoid(g) + memory_logits.log_softmax(-1),
                                F.logsigmoid(-g) + logits.to(dtype).log_softmax(-1))
 
-    def weight_sources(self) -> tuple[Tensor, ...]:
-        return tuple(self.parameters())
-
 
 class CopyMemory(AppendMemory, write_rule="copy"):
     """The trained parameters of a copy-rule memory (see the module docstring)."""
