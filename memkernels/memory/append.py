@@ -106,6 +106,27 @@ class QueryReader(nn.Module):
         self.query = _mlp(config.hidden_size * (2 if self.uses_context else 1),
                           config.append.mlp_hidden, query_width)
         self.backend = config.backend
+        self._folded: Optional[Versioned] = None
+
+    def query_weight_sources(self) -> tuple[Tensor, ...]:
+        """The tensors the folded query weights come from."""
+        standardize, first, second = self.query[0], self.query[1], self.query[3]
+        return (self.norm.weight, standardize.mean, standardize.std, first.weight, first.bias,
+                second.weight, second.bias)
+
+    def fold_query(self, norm_w, mean, std, w_first, b_first, w_second,
+                   b_second) -> tuple[Tensor, ...]:
+        """(w1, b1, w2, b2, w1_context) of the query MLP for reads without
+        gradients: the norm's weight and the Standardize statistics folded
+        into its first layer (exact up to rounding), so a decode step runs
+        2 fewer elementwise passes. With a context, w1 is the first layer's
+        columns for norm(h) and w1_context those for the context (else None)."""
+        C = norm_w.shape[0]
+        w = w_first / std[None, :]  # (x - mean) / std, then W1
+        b1 = b_first - w @ mean
+        w1 = (w[:, :C] * norm_w[None, :]).contiguous()  # x * norm_w
+        w1_context = w[:, C:].contiguous() if self.uses_context else None
+        return w1, b1, w_second, b_second, w1_context
 
     def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """What the query MLP reads: norm(h), and the context beside it."""
@@ -125,7 +146,6 @@ class AppendReader(QueryReader):
         super().__init__(config, config.width)
         self.out = nn.Linear(config.width, config.hidden_size, bias=False)
         self.gate = nn.Parameter(torch.full((config.hidden_size,), float(config.gate_init)))
-        self._folded: Optional[Versioned] = None
 
     def queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, 2, P, Dh], unit length: copy c of pair p is query head c * P + p."""
@@ -172,9 +192,7 @@ class AppendReader(QueryReader):
 
     def weight_sources(self) -> tuple[Tensor, ...]:
         """The tensors this layer's folded weights come from."""
-        standardize, first, second = self.query[0], self.query[1], self.query[3]
-        return (self.norm.weight, standardize.mean, standardize.std, first.weight, first.bias,
-                second.weight, second.bias, self.out.weight, self.gate)
+        return (*self.query_weight_sources(), self.out.weight, self.gate)
 
     def reading_layer_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
         """(args, kwargs) after `hidden` of the fused reading layer for this
@@ -187,25 +205,18 @@ class AppendReader(QueryReader):
                 kwargs)
 
     def _folded_weights(self) -> tuple[Tensor, ...]:
-        """(w1, b1, w2, b2, out_w, w1_context) for reads without gradients: the
-        norm's weight and the Standardize statistics folded into the first
-        layer of the query MLP, the gate into the output projection (each fold
-        is exact up to rounding), rebuilt when a parameter or statistic
-        changes. A decode step then runs 2 fewer elementwise passes and 2
-        fewer ops per layer. With a context, w1 is the first layer's columns
-        for norm(h) and w1_context those for the context (else None)."""
+        """(w1, b1, w2, b2, out_w, w1_context) for reads without gradients:
+        the query MLP folded (fold_query), the gate into the output projection
+        (exact up to rounding), rebuilt when a parameter or statistic changes:
+        2 fewer ops per layer and decode step."""
         sources = self.weight_sources()
 
         @torch.no_grad()
         def fold():
-            norm_w, mean, std, w_first, b_first, w_second, b_second, out_w, gate = sources
-            C = norm_w.shape[0]
-            w = w_first / std[None, :]  # (x - mean) / std, then W1
-            b1 = b_first - w @ mean
-            w1 = (w[:, :C] * norm_w[None, :]).contiguous()  # x * norm_w
-            w1_context = w[:, C:].contiguous() if self.uses_context else None
+            *query_sources, out_w, gate = sources
+            w1, b1, w2, b2, w1_context = self.fold_query(*query_sources)
             folded_out = (out_w * torch.tanh(gate)[:, None]).t().contiguous()
-            return w1, b1, w_second, b_second, folded_out, w1_context
+            return w1, b1, w2, b2, folded_out, w1_context
         self._folded = cached(self._folded, sources, fold)
         return self._folded.value
 

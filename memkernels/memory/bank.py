@@ -163,7 +163,7 @@ class MemoryBank:
         (spherical k-means per kv head, `clusters` clusters, default sqrt of
         the slots) and each query row reads the slots of its `probes`
         nearest clusters only, not all S (an inverted-file index, as vector
-        search does it). Applies to the append rule's fused CPU read, where
+        search does it). Applies to the append and copy rules' fused CPU read, where
         a cosine x 20 read puts nearly all its weight on a few slots; every
         other read stays exact. Rebuilt lazily when the bank or the memory's
         weights change; not saved with the bank, nor carried by clone/stack/

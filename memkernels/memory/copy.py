@@ -31,7 +31,9 @@ of sharpness * (1 - the largest cosine to another token). The mixture:
 
 |out|^2 is 1 when the pairs agree on one stored token and near 0 on the null
 slots (zero content): the "nothing stored here" signal. The read itself is
-memory_read, the project's fused attention op, on every backend.
+the fused reading layer on the CPU at inference (with an identity output
+projection; through a large bank's index, MemoryBank.build_index) and
+memory_read, the project's attention op, everywhere else.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memkernels.memory import fused
 from memkernels.memory.append import AppendMemory, QueryReader
 from memkernels.memory.bank import Int8Rows, MemoryBank, check_same_memory
 from memkernels.memory.cache import Versioned, cached
@@ -85,6 +88,29 @@ class CopyReader(QueryReader):
         out = memory_read(q.to(keys.dtype).contiguous(), keys, values, scale=self.scale,
                           slot_mask=slot_mask, backend=self.backend)
         return out.transpose(1, 2).reshape(B, T, -1).to(hidden.dtype)
+
+    def weight_sources(self) -> tuple[Tensor, ...]:
+        """The tensors the fused read's folded weights come from."""
+        return self.query_weight_sources()
+
+    def reading_layer_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
+        """(args, kwargs) after `hidden` of the fused reading layer: the query
+        MLP folded (fold_query) and an identity output projection, so the op
+        returns hidden + out (CopyMemory.mix_logits takes hidden off again)."""
+        sources = self.weight_sources()
+
+        @torch.no_grad()
+        def fold():
+            w1, b1, w2, b2, w1_context = self.fold_query(*sources)
+            identity = torch.eye(w2.shape[0], dtype=w2.dtype, device=w2.device)
+            return w1, b1, w2, b2, identity, w1_context
+        self._folded = cached(self._folded, sources, fold)
+        w1, b1, w2, b2, identity, w1_context = self._folded.value
+        kwargs = dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+        if self.uses_context:
+            kwargs["context_w"] = w1_context
+        return ((w2, keys, values, identity, self.norm.eps, self.scale, key_scale, value_scale),
+                kwargs)
 
     def unit_embeddings(self, head_weight: Tensor) -> Tensor:
         """The LM head's rows at unit length [V, C], cached while the weight is unchanged."""
@@ -164,7 +190,8 @@ class CopyMemory(AppendMemory, write_rule="copy"):
     # --- read ---------------------------------------------------------------------------
 
     def fused_read_applies(self, bank: MemoryBank) -> bool:
-        return False  # the reading-layer op adds to hidden states; this read mixes logits
+        # one row, compacted (several rows need a slot mask: read through ATen ops)
+        return bank.batch_size == 1
 
     def read(self, reader_index, hidden, bank, kv_dtype=None, context=None):
         raise TypeError("a copy-rule memory reads at the LM head: mix_logits(hidden, logits, "
@@ -186,8 +213,17 @@ class CopyMemory(AppendMemory, write_rule="copy"):
         if head_weight.dim() != 2 or head_weight.shape != (logits.shape[-1], hidden.shape[-1]):
             raise ValueError(f"head_weight must be [V, C] = [{logits.shape[-1]}, "
                              f"{hidden.shape[-1]}], got {tuple(head_weight.shape)}")
-        keys, values = bank.keys_values(kv_dtype)
-        shared = bank.batch_size == 1
         reader = self.readers[0]
-        out = reader.read(hidden, keys, values, None if shared else bank.slot_mask(), context)
+        out = None
+        if not torch.is_grad_enabled():
+            # the fused reading layer (its index with build_index) returns
+            # hidden + out: its output projection is the identity
+            fused_out = fused.read(self, bank, 0, hidden, kv_dtype,
+                                   None if context is None else context.to(hidden.dtype))
+            if fused_out is not None:
+                out = fused_out - hidden
+        if out is None:
+            keys, values = bank.keys_values(kv_dtype)
+            shared = bank.batch_size == 1
+            out = reader.read(hidden, keys, values, None if shared else bank.slot_mask(), context)
         return reader.mix(hidden, logits, out, head_weight)

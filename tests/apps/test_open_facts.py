@@ -67,9 +67,11 @@ def test_answers_have_from_one_to_several_words_and_kinds():
 def test_phrasing_parts_are_split_and_every_statement_names_the_subject_first():
     for parts in (of.STATEMENT_CORES, of.STATEMENT_PREFIXES, of.QUESTION_CORES,
                   of.QUESTION_PREFIXES):
-        assert parts["train"] and parts["eval"] and not set(parts["train"]) & set(parts["eval"])
-        assert "" not in parts["eval"]  # a held-out phrasing always has a held-out prefix
-    for core in of.STATEMENT_CORES["train"] + of.STATEMENT_CORES["eval"]:
+        for a, b in (("train", "eval"), ("train", "dev"), ("dev", "eval")):
+            assert parts[a] and parts[b] and not set(parts[a]) & set(parts[b])
+        # a held-out phrasing always has a held-out prefix
+        assert "" not in parts["eval"] and "" not in parts["dev"]
+    for core in sum((of.STATEMENT_CORES[split] for split in of.PHRASING_SPLITS), []):
         assert core.index("{s}") < core.index("{o}") and core.endswith("{o}")
     assert len(of.phrasings("statement", "train")) >= 100
     assert len(of.phrasings("question", "train")) >= 50
@@ -114,9 +116,10 @@ def test_the_open_lm_corpus_never_holds_a_benchmark_value():
              if len(w) >= 6 and w not in of.MONTHS}
     assert len(words) > 200 and not words & tokens
     lowered = docs.lower()
-    for prefix in of.STATEMENT_PREFIXES["eval"] + of.QUESTION_PREFIXES["eval"]:
+    held_out = ("dev", "eval")
+    for prefix in sum((of.STATEMENT_PREFIXES[s] + of.QUESTION_PREFIXES[s] for s in held_out), []):
         assert prefix.strip().lower() not in lowered, prefix
-    for core in of.STATEMENT_CORES["eval"] + of.QUESTION_CORES["eval"]:
+    for core in sum((of.STATEMENT_CORES[s] + of.QUESTION_CORES[s] for s in held_out), []):
         # the core's words in order, any subject, relation or object between them
         pattern = r".{1,40}?".join(re.escape(part.lower()) for part in re.split(r"\{[a-z]\}", core))
         assert not re.search(pattern, lowered), core

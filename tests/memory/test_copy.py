@@ -89,6 +89,90 @@ def test_mix_logits_matches_the_formula():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _mix_inputs(model, memory, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, T, C = 2, 4, model.config.hidden_size
+    hidden = torch.randn(B, T, C, generator=g, dtype=dtype) * 3
+    context = torch.randn(B, T, C, generator=g, dtype=dtype)
+    logits = torch.randn(B, T, VOCAB, generator=g, dtype=dtype) * 5
+    head = model.get_output_embeddings().weight.detach().to(dtype)
+    return hidden, logits, head, context if memory.config.context_decay else None
+
+
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float64, None), (torch.float32, None),
+                                            (torch.float32, torch.bfloat16),
+                                            (torch.float32, torch.int8)])
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_the_fused_read_at_inference_matches_the_composed_one(dtype, kv_dtype, decay):
+    """Without gradients a one-row bank is read by the fused reading layer
+    (identity output projection): the mixture equals the memory_read one."""
+    from memkernels.memory import fused
+    from memkernels.ops.reading_layer import cpu_kernel
+    if cpu_kernel(torch.zeros(1, dtype=dtype), kv_dtype or dtype) is None:
+        pytest.skip("memkernels._C is not built")
+    model = MODELS["llama"]().to(dtype)
+    memory = copy_memory(model, context_decay=decay).to(dtype)
+    with torch.no_grad():
+        memory.readers[0].gate.weight.normal_()
+    texts = [torch.randint(1, VOCAB, (11,)).tolist() for _ in range(5)]
+    bank = memkernels.store(memory, model, None, texts)
+    args = _mix_inputs(model, memory, dtype)
+    with torch.no_grad():
+        got = memory.mix_logits(*args[:3], bank, kv_dtype, context=args[3])
+        assert 0 in bank.fused_plans  # the fused path ran
+        if kv_dtype == torch.bfloat16:
+            # the kernel reads bf16 rows with float32 queries: compose the
+            # same math in float32 (memory_read would round the queries too)
+            keys, values = (t.to(dtype) for t in bank.keys_values(kv_dtype))
+            reader = memory.readers[0]
+            out = reader.read(args[0], keys, values, None, args[3])
+            want = reader.mix(args[0], args[1], out, args[2])
+        else:
+            fused.enabled = False
+            try:
+                composed_bank = bank.clone()
+                want = memory.mix_logits(*args[:3], composed_bank, kv_dtype, context=args[3])
+                assert not composed_bank.fused_plans
+            finally:
+                fused.enabled = True
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_an_index_reads_the_nearest_clusters_and_all_of_them_is_exact():
+    from memkernels.ops.reading_layer import cpu_kernel
+    if cpu_kernel(torch.zeros(1, dtype=torch.float64), torch.float64) is None:
+        pytest.skip("memkernels._C is not built")
+    model = MODELS["gpt2"]()
+    memory = copy_memory(model, context_decay=0.5)
+    g = torch.Generator().manual_seed(4)
+    texts = [torch.randint(1, VOCAB, (10,), generator=g).tolist() for _ in range(8)]
+    bank = memkernels.store(memory, model, None, texts)
+    args = _mix_inputs(model, memory, torch.float64)
+    with torch.no_grad():
+        exact = memory.mix_logits(*args[:3], bank.clone(), context=args[3])
+        bank.build_index(probes=1, clusters=8)
+        probed = memory.mix_logits(*args[:3], bank, context=args[3])
+        assert not torch.allclose(probed, exact)  # 1 of 8 clusters: not the whole read
+        bank.build_index(probes=8, clusters=8)  # every cluster: the exact read
+        torch.testing.assert_close(memory.mix_logits(*args[:3], bank, context=args[3]), exact)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_stored_continuation_comes_back_through_an_index(name):
+    """The generate() round trip of a hand-set memory, reading a bank through
+    its index (2 probes of 8 clusters)."""
+    model = MODELS[name]()
+    memory = hand_set(copy_memory(model))
+    g = torch.Generator().manual_seed(5)
+    texts = [torch.randint(1, VOCAB, (12,), generator=g).tolist() for _ in range(8)]
+    bank = memkernels.store(memory, model, None, texts).build_index(probes=2, clusters=8)
+    prompt = torch.tensor([texts[6][:5]])
+    with torch.no_grad(), memkernels.attach(model, memory, bank):
+        copied = model.generate(prompt, max_new_tokens=7, do_sample=False)[0, 5:].tolist()
+    assert copied == texts[6][5:]
+
+
 def test_closed_gate_leaves_the_lm_and_gradients_reach_the_read():
     model = MODELS["llama"]()
     memory = copy_memory(model)

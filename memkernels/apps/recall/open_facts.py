@@ -83,9 +83,12 @@ RELATIONS = [tuple(line.split(" ", 3)) for line in _RELATION_TABLE.strip().split
 
 # Phrasings are a prefix and a core, each split by hand: a train phrasing is a
 # train prefix (or none) with a train core, an eval phrasing an eval prefix with
-# an eval core, so no part of a held-out phrasing is ever trained on. Every
-# statement core names the subject before the object (a memory that keys a
-# token on what came before it cannot file an object under a later subject).
+# an eval core, so no part of a held-out phrasing is ever trained on. The dev
+# split is held out like eval (written after the open LM was trained, in no
+# corpus and no memory training): choices about the memory's training are
+# made on dev, and eval is only reported. Every statement core names the
+# subject before the object (a memory that keys a token on what came before
+# it cannot file an object under a later subject).
 STATEMENT_CORES = {
     "train": ["the {r} of {s} is {o}", "{s}'s {r} is {o}", "for {s}, the {r} is {o}",
               "the {r} for {s} is {o}", "{s} has the {r} {o}", "about {s}: the {r} is {o}",
@@ -94,7 +97,9 @@ STATEMENT_CORES = {
               "{s} - {r} - {o}", "the {r} belonging to {s} is {o}",
               "in the case of {s}, the {r} is {o}", "{s} reports the {r} as {o}"],
     "eval": ["the {r} that {s} has is {o}", "{s}, whose {r} is {o}",
-             "the {r} known for {s} is {o}", "concerning {s}, its {r} is {o}"]}
+             "the {r} known for {s} is {o}", "concerning {s}, its {r} is {o}"],
+    "dev": ["the {r} on file for {s} is {o}", "{s}, with the {r} {o}",
+            "the {r} tied to {s} is {o}", "on {s}: its {r} is {o}"]}
 STATEMENT_PREFIXES = {
     "train": ["", "Records say ", "We learned that ", "In fact, ", "Note: ",
               "According to the files, ", "It is true that ", "Reportedly, ", "Some say ",
@@ -103,17 +108,22 @@ STATEMENT_PREFIXES = {
               "As expected, ", "Sources confirm ", "News: ", "Fact: ", "Once again, ",
               "For the record, "],
     "eval": ["Everyone knows that ", "It is noted that ", "Rumor has it that ", "People say ",
-             "A letter says ", "As we found, "]}
+             "A letter says ", "As we found, "],
+    "dev": ["They told me ", "Word is that ", "History shows ", "My friend says ",
+            "We all agree ", "The story goes that "]}
 QUESTION_CORES = {
     "train": ["what is the {r} of {s}?", "what is {s}'s {r}?", "do you know the {r} of {s}?",
               "name the {r} of {s}.", "what was the {r} of {s}?", "and the {r} of {s}?",
               "give the {r} of {s}.", "recall the {r} of {s}.", "what is the {r} for {s}?",
               "{s}'s {r} is what?", "can you say {s}'s {r}?", "which is the {r} of {s}?"],
     "eval": ["tell me the {r} of {s}.", "which {r} does {s} have?",
-             "what do the files give as {s}'s {r}?", "remind me of the {r} of {s}."]}
+             "what do the files give as {s}'s {r}?", "remind me of the {r} of {s}."],
+    "dev": ["state the {r} of {s}.", "which {r} is {s}'s?", "could you give {s}'s {r}?",
+            "what {r} goes with {s}?"]}
 QUESTION_PREFIXES = {"train": ["", "Quick question: ", "Please: ", "One more: ", "Now, ",
                                "Next: ", "Hmm, ", "Also, "],
-                     "eval": ["Say, ", "Out of curiosity, ", "Just wondering: "]}
+                     "eval": ["Say, ", "Out of curiosity, ", "Just wondering: "],
+                     "dev": ["Well, ", "Okay: ", "Honestly, "]}
 
 
 def _sentence(prefix: str, core: str) -> str:
@@ -121,15 +131,47 @@ def _sentence(prefix: str, core: str) -> str:
     return text[0].upper() + text[1:]
 
 
+PHRASING_SPLITS = ("train", "dev", "eval")
 STATEMENTS = {split: [_sentence(p, c) + "." for p in STATEMENT_PREFIXES[split]
-                      for c in STATEMENT_CORES[split]] for split in ("train", "eval")}
+                      for c in STATEMENT_CORES[split]] for split in PHRASING_SPLITS}
 QUESTIONS = {split: [_sentence(p, c) for p in QUESTION_PREFIXES[split]
-                     for c in QUESTION_CORES[split]] for split in ("train", "eval")}
+                     for c in QUESTION_CORES[split]] for split in PHRASING_SPLITS}
 SPLIT_EVERY = 6  # one in six subjects, objects and relations is held out
 
 
 def _hashed(kind: str, text: str) -> str:
     return "eval" if zlib.crc32(f"{kind}:{text}".encode()) % SPLIT_EVERY == 0 else "train"
+
+
+# words a varied training phrasing may gain: those of the train phrasings' parts
+TRAIN_WORDS = tuple(sorted({w.lower() for part in (STATEMENT_CORES["train"] +
+                                                    STATEMENT_PREFIXES["train"] +
+                                                    QUESTION_CORES["train"] +
+                                                    QUESTION_PREFIXES["train"])
+                            for w in re.findall(r"[A-Za-z]{2,}", re.sub(r"\{[a-z]\}", "", part))}))
+
+
+def vary(phrasing: str, rng: random.Random, p: float) -> str:
+    """A training phrasing (a template with {s}, {r}, {o} slots) with each of
+    its words but the slots and the last dropped with probability p / 2, and
+    a word of the train phrasings (TRAIN_WORDS) inserted before it with
+    probability p / 2: sentence shapes the base LM never read, so that a
+    memory trained on them learns an address that does not hang on one shape
+    (AppendMemory's address; `train --vary-phrasings`). Draws from the train
+    split only; p=0 returns the phrasing unchanged."""
+    if p <= 0:
+        return phrasing
+    words = phrasing.split(" ")
+    out = []
+    for i, word in enumerate(words):
+        fixed = "{" in word or i == len(words) - 1
+        if not fixed and rng.random() < p / 2:
+            continue
+        if rng.random() < p / 2:
+            out.append(rng.choice(TRAIN_WORDS))
+        out.append(word)
+    text = " ".join(out)
+    return text[0].upper() + text[1:]
 
 
 def split_of(kind: str, text: str) -> str:
@@ -201,12 +243,14 @@ class OpenFact:
     def noun(self) -> str:
         return next(r[3] for r in RELATIONS if r[0] == self.relation)
 
-    def statement(self, rng: random.Random, split: str = "train") -> str:
-        return rng.choice(phrasings("statement", split)).format(r=self.noun, s=self.subject,
-                                                                o=self.object)
+    def statement(self, rng: random.Random, split: str = "train", varied: float = 0.0) -> str:
+        """A statement in a phrasing of `split` (varied: see vary())."""
+        return vary(rng.choice(phrasings("statement", split)), rng, varied).format(
+            r=self.noun, s=self.subject, o=self.object)
 
-    def question(self, rng: random.Random, split: str = "train") -> str:
-        return rng.choice(phrasings("question", split)).format(r=self.noun, s=self.subject)
+    def question(self, rng: random.Random, split: str = "train", varied: float = 0.0) -> str:
+        return vary(rng.choice(phrasings("question", split)), rng, varied).format(
+            r=self.noun, s=self.subject)
 
 
 def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:

@@ -46,6 +46,9 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OPEN_LM = os.path.join(ASSETS, "open_lm")
 OPEN_MEMORY = os.path.join(ASSETS, "open_memory")
 MAX_NEW_TOKENS = 12  # the longest answers are 8-9 tokens and a period
+# banks of this many facts or more are read through an index (MemoryBank.build_index):
+# an exact read of 10,000 facts (~70,000 slots) costs more than the LM's step
+INDEX_FROM, INDEX_PROBES = 10_000, 8
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
           "several per subject": dict(relation_split="train", facts_per_subject=3)}
@@ -82,17 +85,23 @@ def length_bucket(tokenizer, answer: str) -> str:
     return "1 token" if n == 1 else "2-3 tokens" if n <= 3 else "4+ tokens"
 
 
-def memory_costs(model, tokenizer, memory, statements, questions, latency_questions: int = 16):
+def memory_costs(model, tokenizer, memory, statements, questions, latency_questions: int = 16,
+                 index_probes: int = 0):
     """(bank, dict of store facts/s, bank bytes per fact, median seconds per
-    question and the paired cost of the reads)."""
+    question and the paired cost of the reads). index_probes > 0: the bank
+    is read through an index (MemoryBank.build_index, that many probes),
+    built here and counted in the store time."""
     start = time.perf_counter()
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
+    if index_probes:
+        bank.build_index(probes=index_probes)
+        bank.keys_values()  # the index is built lazily: here, inside the store time
     seconds = time.perf_counter() - start
     mem = bank.mem
     written = int(bank.slot_mask().sum()) - memory.config.append.null_slots
     slot_bytes = mem.shape[1] * mem.shape[3] * mem.element_size()
     # the slots the facts took (a bank has at least num_slots: the rest stays empty)
-    costs = dict(store_facts_per_s=len(statements) / seconds,
+    costs = dict(store_facts_per_s=len(statements) / seconds, index_probes=index_probes,
                  bank_bytes_per_fact=written * slot_bytes / len(statements),
                  slots_per_fact=written / len(statements))
     with memkernels.attach(model, memory, bank) as handle:
@@ -105,12 +114,19 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
 
 def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optional[str] = None,
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
-        phrasings: str = "eval", log=print) -> list[dict]:
+        phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
+        log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
-    phrasings (a diagnosis of what held-out phrasings cost, not a result)."""
+    phrasings (a diagnosis of what held-out phrasings cost, not a result);
+    "dev" asks with the dev phrasings (for tuning; see open_facts). Banks
+    of index_from facts or more are read through an index (index_probes)."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     rng = random.Random(seed)
+    # dev phrasings tune the memory's training: their facts draw train-split
+    # subjects and objects (fresh words all the same), so that tuning never
+    # touches an eval value
+    value_split, value_offset = ("train", 10 ** 6) if phrasings == "dev" else ("eval", 0)
     rows = []
 
     def record(split, condition, n, facts, got, extra=None):
@@ -135,13 +151,15 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             got: dict[str, list] = {}
             asked_facts, all_costs = [], []
             for d in range(draws):
-                facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d, **SPLITS[split])
+                facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d + value_offset,
+                                                   split=value_split, **SPLITS[split])
                 statements = [f.statement(rng, phrasings) for f in facts]
                 asked = rng.sample(range(len(facts)), min(questions, len(facts)))
                 qs, fs = [facts[i].question(rng, phrasings) for i in asked], [facts[i] for i in asked]
                 asked_facts += fs
                 bank, costs = memory_costs(model, tokenizer, memory, statements, qs,
-                                           latency_questions=max(1, 16 // draws))
+                                           latency_questions=max(1, 16 // draws),
+                                           index_probes=index_probes if n >= index_from else 0)
                 all_costs.append(costs)
                 runs = {"written memory": dict(memory=memory, bank=bank), "BM25 top-3": dict(retrieve=3)}
                 if n == n_facts[0]:
@@ -195,6 +213,9 @@ def markdown(rows: list[dict]) -> str:
             f"{costs[n]['store_facts_per_s']:.0f}" if n in costs else "-" for n in ns) + " |")
         lines.append("| memory: cost per question, paired | " + " | ".join(
             f"{100 * costs[n]['read_cost']:+.0f}%" if n in costs else "-" for n in ns) + " |")
+        lines.append("| memory: read | " + " | ".join(
+            (f"index, {costs[n]['index_probes']} probes" if costs[n].get("index_probes")
+             else "exact") if n in costs else "-" for n in ns) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -206,20 +227,29 @@ def main(argv=None) -> None:
     ap.add_argument("--facts", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--questions", type=int, default=300)
     ap.add_argument("--splits", nargs="+", choices=list(SPLITS), default=None)
-    ap.add_argument("--phrasings", choices=("eval", "train"), default="eval",
-                    help="held-out phrasings (the benchmark), or trained ones (a diagnosis)")
+    ap.add_argument("--phrasings", choices=open_facts.PHRASING_SPLITS, default="eval",
+                    help="held-out phrasings (eval: the benchmark), the dev split (held out as "
+                         "well, for tuning the memory's training, with train-split subjects "
+                         "and objects) or trained ones (a diagnosis)")
+    ap.add_argument("--index-from", type=int, default=INDEX_FROM, metavar="N",
+                    help="banks of N facts or more are read through an index (build_index)")
+    ap.add_argument("--index-probes", type=int, default=INDEX_PROBES,
+                    help="clusters each query reads through the index")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.index_probes < 1:
+        ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
-               args.phrasings)
+               args.phrasings, args.index_from, args.index_probes)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory"}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
-        name = "open_recall.md" if args.phrasings == "eval" else "open_recall_train_phrasings.md"
+        name = ("open_recall.md" if args.phrasings == "eval"
+                else f"open_recall_{args.phrasings}_phrasings.md")
         with open(os.path.join(args.out, name), "w") as f:
             f.write(f"# Open-vocabulary recall\n\n`python -m memkernels.apps.recall.open_recall "
                     f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {info['cpu']}; "

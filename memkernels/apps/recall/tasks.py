@@ -67,8 +67,8 @@ def copy_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
     return MemoryModel(config)
 
 
-def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
-                  world: str = "closed") -> tuple[list, list[str], list[int]]:
+def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
+                  varied: float = 0.0) -> tuple[list, list[str], list[int]]:
     """(questions, statements, targets) of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
@@ -79,9 +79,12 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
     tokens (token ids, as generation sees them) must find the statement's
     token before answer token j (the slot whose content is that token), and
     the question followed by the whole answer the answer's last token (whose
-    slot holds the period: where a copied answer ends)."""
+    slot holds the period: where a copied answer ends); varied > 0 varies
+    each statement's and question's phrasing (open_facts.vary)."""
     rng = random.Random(seed)
     if world == "closed":
+        if varied:
+            raise ValueError("varied phrasings apply to world='open'")
         facts = make_facts(n, seed=seed, split="train")[0]
         questions = [qa_prompt(f.question(rng)) for f in facts]
         statements = [f.statement(rng) for f in facts]
@@ -90,9 +93,9 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11,
         return questions, statements, targets
     questions, statements, targets = [], [], []
     for f in open_facts.make_open_facts(n, seed=seed, split="train", relation_split="train"):
-        statement = f.statement(rng)
+        statement = f.statement(rng, varied=varied)
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
-        prompt = tokenizer(qa_prompt(f.question(rng)))["input_ids"]
+        prompt = tokenizer(qa_prompt(f.question(rng, varied=varied)))["input_ids"]
         answer = tokenizer(f" {f.object}")["input_ids"]
         for j in range(len(answer) + 1):  # the answer's tokens, then the period after it
             questions.append(prompt + answer[:j])

@@ -52,6 +52,9 @@ def main(argv=None) -> None:
                          "(default: the one that ships, memkernels/recall/assets/written_memory)")
     ap.add_argument("--pretrain-steps", type=int, default=6000,
                     help="append rule: steps of pretrain_address before the joint training")
+    ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
+                    help="--world open: the address pre-training's statements and questions "
+                         "drop and gain words, each with probability P / 2 (open_facts.vary)")
     ap.add_argument("--model", default=None,
                     help="a Hugging Face causal LM directory (default: the shipped base LM)")
     ap.add_argument("--out", required=True)
@@ -59,6 +62,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.write_rule == "copy" and args.mode != "written":
         ap.error("--write-rule copy trains a written memory: use --mode written")
+    if args.vary_phrasings and args.world != "open":
+        ap.error("--vary-phrasings varies the open world's phrasings: use --world open")
+    if not 0.0 <= args.vary_phrasings <= 1.0:
+        ap.error(f"--vary-phrasings is a probability in [0, 1], got {args.vary_phrasings}")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
     model, tokenizer = base_lm.load(args.model)
@@ -84,7 +91,8 @@ def main(argv=None) -> None:
     pretrain_losses = []
     started = time.time()
     if append and not args.resume:
-        pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer, world=args.world),
+        pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(
+            tokenizer, world=args.world, varied=args.vary_phrasings),
                          steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
@@ -112,6 +120,7 @@ def main(argv=None) -> None:
             info = {**summary, "command": "python -m memkernels.apps.recall.train " + " ".join(
                         argv if argv is not None else sys.argv[1:]),
                     "write_rule": args.write_rule, "world": args.world,
+                    "vary_phrasings": args.vary_phrasings,
                     "pretrain_steps": len(pretrain_losses),
                     "pretrain_loss": sum(tail) / len(tail) if tail else None,
                     "seconds": time.time() - started}
