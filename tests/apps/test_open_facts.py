@@ -4,6 +4,8 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
+
 from memkernels.apps.recall import open_facts as of
 
 
@@ -123,3 +125,49 @@ def test_the_open_lm_corpus_never_holds_a_benchmark_value():
         # the core's words in order, any subject, relation or object between them
         pattern = r".{1,40}?".join(re.escape(part.lower()) for part in re.split(r"\{[a-z]\}", core))
         assert not re.search(pattern, lowered), core
+
+
+def test_realistic_names_are_real_words_of_their_split():
+    facts = of.make_open_facts(300, seed=9, realistic_names=True)
+    real = set(of.REAL_FIRST_NAMES) | set(of.REAL_LAST_NAMES)
+    assert len({f.subject for f in facts}) == 300
+    assert any(len(f.subject.split()) == 3 for f in facts)  # with a middle name
+    for f in facts:
+        assert set(f.subject.split()) <= real and of.split_of("value", f.subject) == "eval"
+        assert next(r[1] for r in of.RELATIONS if r[0] == f.relation) == "person"
+    train = of.make_open_facts(300, seed=9, split="train", realistic_names=True)
+    words = lambda fs: {w for f in fs for w in f.subject.split()}  # noqa: E731
+    assert not words(facts) & words(train)
+    with pytest.raises(ValueError, match="ran out"):
+        of.make_open_facts(100_000, seed=9, realistic_names=True)
+
+
+def test_similar_names_are_one_edit_away_with_another_object():
+    facts = of.make_open_facts(400, seed=10, similar_names=True)
+    assert len(facts) == 400 and len({f.subject for f in facts}) == 400
+    for asked, twin in zip(facts[0::2], facts[1::2]):
+        assert asked.relation == twin.relation and asked.object != twin.object
+        a, b = asked.subject.split(), twin.subject.split()
+        assert a[:-1] == b[:-1] and a[-1] != b[-1]  # only the last word differs
+        assert of.split_of("value", twin.subject) == of.split_of("value", twin.object) == "eval"
+    rng = random.Random(0)
+    assert of.similar_name("Tur Mefopibo", rng, "train").startswith("Tur ")
+
+
+def test_varied_phrasings_keep_their_slots_and_draw_train_words_only():
+    rng = random.Random(3)
+    held_out = {w.lower() for split in ("dev", "eval")
+                for part in (of.STATEMENT_CORES[split] + of.STATEMENT_PREFIXES[split] +
+                             of.QUESTION_CORES[split] + of.QUESTION_PREFIXES[split])
+                for w in re.findall(r"[A-Za-z]{2,}", re.sub(r"\{[a-z]\}", "", part))}
+    trained = set(of.TRAIN_WORDS)
+    changed = 0
+    for template in of.phrasings("statement", "train") * 3:
+        varied = of.vary(template, rng, 0.4)
+        assert varied.endswith("{o}.") and varied.index("{s}") < varied.index("{o}")
+        new_words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", varied)} - \
+            {w.lower() for w in re.findall(r"[A-Za-z]{2,}", template)}
+        assert new_words <= trained and not new_words & (held_out - trained)
+        changed += varied != template
+    assert changed > 100
+    assert of.vary("The {r} of {s} is {o}.", rng, 0.0) == "The {r} of {s} is {o}."

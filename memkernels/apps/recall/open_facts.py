@@ -14,6 +14,7 @@ language, but never in the memory's training).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 import zlib
@@ -199,6 +200,30 @@ def phrasings(kind: str, split: str) -> list[str]:
     return (STATEMENTS if kind == "statement" else QUESTIONS)[split]
 
 
+# Real first and family names (common in several languages), for the
+# benchmark's "realistic names" split only: a person subject drawn from them
+# keeps the split rule (every word of the name in the eval split by hash), so
+# no training ever sees one of its words.
+REAL_FIRST_NAMES = """
+Aaron Abigail Adam Adrian Ahmed Aisha Alan Albert Alejandro Alexander Alice Amanda Amir Ana
+Andrea Andrew Angela Anna Anton Arjun Astrid Beatriz Benjamin Bernard Bianca Boris Bruno Camila
+Carlos Caroline Catherine Chen Chloe Christian Clara Daniel David Diana Diego Dmitri Elena Elif
+Elijah Elizabeth Emily Emma Eric Eva Fatima Felix Fernando Fiona Francesca Gabriel George Grace
+Hana Hannah Hassan Helen Hugo Ibrahim Igor Ines Isabel Ivan Jacob James Jasmine Javier Jonas
+Jorge Julia Kai Karim Katarina Kenji Laura Leila Leon Lucas Lucia Luis Maja Marco Maria Mario
+Martin Mateo Maya Mei Michael Miguel Mohammed Nadia Natalia Nikolai Noah Olga Oliver Omar Pablo
+Patrick Paula Pedro Peter Priya Rafael Rahul Rosa Samuel Sara Sebastian Sergei Sofia Stefan
+Tomas Valentina Victor Wei Yara Yusuf Zara""".split()
+REAL_LAST_NAMES = """
+Abbott Adams Alvarez Andersen Bauer Becker Bennett Bianchi Brown Campbell Carter Castillo Chang
+Clarke Costa Cruz Dubois Fischer Flores Fontaine Garcia Gomez Gonzalez Graham Gupta Hansen
+Harris Hoffmann Hughes Ivanov Jensen Johnson Kaplan Kato Keller Kim Klein Kowalski Kumar Larsen
+Laurent Lee Lopez Marino Martin Meyer Miller Moreau Morales Moreno Murphy Nakamura Nguyen Novak
+Olsen Ortiz Park Patel Petrov Popescu Ramos Reyes Ricci Rivera Romano Rossi Russo Sanchez
+Santos Schmidt Schneider Silva Singh Smith Suzuki Tanaka Taylor Torres Valdez Vargas Walker
+Weber Williams Wilson Wong Yamamoto Young Zhang Ziegler""".split()
+
+
 def made_up_word(rng: random.Random, syllables: tuple[int, int] = (2, 5)) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(*syllables))) + \
         rng.choice(CODAS)
@@ -225,12 +250,51 @@ def draw(kind: str, rng: random.Random) -> str:
     raise ValueError(f"unknown kind {kind!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _real_names(split: str) -> tuple[list[str], list[str]]:
+    return tuple([n for n in names if split_of("value", n) == split]
+                 for names in (REAL_FIRST_NAMES, REAL_LAST_NAMES))
+
+
+def realistic_name(rng: random.Random, split: str) -> str:
+    """A real first name, half the time a middle name, and a family name,
+    every word of `split`."""
+    first, last = _real_names(split)
+    middle = f" {rng.choice(first)}" if rng.random() < 0.5 else ""
+    return f"{rng.choice(first)}{middle} {rng.choice(last)}"
+
+
 def draw_in_split(kind: str, rng: random.Random, split: str) -> str:
-    """A fresh value whose split (split_of) is `split`."""
+    """A fresh value whose split (split_of) is `split` (kind 'realistic': a
+    real first and family name, for the benchmark)."""
+    if kind == "realistic":
+        return realistic_name(rng, split)
     while True:
         value = draw(kind, rng)
         if split_of("value", value) == split:
             return value
+
+
+def similar_name(name: str, rng: random.Random, split: str) -> str:
+    """Another name of `split` one edit from `name`: a syllable of its last
+    word changed, added or dropped (Tur Mefopibo -> Tur Mefopiba, Tur
+    Mefobibo, Tur Mefopi...): the distractor a memory must not confuse."""
+    head, _, last = name.rpartition(" ")
+    for _ in range(1000):
+        syllables = re.findall(r"[^aeiou]*[aeiou]+(?:[^aeiou]+$)?", last.lower()) or [last.lower()]
+        i = rng.randrange(len(syllables))
+        edit = rng.random()
+        if edit < 0.6:
+            syllables[i] = rng.choice(SYLLABLES)
+        elif edit < 0.8 or len(syllables) < 3:
+            syllables.insert(i, rng.choice(SYLLABLES))
+        else:
+            del syllables[i]
+        word = "".join(syllables).capitalize()
+        other = f"{head} {word}" if head else word
+        if other != name and split_of("value", other) == split:
+            return other
+    raise ValueError(f"no similar name of split {split!r} for {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,23 +324,54 @@ def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:
 
 
 def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",
-                    facts_per_subject: int = 1) -> list[OpenFact]:
+                    facts_per_subject: int = 1, realistic_names: bool = False,
+                    similar_names: bool = False) -> list[OpenFact]:
     """n facts with fresh subjects and objects of `split`, over the relations
     of `relation_split`; facts_per_subject > 1 gives each subject that many
-    relations of its kind (a person with a home town, a spouse, a birthday...)."""
+    relations of its kind (a person with a home town, a spouse, a birthday...);
+    realistic_names: every subject a person with a real first and family name
+    (REAL_FIRST_NAMES, REAL_LAST_NAMES); similar_names: facts come in pairs,
+    the second about a name one edit from the first's (similar_name), same
+    relation, another object: facts[0::2] are asked, facts[1::2] distract."""
+    if similar_names:
+        firsts = make_open_facts((n + 1) // 2, seed, split=split, relation_split=relation_split,
+                                 realistic_names=realistic_names)
+        rng = random.Random(seed + 1)
+        taken = {f.subject for f in firsts}
+        facts = []
+        for f in firsts:
+            twin = similar_name(f.subject, rng, split)
+            while twin in taken:
+                twin = similar_name(f.subject, rng, split)
+            taken.add(twin)
+            kind = next(r[2] for r in RELATIONS if r[0] == f.relation)
+            other = draw_in_split(kind, rng, split)
+            while other == f.object:
+                other = draw_in_split(kind, rng, split)
+            facts += [f, OpenFact(twin, f.relation, other)]
+        return facts[:n]
     rng = random.Random(seed)
     pool = relations(relation_split)
+    if realistic_names:
+        pool = [r for r in pool if r[1] == "person"]
     by_kind: dict[str, list[tuple]] = {}
     for r in pool:
         by_kind.setdefault(r[1], []).append(r)
     kinds = sorted(k for k, rs in by_kind.items() if len(rs) >= facts_per_subject)
     facts: list[OpenFact] = []
     subjects: set[str] = set()
+    repeats = 0  # subjects drawn again in a row
     while len(facts) < n:
         kind = rng.choice(kinds)
-        subject = draw_in_split(kind, rng, split)
+        subject = draw_in_split("realistic" if realistic_names else kind, rng, split)
         if subject in subjects:
+            repeats += 1
+            if repeats > 10_000:
+                raise ValueError(f"could not draw {n} facts with distinct subjects (realistic_"
+                                 f"names={realistic_names}: the names of split {split!r} ran "
+                                 f"out at {len(subjects)})")
             continue
+        repeats = 0
         subjects.add(subject)
         for rel in rng.sample(by_kind[kind], facts_per_subject)[:n - len(facts)]:
             facts.append(OpenFact(subject, rel[0], draw_in_split(rel[2], rng, split)))
