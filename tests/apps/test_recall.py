@@ -283,10 +283,22 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     tok.save_pretrained(tmp_path / family)
     main(["--model", str(tmp_path / family), "--mode", "written", "--world", "open",
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
-          "--slots", "64", "--out", str(tmp_path / "o")])
+          "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--slots", "64",
+          "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
     assert memory.config.write_rule == write_rule
+    import json
+    made = json.loads((tmp_path / "o" / "memory" / "training.json").read_text())
+    assert made["vary_phrasings"] == 0.2 and made["pretrain_batch"] == 8
+    assert made["pretrain_steps"] == 2 and "--vary-phrasings 0.2" in made["command"]
+
+
+def test_train_command_rejects_a_varied_closed_world(tmp_path):
+    from memkernels.apps.recall.train import main
+    for bad in (["--vary-phrasings", "0.2"], ["--world", "open", "--vary-phrasings", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(bad + ["--out", str(tmp_path / "o")])
 
 
 def test_the_demo_runs_and_prints_what_it_measured(capsys):

@@ -121,12 +121,13 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
 def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optional[str] = None,
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
-        log=print) -> list[dict]:
+        other_splits_up_to: Optional[int] = None, log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
     "dev" asks with the dev phrasings (for tuning; see open_facts). Banks
-    of index_from facts or more are read through an index (index_probes)."""
+    of index_from facts or more are read through an index (index_probes).
+    other_splits_up_to: above that N, only the "held-out" split runs."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     rng = random.Random(seed)
     # dev phrasings tune the memory's training: their facts draw train-split
@@ -154,6 +155,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         # prompt), so that a cell still has min(questions, 100) questions
         draws = max(1, min(questions, 100) // n)
         for split in splits or list(SPLITS):
+            if split != "held-out" and other_splits_up_to is not None and n > other_splits_up_to:
+                continue
             got: dict[str, list] = {}
             asked_facts, all_costs = [], []
             for d in range(draws):
@@ -248,6 +251,9 @@ def main(argv=None) -> None:
                     help="banks of N facts or more are read through an index (build_index)")
     ap.add_argument("--index-probes", type=int, default=INDEX_PROBES,
                     help="clusters each query reads through the index")
+    ap.add_argument("--other-splits-up-to", type=int, default=10_000, metavar="N",
+                    help="above N facts, only the held-out split runs (a 100,000-fact cell "
+                         "takes minutes per split)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -255,7 +261,7 @@ def main(argv=None) -> None:
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
-               args.phrasings, args.index_from, args.index_probes)
+               args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",

@@ -52,6 +52,9 @@ def main(argv=None) -> None:
                          "(default: the one that ships, memkernels/recall/assets/written_memory)")
     ap.add_argument("--pretrain-steps", type=int, default=6000,
                     help="append rule: steps of pretrain_address before the joint training")
+    ap.add_argument("--pretrain-batch", type=int, default=256,
+                    help="append rule: question-statement pairs a pretrain_address step (the "
+                         "other pairs' tokens are each one's negatives)")
     ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
                     help="--world open: the address pre-training's statements and questions "
                          "drop and gain words, each with probability P / 2 (open_facts.vary)")
@@ -93,7 +96,8 @@ def main(argv=None) -> None:
     if append and not args.resume:
         pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(
             tokenizer, world=args.world, varied=args.vary_phrasings),
-                         steps=args.pretrain_steps, seed=args.seed, progress=trainer_rank() == 0)
+                         steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
+                         progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
     settings = dict(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, bf16=args.bf16,
@@ -122,6 +126,7 @@ def main(argv=None) -> None:
                     "write_rule": args.write_rule, "world": args.world,
                     "vary_phrasings": args.vary_phrasings,
                     "pretrain_steps": len(pretrain_losses),
+                    "pretrain_batch": args.pretrain_batch,
                     "pretrain_loss": sum(tail) / len(tail) if tail else None,
                     "seconds": time.time() - started}
             with open(os.path.join(args.out, "memory", "training.json"), "w") as f:
