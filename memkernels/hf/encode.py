@@ -208,6 +208,16 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
     bar = tqdm(range(n_chunks), desc="store", unit="chunk",
                disable=(n_chunks < 2) if progress is None else not progress)
     mem = bank.mem
+    # A fresh slot-per-token bank fills its empty slots in order, and a write
+    # touches all S slots: each chunk writes only the window its tokens can
+    # land in, so that storing N texts costs O(N), not O(N^2) (100,000 facts
+    # took ~20 min, not ~5). `used`: each row's first empty slot; `limit`:
+    # where the occupied (null) slots of a fresh bank begin.
+    windowed = fresh and memory.slots_to_store(1) is not None
+    if windowed:
+        occupied = memory.slot_mask(mem)[0]
+        limit = int(occupied.nonzero()[0]) if bool(occupied.any()) else mem.shape[2]
+        used = torch.zeros(mem.shape[0], dtype=torch.long)
     for c in bar:
         pieces = [r[c * chunk_size:(c + 1) * chunk_size] for r in rows]
         flat = [ids for piece in pieces for ids in piece]
@@ -234,8 +244,14 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
                 start += n
             return out
         row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
-        mem = memory.write(mem, by_row(hidden), row_mask,
-                           None if value_hidden is None else by_row(value_hidden),
-                           None if context is None else by_row(context))
+        args = (by_row(hidden), row_mask, None if value_hidden is None else by_row(value_hidden),
+                None if context is None else by_row(context))
+        if windowed:
+            start = int(used.min())
+            end = min(limit, int(used.max()) + int(row_mask.sum(1).max()))
+            mem[:, :, start:end] = memory.write(mem[:, :, start:end], *args)
+            used = start + memory.slot_mask(mem[:, :, start:end]).sum(1).cpu()
+        else:
+            mem = memory.write(mem, *args)
     bank.mem = memory.shrink_to_fit(mem) if fresh else mem
     return bank

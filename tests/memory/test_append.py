@@ -173,6 +173,26 @@ def test_store_into_no_bank_keeps_a_slot_per_stored_token_only():
     assert memkernels.store(plain, model, None, texts).num_slots == 42
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_store_into_a_fresh_bank_writes_window_by_window_as_the_whole_bank_would(chunk_size,
+                                                                                 threshold):
+    """store() into no bank writes each chunk into the window of slots it can
+    fill (O(N) for N texts): the same bank, slot for slot, as the write of
+    every chunk into the whole bank, then shrunk."""
+    torch.manual_seed(10)
+    model = tiny_llama()
+    memory = make_memory(model, slots=6, null_slots=2, store_threshold=threshold)
+    if threshold:
+        with torch.no_grad():
+            memory.keep[3].weight.normal_(0.0, 3.0)
+    texts = [[1 + (5 * i + j) % 50 for j in range(2 + i % 5)] for i in range(11)]
+    windowed = memkernels.store(memory, model, None, texts, chunk_size=chunk_size)
+    whole = MemoryBank(memory, memory.fresh_mem(1, sum(map(len, texts)) + 2))
+    memkernels.store(memory, model, None, texts, bank=whole, chunk_size=chunk_size)
+    assert torch.equal(windowed.mem, memory.shrink_to_fit(whole.mem))
+
+
 def test_a_full_bank_is_refused_and_left_as_it_was():
     model = tiny_llama()
     memory = make_memory(model, slots=8, null_slots=2)
