@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memkernels.memory import fused
 from memkernels.memory.bank import Int8Rows, MemoryBank
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.blend import per_head_identity
@@ -253,6 +254,17 @@ class AppendMemory(MemoryModel, write_rule="append"):
         defaults = self.init_bank.unsqueeze(0).expand(batch_size, -1, -1, -1)
         return torch.cat([defaults.new_zeros(batch_size, defaults.shape[1], S - null,
                                              defaults.shape[3]), defaults], 2)
+
+    def set_read_scale(self, scale: float) -> None:
+        """Reads score cosine x `scale` from now on (AppendOptions.read_scale,
+        saved with the memory): a memory trained at one scale may read large
+        banks more sharply (docs/design.md, "Phrasings no training saw")."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        self.config.append.read_scale = float(scale)
+        for reader in self.readers:
+            reader.scale = float(scale)
+        fused.forget_plans()  # a memoised fused read holds the old scale
 
     def slots_to_store(self, tokens: int) -> int:
         """One slot per token plus the null slots (at least config.num_slots)."""

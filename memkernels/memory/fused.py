@@ -56,6 +56,12 @@ def _own(module: nn.Module) -> None:
         m.__dict__[_OWNED] = True
 
 
+def forget_plans() -> None:
+    """Makes every memoised fused read stale (rebuilt on its next use): for a
+    change the memo's checks cannot see, such as a reader's scale."""
+    _REGISTRATIONS[0] += 1
+
+
 def read(memory, bank, reader_index: int, hidden: Tensor, kv_dtype: Optional[torch.dtype],
          context: Optional[Tensor] = None) -> Optional[Tensor]:
     """Reader `reader_index`'s read of `bank` (no gradients) through the fused

@@ -283,20 +283,23 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     tok.save_pretrained(tmp_path / family)
     main(["--model", str(tmp_path / family), "--mode", "written", "--world", "open",
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
-          "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--slots", "64",
-          "--out", str(tmp_path / "o")])
+          "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
+          "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
     assert memory.config.write_rule == write_rule
+    assert memory.config.append.read_scale == 30.0 and memory.readers[0].scale == 30.0
     import json
     made = json.loads((tmp_path / "o" / "memory" / "training.json").read_text())
     assert made["vary_phrasings"] == 0.2 and made["pretrain_batch"] == 8
     assert made["pretrain_steps"] == 2 and "--vary-phrasings 0.2" in made["command"]
 
 
-def test_train_command_rejects_a_varied_closed_world(tmp_path):
+def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
     from memkernels.apps.recall.train import main
-    for bad in (["--vary-phrasings", "0.2"], ["--world", "open", "--vary-phrasings", "1.5"]):
+    for bad in (["--vary-phrasings", "0.2"], ["--world", "open", "--vary-phrasings", "1.5"],
+                ["--write-rule", "blend", "--read-scale-after", "40"],
+                ["--read-scale-after", "0"]):
         with pytest.raises(SystemExit):
             main(bad + ["--out", str(tmp_path / "o")])
 

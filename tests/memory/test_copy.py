@@ -225,3 +225,24 @@ def test_null_slots_hold_no_content_and_the_memory_round_trips(tmp_path):
     assert isinstance(again, CopyMemory) and again.fingerprint() == memory.fingerprint()
     for (name, a), b in zip(memory.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_set_read_scale_sharpens_reads_and_is_saved(tmp_path):
+    model = MODELS["llama"]()
+    memory = copy_memory(model, context_decay=0.5)
+    texts = [torch.randint(1, VOCAB, (9,)).tolist() for _ in range(4)]
+    bank = memkernels.store(memory, model, None, texts)
+    args = _mix_inputs(model, memory, torch.float64)
+    with torch.no_grad():
+        before = memory.mix_logits(*args[:3], bank, context=args[3])
+        memory.set_read_scale(40.0)
+        after = memory.mix_logits(*args[:3], bank, context=args[3])  # the memo is rebuilt
+        fresh = memory.mix_logits(*args[:3], bank.clone(), context=args[3])
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
+    memory.save_pretrained(tmp_path / "m")
+    loaded = MemoryModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.append.read_scale == 40.0 and loaded.readers[0].scale == 40.0
+    for bad in (0, -1.0, True, "40"):
+        with pytest.raises(ValueError, match="positive"):
+            memory.set_read_scale(bad)

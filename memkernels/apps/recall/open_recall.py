@@ -121,14 +121,19 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
 def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optional[str] = None,
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
-        other_splits_up_to: Optional[int] = None, log=print) -> list[dict]:
+        other_splits_up_to: Optional[int] = None, read_scale: Optional[float] = None,
+        log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
     "dev" asks with the dev phrasings (for tuning; see open_facts). Banks
     of index_from facts or more are read through an index (index_probes).
-    other_splits_up_to: above that N, only the "held-out" split runs."""
+    other_splits_up_to: above that N, only the "held-out" split runs.
+    read_scale: the memory reads at cosine x read_scale (set_read_scale; for
+    tuning on dev), else at its saved scale."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
+    if read_scale is not None:
+        memory.set_read_scale(read_scale)
     rng = random.Random(seed)
     # dev phrasings tune the memory's training: their facts draw train-split
     # subjects and objects (fresh words all the same), so that tuning never
@@ -254,6 +259,8 @@ def main(argv=None) -> None:
     ap.add_argument("--other-splits-up-to", type=int, default=10_000, metavar="N",
                     help="above N facts, only the held-out split runs (a 100,000-fact cell "
                          "takes minutes per split)")
+    ap.add_argument("--read-scale", type=float, default=None,
+                    help="the memory reads at cosine x this (default: its saved scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -261,11 +268,12 @@ def main(argv=None) -> None:
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
-               args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to)
+               args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
+               args.read_scale)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
-                "memory": args.memory or "shipped open memory"}
+                "memory": args.memory or "shipped open memory", "read_scale": args.read_scale}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
         name = ("open_recall.md" if args.phrasings == "eval"
                 else f"open_recall_{args.phrasings}_phrasings.md")

@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pretrain-batch", type=int, default=256,
                     help="append rule: question-statement pairs a pretrain_address step (the "
                          "other pairs' tokens are each one's negatives)")
+    ap.add_argument("--read-scale-after", type=float, default=None, metavar="X",
+                    help="append/copy rule: the saved memory reads at cosine x X (training "
+                         "reads at AppendOptions.read_scale, 20): a sharper read of large banks")
     ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
                     help="--world open: the address pre-training's statements and questions "
                          "drop and gain words, each with probability P / 2 (open_facts.vary)")
@@ -69,6 +72,10 @@ def main(argv=None) -> None:
         ap.error("--vary-phrasings varies the open world's phrasings: use --world open")
     if not 0.0 <= args.vary_phrasings <= 1.0:
         ap.error(f"--vary-phrasings is a probability in [0, 1], got {args.vary_phrasings}")
+    if args.read_scale_after is not None and not (
+            args.mode == "written" and args.write_rule in ("append", "copy")
+            and args.read_scale_after > 0):
+        ap.error("--read-scale-after takes a positive scale, for a written append or copy memory")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
     model, tokenizer = base_lm.load(args.model)
@@ -112,6 +119,8 @@ def main(argv=None) -> None:
     if trainer.rank == 0 and trained_bank:
         trainer.bank.save(os.path.join(args.out, "bank.safetensors"))
     elif trainer.rank == 0:  # the trained memory: MemoryModel.from_pretrained(OUT/memory)
+        if args.read_scale_after is not None:
+            memory.set_read_scale(args.read_scale_after)
         memory.save_pretrained(os.path.join(args.out, "memory"))
     if trainer.rank == 0:
         last = result["history"][-20:]
@@ -125,6 +134,7 @@ def main(argv=None) -> None:
                         argv if argv is not None else sys.argv[1:]),
                     "write_rule": args.write_rule, "world": args.world,
                     "vary_phrasings": args.vary_phrasings,
+                    "read_scale_after": args.read_scale_after,
                     "pretrain_steps": len(pretrain_losses),
                     "pretrain_batch": args.pretrain_batch,
                     "pretrain_loss": sum(tail) / len(tail) if tail else None,
