@@ -210,8 +210,8 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
     mem = bank.mem
     # A fresh slot-per-token bank fills its empty slots in order, and a write
     # touches all S slots: each chunk writes only the window its tokens can
-    # land in, so that storing N texts costs O(N), not O(N^2) (100,000 facts
-    # took ~20 min, not ~5). `used`: each row's first empty slot; `limit`:
+    # land in, so that storing N texts costs O(N), not O(N^2). `used`: each
+    # row's first empty slot; `limit`:
     # where the occupied (null) slots of a fresh bank begin.
     windowed = fresh and memory.slots_to_store(1) is not None
     if windowed:

@@ -129,6 +129,16 @@ class QueryReader(nn.Module):
         w1_context = w[:, C:].contiguous() if self.uses_context else None
         return w1, b1, w_second, b_second, w1_context
 
+    def layer_arguments(self, w1, b1, w2, b2, out_w, w1_context, keys, values, key_scale,
+                        value_scale) -> tuple[tuple, dict]:
+        """(args, kwargs) after `hidden` of the fused reading layer from folded
+        weights (with a context, the call adds context=, per call)."""
+        kwargs = dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
+        if self.uses_context:
+            kwargs["context_w"] = w1_context
+        return ((w2, keys, values, out_w, self.norm.eps, self.scale, key_scale, value_scale),
+                kwargs)
+
     def query_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """What the query MLP reads: norm(h), and the context beside it."""
         if not self.uses_context:
@@ -198,12 +208,8 @@ class AppendReader(QueryReader):
     def reading_layer_arguments(self, keys, values, key_scale, value_scale) -> tuple[tuple, dict]:
         """(args, kwargs) after `hidden` of the fused reading layer for this
         layer (with a context, the call adds context=, per call)."""
-        w1, b1, w2, b2, out_w, w1_context = self._folded_weights()
-        kwargs = dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
-        if self.uses_context:
-            kwargs["context_w"] = w1_context
-        return ((w2, keys, values, out_w, self.norm.eps, self.scale, key_scale, value_scale),
-                kwargs)
+        return self.layer_arguments(*self._folded_weights(), keys, values, key_scale,
+                                    value_scale)
 
     def _folded_weights(self) -> tuple[Tensor, ...]:
         """(w1, b1, w2, b2, out_w, w1_context) for reads without gradients:

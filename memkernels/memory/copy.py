@@ -105,12 +105,7 @@ class CopyReader(QueryReader):
             identity = torch.eye(w2.shape[0], dtype=w2.dtype, device=w2.device)
             return w1, b1, w2, b2, identity, w1_context
         self._folded = cached(self._folded, sources, fold)
-        w1, b1, w2, b2, identity, w1_context = self._folded.value
-        kwargs = dict(mlp_w=w1, mlp_b=b1, query_b=b2, unit_queries=True)
-        if self.uses_context:
-            kwargs["context_w"] = w1_context
-        return ((w2, keys, values, identity, self.norm.eps, self.scale, key_scale, value_scale),
-                kwargs)
+        return self.layer_arguments(*self._folded.value, keys, values, key_scale, value_scale)
 
     def unit_embeddings(self, head_weight: Tensor) -> Tensor:
         """The LM head's rows at unit length [V, C], cached while the weight is unchanged."""
