@@ -329,6 +329,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("context_w") = py::none(), py::arg("centroids") = py::none(),
         py::arg("cluster_starts") = py::none(), py::arg("probes") = 0);
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
+  m.def("cpu_isa", [] {
+    switch (mk::best_isa()) {
+      case mk::Isa::avx512: return "avx512";
+      case mk::Isa::avx2: return "avx2";
+      default: return "generic";
+    }
+  }, "The ISA of the hand-blocked CPU kernels in this process: avx512, avx2 or generic "
+     "(the CPU's widest, capped by MEMKERNELS_CPU_ISA=avx2|generic)");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

@@ -99,8 +99,7 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 }  // namespace memkernels::cpu
 
-#include "single_row_avx2.h"    // needs bf16 above
-#include "single_row_avx512.h"  // needs bf16 above
+#include "few_rows.h"  // needs bf16, scale_row and AttentionProblem above
 
 namespace memkernels::cpu {
 
@@ -169,42 +168,26 @@ MK_CPU_CLONES void single_row_values(const T* p, const KV* v, int64_t N, int64_t
 }
 
 // Forward for a group with a single query row and no mask (a decode step):
-// one pass over the keys into a row of scores, one over the values, with no
-// GEMM call or tile bookkeeping: at one query row those cost more than the
-// arithmetic.
+// the few-row kernel for float queries where it applies, else one pass over
+// the keys into a row of scores and one over the values, with no GEMM call or
+// tile bookkeeping (at one query row those cost more than the arithmetic).
 template <typename T, typename KV>
 void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T* out, T* lse,
                                   std::vector<T>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (few_rows_read(p, g, out, lse, scratch)) return;
+  }
   const int64_t D = p.dim, N = p.keys;
   scratch.resize(N);
   T* s = scratch.data();
   const T* q = p.q + g * D;
   const KV *k = p.k + g * N * D, *v = p.v + g * N * D;
-  // by hand (AVX-512, else AVX2: float queries, head dims up to 64), else the generic loops
-  enum class Path { generic, avx512, avx2 } path = Path::generic;
-  [[maybe_unused]] const int64_t ahead = kPrefetchBytes / int64_t(sizeof(KV) * D) + 1;
-  if constexpr (std::is_same_v<T, float>) {
-#ifdef MK_HAVE_AVX512_SINGLE_ROW
-    if (avx512::try_scores(q, k, N, D, p.scale, s, ahead)) path = Path::avx512;
-#endif
-#ifdef MK_HAVE_AVX2_SINGLE_ROW
-    if (path == Path::generic && avx2::try_scores(q, k, N, D, p.scale, s, ahead)) path = Path::avx2;
-#endif
-  }
-  if (path == Path::generic) single_row_scores(q, k, N, D, p.scale, s);
+  single_row_scores(q, k, N, D, p.scale, s);
   if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.k_scale + g * N, N);
   const T row_max = mask_and_max<T>(s, nullptr, N);
   const T row_sum = exp_row(s, N, row_max);
   if constexpr (std::is_same_v<KV, int8_t>) scale_row(s, p.v_scale + g * N, N);
-  if constexpr (std::is_same_v<T, float>) {
-#ifdef MK_HAVE_AVX512_SINGLE_ROW
-    if (path == Path::avx512) avx512::try_values(s, v, N, D, out, ahead);
-#endif
-#ifdef MK_HAVE_AVX2_SINGLE_ROW
-    if (path == Path::avx2) avx2::try_values(s, v, N, D, out, ahead);
-#endif
-  }
-  if (path == Path::generic) single_row_values(s, v, N, D, out);
+  single_row_values(s, v, N, D, out);
   const T inv = safe_inverse(row_sum);
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   *lse = log_sum_exp(row_max, row_sum);

@@ -8,6 +8,7 @@
 // those ops was as large as the read of a small bank.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "slot_bank_cpu.h"
@@ -30,7 +31,12 @@ void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out
              int64_t width_in, T* y) {
   // A decode step has a row or a few: the vendor GEMM's per-call cost (and its
   // thread hand-off) is then more than the arithmetic of a 512 x 128 GEMV.
-  if (N <= kGemvRows) {
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (N <= kGemvRows) done = few_rows_project(x, N, w, width_out, width_in, y);
+  }
+  if (done) {
+  } else if (N <= kGemvRows) {
     for (int64_t n = 0; n < N; ++n)
       single_row_scores<T, T>(x + n * width_in, w, width_out, width_in, T(1), y + n * width_out);
   } else {
@@ -158,6 +164,12 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
         for (int64_t g = 0; g < Hk; ++g)
           std::copy(og.data() + group_row(n, g) * D, og.data() + (group_row(n, g) + 1) * D,
                     q.data() + n * W + (c * Hk + g) * D);
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (N <= kGemvRows) {  // out = hidden + o @ Wo on the few-row blocks
+      std::copy(r.hidden_states, r.hidden_states + N * C, out);
+      if (few_rows_times_weight(q.data(), N, r.out_w, W, C, out)) return;
     }
   }
   if (N <= kGemvRows) {

@@ -1,5 +1,6 @@
 #include "slot_bank_cpu.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace memkernels::cpu {
@@ -43,6 +44,14 @@ void for_each_group(int64_t groups, Body body, int64_t work = kParallelWork) {
 template <typename T, typename KV>
 void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse) {
   const int64_t D = p.dim;
+  if constexpr (std::is_same_v<T, float>) {
+    if (few_rows_applies(p)) {  // decode: a few query rows per group (few_rows.h)
+      for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
+        few_rows_read(p, g, out + g * p.rows * D, lse + g * p.rows, scratch);
+      }, p.groups * p.rows * p.keys * D);
+      return;
+    }
+  }
   if (p.rows == 1 && p.mask.mask == nullptr) {  // decode: one query per group
     for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
       attention_forward_single_row(p, g, out + g * D, lse + g, scratch);

@@ -23,9 +23,9 @@ READ_SHAPES = [
     (3, 1, 64, 1000, 80),
     (1, 4, 300, 128, 128),
     (2, 1, 300, 1000, 64),
-    (3, 2, 1, 1000, 20),  # decode (one query row per group): the single-row CPU kernel,
-    (1, 3, 1, 5, 3),      # its 4-key and 16-lane remainders
-    (2, 3, 1, 1003, 32),  # ... and its AVX-512 passes (Dh 16-64): 4-key and 2-key remainders
+    (3, 2, 1, 1000, 20),  # decode (one query row per group): the CPU's portable single-row loops,
+    (1, 3, 1, 5, 3),      # their 4-key and 16-lane remainders
+    (2, 3, 1, 1003, 32),  # ... and the few-row kernel (test_cpu_isa_paths.py has its full grid)
     (1, 2, 1, 6, 16),
     (1, 1, 1, 1, 48),
     (2, 1, 1, 129, 64),
@@ -216,10 +216,10 @@ print("ok")
 
 
 def test_cpu_decode_read_generic_loops_match_the_reference():
-    """The single-query read has AVX-512 passes for Dh 16-64 and generic loops
-    for the rest and for other CPUs; MEMKERNELS_CPU_GENERIC=1 forces the
-    generic loops (read once per process, hence the subprocess), float32,
-    bf16 and int8 keys/values, against the reference."""
+    """The single-query read has the few-row kernel (AVX-512 / AVX2) and
+    portable loops for other head dims and CPUs; MEMKERNELS_CPU_GENERIC=1
+    forces the portable loops (read once per process, hence the subprocess),
+    float32, bf16 and int8 keys/values, against the reference."""
     if _backend.extension()[0] is None:
         pytest.skip("needs memkernels._C")
     env = dict(os.environ, MEMKERNELS_CPU_GENERIC="1")

@@ -2,6 +2,7 @@
 so ratios survive a noisy shared machine."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable, Sequence
@@ -65,6 +66,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     y = torch.empty_like(x)
     t = median_time([lambda: y.copy_(x)], device, min_time=0.5)
     return 2 * x.numel() * 4 / t
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large read-only stream (a sum over rotating buffers past
+    the last-level cache): the floor of a kernel that reads its bytes once,
+    such as a decode read of a bank. Higher than copy_bandwidth's, which
+    also writes."""
+    xs = [torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
+    fns = [functools.partial(torch.sum, x) for x in xs]
+    return xs[0].numel() * 4 / median_time(fns, device, min_time=0.5)
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096) -> float:

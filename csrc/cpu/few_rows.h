@@ -1,0 +1,178 @@
+// The few-row read: 1 to kFewRowsMax query rows of one group over its bank,
+// float queries, float / bf16 / int8 keys and values, head dims a multiple of
+// the vector width (16 floats on AVX-512, 8 on AVX2). The body is
+// few_rows_body.inc, compiled here once per ISA; few_rows_read() picks the
+// widest the CPU runs (simd.h: MEMKERNELS_CPU_ISA caps it) and returns false
+// where no body applies (then the caller takes the portable path).
+//
+// Why a kernel of its own: with a shared bank a decode step is B rows per
+// head, and the tile path's two GEMM calls per 512 keys on 8-row tiles, plus
+// a pass over the score tile per row, kept it at half the bank's bandwidth.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../slot_math.h"
+#include "simd.h"
+
+namespace memkernels::cpu {
+
+
+constexpr int64_t kFewRowsMax = 16;
+
+template <typename KV>
+struct FewRowsArgs {
+  int64_t rows, keys, dim, chunk;  // chunk: keys per pass, a multiple of 4
+  const float* q;                  // [rows, dim]
+  const KV* k;                     // [keys, dim]
+  const KV* v;
+  const float* k_scale;  // int8: [keys], else nullptr
+  const float* v_scale;
+  float scale;
+  MaskIndex mask;  // rows of group `group`
+  int64_t group;
+  float* out;      // [rows, dim]
+  float* lse;      // [rows]
+  float* scratch;  // few_rows_scratch() floats
+};
+
+// Keys per pass. Several row blocks re-read a chunk: then a chunk of K and
+// one of V stay in L1 (16 KiB each). One row block reads it once: then a
+// longer chunk spreads the per-chunk softmax bookkeeping over more keys.
+template <typename KV>
+inline int64_t few_rows_chunk(int64_t D, bool one_row_block) {
+  const int64_t bytes = one_row_block ? 65536 : 16384;
+  const int64_t keys = (bytes / (D * int64_t(sizeof(KV)))) & ~int64_t(3);
+  return keys < 16 ? 16 : keys > 1024 ? 1024 : keys;
+}
+
+inline int64_t few_rows_scratch(int64_t rows, int64_t D, int64_t chunk) {
+  return rows * D + rows * chunk + 2 * rows;
+}
+
+#ifdef MK_HAVE_SIMD_VEC
+MK_BEGIN_AVX512
+namespace isa_avx512 {
+#include "few_rows_body.inc"
+}  // namespace isa_avx512
+MK_END_ISA
+
+MK_BEGIN_AVX2
+namespace isa_avx2 {
+#include "few_rows_body.inc"
+}  // namespace isa_avx2
+MK_END_ISA
+#endif
+
+#ifdef MK_HAVE_SIMD_VEC
+// Floats per vector, and rows per register block, of the body `isa` runs.
+inline int64_t vector_width(Isa isa) { return isa == Isa::avx512 ? 16 : 8; }
+inline int64_t rows_per_block(Isa isa) {
+  return isa == Isa::avx512 ? isa_avx512::Vec::kRows : isa_avx2::Vec::kRows;
+}
+#endif
+
+// Whether few_rows_read applies to p: the CPU, the row count and the head dim allow it.
+template <typename KV>
+bool few_rows_applies(const AttentionProblem<float, KV>& p) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  return isa != Isa::generic && p.rows >= 1 && p.rows <= kFewRowsMax &&
+         p.dim % vector_width(isa) == 0 && p.keys >= 1;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Group g's rows of p through the few-row body; false (nothing written) when
+// it does not apply.
+template <typename KV>
+bool few_rows_read(const AttentionProblem<float, KV>& p, int64_t g, float* out, float* lse,
+                   std::vector<float>& scratch) {
+#ifdef MK_HAVE_SIMD_VEC
+  if (!few_rows_applies(p)) return false;
+  const Isa isa = best_isa();
+  const int64_t D = p.dim, M = p.rows, N = p.keys;
+  const int64_t chunk = few_rows_chunk<KV>(D, M <= rows_per_block(isa));
+  scratch.resize(few_rows_scratch(M, D, chunk));
+  const FewRowsArgs<KV> a{M, N, D, chunk, p.q + g * M * D, p.k + g * N * D, p.v + g * N * D,
+                          p.k_scale ? p.k_scale + g * N : nullptr,
+                          p.v_scale ? p.v_scale + g * N : nullptr, p.scale, p.mask, g, out, lse,
+                          scratch.data()};
+  if (isa == Isa::avx512)
+    isa_avx512::few_rows_forward(a);
+  else
+    isa_avx2::few_rows_forward(a);
+  return true;
+#else
+  (void)p, (void)g, (void)out, (void)lse, (void)scratch;
+  return false;
+#endif
+}
+
+// The reading layer's decode projections on the same blocks, split over the
+// threads once the weights are large enough to be worth a hand-off (a cold
+// 512 x 512 projection is DRAM-bound: one thread streams ~half the bytes/s
+// that two do). False where no body applies (then the caller's GEMV runs).
+constexpr int64_t kParallelWeights = 1 << 16;  // weight elements
+
+// y[m * N + j] = <x_m, w_j>: x [M, D], w [N, D], y [M, N], M <= kFewRowsMax.
+inline bool few_rows_project(const float* x, int64_t M, const float* w, int64_t N, int64_t D,
+                             float* y) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  if (isa == Isa::generic || M < 1 || M > kFewRowsMax || D % vector_width(isa) != 0 || N < 1)
+    return false;
+  const int64_t chunk = few_rows_chunk<float>(D, M <= rows_per_block(isa));
+#pragma omp parallel if (N * D >= kParallelWeights)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = ((N + threads - 1) / threads + 3) & ~int64_t(3);
+    const int64_t j0 = std::min(N, t * per), j1 = std::min(N, j0 + per);
+    if (j0 < j1) {
+      if (isa == Isa::avx512)
+        isa_avx512::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
+      else
+        isa_avx2::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
+    }
+  }
+  return true;
+#else
+  (void)x, (void)M, (void)w, (void)N, (void)D, (void)y;
+  return false;
+#endif
+}
+
+// out[m] += x_m @ w: x [M, K], w [K, C], out [M, C], M <= kFewRowsMax.
+inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int64_t K, int64_t C,
+                                  float* out) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  const int64_t width = vector_width(isa);
+  if (isa == Isa::generic || M < 1 || M > kFewRowsMax || C % width != 0 || K < 1) return false;
+#pragma omp parallel if (K * C >= kParallelWeights)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t vecs = C / width, per = (vecs + threads - 1) / threads;
+    const int64_t c0 = std::min(vecs, t * per) * width, c1 = std::min(vecs, (t + 1) * per) * width;
+    if (c0 < c1) {
+      if (isa == Isa::avx512)
+        isa_avx512::rows_times_weight(x, M, K, w, K, C, c0, c1, out, C);
+      else
+        isa_avx2::rows_times_weight(x, M, K, w, K, C, c0, c1, out, C);
+    }
+  }
+  return true;
+#else
+  (void)x, (void)M, (void)w, (void)K, (void)C, (void)out;
+  return false;
+#endif
+}
+
+}  // namespace memkernels::cpu

@@ -1,0 +1,153 @@
+// The vector operations the hand-blocked CPU kernels are written in, once per
+// ISA: `isa_avx512::Vec` (16 floats) and `isa_avx2::Vec` (8 floats). A kernel
+// body written against `Vec` is compiled once per ISA by including it inside
+// that ISA's namespace under its target pragma (few_rows.h), so there is one
+// body and no hand copy per ISA; the ISA is picked at run time.
+//
+// Each Vec also says how many rows a register block may hold (kRows): the
+// score step keeps 4 keys x kRows rows of partial sums in registers, which
+// fits AVX-512's 32 registers at 4 rows and AVX2's 16 at 2.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
+#define MK_HAVE_SIMD_VEC 1
+#include <immintrin.h>
+#endif
+
+namespace memkernels::cpu {
+
+struct bf16;  // attention_cpu.h: the raw 16 bits of a bfloat16
+
+// MEMKERNELS_CPU_ISA=avx2 caps the hand-blocked kernels at AVX2 (tests run the
+// AVX2 body on an AVX-512 machine); =generic turns them off (the portable loops).
+// MEMKERNELS_CPU_GENERIC=1 is the older spelling of =generic.
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+
+inline Isa isa_cap_from_env() {
+  const char* generic = std::getenv("MEMKERNELS_CPU_GENERIC");
+  if (generic != nullptr && generic[0] == '1') return Isa::generic;
+  const char* cap = std::getenv("MEMKERNELS_CPU_ISA");
+  if (cap == nullptr || cap[0] == '\0') return Isa::avx512;
+  const auto is = [&](const char* name) {
+    const char *a = cap, *b = name;
+    while (*a && *a == *b) ++a, ++b;
+    return *a == '\0' && *b == '\0';
+  };
+  if (is("avx2")) return Isa::avx2;
+  if (is("generic")) return Isa::generic;
+  return Isa::avx512;
+}
+
+// The widest ISA this CPU runs and the environment allows (read once).
+inline Isa best_isa() {
+#ifndef MK_HAVE_SIMD_VEC
+  return Isa::generic;
+#else
+  static const Isa isa = [] {
+    const Isa cap = isa_cap_from_env();
+    if (cap == Isa::avx512 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      return Isa::avx512;
+    if (cap != Isa::generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return Isa::avx2;
+    return Isa::generic;
+  }();
+  return isa;
+#endif
+}
+
+#ifdef MK_HAVE_SIMD_VEC
+
+// Code between MK_BEGIN_AVX512 (or MK_BEGIN_AVX2) and MK_END_ISA is compiled
+// for that ISA: the one place the target strings live. GCC 12 flags the
+// deliberately undefined upper lanes inside its own AVX-512 intrinsics
+// (_mm512_undefined_ps) as maybe-uninitialized: a false positive, silenced there.
+#define MK_BEGIN_ISA_(TARGET)                                                             \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+      _Pragma("GCC push_options") _Pragma(TARGET)
+#define MK_BEGIN_AVX512 MK_BEGIN_ISA_("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,fma\")")
+#define MK_BEGIN_AVX2 MK_BEGIN_ISA_("GCC target(\"avx2,fma\")")
+#define MK_END_ISA _Pragma("GCC pop_options") _Pragma("GCC diagnostic pop")
+
+MK_BEGIN_AVX512
+namespace isa_avx512 {
+struct Vec {
+  using R = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr int kRows = 4;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* x) { return _mm512_loadu_ps(x); }
+  static R load(const bf16* x) {  // bf16 is the high half of a float
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static R load(const int8_t* x) {  // the integer; its scale is applied outside
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+  }
+  static void store(float* x, R a) { _mm512_storeu_ps(x, a); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  // The horizontal sums of a0..a3 as the 4 lanes of an __m128; the shuffles
+  // are shared by the four.
+  static __m128 reduce4(R a0, R a1, R a2, R a3) {
+    const R b01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44),
+                                _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const R b23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44),
+                                _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    const R c = _mm512_add_ps(_mm512_shuffle_f32x4(b01, b23, 0x88),
+                              _mm512_shuffle_f32x4(b01, b23, 0xDD));
+    const R d = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));
+    const R e = _mm512_add_ps(d, _mm512_permute_ps(d, 0x4E));
+    const __m512i lanes = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, e));
+  }
+  static float reduce1(R a) { return _mm512_reduce_add_ps(a); }
+};
+}  // namespace isa_avx512
+MK_END_ISA
+
+MK_BEGIN_AVX2
+namespace isa_avx2 {
+struct Vec {
+  using R = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr int kRows = 2;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* x) { return _mm256_loadu_ps(x); }
+  static R load(const bf16* x) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static R load(const int8_t* x) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  }
+  static void store(float* x, R a) { _mm256_storeu_ps(x, a); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static __m128 reduce4(R a0, R a1, R a2, R a3) {
+    // per 128-bit half: [sum a0, sum a1, sum a2, sum a3] over that half's lanes
+    const R s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  }
+  static float reduce1(R a) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 d = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+};
+}  // namespace isa_avx2
+MK_END_ISA
+
+#endif  // MK_HAVE_SIMD_VEC
+
+}  // namespace memkernels::cpu

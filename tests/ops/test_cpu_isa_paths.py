@@ -1,0 +1,145 @@
+"""The CPU's hand-blocked few-row read (csrc/cpu/few_rows.h: 1-16 query rows
+per group, the decode step) on every ISA body this CPU runs, against the
+float64 reference: the row and key grid across its block and chunk edges,
+head dims 1..256 (those not a multiple of the vector width take the
+portable loops), masks with all-masked rows, x50 logits, NaN queries, and
+bf16 / int8 banks through the fused reading layer, and that layer's
+projections (GEMVs on the same blocks). The ISA is chosen once
+per process (MEMKERNELS_CPU_ISA), hence a subprocess per ISA."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from memkernels.ops import backend as _backend
+
+SCRIPT = r"""
+import itertools, sys
+import torch
+from memkernels import MemoryBank, MemoryConfig, MemoryModel, memory_read
+from memkernels.ops import reference
+import memkernels._C as C
+
+print(C.cpu_isa())
+torch.manual_seed(0)
+checked = 0
+
+def check(q, k, v, mask=None, what=""):
+    global checked
+    out, lse = memory_read(q, k, v, slot_mask=mask, return_lse=True, backend="cpu")
+    want, want_lse = reference.memory_read(q.double(), k.double(), v.double(), slot_mask=mask,
+                                           return_lse=True)
+    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(lse, want_lse.float(), rtol=2e-5, atol=2e-5, equal_nan=True,
+                               msg=lambda m: f"{what} lse: {m}")
+    checked += 1
+
+# rows per group 1..16 (shared bank: B*T rows; own banks: T rows) across the
+# row blocks (4 or 2 rows) and the key chunks (64-1024 keys at Dh 64)
+for (B, T), S, D in itertools.product(
+        [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (1, 7), (4, 4), (16, 1), (3, 5)],
+        [1, 3, 5, 63, 65, 257, 1029],
+        [16, 64, 128]):
+    q = torch.randn(B, 2, T, D)
+    k, v = torch.randn(2, S, D), torch.randn(2, S, D)
+    check(q, k, v, what=f"shared B={B} T={T} S={S} D={D}")
+    ko, vo = torch.randn(B, 2, S, D), torch.randn(B, 2, S, D)
+    check(q, ko, vo, what=f"own banks B={B} T={T} S={S} D={D}")
+
+# every head dim 1..256 that matters: the vector widths' multiples and the rest
+for D in [1, 7, 8, 24, 32, 40, 48, 80, 96, 200, 256]:
+    for B, S in [(1, 300), (6, 77), (11, 4100)]:
+        check(torch.randn(B, 1, 1, D), torch.randn(1, S, D), torch.randn(1, S, D),
+              what=f"D={D} B={B} S={S}")
+
+# masks: one per slot and one per batch row, the last row fully masked
+for B, T, S, D in [(3, 1, 70, 64), (4, 3, 1029, 32), (13, 1, 260, 16)]:
+    q, k, v = torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    check(q, k, v, torch.rand(S) > 0.3, what=f"mask [S] B={B} T={T}")
+    m = torch.rand(B, S) > 0.5
+    m[-1] = False
+    check(q, k, v, m, what=f"mask [B, S] B={B} T={T}")
+    out = memory_read(q, k, v, slot_mask=m, backend="cpu")
+    assert (out[-1] == 0).all(), "a fully masked row reads zeros"
+
+# x50 logits: the online softmax's rescaling across chunks
+for B, S, D in [(8, 2000, 64), (3, 129, 48), (1, 5000, 16)]:
+    q, k, v = 50 * torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    check(q, k, v, what=f"x50 B={B} S={S}")
+
+# a NaN query poisons its own row only
+q, k, v = torch.randn(6, 2, 1, 64), torch.randn(2, 300, 64), torch.randn(2, 300, 64)
+q[2, 1, 0, 5] = float("nan")
+out = memory_read(q, k, v, backend="cpu")
+assert out[2, 1].isnan().all() and not out[[0, 1, 3, 4, 5]].isnan().any()
+check(q, k, v, what="NaN query")
+
+# bf16 and int8 banks, through the fused reading layer (its read is the few-row kernel)
+for D, S, B, T in [(16, 6, 3, 1), (32, 1003, 5, 1), (64, 129, 3, 4), (64, 2050, 1, 1)]:
+    memory = MemoryModel(MemoryConfig(hidden_size=40, num_layers=2, num_heads=2, head_dim=D,
+                                      num_slots=S, gate_init=0.5))
+    bank, hidden = MemoryBank(memory, torch.randn(B, 2, S, D)), torch.randn(B, T, 40)
+    for kv_dtype in (torch.float32, torch.bfloat16, torch.int8):
+        with torch.no_grad():
+            fused = memory.read(0, hidden, bank, kv_dtype)
+            keys, values = (t.dequantize() if kv_dtype == torch.int8 else t.float()
+                            for t in bank.keys_values(kv_dtype))
+        want = memory.readers[0](hidden.clone().requires_grad_(), keys.clone(), values.clone())
+        torch.testing.assert_close(fused, want.detach(), rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"{kv_dtype} D={D} S={S}: {m}")
+        checked += 1
+# the fused reading layer's decode projections (few rows: the same blocks as
+# GEMVs, split over threads for large weights), float32 against the reference
+from memkernels import reading_layer
+for C, M, H, Hk, D, B, T, shared in [(40, 0, 2, 2, 16, 1, 1, True), (64, 48, 4, 2, 16, 2, 2, False),
+                                     (128, 0, 4, 4, 32, 3, 1, True),
+                                     (512, 512, 4, 4, 32, 1, 1, True),
+                                     (96, 256, 2, 1, 64, 4, 1, False)]:
+    W, S = H * D, 77
+    hidden = torch.randn(B, T, C)
+    qw = torch.randn(W, M or C) / 8
+    mlp = (torch.randn(M, C) / 8, torch.randn(M)) if M else (None, None)
+    bank = (Hk, S, D) if shared else (B, Hk, S, D)
+    keys, values = torch.randn(bank), torch.randn(bank)
+    ow, qb = torch.randn(W, C) / 8, torch.randn(W)
+    kw = dict(eps=1e-6, scale=D ** -0.5, mlp_w=mlp[0], mlp_b=mlp[1], query_b=qb,
+              unit_queries=bool(M))
+    got = reading_layer(hidden, qw, keys, values, ow, backend="cpu", **kw)
+    want = reference.reading_layer(*(t.double() for t in (hidden, qw, keys, values, ow)), kw["eps"],
+                                   kw["scale"], mlp_w=None if M == 0 else mlp[0].double(),
+                                   mlp_b=None if M == 0 else mlp[1].double(), query_b=qb.double(),
+                                   unit_queries=kw["unit_queries"])
+    torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=5e-5,
+                               msg=lambda m: f"reading layer C={C} M={M} B={B} T={T}: {m}")
+    checked += 1
+print("ok", checked)
+"""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_few_row_read_matches_the_reference_on_each_isa(isa):
+    if _backend.extension()[0] is None:
+        pytest.skip("needs memkernels._C")
+    flags = _cpu_flags()
+    needs = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+             "avx2": {"avx2", "fma"}, "generic": set()}[isa]
+    if not needs <= flags:
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, MEMKERNELS_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.split()
+    assert lines[0] == isa, f"MEMKERNELS_CPU_ISA={isa} ran the {lines[0]} body"
+    assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
