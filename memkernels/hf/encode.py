@@ -16,6 +16,7 @@ from memkernels.hf.attach import attached_handle, find_decoder_layers
 from memkernels.memory.bank import MemoryBank, check_same_memory
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.context import decayed_context
+from memkernels.memory.lexical import Entries
 
 
 class _StopForward(Exception):
@@ -218,6 +219,8 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
         occupied = memory.slot_mask(mem)[0]
         limit = int(occupied.nonzero()[0]) if bool(occupied.any()) else mem.shape[2]
         used = torch.zeros(mem.shape[0], dtype=torch.long)
+    # a fresh one-row bank keeps which text each slot came from (MemoryBank.entries)
+    slot_texts: Optional[list[Tensor]] = [] if windowed and len(rows) == 1 else None
     for c in bar:
         pieces = [r[c * chunk_size:(c + 1) * chunk_size] for r in rows]
         flat = [ids for piece in pieces for ids in piece]
@@ -231,8 +234,12 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
             attention[n, :len(ids)] = 1
         hidden, value_hidden, context = write_layer_hidden(model, memory, input_ids.to(device),
                                                            attention.to(device))
-        # Row b's texts become one token sequence of its write.
-        width = max(len(p) for p in pieces) * T
+        # Row b's texts become one token sequence of its write, each text in
+        # T + 1 positions: at least one padding position after every text, so
+        # that no token's "what follows" (the append rule's content) is the
+        # next text's first token.
+        span = T + 1
+        width = max(len(p) for p in pieces) * span
 
         def by_row(h: Tensor) -> Tensor:  # [texts, T, C] -> [rows, width, C]
             out = h.new_zeros(len(rows), width, h.shape[-1])
@@ -240,12 +247,15 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
             for b, piece in enumerate(pieces):
                 n = len(piece)
                 if n:
-                    out[b, :n * T] = h[start:start + n].reshape(n * T, -1)
+                    out[b, :n * span].view(n, span, -1)[:, :T] = h[start:start + n]
                 start += n
             return out
         row_mask = by_row(attention.to(device).bool()[..., None])[..., 0]
         args = (by_row(hidden), row_mask, None if value_hidden is None else by_row(value_hidden),
                 None if context is None else by_row(context))
+        if slot_texts is not None:  # the tokens this write stores, in slot order
+            stored = memory.stored_tokens(args[0], row_mask)[0].nonzero().flatten().cpu()
+            slot_texts.append(c * chunk_size + torch.div(stored, span, rounding_mode="floor"))
         if windowed:
             start = int(used.min())
             end = min(limit, int(used.max()) + int(row_mask.sum(1).max()))
@@ -254,4 +264,9 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
         else:
             mem = memory.write(mem, *args)
     bank.mem = memory.shrink_to_fit(mem) if fresh else mem
+    if slot_texts is not None:
+        texts = torch.cat(slot_texts) if slot_texts else torch.zeros(0, dtype=torch.long)
+        slot_entry = torch.full((bank.num_slots,), -1, dtype=torch.long)
+        slot_entry[:texts.numel()] = texts
+        bank.entries = Entries.from_texts(rows[0], slot_entry)
     return bank

@@ -23,10 +23,13 @@ from torch import Tensor
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
+from memkernels.memory.lexical import Entries, LexicalIndex
 
 BANK_FORMAT = "memkernels.bank"
 # 2: the checksum covers the metadata too (1: the tensor only; still read)
-BANK_FORMAT_VERSION = 2
+# 3: the stored texts (MemoryBank.entries) saved beside the bank, in the checksum
+BANK_FORMAT_VERSION = 3
+ENTRY_TENSORS = ("entry_tokens", "entry_offsets", "slot_entry")
 KV_DTYPES = (torch.bfloat16, torch.int8)  # narrow caches beside the memory's own dtype
 
 
@@ -98,6 +101,10 @@ class MemoryBank:
         self._index_spec: Optional[tuple[int, Optional[int]]] = getattr(self, "_index_spec", None)
         # reader index -> memoised fused read (memkernels.memory.fused)
         self.fused_plans: dict[int, Versioned] = {}
+        # what store() wrote, text by text (memkernels.memory.lexical), valid
+        # while the bank is unchanged; the lexical index built from it
+        self._entries: Optional[Versioned] = None
+        self._lexical: Optional[Versioned] = None
 
     @property
     def batch_size(self) -> int:
@@ -198,14 +205,92 @@ class MemoryBank:
                                   lambda: self.memory.slot_mask(self._mem))
         return self._mask_cache.value
 
+    # --- stored texts: select some, pick them by their words -------------------------
+
+    @property
+    def entries(self) -> Optional[Entries]:
+        """What store() wrote into this bank, text by text (token ids, and the
+        text each slot holds), or None: kept for a fresh one-row bank of a
+        slot-per-token rule (append, copy) and dropped by any later change to
+        the bank."""
+        e = self._entries
+        return e.value if e is not None and e.fresh() else None
+
+    @entries.setter
+    def entries(self, entries: Optional[Entries]) -> None:
+        if entries is not None:
+            if self.batch_size != 1:
+                raise ValueError(f"entries describe a one-row bank, this one has "
+                                 f"{self.batch_size} rows")
+            entries.check(self.num_slots)
+        self._entries = None if entries is None else Versioned(entries, (self._mem,))
+        self._lexical = None
+
+    def _require_entries(self, what: str) -> Entries:
+        entries = self.entries
+        if entries is None:
+            raise ValueError(f"{what} needs the bank's stored texts, which only a fresh bank "
+                             f"that store() filled keeps (one row, the append or copy rule); "
+                             f"this bank has none, or was changed since")
+        return entries
+
+    def select_entries(self, chosen) -> "MemoryBank":
+        """A new one-row bank holding only the stored texts `chosen` (ints,
+        indices into entries, in the order given) and the memory's null
+        slots: a read over it is the read of a bank that stored only those
+        texts (each text is encoded on its own)."""
+        entries = self._require_entries("select_entries")
+        chosen = torch.as_tensor(chosen, dtype=torch.long).reshape(-1).cpu()
+        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= len(entries)):
+            raise ValueError(f"chosen: text indices in [0, {len(entries)}), got "
+                             f"{chosen.tolist()[:8]}")
+        if chosen.unique().numel() != chosen.numel():
+            raise ValueError("chosen: each text at most once")
+        slot_entry = entries.slot_entry
+        rank = torch.full((len(entries),), -1, dtype=torch.long)
+        rank[chosen] = torch.arange(chosen.numel())
+        written = (slot_entry >= 0).nonzero().flatten()
+        keep = written[rank[slot_entry[written]] >= 0]
+        # texts in the order chosen, each text's slots in their stored order
+        keep = keep[torch.sort(rank[slot_entry[keep]], stable=True).indices]
+        occupied = self.slot_mask()
+        others = ((slot_entry < 0) & occupied[0].cpu()).nonzero().flatten() \
+            if occupied is not None else torch.zeros(0, dtype=torch.long)
+        order = torch.cat([keep, others]).to(self._mem.device)
+        bank = MemoryBank(self.memory, self._mem.detach()[:, :, order].clone())
+        bank.entries = entries.subset(chosen, order.cpu())
+        return bank
+
+    def lexical_select(self, query_ids, k: int = 3) -> "MemoryBank":
+        """select_entries of the k stored texts that best match `query_ids`
+        (the question's token ids, same tokenizer) by BM25: a sparse index in
+        front of the dense read, for banks of many texts. The index is built
+        on the first call and kept while the bank is unchanged."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if isinstance(query_ids, Tensor):
+            query_ids = query_ids.reshape(-1).tolist()
+        if isinstance(query_ids, str) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                 for t in query_ids):
+            raise TypeError("query_ids must be the question's token ids (a list of ints or an "
+                            "int tensor), not text: tokenize it with the model's tokenizer")
+        entries = self._require_entries("lexical_select")
+        self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
+        return self.select_entries(self._lexical.value.top(query_ids, k))
+
     # --- rows ------------------------------------------------------------------------
 
     def clone(self) -> "MemoryBank":
-        return MemoryBank(self.memory, self._mem.detach().clone())
+        bank = MemoryBank(self.memory, self._mem.detach().clone())
+        bank.entries = self.entries
+        return bank
 
     def row(self, index: int) -> "MemoryBank":
         """Row `index` as a one-row bank (a copy)."""
-        return MemoryBank(self.memory, self._mem[index:index + 1].detach().clone())
+        bank = MemoryBank(self.memory, self._mem[index:index + 1].detach().clone())
+        if self.batch_size == 1:
+            bank.entries = self.entries
+        return bank
 
     @staticmethod
     def stack(banks: Sequence["MemoryBank"]) -> "MemoryBank":
@@ -237,8 +322,15 @@ class MemoryBank:
             "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
             "memory_fingerprint": self.memory.fingerprint(),
         }
-        metadata["sha256"] = _checksum(mem, metadata)
-        atomic_write(os.fspath(path), lambda tmp: safetensors.torch.save_file({"mem": mem}, tmp, metadata=metadata))
+        tensors = {"mem": mem}
+        entries = self.entries
+        if entries is not None:
+            tensors.update(zip(ENTRY_TENSORS, (entries.tokens.contiguous(),
+                                               entries.offsets.contiguous(),
+                                               entries.slot_entry.contiguous())))
+        metadata["sha256"] = _checksum(mem, metadata, [tensors.get(k) for k in ENTRY_TENSORS])
+        atomic_write(os.fspath(path),
+                     lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], memory, *, strict: bool = True) -> "MemoryBank":
@@ -257,6 +349,7 @@ class MemoryBank:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 mem = f.get_tensor("mem") if "mem" in f.keys() else None
+                stored = [f.get_tensor(k) if k in f.keys() else None for k in ENTRY_TENSORS]
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
                              f"truncated?): {exc}") from exc
@@ -266,10 +359,13 @@ class MemoryBank:
         if mem is None:
             raise ValueError(f"{path!r} has no 'mem' tensor: not a complete memkernels bank")
         version = meta.get("format_version")
-        if version not in ("1", str(BANK_FORMAT_VERSION)):
+        if version not in [str(v) for v in range(1, BANK_FORMAT_VERSION + 1)]:
             raise ValueError(f"{path!r} has bank format version {version}, this memkernels "
                              f"reads versions 1 to {BANK_FORMAT_VERSION}")
-        if meta.get("sha256") != _checksum(mem, meta if version != "1" else None):
+        if any(t is not None for t in stored) and not all(t is not None for t in stored):
+            raise ValueError(f"{path!r} is corrupt: it has some of the stored-text tensors "
+                             f"{ENTRY_TENSORS}, not all")
+        if meta.get("sha256") != _checksum(mem, meta if version != "1" else None, stored):
             raise ValueError(f"{path!r} is corrupt: its content does not match its checksum")
         try:
             saved = json.loads(meta.get("config", "{}"))
@@ -294,12 +390,23 @@ class MemoryBank:
             raise ValueError(f"{path!r}: the bank must be a non-empty [B, H, S, Dh] tensor, got "
                              f"shape {tuple(mem.shape)}")
         p = memory.init_bank
-        return cls(memory, mem.to(device=p.device, dtype=p.dtype))
+        bank = cls(memory, mem.to(device=p.device, dtype=p.dtype))
+        if stored[0] is not None:
+            try:
+                bank.entries = Entries(*stored)
+            except ValueError as exc:
+                raise ValueError(f"{path!r}: its stored texts do not fit its bank: {exc}") from exc
+        return bank
 
 
-def _checksum(mem: Tensor, metadata: Optional[dict]) -> str:
-    """SHA-256 of the bank's content and (format 2 on) of its metadata."""
+def _checksum(mem: Tensor, metadata: Optional[dict],
+              entry_tensors: Sequence[Optional[Tensor]] = ()) -> str:
+    """SHA-256 of the bank's content, (format 2 on) of its metadata and
+    (format 3 on, when saved) of its stored texts."""
     digest = tensor_sha256(mem)
+    for t in entry_tensors:
+        if t is not None:
+            digest = hashlib.sha256((digest + tensor_sha256(t)).encode()).hexdigest()
     if metadata is None:
         return digest
     covered = {k: metadata.get(k) for k in ("format", "format_version", "config",

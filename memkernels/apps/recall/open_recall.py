@@ -20,7 +20,9 @@ and within each, answers of 1 / 2-3 / 4+ tokens (in the model's tokenizer).
 Statements and questions use held-out phrasings, the question's never the
 statement's. Conditions: the LM alone (first N only), the facts in its prompt
 (N <= 10), the BM25 top-3 statements in its prompt, the written memory
-(store() then questions). At small N a cell pools several independent sets
+(store() then questions), and the written memory read through its lexical
+index (each question reads the k stored facts that share the most words with
+it: MemoryBank.lexical_select). At small N a cell pools several independent sets
 of N facts (each its own bank and prompt). Exact match of the greedy answer up to its first
 period. For the memory, per N: store throughput (facts/s), bank bytes per
 fact, and the median cost of a question (batch 1, paired with the same
@@ -53,6 +55,8 @@ MAX_NEW_TOKENS = 12  # the longest answers are 8-9 tokens and a period
 # banks of this many facts or more are read through an index (MemoryBank.build_index):
 # an exact read of 10,000 facts (~70,000 slots) costs more than the LM's step
 INDEX_FROM, INDEX_PROBES = 10_000, 8
+LEXICAL_K = 1  # stored facts a question reads through the lexical index (chosen on dev)
+LEXICAL = "memory, lexical top-"  # its condition's name in the tables, then k
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
           "realistic names": dict(relation_split="train", realistic_names=True),
@@ -84,6 +88,30 @@ def answers(model, tokenizer, statements, questions, memory=None, in_context=Fal
                                 progress=False)
     with memkernels.attach(model, memory, bank):
         return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def lexical_answers(model, tokenizer, memory, bank, questions, k: int,
+                    latency_questions: int = 16) -> tuple[list[str], dict]:
+    """Greedy answers reading, per question, only the k stored facts that
+    share the most words with it (MemoryBank.lexical_select: BM25 over token
+    ids in front of the dense read), and the paired cost per question (the
+    selection included) against the same question with the reads off."""
+    got, ratios, times = [], [], []
+    with memkernels.attach(model, memory, None) as handle:
+        for i, q in enumerate(questions):
+            prompt = qa_prompt(q)
+            start = time.perf_counter()
+            with handle.using(bank.lexical_select(tokenizer(prompt)["input_ids"], k)):
+                got += benchmark.answer(model, tokenizer, [prompt],
+                                        max_new_tokens=MAX_NEW_TOKENS)
+            if i < latency_questions:
+                times.append(time.perf_counter() - start)
+                with handle.reads_disabled():
+                    base_start = time.perf_counter()
+                    benchmark.answer(model, tokenizer, [prompt], max_new_tokens=MAX_NEW_TOKENS)
+                    ratios.append(times[-1] / (time.perf_counter() - base_start) - 1)
+    return got, dict(seconds_per_question=statistics.median(times),
+                     read_cost=statistics.median(ratios), lexical_k=k)
 
 
 def length_bucket(tokenizer, answer: str) -> str:
@@ -122,7 +150,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
         other_splits_up_to: Optional[int] = None, read_scale: Optional[float] = None,
-        log=print) -> list[dict]:
+        lexical_k: int = LEXICAL_K, log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
@@ -130,7 +158,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     of index_from facts or more are read through an index (index_probes).
     other_splits_up_to: above that N, only the "held-out" split runs.
     read_scale: the memory reads at cosine x read_scale (set_read_scale; for
-    tuning on dev), else at its saved scale."""
+    tuning on dev), else at its saved scale. lexical_k: the facts each
+    question reads in the "memory, lexical top-k" condition."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     if read_scale is not None:
         memory.set_read_scale(read_scale)
@@ -163,7 +192,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             if split != "held-out" and other_splits_up_to is not None and n > other_splits_up_to:
                 continue
             got: dict[str, list] = {}
-            asked_facts, all_costs = [], []
+            asked_facts, all_costs, all_lexical_costs = [], [], []
             for d in range(draws):
                 try:
                     facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d + value_offset,
@@ -188,6 +217,10 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 for condition, kwargs in runs.items():
                     got.setdefault(condition, []).extend(
                         answers(model, tokenizer, statements, qs, **kwargs))
+                lexical, lexical_costs = lexical_answers(model, tokenizer, memory, bank, qs,
+                                                         lexical_k, max(1, 16 // draws))
+                got.setdefault(f"{LEXICAL}{lexical_k}", []).extend(lexical)
+                all_lexical_costs.append(lexical_costs)
             if not all_costs:
                 continue
             costs = {k: statistics.median(c[k] for c in all_costs) for k in all_costs[0]}
@@ -195,9 +228,15 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 f"{costs['bank_bytes_per_fact']:.0f} bank bytes/fact, "
                 f"{1e3 * costs['seconds_per_question']:.1f} ms/question, reads "
                 f"{100 * costs['read_cost']:+.0f}%")
+            lexical_costs = {k: statistics.median(c[k] for c in all_lexical_costs)
+                             for k in all_lexical_costs[0]}
+            log(f"{split:20s} N={n}: lexical top-{lexical_k}: "
+                f"{1e3 * lexical_costs['seconds_per_question']:.1f} ms/question, "
+                f"reads and selection {100 * lexical_costs['read_cost']:+.0f}%")
             for condition, values in got.items():
-                record(split, condition, n, asked_facts, values,
-                       costs if condition == "written memory" else None)
+                extra = (costs if condition == "written memory" else lexical_costs
+                         if condition.startswith(LEXICAL) else None)
+                record(split, condition, n, asked_facts, values, extra)
     return rows
 
 
@@ -206,6 +245,7 @@ def markdown(rows: list[dict]) -> str:
     answers), by answer length for the memory, and the memory's costs."""
     ns = sorted({r["n_facts"] for r in rows})
     conditions = ["LM alone", "facts in context", "BM25 top-3", "written memory"]
+    conditions += sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL)})
     lines = []
     for split in [s for s in SPLITS if any(r["split"] == s for r in rows)]:
         lines += [f"**{split}**", "", "| condition | " + " | ".join(f"N={n}" for n in ns) + " |",
@@ -234,6 +274,10 @@ def markdown(rows: list[dict]) -> str:
             f"{costs[n]['store_facts_per_s']:.0f}" if n in costs else "-" for n in ns) + " |")
         lines.append("| memory: cost per question, paired | " + " | ".join(
             f"{100 * costs[n]['read_cost']:+.0f}%" if n in costs else "-" for n in ns) + " |")
+        lexical = {r["n_facts"]: r for r in rows if r["split"] == split
+                   and r["condition"].startswith(LEXICAL) and r["answers"] == "all"}
+        lines.append("| memory, lexical: cost per question, paired | " + " | ".join(
+            f"{100 * lexical[n]['read_cost']:+.0f}%" if n in lexical else "-" for n in ns) + " |")
         lines.append("| memory: read | " + " | ".join(
             (f"index, {costs[n]['index_probes']} probes" if costs[n].get("index_probes")
              else "exact") if n in costs else "-" for n in ns) + " |")
@@ -261,15 +305,19 @@ def main(argv=None) -> None:
                          "takes minutes per split)")
     ap.add_argument("--read-scale", type=float, default=None,
                     help="the memory reads at cosine x this (default: its saved scale)")
+    ap.add_argument("--lexical-k", type=int, default=LEXICAL_K,
+                    help="stored facts each question reads in the lexical-index condition")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
+    if args.lexical_k < 1:
+        ap.error(f"--lexical-k must be >= 1, got {args.lexical_k}")
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale)
+               args.read_scale, args.lexical_k)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",

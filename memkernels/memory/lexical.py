@@ -1,0 +1,143 @@
+"""What store() wrote, text by text, and a lexical index over it.
+
+`Entries`: the token ids of each text a store() wrote into a fresh one-row
+bank and which slots each took (slot-per-token rules: append, copy). With
+it, a bank can be cut down to a few of its texts (MemoryBank.select_entries)
+and a question can pick those texts by the words it shares with them
+(`LexicalIndex`, BM25 over token ids; MemoryBank.lexical_select): the dense
+read then picks among a few stored facts, not among 10^5 (docs/design.md,
+"A lexical index in front of the read").
+
+BM25 here is over token ids with an inverted index (postings per token):
+scoring a question touches only the texts that share a token with it.
+rank_bm25 (the recall benchmark's baseline retriever) scores every text for
+every query word in Python: at 10^5 texts that is ~0.1 s per question, more
+than the whole answer costs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Entries:
+    """tokens: the token ids of every text, concatenated (int64 [total]);
+    offsets: where text e's ids start, int64 [E + 1]; slot_entry: the text
+    each slot of the bank holds a token of, int64 [S], -1 for none (empty
+    and null slots)."""
+    tokens: Tensor
+    offsets: Tensor
+    slot_entry: Tensor
+
+    @staticmethod
+    def from_texts(token_ids: Sequence[Sequence[int]], slot_entry: Tensor) -> "Entries":
+        lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
+        offsets = torch.zeros(len(token_ids) + 1, dtype=torch.long)
+        offsets[1:] = lengths.cumsum(0)
+        tokens = torch.tensor([i for t in token_ids for i in t], dtype=torch.long)
+        return Entries(tokens, offsets, slot_entry.to(torch.long).cpu())
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def text(self, entry: int) -> list[int]:
+        return self.tokens[self.offsets[entry]:self.offsets[entry + 1]].tolist()
+
+    def check(self, num_slots: int) -> None:
+        """Raises ValueError unless the tables are consistent with a bank of num_slots."""
+        if any(t.dtype != torch.long or t.dim() != 1
+               for t in (self.tokens, self.offsets, self.slot_entry)):
+            raise ValueError("entries: tokens, offsets and slot_entry must be 1-d int64 tensors")
+        E = len(self)
+        if self.offsets.dim() != 1 or E < 0 or int(self.offsets[0]) != 0 or \
+                int(self.offsets[-1]) != self.tokens.numel() or \
+                bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("entries: offsets must rise from 0 to the number of tokens")
+        if self.slot_entry.shape != (num_slots,):
+            raise ValueError(f"entries: slot_entry must be [S] = [{num_slots}], got "
+                             f"{tuple(self.slot_entry.shape)}")
+        if self.slot_entry.numel() and (int(self.slot_entry.min()) < -1
+                                        or int(self.slot_entry.max()) >= E):
+            raise ValueError(f"entries: slot_entry values must be -1 or a text in [0, {E})")
+
+    def subset(self, chosen: Tensor, slot_order: Tensor) -> "Entries":
+        """The entries `chosen` (renumbered 0..k-1 in that order) for the slots
+        `slot_order` of this bank (the kept slots, in their new order)."""
+        renumber = torch.full((len(self),), -1, dtype=torch.long)
+        renumber[chosen] = torch.arange(chosen.numel())
+        old = self.slot_entry[slot_order]
+        slot_entry = torch.where(old >= 0, renumber[old.clamp(min=0)], old)
+        return Entries.from_texts([self.text(int(e)) for e in chosen], slot_entry)
+
+
+def _terms(tokens: Tensor) -> Tensor:
+    """A text's terms: its token ids and its pairs of consecutive ids (as
+    one id past every token id). Pairs make a word of several sub-word
+    tokens (a name never seen in training) a term of its own."""
+    tokens = tokens.to(torch.long)
+    pairs = (tokens[:-1] + 1) * _PAIR_BASE + tokens[1:]
+    return torch.cat([tokens, pairs])
+
+
+_PAIR_BASE = 1 << 24  # above any vocabulary's token ids
+
+
+class LexicalIndex:
+    """Okapi BM25 over the token ids of a bank's stored texts (k1, b as
+    usual), as an inverted index: per token id, the texts holding it and how
+    often."""
+
+    def __init__(self, entries: Entries, k1: float = 1.5, b: float = 0.75):
+        self.size = len(entries)
+        terms, text_of_term = [], []
+        for e in range(self.size):
+            t = _terms(entries.tokens[entries.offsets[e]:entries.offsets[e + 1]])
+            terms.append(t)
+            text_of_term.append(torch.full_like(t, e))
+        terms = torch.cat(terms) if terms else torch.zeros(0, dtype=torch.long)
+        text_of_term = torch.cat(text_of_term) if text_of_term else terms
+        lengths = torch.bincount(text_of_term, minlength=self.size).to(torch.float64)
+        # term ids renumbered 0..V-1 (a bigram's id is large), one posting per
+        # (term, text) pair with its count, sorted by term
+        self.vocab, term = torch.unique(terms, return_inverse=True)
+        pairs, tf = torch.unique(term * self.size + text_of_term, return_counts=True)
+        term, self.post_text = pairs // max(self.size, 1), pairs % max(self.size, 1)
+        df = torch.bincount(term, minlength=self.vocab.numel())
+        self.starts = torch.zeros(self.vocab.numel() + 1, dtype=torch.long)
+        self.starts[1:] = df.cumsum(0)
+        # idf as rank_bm25's BM25Okapi (log((N - df + 0.5) / (df + 0.5)), floored
+        # at eps * the mean idf) so that the recall benchmark's baseline and this
+        # index rank alike
+        n = float(self.size)
+        idf = torch.log((n - df.double() + 0.5) / (df.double() + 0.5))
+        present = df > 0
+        floor = 0.25 * float(idf[present].mean()) if bool(present.any()) else 0.0
+        self.idf = torch.where(idf < 0, torch.full_like(idf, floor), idf)
+        avg = float(lengths.mean()) if self.size else 1.0
+        norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))
+        tf = tf.double()
+        # each posting's term-frequency part, precomputed: tf (k1 + 1) / (tf + norm)
+        self.post_weight = tf * (k1 + 1) / (tf + norm[self.post_text])
+
+    def scores(self, query_ids: Sequence[int]) -> Tensor:
+        """BM25 score of every text for the query (float64 [E]); a query token
+        counts once per occurrence, as BM25Okapi does."""
+        out = torch.zeros(self.size, dtype=torch.float64)
+        terms = _terms(torch.as_tensor(list(query_ids), dtype=torch.long))
+        where = torch.searchsorted(self.vocab, terms)
+        for t, i in zip(terms.tolist(), where.tolist()):
+            if i < self.vocab.numel() and int(self.vocab[i]) == t:
+                lo, hi = int(self.starts[i]), int(self.starts[i + 1])
+                if hi > lo:
+                    out.index_add_(0, self.post_text[lo:hi], self.idf[i] * self.post_weight[lo:hi])
+        return out
+
+    def top(self, query_ids: Sequence[int], k: int) -> Tensor:
+        """The k texts of highest score (fewer when the bank holds fewer), best first."""
+        scores = self.scores(query_ids)
+        k = min(k, self.size)
+        return torch.topk(scores, k).indices if k else torch.zeros(0, dtype=torch.long)

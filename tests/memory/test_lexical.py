@@ -1,0 +1,187 @@
+"""What store() wrote, text by text (MemoryBank.entries), a bank cut down to
+some of its texts (select_entries), and the BM25 index over token ids that
+picks them (memkernels.memory.lexical, MemoryBank.lexical_select)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import memkernels
+from memkernels import MemoryBank
+from memkernels.memory.lexical import Entries, LexicalIndex, _terms
+
+from test_append import VOCAB, make_memory, tiny_llama
+
+
+def gated_memory_and_texts(seed: int, threshold: float = 0.5):
+    torch.manual_seed(seed)
+    model = tiny_llama()
+    memory = make_memory(model, slots=6, null_slots=2, store_threshold=threshold,
+                         open_gates=True)
+    if threshold:
+        with torch.no_grad():
+            memory.keep[3].weight.normal_(0.0, 3.0)  # some tokens kept, some not
+    rng = random.Random(seed)
+    texts = [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 9))] for _ in range(13)]
+    return model, memory, texts
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_store_records_which_text_each_slot_holds(chunk_size, threshold):
+    model, memory, texts = gated_memory_and_texts(1, threshold)
+    bank = memkernels.store(memory, model, None, texts, chunk_size=chunk_size)
+    entries = bank.entries
+    assert entries is not None and len(entries) == len(texts)
+    assert [entries.text(e) for e in range(len(texts))] == texts
+    written = int(bank.slot_mask().sum()) - 2
+    # the first `written` slots, each a text's token in store order; the rest none
+    assert bool((entries.slot_entry[:written] >= 0).all())
+    assert bool((entries.slot_entry[written:] == -1).all())
+    assert bool((entries.slot_entry[:written].diff() >= 0).all())
+    for e, text in enumerate(texts):  # each text holds at most a slot per token
+        assert int((entries.slot_entry == e).sum()) <= len(text)
+
+
+@pytest.mark.parametrize("chosen", [[7, 3, 12], [0], [5, 6, 1, 2], []])
+def test_a_selection_is_the_bank_of_those_texts_stored_alone(chosen):
+    """select_entries keeps the chosen texts' slots (in the order chosen) and
+    the null slots: slot for slot the bank store() makes of those texts
+    alone (each text is encoded on its own; only the padding of its batch,
+    hence the rounding, differs); reads agree."""
+    model, memory, texts = gated_memory_and_texts(2)
+    bank = memkernels.store(memory, model, None, texts, chunk_size=5)
+    sub = bank.select_entries(chosen)
+    alone = memkernels.store(memory, model, None, [texts[i] for i in chosen] or [[1]])
+    if not chosen:  # nothing chosen: only the null slots
+        assert sub.num_slots == 2 and bool(sub.slot_mask().all())
+        return
+    kept, made = sub.mem[:, :, sub.slot_mask()[0]], alone.mem[:, :, alone.slot_mask()[0]]
+    torch.testing.assert_close(kept, made, rtol=1e-12, atol=1e-12)
+    assert [sub.entries.text(e) for e in range(len(chosen))] == [texts[i] for i in chosen]
+    hidden = torch.randn(2, 5, memory.config.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(memory.read(0, hidden, sub), memory.read(0, hidden, alone))
+    # a selection of a selection
+    again = sub.select_entries([len(chosen) - 1])
+    last = memkernels.store(memory, model, None, [texts[chosen[-1]]])
+    torch.testing.assert_close(again.mem[:, :, again.slot_mask()[0]],
+                               last.mem[:, :, last.slot_mask()[0]], rtol=1e-12, atol=1e-12)
+
+
+def bm25_by_hand(corpus: list[list[int]], query: list[int], k1=1.5, b=0.75, eps=0.25):
+    """Okapi BM25 as rank_bm25's BM25Okapi computes it, over the same terms."""
+    import math
+    docs = [_terms(torch.tensor(d, dtype=torch.long)).tolist() for d in corpus]
+    q = _terms(torch.tensor(query, dtype=torch.long)).tolist()
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    df = {}
+    for d in docs:
+        for t in set(d):
+            df[t] = df.get(t, 0) + 1
+    idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in df.items()}
+    mean = sum(idf.values()) / len(idf)
+    idf = {t: (eps * mean if v < 0 else v) for t, v in idf.items()}
+    scores = []
+    for d in docs:
+        s = 0.0
+        for t in q:
+            tf = d.count(t)
+            s += idf.get(t, 0.0) * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(d) / avg))
+        scores.append(s)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def test_bm25_scores_match_rank_bm25_and_a_hand_computation():
+    rng = random.Random(3)
+    corpus = [[rng.randrange(0, 40) for _ in range(rng.randrange(1, 12))] for _ in range(60)]
+    entries = Entries.from_texts(corpus, torch.full((5,), -1, dtype=torch.long))
+    index = LexicalIndex(entries)
+    for _ in range(20):
+        query = [rng.randrange(0, 45) for _ in range(rng.randrange(1, 8))]
+        want = bm25_by_hand(corpus, query)
+        torch.testing.assert_close(index.scores(query), want)
+        rank_bm25 = pytest.importorskip("rank_bm25")
+        lib = rank_bm25.BM25Okapi([_terms(torch.tensor(d)).tolist() for d in corpus])
+        torch.testing.assert_close(
+            index.scores(query),
+            torch.tensor(lib.get_scores(_terms(torch.tensor(query)).tolist()), dtype=torch.float64))
+        top = index.top(query, 4)
+        assert top.tolist() == torch.sort(want, descending=True, stable=True).indices[:4].tolist() \
+            or torch.allclose(want[top], torch.sort(want, descending=True).values[:4])
+
+
+def test_lexical_select_finds_the_text_a_question_shares_words_with():
+    model, memory, _ = gated_memory_and_texts(4, threshold=0.0)
+    rng = random.Random(4)
+    texts = [[rng.randrange(1, VOCAB) for _ in range(6)] for _ in range(40)]
+    bank = memkernels.store(memory, model, None, texts, chunk_size=16)
+    for target in (0, 17, 39):
+        question = texts[target][1:4] + [5]  # a run of the text's tokens
+        sub = bank.lexical_select(question, k=2)
+        assert sub.entries.text(0) == texts[target]
+        assert len(sub.entries) == 2
+    assert len(bank.lexical_select(texts[3], k=100).entries) == 40  # k past the bank: all
+
+
+def test_entries_go_away_when_the_bank_changes_and_survive_save_load(tmp_path):
+    model, memory, texts = gated_memory_and_texts(5)
+    bank = memkernels.store(memory, model, None, texts)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = MemoryBank.load(path, memory)
+    assert loaded.entries is not None
+    for name in ("tokens", "offsets", "slot_entry"):
+        assert torch.equal(getattr(loaded.entries, name), getattr(bank.entries, name))
+    assert torch.equal(loaded.lexical_select(texts[2], 1).mem, bank.lexical_select(texts[2], 1).mem)
+    assert bank.clone().entries is not None and bank.row(0).entries is not None
+    # any change to the bank drops them: a new tensor, or a write in place
+    bank.mem = bank.mem.clone()
+    assert bank.entries is None
+    with pytest.raises(ValueError, match="stored texts"):
+        bank.lexical_select([1, 2])
+    loaded.mem.mul_(1.0)
+    assert loaded.entries is None
+    # a bank without them still saves and loads (and two rows never have them)
+    plain = MemoryBank(memory, memory.fresh_mem(2, 8))
+    plain.save(tmp_path / "plain.safetensors")
+    assert MemoryBank.load(tmp_path / "plain.safetensors", memory).entries is None
+
+
+def test_tampered_stored_texts_are_refused(tmp_path):
+    import safetensors.torch
+    model, memory, texts = gated_memory_and_texts(6)
+    bank = memkernels.store(memory, model, None, texts)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    tensors = safetensors.torch.load_file(path)
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors["entry_tokens"][0] += 1
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="checksum"):
+        MemoryBank.load(path, memory)
+    del tensors["slot_entry"]
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="some of the stored-text tensors"):
+        MemoryBank.load(path, memory)
+
+
+def test_bad_arguments_are_named():
+    model, memory, texts = gated_memory_and_texts(7)
+    bank = memkernels.store(memory, model, None, texts)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        bank.lexical_select([1], k=0)
+    with pytest.raises(TypeError, match="token ids"):
+        bank.lexical_select("a question")
+    with pytest.raises(ValueError, match="chosen: text indices"):
+        bank.select_entries([len(texts)])
+    with pytest.raises(ValueError, match="each text at most once"):
+        bank.select_entries([1, 1])
+    with pytest.raises(ValueError, match="one-row bank"):
+        MemoryBank(memory, memory.fresh_mem(2, 8)).entries = bank.entries
+    with pytest.raises(ValueError, match="slot_entry must be"):
+        bank.entries = Entries.from_texts(texts, torch.full((3,), -1, dtype=torch.long))
