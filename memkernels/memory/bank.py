@@ -105,6 +105,7 @@ class MemoryBank:
         # while the bank is unchanged; the lexical index built from it
         self._entries: Optional[Versioned] = None
         self._lexical: Optional[Versioned] = None
+        self._slot_table: Optional[Versioned] = None
 
     @property
     def batch_size(self) -> int:
@@ -224,7 +225,7 @@ class MemoryBank:
                                  f"{self.batch_size} rows")
             entries.check(self.num_slots)
         self._entries = None if entries is None else Versioned(entries, (self._mem,))
-        self._lexical = None
+        self._lexical = self._slot_table = None
 
     def _require_entries(self, what: str) -> Entries:
         entries = self.entries
@@ -246,26 +247,38 @@ class MemoryBank:
                              f"{chosen.tolist()[:8]}")
         if chosen.unique().numel() != chosen.numel():
             raise ValueError("chosen: each text at most once")
-        slot_entry = entries.slot_entry
-        rank = torch.full((len(entries),), -1, dtype=torch.long)
-        rank[chosen] = torch.arange(chosen.numel())
-        written = (slot_entry >= 0).nonzero().flatten()
-        keep = written[rank[slot_entry[written]] >= 0]
+        by_text, starts, others = self._slots_by_text(entries)
         # texts in the order chosen, each text's slots in their stored order
-        keep = keep[torch.sort(rank[slot_entry[keep]], stable=True).indices]
-        occupied = self.slot_mask()
-        others = ((slot_entry < 0) & occupied[0].cpu()).nonzero().flatten() \
-            if occupied is not None else torch.zeros(0, dtype=torch.long)
-        order = torch.cat([keep, others]).to(self._mem.device)
+        keep = [by_text[starts[e]:starts[e + 1]] for e in chosen.tolist()]
+        order = torch.cat([*keep, others]).to(self._mem.device)
         bank = MemoryBank(self.memory, self._mem.detach()[:, :, order].clone())
         bank.entries = entries.subset(chosen, order.cpu())
         return bank
 
-    def lexical_select(self, query_ids, k: int = 3) -> "MemoryBank":
+    def _slots_by_text(self, entries: Entries) -> tuple:
+        """(the written slots grouped by text, in stored order; where text e's
+        group starts, [E + 1]; the other occupied slots: the nulls), cached
+        while the bank is unchanged: a selection then costs its own slots."""
+        def build():
+            slot_entry = entries.slot_entry
+            written = (slot_entry >= 0).nonzero().flatten()
+            by_text = written[torch.sort(slot_entry[written], stable=True).indices]
+            starts = torch.zeros(len(entries) + 1, dtype=torch.long)
+            starts[1:] = torch.bincount(slot_entry[written], minlength=len(entries)).cumsum(0)
+            occupied = self.slot_mask()
+            others = ((slot_entry < 0) & occupied[0].cpu()).nonzero().flatten() \
+                if occupied is not None else torch.zeros(0, dtype=torch.long)
+            return by_text, starts.tolist(), others
+        self._slot_table = cached(self._slot_table, (self._mem,), build)
+        return self._slot_table.value
+
+    def lexical_select(self, query_ids, k: int = 1) -> "MemoryBank":
         """select_entries of the k stored texts that best match `query_ids`
         (the question's token ids, same tokenizer) by BM25: a sparse index in
         front of the dense read, for banks of many texts. The index is built
-        on the first call and kept while the bank is unchanged."""
+        on the first call and kept while the bank is unchanged. k=1 read best
+        on the dev phrasings (more candidates confuse the dense read:
+        docs/performance.md)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if isinstance(query_ids, Tensor):
