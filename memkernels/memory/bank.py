@@ -278,7 +278,9 @@ class MemoryBank:
         front of the dense read, for banks of many texts. The index is built
         on the first call and kept while the bank is unchanged. k=1 read best
         on the dev phrasings (more candidates confuse the dense read:
-        docs/performance.md)."""
+        docs/performance.md). A question that shares no term with any stored
+        text gets the whole bank back (the dense read over everything), not
+        an arbitrary text."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if isinstance(query_ids, Tensor):
@@ -289,7 +291,8 @@ class MemoryBank:
                             "int tensor), not text: tokenize it with the model's tokenizer")
         entries = self._require_entries("lexical_select")
         self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
-        return self.select_entries(self._lexical.value.top(query_ids, k))
+        chosen = self._lexical.value.top(query_ids, k)
+        return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------
 
@@ -330,13 +333,13 @@ class MemoryBank:
         fingerprint and a checksum; written to a temporary file and renamed,
         so `path` is never half-written."""
         mem = self._mem.detach().cpu().contiguous()
-        metadata = {
-            "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION),
+        entries = self.entries
+        metadata = {  # format 2 where there is nothing of format 3's to save: older readers read it
+            "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION if entries else 2),
             "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
             "memory_fingerprint": self.memory.fingerprint(),
         }
         tensors = {"mem": mem}
-        entries = self.entries
         if entries is not None:
             tensors.update(zip(ENTRY_TENSORS, (entries.tokens.contiguous(),
                                                entries.offsets.contiguous(),

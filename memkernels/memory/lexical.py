@@ -147,10 +147,12 @@ class LexicalIndex:
         return out
 
     def top(self, query_ids: Sequence[int], k: int) -> Tensor:
-        """The k texts of highest score (fewer when the bank holds fewer), best
-        first. Scoring every posting of the query's terms is one vectorised
-        add per term: ~1.5 ms a question at 10^5 texts, so no pruning."""
-        k = min(k, self.size)
+        """The k texts of highest score, best first, among those sharing a
+        term with the query (fewer, or none, when fewer do). Scoring every
+        posting of the query's terms is one vectorised add per term: ~1.5 ms a
+        question at 10^5 texts, so no pruning."""
+        scores = self.scores(query_ids)
+        k = min(k, int((scores > 0).sum()))
         if not k:
             return torch.zeros(0, dtype=torch.long)
-        return torch.topk(self.scores(query_ids), k).indices
+        return torch.topk(scores, k).indices

@@ -123,7 +123,11 @@ def test_lexical_select_finds_the_text_a_question_shares_words_with():
         sub = bank.lexical_select(question, k=2)
         assert sub.entries.text(0) == texts[target]
         assert len(sub.entries) == 2
-    assert len(bank.lexical_select(texts[3], k=100).entries) == 40  # k past the bank: all
+    # k past the texts sharing a term: those only
+    sharing = int((LexicalIndex(bank.entries).scores(texts[3]) > 0).sum())
+    assert len(bank.lexical_select(texts[3], k=100).entries) == sharing
+    # no term in common with any stored text: the whole bank, not an arbitrary text
+    assert bank.lexical_select([VOCAB + 7], k=1) is bank
 
 
 def test_entries_go_away_when_the_bank_changes_and_survive_save_load(tmp_path):
@@ -148,6 +152,10 @@ def test_entries_go_away_when_the_bank_changes_and_survive_save_load(tmp_path):
     plain = MemoryBank(memory, memory.fresh_mem(2, 8))
     plain.save(tmp_path / "plain.safetensors")
     assert MemoryBank.load(tmp_path / "plain.safetensors", memory).entries is None
+    from safetensors import safe_open  # nothing of format 3 to save: format 2, as older readers
+    for name, version in (("plain.safetensors", "2"), ("bank.safetensors", "3")):
+        with safe_open(tmp_path / name, framework="pt") as f:
+            assert f.metadata()["format_version"] == version
 
 
 def test_tampered_stored_texts_are_refused(tmp_path):
