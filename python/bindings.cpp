@@ -4,6 +4,7 @@
 // tensors never reaches a kernel.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -306,6 +307,54 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   return out;
 }
 
+// The copy rule's mixture at inference, fused (memkernels.ops.copy_mix): log p
+// [B, T, V] of the memory's and the LM's next-token distributions.
+Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& read,
+                    const Tensor& units, const Tensor& gate_w, double eps, double sharpness,
+                    double gate_bias, double gate_confidence, const OptTensor& unit_scale) {
+  TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+              "memkernels._C.copy_mix_fwd: hidden must be float32 or float64, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.copy_mix_fwd: tensors must be on the CPU");
+  const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
+  TORCH_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
+  check_same(logits, hidden, "logits");
+  TORCH_CHECK(logits.dim() == 3 && logits.size(0) == B && logits.size(1) == T &&
+                  logits.size(2) > 0,
+              "logits must be [B, T, V] = [", B, ", ", T, ", V >= 1], got ",
+              shape_str(logits.sizes()));
+  const int64_t V = logits.size(2);
+  check_same(read, hidden, "read");
+  check_shape(read, "read", hidden.sizes());
+  check_same(units, hidden, "units");
+  check_shape(units, "units", {V, C});
+  check_same(gate_w, hidden, "gate_w");
+  check_shape(gate_w, "gate_w", {C});
+  if (unit_scale.has_value()) {
+    check_same(*unit_scale, hidden, "unit_scale");
+    check_shape(*unit_scale, "unit_scale", {V});
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  Tensor out = at::empty({B, T, V}, hidden.options());
+  if (B * T == 0) return out;
+  Tensor h = hidden.contiguous(), l = logits.contiguous(), r = read.contiguous();
+  Tensor u = units.contiguous(), g = gate_w.contiguous();
+  const OptTensor us = unit_scale ? OptTensor(unit_scale->contiguous()) : std::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "copy_mix_fwd", [&] {
+    mk::CopyMixProblem<scalar_t> p{B * T, C, V,
+                                   h.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+                                   r.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                                   g.data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
+                                   static_cast<scalar_t>(sharpness),
+                                   static_cast<scalar_t>(gate_bias),
+                                   static_cast<scalar_t>(gate_confidence),
+                                   us ? us->data_ptr<scalar_t>() : nullptr};
+    mk::copy_mix_forward<scalar_t>(p, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -328,6 +377,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("unit_queries") = false, py::arg("context") = py::none(),
         py::arg("context_w") = py::none(), py::arg("centroids") = py::none(),
         py::arg("cluster_starts") = py::none(), py::arg("probes") = 0);
+  m.def("copy_mix_fwd", &copy_mix_fwd,
+        "the copy rule's mixture at inference: logaddexp(logsigmoid(g) + log_softmax(sharpness "
+        "* (read @ units^T) * unit_scale), logsigmoid(-g) + log_softmax(logits)), g = gate_bias "
+        "+ gate_confidence * |read|^2 + rms_norm(hidden, eps) . gate_w",
+        py::arg("hidden"), py::arg("logits"), py::arg("read"), py::arg("units"),
+        py::arg("gate_w"), py::arg("eps"), py::arg("sharpness"), py::arg("gate_bias"),
+        py::arg("gate_confidence"), py::arg("unit_scale") = py::none());
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.def("cpu_isa", [] {
     switch (mk::best_isa()) {

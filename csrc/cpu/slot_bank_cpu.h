@@ -78,4 +78,28 @@ struct ReaderProblem {
 template <typename T, typename KV = T>
 void reader_forward(const ReaderProblem<T, KV>& r, T* out);
 
+// The copy rule's mixture at inference (copy_mix_cpu.cpp; the math is
+// memkernels.ops.reference.copy_mix): per row r of hidden/logits/read
+// [rows, C] / [rows, V] / [rows, C], units [V, C] (the LM head's rows) and
+// unit_scale [V] (1 / their lengths; null: all 1), gate_w [C] (the gate's
+// weight with the RMS norm's weight folded in):
+//   g = gate_bias + gate_confidence |read_r|^2 + rms_norm(hidden_r) . gate_w
+//   m_r = sharpness (read_r @ units^T) * unit_scale
+//   out_r = logaddexp(logsigmoid(g) + log_softmax(m_r),
+//                     logsigmoid(-g) + log_softmax(logits_r))     [rows, V]
+template <typename T>
+struct CopyMixProblem {
+  int64_t rows, hidden, vocab;
+  const T* hidden_states;
+  const T* logits;
+  const T* read;
+  const T* units;
+  const T* gate_w;
+  T eps, sharpness, gate_bias, gate_confidence;
+  const T* unit_scale = nullptr;
+};
+
+template <typename T>
+void copy_mix_forward(const CopyMixProblem<T>& p, T* out);
+
 }  // namespace memkernels::cpu

@@ -85,13 +85,13 @@ def main(argv=None) -> None:
     base_acc = statistics.mean(a == f.object for a, f in zip(base_answers, asked))
     mem_acc = statistics.mean(a == f.object for a, f in zip(mem_answers, asked))
     # the same bank read through its lexical index: each question reads only the
-    # stored fact that shares the most words with it (bank.lexical_select)
+    # stored facts that share the most words with it (bank.lexical_select)
     lexical, _ = open_recall.lexical_answers(model, tokenizer, memory, bank, questions,
-                                             open_recall.LEXICAL_K, latency_questions=1)
+                                             latency_questions=1)
     lex_acc = statistics.mean(a == f.object for a, f in zip(lexical, asked))
     print(f"recall on {len(asked)} questions about new facts: base LM alone "
           f"{100 * base_acc:.0f}%, with the memory {100 * mem_acc:.0f}%, with the memory read "
-          f"through its lexical index (top-{open_recall.LEXICAL_K}) {100 * lex_acc:.0f}%")
+          f"through its lexical index {100 * lex_acc:.0f}%")
 
     prompt = torch.tensor([tokenizer(prompts[0])["input_ids"]])
     plain = _decode_ms_per_token(model, prompt)

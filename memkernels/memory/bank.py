@@ -23,7 +23,7 @@ from torch import Tensor
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
-from memkernels.memory.lexical import Entries, LexicalIndex
+from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, Entries, LexicalIndex
 
 BANK_FORMAT = "memkernels.bank"
 # 2: the checksum covers the metadata too (1: the tensor only; still read)
@@ -100,7 +100,7 @@ class MemoryBank:
         self._mask_cache: Optional[Versioned] = None
         self._index_spec: Optional[tuple[int, Optional[int]]] = getattr(self, "_index_spec", None)
         # reader index -> memoised fused read (memkernels.memory.fused)
-        self.fused_plans: dict[int, Versioned] = {}
+        self.fused_plans: dict[object, Versioned] = {}  # memkernels.memory.fused
         # what store() wrote, text by text (memkernels.memory.lexical), valid
         # while the bank is unchanged; the lexical index built from it
         self._entries: Optional[Versioned] = None
@@ -272,17 +272,24 @@ class MemoryBank:
         self._slot_table = cached(self._slot_table, (self._mem,), build)
         return self._slot_table.value
 
-    def lexical_select(self, query_ids, k: int = 1) -> "MemoryBank":
-        """select_entries of the k stored texts that best match `query_ids`
-        (the question's token ids, same tokenizer) by BM25: a sparse index in
-        front of the dense read, for banks of many texts. The index is built
-        on the first call and kept while the bank is unchanged. k=1 read best
-        on the dev phrasings (more candidates confuse the dense read:
-        docs/performance.md). A question that shares no term with any stored
-        text gets the whole bank back (the dense read over everything), not
-        an arbitrary text."""
+    def lexical_select(self, query_ids, k: int = LEXICAL_K,
+                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> "MemoryBank":
+        """select_entries of the stored texts that best match `query_ids` (the
+        question's token ids, same tokenizer) by BM25: a sparse index in front
+        of the dense read, for banks of many texts. At most k texts, those
+        scoring at least min_score_ratio x the best: the best text and its
+        near ties (several facts about the question's subject score alike:
+        the dense read tells them apart; a clear winner is read alone, as
+        more candidates confuse the read). Defaults chosen on the dev
+        phrasings (docs/performance.md). The index is built on the first
+        call and kept while the bank is unchanged. A question that shares no
+        term with any stored text gets the whole bank back (the dense read
+        over everything), not an arbitrary text."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if isinstance(min_score_ratio, bool) or not isinstance(min_score_ratio, (int, float)) \
+                or not 0.0 <= min_score_ratio <= 1.0:
+            raise ValueError(f"min_score_ratio must be a number in [0, 1], got {min_score_ratio!r}")
         if isinstance(query_ids, Tensor):
             query_ids = query_ids.reshape(-1).tolist()
         if isinstance(query_ids, str) or not all(isinstance(t, int) and not isinstance(t, bool)
@@ -291,7 +298,7 @@ class MemoryBank:
                             "int tensor), not text: tokenize it with the model's tokenizer")
         entries = self._require_entries("lexical_select")
         self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
-        chosen = self._lexical.value.top(query_ids, k)
+        chosen = self._lexical.value.top(query_ids, k, float(min_score_ratio))
         return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------

@@ -39,6 +39,12 @@ def decayed_context(embeddings: Tensor, mask: Optional[Tensor], decay: float,
     m = x.new_ones(B, T) if mask is None else mask.to(x.dtype)
     total, weight = ((x.new_zeros(B, C), x.new_zeros(B)) if state is None
                      else (state[0].to(x.dtype), state[1].to(x.dtype)))
+    if T == 1 and state is not None:  # a decode step: the recurrence itself, a few ops
+        real = x[:, 0] if mask is None else x[:, 0] * m[:, 0, None]
+        total = decay * total + real
+        weight = decay * weight + m[:, 0]
+        context = total / weight.clamp(min=1e-20)[:, None] * (weight > 0)[:, None]
+        return context[:, None].to(embeddings.dtype), (total, weight)
     out = []
     for start in range(0, T, _CONTEXT_BLOCK):
         L = min(_CONTEXT_BLOCK, T - start)

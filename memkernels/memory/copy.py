@@ -30,7 +30,8 @@ of sharpness * (1 - the largest cosine to another token). The mixture:
     g = sigmoid(gate_bias + gate_confidence * |out|^2 + w . norm(h))
 
 |out|^2 is 1 when the pairs agree on one stored token and near 0 on the null
-slots (zero content): the "nothing stored here" signal. The read itself is
+slots (zero content): the "nothing stored here" signal. The mixture is
+memkernels.ops.copy_mix (one CPU kernel call per decode step). The read itself is
 the fused reading layer on the CPU at inference (with an identity output
 projection; through a large bank's index, MemoryBank.build_index) and
 memory_read, the project's attention op, everywhere else.
@@ -49,7 +50,7 @@ from memkernels.memory.append import AppendMemory, QueryReader
 from memkernels.memory.bank import Int8Rows, MemoryBank, check_same_memory
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.config import MemoryConfig
-from memkernels.ops import memory_read
+from memkernels.ops import copy_mix, memory_read
 
 
 class CopyReader(QueryReader):
@@ -66,7 +67,7 @@ class CopyReader(QueryReader):
         self.gate_confidence = nn.Parameter(torch.tensor(8.0))
         self.gate = nn.Linear(C, 1, bias=False)
         nn.init.zeros_(self.gate.weight)
-        self._unit_embeddings: Optional[Versioned] = None
+        self._mix_operands: Optional[Versioned] = None
 
     def raw_queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh], before normalisation."""
@@ -107,28 +108,46 @@ class CopyReader(QueryReader):
         self._folded = cached(self._folded, sources, fold)
         return self.layer_arguments(*self._folded.value, keys, values, key_scale, value_scale)
 
-    def unit_embeddings(self, head_weight: Tensor) -> Tensor:
-        """The LM head's rows at unit length [V, C], cached while the weight is unchanged."""
-        # keyed on inference mode: a tensor made there cannot be saved for backward
-        self._unit_embeddings = cached(self._unit_embeddings, (head_weight,),
-                                       lambda: F.normalize(head_weight.detach(), dim=-1),
-                                       (torch.is_inference_mode_enabled(),))
-        return self._unit_embeddings.value
+    def mix_sources(self, head_weight: Tensor) -> tuple[Tensor, ...]:
+        """The tensors mix_operands derives from."""
+        return (head_weight, self.gate.weight, self.norm.weight, self.log_sharpness,
+                self.gate_bias, self.gate_confidence)
 
-    def gate_logit(self, hidden: Tensor, out: Tensor) -> Tensor:
-        """[B, T]: the mixture gate's logit."""
-        confidence = out.pow(2).sum(-1)
-        return self.gate_bias + self.gate_confidence * confidence + self.gate(self.norm(hidden))[..., 0]
+    def mix_operands(self, head_weight: Tensor) -> tuple:
+        """(unit_scale, gate_w, sharpness, gate_bias, gate_confidence) for
+        ops.copy_mix with units = head_weight: 1 / the head's row lengths
+        (detached: the output embeddings are the frozen LM's), the gate's
+        weight with the norm's folded in, and the scalars: 0-d tensors while
+        gradients flow to them, else numbers, all cached while their sources
+        are unchanged (a decode step pays no op for them)."""
+        sources = self.mix_sources(head_weight)
+
+        def unit_scale():
+            return 1.0 / head_weight.detach().norm(dim=-1).clamp(min=1e-12)  # as F.normalize
+        if torch.is_grad_enabled() and any(p.requires_grad for p in sources[1:]):
+            return (unit_scale(), self.gate.weight[0] * self.norm.weight,
+                    self.log_sharpness.exp(), self.gate_bias, self.gate_confidence)
+
+        @torch.no_grad()
+        def fold():
+            return (unit_scale(), (self.gate.weight[0] * self.norm.weight).detach(),
+                    float(self.log_sharpness.exp()), float(self.gate_bias),
+                    float(self.gate_confidence))
+        # keyed on inference mode: a tensor made there cannot be saved for backward
+        self._mix_operands = cached(self._mix_operands, sources, fold,
+                                    (torch.is_inference_mode_enabled(),))
+        return self._mix_operands.value
 
     def mix(self, hidden: Tensor, logits: Tensor, out: Tensor, head_weight: Tensor) -> Tensor:
         """log p of the mixture [B, T, V] (float32 at least): the LM's logits
-        and the memory's read `out` for the same positions."""
+        and the memory's read `out` for the same positions (ops.copy_mix)."""
+        unit_scale, gate_w, sharpness, gate_bias, gate_confidence = self.mix_operands(head_weight)
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        units = self.unit_embeddings(head_weight).to(dtype)
-        memory_logits = torch.exp(self.log_sharpness).to(dtype) * (out.to(dtype) @ units.T)
-        g = self.gate_logit(hidden, out).to(dtype)[..., None]
-        return torch.logaddexp(F.logsigmoid(g) + memory_logits.log_softmax(-1),
-                               F.logsigmoid(-g) + logits.to(dtype).log_softmax(-1))
+        if hidden.dtype != dtype or logits.dtype != dtype or out.dtype != dtype:
+            hidden, logits, out = hidden.to(dtype), logits.to(dtype), out.to(dtype)
+        return copy_mix(hidden, logits, out, head_weight.detach().to(dtype), gate_w.to(dtype),
+                        self.norm.eps, sharpness, gate_bias, gate_confidence,
+                        unit_scale.to(dtype), self.backend)
 
 
 class CopyMemory(AppendMemory, write_rule="copy"):
@@ -211,12 +230,14 @@ class CopyMemory(AppendMemory, write_rule="copy"):
         reader = self.readers[0]
         out = None
         if not torch.is_grad_enabled():
-            # the fused reading layer (its index with build_index) returns
-            # hidden + out: its output projection is the identity
-            fused_out = fused.read(self, bank, 0, hidden, kv_dtype,
-                                   None if context is None else context.to(hidden.dtype))
+            # the fused reading layer (its index with build_index), then the
+            # mixture kernel, operands memoised per bank (fused.read_and_mix)
+            fused_out = fused.read_and_mix(self, bank, hidden, logits, head_weight, kv_dtype,
+                                           None if context is None else context.to(hidden.dtype))
             if fused_out is not None:
-                out = fused_out - hidden
+                out, mixed = fused_out
+                if mixed is not None:
+                    return mixed
         if out is None:
             keys, values = bank.keys_values(kv_dtype)
             shared = bank.batch_size == 1

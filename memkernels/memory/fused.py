@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from memkernels.memory.bank import Int8Rows, kernel_operands
 from memkernels.memory.cache import Versioned
 from memkernels.ops.nvtx import nvtx_range
+from memkernels.ops.copy_mix import KERNEL_MAX_ROWS as COPY_MIX_MAX_ROWS
+from memkernels.ops.copy_mix import cpu_kernel as copy_mix_kernel
 from memkernels.ops.reading_layer import cpu_kernel
 
 # parameter/submodule (re)assignments on modules of a memory that a memo was
@@ -30,6 +32,7 @@ from memkernels.ops.reading_layer import cpu_kernel
 _REGISTRATIONS = [0]
 _OWNED = "_memkernels_memory_module"
 _HOOKS: list = []
+_MIX = "copy mix"  # the key of read_and_mix's memo among a bank's fused plans
 # set to False to read through ATen ops (llm_overhead --unfused measures what it saves)
 enabled = True
 
@@ -47,6 +50,8 @@ def _count_module(module, name, value):
 
 
 def _own(module: nn.Module) -> None:
+    if module.__dict__.get(_OWNED):  # owned already: later submodules are owned on assignment
+        return
     if not _HOOKS:
         _HOOKS.append(torch.nn.modules.module.register_module_parameter_registration_hook(
             _count_parameter))
@@ -79,6 +84,43 @@ def read(memory, bank, reader_index: int, hidden: Tensor, kv_dtype: Optional[tor
         kwargs = {**kwargs, "context": context}
     with nvtx_range("memkernels.reading_layer[cpu]"):
         return kernel(hidden, *args, **kwargs)
+
+
+def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tensor,
+                 kv_dtype: Optional[torch.dtype],
+                 context: Optional[Tensor] = None) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """The copy rule at inference (CopyMemory.mix_logits): (its read, the
+    mixture's log p, or None where the mixture kernel does not take this
+    call), or None where the fused read does not apply. The read's and the
+    mixture's operands share one memo per bank, checked once per step."""
+    key = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype, id(head_weight))
+    plan = bank.fused_plans.get(_MIX)
+    if plan is None or not plan.fresh(key):
+        built = _build(memory, bank, 0, hidden, kv_dtype)
+        if built is None:
+            bank.fused_plans.pop(_MIX, None)
+            return None
+        (kernel, args, kwargs), sources = built
+        reader = memory.readers[0]
+        mix_kernel = copy_mix_kernel(hidden.dtype, hidden.device, reader.backend) \
+            if head_weight.dtype == hidden.dtype else None
+        mix_args = (reader.norm.eps, *reader.mix_operands(head_weight))
+        # the plan holds head_weight among its sources: its id is not reused while it lives
+        plan = Versioned((kernel, args, kwargs, mix_kernel, mix_args), (
+            *sources, *reader.mix_sources(head_weight)), key)
+        bank.fused_plans[_MIX] = plan
+    kernel, args, kwargs, mix_kernel, mix_args = plan.value
+    if context is not None:
+        kwargs = {**kwargs, "context": context}
+    with nvtx_range("memkernels.reading_layer[cpu]"):
+        read = kernel(hidden, *args, **kwargs) - hidden  # the identity output projection
+    if mix_kernel is None or logits.dtype != hidden.dtype or \
+            hidden.shape[0] * hidden.shape[1] > COPY_MIX_MAX_ROWS:
+        return read, None
+    eps, unit_scale, gate_w, sharpness, gate_bias, gate_confidence = mix_args
+    with nvtx_range("memkernels.copy_mix[cpu]"):
+        return read, mix_kernel(hidden, logits, read, head_weight, gate_w, eps, sharpness,
+                                gate_bias, gate_confidence, unit_scale)
 
 
 def _build(memory, bank, reader_index: int, hidden: Tensor,

@@ -85,6 +85,12 @@ def _terms(tokens: Tensor) -> Tensor:
 
 _PAIR_BASE = 1 << 24  # above any vocabulary's token ids
 
+# MemoryBank.lexical_select's defaults, chosen on the recall benchmark's dev
+# phrasings (docs/performance.md, "A lexical index in front of the read"):
+# the best text and its near ties, at most 3
+LEXICAL_K = 3
+LEXICAL_MIN_SCORE_RATIO = 0.9
+
 
 class LexicalIndex:
     """Okapi BM25 over the token ids of a bank's stored texts (k1, b as
@@ -111,6 +117,7 @@ class LexicalIndex:
         df = torch.bincount(term, minlength=self.vocab.numel())
         self.starts = torch.zeros(self.vocab.numel() + 1, dtype=torch.long)
         self.starts[1:] = df.cumsum(0)
+        self._starts = self.starts.tolist()  # read per query term: ints, not tensor items
         # idf as rank_bm25's BM25Okapi (log((N - df + 0.5) / (df + 0.5)), floored
         # at eps * the mean idf) so that the recall benchmark's baseline and this
         # index rank alike
@@ -122,8 +129,9 @@ class LexicalIndex:
         avg = float(lengths.mean()) if self.size else 1.0
         norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))
         tf = tf.double()
-        # each posting's term-frequency part, precomputed: tf (k1 + 1) / (tf + norm)
-        self.post_weight = tf * (k1 + 1) / (tf + norm[self.post_text])
+        # each posting's whole score, precomputed: idf x tf (k1 + 1) / (tf + norm)
+        # (a question then adds its terms' postings, nothing more)
+        self.post_score = self.idf[term] * tf * (k1 + 1) / (tf + norm[self.post_text])
 
     def _query_terms(self, query_ids: Sequence[int]) -> list[int]:
         """The query's terms that some text holds, as indices into vocab (a
@@ -135,8 +143,8 @@ class LexicalIndex:
         return where[self.vocab[where] == terms].tolist()
 
     def _add(self, out: Tensor, i: int) -> None:
-        lo, hi = int(self.starts[i]), int(self.starts[i + 1])
-        out.index_add_(0, self.post_text[lo:hi], self.idf[i] * self.post_weight[lo:hi])
+        lo, hi = self._starts[i], self._starts[i + 1]
+        out.index_add_(0, self.post_text[lo:hi], self.post_score[lo:hi])
 
     def scores(self, query_ids: Sequence[int]) -> Tensor:
         """BM25 score of every text for the query (float64 [E]); a query token
@@ -146,13 +154,15 @@ class LexicalIndex:
             self._add(out, i)
         return out
 
-    def top(self, query_ids: Sequence[int], k: int) -> Tensor:
+    def top(self, query_ids: Sequence[int], k: int, min_score_ratio: float = 0.0) -> Tensor:
         """The k texts of highest score, best first, among those sharing a
-        term with the query (fewer, or none, when fewer do). Scoring every
-        posting of the query's terms is one vectorised add per term: ~1.5 ms a
-        question at 10^5 texts, so no pruning."""
+        term with the query (fewer, or none, when fewer do) and scoring at
+        least min_score_ratio x the best score (1.0: the best and its exact
+        ties). Scoring every posting of the query's terms is one vectorised
+        add per term: ~0.9 ms a question at 10^5 texts, so no pruning."""
         scores = self.scores(query_ids)
         k = min(k, int((scores > 0).sum()))
         if not k:
             return torch.zeros(0, dtype=torch.long)
-        return torch.topk(scores, k).indices
+        best = torch.topk(scores, k)
+        return best.indices[best.values >= min_score_ratio * best.values[0]]

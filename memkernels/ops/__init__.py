@@ -8,13 +8,16 @@
   (checks) and picks a backend (backend: reference, cpu, triton, cuda).
 - reading_layer (reading_layer): one memory reading layer at inference as
   one op (the decode hot path); CPU kernel and reference.
-- reference: the ground truth of all three.
+- copy_mix (copy_mix): the copy rule's mixture of the memory's and the LM's
+  next-token distributions (a decode step's as one CPU kernel call).
+- reference: the ground truth of all four.
 Nothing here knows about memories, banks or LLMs.
 """
 from memkernels.ops import reference
 from memkernels.ops.api import MemoryReadFunction, MemoryWriteFunction, memory_read, memory_write
 from memkernels.ops.backend import BACKENDS, available_backends
+from memkernels.ops.copy_mix import copy_mix
 from memkernels.ops.reading_layer import reading_layer
 
-__all__ = ["memory_read", "memory_write", "reading_layer", "MemoryReadFunction",
+__all__ = ["memory_read", "memory_write", "reading_layer", "copy_mix", "MemoryReadFunction",
            "MemoryWriteFunction", "reference", "BACKENDS", "available_backends"]

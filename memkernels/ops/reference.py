@@ -139,6 +139,29 @@ def reading_layer(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor,
 # --- the kernels' signatures (memkernels.ops.backend: the "reference" backend) -------------
 # Backward by the formulas, not autograd: inside a custom op autograd does not record.
 
+def copy_mix(hidden: Tensor, logits: Tensor, read: Tensor, units: Tensor, gate_w: Tensor,
+             eps: float, sharpness, gate_bias, gate_confidence,
+             unit_scale: Optional[Tensor] = None) -> Tensor:
+    """The copy rule's mixture (memkernels.ops.copy_mix): log p [B, T, V] of
+
+        g = gate_bias + gate_confidence |read|^2 + rms_norm(hidden, eps) . gate_w
+        m = sharpness (read @ units^T) * unit_scale          (unit_scale None: 1)
+        p = sigmoid(g) softmax(m) + sigmoid(-g) softmax(logits)
+
+    in float32 at least. sharpness, gate_bias, gate_confidence: numbers or
+    0-d tensors (differentiable here)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    h = hidden.to(dtype)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    r = read.to(dtype)
+    g = (gate_bias + gate_confidence * r.pow(2).sum(-1) + normed @ gate_w.to(dtype))[..., None]
+    memory_logits = sharpness * (r @ units.to(dtype).T)
+    if unit_scale is not None:
+        memory_logits = memory_logits * unit_scale.to(dtype)
+    return torch.logaddexp(F.logsigmoid(g) + memory_logits.log_softmax(-1),
+                           F.logsigmoid(-g) + logits.to(dtype).log_softmax(-1))
+
+
 def _probs(q, k, scale, valid):
     """Softmax weights [..., Tq, Tk] (0 on masked keys and on rows with none)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

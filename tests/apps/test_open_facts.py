@@ -93,20 +93,22 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     model.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     tasks.copy_memory(model, slots=64).save_pretrained(tmp_path / "memory")
+    LEXICAL_NAME = "memory, lexical top-3, >= 0.9 x best"
     rows = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
                            log=lambda *_: None)
     assert {r["split"] for r in rows} == set(open_recall.SPLITS)
     assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context",
-                                             "BM25 top-3", "memory, lexical top-1"}
+                                             "BM25 top-3", LEXICAL_NAME}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)
     memory_rows = [r for r in rows if r["condition"] == "written memory" and r["answers"] == "all"]
     assert all(r["bank_bytes_per_fact"] > 0 and r["store_facts_per_s"] > 0 for r in memory_rows)
     table = open_recall.markdown(rows)
     assert all(f"**{split}**" in table for split in open_recall.SPLITS)
     assert "| written memory |" in table and "bank bytes per fact" in table
-    assert "| memory, lexical top-1 |" in table
-    lexical = [r for r in rows if r["condition"] == "memory, lexical top-1" and r["answers"] == "all"]
-    assert all(r["lexical_k"] == 1 and r["seconds_per_question"] > 0 for r in lexical)
+    assert f"| {LEXICAL_NAME} |" in table
+    lexical = [r for r in rows if r["condition"] == LEXICAL_NAME and r["answers"] == "all"]
+    assert lexical and all(r["lexical_k"] == 3 and r["lexical_min_score_ratio"] == 0.9
+                           and r["seconds_per_question"] > 0 for r in lexical)
 
 
 def test_the_open_lm_corpus_never_holds_a_benchmark_value():

@@ -480,8 +480,14 @@ def test_decayed_context_is_the_masked_decayed_mean_and_carries_its_state():
         piece, state = decayed_context(x[:, start:stop], mask[:, start:stop], 0.7, state)
         pieces.append(piece)
     torch.testing.assert_close(torch.cat(pieces, 1), want)
-    torch.testing.assert_close(decayed_context(x, None, 0.3)[0],
-                               loop_context(x, torch.ones(3, 150, dtype=torch.bool), 0.3))
+    every = loop_context(x, torch.ones(3, 150, dtype=torch.bool), 0.3)
+    torch.testing.assert_close(decayed_context(x, None, 0.3)[0], every)
+    # the same decode loop without a mask (every token real)
+    pieces, state = [], None
+    for start, stop in [(0, 5), *[(t, t + 1) for t in range(5, 150)]]:
+        piece, state = decayed_context(x[:, start:stop], None, 0.3, state)
+        pieces.append(piece)
+    torch.testing.assert_close(torch.cat(pieces, 1), every)
 
 
 def fitted_context_memory(dtype=torch.float64, **overrides):

@@ -119,7 +119,7 @@ def test_the_fused_read_at_inference_matches_the_composed_one(dtype, kv_dtype, d
     args = _mix_inputs(model, memory, dtype)
     with torch.no_grad():
         got = memory.mix_logits(*args[:3], bank, kv_dtype, context=args[3])
-        assert 0 in bank.fused_plans  # the fused path ran
+        assert fused._MIX in bank.fused_plans  # the fused path ran
         if kv_dtype == torch.bfloat16:
             # the kernel reads bf16 rows with float32 queries: compose the
             # same math in float32 (memory_read would round the queries too)

@@ -10,7 +10,8 @@ import torch
 
 import memkernels
 from memkernels import MemoryBank
-from memkernels.memory.lexical import Entries, LexicalIndex, _terms
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, Entries,
+                                       LexicalIndex, _terms)
 
 from test_append import VOCAB, make_memory, tiny_llama
 
@@ -111,6 +112,14 @@ def test_bm25_scores_match_rank_bm25_and_a_hand_computation():
         top = index.top(query, 4)
         assert top.tolist() == torch.sort(want, descending=True, stable=True).indices[:4].tolist() \
             or torch.allclose(want[top], torch.sort(want, descending=True).values[:4])
+        # near ties: of the top 4, those scoring at least ratio x the best
+        for ratio in (0.0, 0.5, 0.9, 1.0):
+            near = index.top(query, 4, ratio)
+            if not top.numel():
+                assert not near.numel()
+                continue
+            assert near.tolist() == [t for t in top.tolist() if want[t] >= ratio * want[top[0]]]
+            assert near.numel() >= 1 and int(near[0]) == int(top[0])
 
 
 def test_lexical_select_finds_the_text_a_question_shares_words_with():
@@ -120,12 +129,19 @@ def test_lexical_select_finds_the_text_a_question_shares_words_with():
     bank = memkernels.store(memory, model, None, texts, chunk_size=16)
     for target in (0, 17, 39):
         question = texts[target][1:4] + [5]  # a run of the text's tokens
-        sub = bank.lexical_select(question, k=2)
+        sub = bank.lexical_select(question, k=2, min_score_ratio=0.0)
         assert sub.entries.text(0) == texts[target]
         assert len(sub.entries) == 2
     # k past the texts sharing a term: those only
     sharing = int((LexicalIndex(bank.entries).scores(texts[3]) > 0).sum())
-    assert len(bank.lexical_select(texts[3], k=100).entries) == sharing
+    assert len(bank.lexical_select(texts[3], k=100, min_score_ratio=0.0).entries) == sharing
+    # the default: the best text and its near ties only (at most LEXICAL_K)
+    for target in (0, 17, 39):
+        scores = LexicalIndex(bank.entries).scores(texts[target])
+        near = int((scores >= LEXICAL_MIN_SCORE_RATIO * scores.max()).sum())
+        sub = bank.lexical_select(texts[target])
+        assert sub.entries.text(0) == texts[target]
+        assert len(sub.entries) == min(near, LEXICAL_K)
     # no term in common with any stored text: the whole bank, not an arbitrary text
     assert bank.lexical_select([VOCAB + 7], k=1) is bank
 
@@ -183,6 +199,9 @@ def test_bad_arguments_are_named():
     bank = memkernels.store(memory, model, None, texts)
     with pytest.raises(ValueError, match="k must be a positive int"):
         bank.lexical_select([1], k=0)
+    for ratio in (-0.1, 1.5, float("nan"), "0.9", True):
+        with pytest.raises(ValueError, match="min_score_ratio must be a number in"):
+            bank.lexical_select([1], min_score_ratio=ratio)
     with pytest.raises(TypeError, match="token ids"):
         bank.lexical_select("a question")
     with pytest.raises(ValueError, match="chosen: text indices"):

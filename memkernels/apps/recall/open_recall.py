@@ -34,10 +34,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import statistics
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -47,6 +48,7 @@ from memkernels.apps.bench.run import machine_info
 from memkernels.apps.recall import base_lm, benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
 from memkernels.memory import MemoryModel
+from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OPEN_LM = os.path.join(ASSETS, "open_lm")
@@ -55,8 +57,7 @@ MAX_NEW_TOKENS = 12  # the longest answers are 8-9 tokens and a period
 # banks of this many facts or more are read through an index (MemoryBank.build_index):
 # an exact read of 10,000 facts (~70,000 slots) costs more than the LM's step
 INDEX_FROM, INDEX_PROBES = 10_000, 8
-LEXICAL_K = 1  # stored facts a question reads through the lexical index (chosen on dev)
-LEXICAL = "memory, lexical top-"  # its condition's name in the tables, then k
+LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
           "realistic names": dict(relation_split="train", realistic_names=True),
@@ -90,21 +91,29 @@ def answers(model, tokenizer, statements, questions, memory=None, in_context=Fal
         return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def lexical_answers(model, tokenizer, memory, bank, questions, k: int,
+def lexical_condition(k: int, min_score_ratio: float) -> str:
+    """The lexical condition's name in the tables."""
+    return f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
+
+
+def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_K,
+                    min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
                     latency_questions: int = 16) -> tuple[list[str], dict]:
-    """Greedy answers reading, per question, only the k stored facts that
+    """Greedy answers reading, per question, only the stored facts that
     share the most words with it (MemoryBank.lexical_select: BM25 over token
-    ids in front of the dense read), and the paired cost per question (the
+    ids in front of the dense read; at most k, those scoring at least
+    min_score_ratio x the best), and the paired cost per question (the
     selection included) against the same question with the reads off."""
     got, ratios, times = [], [], []
     # the index and the slot table are built on a bank's first selection: once,
     # here, outside the timed questions (as build_index's build counts in store)
-    bank.lexical_select(tokenizer(qa_prompt(questions[0]))["input_ids"], k)
+    bank.lexical_select(tokenizer(qa_prompt(questions[0]))["input_ids"], k, min_score_ratio)
     with memkernels.attach(model, memory, None) as handle:
         for i, q in enumerate(questions):
             prompt = qa_prompt(q)
             start = time.perf_counter()
-            with handle.using(bank.lexical_select(tokenizer(prompt)["input_ids"], k)):
+            selected = bank.lexical_select(tokenizer(prompt)["input_ids"], k, min_score_ratio)
+            with handle.using(selected):
                 got += benchmark.answer(model, tokenizer, [prompt],
                                         max_new_tokens=MAX_NEW_TOKENS)
             if i < latency_questions:
@@ -114,7 +123,8 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int,
                     benchmark.answer(model, tokenizer, [prompt], max_new_tokens=MAX_NEW_TOKENS)
                     ratios.append(times[-1] / (time.perf_counter() - base_start) - 1)
     return got, dict(seconds_per_question=statistics.median(times),
-                     read_cost=statistics.median(ratios), lexical_k=k)
+                     read_cost=statistics.median(ratios), lexical_k=k,
+                     lexical_min_score_ratio=min_score_ratio)
 
 
 def length_bucket(tokenizer, answer: str) -> str:
@@ -153,7 +163,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
         other_splits_up_to: Optional[int] = None, read_scale: Optional[float] = None,
-        lexical_k: int = LEXICAL_K, log=print) -> list[dict]:
+        lexical: Sequence[tuple[int, float]] = ((LEXICAL_K, LEXICAL_MIN_SCORE_RATIO),),
+        log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
@@ -161,8 +172,9 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     of index_from facts or more are read through an index (index_probes).
     other_splits_up_to: above that N, only the "held-out" split runs.
     read_scale: the memory reads at cosine x read_scale (set_read_scale; for
-    tuning on dev), else at its saved scale. lexical_k: the facts each
-    question reads in the "memory, lexical top-k" condition."""
+    tuning on dev), else at its saved scale. lexical: (k, min_score_ratio)
+    of each lexical condition (MemoryBank.lexical_select), on the same banks
+    and questions."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     if read_scale is not None:
         memory.set_read_scale(read_scale)
@@ -195,7 +207,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             if split != "held-out" and other_splits_up_to is not None and n > other_splits_up_to:
                 continue
             got: dict[str, list] = {}
-            asked_facts, all_costs, all_lexical_costs = [], [], []
+            asked_facts, all_costs = [], []
+            all_lexical_costs: dict[str, list] = {}
             for d in range(draws):
                 try:
                     facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d + value_offset,
@@ -220,10 +233,12 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 for condition, kwargs in runs.items():
                     got.setdefault(condition, []).extend(
                         answers(model, tokenizer, statements, qs, **kwargs))
-                lexical, lexical_costs = lexical_answers(model, tokenizer, memory, bank, qs,
-                                                         lexical_k, max(1, 16 // draws))
-                got.setdefault(f"{LEXICAL}{lexical_k}", []).extend(lexical)
-                all_lexical_costs.append(lexical_costs)
+                for k, ratio in lexical:
+                    name = lexical_condition(k, ratio)
+                    got_lexical, lexical_costs = lexical_answers(
+                        model, tokenizer, memory, bank, qs, k, ratio, max(1, 16 // draws))
+                    got.setdefault(name, []).extend(got_lexical)
+                    all_lexical_costs.setdefault(name, []).append(lexical_costs)
             if not all_costs:
                 continue
             costs = {k: statistics.median(c[k] for c in all_costs) for k in all_costs[0]}
@@ -231,14 +246,14 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 f"{costs['bank_bytes_per_fact']:.0f} bank bytes/fact, "
                 f"{1e3 * costs['seconds_per_question']:.1f} ms/question, reads "
                 f"{100 * costs['read_cost']:+.0f}%")
-            lexical_costs = {k: statistics.median(c[k] for c in all_lexical_costs)
-                             for k in all_lexical_costs[0]}
-            log(f"{split:20s} N={n}: lexical top-{lexical_k}: "
-                f"{1e3 * lexical_costs['seconds_per_question']:.1f} ms/question, "
-                f"reads and selection {100 * lexical_costs['read_cost']:+.0f}%")
+            lexical_costs = {name: {k: statistics.median(c[k] for c in per_draw)
+                                    for k in per_draw[0]}
+                             for name, per_draw in all_lexical_costs.items()}
+            for name, c in lexical_costs.items():
+                log(f"{split:20s} N={n}: {name}: {1e3 * c['seconds_per_question']:.1f} "
+                    f"ms/question, reads and selection {100 * c['read_cost']:+.0f}%")
             for condition, values in got.items():
-                extra = (costs if condition == "written memory" else lexical_costs
-                         if condition.startswith(LEXICAL) else None)
+                extra = (costs if condition == "written memory" else lexical_costs.get(condition))
                 record(split, condition, n, asked_facts, values, extra)
     return rows
 
@@ -310,19 +325,29 @@ def main(argv=None) -> None:
                          "takes minutes per split)")
     ap.add_argument("--read-scale", type=float, default=None,
                     help="the memory reads at cosine x this (default: its saved scale)")
-    ap.add_argument("--lexical-k", type=int, default=LEXICAL_K,
-                    help="stored facts each question reads in the lexical-index condition")
+    ap.add_argument("--lexical-k", type=int, nargs="+", default=[LEXICAL_K],
+                    help="the most stored facts a question reads in the lexical-index "
+                         "condition (several: a condition for each, with --lexical-ratio)")
+    ap.add_argument("--lexical-ratio", type=float, nargs="+", default=[LEXICAL_MIN_SCORE_RATIO],
+                    help="... those scoring at least this x the best (0: always k); one, or "
+                         "one per --lexical-k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
-    if args.lexical_k < 1:
+    if any(k < 1 for k in args.lexical_k):
         ap.error(f"--lexical-k must be >= 1, got {args.lexical_k}")
+    if not all(0.0 <= r <= 1.0 for r in args.lexical_ratio):
+        ap.error(f"--lexical-ratio must be in [0, 1], got {args.lexical_ratio}")
+    if len(args.lexical_ratio) not in (1, len(args.lexical_k)):
+        ap.error(f"--lexical-ratio: one value or one per --lexical-k ({len(args.lexical_k)}), "
+                 f"got {len(args.lexical_ratio)}")
+    ratios = args.lexical_ratio * (len(args.lexical_k) if len(args.lexical_ratio) == 1 else 1)
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale, args.lexical_k)
+               args.read_scale, list(zip(args.lexical_k, ratios)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
@@ -332,7 +357,7 @@ def main(argv=None) -> None:
                 else f"open_recall_{args.phrasings}_phrasings.md")
         with open(os.path.join(args.out, name), "w") as f:
             f.write(f"# Open-vocabulary recall\n\n`python -m memkernels.apps.recall.open_recall "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {info['cpu']}; "
+                    f"{shlex.join(argv if argv is not None else sys.argv[1:])}` on {info['cpu']}; "
                     f"exact match, {args.questions} questions per cell at most (per answer "
                     f"length: the count in brackets).\n\n{markdown(rows)}")
 
