@@ -272,6 +272,20 @@ class AppendMemory(MemoryModel, write_rule="append"):
             reader.scale = float(scale)
         fused.forget_plans()  # a memoised fused read holds the old scale
 
+    def set_store_threshold(self, threshold: float) -> None:
+        """store() keeps a token's slot when the store gate gives it at least
+        `threshold` from now on (AppendOptions.store_threshold, saved with the
+        memory): a gate trained at one threshold may drop tokens of sentence
+        shapes it never saw, which a lower one keeps, for more bank bytes per
+        fact (docs/design.md, "Phrasings no training saw")."""
+        if self.keep is None:
+            raise ValueError("this memory has no store gate (AppendOptions.store_threshold was 0 "
+                             "when it was made): it stores every token")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+        self.config.append.store_threshold = float(threshold)
+
     def slots_to_store(self, tokens: int) -> int:
         """One slot per token plus the null slots (at least config.num_slots)."""
         return max(self.config.num_slots, tokens + self.config.append.null_slots)

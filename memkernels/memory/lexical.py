@@ -53,7 +53,7 @@ class Entries:
                for t in (self.tokens, self.offsets, self.slot_entry)):
             raise ValueError("entries: tokens, offsets and slot_entry must be 1-d int64 tensors")
         E = len(self)
-        if self.offsets.dim() != 1 or E < 0 or int(self.offsets[0]) != 0 or \
+        if E < 0 or int(self.offsets[0]) != 0 or \
                 int(self.offsets[-1]) != self.tokens.numel() or \
                 bool((self.offsets[1:] < self.offsets[:-1]).any()):
             raise ValueError("entries: offsets must rise from 0 to the number of tokens")
@@ -161,8 +161,14 @@ class LexicalIndex:
         ties). Scoring every posting of the query's terms is one vectorised
         add per term: ~0.9 ms a question at 10^5 texts, so no pruning."""
         scores = self.scores(query_ids)
+        if min_score_ratio > 0:  # the near ties are few: sort them, not every text
+            best = float(scores.max()) if scores.numel() else 0.0
+            if best <= 0:
+                return torch.zeros(0, dtype=torch.long)
+            near = (scores >= min_score_ratio * best).nonzero().flatten()
+            order = torch.sort(scores[near], descending=True, stable=True).indices[:k]
+            return near[order]
         k = min(k, int((scores > 0).sum()))
         if not k:
             return torch.zeros(0, dtype=torch.long)
-        best = torch.topk(scores, k)
-        return best.indices[best.values >= min_score_ratio * best.values[0]]
+        return torch.topk(scores, k).indices

@@ -176,3 +176,38 @@ def test_varied_phrasings_keep_their_slots_and_draw_train_words_only():
         changed += varied != template
     assert changed > 100
     assert of.vary("The {r} of {s} is {o}.", rng, 0.0) == "The {r} of {s} is {o}."
+
+
+def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeypatch):
+    """train --realistic-names / --several-per-subject: those fractions of the
+    address pre-training's facts, train-split words only, each pair's target
+    the token before the answer's next token."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import open_recall, tasks
+    tok = transformers.AutoTokenizer.from_pretrained(open_recall.OPEN_LM)
+    drawn = []
+    real_draw = of.make_open_facts
+
+    def spy(n, seed, **kwargs):
+        facts = real_draw(n, seed, **kwargs)
+        drawn.append((kwargs, list(facts)))
+        return facts
+    monkeypatch.setattr(of, "make_open_facts", spy)
+    questions, statements, targets = tasks.address_pairs(
+        tok, n=40, world="open", realistic_names=0.25, several_per_subject=0.5)
+    sizes = {(k.get("realistic_names", False), k.get("facts_per_subject", 1)): len(f)
+             for k, f in drawn}
+    assert sizes == {(False, 1): 10, (True, 1): 10, (False, 3): 20}
+    facts = [f for _, batch in drawn for f in batch]
+    assert all(k["split"] == "train" and k["relation_split"] == "train" for k, _ in drawn)
+    assert all(of.split_of("value", f.subject) == "train" and
+               of.split_of("value", f.object) == "train" for f in facts)
+    # one pair per answer token and one for the period, each fact in the order drawn
+    assert len(questions) == sum(len(tok(f" {f.object}")["input_ids"]) + 1 for f in facts)
+    for q, s, t in zip(questions, statements, targets):
+        ids = tok(s)["input_ids"]
+        assert 0 <= t < len(ids) - 1
+    with pytest.raises(ValueError, match="fractions summing to at most 1"):
+        tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, several_per_subject=0.6)
+    with pytest.raises(ValueError, match="apply to world='open'"):
+        tasks.address_pairs(tok, n=10, realistic_names=0.5)

@@ -284,6 +284,8 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     main(["--model", str(tmp_path / family), "--mode", "written", "--world", "open",
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
+          "--realistic-names", "0.25", "--several-per-subject", "0.25",
+          "--store-threshold-after", "0.05",
           "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
@@ -293,13 +295,20 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     made = json.loads((tmp_path / "o" / "memory" / "training.json").read_text())
     assert made["vary_phrasings"] == 0.2 and made["pretrain_batch"] == 8
     assert made["pretrain_steps"] == 2 and "--vary-phrasings 0.2" in made["command"]
+    assert made["realistic_names"] == 0.25 and made["several_per_subject"] == 0.25
+    assert made["store_threshold_after"] == 0.05
+    assert memory.config.append.store_threshold == 0.05
 
 
 def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
     from memkernels.apps.recall.train import main
     for bad in (["--vary-phrasings", "0.2"], ["--world", "open", "--vary-phrasings", "1.5"],
                 ["--write-rule", "blend", "--read-scale-after", "40"],
-                ["--read-scale-after", "0"]):
+                ["--read-scale-after", "0"], ["--realistic-names", "0.2"],
+                ["--world", "open", "--realistic-names", "0.7", "--several-per-subject", "0.7"],
+                ["--world", "open", "--several-per-subject", "-0.1"],
+                ["--write-rule", "blend", "--store-threshold-after", "0.1"],
+                ["--write-rule", "copy", "--store-threshold-after", "1.0"]):
         with pytest.raises(SystemExit):
             main(bad + ["--out", str(tmp_path / "o")])
 

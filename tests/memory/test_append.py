@@ -193,6 +193,27 @@ def test_store_into_a_fresh_bank_writes_window_by_window_as_the_whole_bank_would
     assert torch.equal(windowed.mem, memory.shrink_to_fit(whole.mem))
 
 
+def test_a_lower_store_threshold_keeps_more_slots_and_is_checked():
+    torch.manual_seed(12)
+    model = tiny_llama()
+    memory = make_memory(model, slots=6, null_slots=2, store_threshold=0.5)
+    with torch.no_grad():
+        memory.keep[3].weight.normal_(0.0, 3.0)  # some tokens kept, some not
+    texts = [[1 + (7 * i + j) % 50 for j in range(3 + i % 4)] for i in range(9)]
+    kept = []
+    for threshold in (0.9, 0.5, 0.01):
+        memory.set_store_threshold(threshold)
+        assert memory.config.append.store_threshold == threshold
+        bank = memkernels.store(memory, model, None, texts)
+        kept.append(int(bank.slot_mask().sum()))
+    assert kept[0] <= kept[1] <= kept[2] and kept[0] < kept[2]
+    for bad in (0.0, 1.0, -0.5, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="threshold must be a number in"):
+            memory.set_store_threshold(bad)
+    with pytest.raises(ValueError, match="no store gate"):
+        make_memory(model, slots=6, null_slots=2).set_store_threshold(0.1)
+
+
 def test_a_full_bank_is_refused_and_left_as_it_was():
     model = tiny_llama()
     memory = make_memory(model, slots=8, null_slots=2)

@@ -118,8 +118,10 @@ def test_bm25_scores_match_rank_bm25_and_a_hand_computation():
             if not top.numel():
                 assert not near.numel()
                 continue
-            assert near.tolist() == [t for t in top.tolist() if want[t] >= ratio * want[top[0]]]
-            assert near.numel() >= 1 and int(near[0]) == int(top[0])
+            # the same scores as the top 4's near ties (texts of equal score may swap)
+            expected = [t for t in top.tolist() if want[t] >= ratio * want[top[0]]]
+            torch.testing.assert_close(want[near], want[expected])
+            assert near.unique().numel() == near.numel() and float(want[near[0]]) == float(want.max())
 
 
 def test_lexical_select_finds_the_text_a_question_shares_words_with():

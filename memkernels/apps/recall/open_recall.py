@@ -21,8 +21,8 @@ Statements and questions use held-out phrasings, the question's never the
 statement's. Conditions: the LM alone (first N only), the facts in its prompt
 (N <= 10), the BM25 top-3 statements in its prompt, the written memory
 (store() then questions), and the written memory read through its lexical
-index (each question reads the k stored facts that share the most words with
-it: MemoryBank.lexical_select). At small N a cell pools several independent sets
+index (each question reads the stored facts that share the most words with
+it, the best and its near ties: MemoryBank.lexical_select). At small N a cell pools several independent sets
 of N facts (each its own bank and prompt). Exact match of the greedy answer up to its first
 period. For the memory, per N: store throughput (facts/s), bank bytes per
 fact, and the median cost of a question (batch 1, paired with the same
@@ -163,6 +163,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         seed: int = 0, questions: int = 300, splits: Optional[list[str]] = None,
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
         other_splits_up_to: Optional[int] = None, read_scale: Optional[float] = None,
+        store_threshold: Optional[float] = None,
         lexical: Sequence[tuple[int, float]] = ((LEXICAL_K, LEXICAL_MIN_SCORE_RATIO),),
         log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
@@ -172,12 +173,16 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     of index_from facts or more are read through an index (index_probes).
     other_splits_up_to: above that N, only the "held-out" split runs.
     read_scale: the memory reads at cosine x read_scale (set_read_scale; for
-    tuning on dev), else at its saved scale. lexical: (k, min_score_ratio)
+    tuning on dev), else at its saved scale. store_threshold: store() keeps the
+    slots the store gate gives at least this (set_store_threshold; for tuning
+    on dev), else the memory's saved threshold. lexical: (k, min_score_ratio)
     of each lexical condition (MemoryBank.lexical_select), on the same banks
     and questions."""
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     if read_scale is not None:
         memory.set_read_scale(read_scale)
+    if store_threshold is not None:
+        memory.set_store_threshold(store_threshold)
     rng = random.Random(seed)
     # dev phrasings tune the memory's training: their facts draw train-split
     # subjects and objects (fresh words all the same), so that tuning never
@@ -325,6 +330,9 @@ def main(argv=None) -> None:
                          "takes minutes per split)")
     ap.add_argument("--read-scale", type=float, default=None,
                     help="the memory reads at cosine x this (default: its saved scale)")
+    ap.add_argument("--store-threshold", type=float, default=None,
+                    help="store() keeps the slots its gate gives at least this (default: the "
+                         "memory's saved threshold)")
     ap.add_argument("--lexical-k", type=int, nargs="+", default=[LEXICAL_K],
                     help="the most stored facts a question reads in the lexical-index "
                          "condition (several: a condition for each, with --lexical-ratio)")
@@ -337,6 +345,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
+    if args.store_threshold is not None and not 0.0 < args.store_threshold < 1.0:
+        ap.error(f"--store-threshold must be in (0, 1), got {args.store_threshold}")
     if any(k < 1 for k in args.lexical_k):
         ap.error(f"--lexical-k must be >= 1, got {args.lexical_k}")
     if not all(0.0 <= r <= 1.0 for r in args.lexical_ratio):
@@ -347,11 +357,12 @@ def main(argv=None) -> None:
     ratios = args.lexical_ratio * (len(args.lexical_k) if len(args.lexical_ratio) == 1 else 1)
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale, list(zip(args.lexical_k, ratios)))
+               args.read_scale, args.store_threshold, list(zip(args.lexical_k, ratios)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
-                "memory": args.memory or "shipped open memory", "read_scale": args.read_scale}
+                "memory": args.memory or "shipped open memory", "read_scale": args.read_scale,
+                "store_threshold": args.store_threshold}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
         name = ("open_recall.md" if args.phrasings == "eval"
                 else f"open_recall_{args.phrasings}_phrasings.md")

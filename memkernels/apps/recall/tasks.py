@@ -68,7 +68,8 @@ def copy_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
 
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
-                  varied: float = 0.0) -> tuple[list, list[str], list[int]]:
+                  varied: float = 0.0, realistic_names: float = 0.0,
+                  several_per_subject: float = 0.0) -> tuple[list, list[str], list[int]]:
     """(questions, statements, targets) of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
@@ -80,11 +81,15 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
     token before answer token j (the slot whose content is that token), and
     the question followed by the whole answer the answer's last token (whose
     slot holds the period: where a copied answer ends); varied > 0 varies
-    each statement's and question's phrasing (open_facts.vary)."""
+    each statement's and question's phrasing (open_facts.vary);
+    realistic_names / several_per_subject: the fractions of the facts about
+    a person with a real first and family name / given 3 at a time about one
+    subject (open_facts.make_open_facts; train-split words as every fact)."""
     rng = random.Random(seed)
     if world == "closed":
-        if varied:
-            raise ValueError("varied phrasings apply to world='open'")
+        if varied or realistic_names or several_per_subject:
+            raise ValueError("varied phrasings, realistic names and several facts per subject "
+                             "apply to world='open'")
         facts = make_facts(n, seed=seed, split="train")[0]
         questions = [qa_prompt(f.question(rng)) for f in facts]
         statements = [f.statement(rng) for f in facts]
@@ -92,7 +97,19 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
                    for s, f in zip(statements, facts)]
         return questions, statements, targets
     questions, statements, targets = [], [], []
-    for f in open_facts.make_open_facts(n, seed=seed, split="train", relation_split="train"):
+    n_real, n_several = round(n * realistic_names), round(n * several_per_subject)
+    if not (0 <= n_real and 0 <= n_several and n_real + n_several <= n):
+        raise ValueError(f"realistic_names + several_per_subject must be fractions summing to "
+                         f"at most 1, got {realistic_names} and {several_per_subject}")
+    facts = open_facts.make_open_facts(n - n_real - n_several, seed=seed, split="train",
+                                       relation_split="train")
+    if n_real:
+        facts += open_facts.make_open_facts(n_real, seed=seed + 1, split="train",
+                                            relation_split="train", realistic_names=True)
+    if n_several:
+        facts += open_facts.make_open_facts(n_several, seed=seed + 2, split="train",
+                                            relation_split="train", facts_per_subject=3)
+    for f in facts:
         statement = f.statement(rng, varied=varied)
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
         prompt = tokenizer(qa_prompt(f.question(rng, varied=varied)))["input_ids"]

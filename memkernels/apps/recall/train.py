@@ -61,6 +61,15 @@ def main(argv=None) -> None:
     ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
                     help="--world open: the address pre-training's statements and questions "
                          "drop and gain words, each with probability P / 2 (open_facts.vary)")
+    ap.add_argument("--store-threshold-after", type=float, default=None, metavar="T",
+                    help="a written append or copy memory: save it with this store threshold "
+                         "(AppendOptions.store_threshold; trained at %s)" % tasks.STORE_THRESHOLD)
+    ap.add_argument("--realistic-names", type=float, default=0.0, metavar="P",
+                    help="--world open: the fraction of the address pre-training's facts about "
+                         "a person with a real first and family name (train-split names)")
+    ap.add_argument("--several-per-subject", type=float, default=0.0, metavar="P",
+                    help="--world open: the fraction of the address pre-training's facts given "
+                         "3 at a time about one subject")
     ap.add_argument("--model", default=None,
                     help="a Hugging Face causal LM directory (default: the shipped base LM)")
     ap.add_argument("--out", required=True)
@@ -70,6 +79,18 @@ def main(argv=None) -> None:
         ap.error("--write-rule copy trains a written memory: use --mode written")
     if args.vary_phrasings and args.world != "open":
         ap.error("--vary-phrasings varies the open world's phrasings: use --world open")
+    if args.store_threshold_after is not None and not (
+            args.mode == "written" and args.write_rule in ("append", "copy")
+            and 0.0 < args.store_threshold_after < 1.0):
+        ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
+                 "copy memory")
+    if (args.realistic_names or args.several_per_subject) and args.world != "open":
+        ap.error("--realistic-names and --several-per-subject draw open-world facts: use "
+                 "--world open")
+    if not (0.0 <= args.realistic_names and 0.0 <= args.several_per_subject
+            and args.realistic_names + args.several_per_subject <= 1.0):
+        ap.error(f"--realistic-names and --several-per-subject are fractions summing to at most "
+                 f"1, got {args.realistic_names} and {args.several_per_subject}")
     if not 0.0 <= args.vary_phrasings <= 1.0:
         ap.error(f"--vary-phrasings is a probability in [0, 1], got {args.vary_phrasings}")
     if args.read_scale_after is not None and not (
@@ -102,7 +123,8 @@ def main(argv=None) -> None:
     started = time.time()
     if append and not args.resume:
         pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(
-            tokenizer, world=args.world, varied=args.vary_phrasings),
+            tokenizer, world=args.world, varied=args.vary_phrasings,
+            realistic_names=args.realistic_names, several_per_subject=args.several_per_subject),
                          steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
                          progress=trainer_rank() == 0)
     if args.lr is None:
@@ -121,6 +143,8 @@ def main(argv=None) -> None:
     elif trainer.rank == 0:  # the trained memory: MemoryModel.from_pretrained(OUT/memory)
         if args.read_scale_after is not None:
             memory.set_read_scale(args.read_scale_after)
+        if args.store_threshold_after is not None:
+            memory.set_store_threshold(args.store_threshold_after)
         memory.save_pretrained(os.path.join(args.out, "memory"))
     if trainer.rank == 0:
         last = result["history"][-20:]
@@ -134,7 +158,10 @@ def main(argv=None) -> None:
                         argv if argv is not None else sys.argv[1:]),
                     "write_rule": args.write_rule, "world": args.world,
                     "vary_phrasings": args.vary_phrasings,
+                    "realistic_names": args.realistic_names,
+                    "several_per_subject": args.several_per_subject,
                     "read_scale_after": args.read_scale_after,
+                    "store_threshold_after": args.store_threshold_after,
                     "pretrain_steps": len(pretrain_losses),
                     "pretrain_batch": args.pretrain_batch,
                     "pretrain_loss": sum(tail) / len(tail) if tail else None,
