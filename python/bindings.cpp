@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
+#include <utility>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -336,6 +338,14 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
     check_shape(*unit_scale, "unit_scale", {V});
   }
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  // the scalars are cast to the tensors' dtype: finite there
+  const double limit = hidden.scalar_type() == at::kFloat
+                           ? static_cast<double>(std::numeric_limits<float>::max())
+                           : std::numeric_limits<double>::max();
+  for (const auto& [name, x] : {std::pair<const char*, double>{"eps", eps}, {"sharpness", sharpness},
+                                {"gate_bias", gate_bias}, {"gate_confidence", gate_confidence}})
+    TORCH_CHECK(std::isfinite(x) && std::abs(x) <= limit, name, " must be finite in ",
+                hidden.scalar_type(), ", got ", x);
   Tensor out = at::empty({B, T, V}, hidden.options());
   if (B * T == 0) return out;
   Tensor h = hidden.contiguous(), l = logits.contiguous(), r = read.contiguous();

@@ -31,8 +31,9 @@ T log_add_exp(T a, T b) {
   return m + std::log1p(std::exp(-std::abs(a - b)));
 }
 
-// log of the sum of exp over n values (torch.logsumexp: NaN propagates, all
-// -inf gives -inf, +inf gives +inf)
+// The shift of log_softmax over n values: log sum exp, or NaN where
+// torch.log_softmax gives a NaN row (a NaN or a +inf among them); all -inf
+// gives -inf (the row x - (-inf) is then NaN, as torch's)
 template <typename T>
 T log_sum_exp(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
@@ -40,6 +41,7 @@ T log_sum_exp(const T* x, int64_t n) {
     if (std::isnan(x[i])) return x[i];
     m = std::max(m, x[i]);
   }
+  if (m == std::numeric_limits<T>::infinity()) return std::numeric_limits<T>::quiet_NaN();
   if (std::isinf(m)) return m;
   T sum = 0;
 #pragma omp simd reduction(+ : sum)

@@ -71,6 +71,8 @@ def read(memory, bank, reader_index: int, hidden: Tensor, kv_dtype: Optional[tor
          context: Optional[Tensor] = None) -> Optional[Tensor]:
     """Reader `reader_index`'s read of `bank` (no gradients) through the fused
     reading layer, or None where it does not apply (then read through ATen ops)."""
+    if not enabled:
+        return None
     key = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype)
     plan = bank.fused_plans.get(reader_index)
     if plan is None or not plan.fresh(key):
@@ -93,6 +95,8 @@ def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tens
     mixture's log p, or None where the mixture kernel does not take this
     call), or None where the fused read does not apply. The read's and the
     mixture's operands share one memo per bank, checked once per step."""
+    if not enabled:
+        return None
     key = (_REGISTRATIONS[0], hidden.dtype, hidden.is_cpu, kv_dtype, id(head_weight))
     plan = bank.fused_plans.get(_MIX)
     if plan is None or not plan.fresh(key):

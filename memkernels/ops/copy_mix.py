@@ -35,6 +35,8 @@ def _check(hidden: Tensor, logits: Tensor, read: Tensor, units: Tensor, gate_w: 
     if logits.dim() != 3 or logits.shape[:2] != (B, T):
         raise ValueError(f"logits must be [B, T, V] = [{B}, {T}, V], got {tuple(logits.shape)}")
     V = logits.shape[-1]
+    if C < 1 or V < 1:
+        raise ValueError(f"hidden and logits need C >= 1 and V >= 1, got C={C}, V={V}")
     shapes = [("logits", logits, tuple(logits.shape)), ("read", read, (B, T, C)),
               ("units", units, (V, C)), ("gate_w", gate_w, (C,))]
     if unit_scale is not None:

@@ -211,3 +211,11 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
         tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, several_per_subject=0.6)
     with pytest.raises(ValueError, match="apply to world='open'"):
         tasks.address_pairs(tok, n=10, realistic_names=0.5)
+
+
+def test_the_open_recall_command_refuses_a_lexical_setting_twice():
+    from memkernels.apps.recall import open_recall
+    with pytest.raises(SystemExit):
+        open_recall.main(["--facts", "4", "--lexical-k", "3", "3", "--lexical-ratio", "0.9"])
+    with pytest.raises(ValueError, match="at most once"):
+        open_recall.run([4], lexical=[(3, 0.9), (3, 0.9)])

@@ -308,7 +308,9 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
                 ["--world", "open", "--realistic-names", "0.7", "--several-per-subject", "0.7"],
                 ["--world", "open", "--several-per-subject", "-0.1"],
                 ["--write-rule", "blend", "--store-threshold-after", "0.1"],
-                ["--write-rule", "copy", "--store-threshold-after", "1.0"]):
+                ["--write-rule", "copy", "--store-threshold-after", "1.0"],
+                ["--world", "open", "--write-rule", "blend", "--realistic-names", "0.2"],
+                ["--world", "open", "--write-rule", "copy", "--resume", "--realistic-names", "0.2"]):
         with pytest.raises(SystemExit):
             main(bad + ["--out", str(tmp_path / "o")])
 

@@ -74,19 +74,41 @@ def test_mix_logits_matches_the_formula():
     B, T, C = 2, 5, model.config.hidden_size
     hidden, context = torch.randn(B, T, C, dtype=torch.float64), torch.randn(B, T, C, dtype=torch.float64)
     logits = torch.randn(B, T, VOCAB, dtype=torch.float64) * 5
-    head = model.get_output_embeddings().weight
-    got = memory.mix_logits(hidden, logits, head, bank, context=context)
-    # the formula: per pair, softmax over the bank's slots of cosine x read_scale
+    head = model.get_output_embeddings().weight.detach().double()  # one tensor: memoised
     keys, values = bank.keys_values()
-    q = F.normalize(reader.raw_queries(hidden, context), dim=-1)  # [B, T, P, Dh]
-    w = torch.softmax(torch.einsum("btpd,psd->btps", q, keys) * reader.scale, -1)
-    out = torch.einsum("btps,psd->btpd", w, values).reshape(B, T, C)
-    gate = (reader.gate_bias + reader.gate_confidence * out.pow(2).sum(-1)
-            + reader.gate(reader.norm(hidden))[..., 0])[..., None]
-    memory_logits = math.exp(reader.log_sharpness.item()) * out @ F.normalize(head, dim=-1).T
-    want = torch.log(torch.sigmoid(gate) * memory_logits.softmax(-1)
-                     + torch.sigmoid(-gate) * logits.softmax(-1))
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    def formula():
+        """per pair, softmax over the bank's slots of cosine x read_scale, then the mixture"""
+        with torch.no_grad():
+            q = F.normalize(reader.raw_queries(hidden, context), dim=-1)  # [B, T, P, Dh]
+            w = torch.softmax(torch.einsum("btpd,psd->btps", q, keys.double()) * reader.scale, -1)
+            out = torch.einsum("btps,psd->btpd", w, values.double()).reshape(B, T, C)
+            gate = (reader.gate_bias + reader.gate_confidence * out.pow(2).sum(-1)
+                    + reader.gate(reader.norm(hidden))[..., 0])[..., None]
+            memory_logits = math.exp(reader.log_sharpness.item()) * out @ F.normalize(head, dim=-1).T
+            return torch.log(torch.sigmoid(gate) * memory_logits.softmax(-1)
+                             + torch.sigmoid(-gate) * logits.softmax(-1))
+
+    got = memory.mix_logits(hidden, logits, head, bank, context=context)  # autograd: ATen ops
+    torch.testing.assert_close(got.double(), formula(), rtol=1e-5, atol=1e-5)
+    # at inference: the fused read and the mixture kernel, memoised per bank; the memo goes
+    # stale after in-place changes to the gate and the norm
+    for changed in (False, True):
+        if changed:
+            with torch.no_grad():
+                reader.gate.weight.mul_(-2.0)
+                reader.gate_bias.add_(1.5)
+                reader.norm.weight.mul_(0.5)
+        want = formula()
+        with torch.no_grad():
+            torch.testing.assert_close(memory.mix_logits(hidden, logits, head, bank,
+                                                         context=context), want,
+                                       rtol=1e-8, atol=1e-8)
+    from memkernels.memory import fused
+    from memkernels.ops.copy_mix import cpu_kernel
+    if cpu_kernel(torch.float64, torch.device("cpu")) is not None:  # the extension is built
+        # the calls without gradients took the memoised read and its mixture kernel
+        assert bank.fused_plans[fused._MIX].value[3] is not None
 
 
 def _mix_inputs(model, memory, dtype, seed=3):

@@ -66,6 +66,13 @@ def test_large_logits_nan_and_masked_vocabulary(dtype):
     # a token the LM cannot emit (-inf logit) keeps only the memory's share
     args[1][0, 1, 3] = float("-inf")
     torch.testing.assert_close(kernel(*args), reference.copy_mix(*args), **tolerance(dtype))
+    # +inf in a row's logits: that row is NaN, as torch's log_softmax makes it
+    inf = list(args)
+    inf[1] = inf[1].clone()
+    inf[1][1, 2, 7] = float("inf")
+    got = kernel(*inf)
+    assert bool(got[1, 2].isnan().all()) and not bool(got[0].isnan().any())
+    assert torch.equal(got.isnan(), reference.copy_mix(*inf).isnan())
     # NaN in a row's logits, read or hidden state: that row is NaN, the others are not
     for which, where in ((1, (1, 0, 5)), (2, (0, 2, 4)), (0, (1, 2, 0))):
         bad = list(args)
@@ -131,3 +138,10 @@ def test_bad_arguments_are_named():
         ext.copy_mix_fwd(*(a.half() if isinstance(a, torch.Tensor) else a for a in args))
     with pytest.raises(RuntimeError, match="eps must be finite"):
         ext.copy_mix_fwd(*args[:5], float("nan"), *args[6:])
+    with pytest.raises(RuntimeError, match="sharpness must be finite in Float"):
+        ext.copy_mix_fwd(*args[:6], 1e300, *args[7:])
+    with pytest.raises(RuntimeError, match="gate_bias must be finite"):
+        ext.copy_mix_fwd(*args[:7], float("inf"), args[8])
+    empty = mix_inputs(1, 1, 4, 1, torch.float32)
+    with pytest.raises(ValueError, match="V >= 1"):
+        copy_mix(empty[0], empty[1][..., :0], *empty[2:3], empty[3][:0], *empty[4:])

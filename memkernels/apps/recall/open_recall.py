@@ -178,6 +178,9 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     on dev), else the memory's saved threshold. lexical: (k, min_score_ratio)
     of each lexical condition (MemoryBank.lexical_select), on the same banks
     and questions."""
+    names = [lexical_condition(k, r) for k, r in lexical]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lexical: each (k, min_score_ratio) at most once, got {list(lexical)}")
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     if read_scale is not None:
         memory.set_read_scale(read_scale)
@@ -355,6 +358,9 @@ def main(argv=None) -> None:
         ap.error(f"--lexical-ratio: one value or one per --lexical-k ({len(args.lexical_k)}), "
                  f"got {len(args.lexical_ratio)}")
     ratios = args.lexical_ratio * (len(args.lexical_k) if len(args.lexical_ratio) == 1 else 1)
+    settings = [lexical_condition(k, r) for k, r in zip(args.lexical_k, ratios)]
+    if len(set(settings)) != len(settings):
+        ap.error(f"--lexical-k / --lexical-ratio: each setting at most once, got {settings}")
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
                args.read_scale, args.store_threshold, list(zip(args.lexical_k, ratios)))

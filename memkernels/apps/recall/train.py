@@ -84,9 +84,12 @@ def main(argv=None) -> None:
             and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
                  "copy memory")
-    if (args.realistic_names or args.several_per_subject) and args.world != "open":
-        ap.error("--realistic-names and --several-per-subject draw open-world facts: use "
-                 "--world open")
+    if (args.realistic_names or args.several_per_subject) and not (
+            args.world == "open" and args.mode == "written"
+            and args.write_rule in ("append", "copy") and not args.resume):
+        ap.error("--realistic-names and --several-per-subject shape the address pre-training "
+                 "of a written append or copy memory on --world open (not with --resume, "
+                 "which skips it)")
     if not (0.0 <= args.realistic_names and 0.0 <= args.several_per_subject
             and args.realistic_names + args.several_per_subject <= 1.0):
         ap.error(f"--realistic-names and --several-per-subject are fractions summing to at most "
