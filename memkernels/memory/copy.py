@@ -68,6 +68,7 @@ class CopyReader(QueryReader):
         self.gate = nn.Linear(C, 1, bias=False)
         nn.init.zeros_(self.gate.weight)
         self._mix_operands: Optional[Versioned] = None
+        self._unit_scale: Optional[Versioned] = None
 
     def raw_queries(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh], before normalisation."""
@@ -121,16 +122,20 @@ class CopyReader(QueryReader):
         gradients flow to them, else numbers, all cached while their sources
         are unchanged (a decode step pays no op for them)."""
         sources = self.mix_sources(head_weight)
-
-        def unit_scale():
-            return 1.0 / head_weight.detach().norm(dim=-1).clamp(min=1e-12)  # as F.normalize
+        # 1 / the head's row lengths, as F.normalize: cached on the head alone (a
+        # training step reads a large vocabulary's head without re-measuring it)
+        self._unit_scale = cached(
+            self._unit_scale, (head_weight,),
+            lambda: 1.0 / head_weight.detach().norm(dim=-1).clamp(min=1e-12),
+            (torch.is_inference_mode_enabled(),))
+        unit_scale = self._unit_scale.value
         if torch.is_grad_enabled() and any(p.requires_grad for p in sources[1:]):
-            return (unit_scale(), self.gate.weight[0] * self.norm.weight,
+            return (unit_scale, self.gate.weight[0] * self.norm.weight,
                     self.log_sharpness.exp(), self.gate_bias, self.gate_confidence)
 
         @torch.no_grad()
         def fold():
-            return (unit_scale(), (self.gate.weight[0] * self.norm.weight).detach(),
+            return (unit_scale, (self.gate.weight[0] * self.norm.weight).detach(),
                     float(self.log_sharpness.exp()), float(self.gate_bias),
                     float(self.gate_confidence))
         # keyed on inference mode: a tensor made there cannot be saved for backward

@@ -130,7 +130,7 @@ def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tens
 def _build(memory, bank, reader_index: int, hidden: Tensor,
            kv_dtype: Optional[torch.dtype]) -> Optional[tuple]:
     """((kernel, args, kwargs), sources) of a fused read, or None."""
-    if not enabled or torch.compiler.is_compiling() or not memory.fused_read_applies(bank):
+    if torch.compiler.is_compiling() or not memory.fused_read_applies(bank):
         return None
     reader = memory.readers[reader_index]
     keys, values = bank.keys_values(kv_dtype)
