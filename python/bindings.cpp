@@ -365,6 +365,43 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
   return out;
 }
 
+// The lexical index's selection (memkernels.ops.postings_top): the texts of
+// highest summed posting score for a question's terms, at most k, best first.
+Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor& post_score,
+                    int64_t num_texts, const Tensor& terms, int64_t k, double min_score_ratio) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"starts", &starts},
+                                {"post_text", &post_text}, {"terms", &terms}})
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(),
+                "memkernels._C.postings_top: ", name, " must be a 1-d int64 CPU tensor, got ",
+                t->scalar_type(), " ", shape_str(t->sizes()), " on ", t->device());
+  TORCH_CHECK(post_score.dim() == 1 && post_score.scalar_type() == at::kDouble &&
+                  post_score.device().is_cpu(),
+              "memkernels._C.postings_top: post_score must be a 1-d float64 CPU tensor, got ",
+              post_score.scalar_type(), " ", shape_str(post_score.sizes()));
+  TORCH_CHECK(starts.numel() >= 1, "starts must be [num_terms + 1], got an empty tensor");
+  TORCH_CHECK(post_score.numel() == post_text.numel(), "post_score must be [P] = [",
+              post_text.numel(), "] as post_text, got ", shape_str(post_score.sizes()));
+  TORCH_CHECK(num_texts >= 0, "num_texts must be >= 0, got ", num_texts);
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(std::isfinite(min_score_ratio) && min_score_ratio >= 0 && min_score_ratio <= 1,
+              "min_score_ratio must be in [0, 1], got ", min_score_ratio);
+  Tensor st = starts.contiguous(), pt = post_text.contiguous(), ps = post_score.contiguous();
+  Tensor q = terms.contiguous();
+  Tensor out = at::empty({k}, starts.options());
+  const mk::PostingsProblem p{num_texts, st.numel() - 1, pt.numel(), st.data_ptr<int64_t>(),
+                              pt.data_ptr<int64_t>(), ps.data_ptr<double>(),
+                              q.data_ptr<int64_t>(), q.numel(), k, min_score_ratio};
+  int64_t n;
+  {
+    py::gil_scoped_release no_gil;  // the tensors are held here; nothing else is touched
+    n = mk::postings_top(p, out.data_ptr<int64_t>());
+  }
+  TORCH_CHECK(n >= 0, "memkernels._C.postings_top: a term outside [0, ", st.numel() - 1,
+              "), a posting range outside [0, ", pt.numel(), "] or a posting's text outside "
+              "[0, ", num_texts, ")");
+  return out.narrow(0, 0, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -394,6 +431,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden"), py::arg("logits"), py::arg("read"), py::arg("units"),
         py::arg("gate_w"), py::arg("eps"), py::arg("sharpness"), py::arg("gate_bias"),
         py::arg("gate_confidence"), py::arg("unit_scale") = py::none());
+  m.def("postings_top", &postings_top,
+        "the texts of highest summed posting score for a query's terms (int64 [<= k], best "
+        "first, ties by text): those scoring > 0 and >= min_score_ratio x the best",
+        py::arg("starts"), py::arg("post_text"), py::arg("post_score"), py::arg("num_texts"),
+        py::arg("terms"), py::arg("k"), py::arg("min_score_ratio"));
   m.def("has_vendor_blas", &mk::have_vendor_blas, "True when the CPU kernels use the vendor GEMM");
   m.def("cpu_isa", [] {
     switch (mk::best_isa()) {

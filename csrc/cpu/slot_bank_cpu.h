@@ -102,4 +102,24 @@ struct CopyMixProblem {
 template <typename T>
 void copy_mix_forward(const CopyMixProblem<T>& p, T* out);
 
+// The texts of highest summed posting score over an inverted index
+// (postings_cpu.cpp; the math is memkernels.ops.reference.postings_top): term
+// t's postings are [starts[t], starts[t + 1]), each a text and its score;
+// a text's score is the sum over `terms` (repeats count again, in order) of
+// its postings' scores. Writes into `out` (room for k) the texts scoring > 0
+// and >= min_score_ratio x the best, best first (equal scores: lower text
+// first), at most k; returns how many. Returns -1, touching nothing else,
+// when a term, a range or a posting's text is out of bounds.
+struct PostingsProblem {
+  int64_t num_texts, num_terms, num_postings;
+  const int64_t* starts;      // [num_terms + 1]
+  const int64_t* post_text;   // [num_postings]
+  const double* post_score;   // [num_postings]
+  const int64_t* query;       // [query_len]: term indices
+  int64_t query_len, k;
+  double min_score_ratio;
+};
+
+int64_t postings_top(const PostingsProblem& p, int64_t* out);
+
 }  // namespace memkernels::cpu

@@ -9,7 +9,8 @@ read then picks among a few stored facts, not among 10^5 (docs/design.md,
 "A lexical index in front of the read").
 
 BM25 here is over token ids with an inverted index (postings per token):
-scoring a question touches only the texts that share a token with it.
+scoring a question touches only the texts that share a token with it, in
+one op (memkernels.ops.postings_top, a C++ kernel on the CPU).
 rank_bm25 (the recall benchmark's baseline retriever) scores every text for
 every query word in Python: at 10^5 texts that is ~0.1 s per question, more
 than the whole answer costs.
@@ -21,6 +22,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from memkernels.ops.postings import postings_top
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ class LexicalIndex:
         self.starts = torch.zeros(self.vocab.numel() + 1, dtype=torch.long)
         self.starts[1:] = df.cumsum(0)
         self._starts = self.starts.tolist()  # read per query term: ints, not tensor items
+        # a question's terms looked up in a dict: ~20 lookups, where a
+        # searchsorted over the vocabulary costs a few small ATen ops
+        self._term_index = {t: i for i, t in enumerate(self.vocab.tolist())}
         # idf as rank_bm25's BM25Okapi (log((N - df + 0.5) / (df + 0.5)), floored
         # at eps * the mean idf) so that the recall benchmark's baseline and this
         # index rank alike
@@ -133,42 +139,28 @@ class LexicalIndex:
         # (a question then adds its terms' postings, nothing more)
         self.post_score = self.idf[term] * tf * (k1 + 1) / (tf + norm[self.post_text])
 
-    def _query_terms(self, query_ids: Sequence[int]) -> list[int]:
+    def _query_terms(self, query_ids: Sequence[int]) -> Tensor:
         """The query's terms that some text holds, as indices into vocab (a
-        term as often as the query has it)."""
-        terms = _terms(torch.as_tensor(list(query_ids), dtype=torch.long))
-        where = torch.searchsorted(self.vocab, terms).clamp(max=max(self.vocab.numel() - 1, 0))
-        if not self.vocab.numel():
-            return []
-        return where[self.vocab[where] == terms].tolist()
-
-    def _add(self, out: Tensor, i: int) -> None:
-        lo, hi = self._starts[i], self._starts[i + 1]
-        out.index_add_(0, self.post_text[lo:hi], self.post_score[lo:hi])
+        term as often as the query has it), int64."""
+        ids = [int(i) for i in query_ids]
+        terms = ids + [(a + 1) * _PAIR_BASE + b for a, b in zip(ids, ids[1:])]  # as _terms
+        found = [self._term_index.get(t) for t in terms]
+        return torch.tensor([i for i in found if i is not None], dtype=torch.long)
 
     def scores(self, query_ids: Sequence[int]) -> Tensor:
         """BM25 score of every text for the query (float64 [E]); a query token
         counts once per occurrence, as BM25Okapi does."""
         out = torch.zeros(self.size, dtype=torch.float64)
-        for i in self._query_terms(query_ids):
-            self._add(out, i)
+        for i in self._query_terms(query_ids).tolist():
+            lo, hi = self._starts[i], self._starts[i + 1]
+            out.index_add_(0, self.post_text[lo:hi], self.post_score[lo:hi])
         return out
 
     def top(self, query_ids: Sequence[int], k: int, min_score_ratio: float = 0.0) -> Tensor:
-        """The k texts of highest score, best first, among those sharing a
-        term with the query (fewer, or none, when fewer do) and scoring at
-        least min_score_ratio x the best score (1.0: the best and its exact
-        ties). Scoring every posting of the query's terms is one vectorised
-        add per term: ~0.9 ms a question at 10^5 texts, so no pruning."""
-        scores = self.scores(query_ids)
-        if min_score_ratio > 0:  # the near ties are few: sort them, not every text
-            best = float(scores.max()) if scores.numel() else 0.0
-            if best <= 0:
-                return torch.zeros(0, dtype=torch.long)
-            near = (scores >= min_score_ratio * best).nonzero().flatten()
-            order = torch.sort(scores[near], descending=True, stable=True).indices[:k]
-            return near[order]
-        k = min(k, int((scores > 0).sum()))
-        if not k:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.topk(scores, k).indices
+        """The k texts of highest score, best first (equal scores: the text
+        stored first), among those sharing a term with the query (fewer, or
+        none, when fewer do) and scoring at least min_score_ratio x the best
+        score (1.0: the best and its exact ties). One op over the postings of
+        the query's terms (memkernels.ops.postings_top)."""
+        return postings_top(self.starts, self.post_text, self.post_score, self.size,
+                            self._query_terms(query_ids), k, min_score_ratio)

@@ -2,7 +2,8 @@
 
 Eager and materializing (the full [T, S] score matrix is built); autograd
 gives their gradients. Every backend must match these functions:
-memory_read, memory_write and reading_layer (the fused inference layer).
+memory_read, memory_write, reading_layer (the fused inference layer),
+copy_mix and postings_top (the lexical index's selection).
 read_fwd/read_bwd/write_fwd/write_bwd wrap them in the kernels' signatures,
 so "reference" is also a backend of the autograd.Functions.
 """
@@ -160,6 +161,24 @@ def copy_mix(hidden: Tensor, logits: Tensor, read: Tensor, units: Tensor, gate_w
         memory_logits = memory_logits * unit_scale.to(dtype)
     return torch.logaddexp(F.logsigmoid(g) + memory_logits.log_softmax(-1),
                            F.logsigmoid(-g) + logits.to(dtype).log_softmax(-1))
+
+
+def postings_top(starts: Tensor, post_text: Tensor, post_score: Tensor, num_texts: int,
+                 terms: Tensor, k: int, min_score_ratio: float = 0.0) -> Tensor:
+    """The texts of highest summed posting score (memkernels.ops.postings_top):
+    text e's score is the sum, over the query's terms (repeats again), of
+    post_score[j] for j in [starts[t], starts[t + 1]) with post_text[j] = e;
+    returns those scoring > 0 and >= min_score_ratio x the best, best first
+    (equal scores: lower text first), at most k; none when a score is NaN."""
+    total = torch.zeros(num_texts, dtype=torch.float64)
+    for t in terms.tolist():
+        lo, hi = int(starts[t]), int(starts[t + 1])
+        total.index_add_(0, post_text[lo:hi], post_score[lo:hi])
+    best = float(total.max()) if num_texts else 0.0
+    if not best > 0 or bool(total.isnan().any()):
+        return torch.zeros(0, dtype=torch.long)
+    near = ((total > 0) & (total >= min_score_ratio * best)).nonzero().flatten()
+    return near[torch.sort(total[near], descending=True, stable=True).indices[:k]]
 
 
 def _probs(q, k, scale, valid):

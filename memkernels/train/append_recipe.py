@@ -4,6 +4,8 @@ jointly on episodes with what was pre-trained frozen (append_joint_config).
 Why each step: docs/design.md, "Training the append rule"."""
 from __future__ import annotations
 
+from typing import Hashable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,16 +47,47 @@ def store_targets(statements: list[str], targets: list[int]) -> list[Tensor]:
     return [torch.tensor(sorted(kept[s])) for s in statements]
 
 
+def sibling_pairs(statements: Sequence[str], groups: Sequence[Hashable]) -> list[list[list[int]]]:
+    """Per pair, the pairs of each other statement in its group (one list per
+    statement, in order of first appearance)."""
+    by_group: dict[Hashable, dict[str, list[int]]] = {}
+    for i, (statement, group) in enumerate(zip(statements, groups)):
+        by_group.setdefault(group, {}).setdefault(statement, []).append(i)
+    return [[pairs for other, pairs in by_group[group].items() if other != statement]
+            for statement, group in zip(statements, groups)]
+
+
+def draw_rows(n: int, batch: int, gen: torch.Generator,
+              siblings: list[list[list[int]]] | None = None) -> list[int]:
+    """batch of the n pairs at random; with siblings (sibling_pairs), each
+    pair drawn is followed by one random pair of each of its siblings."""
+    order = torch.randperm(n, generator=gen).tolist()
+    if siblings is None:
+        return order[:batch]
+    rows: list[int] = []
+    for r in order:
+        if len(rows) >= batch:
+            break
+        rows.append(r)
+        for pairs in siblings[r]:
+            rows.append(pairs[int(torch.randint(len(pairs), (1,), generator=gen))])
+    return rows[:batch]
+
+
 def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],
                      targets: list[int], *, steps: int, batch: int = 256, lr: float = 1e-3,
-                     seed: int = 0, progress: bool = True) -> list[float]:
+                     seed: int = 0, groups: Sequence[Hashable] | None = None,
+                     progress: bool = True) -> list[float]:
     """Pre-trains an append-rule memory's address (the address MLP, slot_key
     and the first reader's query MLP) with the LLM frozen: query text i must
     find token targets[i] of statement i, when its statement and those of the
     other batch - 1 pairs are written (every token a candidate, its own
     statement's other tokens too), scored as the read scores
     (memory.append.address_nll). First fits the MLPs' input statistics on the
-    same states. Without it the joint training does not find the address in
+    same states. groups (one per pair, e.g. the fact's subject): a pair drawn
+    into a batch brings one pair of each other statement of its group, so
+    that a question meets the statements it must be told apart from (the
+    same name, another relation), which random batches almost never hold. Without it the joint training does not find the address in
     a few thousand steps (docs/design.md, "Training the append rule"). Returns the
     losses."""
     if not isinstance(memory, AppendMemory):
@@ -64,6 +97,9 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     if not len(queries) == len(statements) == len(targets) or len(queries) < 2:
         raise ValueError(f"queries, statements and targets must be as long, at least 2, got "
                          f"{len(queries)}, {len(statements)}, {len(targets)}")
+    if groups is not None and len(groups) != len(queries):
+        raise ValueError(f"groups must have one entry per pair ({len(queries)}), got {len(groups)}")
+    siblings = None if groups is None else sibling_pairs(statements, groups)
     batch = min(batch, len(queries))
     device = memory.init_bank.device
     layers = [i + 1 for i in memory.config.resolved_read_layers]  # hidden_states index
@@ -105,7 +141,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     bar = tqdm(range(steps), desc="pre-train address", disable=not progress)
     losses = []
     for _ in bar:
-        rows = torch.randperm(len(queries), generator=gen)[:batch].tolist()
+        rows = draw_rows(len(queries), batch, gen, siblings)
         candidates = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
         contexts = torch.cat([token_contexts[r] for r in rows])[None] if decay else None
         starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)

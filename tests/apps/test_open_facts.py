@@ -193,7 +193,7 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
         drawn.append((kwargs, list(facts)))
         return facts
     monkeypatch.setattr(of, "make_open_facts", spy)
-    questions, statements, targets = tasks.address_pairs(
+    questions, statements, targets, subjects = tasks.address_pairs(
         tok, n=40, world="open", realistic_names=0.25, several_per_subject=0.5)
     sizes = {(k.get("realistic_names", False), k.get("facts_per_subject", 1)): len(f)
              for k, f in drawn}
@@ -207,6 +207,12 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
     for q, s, t in zip(questions, statements, targets):
         ids = tok(s)["input_ids"]
         assert 0 <= t < len(ids) - 1
+    # each pair's subject is its fact's; the 3-per-subject facts share theirs
+    by_fact = [f.subject for f in facts for _ in range(len(tok(f" {f.object}")["input_ids"]) + 1)]
+    assert subjects == by_fact
+    assert all(s.startswith(subject) or subject in s for s, subject in zip(statements, subjects))
+    assert max(len({st for st, su in zip(statements, subjects) if su == x})
+               for x in subjects) == 3
     with pytest.raises(ValueError, match="fractions summing to at most 1"):
         tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, several_per_subject=0.6)
     with pytest.raises(ValueError, match="apply to world='open'"):
@@ -219,3 +225,14 @@ def test_the_open_recall_command_refuses_a_lexical_setting_twice():
         open_recall.main(["--facts", "4", "--lexical-k", "3", "3", "--lexical-ratio", "0.9"])
     with pytest.raises(ValueError, match="at most once"):
         open_recall.run([4], lexical=[(3, 0.9), (3, 0.9)])
+
+
+def test_the_open_lm_builds_either_family():
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import base_lm
+    gpt2 = base_lm.build_model(300, "gpt2")
+    assert isinstance(gpt2, transformers.GPT2LMHeadModel) and gpt2.config.n_embd == 192
+    llama = base_lm.build_model(300)
+    assert isinstance(llama, transformers.LlamaForCausalLM) and llama.config.vocab_size == 300
+    with pytest.raises(ValueError, match="family must be one of"):
+        base_lm.build_model(300, "t5")

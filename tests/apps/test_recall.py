@@ -284,7 +284,7 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     main(["--model", str(tmp_path / family), "--mode", "written", "--world", "open",
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
-          "--realistic-names", "0.25", "--several-per-subject", "0.25",
+          "--realistic-names", "0.25", "--several-per-subject", "0.25", "--hard-negatives",
           "--store-threshold-after", "0.05",
           "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
@@ -296,7 +296,7 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     assert made["vary_phrasings"] == 0.2 and made["pretrain_batch"] == 8
     assert made["pretrain_steps"] == 2 and "--vary-phrasings 0.2" in made["command"]
     assert made["realistic_names"] == 0.25 and made["several_per_subject"] == 0.25
-    assert made["store_threshold_after"] == 0.05
+    assert made["store_threshold_after"] == 0.05 and made["hard_negatives"] is True
     assert memory.config.append.store_threshold == 0.05
 
 
@@ -310,7 +310,8 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
                 ["--write-rule", "blend", "--store-threshold-after", "0.1"],
                 ["--write-rule", "copy", "--store-threshold-after", "1.0"],
                 ["--world", "open", "--write-rule", "blend", "--realistic-names", "0.2"],
-                ["--world", "open", "--write-rule", "copy", "--resume", "--realistic-names", "0.2"]):
+                ["--world", "open", "--write-rule", "copy", "--resume", "--realistic-names", "0.2"],
+                ["--world", "open", "--write-rule", "copy", "--hard-negatives"]):
         with pytest.raises(SystemExit):
             main(bad + ["--out", str(tmp_path / "o")])
 

@@ -453,6 +453,41 @@ def test_pretrain_address_fits_the_statistics_and_lowers_its_loss():
         pretrain_address(blend, model, CharTokenizer(), queries, statements, [2] * 40, steps=1)
 
 
+def test_pretrain_address_groups_bring_each_pair_its_sibling_statements():
+    """groups: a pair drawn into a batch is followed by one pair of each other
+    statement of its group (hard negatives); without groups, the batch is
+    the random draw it always was."""
+    from memkernels.train.append_recipe import draw_rows, sibling_pairs
+    statements = ["a1", "a1", "a2", "a3", "b1", "c1", "c2", "c2"]
+    groups = ["a", "a", "a", "a", "b", "c", "c", "c"]
+    siblings = sibling_pairs(statements, groups)
+    assert siblings[0] == [[2], [3]] and siblings[2] == [[0, 1], [3]]
+    assert siblings[4] == [] and siblings[5] == [[6, 7]] and siblings[6] == [[5]]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = draw_rows(len(statements), 8, gen, siblings)
+        assert len(rows) == 8
+        i = 0
+        while i < len(rows):  # each drawn pair, then one of each sibling statement
+            r = rows[i]
+            following = rows[i + 1:i + 1 + len(siblings[r])]
+            for pairs, got in zip(siblings[r], following):
+                assert got in pairs
+            i += 1 + len(siblings[r])
+    plain = draw_rows(100, 16, torch.Generator().manual_seed(3))
+    assert plain == torch.randperm(100, generator=torch.Generator().manual_seed(3))[:16].tolist()
+    torch.manual_seed(7)
+    model = tiny_llama()
+    memory = make_memory(model)
+    queries = [f"who {n}?" for n in "abcdefgh"]
+    with pytest.raises(ValueError, match="groups must have one entry per pair"):
+        pretrain_address(memory, model, CharTokenizer(), queries, statements, [0] * 8,
+                         steps=1, groups=groups[:3], progress=False)
+    losses = pretrain_address(memory, model, CharTokenizer(), queries, statements, [0] * 8,
+                              steps=3, batch=4, groups=groups, progress=False)
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+
+
 def test_text_end_states_every_token_matches_each_text_run_alone():
     from memkernels.hf import text_end_states
     torch.manual_seed(9)

@@ -57,6 +57,10 @@ def machine_info(device: torch.device) -> dict:
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                         text=True, check=True).stdout.strip()
+        # tracked files changed since that commit: the figures are not that commit's
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                          capture_output=True, text=True, check=True).stdout.strip():
+            info["commit"] += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         pass
     return info

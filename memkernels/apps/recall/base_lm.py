@@ -106,11 +106,23 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
-def build_model(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM  # optional dependency ([hf])
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                         **MODEL_CONFIG)
-    return LlamaForCausalLM(config)
+# the second family (GPT-2: learned positions, LayerNorm, GELU MLP, fused
+# attention projection), as wide and deep as MODEL_CONFIG
+GPT2_CONFIG = dict(n_embd=192, n_inner=512, n_layer=4, n_head=4, n_positions=2048,
+                   tie_word_embeddings=True)
+FAMILIES = ("llama", "gpt2")
+
+
+def build_model(vocab_size: int, family: str = "llama"):
+    """A fresh causal LM of `family` (FAMILIES) at this module's size."""
+    import transformers  # optional dependency ([hf])
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, **GPT2_CONFIG))
+    if family != "llama":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, **MODEL_CONFIG))
 
 
 def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: random.Random):

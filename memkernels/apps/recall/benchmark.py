@@ -136,7 +136,7 @@ def train_written_memory(model, tokenizer, directory: str, *, steps: int, batch:
         return MemoryModel.from_pretrained(directory)
     start = time.time()
     memory = tasks.written_memory(model, slots=slots, seed=seed)
-    pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer),
+    pretrain = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(tokenizer)[:3],
                                 steps=pretrain_steps, seed=seed)
     trainer = Trainer(model, memory, tasks.append_episodes(tokenizer, batch // 2, 1 + seed, steps),
                       append_joint_config(steps=steps, lr=3e-3, seed=seed))

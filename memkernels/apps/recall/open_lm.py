@@ -2,6 +2,7 @@
 must be copied from the context (the frozen host of the open-vocabulary memory).
 
     python -m memkernels.apps.recall.open_lm [--out DIR] [--steps N]
+    python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --out DIR
 
 The corpus (open_facts, train splits of subjects, objects and phrasings; the
 relations of both splits, as a pretrained LLM knows the language of any
@@ -75,14 +76,16 @@ def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 10
 
 
 def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, seed: int = 0,
-          log=print) -> dict:
+          family: str = "llama", vocab_size: int = 1024, log=print) -> dict:
+    """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
+    tokenizer of vocab_size into out_dir; returns training.json's contents."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = corpus(60_000)
     held_out = corpus(400, seed=CORPUS_SEED + 1, copies=0.0)
     t0 = time.time()
-    tokenizer = base_lm.train_tokenizer(texts[:15_000])
-    model = base_lm.build_model(len(tokenizer))
+    tokenizer = base_lm.train_tokenizer(texts[:15_000], vocab_size=vocab_size)
+    model = base_lm.build_model(len(tokenizer), family)
     base_lm.fit(model, tokenizer, texts, steps=steps, seq_len=base_lm.SEQ_LEN, batch=batch, lr=lr,
                 rng=rng, desc="open LM")
     model.generation_config.eos_token_id = None
@@ -93,7 +96,8 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
                 in_context_accuracy_n10_train_phrasings=in_context_accuracy(
                     model, tokenizer, 10, phrasings="train"),
-                config=base_lm.MODEL_CONFIG)
+                family=family,
+                config=base_lm.GPT2_CONFIG if family == "gpt2" else base_lm.MODEL_CONFIG)
     base_lm.save(out_dir, model, tokenizer, info)
     log(f"open LM: {info['params'] / 1e6:.2f} M parameters, held-out perplexity "
         f"{info['held_out_perplexity']:.3f}, in-context accuracy at N=10 "
@@ -106,8 +110,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=ASSET_DIR)
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--family", choices=base_lm.FAMILIES, default="llama",
+                    help="the model family (gpt2: the second family the memory is shown on)")
+    ap.add_argument("--vocab", type=int, default=1024, help="the BPE tokenizer's vocabulary")
     args = ap.parse_args(argv)
-    train(args.out, steps=args.steps, batch=args.batch)
+    if args.steps < 1 or args.batch < 1 or args.vocab < 300:
+        ap.error("--steps and --batch must be >= 1 and --vocab >= 300 (the 256 bytes and "
+                 "merges)")
+    train(args.out, steps=args.steps, batch=args.batch, family=args.family,
+          vocab_size=args.vocab)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ exactly and DDP ranks see different data.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -67,10 +67,19 @@ def copy_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
     return MemoryModel(config)
 
 
+class AddressPairs(NamedTuple):
+    """pretrain_address's pairs: question i must find token targets[i] of
+    statements[i]; subjects[i] is whom that fact is about (its group)."""
+    questions: list
+    statements: list[str]
+    targets: list[int]
+    subjects: list[str]
+
+
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
                   varied: float = 0.0, realistic_names: float = 0.0,
-                  several_per_subject: float = 0.0) -> tuple[list, list[str], list[int]]:
-    """(questions, statements, targets) of n train-split facts for
+                  several_per_subject: float = 0.0) -> AddressPairs:
+    """AddressPairs of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
     statement has said whom it is about and which relation it states).
@@ -95,8 +104,8 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
         statements = [f.statement(rng) for f in facts]
         targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
                    for s, f in zip(statements, facts)]
-        return questions, statements, targets
-    questions, statements, targets = [], [], []
+        return AddressPairs(questions, statements, targets, [f.name for f in facts])
+    questions, statements, targets, subjects = [], [], [], []
     n_real, n_several = round(n * realistic_names), round(n * several_per_subject)
     if not (0 <= n_real and 0 <= n_several and n_real + n_several <= n):
         raise ValueError(f"realistic_names + several_per_subject must be fractions summing to "
@@ -118,7 +127,8 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
             questions.append(prompt + answer[:j])
             statements.append(statement)
             targets.append(before + j)
-    return questions, statements, targets
+            subjects.append(f.subject)
+    return AddressPairs(questions, statements, targets, subjects)
 
 
 def _rng(*key: int) -> random.Random:

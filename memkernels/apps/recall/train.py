@@ -70,6 +70,10 @@ def main(argv=None) -> None:
     ap.add_argument("--several-per-subject", type=float, default=0.0, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts given "
                          "3 at a time about one subject")
+    ap.add_argument("--hard-negatives", action="store_true",
+                    help="with --several-per-subject: a pre-training pair drawn into a batch "
+                         "brings its subject's other statements (the hard negatives a question "
+                         "must be told apart from; pretrain_address(groups=...))")
     ap.add_argument("--model", default=None,
                     help="a Hugging Face causal LM directory (default: the shipped base LM)")
     ap.add_argument("--out", required=True)
@@ -90,6 +94,9 @@ def main(argv=None) -> None:
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
+    if args.hard_negatives and not args.several_per_subject:
+        ap.error("--hard-negatives groups the facts --several-per-subject gives about one "
+                 "subject: give it a fraction > 0")
     if not (0.0 <= args.realistic_names and 0.0 <= args.several_per_subject
             and args.realistic_names + args.several_per_subject <= 1.0):
         ap.error(f"--realistic-names and --several-per-subject are fractions summing to at most "
@@ -125,11 +132,14 @@ def main(argv=None) -> None:
     pretrain_losses = []
     started = time.time()
     if append and not args.resume:
-        pretrain_losses = pretrain_address(memory, model, tokenizer, *tasks.address_pairs(
-            tokenizer, world=args.world, varied=args.vary_phrasings,
-            realistic_names=args.realistic_names, several_per_subject=args.several_per_subject),
-                         steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
-                         progress=trainer_rank() == 0)
+        pairs = tasks.address_pairs(tokenizer, world=args.world, varied=args.vary_phrasings,
+                                    realistic_names=args.realistic_names,
+                                    several_per_subject=args.several_per_subject)
+        pretrain_losses = pretrain_address(
+            memory, model, tokenizer, pairs.questions, pairs.statements, pairs.targets,
+            steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
+            groups=pairs.subjects if args.hard_negatives else None,
+            progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
     settings = dict(steps=args.steps, lr=args.lr, grad_accum=args.grad_accum, bf16=args.bf16,
@@ -163,6 +173,7 @@ def main(argv=None) -> None:
                     "vary_phrasings": args.vary_phrasings,
                     "realistic_names": args.realistic_names,
                     "several_per_subject": args.several_per_subject,
+                    "hard_negatives": args.hard_negatives,
                     "read_scale_after": args.read_scale_after,
                     "store_threshold_after": args.store_threshold_after,
                     "pretrain_steps": len(pretrain_losses),
