@@ -369,37 +369,42 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
 // highest summed posting score for a question's terms, at most k, best first.
 Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor& post_score,
                     int64_t num_texts, const Tensor& terms, int64_t k, double min_score_ratio) {
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"starts", &starts},
-                                {"post_text", &post_text}, {"terms", &terms}})
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(),
-                "memkernels._C.postings_top: ", name, " must be a 1-d int64 CPU tensor, got ",
-                t->scalar_type(), " ", shape_str(t->sizes()), " on ", t->device());
-  TORCH_CHECK(post_score.dim() == 1 && post_score.scalar_type() == at::kDouble &&
-                  post_score.device().is_cpu(),
-              "memkernels._C.postings_top: post_score must be a 1-d float64 CPU tensor, got ",
-              post_score.scalar_type(), " ", shape_str(post_score.sizes()));
-  TORCH_CHECK(starts.numel() >= 1, "starts must be [num_terms + 1], got an empty tensor");
-  TORCH_CHECK(post_score.numel() == post_text.numel(), "post_score must be [P] = [",
+  constexpr const char* op = "memkernels._C.postings_top: ";
+  for (const auto& [name, t, dtype] :
+       {std::tuple<const char*, const Tensor*, at::ScalarType>{"starts", &starts, at::kLong},
+        {"post_text", &post_text, at::kLong}, {"post_score", &post_score, at::kDouble},
+        {"terms", &terms, at::kLong}})
+    TORCH_CHECK(t->layout() == at::kStrided && t->dim() == 1 && t->scalar_type() == dtype &&
+                    t->device().is_cpu(),
+                op, name, " must be a 1-d ", dtype, " CPU tensor, got ", t->scalar_type(), " ",
+                shape_str(t->sizes()), " on ", t->device());
+  TORCH_CHECK(starts.numel() >= 1, op, "starts must be [num_terms + 1], got an empty tensor");
+  TORCH_CHECK(post_score.numel() == post_text.numel(), op, "post_score must be [P] = [",
               post_text.numel(), "] as post_text, got ", shape_str(post_score.sizes()));
-  TORCH_CHECK(num_texts >= 0, "num_texts must be >= 0, got ", num_texts);
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  // the totals are one float64 per text, zeroed per call: a bound keeps a
+  // bad count from asking for more memory than any bank could need
+  constexpr int64_t kMaxTexts = int64_t(1) << 28;
+  TORCH_CHECK(num_texts >= 0 && num_texts <= kMaxTexts, op, "num_texts must be in [0, 2^28], got ",
+              num_texts);
+  TORCH_CHECK(k >= 1, op, "k must be >= 1, got ", k);
   TORCH_CHECK(std::isfinite(min_score_ratio) && min_score_ratio >= 0 && min_score_ratio <= 1,
-              "min_score_ratio must be in [0, 1], got ", min_score_ratio);
+              op, "min_score_ratio must be in [0, 1], got ", min_score_ratio);
+  // the GIL stays held: these tensors are Python's, and a thread writing them
+  // mid-call must not meet a half-checked index
   Tensor st = starts.contiguous(), pt = post_text.contiguous(), ps = post_score.contiguous();
   Tensor q = terms.contiguous();
-  Tensor out = at::empty({k}, starts.options());
+  Tensor out = at::empty({std::min(k, num_texts)}, starts.options());
   const mk::PostingsProblem p{num_texts, st.numel() - 1, pt.numel(), st.data_ptr<int64_t>(),
                               pt.data_ptr<int64_t>(), ps.data_ptr<double>(),
                               q.data_ptr<int64_t>(), q.numel(), k, min_score_ratio};
-  int64_t n;
-  {
-    py::gil_scoped_release no_gil;  // the tensors are held here; nothing else is touched
-    n = mk::postings_top(p, out.data_ptr<int64_t>());
-  }
-  TORCH_CHECK(n >= 0, "memkernels._C.postings_top: a term outside [0, ", st.numel() - 1,
-              "), a posting range outside [0, ", pt.numel(), "] or a posting's text outside "
-              "[0, ", num_texts, ")");
-  return out.narrow(0, 0, n);
+  const int64_t n = mk::postings_top(p, out.data_ptr<int64_t>());
+  TORCH_CHECK(n != mk::kPostingsBadTerm, op, "terms must be term indices in [0, ", st.numel() - 1,
+              "), got one outside");
+  TORCH_CHECK(n != mk::kPostingsBadRange, op, "starts must rise within [0, ", pt.numel(),
+              "] (the number of postings) at the query's terms");
+  TORCH_CHECK(n != mk::kPostingsBadText, op, "post_text must hold texts in [0, ", num_texts,
+              ") at the query's terms' postings");
+  return out.narrow(0, 0, n).clone();
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 // over the totals.
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "slot_bank_cpu.h"
@@ -14,17 +15,20 @@
 namespace memkernels::cpu {
 
 int64_t postings_top(const PostingsProblem& p, int64_t* out) {
-  for (int64_t i = 0; i < p.query_len; ++i) {  // every range checked before any is read
+  // every range checked, and kept, before any posting is read (the kernel
+  // reads these ranges, never starts again)
+  std::vector<std::pair<int64_t, int64_t>> ranges(static_cast<size_t>(p.query_len));
+  for (int64_t i = 0; i < p.query_len; ++i) {
     const int64_t t = p.query[i];
-    if (t < 0 || t >= p.num_terms) return -1;
+    if (t < 0 || t >= p.num_terms) return kPostingsBadTerm;
     const int64_t lo = p.starts[t], hi = p.starts[t + 1];
-    if (lo < 0 || hi < lo || hi > p.num_postings) return -1;
+    if (lo < 0 || hi < lo || hi > p.num_postings) return kPostingsBadRange;
+    ranges[i] = {lo, hi};
   }
   std::vector<double> total(static_cast<size_t>(p.num_texts), 0.0);
   bool bad_text = false;
-  for (int64_t i = 0; i < p.query_len; ++i) {  // term by term: the reference's order of sums
-    const int64_t t = p.query[i];
-    for (int64_t j = p.starts[t]; j < p.starts[t + 1]; ++j) {
+  for (const auto& [lo, hi] : ranges) {  // term by term: the reference's order of sums
+    for (int64_t j = lo; j < hi; ++j) {
       const int64_t text = p.post_text[j];
       if (static_cast<uint64_t>(text) >= static_cast<uint64_t>(p.num_texts)) {
         bad_text = true;
@@ -33,7 +37,7 @@ int64_t postings_top(const PostingsProblem& p, int64_t* out) {
       total[text] += p.post_score[j];
     }
   }
-  if (bad_text) return -1;
+  if (bad_text) return kPostingsBadText;
   double best = 0.0;  // texts without a posting count as 0, as in the reference
   bool nan = false;
   for (double x : total) {

@@ -108,8 +108,8 @@ void copy_mix_forward(const CopyMixProblem<T>& p, T* out);
 // a text's score is the sum over `terms` (repeats count again, in order) of
 // its postings' scores. Writes into `out` (room for k) the texts scoring > 0
 // and >= min_score_ratio x the best, best first (equal scores: lower text
-// first), at most k; returns how many. Returns -1, touching nothing else,
-// when a term, a range or a posting's text is out of bounds.
+// first), at most k (out has room for min(k, num_texts)); returns how many,
+// or, touching nothing else, one of the negative codes below.
 struct PostingsProblem {
   int64_t num_texts, num_terms, num_postings;
   const int64_t* starts;      // [num_terms + 1]
@@ -119,6 +119,10 @@ struct PostingsProblem {
   int64_t query_len, k;
   double min_score_ratio;
 };
+
+constexpr int64_t kPostingsBadTerm = -1;   // a query term outside [0, num_terms)
+constexpr int64_t kPostingsBadRange = -2;  // a term's [starts[t], starts[t + 1]) outside [0, P]
+constexpr int64_t kPostingsBadText = -3;   // a posting's text outside [0, num_texts)
 
 int64_t postings_top(const PostingsProblem& p, int64_t* out);
 

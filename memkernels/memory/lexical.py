@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,9 +122,9 @@ class LexicalIndex:
         self.starts = torch.zeros(self.vocab.numel() + 1, dtype=torch.long)
         self.starts[1:] = df.cumsum(0)
         self._starts = self.starts.tolist()  # read per query term: ints, not tensor items
-        # a question's terms looked up in a dict: ~20 lookups, where a
-        # searchsorted over the vocabulary costs a few small ATen ops
-        self._term_index = {t: i for i, t in enumerate(self.vocab.tolist())}
+        # a question's ~20 terms are looked up with numpy (a few small ATen
+        # ops cost more; a dict of the vocabulary would take ~100 bytes a term)
+        self._vocab = self.vocab.numpy()
         # idf as rank_bm25's BM25Okapi (log((N - df + 0.5) / (df + 0.5)), floored
         # at eps * the mean idf) so that the recall benchmark's baseline and this
         # index rank alike
@@ -143,9 +144,12 @@ class LexicalIndex:
         """The query's terms that some text holds, as indices into vocab (a
         term as often as the query has it), int64."""
         ids = [int(i) for i in query_ids]
-        terms = ids + [(a + 1) * _PAIR_BASE + b for a, b in zip(ids, ids[1:])]  # as _terms
-        found = [self._term_index.get(t) for t in terms]
-        return torch.tensor([i for i in found if i is not None], dtype=torch.long)
+        terms = np.array(ids + [(a + 1) * _PAIR_BASE + b for a, b in zip(ids, ids[1:])],
+                         dtype=np.int64)  # as _terms
+        where = np.searchsorted(self._vocab, terms).clip(max=max(len(self._vocab) - 1, 0))
+        if not len(self._vocab):
+            return torch.zeros(0, dtype=torch.long)
+        return torch.from_numpy(where[self._vocab[where] == terms])
 
     def scores(self, query_ids: Sequence[int]) -> Tensor:
         """BM25 score of every text for the query (float64 [E]); a query token

@@ -43,6 +43,11 @@ def _check(starts: Tensor, post_text: Tensor, post_score: Tensor, num_texts: int
     if terms.numel() and (int(terms.min()) < 0 or int(terms.max()) >= num_terms):
         raise ValueError(f"terms must be term indices in [0, {num_terms}), got "
                          f"{terms.tolist()[:8]}")
+    if terms.numel():  # the query's ranges only: a question has a few dozen terms
+        lo, hi = starts[terms], starts[terms + 1]
+        if bool((lo < 0).any() or (hi < lo).any() or (hi > post_text.numel()).any()):
+            raise ValueError(f"starts must rise within [0, {post_text.numel()}] (the number of "
+                             f"postings) at the query's terms")
 
 
 def postings_top(starts: Tensor, post_text: Tensor, post_score: Tensor, num_texts: int,
@@ -65,11 +70,16 @@ def postings_top(starts: Tensor, post_text: Tensor, post_score: Tensor, num_text
     # the postings live on the CPU whatever the model runs on: a GPU backend
     # named in $MEMKERNELS_BACKEND means the best CPU path here
     name = backend or os.environ.get(_backend.ENV_VAR, "auto")
+    if name not in _backend.BACKENDS:
+        raise ValueError(f"${_backend.ENV_VAR} must be one of {_backend.BACKENDS}, got {name!r}")
     kernel = None
     if name != "reference" and not torch.compiler.is_compiling():
         if name == "cpu":
             _backend.resolve("cpu", starts.device)  # raises, saying why, when it cannot run
         kernel = getattr(_backend.extension()[0], "postings_top", None)
+        if kernel is None and name == "cpu":
+            raise RuntimeError(f"backend 'cpu': this build of memkernels._C has no postings_top "
+                               f"(built before it); {_backend.REBUILD_HINT}")
     if kernel is not None:
         with nvtx_range("memkernels.postings_top[cpu]"):
             return kernel(starts, post_text, post_score, num_texts, terms, k,

@@ -47,31 +47,51 @@ def store_targets(statements: list[str], targets: list[int]) -> list[Tensor]:
     return [torch.tensor(sorted(kept[s])) for s in statements]
 
 
+# a group's statements all enter one batch together
+MAX_GROUP_STATEMENTS = 16
+
+
 def sibling_pairs(statements: Sequence[str], groups: Sequence[Hashable]) -> list[list[list[int]]]:
     """Per pair, the pairs of each other statement in its group (one list per
     statement, in order of first appearance)."""
     by_group: dict[Hashable, dict[str, list[int]]] = {}
     for i, (statement, group) in enumerate(zip(statements, groups)):
         by_group.setdefault(group, {}).setdefault(statement, []).append(i)
+    largest = max((len(g) for g in by_group.values()), default=0)
+    if largest > MAX_GROUP_STATEMENTS:
+        raise ValueError(f"groups: a group holds {largest} statements; a group is the few facts "
+                         f"about one subject (at most {MAX_GROUP_STATEMENTS})")
     return [[pairs for other, pairs in by_group[group].items() if other != statement]
             for statement, group in zip(statements, groups)]
 
 
 def draw_rows(n: int, batch: int, gen: torch.Generator,
-              siblings: list[list[list[int]]] | None = None) -> list[int]:
-    """batch of the n pairs at random; with siblings (sibling_pairs), each
-    pair drawn is followed by one random pair of each of its siblings."""
+              siblings: list[list[list[int]]] | None = None,
+              statements: Sequence[str] | None = None) -> list[int]:
+    """batch of the n pairs at random; with siblings (sibling_pairs, over
+    `statements`), each pair drawn is followed by one random pair of each of
+    its siblings, and no statement enters the batch twice (its tokens would
+    be two identical candidates); a pair whose siblings do not all fit is
+    left out."""
     order = torch.randperm(n, generator=gen).tolist()
     if siblings is None:
         return order[:batch]
+    if statements is None:
+        raise ValueError("draw_rows with siblings needs the pairs' statements")
     rows: list[int] = []
+    taken: set[str] = set()
     for r in order:
-        if len(rows) >= batch:
+        if statements[r] in taken or len(rows) + 1 + len(siblings[r]) > batch:
+            continue
+        group = [r] + [pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
+                       for pairs in siblings[r]]
+        if any(statements[g] in taken for g in group[1:]):
+            continue
+        rows += group
+        taken.update(statements[g] for g in group)
+        if len(rows) == batch:
             break
-        rows.append(r)
-        for pairs in siblings[r]:
-            rows.append(pairs[int(torch.randint(len(pairs), (1,), generator=gen))])
-    return rows[:batch]
+    return rows
 
 
 def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], statements: list[str],
@@ -141,7 +161,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     bar = tqdm(range(steps), desc="pre-train address", disable=not progress)
     losses = []
     for _ in bar:
-        rows = draw_rows(len(queries), batch, gen, siblings)
+        rows = draw_rows(len(queries), batch, gen, siblings, statements)
         candidates = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
         contexts = torch.cat([token_contexts[r] for r in rows])[None] if decay else None
         starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)

@@ -193,7 +193,7 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
         drawn.append((kwargs, list(facts)))
         return facts
     monkeypatch.setattr(of, "make_open_facts", spy)
-    questions, statements, targets, subjects = tasks.address_pairs(
+    questions, statements, targets, groups = tasks.address_pairs(
         tok, n=40, world="open", realistic_names=0.25, several_per_subject=0.5)
     sizes = {(k.get("realistic_names", False), k.get("facts_per_subject", 1)): len(f)
              for k, f in drawn}
@@ -207,12 +207,14 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
     for q, s, t in zip(questions, statements, targets):
         ids = tok(s)["input_ids"]
         assert 0 <= t < len(ids) - 1
-    # each pair's subject is its fact's; the 3-per-subject facts share theirs
-    by_fact = [f.subject for f in facts for _ in range(len(tok(f" {f.object}")["input_ids"]) + 1)]
-    assert subjects == by_fact
-    assert all(s.startswith(subject) or subject in s for s, subject in zip(statements, subjects))
-    assert max(len({st for st, su in zip(statements, subjects) if su == x})
-               for x in subjects) == 3
+    # each pair's group is its draw and subject: the 3-per-subject facts share theirs,
+    # a name drawn again in another draw is another person
+    draw_of = {id(f): d for d, (_, batch) in enumerate(drawn) for f in batch}
+    by_fact = [(draw_of[id(f)], f.subject) for f in facts
+               for _ in range(len(tok(f" {f.object}")["input_ids"]) + 1)]
+    assert groups == by_fact
+    assert all(subject in s for s, (_, subject) in zip(statements, groups))
+    assert max(len({st for st, g in zip(statements, groups) if g == x}) for x in groups) == 3
     with pytest.raises(ValueError, match="fractions summing to at most 1"):
         tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, several_per_subject=0.6)
     with pytest.raises(ValueError, match="apply to world='open'"):
@@ -236,3 +238,11 @@ def test_the_open_lm_builds_either_family():
     assert isinstance(llama, transformers.LlamaForCausalLM) and llama.config.vocab_size == 300
     with pytest.raises(ValueError, match="family must be one of"):
         base_lm.build_model(300, "t5")
+
+
+def test_the_open_lm_command_refuses_what_would_overwrite_or_cannot_train():
+    from memkernels.apps.recall import open_lm
+    for bad in (["--family", "gpt2"], ["--out", "x", "--steps", "0"],
+                ["--out", "x", "--vocab", "100"]):
+        with pytest.raises(SystemExit):
+            open_lm.main(bad)

@@ -182,13 +182,14 @@ def test_train_written_memory_pretrains_trains_saves_and_reloads(lm, tmp_path, m
 
 def test_address_pairs_target_the_token_before_the_object(lm):
     _, tok = lm
-    questions, statements, targets = tasks.address_pairs(tok, n=20)
+    questions, statements, targets, groups = tasks.address_pairs(tok, n=20)
     facts = make_facts(20, seed=11, split="train")[0]  # what address_pairs draws
     for q, s, t, f in zip(questions, statements, targets, facts):
         ids = tok(s)["input_ids"]
         assert q.startswith("Q: ") and q.endswith(" A:") and f.subject in q and f.subject in s
         assert tok.decode(ids[t + 1:]).strip().startswith(f.object)  # the object comes next
         assert not tok.decode(ids[t:]).strip().startswith(f.object)
+    assert groups == [(0, f.subject) for f in facts]  # one fact per subject: no siblings
 
 
 def test_a_trained_bank_is_stored_then_optimised_on_its_fact_draw_and_cached(lm, tmp_path,

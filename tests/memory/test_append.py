@@ -457,23 +457,31 @@ def test_pretrain_address_groups_bring_each_pair_its_sibling_statements():
     """groups: a pair drawn into a batch is followed by one pair of each other
     statement of its group (hard negatives); without groups, the batch is
     the random draw it always was."""
-    from memkernels.train.append_recipe import draw_rows, sibling_pairs
+    from memkernels.train.append_recipe import MAX_GROUP_STATEMENTS, draw_rows, sibling_pairs
     statements = ["a1", "a1", "a2", "a3", "b1", "c1", "c2", "c2"]
     groups = ["a", "a", "a", "a", "b", "c", "c", "c"]
     siblings = sibling_pairs(statements, groups)
     assert siblings[0] == [[2], [3]] and siblings[2] == [[0, 1], [3]]
     assert siblings[4] == [] and siblings[5] == [[6, 7]] and siblings[6] == [[5]]
     gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        rows = draw_rows(len(statements), 8, gen, siblings)
-        assert len(rows) == 8
-        i = 0
-        while i < len(rows):  # each drawn pair, then one of each sibling statement
-            r = rows[i]
-            following = rows[i + 1:i + 1 + len(siblings[r])]
-            for pairs, got in zip(siblings[r], following):
-                assert got in pairs
-            i += 1 + len(siblings[r])
+    for batch in (3, 4, 6):
+        for _ in range(20):
+            rows = draw_rows(len(statements), batch, gen, siblings, statements)
+            # no statement twice (the 6 statements fill a batch of 6 exactly)
+            assert len({statements[r] for r in rows}) == len(rows) <= batch
+            assert len(rows) >= batch - 2
+            i = 0
+            while i < len(rows):  # each drawn pair, then one of each sibling statement, whole
+                r = rows[i]
+                following = rows[i + 1:i + 1 + len(siblings[r])]
+                assert len(following) == len(siblings[r])
+                for pairs, got in zip(siblings[r], following):
+                    assert got in pairs
+                i += 1 + len(siblings[r])
+    with pytest.raises(ValueError, match="needs the pairs' statements"):
+        draw_rows(8, 4, gen, siblings)
+    with pytest.raises(ValueError, match="a group holds 17 statements"):
+        sibling_pairs([str(i) for i in range(MAX_GROUP_STATEMENTS + 1)], [0] * 17)
     plain = draw_rows(100, 16, torch.Generator().manual_seed(3))
     assert plain == torch.randperm(100, generator=torch.Generator().manual_seed(3))[:16].tolist()
     torch.manual_seed(7)

@@ -123,6 +123,8 @@ def test_bad_arguments_are_named():
         (dict(min_score_ratio=1.5), "min_score_ratio must be a number in \\[0, 1\\]"),
         (dict(starts=torch.zeros(0, dtype=torch.long)), "starts must be \\[num_terms \\+ 1\\]"),
         (dict(backend="triton"), "postings_top runs on the CPU"),
+        (dict(starts=torch.tensor([0, 3, 2, 4, starts[-1].item()])), "starts must rise"),
+        (dict(starts=torch.tensor([0, 10 ** 6, 10 ** 6, 10 ** 6, 10 ** 6])), "starts must rise"),
     ]
     args = dict(starts=starts, post_text=texts, post_score=scores, num_texts=10, terms=terms,
                 k=2, min_score_ratio=0.5)
@@ -138,23 +140,50 @@ def test_a_direct_extension_call_with_bad_tensors_raises():
     starts, texts, scores = random_index(10, 4, seed=2)
     ok = ext.postings_top(starts, texts, scores, 10, torch.tensor([0, 3]), 2, 0.0)
     assert ok.dtype == torch.long
+    assert texts.numel() > 3 and int(texts.max()) >= 1  # the "text outside" case below has one
+    # non-contiguous views are read as what they show
+    strided = torch.stack([texts, torch.full_like(texts, -7)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    assert ext.postings_top(starts, strided, scores, 10, torch.tensor([0, 3]), 2, 0.0).tolist() \
+        == ok.tolist()
     bad = [
-        ((starts, texts, scores, 10, torch.tensor([4]), 2, 0.0), "a term outside"),
-        ((starts, texts, scores, 10, torch.tensor([-3]), 2, 0.0), "a term outside"),
+        ((starts, texts, scores, 10, torch.tensor([4]), 2, 0.0), "terms must be term indices"),
+        ((starts, texts, scores, 10, torch.tensor([-3]), 2, 0.0), "terms must be term indices"),
         ((torch.tensor([0, 10 ** 9, 3, 3, 3]), texts, scores, 10, torch.tensor([0]), 2, 0.0),
-         "posting range"),
+         "starts must rise"),
         ((torch.tensor([5, 2, 3, 3, 3]), texts, scores, 10, torch.tensor([0]), 2, 0.0),
-         "posting range"),
-        ((starts, texts, scores, 1, torch.tensor([0, 1, 2, 3]), 2, 0.0), "text outside"),
+         "starts must rise"),
+        ((starts, texts, scores, 1, torch.tensor([0, 1, 2, 3]), 2, 0.0),
+         "post_text must hold texts in \\[0, 1\\)"),
+        ((starts, texts, scores, 2 ** 40, torch.tensor([0]), 2, 0.0),
+         "num_texts must be in \\[0, 2\\^28\\]"),
         ((starts, texts.int(), scores, 10, torch.tensor([0]), 2, 0.0), "post_text must be"),
         ((starts, texts, scores.float(), 10, torch.tensor([0]), 2, 0.0), "post_score must be"),
         ((starts, texts, scores[:-1], 10, torch.tensor([0]), 2, 0.0), "post_score must be"),
         ((starts, texts, scores, 10, torch.tensor([0]), 0, 0.0), "k must be >= 1"),
         ((starts, texts, scores, 10, torch.tensor([0]), 2, float("nan")), "min_score_ratio"),
-        ((starts, texts, scores, -1, torch.tensor([0]), 2, 0.0), "num_texts must be >= 0"),
+        ((starts, texts, scores, -1, torch.tensor([0]), 2, 0.0), "num_texts must be in"),
         ((torch.zeros(0, dtype=torch.long), texts, scores, 10, torch.tensor([0]), 2, 0.0),
          "starts must be"),
     ]
     for args, message in bad:
         with pytest.raises(RuntimeError, match=message):
             ext.postings_top(*args)
+
+
+def test_the_backend_is_named_and_a_stale_build_is_not_silently_skipped(monkeypatch):
+    from memkernels.ops import backend as _backend
+    index = random_index(10, 4, seed=1)
+    terms = torch.tensor([0, 1])
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # a GPU backend named: the CPU path here
+    want = postings_top(*index, 10, terms, 3, backend="reference").tolist()
+    assert postings_top(*index, 10, terms, 3).tolist() == want
+    monkeypatch.setenv(_backend.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match="MEMKERNELS_BACKEND must be one of"):
+        postings_top(*index, 10, terms, 3)
+    monkeypatch.delenv(_backend.ENV_VAR)
+    cpu_extension()
+    monkeypatch.setattr(_backend, "extension", lambda: (object(), ""))  # built before the op
+    with pytest.raises(RuntimeError, match="has no postings_top"):
+        postings_top(*index, 10, terms, 3, backend="cpu")
+    assert postings_top(*index, 10, terms, 3).tolist() == want  # auto: the reference

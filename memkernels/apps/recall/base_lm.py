@@ -107,7 +107,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
 
 
 # the second family (GPT-2: learned positions, LayerNorm, GELU MLP, fused
-# attention projection), as wide and deep as MODEL_CONFIG
+# attention projection), as wide and deep as MODEL_CONFIG; GPT-2's own
+# defaults otherwise, dropout 0.1 included (the Llama config has none)
 GPT2_CONFIG = dict(n_embd=192, n_inner=512, n_layer=4, n_head=4, n_positions=2048,
                    tie_word_embeddings=True)
 FAMILIES = ("llama", "gpt2")

@@ -107,17 +107,21 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default=ASSET_DIR)
+    ap.add_argument("--out", default=None,
+                    help="where the model goes (default for --family llama: the shipped "
+                         "assets/open_lm, replaced)")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--family", choices=base_lm.FAMILIES, default="llama",
                     help="the model family (gpt2: the second family the memory is shown on)")
     ap.add_argument("--vocab", type=int, default=1024, help="the BPE tokenizer's vocabulary")
     args = ap.parse_args(argv)
+    if args.out is None and args.family != "llama":
+        ap.error("--family gpt2 needs --out (the default is the shipped Llama LM's directory)")
     if args.steps < 1 or args.batch < 1 or args.vocab < 300:
         ap.error("--steps and --batch must be >= 1 and --vocab >= 300 (the 256 bytes and "
                  "merges)")
-    train(args.out, steps=args.steps, batch=args.batch, family=args.family,
+    train(args.out or ASSET_DIR, steps=args.steps, batch=args.batch, family=args.family,
           vocab_size=args.vocab)
 
 

@@ -69,11 +69,12 @@ def copy_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
 
 class AddressPairs(NamedTuple):
     """pretrain_address's pairs: question i must find token targets[i] of
-    statements[i]; subjects[i] is whom that fact is about (its group)."""
+    statements[i]; groups[i] is the fact's group, shared by facts drawn
+    together about one subject (pretrain_address(groups=...))."""
     questions: list
     statements: list[str]
     targets: list[int]
-    subjects: list[str]
+    groups: list[tuple[int, str]]
 
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
@@ -104,21 +105,24 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
         statements = [f.statement(rng) for f in facts]
         targets = [len(tokenizer(s.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
                    for s, f in zip(statements, facts)]
-        return AddressPairs(questions, statements, targets, [f.name for f in facts])
-    questions, statements, targets, subjects = [], [], [], []
+        return AddressPairs(questions, statements, targets, [(0, f.subject) for f in facts])
+    questions, statements, targets, groups = [], [], [], []
     n_real, n_several = round(n * realistic_names), round(n * several_per_subject)
     if not (0 <= n_real and 0 <= n_several and n_real + n_several <= n):
         raise ValueError(f"realistic_names + several_per_subject must be fractions summing to "
                          f"at most 1, got {realistic_names} and {several_per_subject}")
     facts = open_facts.make_open_facts(n - n_real - n_several, seed=seed, split="train",
                                        relation_split="train")
+    draws = [0] * len(facts)  # which draw a fact comes from: names repeat across draws
     if n_real:
         facts += open_facts.make_open_facts(n_real, seed=seed + 1, split="train",
                                             relation_split="train", realistic_names=True)
+        draws += [1] * (len(facts) - len(draws))
     if n_several:
         facts += open_facts.make_open_facts(n_several, seed=seed + 2, split="train",
                                             relation_split="train", facts_per_subject=3)
-    for f in facts:
+        draws += [2] * (len(facts) - len(draws))
+    for f, draw in zip(facts, draws):
         statement = f.statement(rng, varied=varied)
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
         prompt = tokenizer(qa_prompt(f.question(rng, varied=varied)))["input_ids"]
@@ -127,8 +131,8 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
             questions.append(prompt + answer[:j])
             statements.append(statement)
             targets.append(before + j)
-            subjects.append(f.subject)
-    return AddressPairs(questions, statements, targets, subjects)
+            groups.append((draw, f.subject))
+    return AddressPairs(questions, statements, targets, groups)
 
 
 def _rng(*key: int) -> random.Random:

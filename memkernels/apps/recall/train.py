@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         pretrain_losses = pretrain_address(
             memory, model, tokenizer, pairs.questions, pairs.statements, pairs.targets,
             steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
-            groups=pairs.subjects if args.hard_negatives else None,
+            groups=pairs.groups if args.hard_negatives else None,
             progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
