@@ -361,12 +361,14 @@ def main(argv=None) -> None:
     settings = [lexical_condition(k, r) for k, r in zip(args.lexical_k, ratios)]
     if len(set(settings)) != len(settings):
         ap.error(f"--lexical-k / --lexical-ratio: each setting at most once, got {settings}")
+    # the commit the run starts from (a commit made while it runs is not its code)
+    machine = machine_info(torch.device("cpu"))
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
                args.read_scale, args.store_threshold, list(zip(args.lexical_k, ratios)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        info = {**machine_info(torch.device("cpu")), "model": args.model or "shipped open LM",
+        info = {**machine, "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory", "read_scale": args.read_scale,
                 "store_threshold": args.store_threshold}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
