@@ -106,10 +106,10 @@ void copy_mix_forward(const CopyMixProblem<T>& p, T* out);
 // (postings_cpu.cpp; the math is memkernels.ops.reference.postings_top): term
 // t's postings are [starts[t], starts[t + 1]), each a text and its score;
 // a text's score is the sum over `terms` (repeats count again, in order) of
-// its postings' scores. Writes into `out` (room for k) the texts scoring > 0
-// and >= min_score_ratio x the best, best first (equal scores: lower text
-// first), at most k (out has room for min(k, num_texts)); returns how many,
-// or, touching nothing else, one of the negative codes below.
+// its postings' scores. Writes into `out` (room for min(k, num_texts)) the
+// texts scoring > 0 and >= min_score_ratio x the best, best first (equal
+// scores: lower text first), at most k; returns how many, or, touching
+// nothing else, one of the negative codes below.
 struct PostingsProblem {
   int64_t num_texts, num_terms, num_postings;
   const int64_t* starts;      // [num_terms + 1]

@@ -8,9 +8,8 @@ question at 10^5 texts.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
