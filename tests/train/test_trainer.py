@@ -282,10 +282,21 @@ def test_trainer_runs_under_torchrun_with_ddp_on_gloo(tmp_path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
-                            capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def launch(port):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", str(script)],
+                              capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = launch(port)
+    # a gloo worker aborted once in CI ("terminate called without an active
+    # exception", SIGABRT in torch's own threads, not this code); that abort,
+    # and only it, gets one more launch on a fresh port, which must pass
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        result = launch(port)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # both ranks finished, their memories equal after the synced steps
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
