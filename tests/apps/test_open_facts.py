@@ -79,19 +79,26 @@ def test_phrasing_parts_are_split_and_every_statement_names_the_subject_first():
     assert len(of.phrasings("question", "train")) >= 50
 
 
-def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
-    """Every split and condition on a tiny LM with an untrained copy memory
-    (the real figures come from the command on the shipped open LM)."""
-    import pytest
+def save_tiny_open_lm(path):
+    """A tiny untrained Llama with a BPE tokenizer of the open-LM corpus, saved
+    at path as a user's model directory; returns the model."""
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
-    pytest.importorskip("rank_bm25", reason="needs rank_bm25 for the retrieval baseline")
-    from memkernels.apps.recall import base_lm, open_lm, open_recall, tasks
+    from memkernels.apps.recall import base_lm, open_lm
     tok = base_lm.train_tokenizer(open_lm.corpus(300), vocab_size=300)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512))
-    model.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
+    """Every split and condition on a tiny LM with an untrained copy memory
+    (the real figures come from the command on the shipped open LM)."""
+    pytest.importorskip("rank_bm25", reason="needs rank_bm25 for the retrieval baseline")
+    from memkernels.apps.recall import open_recall, tasks
+    model = save_tiny_open_lm(tmp_path / "lm")
     tasks.copy_memory(model, slots=64).save_pretrained(tmp_path / "memory")
     LEXICAL_NAME = "memory, lexical top-3, >= 0.9 x best"
     rows = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
@@ -246,3 +253,54 @@ def test_the_open_lm_command_refuses_what_would_overwrite_or_cannot_train():
                 ["--out", "x", "--vocab", "100"]):
         with pytest.raises(SystemExit):
             open_lm.main(bad)
+    for bad in (["--out", "x", "--seq-len", "8"], ["--out", "x", "--max-document-facts", "0"],
+                ["--out", "x", "--varied-phrasings", "1.5"],
+                ["--evaluate", "x", "--questions", "0"]):
+        with pytest.raises(SystemExit):
+            open_lm.main(bad)
+
+
+def test_the_varied_open_lm_corpus_keeps_the_splits():
+    """The corpus options (longer documents, varied phrasings) draw train words
+    and train phrasings only, and leave the default corpus as it was."""
+    import re
+    from memkernels.apps.recall import open_lm
+    assert open_lm.corpus(200, seed=3) == open_lm.corpus(200, seed=3, max_facts=10, varied=0.0)
+    docs = open_lm.corpus(1500, seed=7, max_facts=16, varied=0.3)
+    assert docs != open_lm.corpus(1500, seed=7)
+    lowered = " ".join(docs).lower()
+    held_out = of.make_open_facts(300, seed=8, split="eval")
+    words = {w for f in held_out for w in re.findall(r"[A-Za-z]+", f"{f.subject} {f.object}")
+             if len(w) >= 6 and w not in of.MONTHS}
+    assert not {w.lower() for w in words} & set(re.findall(r"[a-z]+", lowered))
+    for s in ("dev", "eval"):
+        for prefix in of.STATEMENT_PREFIXES[s] + of.QUESTION_PREFIXES[s]:
+            assert prefix.strip().lower() not in lowered, prefix
+
+
+def test_answer_kinds_tell_a_wrong_statement_from_a_broken_copy():
+    from memkernels.apps.recall import open_lm
+    facts = [of.OpenFact("Ba Ko", "spouse", "Di Rumek"), of.OpenFact("Lu Sa", "spouse", "Fo Ta")]
+    kind = lambda answer: open_lm.answer_kind(answer, facts[0], facts)  # noqa: E731
+    assert kind("Di Rumek") == "right"
+    assert kind("Fo Ta") == "another fact's object"
+    assert kind("Di Ru") == "cut short"
+    assert kind("Di Rumeko") == "other" and kind("") == "other"
+    assert set(open_lm.ERROR_KINDS) == {"right", "another fact's object", "cut short", "other"}
+
+
+def test_the_in_context_report_accounts_for_every_question(tmp_path):
+    """`open_lm --evaluate` on a tiny untrained LM: every question has one
+    kind and one length bin, and the report file says the same as the call."""
+    import json
+    from memkernels.apps.recall import base_lm, open_lm
+    save_tiny_open_lm(tmp_path / "lm")
+    report = open_lm.evaluate(str(tmp_path / "lm"), "dev", 3, 7, str(tmp_path / "r.json"),
+                              log=lambda *_: None)
+    assert report["questions"] == 7 and report["phrasings"] == "dev"
+    assert abs(sum(report["answer_kinds"].values()) - 1) < 1e-9
+    assert sum(b["questions"] for b in report["by_prompt_tokens"].values()) == 7
+    assert report["accuracy"] == report["answer_kinds"]["right"]
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"] == report["accuracy"]
+    model, tok = base_lm.load(str(tmp_path / "lm"))
+    assert open_lm.in_context_accuracy(model, tok, 3, 7, phrasings="dev") == report["accuracy"]

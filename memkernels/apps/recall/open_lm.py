@@ -3,6 +3,7 @@ must be copied from the context (the frozen host of the open-vocabulary memory).
 
     python -m memkernels.apps.recall.open_lm [--out DIR] [--steps N]
     python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --out DIR
+    python -m memkernels.apps.recall.open_lm --evaluate DIR [--phrasings dev] [--report F]
 
 The corpus (open_facts, train splits of subjects, objects and phrasings; the
 relations of both splits, as a pretrained LLM knows the language of any
@@ -16,10 +17,12 @@ eval-split facts asked with held-out phrasings (`in_context_accuracy`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -30,16 +33,19 @@ ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "open_lm")
 CORPUS_SEED = 2_000_003
 
 
-def facts_document(rng: random.Random) -> str:
-    """Statements of 1-10 fresh facts (1-3 per subject), then questions about
-    most of them, each answer copied from a statement."""
-    facts = open_facts.make_open_facts(rng.randint(1, 10), seed=rng.randrange(1 << 30),
+def facts_document(rng: random.Random, max_facts: int = 10, varied: float = 0.0) -> str:
+    """Statements of 1-max_facts fresh facts (1-3 per subject), then questions
+    about most of them, each answer copied from a statement; with varied > 0,
+    half the documents in phrasings varied by open_facts.vary(p=varied)
+    (train words only)."""
+    facts = open_facts.make_open_facts(rng.randint(1, max_facts), seed=rng.randrange(1 << 30),
                                        split="train", relation_split=rng.choice(("train", "eval")),
                                        facts_per_subject=rng.randint(1, 3))
     rng.shuffle(facts)
-    text = " ".join(f.statement(rng, "train") for f in facts)
+    p = varied if varied > 0 and rng.random() < 0.5 else 0.0  # no draw at 0: the shipped corpus
+    text = " ".join(f.statement(rng, "train", p) for f in facts)
     asked = rng.sample(facts, rng.randint((len(facts) + 1) // 2, len(facts)))
-    return text + " " + " ".join(f"{qa_prompt(f.question(rng, 'train'))} {f.object}."
+    return text + " " + " ".join(f"{qa_prompt(f.question(rng, 'train', p))} {f.object}."
                                  for f in asked)
 
 
@@ -49,48 +55,90 @@ def copy_document(rng: random.Random) -> str:
     return f"List: {', '.join(words)}. Again: {', '.join(words)}."
 
 
-def corpus(n_docs: int, seed: int = CORPUS_SEED, copies: float = 0.25) -> list[str]:
+def corpus(n_docs: int, seed: int = CORPUS_SEED, copies: float = 0.25, max_facts: int = 10,
+           varied: float = 0.0) -> list[str]:
     rng = random.Random(seed)
-    return [copy_document(rng) if rng.random() < copies else facts_document(rng)
+    return [copy_document(rng) if rng.random() < copies else facts_document(rng, max_facts, varied)
             for _ in range(n_docs)]
 
 
+# Prompt lengths (tokens) the in-context report groups by: the shipped LM
+# trained on 256-token windows, so the last two lie past it.
+LENGTH_BINS = (0, 192, 256, 320)
+ERROR_KINDS = ("right", "another fact's object", "cut short", "other")
+
+
+def answer_kind(answer: str, fact, facts) -> str:
+    """How a greedy answer relates to the asked fact (ERROR_KINDS): exact;
+    the object of another fact in the prompt (it read the wrong statement); a
+    strict prefix of the right object (the copy stopped early); anything
+    else (the copy went wrong)."""
+    if answer == fact.object:
+        return "right"
+    if any(answer == g.object for g in facts if g is not fact):
+        return "another fact's object"
+    if answer and fact.object.startswith(answer):
+        return "cut short"
+    return "other"
+
+
 @torch.no_grad()
-def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 100,
-                        seed: int = 0, phrasings: str = "eval") -> float:
-    """Exact match of greedy answers to questions about eval-split facts whose
-    statements are in the prompt, n_facts of them per prompt; statements and
-    questions in the `phrasings` split (held out by default)."""
+def in_context_report(model, tokenizer, n_facts: int = 10, questions: int = 100,
+                      seed: int = 0, phrasings: str = "eval") -> dict:
+    """Greedy answers to questions about eval-split facts whose statements are
+    in the prompt, n_facts of them per prompt; statements and questions in
+    the `phrasings` split (held out by default). Returns the exact-match
+    accuracy, the share of each answer kind (answer_kind) and the accuracy
+    per prompt length (LENGTH_BINS): where reading from the prompt fails."""
     rng = random.Random(seed)
-    right = []
-    while len(right) < questions:
+    kinds, lengths = [], []
+    while len(kinds) < questions:
         facts = open_facts.make_open_facts(n_facts, seed=rng.randrange(1 << 30))
         context = " ".join(f.statement(rng, phrasings) for f in facts)
-        for f in rng.sample(facts, min(len(facts), questions - len(right))):
+        for f in rng.sample(facts, min(len(facts), questions - len(kinds))):
             ids = torch.tensor([tokenizer(f"{context} {qa_prompt(f.question(rng, phrasings))}")
                                 ["input_ids"]])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            right.append(tokenizer.decode(out[0, ids.shape[1]:]).split(".")[0].strip() == f.object)
-    return statistics.mean(right)
+            answer = tokenizer.decode(out[0, ids.shape[1]:]).split(".")[0].strip()
+            kinds.append(answer_kind(answer, f, facts))
+            lengths.append(ids.shape[1])
+    by_length = {}
+    for lo, hi in zip(LENGTH_BINS, LENGTH_BINS[1:] + (None,)):
+        inside = [k for k, n in zip(kinds, lengths) if n >= lo and (hi is None or n < hi)]
+        if inside:
+            by_length[f"{lo}-{hi - 1}" if hi else f">={lo}"] = dict(
+                questions=len(inside), accuracy=inside.count("right") / len(inside))
+    return dict(n_facts=n_facts, questions=len(kinds), phrasings=phrasings, seed=seed,
+                accuracy=kinds.count("right") / len(kinds),
+                answer_kinds={k: kinds.count(k) / len(kinds) for k in ERROR_KINDS},
+                median_prompt_tokens=statistics.median(lengths), by_prompt_tokens=by_length)
+
+
+def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 100,
+                        seed: int = 0, phrasings: str = "eval") -> float:
+    """in_context_report's exact-match accuracy."""
+    return in_context_report(model, tokenizer, n_facts, questions, seed, phrasings)["accuracy"]
 
 
 def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, seed: int = 0,
-          family: str = "llama", vocab_size: int = 1024, log=print) -> dict:
+          family: str = "llama", vocab_size: int = 1024, seq_len: int = base_lm.SEQ_LEN,
+          max_facts: int = 10, varied: float = 0.0, log=print) -> dict:
     """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
     tokenizer of vocab_size into out_dir; returns training.json's contents."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    texts = corpus(60_000)
+    texts = corpus(60_000, max_facts=max_facts, varied=varied)
     held_out = corpus(400, seed=CORPUS_SEED + 1, copies=0.0)
     t0 = time.time()
     tokenizer = base_lm.train_tokenizer(texts[:15_000], vocab_size=vocab_size)
     model = base_lm.build_model(len(tokenizer), family)
-    base_lm.fit(model, tokenizer, texts, steps=steps, seq_len=base_lm.SEQ_LEN, batch=batch, lr=lr,
+    base_lm.fit(model, tokenizer, texts, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
                 rng=rng, desc="open LM")
     model.generation_config.eos_token_id = None
     info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
-                steps=steps, batch=batch, seq_len=base_lm.SEQ_LEN, train_docs=len(texts),
+                steps=steps, batch=batch, seq_len=seq_len, train_docs=len(texts),
+                max_document_facts=max_facts, varied_phrasings=varied,
                 train_seconds=time.time() - t0,
                 held_out_perplexity=base_lm.perplexity(model, tokenizer, held_out),
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
@@ -105,6 +153,24 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
     return info
 
 
+def evaluate(model_dir: str, phrasings: str = "dev", n_facts: int = 10, questions: int = 150,
+             report_path: Optional[str] = None, log=print) -> dict:
+    """in_context_report of the LM in model_dir, printed and written as JSON."""
+    model, tokenizer = base_lm.load(model_dir)
+    report = dict(model=model_dir, **in_context_report(model, tokenizer, n_facts, questions,
+                                                       phrasings=phrasings))
+    kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["answer_kinds"].items())
+    lengths = ", ".join(f"{k} tokens {100 * v['accuracy']:.0f}% of {v['questions']}"
+                        for k, v in report["by_prompt_tokens"].items())
+    log(f"{model_dir}: N={n_facts} facts in the prompt, {phrasings} phrasings: "
+        f"{100 * report['accuracy']:.1f}% exact ({kinds}); by prompt length: {lengths}")
+    if report_path:
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=None,
@@ -115,14 +181,38 @@ def main(argv=None) -> None:
     ap.add_argument("--family", choices=base_lm.FAMILIES, default="llama",
                     help="the model family (gpt2: the second family the memory is shown on)")
     ap.add_argument("--vocab", type=int, default=1024, help="the BPE tokenizer's vocabulary")
+    ap.add_argument("--seq-len", type=int, default=base_lm.SEQ_LEN,
+                    help="the training window in tokens")
+    ap.add_argument("--max-document-facts", type=int, default=10,
+                    help="a fact document states 1 to this many facts")
+    ap.add_argument("--varied-phrasings", type=float, default=0.0, metavar="P",
+                    help="half the fact documents in phrasings varied by open_facts.vary(p=P)")
+    check = ap.add_argument_group("reading a prompt (--evaluate: no training)")
+    check.add_argument("--evaluate", metavar="DIR", default=None,
+                       help="report how the LM in DIR reads facts in its prompt "
+                            "(in_context_report) instead of training one")
+    check.add_argument("--phrasings", choices=open_facts.PHRASING_SPLITS, default="dev",
+                       help="the phrasings' split (dev: for choices; eval: the reported one)")
+    check.add_argument("--facts", type=int, default=10, help="facts in each prompt")
+    check.add_argument("--questions", type=int, default=150)
+    check.add_argument("--report", metavar="FILE", default=None, help="write the report (JSON)")
     args = ap.parse_args(argv)
+    if args.evaluate is not None:
+        if args.facts < 1 or args.questions < 1:
+            ap.error("--facts and --questions must be >= 1")
+        evaluate(args.evaluate, args.phrasings, args.facts, args.questions, args.report)
+        return
     if args.out is None and args.family != "llama":
         ap.error("--family gpt2 needs --out (the default is the shipped Llama LM's directory)")
     if args.steps < 1 or args.batch < 1 or args.vocab < 300:
         ap.error("--steps and --batch must be >= 1 and --vocab >= 300 (the 256 bytes and "
                  "merges)")
+    if args.seq_len < 16 or args.max_document_facts < 1 or not 0 <= args.varied_phrasings <= 1:
+        ap.error("--seq-len must be >= 16, --max-document-facts >= 1 and --varied-phrasings "
+                 "in [0, 1]")
     train(args.out or ASSET_DIR, steps=args.steps, batch=args.batch, family=args.family,
-          vocab_size=args.vocab)
+          vocab_size=args.vocab, seq_len=args.seq_len, max_facts=args.max_document_facts,
+          varied=args.varied_phrasings)
 
 
 if __name__ == "__main__":
