@@ -257,7 +257,7 @@ def test_the_open_lm_command_refuses_what_would_overwrite_or_cannot_train():
         with pytest.raises(SystemExit):
             open_lm.main(bad)
     for bad in (["--out", "x", "--seq-len", "8"], ["--out", "x", "--max-document-facts", "0"],
-                ["--out", "x", "--varied-phrasings", "1.5"],
+                ["--out", "x", "--varied-phrasings", "1.5"], ["--out", "x", "--windows", "docs"],
                 ["--evaluate", "x", "--questions", "0"]):
         with pytest.raises(SystemExit):
             open_lm.main(bad)
@@ -295,3 +295,28 @@ def test_the_in_context_report_accounts_for_every_question(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["accuracy"] == report["accuracy"]
     model, tok = base_lm.load(str(tmp_path / "lm"))
     assert open_lm.in_context_accuracy(model, tok, 3, 7, phrasings="dev") == report["accuracy"]
+
+
+def test_document_windows_start_at_a_document_and_packed_ones_are_unchanged():
+    """base_lm.packed_batches(windows='document'): every window opens on a
+    document's first token, so no answer in it lost its statement; 'packed'
+    (the default) draws the same windows as before the option existed."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import base_lm, open_lm
+    texts = open_lm.corpus(60, seed=5)
+    tok = base_lm.train_tokenizer(texts, vocab_size=300)
+    docs = [tok(t)["input_ids"] for t in texts]
+    heads = {tuple(d[:8]) for d in docs}
+    batches = base_lm.packed_batches(tok, texts, 64, 5, random.Random(1), windows="document")
+    for _, x in zip(range(20), batches):
+        assert x.shape == (5, 64)
+        assert all(tuple(row[:8].tolist()) in heads for row in x)
+    ids = [i for d in docs for i in d + [tok.eos_token_id]]
+    rng = random.Random(2)
+    x = next(base_lm.packed_batches(tok, texts, 64, 3, random.Random(2)))
+    starts = [rng.randrange(0, len(ids) - 64 - 1) for _ in range(3)]
+    assert x.tolist() == [ids[s:s + 64] for s in starts]
+    with pytest.raises(ValueError, match="windows"):
+        next(base_lm.packed_batches(tok, texts, 64, 3, random.Random(2), windows="docs"))
+    with pytest.raises(ValueError, match="seq_len"):
+        next(base_lm.packed_batches(tok, texts[:1], 10_000, 3, random.Random(2)))

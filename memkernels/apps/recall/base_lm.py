@@ -126,14 +126,33 @@ def build_model(vocab_size: int, family: str = "llama"):
         vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, **MODEL_CONFIG))
 
 
-def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: random.Random):
-    """Endless batches of seq_len tokens cut from the documents joined by EOS."""
-    ids = []
+WINDOWS = ("packed", "document")
+
+
+def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: random.Random,
+                   windows: str = "packed"):
+    """Endless batches of seq_len tokens cut from the documents joined by EOS.
+    windows='packed': each window starts anywhere, so it often opens inside a
+    document, past the statements its questions ask about (half of the open
+    corpus's answers at 256 tokens: the LM learns to invent an answer it
+    cannot see). windows='document': each window starts at a document's first
+    token (then runs on into the next documents), so every answer it holds
+    can be read from what precedes it, as in a prompt."""
+    if windows not in WINDOWS:
+        raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
+    ids, doc_starts = [], []
     for t in texts:
+        doc_starts.append(len(ids))
         ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
     data = torch.tensor(ids)
+    last = len(data) - seq_len - 1
+    if last <= 0:
+        raise ValueError(f"the texts hold {len(data)} tokens: too few for windows of "
+                         f"seq_len={seq_len}")
+    doc_starts = [d for d in doc_starts if d < last]
     while True:
-        starts = [rng.randrange(0, len(data) - seq_len - 1) for _ in range(batch)]
+        starts = ([rng.randrange(0, last) for _ in range(batch)] if windows == "packed"
+                  else [rng.choice(doc_starts) for _ in range(batch)])
         yield torch.stack([data[s:s + seq_len] for s in starts])
 
 
@@ -146,13 +165,13 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
 
 
 def fit(model, tokenizer, texts: list[str], *, steps: int, seq_len: int, batch: int, lr: float,
-        rng: random.Random, desc: str = "base LM") -> None:
-    """Next-token training of `model` on packed windows of `texts` (AdamW, a
-    100-step warmup, then cosine decay to 0); leaves it in eval mode."""
+        rng: random.Random, desc: str = "base LM", windows: str = "packed") -> None:
+    """Next-token training of `model` on windows of `texts` (packed_batches;
+    AdamW, a 100-step warmup, then cosine decay to 0); leaves it in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
-    bar = tqdm(zip(range(steps), packed_batches(tokenizer, texts, seq_len, batch, rng)),
+    bar = tqdm(zip(range(steps), packed_batches(tokenizer, texts, seq_len, batch, rng, windows)),
                total=steps, desc=desc)
     model.train()
     for step, x in bar:

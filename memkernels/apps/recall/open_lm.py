@@ -123,9 +123,10 @@ def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 10
 
 def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, seed: int = 0,
           family: str = "llama", vocab_size: int = 1024, seq_len: int = base_lm.SEQ_LEN,
-          max_facts: int = 10, varied: float = 0.0, log=print) -> dict:
+          max_facts: int = 10, varied: float = 0.0, windows: str = "packed", log=print) -> dict:
     """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
-    tokenizer of vocab_size into out_dir; returns training.json's contents."""
+    tokenizer of vocab_size into out_dir, on training windows of `windows`
+    (base_lm.packed_batches); returns training.json's contents."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = corpus(60_000, max_facts=max_facts, varied=varied)
@@ -134,11 +135,11 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
     tokenizer = base_lm.train_tokenizer(texts[:15_000], vocab_size=vocab_size)
     model = base_lm.build_model(len(tokenizer), family)
     base_lm.fit(model, tokenizer, texts, steps=steps, seq_len=seq_len, batch=batch, lr=lr,
-                rng=rng, desc="open LM")
+                rng=rng, desc="open LM", windows=windows)
     model.generation_config.eos_token_id = None
     info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
                 steps=steps, batch=batch, seq_len=seq_len, train_docs=len(texts),
-                max_document_facts=max_facts, varied_phrasings=varied,
+                max_document_facts=max_facts, varied_phrasings=varied, windows=windows,
                 train_seconds=time.time() - t0,
                 held_out_perplexity=base_lm.perplexity(model, tokenizer, held_out),
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
@@ -187,6 +188,9 @@ def main(argv=None) -> None:
                     help="a fact document states 1 to this many facts")
     ap.add_argument("--varied-phrasings", type=float, default=0.0, metavar="P",
                     help="half the fact documents in phrasings varied by open_facts.vary(p=P)")
+    ap.add_argument("--windows", choices=base_lm.WINDOWS, default="packed",
+                    help="where a training window starts: anywhere (packed) or at a "
+                         "document's start (document: no answer without its statement)")
     check = ap.add_argument_group("reading a prompt (--evaluate: no training)")
     check.add_argument("--evaluate", metavar="DIR", default=None,
                        help="report how the LM in DIR reads facts in its prompt "
@@ -212,7 +216,7 @@ def main(argv=None) -> None:
                  "in [0, 1]")
     train(args.out or ASSET_DIR, steps=args.steps, batch=args.batch, family=args.family,
           vocab_size=args.vocab, seq_len=args.seq_len, max_facts=args.max_document_facts,
-          varied=args.varied_phrasings)
+          varied=args.varied_phrasings, windows=args.windows)
 
 
 if __name__ == "__main__":
