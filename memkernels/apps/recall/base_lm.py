@@ -157,9 +157,11 @@ def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: r
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256) -> float:
+def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256,
+               windows: str = "packed") -> float:
+    """exp of the mean next-token loss over 8 batches of 8 windows (packed_batches)."""
     model.eval()
-    batches = packed_batches(tokenizer, texts, seq_len, 8, random.Random(0))
+    batches = packed_batches(tokenizer, texts, seq_len, 8, random.Random(0), windows)
     losses = [model(x, labels=x).loss.item() for x, _ in zip(batches, range(8))]
     return math.exp(sum(losses) / len(losses))
 

@@ -115,6 +115,12 @@ def in_context_report(model, tokenizer, n_facts: int = 10, questions: int = 100,
                 median_prompt_tokens=statistics.median(lengths), by_prompt_tokens=by_length)
 
 
+def held_out_documents() -> list[str]:
+    """The 400 fact documents the LM's perplexity is measured on (another seed
+    of the corpus, whatever the training corpus's options)."""
+    return corpus(400, seed=CORPUS_SEED + 1, copies=0.0)
+
+
 def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 100,
                         seed: int = 0, phrasings: str = "eval") -> float:
     """in_context_report's exact-match accuracy."""
@@ -130,7 +136,7 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = corpus(60_000, max_facts=max_facts, varied=varied)
-    held_out = corpus(400, seed=CORPUS_SEED + 1, copies=0.0)
+    held_out = held_out_documents()
     t0 = time.time()
     tokenizer = base_lm.train_tokenizer(texts[:15_000], vocab_size=vocab_size)
     model = base_lm.build_model(len(tokenizer), family)
@@ -160,11 +166,19 @@ def evaluate(model_dir: str, phrasings: str = "dev", n_facts: int = 10, question
     model, tokenizer = base_lm.load(model_dir)
     report = dict(model=model_dir, **in_context_report(model, tokenizer, n_facts, questions,
                                                        phrasings=phrasings))
+    # perplexity on the same held-out documents with either kind of window: a
+    # packed window opens inside a document, where its answers cannot be read
+    report["held_out_perplexity"] = {
+        w: base_lm.perplexity(model, tokenizer, held_out_documents(), windows=w)
+        for w in base_lm.WINDOWS}
     kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["answer_kinds"].items())
     lengths = ", ".join(f"{k} tokens {100 * v['accuracy']:.0f}% of {v['questions']}"
                         for k, v in report["by_prompt_tokens"].items())
+    perplexities = ", ".join(f"{w} windows {v:.2f}"
+                             for w, v in report["held_out_perplexity"].items())
     log(f"{model_dir}: N={n_facts} facts in the prompt, {phrasings} phrasings: "
-        f"{100 * report['accuracy']:.1f}% exact ({kinds}); by prompt length: {lengths}")
+        f"{100 * report['accuracy']:.1f}% exact ({kinds}); by prompt length: {lengths}; "
+        f"held-out perplexity: {perplexities}")
     if report_path:
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         with open(report_path, "w") as f:
