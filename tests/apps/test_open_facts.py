@@ -297,6 +297,8 @@ def test_the_in_context_report_accounts_for_every_question(tmp_path):
     perplexity = report["held_out_perplexity"]  # an untrained LM: near its vocabulary's size
     assert set(perplexity) == set(base_lm.WINDOWS)
     assert all(10 < v < 10 * len(tok) for v in perplexity.values())
+    hidden = report["answers_without_statement"]  # no training.json: the default window
+    assert hidden["seq_len"] == base_lm.SEQ_LEN and hidden["document"] == 0 < hidden["packed"]
     assert open_lm.in_context_accuracy(model, tok, 3, 7, phrasings="dev") == report["accuracy"]
 
 
@@ -323,3 +325,20 @@ def test_document_windows_start_at_a_document_and_packed_ones_are_unchanged():
         next(base_lm.packed_batches(tok, texts, 64, 3, random.Random(2), windows="docs"))
     with pytest.raises(ValueError, match="seq_len"):
         next(base_lm.packed_batches(tok, texts[:1], 10_000, 3, random.Random(2)))
+
+
+def test_packed_windows_hide_statements_and_document_windows_never_do():
+    """open_lm.answers_without_statement: a window cut anywhere holds answers
+    whose statement lies before it; one that starts at a document holds
+    none, at any length."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import base_lm, open_lm
+    texts = open_lm.corpus(200, seed=6)
+    tok = base_lm.train_tokenizer(texts, vocab_size=300)
+    for seq_len in (48, 160):
+        packed = open_lm.answers_without_statement(tok, texts, seq_len, "packed", 2000)
+        assert 0.1 < packed < 1
+        assert open_lm.answers_without_statement(tok, texts, seq_len, "document", 2000) == 0
+    # longer windows hide fewer statements
+    assert (open_lm.answers_without_statement(tok, texts, 512, "packed", 2000) <
+            open_lm.answers_without_statement(tok, texts, 48, "packed", 2000))

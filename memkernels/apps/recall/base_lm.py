@@ -14,6 +14,7 @@ the repository ships one, `memkernels/apps/recall/assets/base_lm`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -149,11 +150,20 @@ def packed_batches(tokenizer, texts: list[str], seq_len: int, batch: int, rng: r
     if last <= 0:
         raise ValueError(f"the texts hold {len(data)} tokens: too few for windows of "
                          f"seq_len={seq_len}")
-    doc_starts = [d for d in doc_starts if d < last]
     while True:
-        starts = ([rng.randrange(0, last) for _ in range(batch)] if windows == "packed"
-                  else [rng.choice(doc_starts) for _ in range(batch)])
+        starts = window_starts(doc_starts, len(data), seq_len, windows, rng, batch)
         yield torch.stack([data[s:s + seq_len] for s in starts])
+
+
+def window_starts(doc_starts: list[int], total: int, seq_len: int, windows: str,
+                  rng: random.Random, n: int) -> list[int]:
+    """n starts of seq_len-token windows over `total` tokens whose documents
+    start at doc_starts (packed_batches' draw)."""
+    last = total - seq_len - 1
+    if windows == "packed":
+        return [rng.randrange(0, last) for _ in range(n)]
+    fits = doc_starts[:bisect.bisect_left(doc_starts, last)]  # doc_starts ascend
+    return [rng.choice(fits) for _ in range(n)]
 
 
 @torch.no_grad()

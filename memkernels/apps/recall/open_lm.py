@@ -17,9 +17,11 @@ eval-split facts asked with held-out phrasings (`in_context_accuracy`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
+import re
 import statistics
 import time
 from typing import Optional
@@ -121,6 +123,33 @@ def held_out_documents() -> list[str]:
     return corpus(400, seed=CORPUS_SEED + 1, copies=0.0)
 
 
+def answers_without_statement(tokenizer, texts: list[str], seq_len: int, windows: str,
+                              n_windows: int = 20_000, seed: int = 0) -> float:
+    """The share of the answers (" A: <object>.") inside training windows
+    (base_lm.window_starts) whose statement starts before the window: answers
+    an LM trained on those windows cannot copy, only invent."""
+    total, doc_starts, answers = 0, [], []  # answers: (answer token, statement token)
+    for text in texts:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ends = [end for _, end in enc["offset_mapping"]]  # a char's token: the first ending after it
+        for m in re.finditer(r" A: ([^.]+)\.", text):
+            stated = text.find(m.group(1))
+            if 0 <= stated < m.start(1):
+                answers.append((total + bisect.bisect_right(ends, m.start(1)),
+                                total + bisect.bisect_right(ends, stated)))
+        doc_starts.append(total)
+        total += len(enc["input_ids"]) + 1  # the EOS packed_batches adds
+    answers.sort()
+    at = [a for a, _ in answers]
+    seen = lost = 0
+    for start in base_lm.window_starts(doc_starts, total, seq_len, windows, random.Random(seed),
+                                       n_windows):
+        inside = answers[bisect.bisect_left(at, start):bisect.bisect_left(at, start + seq_len)]
+        seen += len(inside)
+        lost += sum(stated < start for _, stated in inside)
+    return lost / max(seen, 1)
+
+
 def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 100,
                         seed: int = 0, phrasings: str = "eval") -> float:
     """in_context_report's exact-match accuracy."""
@@ -171,6 +200,14 @@ def evaluate(model_dir: str, phrasings: str = "dev", n_facts: int = 10, question
     report["held_out_perplexity"] = {
         w: base_lm.perplexity(model, tokenizer, held_out_documents(), windows=w)
         for w in base_lm.WINDOWS}
+    # what the LM's training windows hid: answers whose statement lay before them
+    trained = {}
+    if os.path.isfile(os.path.join(model_dir, "training.json")):
+        with open(os.path.join(model_dir, "training.json")) as f:
+            trained = json.load(f)
+    seq_len, documents = trained.get("seq_len", base_lm.SEQ_LEN), corpus(3000)
+    report["answers_without_statement"] = dict(seq_len=seq_len, **{
+        w: answers_without_statement(tokenizer, documents, seq_len, w) for w in base_lm.WINDOWS})
     kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["answer_kinds"].items())
     lengths = ", ".join(f"{k} tokens {100 * v['accuracy']:.0f}% of {v['questions']}"
                         for k, v in report["by_prompt_tokens"].items())
@@ -178,7 +215,10 @@ def evaluate(model_dir: str, phrasings: str = "dev", n_facts: int = 10, question
                              for w, v in report["held_out_perplexity"].items())
     log(f"{model_dir}: N={n_facts} facts in the prompt, {phrasings} phrasings: "
         f"{100 * report['accuracy']:.1f}% exact ({kinds}); by prompt length: {lengths}; "
-        f"held-out perplexity: {perplexities}")
+        f"held-out perplexity: {perplexities}; answers whose statement lies before a "
+        f"{seq_len}-token training window: packed "
+        f"{100 * report['answers_without_statement']['packed']:.1f}%, document "
+        f"{100 * report['answers_without_statement']['document']:.1f}%")
     if report_path:
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         with open(report_path, "w") as f:
