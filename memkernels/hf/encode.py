@@ -32,7 +32,9 @@ class WriteInputs(NamedTuple):
     """What MemoryModel.write takes from the base model for N texts."""
     hidden: Tensor  # the write layer's hidden states [N, T, hidden] (the token keys)
     values: Optional[Tensor]  # the token values' states (or output embedding rows), or None: `hidden` (values_from)
-    context: Optional[Tensor]  # each token's context within its text (context_decay), or None
+    # each token's write context [N, T, memory.write_context_width] within its text: the
+    # decayed context (context_decay), then the next token's write state (lookahead); or None
+    context: Optional[Tensor]
 
 
 def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
@@ -41,7 +43,9 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
     states at the memory's write layer [N, T, hidden] (the copy rule's: the
     LM head's input, where its reads query), and, from the input
     of the first decoder layer, the token values when `config.values_from ==
-    "embeddings"` and each token's context when `config.context_decay > 0`.
+    "embeddings"` and each token's write context: the decayed context when
+    `config.context_decay > 0`, then with `config.append.lookahead` the
+    write-layer state of the token after it (zero where none follows).
     Memory reads (if attached) are off; layers after the write layer are skipped."""
     handle = attached_handle(model)
     layers = handle.layers if handle is not None else find_decoder_layers(model)
@@ -75,8 +79,16 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
         with off:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward as stop:
-        context = (decayed_context(values[0], attention_mask, config.context_decay)[0]
-                   if config.context_decay else None)
+        parts = []
+        if config.context_decay:
+            parts.append(decayed_context(values[0], attention_mask, config.context_decay)[0])
+        if config.write_rule != "blend" and config.append.lookahead:
+            # what follows each token: the state the slot's stored token has
+            real = attention_mask.to(stop.hidden.dtype)[..., None]
+            parts.append(torch.cat([stop.hidden[:, 1:] * real[:, 1:],
+                                    torch.zeros_like(stop.hidden[:, :1])], 1))
+        context = (None if not parts else parts[0] if len(parts) == 1
+                   else torch.cat([p.to(stop.hidden.dtype) for p in parts], -1))
         if config.values_from == "output_embeddings":  # the LM head's row of each token
             head = model.get_output_embeddings()
             if head is None or getattr(head, "weight", None) is None:

@@ -11,7 +11,9 @@ Bank layout, P = num_heads / 2 pairs of heads:
 - heads [0, P): a slot's address, tanh(MLP(norm(h_t))) from the write layer's
   state of token t: who and what the context is about there (with
   AppendOptions.context_decay, MLP([norm(h_t), c_t]), c_t the decayed mean
-  of the embeddings so far: memkernels.memory.context);
+  of the embeddings so far: memkernels.memory.context; with
+  AppendOptions.lookahead, h_{t+1} beside them: what the slot stores, which
+  a write sees and the LM at t did not);
 - heads [P, 2P): its content, tanh(W_v norm(e_{t+1})) from the value states
   (MemoryConfig.values_from) of the token after t: what came next (zero
   where padding comes next).
@@ -239,7 +241,7 @@ class AppendMemory(MemoryModel, write_rule="append"):
         self.slot_key = per_head_identity(P, D)
         self.slot_value = per_head_identity(P, D)
         self.write_norm = nn.RMSNorm(C, eps=1e-6)
-        self.address = _mlp(C * (2 if options.context_decay else 1), options.mlp_hidden, P * D)
+        self.address = _mlp(C + self.write_context_width, options.mlp_hidden, P * D)
         self.token_value = nn.Linear(C, P * D, bias=False)
         # the store gate: which tokens a write keeps (None: every real token)
         self.keep = (_mlp(C, max(1, options.mlp_hidden // 4), 1) if options.store_threshold > 0
@@ -249,6 +251,13 @@ class AppendMemory(MemoryModel, write_rule="append"):
     @property
     def pairs(self) -> int:
         return self.config.num_heads // 2
+
+    @property
+    def write_context_width(self) -> int:
+        """A write's context: the decayed context (AppendOptions.context_decay),
+        then, with AppendOptions.lookahead, the next token's write state."""
+        C, options = self.config.hidden_size, self.config.append
+        return C * (bool(options.context_decay) + options.lookahead)
 
     # --- banks -------------------------------------------------------------------
 
@@ -335,12 +344,11 @@ class AppendMemory(MemoryModel, write_rule="append"):
                                           None if shared else bank.slot_mask(), context)
 
     def address_input(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        """What the address MLP reads: write_norm(h), and the context beside it."""
+        """What the address MLP reads: write_norm(h), and the write's context
+        beside it (write_context_width)."""
         x = self.write_norm(hidden)
-        if not self.config.context_decay:
-            return x
-        self._check_context(context, hidden)
-        return torch.cat([x, context.to(x.dtype)], -1)
+        self._check_write_context(context, hidden)
+        return x if context is None else torch.cat([x, context.to(x.dtype)], -1)
 
     def token_addresses(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """[B, T, P, Dh]: what each token writes into the address heads."""
@@ -420,8 +428,9 @@ class AppendMemory(MemoryModel, write_rule="append"):
         """Fits the Standardize layers: the address MLP's (and the store
         gate's) on write-layer states of written tokens [N, C], reader i's on
         states of its layer [N_i, C] at the positions it answers from (before
-        its norm); with AppendOptions.context_decay, the contexts of the same
-        tokens beside them (same shapes)."""
+        its norm); with AppendOptions.context_decay or lookahead, the write
+        contexts of the address states [N, write_context_width] and the
+        readers' contexts [N_i, C] beside them."""
         if len(reader_states) != len(self.readers):
             raise ValueError(f"reader_states: one tensor per reader ({len(self.readers)}), "
                              f"got {len(reader_states)}")

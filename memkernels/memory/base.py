@@ -170,7 +170,30 @@ class MemoryModel(nn.Module):
         if value_hidden is not None and value_hidden.shape != hidden.shape:
             raise ValueError(f"value_hidden must have the shape of hidden {tuple(hidden.shape)}, "
                              f"got {tuple(value_hidden.shape)}")
-        self._check_context(context, hidden)
+        self._check_write_context(context, hidden)
+
+    @property
+    def write_context_width(self) -> int:
+        """The width of a write's context (WriteInputs.context): the hidden
+        size with AppendOptions.context_decay, 0 (no context) without."""
+        return self.config.hidden_size if self.config.context_decay else 0
+
+    def _check_write_context(self, context: Optional[Tensor], hidden: Tensor) -> None:
+        """A write's context: [B, T, write_context_width], None where that is 0."""
+        width = self.write_context_width
+        if not width:
+            if context is not None:
+                raise ValueError("context is given but this memory's writes do not key on one "
+                                 "(MemoryConfig.append.context_decay is 0, lookahead False)")
+            return
+        if context is None:
+            raise ValueError("this memory keys on the context in its writes (context_decay > 0 "
+                             "or lookahead): pass the one memkernels.hf.write_layer_hidden returns "
+                             "(WriteInputs.context)")
+        want = (*hidden.shape[:-1], width)
+        if context.shape != want:
+            raise ValueError(f"context must have the shape {list(want)} (hidden's, last dim the "
+                             f"write_context_width), got {tuple(context.shape)}")
 
     # --- persistence of the trained memory -----------------------------------------------
 
@@ -184,7 +207,7 @@ class MemoryModel(nn.Module):
         if self.config.write_rule == "blend":  # as before these fields existed
             for key in ("write_rule", "null_slots", "read_scale", "mlp_hidden"):
                 del config[key]
-        for key in ("store_threshold", "context_decay"):  # as before these options existed
+        for key in ("store_threshold", "context_decay", "lookahead"):  # as before these options existed
             if not config[key]:
                 del config[key]
         h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())

@@ -44,6 +44,10 @@ class AppendOptions:
     # 0 keys on the hidden state alone; d in (0, 1) also feeds the address and
     # query MLPs the decayed mean of the embeddings so far (memory.context)
     context_decay: float = 0.0
+    # True: a slot's address also reads the write state of the token after it
+    # (the one the slot stores), which a write sees and a causal LM at the
+    # slot's own token does not: docs/design.md, "Keying on what follows"
+    lookahead: bool = False
 
 
 @dataclasses.dataclass
@@ -114,6 +118,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{other}.{field.name} needs write_rule='{other}' "
                                  f"(this config's rule is {self.write_rule!r})")
         a = self.append
+        if not isinstance(a.lookahead, bool):
+            raise ValueError(f"MemoryConfig.append.lookahead must be a bool, got {a.lookahead!r}")
         for name in ("null_slots", "mlp_hidden"):
             _positive_int(getattr(a, name), f"MemoryConfig.append.{name}")
         for name in ("store_threshold", "context_decay"):  # in [0, 1), 0 = off

@@ -136,7 +136,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
         with torch.no_grad():
             hidden, _, context = write_layer_hidden(llm, memory, input_ids, mask)
         tokens += [hidden[r, :len(x)] for r, x in enumerate(ids)]
-        if decay:
+        if context is not None:  # the write context: decayed, and the next state with lookahead
             token_contexts += [context[r, :len(x)] for r, x in enumerate(ids)]
     for t, (tok_states, target) in enumerate(zip(tokens, targets)):
         if not 0 <= target < len(tok_states):
@@ -149,7 +149,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     every, every_context = every if decay else (every, None)
     memory.fit_statistics(torch.cat(tokens), [q_states[:, 0]] + [every[:, i].to(device)
                                                                  for i in layers[1:]],
-                          torch.cat(token_contexts) if decay else None,
+                          torch.cat(token_contexts) if token_contexts else None,
                           [q_context] + [every_context.to(device)] * (len(layers) - 1)
                           if decay else None)
     keep_rows = store_targets(statements, targets)
@@ -163,7 +163,7 @@ def pretrain_address(memory, llm: nn.Module, tokenizer, queries: list[str], stat
     for _ in bar:
         rows = draw_rows(len(queries), batch, gen, siblings, statements)
         candidates = torch.cat([tokens[r] for r in rows])[None]  # [1, K, C]
-        contexts = torch.cat([token_contexts[r] for r in rows])[None] if decay else None
+        contexts = torch.cat([token_contexts[r] for r in rows])[None] if token_contexts else None
         starts = torch.tensor([0] + [len(tokens[r]) for r in rows[:-1]]).cumsum(0)
         target = (starts + torch.tensor([targets[r] for r in rows])).to(device)
         # [batch, P, Dh]: copy 0 of each pair

@@ -638,19 +638,76 @@ def test_attached_context_memory_decodes_with_a_kv_cache_as_one_forward():
         assert handle.context.shape == (1, 6, HIDDEN)
 
 
-def test_pretrain_address_with_a_context_lowers_its_loss():
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_pretrain_address_with_a_context_lowers_its_loss(lookahead):
+    """With lookahead the write context holds each statement token's next
+    state beside its decayed context, and the address statistics fit both."""
     torch.manual_seed(15)
     model = tiny_llama()
-    memory = make_memory(model, context_decay=0.7)
+    memory = make_memory(model, context_decay=0.7, lookahead=lookahead)
     names = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(3)) for i in range(40)]
     queries = [f"who {n}?" for n in names]
     statements = [f"{n} is {names[(i + 5) % 40]}." for i, n in enumerate(names)]
     losses = pretrain_address(memory, model, CharTokenizer(), queries, statements,
                               [2] * len(names), steps=60, batch=16, lr=3e-3, progress=False)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
-    assert memory.address[0].mean.shape == (2 * HIDDEN,)
+    assert memory.address[0].mean.shape == ((3 if lookahead else 2) * HIDDEN,)
     assert not torch.equal(memory.readers[0].query[0].std[HIDDEN:],
                            torch.ones(HIDDEN, dtype=torch.float64))  # fitted on the contexts
+    if lookahead:  # fitted on the next states too
+        assert not torch.equal(memory.address[0].std[2 * HIDDEN:],
+                               torch.ones(HIDDEN, dtype=torch.float64))
+
+
+# --- keying on what follows (AppendOptions.lookahead) ---------------------------------------
+
+@pytest.mark.parametrize("decay", [0.0, 0.7])
+def test_lookahead_write_context_is_the_next_tokens_state_within_each_text(decay):
+    """write_layer_hidden with lookahead: the write context ends with the
+    write state of the token after each one, zero at a text's last real
+    token (padding follows) and at the end; the address MLP reads it beside
+    norm(h) and the decayed context, and store() writes those addresses."""
+    torch.manual_seed(21)
+    model = tiny_llama()
+    memory = make_memory(model, context_decay=decay, lookahead=True)
+    C = model.config.hidden_size
+    assert memory.write_context_width == C * (2 if decay else 1)
+    assert memory.address[0].mean.shape == (C + memory.write_context_width,)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # row 1: 4 real tokens, right-padded
+    hidden, values, context = memkernels.hf.write_layer_hidden(model, memory, ids, mask)
+    assert context.shape == (2, 6, memory.write_context_width)
+    nxt = context[..., -C:]
+    torch.testing.assert_close(nxt[0, :5], hidden[0, 1:])
+    torch.testing.assert_close(nxt[1, :3], hidden[1, 1:4])
+    assert not nxt[0, 5].any() and not nxt[1, 3:].any()
+    if decay:
+        plain = make_memory(model, context_decay=decay)
+        torch.testing.assert_close(context[..., :C],
+                                   memkernels.hf.write_layer_hidden(model, plain, ids, mask).context)
+    values = hidden if values is None else values
+    mem = memory.write(memory.fresh_mem(2), hidden, mask.bool(), values, context)
+    for row, n in ((0, 6), (1, 4)):
+        torch.testing.assert_close(mem[row, :, :n].transpose(0, 1),
+                                   expected_slots(memory, hidden[row, :n], values[row, :n], None,
+                                                  context[row, :n]))
+    with pytest.raises(ValueError, match="context must have the shape"):
+        memory.write(memory.fresh_mem(2), hidden, mask.bool(), values, context[..., :C // 2])
+    with pytest.raises(ValueError, match="keys on the context"):
+        memory.write(memory.fresh_mem(2), hidden, mask.bool(), values)
+
+
+def test_lookahead_is_a_saved_bool_and_leaves_other_memories_unchanged(tmp_path):
+    with pytest.raises(ValueError, match="lookahead must be a bool"):
+        make_memory(lookahead=1)
+    memory = make_memory(context_decay=0.5, lookahead=True)
+    memory.save_pretrained(tmp_path)
+    loaded = MemoryModel.from_pretrained(tmp_path)
+    assert loaded.config.append.lookahead is True
+    assert loaded.fingerprint() == memory.fingerprint()
+    plain = make_memory(context_decay=0.5)
+    assert plain.write_context_width == HIDDEN and plain.address[0].mean.shape == (2 * HIDDEN,)
 
 
 # --- an index for large banks (MemoryBank.build_index) --------------------------------------

@@ -61,6 +61,10 @@ def main(argv=None) -> None:
     ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
                     help="--world open: the address pre-training's statements and questions "
                          "drop and gain words, each with probability P / 2 (open_facts.vary)")
+    ap.add_argument("--lookahead", action="store_true",
+                    help="written copy memory: a slot's address also reads the next token's "
+                         "state (AppendOptions.lookahead), so it knows an object follows where "
+                         "the LM did not expect one")
     ap.add_argument("--store-threshold-after", type=float, default=None, metavar="T",
                     help="a written append or copy memory: save it with this store threshold "
                          "(AppendOptions.store_threshold; trained at %s)" % tasks.STORE_THRESHOLD)
@@ -94,6 +98,8 @@ def main(argv=None) -> None:
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
+    if args.lookahead and not (args.mode == "written" and args.write_rule == "copy"):
+        ap.error("--lookahead shapes a written copy memory: use --mode written --write-rule copy")
     if args.hard_negatives and not args.several_per_subject:
         ap.error("--hard-negatives groups the facts --several-per-subject gives about one "
                  "subject: give it a fraction > 0")
@@ -120,7 +126,8 @@ def main(argv=None) -> None:
         make_batch = tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts,
                                            aux_facts=0)
     else:
-        memory = (tasks.copy_memory(model, slots=args.slots, seed=args.seed)
+        memory = (tasks.copy_memory(model, slots=args.slots, seed=args.seed,
+                                    lookahead=args.lookahead)
                   if args.write_rule == "copy" and args.mode == "written"
                   else tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
                   else tasks.default_memory(model, slots=args.slots, seed=args.seed))
@@ -174,6 +181,7 @@ def main(argv=None) -> None:
                     "realistic_names": args.realistic_names,
                     "several_per_subject": args.several_per_subject,
                     "hard_negatives": args.hard_negatives,
+                    "lookahead": args.lookahead,
                     "read_scale_after": args.read_scale_after,
                     "store_threshold_after": args.store_threshold_after,
                     "pretrain_steps": len(pretrain_losses),
