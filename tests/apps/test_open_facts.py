@@ -263,6 +263,26 @@ def test_the_open_lm_command_refuses_what_would_overwrite_or_cannot_train():
             open_lm.main(bad)
 
 
+def test_the_open_lm_command_defaults_to_the_shipped_recipe(monkeypatch):
+    """`open_lm --out DIR` rebuilds the shipped LM's recipe (its training.json
+    says how it was trained) and records the command in training.json."""
+    import json
+    import os
+    from memkernels.apps.recall import open_lm
+    captured = {}
+    monkeypatch.setattr(open_lm, "train", lambda out, **kw: captured.update(out=out, **kw))
+    open_lm.main(["--out", "x"])
+    with open(os.path.join(open_lm.ASSET_DIR, "training.json")) as f:
+        shipped = json.load(f)
+    for option, recorded in (("steps", "steps"), ("batch", "batch"), ("seq_len", "seq_len"),
+                             ("windows", "windows"), ("varied", "varied_phrasings"),
+                             ("max_facts", "max_document_facts"), ("vocab_size", "vocab"),
+                             ("family", "family")):
+        assert captured[option] == shipped[recorded], option
+    assert captured["out"] == "x"
+    assert captured["command"] == "python -m memkernels.apps.recall.open_lm --out x"
+
+
 def test_the_open_lm_corpus_options_leave_the_default_corpus_as_it_was():
     from memkernels.apps.recall import open_lm
     assert open_lm.corpus(200, seed=3) == open_lm.corpus(200, seed=3, max_facts=10, varied=0.0)

@@ -1,8 +1,9 @@
 """A base LM that reads: trained here on open-vocabulary facts whose answers
 must be copied from the context (the frozen host of the open-vocabulary memory).
 
-    python -m memkernels.apps.recall.open_lm [--out DIR] [--steps N]
-    python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --out DIR
+    python -m memkernels.apps.recall.open_lm [--out DIR] [--steps N]    # the shipped recipe
+    python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --steps 5000 --seq-len 256 \
+        --batch 12 --windows packed --varied-phrasings 0 --out DIR    # the second family
     python -m memkernels.apps.recall.open_lm --evaluate DIR [--phrasings dev] [--report F]
 
 The corpus (open_facts, train splits of subjects, objects and phrasings; the
@@ -22,7 +23,9 @@ import json
 import os
 import random
 import re
+import shlex
 import statistics
+import sys
 import time
 from typing import Optional
 
@@ -32,6 +35,9 @@ from memkernels.apps.recall import base_lm, open_facts
 from memkernels.apps.recall.facts import qa_prompt
 
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "open_lm")
+# the command line's defaults: the recipe of the LM in ASSET_DIR (document
+# windows, half the documents varied: docs/performance.md, session 19)
+SHIPPED_RECIPE = dict(batch=8, seq_len=384, windows="document", varied_phrasings=0.3)
 CORPUS_SEED = 2_000_003
 
 
@@ -158,10 +164,12 @@ def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 10
 
 def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, seed: int = 0,
           family: str = "llama", vocab_size: int = 1024, seq_len: int = base_lm.SEQ_LEN,
-          max_facts: int = 10, varied: float = 0.0, windows: str = "packed", log=print) -> dict:
+          max_facts: int = 10, varied: float = 0.0, windows: str = "packed",
+          command: Optional[str] = None, log=print) -> dict:
     """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
     tokenizer of vocab_size into out_dir, on training windows of `windows`
-    (base_lm.packed_batches); returns training.json's contents."""
+    (base_lm.packed_batches); returns training.json's contents (with the
+    command that made it, when given)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = corpus(60_000, max_facts=max_facts, varied=varied)
@@ -180,7 +188,7 @@ def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, se
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
                 in_context_accuracy_n10_train_phrasings=in_context_accuracy(
                     model, tokenizer, 10, phrasings="train"),
-                family=family,
+                family=family, **({"command": command} if command else {}),
                 config=base_lm.GPT2_CONFIG if family == "gpt2" else base_lm.MODEL_CONFIG)
     base_lm.save(out_dir, model, tokenizer, info)
     log(f"open LM: {info['params'] / 1e6:.2f} M parameters, held-out perplexity "
@@ -232,17 +240,18 @@ def main(argv=None) -> None:
                     help="where the model goes (default for --family llama: the shipped "
                          "assets/open_lm, replaced)")
     ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=SHIPPED_RECIPE["batch"])
     ap.add_argument("--family", choices=base_lm.FAMILIES, default="llama",
                     help="the model family (gpt2: the second family the memory is shown on)")
     ap.add_argument("--vocab", type=int, default=1024, help="the BPE tokenizer's vocabulary")
-    ap.add_argument("--seq-len", type=int, default=base_lm.SEQ_LEN,
+    ap.add_argument("--seq-len", type=int, default=SHIPPED_RECIPE["seq_len"],
                     help="the training window in tokens")
     ap.add_argument("--max-document-facts", type=int, default=10,
                     help="a fact document states 1 to this many facts")
-    ap.add_argument("--varied-phrasings", type=float, default=0.0, metavar="P",
+    ap.add_argument("--varied-phrasings", type=float,
+                    default=SHIPPED_RECIPE["varied_phrasings"], metavar="P",
                     help="half the fact documents in phrasings varied by open_facts.vary(p=P)")
-    ap.add_argument("--windows", choices=base_lm.WINDOWS, default="packed",
+    ap.add_argument("--windows", choices=base_lm.WINDOWS, default=SHIPPED_RECIPE["windows"],
                     help="where a training window starts: anywhere (packed) or at a "
                          "document's start (document: no answer without its statement)")
     check = ap.add_argument_group("reading a prompt (--evaluate: no training)")
@@ -270,7 +279,9 @@ def main(argv=None) -> None:
                  "in [0, 1]")
     train(args.out or ASSET_DIR, steps=args.steps, batch=args.batch, family=args.family,
           vocab_size=args.vocab, seq_len=args.seq_len, max_facts=args.max_document_facts,
-          varied=args.varied_phrasings, windows=args.windows)
+          varied=args.varied_phrasings, windows=args.windows,
+          command="python -m memkernels.apps.recall.open_lm " + shlex.join(
+              sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
