@@ -82,13 +82,12 @@ def write_layer_hidden(model: nn.Module, memory: MemoryModel, input_ids: Tensor,
         parts = []
         if config.context_decay:
             parts.append(decayed_context(values[0], attention_mask, config.context_decay)[0])
-        if config.write_rule != "blend" and config.append.lookahead:
+        if config.append.lookahead:
             # what follows each token: the state the slot's stored token has
             real = attention_mask.to(stop.hidden.dtype)[..., None]
             parts.append(torch.cat([stop.hidden[:, 1:] * real[:, 1:],
                                     torch.zeros_like(stop.hidden[:, :1])], 1))
-        context = (None if not parts else parts[0] if len(parts) == 1
-                   else torch.cat([p.to(stop.hidden.dtype) for p in parts], -1))
+        context = torch.cat([p.to(stop.hidden.dtype) for p in parts], -1) if parts else None
         if config.values_from == "output_embeddings":  # the LM head's row of each token
             head = model.get_output_embeddings()
             if head is None or getattr(head, "weight", None) is None:

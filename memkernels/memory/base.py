@@ -174,9 +174,9 @@ class MemoryModel(nn.Module):
 
     @property
     def write_context_width(self) -> int:
-        """The width of a write's context (WriteInputs.context): the hidden
-        size with AppendOptions.context_decay, 0 (no context) without."""
-        return self.config.hidden_size if self.config.context_decay else 0
+        """The width of a write's context (WriteInputs.context); 0: none (the
+        append rule's writes have one: AppendMemory.write_context_width)."""
+        return 0
 
     def _check_write_context(self, context: Optional[Tensor], hidden: Tensor) -> None:
         """A write's context: [B, T, write_context_width], None where that is 0."""
