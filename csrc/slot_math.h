@@ -33,28 +33,41 @@ template <typename T>
 MK_HD T neg_inf() { return static_cast<T>(-HUGE_VAL); }  // usable in device code too
 
 #if !defined(__CUDA_ARCH__)
-// Host float exp: a branch-free polynomial (relative error ~2e-7) that the
-// compiler vectorizes; libm's expf is a scalar call and was the CPU kernels'
-// bottleneck (one per score, three per gated element). Below -87: exactly 0.
+// The host float exp's constants, shared by host_exp and the vector exp of
+// the CPU's softmax rows (cpu/simd.h, cpu/softmax_rows_body.inc):
+// exp(x) = 2^n * p(r), n = round(x log2 e), r = x - n ln 2 (Cody-Waite split),
+// p a degree-7 polynomial (relative error ~2e-7). Below kMin: exactly 0.
+namespace exp_poly {
+constexpr float kMin = -87.0f, kMax = 88.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+}  // namespace exp_poly
+
+// Host float exp: a branch-free polynomial that the compiler vectorizes;
+// libm's expf is a scalar call and was the CPU kernels' bottleneck (one per
+// score, three per gated element).
 inline float host_exp(float x) {
-  const float c = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  using namespace exp_poly;
+  const float c = x < kMin ? kMin : (x > kMax ? kMax : x);
   // round to nearest by adding and removing 1.5 * 2^23 (|c * log2 e| < 128):
   // plain adds vectorize under every ISA; std::nearbyint kept the AVX2 clone
   // of the loops scalar (seen on a Zen CPU: exp was 2x the read itself)
   constexpr float kRoundShifter = 12582912.0f;
-  const float n = (c * 1.44269504088896341f + kRoundShifter) - kRoundShifter;
-  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite ln2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float n = (c * kLog2e + kRoundShifter) - kRoundShifter;
+  const float r = (c - n * kLn2Hi) - n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
+  return x < kMin ? 0.0f : p * scale;
 }
 #endif
 

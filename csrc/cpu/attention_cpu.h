@@ -19,7 +19,7 @@
 
 namespace memkernels::cpu {
 
-constexpr int64_t kBlockM = 128;  // query rows per tile
+constexpr int64_t kBlockM = 256;  // query rows per tile
 constexpr int64_t kBlockN = 512;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
 
 // Keys/values stored in bfloat16 (the raw 16 bits): a decode step streams the

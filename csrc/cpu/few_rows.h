@@ -55,19 +55,8 @@ inline int64_t few_rows_scratch(int64_t rows, int64_t D, int64_t chunk) {
   return rows * D + rows * chunk + 2 * rows;
 }
 
-#ifdef MK_HAVE_SIMD_VEC
-MK_BEGIN_AVX512
-namespace isa_avx512 {
-#include "few_rows_body.inc"
-}  // namespace isa_avx512
-MK_END_ISA
-
-MK_BEGIN_AVX2
-namespace isa_avx2 {
-#include "few_rows_body.inc"
-}  // namespace isa_avx2
-MK_END_ISA
-#endif
+#define MK_ISA_BODY "few_rows_body.inc"
+#include "per_isa.h"
 
 #ifdef MK_HAVE_SIMD_VEC
 // Floats per vector, and rows per register block, of the body `isa` runs.

@@ -1,7 +1,9 @@
 // Vectorized row passes of the CPU kernels: masking, softmax, gate blend.
-// Float math goes through slot_math.h's branch-free host exp, so each loop
-// vectorizes; target_clones builds AVX-512, AVX2 and baseline copies picked
-// at load time. float64 (the checking precision) keeps libm.
+// The softmax rows (exp_row, softmax_grad_row) run a hand-vectorized body per
+// ISA (softmax_rows_body.inc, picked at run time like the few-row read); the
+// other passes go through slot_math.h's branch-free host exp, so each loop
+// auto-vectorizes, and target_clones builds AVX-512, AVX2 and baseline copies
+// picked at load time. float64 (the checking precision) keeps libm.
 #pragma once
 
 #include <cmath>
@@ -9,6 +11,7 @@
 #include <cstring>
 
 #include "../slot_math.h"
+#include "simd.h"
 
 namespace memkernels::cpu {
 
@@ -36,8 +39,13 @@ MK_CPU_CLONES inline T mask_and_max(T* s, const bool* valid, int64_t n) {
   return m;
 }
 
+// The softmax row passes, once per ISA (softmax_rows_body.inc); the portable
+// loops below serve CPUs without AVX2 and MEMKERNELS_CPU_ISA=generic.
+#define MK_ISA_BODY "softmax_rows_body.inc"
+#include "per_isa.h"
+
 // s[j] <- exp(s[j] - row_max) (0 when row_max is -inf); returns the row sum.
-MK_CPU_CLONES inline float exp_row(float* s, int64_t n, float row_max) {
+MK_CPU_CLONES inline float exp_row_portable(float* s, int64_t n, float row_max) {
   if (row_max == neg_inf<float>()) {
     for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
     return 0.0f;
@@ -49,6 +57,17 @@ MK_CPU_CLONES inline float exp_row(float* s, int64_t n, float row_max) {
     sum += s[j];
   }
   return sum;
+}
+
+inline float exp_row(float* s, int64_t n, float row_max) {
+#ifdef MK_HAVE_SIMD_VEC
+  switch (best_isa()) {
+    case Isa::avx512: return isa_avx512::exp_row(s, n, row_max);
+    case Isa::avx2: return isa_avx2::exp_row(s, n, row_max);
+    default: break;
+  }
+#endif
+  return exp_row_portable(s, n, row_max);
 }
 
 // float64 is the checking precision: exact libm exp.
@@ -63,8 +82,8 @@ inline double exp_row(double* s, int64_t n, double row_max) {
 
 // Backward: p = exp(score - lse) (0 where masked or lse = -inf), then
 // ds = p * (dp - delta) * scale in place of dp.
-MK_CPU_CLONES inline void softmax_grad_row(float* p, float* dp, int64_t n, float lse, float delta,
-                                           float scale) {
+MK_CPU_CLONES inline void softmax_grad_row_portable(float* p, float* dp, int64_t n, float lse,
+                                                    float delta, float scale) {
   if (lse == neg_inf<float>()) {
     for (int64_t j = 0; j < n; ++j) p[j] = dp[j] = 0.0f;
     return;
@@ -74,6 +93,18 @@ MK_CPU_CLONES inline void softmax_grad_row(float* p, float* dp, int64_t n, float
     p[j] = mk_exp(p[j] - lse);
     dp[j] = p[j] * (dp[j] - delta) * scale;
   }
+}
+
+inline void softmax_grad_row(float* p, float* dp, int64_t n, float lse, float delta,
+                             float scale) {
+#ifdef MK_HAVE_SIMD_VEC
+  switch (best_isa()) {
+    case Isa::avx512: return isa_avx512::softmax_grad_row(p, dp, n, lse, delta, scale);
+    case Isa::avx2: return isa_avx2::softmax_grad_row(p, dp, n, lse, delta, scale);
+    default: break;
+  }
+#endif
+  softmax_grad_row_portable(p, dp, n, lse, delta, scale);
 }
 
 inline void softmax_grad_row(double* p, double* dp, int64_t n, double lse, double delta,

@@ -1,7 +1,7 @@
 // The vector operations the hand-blocked CPU kernels are written in, once per
 // ISA: `isa_avx512::Vec` (16 floats) and `isa_avx2::Vec` (8 floats). A kernel
 // body written against `Vec` is compiled once per ISA by including it inside
-// that ISA's namespace under its target pragma (few_rows.h), so there is one
+// that ISA's namespace under its target pragma (per_isa.h), so there is one
 // body and no hand copy per ISA; the ISA is picked at run time.
 //
 // Each Vec also says how many rows a register block may hold (kRows): the
@@ -94,6 +94,18 @@ struct Vec {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  // x clamped to [lo, hi]; NaN stays NaN (max/min return their second operand on NaN)
+  static R clamp(R x, float lo, float hi) {
+    return _mm512_min_ps(set1(hi), _mm512_max_ps(set1(lo), x));
+  }
+  static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n (one instruction on AVX-512)
+  static R pow2_mul(R p, R n) { return _mm512_scalef_ps(p, n); }
+  // v where x >= lo (or x is NaN), else 0
+  static R zero_below(R v, R x, float lo) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(lo), _CMP_NLT_UQ), v);
+  }
   // The horizontal sums of a0..a3 as the 4 lanes of an __m128; the shuffles
   // are shared by the four.
   static __m128 reduce4(R a0, R a1, R a2, R a3) {
@@ -134,6 +146,20 @@ struct Vec {
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R clamp(R x, float lo, float hi) {
+    return _mm256_min_ps(set1(hi), _mm256_max_ps(set1(lo), x));
+  }
+  static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n in [-126, 127]: n is built into a float's exponent bits
+  static R pow2_mul(R p, R n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static R zero_below(R v, R x, float lo) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(lo), _CMP_LT_OQ), v);
+  }
   static __m128 reduce4(R a0, R a1, R a2, R a3) {
     // per 128-bit half: [sum a0, sum a1, sum a2, sum a3] over that half's lanes
     const R s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));

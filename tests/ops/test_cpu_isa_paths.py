@@ -1,6 +1,7 @@
 """The CPU's hand-blocked few-row read (csrc/cpu/few_rows.h: 1-16 query rows
-per group, the decode step) on every ISA body this CPU runs, against the
-float64 reference: the row and key grid across its block and chunk edges,
+per group, the decode step) and the tile path's softmax rows
+(csrc/cpu/softmax_rows_body.inc: prefill, backward, write) on every ISA body
+this CPU runs, against the float64 reference: the row and key grid across its block and chunk edges,
 head dims 1..256 (those not a multiple of the vector width take the
 portable loops), masks with all-masked rows, x50 logits, NaN queries, and
 bf16 / int8 banks through the fused reading layer, and that layer's
@@ -114,6 +115,53 @@ for C, M, H, Hk, D, B, T, shared in [(40, 0, 2, 2, 16, 1, 1, True), (64, 48, 4, 
     torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=5e-5,
                                msg=lambda m: f"reading layer C={C} M={M} B={B} T={T}: {m}")
     checked += 1
+
+# the tile path (more than 16 rows a group: prefill, backward, the write), whose
+# softmax rows (exp, and p and dS in the backward) run on the same ISA body:
+# forward and gradients against float64, row counts and key counts across the
+# 256-row and 512-key tiles and the vector width, masks with all-masked rows,
+# x50 logits, NaN
+def grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype))
+    return out.detach(), [t.grad for t in tensors]
+
+def check_grads(fn, want_fn, tensors, what, tol=1e-4):
+    global checked
+    out, got = grads(fn, tensors)
+    want_out, want = grads(want_fn, [t.double() for t in tensors])
+    torch.testing.assert_close(out, want_out.float(), rtol=tol, atol=tol, equal_nan=True,
+                               msg=lambda m: f"{what} out: {m}")
+    for name, g, w in zip("qkvabcdef", got, want):
+        torch.testing.assert_close(g, w.float(), rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{what} d{name}: {m}")
+    checked += 1
+
+for (B, T), S, D, logit in itertools.product([(1, 17), (2, 37), (1, 300)], [1, 15, 513, 1029],
+                                             [16, 33, 64], [1.0, 50.0]):
+    q, k, v = logit * torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    mask = torch.rand(B, S) > 0.4
+    mask[-1] = False
+    for m in (None, mask):
+        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=m, backend="cpu"),
+                    lambda q, k, v: reference.memory_read(q, k, v, slot_mask=m), [q, k, v],
+                    f"tile read B={B} T={T} S={S} D={D} x{logit} mask={m is not None}",
+                    tol=1e-4 * logit)  # dK sums dS * q: its rounding grows with q
+q, k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 700, 64), torch.randn(2, 700, 64)
+q[1, 0, 3, 7] = float("nan")
+out = memory_read(q, k, v, backend="cpu")
+assert out[1, 0, 3].isnan().all() and not out[1, 0, [0, 1, 2, 4]].isnan().any()
+check(q, k, v, what="tile NaN query")
+from memkernels import memory_write
+for B, S, T, D, gate in [(2, 20, 33, 16, 1), (1, 300, 515, 64, 64), (2, 17, 1, 33, 1)]:
+    tensors = [torch.randn(B, 2, S, D), torch.randn(B, 2, S, D), torch.randn(B, 2, T, D),
+               torch.randn(B, 2, T, D), torch.randn(B, 2, S, gate), torch.randn(B, 2, S, gate)]
+    tm = torch.rand(B, T) > 0.3
+    tm[0] = False
+    check_grads(lambda *t: memory_write(*t, token_mask=tm, backend="cpu"),
+                lambda *t: reference.memory_write(*t, token_mask=tm), tensors,
+                f"write B={B} S={S} T={T} D={D}")
 print("ok", checked)
 """
 
