@@ -8,7 +8,7 @@ import torch
 from memkernels.apps.bench import report, run
 from memkernels.apps.bench.cases import read_cases, write_cases
 from memkernels.apps.bench.shapes import ReadShape, WriteShape
-from memkernels.apps.bench.timing import median_time
+from memkernels.apps.bench.timing import median_time, median_times
 
 
 def test_registry_covers_every_op():
@@ -37,6 +37,42 @@ def test_cases_compute_the_same_function():
         assert {c.impl for c in w} >= {"memkernels[cpu]", "reference (eager)"}
         assert all(c.op == f"write_{mode}" for c in w)
         w[0].fns[0]()  # runs
+
+
+def test_median_times_take_turns():
+    """The entries are timed in turns (a slow minute lands on each alike), each
+    over its rotating input sets, and each gets its own median."""
+    calls = []
+    fast = [lambda i=i: calls.append(("fast", i)) for i in range(2)]
+    slow = [lambda: (calls.append(("slow", 0)), sum(range(20000)))]
+    t_fast, t_slow = median_times([fast, slow], torch.device("cpu"), min_time=0.0, rounds=3,
+                                  warmup=1, max_reps=30)
+    assert 0 < t_fast < t_slow
+    timed = [name for name, _ in calls[2:]]  # after one warm-up call each
+    turns = [name for i, name in enumerate(timed) if i == 0 or name != timed[i - 1]]
+    assert turns == ["fast", "slow"] * 3, turns
+    assert {i for name, i in calls if name == "fast"} == {0, 1}  # both input sets rotate
+    with pytest.raises(ValueError, match="rounds"):
+        median_times([fast], torch.device("cpu"), rounds=0)
+
+
+def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
+    """The CLI end to end on a tiny registry: one row per implementation, each
+    with its measured floor, the rounds recorded; a bad --rounds is refused."""
+    tiny = ReadShape("tiny", B=2, H=2, T=3, S=40, D=8)
+    monkeypatch.setattr(run.registry, "CPU_READ", [tiny])
+    monkeypatch.setattr(run, "read_cases", lambda *a: [c for c in read_cases(*a)
+                                                       if "compile" not in c.impl])
+    out = tmp_path / "r.jsonl"
+    assert run.main(["--device", "cpu", "--ops", "read_fwd", "--min-time", "0.01",
+                     "--rounds", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["impl"] for r in rows} >= {"memkernels[cpu]", "reference (eager)",
+                                         "sdpa (batch folded)"}
+    assert all(r["ms"] > 0 and r["pct_of_floor"] > 0 and r["rounds"] == 2 for r in rows)
+    with pytest.raises(SystemExit):
+        run.main(["--device", "cpu", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_report_renders_table_and_plot(tmp_path):

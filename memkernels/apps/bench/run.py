@@ -3,11 +3,13 @@
     python -m memkernels.apps.bench                 # whatever device is present
     python -m memkernels.apps.bench --device cpu --ops read_fwd --out results.jsonl
 
-Each row: median time, achieved GB/s and GFLOP/s, the roofline floor
-(max of bytes / bandwidth and FLOPs / matmul rate, all measured in this run:
-the read-only stream bandwidth for reads, the copy bandwidth for writes,
-which store their bank) as a percentage, and each baseline's time over
-memkernels' time.
+The implementations of one op on one shape are timed in turns (--rounds),
+so their ratios survive a shared machine's slow minutes. Each row: median
+time, achieved GB/s and GFLOP/s, the roofline floor
+(max of bytes / bandwidth and FLOPs / matmul rate, the limits measured in
+turns with the row's own group: the read-only stream bandwidth for reads,
+the copy bandwidth for writes, which store their bank) as a percentage, and
+each baseline's time over memkernels' time.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import memkernels
 from memkernels.apps.bench import shapes as registry
 from memkernels.apps.bench.cases import read_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
-from memkernels.apps.bench.timing import (copy_bandwidth, cuda_graphed, matmul_flops, median_time,
-                                          read_bandwidth)
+from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, matmul_probe, measure,
+                                          median_times, read_probe)
 from memkernels.ops import backend as _backend
 
 OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd")
@@ -83,9 +85,30 @@ def cases_for(op, shape, device, dtype, backends):
 
 
 def collect_cases(device, dtype, backends, ops):
+    """Lists of cases: every implementation of one op on one shape (timed together)."""
     for op in ops:
         for shape in shapes_for(op, device):
-            yield from cases_for(op, shape, device, dtype, backends)
+            yield cases_for(op, shape, device, dtype, backends)
+
+
+def prepared(case, device, graphs: bool):
+    """(callables to time, 'graph' or 'eager') after two warm-up calls (a
+    torch.compile baseline compiles here), or None with the reason printed
+    when the implementation cannot run this shape (reported, not fatal)."""
+    try:
+        fns, timing = case.fns, "eager"
+        if graphs:
+            try:
+                fns, timing = cuda_graphed(case.fns), "graph"
+            except Exception:  # not capturable (e.g. a CPU sync inside): time it eagerly
+                torch.cuda.synchronize()
+        for i in range(2):
+            fns[i % len(fns)]()
+        return fns, timing
+    except Exception as exc:
+        print(f"  {case.op} {case.shape.name} {case.impl}: failed ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        return None
 
 
 def main(argv=None) -> int:
@@ -95,19 +118,26 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds timed per row")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="turns the implementations of one op and shape take (each row's "
+                         "time is split over them), so a noisy minute hits them alike")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--no-graphs", action="store_true",
                     help="on CUDA, time eager launches instead of CUDA-graph replays")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     backends = args.backends or [b for b in memkernels.available_backends(device)
                                  if b != "reference"]
     info = machine_info(device)
-    copy_bw = copy_bandwidth(device)
-    bw = read_bandwidth(device)
-    peak = matmul_flops(device, dtype)
+    # the machine's limits: measured once here for the header, then again in
+    # turns with every group's implementations, so each row's floor is
+    # measured in the same minutes as the row itself
+    probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype)]
+    copy_bw, bw, peak = (measure(p, device) for p in probes)
     print(f"# {info.get('gpu', info['cpu'])} ({info.get('cpu_isa', '-')}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
           f"matmul {peak / 1e12:.2f} TFLOP/s | backends {backends}")
@@ -115,37 +145,36 @@ def main(argv=None) -> int:
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out_file = open(args.out, "a") if args.out else None  # one line per row, as measured
-    cases = list(collect_cases(device, dtype, backends, args.ops))
-    it = tqdm(cases, desc="benchmarks", file=sys.stderr)
-    for case in it:
-        graphed = device.type == "cuda" and not args.no_graphs
-        try:
-            fns = case.fns
-            if graphed:
-                try:
-                    fns = cuda_graphed(case.fns)
-                except Exception:  # not capturable (e.g. a CPU sync inside): time it eagerly
-                    graphed = False
-                    torch.cuda.synchronize()
-            t = median_time(fns, device, min_time=args.min_time)
-        except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
-            print(f"  {case.op} {case.shape.name} {case.impl}: failed ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:120]})", file=sys.stderr)
-            continue
-        # a read's bytes are almost all read once; a write also stores its bank
-        stream = bw if case.op.startswith("read") else copy_bw
-        floor = max(case.bytes / stream, case.flops / peak)
-        rows.append(dict(op=case.op, shape=case.shape.name, impl=case.impl, ms=t * 1e3,
-                         gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
-                         pct_of_floor=100 * floor / t, timing="graph" if graphed else "eager",
-                         bound="memory" if case.bytes / stream > case.flops / peak else "compute"))
-        if out_file:
-            out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
-                                       "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
-                                       "matmul_gflops": peak / 1e9,
-                                       "time": stamp, **info}) + "\n")
-            out_file.flush()
-        del case.fns
+    groups = list(collect_cases(device, dtype, backends, args.ops))
+    for group in tqdm(groups, desc="benchmarks", file=sys.stderr):
+        # every implementation of the op on this shape and the limits' probes, in turns
+        ready = [(case, prepared(case, device, device.type == "cuda" and not args.no_graphs))
+                 for case in group]
+        ready = [(case, *got) for case, got in ready if got is not None]
+        times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
+                             min_time=args.min_time, rounds=args.rounds, warmup=0)
+        copy_bw, bw, peak = (p.work / t for p, t in zip(probes, times[len(ready):]))
+        for (case, _, timing), t in zip(ready, times):
+            # a read's bytes are almost all read once; a write also stores its bank
+            stream = bw if case.op.startswith("read") else copy_bw
+            floor = max(case.bytes / stream, case.flops / peak)
+            rows.append(dict(op=case.op, shape=case.shape.name, impl=case.impl, ms=t * 1e3,
+                             gbps=case.bytes / t / 1e9, gflops=case.flops / t / 1e9,
+                             pct_of_floor=100 * floor / t, timing=timing,
+                             bound="memory" if case.bytes / stream > case.flops / peak
+                             else "compute"))
+            if out_file:
+                out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
+                                           "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
+                                           "matmul_gflops": peak / 1e9, "rounds": args.rounds,
+                                           "limits": "in turns with the row",
+                                           "time": stamp, **info}) + "\n")
+                out_file.flush()
+        print(f"  {group[0].op} {group[0].shape.name}: read stream {bw / 1e9:.1f} GB/s, "
+              f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s in its turns",
+              file=sys.stderr)
+        for case in group:
+            del case.fns
 
     print()
     print(markdown_table(rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -33,17 +34,14 @@ def cuda_graphed(fns: Sequence[Callable[[], object]]) -> list[Callable[[], objec
     return graphs
 
 
-def median_time(fns: Sequence[Callable[[], object]], device: torch.device, *,
-                min_time: float = 1.0, warmup: int = 2, max_reps: int = 200) -> float:
-    """Median seconds per call. `fns` are the same computation on rotating
-    input sets, so repeated calls do not just hit the cache."""
-    for i in range(warmup):
-        fns[i % len(fns)]()
-    sync(device)
+def _time_calls(fns: Sequence[Callable[[], object]], device: torch.device, seconds: float,
+                min_calls: int, max_calls: int, start: int = 0) -> list[float]:
+    """Seconds of each call, cycling through `fns` from index `start`, for
+    `seconds` (at least min_calls, at most max_calls calls)."""
     times: list[float] = []
-    start = time.perf_counter()
-    i = 0
-    while (time.perf_counter() - start < min_time or len(times) < 5) and len(times) < max_reps:
+    t0 = time.perf_counter()
+    i = start
+    while (time.perf_counter() - t0 < seconds or len(times) < min_calls) and len(times) < max_calls:
         fn = fns[i % len(fns)]
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -57,32 +55,75 @@ def median_time(fns: Sequence[Callable[[], object]], device: torch.device, *,
             fn()
             times.append(time.perf_counter() - t)
         i += 1
-    return statistics.median(times)
+    return times
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a large device copy, counting bytes read plus written."""
+def median_times(fn_lists: Sequence[Sequence[Callable[[], object]]], device: torch.device, *,
+                 min_time: float = 1.0, rounds: int = 1, warmup: int = 2,
+                 max_reps: int = 200) -> list[float]:
+    """Median seconds per call of each entry of `fn_lists` (each entry: the
+    same computation on rotating input sets, so repeated calls do not just
+    hit the cache). The entries take turns, `rounds` times, each turn
+    min_time / rounds seconds: a slow minute on a shared machine then lands
+    on every entry alike, and their ratios hold."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for fns in fn_lists:
+        for i in range(warmup):
+            fns[i % len(fns)]()
+    sync(device)
+    samples: list[list[float]] = [[] for _ in fn_lists]
+    min_calls, max_calls = -(-5 // rounds), max(1, max_reps // rounds)
+    for _ in range(rounds):
+        for fns, got in zip(fn_lists, samples):
+            got += _time_calls(fns, device, min_time / rounds, min_calls, max_calls, len(got))
+    return [statistics.median(got) for got in samples]
+
+
+def median_time(fns: Sequence[Callable[[], object]], device: torch.device, *,
+                min_time: float = 1.0, warmup: int = 2, max_reps: int = 200) -> float:
+    """Median seconds per call of one computation (median_times of one entry)."""
+    return median_times([fns], device, min_time=min_time, warmup=warmup, max_reps=max_reps)[0]
+
+
+@dataclass
+class Probe:
+    """A computation that measures one of the machine's limits: `work` bytes
+    or FLOPs per call, so the limit is work / (seconds per call)."""
+    name: str
+    fns: list[Callable[[], object]]
+    work: float
+
+
+def copy_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
+    """A large device copy; its work counts bytes read plus written."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
-    t = median_time([lambda: y.copy_(x)], device, min_time=0.5)
-    return 2 * x.numel() * 4 / t
+    return Probe("copy", [lambda: y.copy_(x)], 2 * x.numel() * 4)
 
 
-def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a large read-only stream (a sum over rotating buffers past
-    the last-level cache): the floor of a kernel that reads its bytes once,
-    such as a decode read of a bank. Higher than copy_bandwidth's, which
-    also writes."""
+def read_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
+    """A large read-only stream (a sum over rotating buffers past the
+    last-level cache): the floor of a kernel that reads its bytes once, such
+    as a decode read of a bank. Higher than the copy's, which also writes."""
     xs = [torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
-    fns = [functools.partial(torch.sum, x) for x in xs]
-    return xs[0].numel() * 4 / median_time(fns, device, min_time=0.5)
+    return Probe("read", [functools.partial(torch.sum, x) for x in xs], xs[0].numel() * 4)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 4096) -> float:
-    """FLOP/s of a large square matmul on random data in `dtype`."""
+def matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Probe:
+    """A large square matmul on random data in `dtype` (2048 on the CPU)."""
     if device.type == "cpu":
         n = 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = median_time([lambda: a @ b], device, min_time=0.5)
-    return 2 * n ** 3 / t
+    return Probe("matmul", [lambda: a @ b], 2 * n ** 3)
+
+
+def measure(probe: Probe, device: torch.device, min_time: float = 0.5) -> float:
+    """The probe's limit: bytes/s or FLOP/s."""
+    return probe.work / median_time(probe.fns, device, min_time=min_time)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large device copy, counting bytes read plus written."""
+    return measure(copy_probe(device, nbytes), device)
