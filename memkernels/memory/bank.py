@@ -272,19 +272,13 @@ class MemoryBank:
         self._slot_table = cached(self._slot_table, (self._mem,), build)
         return self._slot_table.value
 
-    def lexical_select(self, query_ids, k: int = LEXICAL_K,
-                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> "MemoryBank":
-        """select_entries of the stored texts that best match `query_ids` (the
-        question's token ids, same tokenizer) by BM25: a sparse index in front
-        of the dense read, for banks of many texts. At most k texts, those
-        scoring at least min_score_ratio x the best: the best text and its
-        near ties (several facts about the question's subject score alike:
-        the dense read tells them apart; a clear winner is read alone, as
-        more candidates confuse the read). Defaults chosen on the dev
-        phrasings (docs/performance.md). The index is built on the first
-        call and kept while the bank is unchanged. A question that shares no
-        term with any stored text gets the whole bank back (the dense read
-        over everything), not an arbitrary text."""
+    def lexical_choice(self, query_ids, k: int = LEXICAL_K,
+                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> Tensor:
+        """The indices (into entries, best first) of the stored texts that best
+        match `query_ids` (the question's token ids, same tokenizer) by BM25:
+        at most k, those scoring at least min_score_ratio x the best; empty
+        when the question shares no term with any stored text. The index is
+        built on the first call and kept while the bank is unchanged."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if isinstance(min_score_ratio, bool) or not isinstance(min_score_ratio, (int, float)) \
@@ -296,9 +290,21 @@ class MemoryBank:
                                                  for t in query_ids):
             raise TypeError("query_ids must be the question's token ids (a list of ints or an "
                             "int tensor), not text: tokenize it with the model's tokenizer")
-        entries = self._require_entries("lexical_select")
+        entries = self._require_entries("lexical_choice")
         self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
-        chosen = self._lexical.value.top(query_ids, k, float(min_score_ratio))
+        return self._lexical.value.top(query_ids, k, float(min_score_ratio))
+
+    def lexical_select(self, query_ids, k: int = LEXICAL_K,
+                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> "MemoryBank":
+        """select_entries of lexical_choice: a sparse index in front of the
+        dense read, for banks of many texts. The best text and its near ties
+        (several facts about the question's subject score alike: the dense
+        read tells them apart; a clear winner is read alone, as more
+        candidates confuse the read). Defaults chosen on the dev phrasings
+        (docs/performance.md). A question that shares no term with any stored
+        text gets the whole bank back (the dense read over everything), not
+        an arbitrary text."""
+        chosen = self.lexical_choice(query_ids, k, min_score_ratio)
         return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------

@@ -57,6 +57,8 @@ MAX_NEW_TOKENS = 12  # the longest answers are 8-9 tokens and a period
 # banks of this many facts or more are read through an index (MemoryBank.build_index):
 # an exact read of 10,000 facts (~70,000 slots) costs more than the LM's step
 INDEX_FROM, INDEX_PROBES = 10_000, 8
+# dev runs draw train-split values from seeds this far past the eval runs' seeds
+DEV_VALUE_OFFSET = 10 ** 6
 LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
@@ -190,7 +192,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     # dev phrasings tune the memory's training: their facts draw train-split
     # subjects and objects (fresh words all the same), so that tuning never
     # touches an eval value
-    value_split, value_offset = ("train", 10 ** 6) if phrasings == "dev" else ("eval", 0)
+    value_split, value_offset = ("train", DEV_VALUE_OFFSET) if phrasings == "dev" else ("eval", 0)
     rows = []
 
     def record(split, condition, n, facts, got, extra=None):

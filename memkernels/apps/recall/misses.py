@@ -1,0 +1,120 @@
+"""Where the memory's misses are, on the dev phrasings: for each question the
+lexical read gets wrong, was the fact's statement selected, is the answer
+another selected fact's object, and does the read answer right when the
+fact's own statement is the only one selected (an oracle selection).
+
+    python -m memkernels.apps.recall.misses --splits 'realistic names' 'several per subject' \\
+        --facts 1000 --questions 150 --out misses.json
+
+It tells a selection problem (the index picks the wrong texts) from a read
+problem (the right text, read wrong). Dev phrasings and train-split values
+only, as the dev runs of open_recall: a diagnosis guides tuning, and the eval
+phrasings and values never tune anything.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import shlex
+import sys
+from typing import Optional
+
+import torch
+
+import memkernels
+from memkernels.apps.recall import benchmark, open_facts
+from memkernels.apps.recall.facts import qa_prompt
+from memkernels.apps.recall.open_recall import (DEV_VALUE_OFFSET, MAX_NEW_TOKENS, SPLITS,
+                                                load_open)
+from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
+
+# a miss's kinds: where the fact's statement was, and what was answered
+NOT_SELECTED = "not selected"
+OTHER_OBJECT = "another selected fact's object"
+GARBLED = "selected, answered wrong"
+
+
+def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
+             examples: int = 20) -> dict:
+    """The miss breakdown of one split (see the module's docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    if n_facts < 1 or questions < 1:
+        raise ValueError(f"n_facts and questions must be >= 1, got {n_facts} and {questions}")
+    rng = random.Random(seed)
+    facts = open_facts.make_open_facts(n_facts, seed=seed + n_facts + DEV_VALUE_OFFSET,
+                                       split="train", **SPLITS[split])
+    statements = [f.statement(rng, "dev") for f in facts]
+    asked = rng.sample(range(len(facts)), min(questions, len(facts)))
+    bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
+    counts: collections.Counter = collections.Counter()
+    oracle_right = collections.Counter()
+    shown = []
+    with memkernels.attach(model, memory, None) as handle:
+        def read(chosen, prompt):
+            with handle.using(bank.select_entries(chosen) if len(chosen) else bank):
+                return benchmark.answer(model, tokenizer, [prompt],
+                                        max_new_tokens=MAX_NEW_TOKENS)[0]
+
+        for i in asked:
+            question = facts[i].question(rng, "dev")
+            prompt = qa_prompt(question)
+            chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], LEXICAL_K,
+                                         LEXICAL_MIN_SCORE_RATIO).tolist()
+            got = read(chosen, prompt)
+            if got == facts[i].object:
+                counts["right"] += 1
+                continue
+            kind = (NOT_SELECTED if i not in chosen else
+                    OTHER_OBJECT if got in {facts[j].object for j in chosen if j != i} else GARBLED)
+            oracle = read([i], prompt)
+            counts[kind] += 1
+            oracle_right[kind] += oracle == facts[i].object
+            if len(shown) < examples:
+                shown.append(dict(kind=kind, statement=statements[i], question=question,
+                                  answer=facts[i].object, got=got, got_alone=oracle,
+                                  selected=[statements[j] for j in chosen]))
+    return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
+                counts=dict(counts), right_when_alone=dict(oracle_right), examples=shown)
+
+
+def summary(result: dict) -> str:
+    counts, alone = result["counts"], result["right_when_alone"]
+    misses = ", ".join(f"{kind} {n} (right alone {alone.get(kind, 0)})"
+                       for kind, n in counts.items() if kind != "right")
+    return (f"{result['split']} N={result['n_facts']}: {counts.get('right', 0)} of "
+            f"{result['questions']} right; misses: {misses or 'none'}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="base LM directory (default: the shipped one)")
+    ap.add_argument("--memory", default=None, help="memory directory (default: the shipped one)")
+    ap.add_argument("--splits", nargs="+", default=["realistic names", "several per subject"],
+                    choices=sorted(SPLITS))
+    ap.add_argument("--facts", type=int, default=1000)
+    ap.add_argument("--questions", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the breakdowns (and examples) as JSON")
+    args = ap.parse_args(argv)
+    if args.facts < 1 or args.questions < 1:
+        ap.error("--facts and --questions must be >= 1")
+    torch.manual_seed(args.seed)
+    model, tokenizer, memory = load_open(args.model, args.memory)
+    results = []
+    for split in args.splits:
+        results.append(diagnose(model, tokenizer, memory, split, args.facts, args.questions,
+                                args.seed))
+        print(summary(results[-1]))
+    if args.out:
+        with open(args.out, "w") as f:
+            words = argv if argv is not None else sys.argv[1:]
+            json.dump(dict(command=" ".join(["python -m memkernels.apps.recall.misses"] +
+                                            [shlex.quote(w) for w in words]),
+                           results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

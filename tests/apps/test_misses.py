@@ -1,0 +1,39 @@
+"""The miss breakdown (memkernels.apps.recall.misses) on a tiny LM and an
+untrained copy memory: every question is counted once, as right or as one
+kind of miss, each miss re-read with its statement alone; the CLI writes the
+breakdown with its command. Its real figures come from the shipped pair."""
+import json
+
+import pytest
+
+from tests.apps.test_open_facts import save_tiny_open_lm
+
+
+def test_misses_count_every_question_once(tmp_path):
+    from memkernels.apps.recall import misses, open_recall, tasks
+    model = save_tiny_open_lm(tmp_path / "lm")
+    tasks.copy_memory(model, slots=64).save_pretrained(tmp_path / "memory")
+    lm, tokenizer, memory = open_recall.load_open(str(tmp_path / "lm"), str(tmp_path / "memory"))
+    result = misses.diagnose(lm, tokenizer, memory, "several per subject", n_facts=9,
+                             questions=5, examples=2)
+    counts = result["counts"]
+    assert sum(counts.values()) == result["questions"] == 5
+    assert set(counts) <= {"right", misses.NOT_SELECTED, misses.OTHER_OBJECT, misses.GARBLED}
+    alone = result["right_when_alone"]
+    assert all(0 <= alone[kind] <= counts[kind] for kind in alone)
+    assert len(result["examples"]) == min(2, 5 - counts.get("right", 0))
+    for e in result["examples"]:
+        assert e["answer"] in e["statement"] and e["got"] != e["answer"]
+        assert (e["kind"] == misses.NOT_SELECTED) == (e["statement"] not in e["selected"])
+    assert "several per subject N=9" in misses.summary(result)
+    with pytest.raises(ValueError, match="split"):
+        misses.diagnose(lm, tokenizer, memory, "no such split", 9, 5)
+
+    out = tmp_path / "misses.json"
+    misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
+                 "--splits", "held-out", "--facts", "6", "--questions", "3", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["command"].startswith("python -m memkernels.apps.recall.misses --model")
+    assert [r["split"] for r in written["results"]] == ["held-out"]
+    with pytest.raises(SystemExit):
+        misses.main(["--facts", "0"])
