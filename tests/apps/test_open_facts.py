@@ -265,10 +265,13 @@ def test_the_open_lm_command_refuses_what_would_overwrite_or_cannot_train():
 
 def test_the_open_lm_command_defaults_to_the_shipped_recipe(monkeypatch):
     """`open_lm --out DIR` rebuilds the shipped LM's recipe (its training.json
-    says how it was trained) and records the command in training.json."""
+    says how it was trained) and records the command in training.json;
+    open_lm.train()'s own defaults are that recipe too."""
     import json
     import os
     from memkernels.apps.recall import open_lm
+    import inspect
+    defaults = {name: p.default for name, p in inspect.signature(open_lm.train).parameters.items()}
     captured = {}
     monkeypatch.setattr(open_lm, "train", lambda out, **kw: captured.update(out=out, **kw))
     open_lm.main(["--out", "x"])
@@ -281,6 +284,12 @@ def test_the_open_lm_command_defaults_to_the_shipped_recipe(monkeypatch):
         assert captured[option] == shipped[recorded], option
     assert captured["out"] == "x"
     assert captured["command"] == "python -m memkernels.apps.recall.open_lm --out x"
+    # the function's own defaults are the same recipe (one place: SHIPPED_RECIPE)
+    for option, recorded in (("steps", "steps"), ("batch", "batch"), ("seq_len", "seq_len"),
+                             ("windows", "windows"), ("varied", "varied_phrasings"),
+                             ("max_facts", "max_document_facts"), ("vocab_size", "vocab"),
+                             ("family", "family")):
+        assert defaults[option] == shipped[recorded], option
 
 
 def test_the_open_lm_corpus_options_leave_the_default_corpus_as_it_was():

@@ -162,14 +162,17 @@ def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 10
     return in_context_report(model, tokenizer, n_facts, questions, seed, phrasings)["accuracy"]
 
 
-def train(out_dir: str, steps: int = 6000, batch: int = 12, lr: float = 1e-3, seed: int = 0,
-          family: str = "llama", vocab_size: int = 1024, seq_len: int = base_lm.SEQ_LEN,
-          max_facts: int = 10, varied: float = 0.0, windows: str = "packed",
-          command: Optional[str] = None, log=print) -> dict:
+def train(out_dir: str, steps: int = 6000, batch: int = SHIPPED_RECIPE["batch"], lr: float = 1e-3,
+          seed: int = 0, family: str = "llama", vocab_size: int = 1024,
+          seq_len: int = SHIPPED_RECIPE["seq_len"], max_facts: int = 10,
+          varied: float = SHIPPED_RECIPE["varied_phrasings"],
+          windows: str = SHIPPED_RECIPE["windows"], command: Optional[str] = None,
+          log=print) -> dict:
     """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
     tokenizer of vocab_size into out_dir, on training windows of `windows`
     (base_lm.packed_batches); returns training.json's contents (with the
-    command that made it, when given)."""
+    command that made it, when given). The defaults are the shipped LM's
+    recipe (SHIPPED_RECIPE), as the command line's are."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = corpus(60_000, max_facts=max_facts, varied=varied)
