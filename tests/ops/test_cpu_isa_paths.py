@@ -127,11 +127,11 @@ def grads(fn, tensors):
     out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype))
     return out.detach(), [t.grad for t in tensors]
 
-def check_grads(fn, want_fn, tensors, what, tol=1e-4):
+def check_grads(fn, want_fn, tensors, what, tol=1e-4, out_tol=2e-5):
     global checked
     out, got = grads(fn, tensors)
     want_out, want = grads(want_fn, [t.double() for t in tensors])
-    torch.testing.assert_close(out, want_out.float(), rtol=tol, atol=tol, equal_nan=True,
+    torch.testing.assert_close(out, want_out.float(), rtol=out_tol, atol=out_tol, equal_nan=True,
                                msg=lambda m: f"{what} out: {m}")
     for name, g, w in zip("qkvabcdef", got, want):
         torch.testing.assert_close(g, w.float(), rtol=tol, atol=tol, equal_nan=True,
@@ -147,7 +147,8 @@ for (B, T), S, D, logit in itertools.product([(1, 17), (2, 37), (1, 300)], [1, 1
         check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=m, backend="cpu"),
                     lambda q, k, v: reference.memory_read(q, k, v, slot_mask=m), [q, k, v],
                     f"tile read B={B} T={T} S={S} D={D} x{logit} mask={m is not None}",
-                    tol=1e-4 * logit)  # dK sums dS * q: its rounding grows with q
+                    # a score's float32 rounding grows with it; dK sums dS * q on top
+                    tol=1e-4 * logit, out_tol=2e-5 if logit == 1.0 else 1e-4)
 q, k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 700, 64), torch.randn(2, 700, 64)
 q[1, 0, 3, 7] = float("nan")
 out = memory_read(q, k, v, backend="cpu")

@@ -90,7 +90,6 @@ def median_time(fns: Sequence[Callable[[], object]], device: torch.device, *,
 class Probe:
     """A computation that measures one of the machine's limits: `work` bytes
     or FLOPs per call, so the limit is work / (seconds per call)."""
-    name: str
     fns: list[Callable[[], object]]
     work: float
 
@@ -99,7 +98,7 @@ def copy_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
     """A large device copy; its work counts bytes read plus written."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
-    return Probe("copy", [lambda: y.copy_(x)], 2 * x.numel() * 4)
+    return Probe([lambda: y.copy_(x)], 2 * x.numel() * 4)
 
 
 def read_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
@@ -107,7 +106,7 @@ def read_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
     last-level cache): the floor of a kernel that reads its bytes once, such
     as a decode read of a bank. Higher than the copy's, which also writes."""
     xs = [torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
-    return Probe("read", [functools.partial(torch.sum, x) for x in xs], xs[0].numel() * 4)
+    return Probe([functools.partial(torch.sum, x) for x in xs], xs[0].numel() * 4)
 
 
 def matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Probe:
@@ -116,7 +115,7 @@ def matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Pro
         n = 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return Probe("matmul", [lambda: a @ b], 2 * n ** 3)
+    return Probe([lambda: a @ b], 2 * n ** 3)
 
 
 def measure(probe: Probe, device: torch.device, min_time: float = 0.5) -> float:
