@@ -23,7 +23,8 @@ from torch import Tensor
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
-from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, Entries, LexicalIndex
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO, Entries,
+                                       LexicalIndex)
 
 BANK_FORMAT = "memkernels.bank"
 # 2: the checksum covers the metadata too (1: the tensor only; still read)
@@ -273,17 +274,24 @@ class MemoryBank:
         return self._slot_table.value
 
     def lexical_choice(self, query_ids, k: int = LEXICAL_K,
-                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> Tensor:
+                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
+                       max_df: float = LEXICAL_MAX_DF) -> Tensor:
         """The indices (into entries, best first) of the stored texts that best
         match `query_ids` (the question's token ids, same tokenizer) by BM25:
         at most k, those scoring at least min_score_ratio x the best; empty
-        when the question shares no term with any stored text. The index is
+        when the question shares no term with any stored text. Question terms
+        that more than max_df of the texts hold (and more than 10) do not
+        count: the words of a phrasing many facts share outweigh the one
+        word that names the relation (1.0: every term counts). The index is
         built on the first call and kept while the bank is unchanged."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if isinstance(min_score_ratio, bool) or not isinstance(min_score_ratio, (int, float)) \
                 or not 0.0 <= min_score_ratio <= 1.0:
             raise ValueError(f"min_score_ratio must be a number in [0, 1], got {min_score_ratio!r}")
+        if isinstance(max_df, bool) or not isinstance(max_df, (int, float)) \
+                or not 0.0 < max_df <= 1.0:
+            raise ValueError(f"max_df must be a number in (0, 1], got {max_df!r}")
         if isinstance(query_ids, Tensor):
             query_ids = query_ids.reshape(-1).tolist()
         if isinstance(query_ids, str) or not all(isinstance(t, int) and not isinstance(t, bool)
@@ -292,10 +300,11 @@ class MemoryBank:
                             "int tensor), not text: tokenize it with the model's tokenizer")
         entries = self._require_entries("lexical_choice")
         self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
-        return self._lexical.value.top(query_ids, k, float(min_score_ratio))
+        return self._lexical.value.top(query_ids, k, float(min_score_ratio), float(max_df))
 
     def lexical_select(self, query_ids, k: int = LEXICAL_K,
-                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO) -> "MemoryBank":
+                       min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
+                       max_df: float = LEXICAL_MAX_DF) -> "MemoryBank":
         """select_entries of lexical_choice: a sparse index in front of the
         dense read, for banks of many texts. The best text and its near ties
         (several facts about the question's subject score alike: the dense
@@ -304,7 +313,7 @@ class MemoryBank:
         (docs/performance.md). A question that shares no term with any stored
         text gets the whole bank back (the dense read over everything), not
         an arbitrary text."""
-        chosen = self.lexical_choice(query_ids, k, min_score_ratio)
+        chosen = self.lexical_choice(query_ids, k, min_score_ratio, max_df)
         return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------

@@ -90,10 +90,15 @@ def _terms(tokens: Tensor) -> Tensor:
 _PAIR_BASE = 1 << 24  # above any vocabulary's token ids
 
 # MemoryBank.lexical_select's defaults, chosen on the recall benchmark's dev
-# phrasings (docs/performance.md, "A lexical index in front of the read"):
-# the best text and its near ties, at most 3
+# phrasings (docs/performance.md, "A lexical index in front of the read";
+# "Common words out of the selection"): the best text and its near ties, at
+# most 3, scored on the question's terms that at most a tenth of the texts hold
 LEXICAL_K = 3
 LEXICAL_MIN_SCORE_RATIO = 0.9
+LEXICAL_MAX_DF = 0.1
+# a term held by this many texts or fewer always counts, whatever the share:
+# in a small bank every term is in a large share of it
+LEXICAL_MAX_DF_FLOOR = 10
 
 
 class LexicalIndex:
@@ -160,11 +165,23 @@ class LexicalIndex:
             out.index_add_(0, self.post_text[lo:hi], self.post_score[lo:hi])
         return out
 
-    def top(self, query_ids: Sequence[int], k: int, min_score_ratio: float = 0.0) -> Tensor:
+    def top(self, query_ids: Sequence[int], k: int, min_score_ratio: float = 0.0,
+            max_df: float = 1.0) -> Tensor:
         """The k texts of highest score, best first (equal scores: the text
         stored first), among those sharing a term with the query (fewer, or
         none, when fewer do) and scoring at least min_score_ratio x the best
-        score (1.0: the best and its exact ties). One op over the postings of
+        score (1.0: the best and its exact ties). Terms held by more than
+        max_df of the texts (and by more than LEXICAL_MAX_DF_FLOOR) do not
+        count, unless no other term would (max_df as scikit-learn's
+        vectorizers: corpus-specific stop words). One op over the postings of
         the query's terms (memkernels.ops.postings_top)."""
+        terms = self._query_terms(query_ids)
+        if max_df < 1.0 and terms.numel():
+            df = self.starts[terms + 1] - self.starts[terms]
+            rare = df <= max(max_df * self.size, LEXICAL_MAX_DF_FLOOR)
+            # a question of common words only is scored on them all: BM25's
+            # idf still ranks them
+            if bool(rare.any()):
+                terms = terms[rare]
         return postings_top(self.starts, self.post_text, self.post_score, self.size,
-                            self._query_terms(query_ids), k, min_score_ratio)
+                            terms, k, min_score_ratio)

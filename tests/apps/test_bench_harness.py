@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import read_cases, write_cases
-from memkernels.apps.bench.shapes import ReadShape, WriteShape
+from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
+from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
 
 
 def test_registry_covers_every_op():
     for device in (torch.device("cpu"), torch.device("cuda")):
         for op in run.OPS:
-            assert run.shapes_for(op, device), op
+            # the fused reading layer has a CPU kernel only
+            assert bool(run.shapes_for(op, device)) == (op != "reader_fwd" or device.type == "cpu"), op
     for op in ("read_bwd", "read_fwd_bwd"):
         assert all("decode" not in s.name for s in run.shapes_for(op, torch.device("cpu")))
 
@@ -37,6 +38,25 @@ def test_cases_compute_the_same_function():
         assert {c.impl for c in w} >= {"memkernels[cpu]", "reference (eager)"}
         assert all(c.op == f"write_{mode}" for c in w)
         w[0].fns[0]()  # runs
+
+
+def test_reader_cases_compute_the_reading_layer():
+    """The fused reading layer's case returns what the same math in ATen ops
+    returns, on every rotating input set; its floor counts the weights, the
+    bank and the hidden state once."""
+    shape = ReaderShape("tiny", B=2, T=3, C=24, M=20, H=4, Hk=2, S=37, D=8)
+    cases = {c.impl: c for c in reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"],
+                                             "fwd")}
+    assert set(cases) == {"memkernels[cpu]", "reference (eager)", "torch.compile(reference)"}
+    assert all(c.op == "reader_fwd" for c in cases.values())
+    fused, eager = cases["memkernels[cpu]"], cases["reference (eager)"]
+    assert len(fused.fns) == len(eager.fns) > 8  # small: more sets rotate past the cache
+    for f, e in zip(fused.fns[:3], eager.fns[:3]):
+        torch.testing.assert_close(f(), e(), atol=1e-5, rtol=1e-5)
+    weights = 20 * 24 + 20 + 32 * 20 + 32 * 24
+    assert fused.bytes == 4 * (weights + 2 * 2 * 37 * 8 + 2 * 2 * 3 * 24)
+    with pytest.raises(ValueError, match="inference only"):
+        reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd_bwd")
 
 
 def test_median_times_take_turns():

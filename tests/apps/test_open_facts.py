@@ -100,7 +100,7 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     from memkernels.apps.recall import open_recall, tasks
     model = save_tiny_open_lm(tmp_path / "lm")
     tasks.copy_memory(model, slots=64).save_pretrained(tmp_path / "memory")
-    LEXICAL_NAME = "memory, lexical top-3, >= 0.9 x best"
+    LEXICAL_NAME = "memory, lexical top-3, >= 0.9 x best, words in <= 0.1 of texts"
     rows = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
                            log=lambda *_: None)
     assert {r["split"] for r in rows} == set(open_recall.SPLITS)

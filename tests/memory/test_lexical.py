@@ -10,8 +10,8 @@ import torch
 
 import memkernels
 from memkernels import MemoryBank
-from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, Entries,
-                                       LexicalIndex, _terms)
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MAX_DF_FLOOR,
+                                       LEXICAL_MIN_SCORE_RATIO, Entries, LexicalIndex, _terms)
 
 from test_append import VOCAB, make_memory, tiny_llama
 
@@ -148,6 +148,60 @@ def test_lexical_select_finds_the_text_a_question_shares_words_with():
     assert bank.lexical_select([VOCAB + 7], k=1) is bank
 
 
+def facts_about_subjects(subjects: int, seed: int, relations: int = 3):
+    """Token-id texts shaped as the recall benchmark's several-per-subject
+    facts: each subject (2 ids of its own) has `relations` facts of 40
+    relations (an id each), each stated in one of four phrasings (3 ids
+    each, common to a quarter of the texts), with an object (2 ids of its
+    own). Ids: phrasings 1-12, relations 20-59, subjects 100.., objects
+    10,000..; returns the texts and their (subject, relation)."""
+    rng = random.Random(seed)
+    phrasings = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    texts, about = [], []
+    for s in range(subjects):
+        subject = [100 + 2 * s, 101 + 2 * s]
+        for r in rng.sample(range(20, 60), relations):
+            obj = [10_000 + 2 * len(texts), 10_001 + 2 * len(texts)]
+            texts.append(phrasings[len(texts) % 4] + subject + [r] + obj)
+            about.append((s, r))
+    return texts, about
+
+
+def test_common_words_do_not_outvote_the_relations_word():
+    """A question shares the subject with all its facts, the relation's word
+    with one, and its phrasing's words with a quarter of the texts: counted,
+    the phrasing picks a sibling stated the same way; above max_df those
+    words do not count, and the asked fact wins."""
+    texts, about = facts_about_subjects(subjects=120, seed=0)
+    index = LexicalIndex(Entries.from_texts(texts, torch.full((1,), -1)))
+    right = {True: 0, False: 0}
+    for e, (s, r) in enumerate(about):
+        sibling = next(j for j, (s2, _) in enumerate(about) if s2 == s and j != e)
+        question = texts[sibling][:3] + [r] + texts[e][3:5]  # phrasing, relation, subject
+        for filtered in (True, False):
+            top = index.top(question, 1, 0.0, max_df=LEXICAL_MAX_DF if filtered else 1.0)
+            right[filtered] += int(top[0]) == e
+    assert right[True] == len(texts)
+    assert right[False] == 0  # unfiltered, the phrasing's words outvote the relation's
+
+
+def test_max_df_skips_only_terms_that_many_texts_hold():
+    texts, about = facts_about_subjects(subjects=60, seed=1)
+    index = LexicalIndex(Entries.from_texts(texts, torch.full((1,), -1)))
+    question = [1, 2, 3, about[0][1], 100, 101]
+    # ids 1-3 are in a quarter of the texts: over 0.1 of 180 and over the floor
+    rare = [about[0][1], 100, 101]
+    for k, ratio in ((1, 0.0), (5, 0.0), (5, 0.9)):
+        assert torch.equal(index.top(question, k, ratio, max_df=0.1), index.top(rare, k, ratio))
+    # a question of common words only is scored on them all
+    assert torch.equal(index.top([1, 2, 3], 4, 0.0, max_df=0.1), index.top([1, 2, 3], 4, 0.0))
+    # a small bank: no term is held by more than the floor, so every term counts
+    small = texts[:LEXICAL_MAX_DF_FLOOR]
+    small_index = LexicalIndex(Entries.from_texts(small, torch.full((1,), -1)))
+    assert torch.equal(small_index.top(question, 5, 0.0, max_df=0.1),
+                       small_index.top(question, 5, 0.0))
+
+
 def test_entries_go_away_when_the_bank_changes_and_survive_save_load(tmp_path):
     model, memory, texts = gated_memory_and_texts(5)
     bank = memkernels.store(memory, model, None, texts)
@@ -204,6 +258,9 @@ def test_bad_arguments_are_named():
     for ratio in (-0.1, 1.5, float("nan"), "0.9", True):
         with pytest.raises(ValueError, match="min_score_ratio must be a number in"):
             bank.lexical_select([1], min_score_ratio=ratio)
+    for max_df in (0.0, -0.5, 1.5, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="max_df must be a number in"):
+            bank.lexical_select([1], max_df=max_df)
     with pytest.raises(TypeError, match="token ids"):
         bank.lexical_select("a question")
     with pytest.raises(ValueError, match="chosen: text indices"):

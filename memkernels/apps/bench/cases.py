@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import memkernels
 from memkernels.ops import reference
-from memkernels.apps.bench.shapes import BACKWARD_FLOP_FACTOR, ReadShape, WriteShape
+from memkernels.apps.bench.shapes import BACKWARD_FLOP_FACTOR, ReaderShape, ReadShape, WriteShape
 
 CACHE_BYTES = {"cpu": 512 << 20, "cuda": 64 << 20}  # inputs rotate past the last-level cache
 
@@ -27,8 +27,8 @@ class Case:
     bytes: float
 
 
-def _n_sets(bytes_per_set: int, device: torch.device) -> int:
-    return max(1, min(8, -(-2 * CACHE_BYTES[device.type] // max(bytes_per_set, 1))))
+def _n_sets(bytes_per_set: int, device: torch.device, most: int = 8) -> int:
+    return max(1, min(most, -(-2 * CACHE_BYTES[device.type] // max(bytes_per_set, 1))))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,3 +106,35 @@ def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[C
     impls["torch.compile(reference)"] = _compiled(reference.memory_write)
     inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
     return _build("write", shape, impls, inputs, device, dtype, mode)
+
+
+def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list[Case]:
+    """The fused reading layer (inference: forward only) against the same math
+    in ATen ops, eager and compiled. Its few MB rotate over up to 64 sets: in
+    a decode step the LLM's other weights evict them between two reads, so
+    the floor is DRAM's."""
+    if mode != "fwd":
+        raise ValueError(f"the reading layer is inference only (mode 'fwd'), got {mode!r}")
+    eps, scale = 1e-6, 20.0
+
+    def fused(backend):
+        def call(hidden, mlp_w, mlp_b, query_w, out_w, keys, values):
+            return memkernels.reading_layer(hidden, query_w, keys, values, out_w, eps=eps,
+                                            scale=scale, mlp_w=mlp_w, mlp_b=mlp_b,
+                                            unit_queries=True, backend=backend)
+        return call
+
+    def eager(hidden, mlp_w, mlp_b, query_w, out_w, keys, values):
+        return reference.reading_layer(hidden, query_w, keys, values, out_w, eps, scale,
+                                       mlp_w=mlp_w, mlp_b=mlp_b, unit_queries=True)
+
+    impls = {f"memkernels[{b}]": fused(b) for b in backends if b == "cpu"}
+    impls["reference (eager)"] = eager
+    impls["torch.compile(reference)"] = _compiled(eager)
+    elt = torch.finfo(dtype).bits // 8
+    bank = (shape.Hk, shape.S, shape.D)
+    dims = [(shape.B, shape.T, shape.C), *shape.weight_shapes(), bank, bank]
+    sets = [[torch.randn(*d, device=device, dtype=dtype) / (d[-1] ** 0.5 if len(d) > 1 else 1)
+             for d in dims] for _ in range(_n_sets(shape.bytes(elt), device, most=64))]
+    return [Case("reader_fwd", shape, name, [_timed(fn, s, "fwd") for s in sets],
+                 shape.flops(), shape.bytes(elt)) for name, fn in impls.items()]

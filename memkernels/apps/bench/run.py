@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 import memkernels
 from memkernels.apps.bench import shapes as registry
-from memkernels.apps.bench.cases import read_cases, write_cases
+from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
 from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, matmul_probe, measure,
                                           median_times, read_probe)
 from memkernels.ops import backend as _backend
 
-OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd")
+OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd",
+       "reader_fwd")
 
 
 def machine_info(device: torch.device) -> dict:
@@ -71,6 +72,8 @@ def machine_info(device: torch.device) -> dict:
 def shapes_for(op: str, device: torch.device):
     """The registry's shapes that `op` is benchmarked on, on this device."""
     on_gpu = device.type == "cuda"
+    if op == "reader_fwd":  # the fused reading layer has a CPU kernel only
+        return [] if on_gpu else registry.CPU_READER
     if op.startswith("read"):
         shapes = registry.GPU_READ if on_gpu else registry.CPU_READ
         # decode steps are inference only
@@ -80,7 +83,7 @@ def shapes_for(op: str, device: torch.device):
 
 def cases_for(op, shape, device, dtype, backends):
     kind, mode = op.split("_", 1)
-    make = read_cases if kind == "read" else write_cases
+    make = {"read": read_cases, "write": write_cases, "reader": reader_cases}[kind]
     return make(shape, device, dtype, backends, mode)
 
 

@@ -2,6 +2,7 @@
 its sizes from here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -39,6 +40,35 @@ class WriteShape:
         return elt * self.B * self.H * (3 * self.S * self.D + 2 * self.T * self.D + 2 * self.S)
 
 
+@dataclass(frozen=True)
+class ReaderShape:
+    """One memory reading layer at a decode step (memkernels.ops.reading_layer):
+    B rows of T tokens of hidden size C; a query MLP of width M, H query heads
+    of D reading Hk kv heads of S slots (one bank for the batch); the output
+    projection back to C."""
+    name: str
+    B: int
+    T: int
+    C: int
+    M: int
+    H: int
+    Hk: int
+    S: int
+    D: int
+
+    def weight_shapes(self) -> list[tuple[int, ...]]:  # mlp_w, mlp_b, query_w, out_w
+        return [(self.M, self.C), (self.M,), (self.H * self.D, self.M), (self.H * self.D, self.C)]
+
+    def flops(self) -> int:  # the three projections and QK^T, PV
+        rows = self.B * self.T
+        return 2 * rows * (self.C * self.M + self.M * self.H * self.D + self.H * self.D * self.C) \
+            + 4 * rows * self.H * self.S * self.D
+
+    def bytes(self, elt: int) -> int:  # weights and bank read once, hidden read and written
+        weights = sum(math.prod(s) for s in self.weight_shapes())
+        return elt * (weights + 2 * self.Hk * self.S * self.D + 2 * self.B * self.T * self.C)
+
+
 # Backward of an attention does 2.5x the forward's matmul FLOPs (5 GEMMs vs 2).
 BACKWARD_FLOP_FACTOR = 2.5
 
@@ -52,6 +82,12 @@ CPU_READ = [
     LLM_DECODE,
 ]
 CPU_WRITE = [WriteShape("write", B=4, H=16, S=1024, T=512, D=64)]
+
+# The append memory's reading layer at a decode step (hidden 512, a query MLP
+# of 512, 4 pairs of heads of 32 reading 4 kv heads): the fused CPU kernel,
+# memkernels._C.reader_fwd. Inference on the CPU only: no GPU kernel.
+CPU_READER = [ReaderShape(f"reader_s{S}", B=1, T=1, C=512, M=512, H=8, Hk=4, S=S, D=32)
+              for S in (1024, 4096)]
 
 GPU_READ = [
     ReadShape("decode", B=8, H=16, T=1, S=8192, D=64),

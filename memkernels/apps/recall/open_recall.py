@@ -48,7 +48,7 @@ from memkernels.apps.bench.run import machine_info
 from memkernels.apps.recall import base_lm, benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
 from memkernels.memory import MemoryModel
-from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
+from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OPEN_LM = os.path.join(ASSETS, "open_lm")
@@ -93,28 +93,32 @@ def answers(model, tokenizer, statements, questions, memory=None, in_context=Fal
         return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def lexical_condition(k: int, min_score_ratio: float) -> str:
+def lexical_condition(k: int, min_score_ratio: float, max_df: float = 1.0) -> str:
     """The lexical condition's name in the tables."""
-    return f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
+    return (f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
+            + (f", words in <= {max_df:g} of texts" if max_df < 1.0 else ""))
 
 
 def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_K,
                     min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
+                    max_df: float = LEXICAL_MAX_DF,
                     latency_questions: int = 16) -> tuple[list[str], dict]:
     """Greedy answers reading, per question, only the stored facts that
     share the most words with it (MemoryBank.lexical_select: BM25 over token
     ids in front of the dense read; at most k, those scoring at least
-    min_score_ratio x the best), and the paired cost per question (the
-    selection included) against the same question with the reads off."""
+    min_score_ratio x the best, on the words at most max_df of the texts
+    hold), and the paired cost per question (the selection included) against
+    the same question with the reads off."""
     got, ratios, times = [], [], []
     # the index and the slot table are built on a bank's first selection: once,
     # here, outside the timed questions (as build_index's build counts in store)
-    bank.lexical_select(tokenizer(qa_prompt(questions[0]))["input_ids"], k, min_score_ratio)
+    bank.lexical_select(tokenizer(qa_prompt(questions[0]))["input_ids"], k, min_score_ratio, max_df)
     with memkernels.attach(model, memory, None) as handle:
         for i, q in enumerate(questions):
             prompt = qa_prompt(q)
             start = time.perf_counter()
-            selected = bank.lexical_select(tokenizer(prompt)["input_ids"], k, min_score_ratio)
+            selected = bank.lexical_select(tokenizer(prompt)["input_ids"], k, min_score_ratio,
+                                           max_df)
             with handle.using(selected):
                 got += benchmark.answer(model, tokenizer, [prompt],
                                         max_new_tokens=MAX_NEW_TOKENS)
@@ -126,7 +130,7 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
                     ratios.append(times[-1] / (time.perf_counter() - base_start) - 1)
     return got, dict(seconds_per_question=statistics.median(times),
                      read_cost=statistics.median(ratios), lexical_k=k,
-                     lexical_min_score_ratio=min_score_ratio)
+                     lexical_min_score_ratio=min_score_ratio, lexical_max_df=max_df)
 
 
 def length_bucket(tokenizer, answer: str) -> str:
@@ -166,7 +170,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         phrasings: str = "eval", index_from: int = INDEX_FROM, index_probes: int = INDEX_PROBES,
         other_splits_up_to: Optional[int] = None, read_scale: Optional[float] = None,
         store_threshold: Optional[float] = None,
-        lexical: Sequence[tuple[int, float]] = ((LEXICAL_K, LEXICAL_MIN_SCORE_RATIO),),
+        lexical: Sequence[tuple[int, float, float]] = (
+            (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF),),
         log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
@@ -177,12 +182,13 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     read_scale: the memory reads at cosine x read_scale (set_read_scale; for
     tuning on dev), else at its saved scale. store_threshold: store() keeps the
     slots the store gate gives at least this (set_store_threshold; for tuning
-    on dev), else the memory's saved threshold. lexical: (k, min_score_ratio)
-    of each lexical condition (MemoryBank.lexical_select), on the same banks
-    and questions."""
-    names = [lexical_condition(k, r) for k, r in lexical]
+    on dev), else the memory's saved threshold. lexical: (k, min_score_ratio,
+    max_df) of each lexical condition (MemoryBank.lexical_select), on the
+    same banks and questions."""
+    names = [lexical_condition(*setting) for setting in lexical]
     if len(set(names)) != len(names):
-        raise ValueError(f"lexical: each (k, min_score_ratio) at most once, got {list(lexical)}")
+        raise ValueError(f"lexical: each (k, min_score_ratio, max_df) at most once, got "
+                         f"{list(lexical)}")
     model, tokenizer, memory = load_open(model_dir, memory_dir)
     if read_scale is not None:
         memory.set_read_scale(read_scale)
@@ -243,10 +249,11 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 for condition, kwargs in runs.items():
                     got.setdefault(condition, []).extend(
                         answers(model, tokenizer, statements, qs, **kwargs))
-                for k, ratio in lexical:
-                    name = lexical_condition(k, ratio)
+                for k, ratio, max_df in lexical:
+                    name = lexical_condition(k, ratio, max_df)
                     got_lexical, lexical_costs = lexical_answers(
-                        model, tokenizer, memory, bank, qs, k, ratio, max(1, 16 // draws))
+                        model, tokenizer, memory, bank, qs, k, ratio, max_df,
+                        max(1, 16 // draws))
                     got.setdefault(name, []).extend(got_lexical)
                     all_lexical_costs.setdefault(name, []).append(lexical_costs)
             if not all_costs:
@@ -344,6 +351,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lexical-ratio", type=float, nargs="+", default=[LEXICAL_MIN_SCORE_RATIO],
                     help="... those scoring at least this x the best (0: always k); one, or "
                          "one per --lexical-k")
+    ap.add_argument("--lexical-max-df", type=float, nargs="+", default=[LEXICAL_MAX_DF],
+                    help="... scored on the question's words that at most this share of the "
+                         "stored texts hold (1: all words); one, or one per --lexical-k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -359,15 +369,23 @@ def main(argv=None) -> None:
     if len(args.lexical_ratio) not in (1, len(args.lexical_k)):
         ap.error(f"--lexical-ratio: one value or one per --lexical-k ({len(args.lexical_k)}), "
                  f"got {len(args.lexical_ratio)}")
+    if not all(0.0 < m <= 1.0 for m in args.lexical_max_df):
+        ap.error(f"--lexical-max-df must be in (0, 1], got {args.lexical_max_df}")
+    if len(args.lexical_max_df) not in (1, len(args.lexical_k)):
+        ap.error(f"--lexical-max-df: one value or one per --lexical-k ({len(args.lexical_k)}), "
+                 f"got {len(args.lexical_max_df)}")
     ratios = args.lexical_ratio * (len(args.lexical_k) if len(args.lexical_ratio) == 1 else 1)
-    settings = [lexical_condition(k, r) for k, r in zip(args.lexical_k, ratios)]
+    max_dfs = args.lexical_max_df * (len(args.lexical_k) if len(args.lexical_max_df) == 1 else 1)
+    lexical = list(zip(args.lexical_k, ratios, max_dfs))
+    settings = [lexical_condition(*setting) for setting in lexical]
     if len(set(settings)) != len(settings):
-        ap.error(f"--lexical-k / --lexical-ratio: each setting at most once, got {settings}")
+        ap.error(f"--lexical-k / --lexical-ratio / --lexical-max-df: each setting at most once, "
+                 f"got {settings}")
     # the commit the run starts from (a commit made while it runs is not its code)
     machine = machine_info(torch.device("cpu"))
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale, args.store_threshold, list(zip(args.lexical_k, ratios)))
+               args.read_scale, args.store_threshold, lexical)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine, "model": args.model or "shipped open LM",
