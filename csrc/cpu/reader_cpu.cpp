@@ -131,15 +131,11 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   }
   if (r.unit_queries) unit_rows(q.data(), N * H, D);
   // [N, H, D] -> read groups, one per kv head (shared bank) or per (b, kv
-  // head), once per query head of a kv head: head h = c * Hk + g reads kv head
-  // g in pass c. One pass per c rather than all c's rows in one group: a decode
-  // step's one row per group takes the single-row kernel, and the second pass
-  // finds the bank in cache (the append reader, S=1024, hot: 76 us a call
-  // against 95 us with 2 rows per group).
+  // head); query head h = c * Hk + g reads kv head g, as row c * rows + n of
+  // group g: the bank streams once for all its query heads (one pass per c
+  // streamed it per_kv times: S=4096 cold, 4 kv heads of 2 query heads, 0.68
+  // -> 0.48 ms on the AVX2 host; docs/log.md).
   const int64_t groups = r.shared ? Hk : r.batch * Hk, rows = r.shared ? N : r.tokens;
-  auto group_row = [&](int64_t n, int64_t g) {
-    return r.shared ? g * N + n : ((n / r.tokens) * Hk + g) * r.tokens + n % r.tokens;
-  };
   if (r.probes > 0) {  // a shared bank with an index: each row reads its nearest clusters
     std::vector<T> scores, part, scratch, row(D);
     std::vector<int64_t> order;
@@ -149,22 +145,28 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
         clustered_read_row(r, h % Hk, qh, row.data(), scores, part, scratch, order);
         std::copy(row.begin(), row.end(), qh);
       }
-  } else {  // every slot, one pass per query head of a kv head
-    std::vector<T> qg(N * W), og(N * W), lse(N * H);
-    for (int64_t c = 0; c < per_kv; ++c) {
+  } else {  // every slot; a kv head's query heads are rows of one group
+    const int64_t R = per_kv * rows;  // rows per group
+    std::vector<T> qg(groups * R * D), og(groups * R * D), lse(groups * R);
+    auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
+      const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
+      const int64_t in = r.shared ? n : n % r.tokens;
+      return grp * R + c * rows + in;
+    };
+    for (int64_t c = 0; c < per_kv; ++c)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t g = 0; g < Hk; ++g) {
           const T* src = q.data() + n * W + (c * Hk + g) * D;
-          std::copy(src, src + D, qg.data() + group_row(n, g) * D);
+          std::copy(src, src + D, qg.data() + at(n, g, c) * D);
         }
-      AttentionProblem<T, KV> p{groups, rows, r.slots, D, qg.data(), r.keys, r.values,
-                                MaskIndex{}, r.scale, r.key_scale, r.value_scale};
-      read_forward(p, og.data(), lse.data());
+    AttentionProblem<T, KV> p{groups, R, r.slots, D, qg.data(), r.keys, r.values,
+                              MaskIndex{}, r.scale, r.key_scale, r.value_scale};
+    read_forward(p, og.data(), lse.data());
+    for (int64_t c = 0; c < per_kv; ++c)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t g = 0; g < Hk; ++g)
-          std::copy(og.data() + group_row(n, g) * D, og.data() + (group_row(n, g) + 1) * D,
+          std::copy(og.data() + at(n, g, c) * D, og.data() + (at(n, g, c) + 1) * D,
                     q.data() + n * W + (c * Hk + g) * D);
-    }
   }
   if constexpr (std::is_same_v<T, float>) {
     if (N <= kGemvRows) {  // out = hidden + o @ Wo on the few-row blocks
