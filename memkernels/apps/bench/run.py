@@ -2,6 +2,7 @@
 
     python -m memkernels.apps.bench                 # whatever device is present
     python -m memkernels.apps.bench --device cpu --ops read_fwd --out results.jsonl
+    python -m memkernels.apps.bench --device cpu --ops reader_fwd   # the fused reading layer
 
 The implementations of one op on one shape are timed in turns (--rounds),
 so their ratios survive a shared machine's slow minutes. Each row: median
