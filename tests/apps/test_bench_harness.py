@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
+from memkernels.apps.bench.cases import READ_ONCE, read_cases, reader_cases, write_cases
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
 
@@ -47,7 +47,8 @@ def test_reader_cases_compute_the_reading_layer():
     shape = ReaderShape("tiny", B=2, T=3, C=24, M=20, H=4, Hk=2, S=37, D=8)
     cases = {c.impl: c for c in reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"],
                                              "fwd")}
-    assert set(cases) == {"memkernels[cpu]", "reference (eager)", "torch.compile(reference)"}
+    assert set(cases) == {"memkernels[cpu]", "reference (eager)", "torch.compile(reference)",
+                          READ_ONCE}
     assert all(c.op == "reader_fwd" for c in cases.values())
     fused, eager = cases["memkernels[cpu]"], cases["reference (eager)"]
     assert len(fused.fns) == len(eager.fns) > 8  # small: more sets rotate past the cache
@@ -55,6 +56,11 @@ def test_reader_cases_compute_the_reading_layer():
         torch.testing.assert_close(f(), e(), atol=1e-5, rtol=1e-5)
     weights = 20 * 24 + 20 + 32 * 20 + 32 * 24
     assert fused.bytes == 4 * (weights + 2 * 2 * 37 * 8 + 2 * 2 * 3 * 24)
+    # the measured floor sums one tensor of the inputs' bytes
+    floor = cases[READ_ONCE]
+    assert floor.bytes == fused.bytes and len(floor.fns) == len(fused.fns)
+    inputs = fused.fns[0].args
+    torch.testing.assert_close(floor.fns[0](), sum(t.sum() for t in inputs), rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="inference only"):
         reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd_bwd")
 

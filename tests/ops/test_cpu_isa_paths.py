@@ -5,7 +5,8 @@ this CPU runs, against the float64 reference: the row and key grid across its bl
 head dims 1..256 (those not a multiple of the vector width take the
 portable loops), masks with all-masked rows, x50 logits, NaN queries, and
 bf16 / int8 banks through the fused reading layer, and that layer's
-projections (GEMVs on the same blocks). The ISA is chosen once
+projections (GEMVs on the same blocks) on widths the vector bodies take
+(one kv head over many slots, context, NaN, x50, narrow banks). The ISA is chosen once
 per process (MEMKERNELS_CPU_ISA), hence a subprocess per ISA."""
 import os
 import subprocess
@@ -115,6 +116,65 @@ for C, M, H, Hk, D, B, T, shared in [(40, 0, 2, 2, 16, 1, 1, True), (64, 48, 4, 
     torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=5e-5,
                                msg=lambda m: f"reading layer C={C} M={M} B={B} T={T}: {m}")
     checked += 1
+
+# the decode step on widths a multiple of the vector width (1-4 rows, the
+# projections and the read on the vector bodies): one kv head over many slots,
+# the context and biases, x50 logits, a NaN row, per-row banks, bf16 / int8 banks
+def layer_case(C, M, H, Hk, D, B, T, S, shared, context=False, logit=1.0, nan_row=None,
+               kv_dtype=torch.float32):
+    global checked
+    W = H * D
+    hidden = torch.randn(B, T, C)
+    if nan_row is not None:
+        hidden.view(B * T, C)[nan_row, 3] = float("nan")
+    qw, ow, qb = torch.randn(W, M or C) / 8, torch.randn(W, C) / 8, torch.randn(W)
+    mlp_w, mlp_b = (torch.randn(M, C) / 8, torch.randn(M)) if M else (None, None)
+    ctx, ctx_w = (torch.randn(B, T, C), torch.randn(M, C) / 8) if context else (None, None)
+    bank = (Hk, S, D) if shared else (B, Hk, S, D)
+    keys, values = torch.randn(bank), torch.randn(bank)
+    kw = dict(eps=1e-6, scale=logit * D ** -0.5, mlp_w=mlp_w, mlp_b=mlp_b, query_b=qb,
+              unit_queries=bool(M), context=ctx, context_w=ctx_w)
+    k_in, v_in, scales = keys, values, {}
+    if kv_dtype == torch.bfloat16:
+        k_in, v_in = keys.bfloat16(), values.bfloat16()
+        keys, values = k_in.float(), v_in.float()
+    elif kv_dtype == torch.int8:
+        ks, vs = keys.abs().amax(-1) / 127, values.abs().amax(-1) / 127
+        k_in = (keys / ks[..., None]).round().to(torch.int8)
+        v_in = (values / vs[..., None]).round().to(torch.int8)
+        keys, values = k_in.float() * ks[..., None], v_in.float() * vs[..., None]
+        scales = dict(key_scale=ks, value_scale=vs)
+    got = reading_layer(hidden, qw, k_in, v_in, ow, backend="cpu", **kw, **scales)
+    dbl = lambda t: None if t is None else t.double()
+    want = reference.reading_layer(*(t.double() for t in (hidden, qw, keys, values, ow)), kw["eps"],
+                                   kw["scale"], mlp_w=dbl(mlp_w), mlp_b=dbl(mlp_b),
+                                   query_b=qb.double(), unit_queries=kw["unit_queries"],
+                                   context=dbl(ctx), context_w=dbl(ctx_w))
+    tol = 5e-5 * logit
+    torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol, equal_nan=True,
+                               msg=lambda m: f"decode layer C={C} M={M} H={H} Hk={Hk} D={D} "
+                                             f"B={B} T={T} S={S} x{logit} {kv_dtype}: {m}")
+    if nan_row is not None:
+        rows = got.view(B * T, C)
+        assert rows[nan_row].isnan().all(), "a NaN hidden state poisons its own row"
+        assert not rows[[i for i in range(B * T) if i != nan_row]].isnan().any()
+    checked += 1
+
+for C, M, H, Hk, D, B, T, S, shared in [
+        (512, 512, 8, 4, 32, 1, 1, 1024, True),   # the benchmark's shape
+        (256, 256, 4, 1, 64, 1, 1, 1029, True),   # one kv head
+        (256, 0, 4, 1, 64, 3, 1, 5000, True),     # linear query, 3 rows
+        (128, 64, 2, 2, 16, 2, 2, 700, False),    # per-row banks, 2 tokens each
+        (256, 128, 6, 3, 32, 4, 1, 1, True),      # one slot
+        (64, 32, 2, 1, 32, 1, 1, 3, True)]:       # small: one thread
+    layer_case(C, M, H, Hk, D, B, T, S, shared)
+layer_case(256, 256, 4, 1, 64, 1, 1, 1029, True, context=True)
+layer_case(256, 128, 4, 1, 32, 3, 1, 2000, True, context=True, logit=50.0)
+layer_case(256, 128, 4, 1, 32, 4, 1, 2000, True, nan_row=2)
+layer_case(256, 128, 4, 2, 32, 3, 1, 600, True, nan_row=0)
+for kv_dtype in (torch.bfloat16, torch.int8):
+    layer_case(256, 256, 4, 1, 64, 2, 1, 1500, True, kv_dtype=kv_dtype)
+    layer_case(128, 64, 4, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
 
 # the tile path (more than 16 rows a group: prefill, backward, the write), whose
 # softmax rows (exp, and p and dS in the backward) run on the same ISA body:

@@ -3,6 +3,8 @@ the CPU kernel (memkernels._C.reader_fwd) against the pure-PyTorch reference
 on a grid of shapes, its argument checks, and the op under torch.compile."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -137,10 +139,20 @@ def test_large_logits_and_nan_propagate_as_in_the_reference():
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
 
 
-def test_reading_layer_checks_its_arguments():
+@pytest.mark.parametrize("no_grad", [False, True], ids=["grad-mode", "no-grad"])
+def test_reading_layer_checks_its_arguments(no_grad):
+    """The same errors with gradients on (the Python checks first) and off (the
+    CPU kernel called first: its refusal runs the Python checks for their message)."""
+    if no_grad:
+        cpu_extension()
     hidden, kw, opts = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=5, dtype=torch.float32,
                                     shared=True, mlp=7)
     args = (hidden, kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        _check_errors(hidden, kw, opts, args, no_grad)
+
+
+def _check_errors(hidden, kw, opts, args, no_grad):
     with pytest.raises(ValueError, match=r"hidden must be \[B, T, C\]"):
         memkernels.reading_layer(hidden[0], *args[1:], **opts)
     with pytest.raises(ValueError, match="query_w must be"):
@@ -157,8 +169,17 @@ def test_reading_layer_checks_its_arguments():
         memkernels.reading_layer(*args[:2], k8, k8, kw["out_w"], **opts)
     with pytest.raises(ValueError, match="go together"):
         memkernels.reading_layer(*args, **opts, probes=2)
-    with pytest.raises(ValueError, match="inference only"):
-        memkernels.reading_layer(hidden.requires_grad_(), *args[1:], **opts)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        memkernels.reading_layer(*args, eps=-1.0, **opts)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        memkernels.reading_layer(*args, scale=float("nan"), **opts)
+    with pytest.raises(ValueError, match="context and context_w go together"):
+        memkernels.reading_layer(*args, **opts, context=hidden)
+    with pytest.raises(ValueError, match="query_b must be"):
+        memkernels.reading_layer(*args, **opts, query_b=torch.zeros(3))
+    if not no_grad:
+        with pytest.raises(ValueError, match="inference only"):
+            memkernels.reading_layer(hidden.requires_grad_(), *args[1:], **opts)
     with pytest.raises(ValueError, match="no triton kernel"):
         memkernels.reading_layer(hidden.detach(), *args[1:], backend="triton", **opts)
 

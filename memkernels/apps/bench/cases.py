@@ -108,6 +108,9 @@ def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[C
     return _build("write", shape, impls, inputs, device, dtype, mode)
 
 
+READ_ONCE = "its inputs' bytes read once (one torch.sum)"
+
+
 def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list[Case]:
     """The fused reading layer (inference: forward only) against the same math
     in ATen ops, eager and compiled. Its few MB rotate over up to 64 sets: in
@@ -136,5 +139,11 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
     dims = [(shape.B, shape.T, shape.C), *shape.weight_shapes(), bank, bank]
     sets = [[torch.randn(*d, device=device, dtype=dtype) / (d[-1] ** 0.5 if len(d) > 1 else 1)
              for d in dims] for _ in range(_n_sets(shape.bytes(elt), device, most=64))]
-    return [Case("reader_fwd", shape, name, [_timed(fn, s, "fwd") for s in sets],
-                 shape.flops(), shape.bytes(elt)) for name, fn in impls.items()]
+    cases = [Case("reader_fwd", shape, name, [_timed(fn, s, "fwd") for s in sets],
+                  shape.flops(), shape.bytes(elt)) for name, fn in impls.items()]
+    # the floor measured at this size: a few MB read once, cold, in one sum (a
+    # stream this short does not reach a large stream's bandwidth)
+    flat = [torch.cat([t.reshape(-1) for t in s]) for s in sets]
+    cases.append(Case("reader_fwd", shape, READ_ONCE, [_timed(torch.sum, [f], "fwd") for f in flat],
+                      shape.flops(), shape.bytes(elt)))
+    return cases
