@@ -5,7 +5,9 @@ the residual add), the decode hot path of an attached memory.
 The same ladder as the read and write ops: a torch.library custom op
 (memkernels::reading_layer) with a fake implementation, so torch.compile
 sees one opaque op, and reading_layer(), which checks the arguments and
-picks the kernel. The math is reference.reading_layer; the CPU kernel is
+picks the kernel (without gradients on the CPU, the kernel first: the
+extension checks its arguments itself, and the Python checks run only to
+name what it refused). The math is reference.reading_layer; the CPU kernel is
 memkernels._C.reader_fwd (csrc/cpu/reader_cpu.cpp). Inference only: no
 backward (training composes memory_read, which has one).
 """
