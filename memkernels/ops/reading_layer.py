@@ -20,7 +20,7 @@ from torch import Tensor
 
 from memkernels.ops import backend as _backend
 from memkernels.ops import reference
-from memkernels.ops.checks import check_reading_layer
+from memkernels.ops.checks import _scale, check_reading_layer
 from memkernels.ops.nvtx import nvtx_range
 
 # key/value dtypes the CPU kernel reads beside float32 hidden states (bf16, or
@@ -62,23 +62,13 @@ def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scal
     checks run to raise their message naming the argument (and the
     extension's error stands where they pass). Saves the checks' ~5-20 us
     per call: a decode step's reading layer reads its bytes in ~100 us."""
-    if not (isinstance(hidden, Tensor) and isinstance(keys, Tensor) and hidden.is_cpu
-            and backend in (None, "auto", "cpu") and type(eps) in (float, int) and eps >= 0
-            and (scale is None or type(scale) in (float, int))):
+    if not (isinstance(hidden, Tensor) and isinstance(keys, Tensor) and keys.dim() >= 1
+            and backend in (None, "auto", "cpu") and type(eps) in (float, int) and eps >= 0):
         return None
-    kv_dtype = keys.dtype
-    if not (hidden.dtype in (torch.float32, torch.float64) and (
-            kv_dtype == hidden.dtype or (kv_dtype in NARROW_KV_DTYPES
-                                         and hidden.dtype == torch.float32))):
+    kernel = cpu_kernel(hidden, keys.dtype, backend)
+    if kernel is None:
         return None
-    if _backend.resolve(backend, hidden.device) != "cpu":
-        return None
-    kernel = getattr(_backend.extension()[0], "reader_fwd", None)
-    if kernel is None or keys.dim() < 1:
-        return None
-    scale = float(reference.default_scale(keys.shape[-1]) if scale is None else scale)
-    if not (scale == scale and abs(scale) != float("inf")):
-        return None
+    scale = _scale(scale, keys.shape[-1])  # raises as the full checks would
     try:
         with nvtx_range("memkernels.reading_layer[cpu]"):
             return kernel(hidden, query_w, keys, values, out_w, float(eps), scale, key_scale,
