@@ -9,6 +9,16 @@ import pytest
 from tests.apps.test_open_facts import save_tiny_open_lm
 
 
+def test_garble_kind_tells_a_late_copy_from_nothing_and_the_rest():
+    from memkernels.apps.recall.misses import LATE_START, NOTHING, OTHER_GARBLE, garble_kind
+    assert garble_kind("uth", "Mikikuth") == LATE_START
+    assert garble_kind("Dedok", "Kulepul Dedok") == LATE_START
+    assert garble_kind(" ", "Badun") == garble_kind("", "Badun") == NOTHING
+    assert garble_kind("Bi Kezakakezak", "Bi Kezak") == OTHER_GARBLE  # too long
+    assert garble_kind("Mikikuth", "Mikikuth") == OTHER_GARBLE  # not a proper tail
+    assert garble_kind("ezix", "Lol Ruzix") == OTHER_GARBLE
+
+
 def test_misses_count_every_question_once(tmp_path):
     from memkernels.apps.recall import misses, open_recall, tasks
     model = save_tiny_open_lm(tmp_path / "lm")
@@ -21,6 +31,7 @@ def test_misses_count_every_question_once(tmp_path):
     assert set(counts) <= {"right", misses.NOT_SELECTED, misses.OTHER_OBJECT, misses.GARBLED}
     alone = result["right_when_alone"]
     assert all(0 <= alone[kind] <= counts[kind] for kind in alone)
+    assert sum(result["answered_wrong"].values()) == counts.get(misses.GARBLED, 0)
     assert len(result["examples"]) == min(2, 5 - counts.get("right", 0))
     for e in result["examples"]:
         assert e["answer"] in e["statement"] and e["got"] != e["answer"]

@@ -7,7 +7,8 @@ fact's own statement is the only one selected (an oracle selection).
         --facts 1000 --questions 150 --out misses.json
 
 It tells a selection problem (the index picks the wrong texts) from a read
-problem (the right text, read wrong). Dev phrasings and train-split values
+problem (the right text, read wrong), and a read problem's answers by shape: a
+tail of the answer (the copy started inside the object), nothing, or other. Dev phrasings and train-split values
 only, as the dev runs of open_recall: a diagnosis guides tuning, and the eval
 phrasings and values never tune anything.
 """
@@ -34,6 +35,21 @@ from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
 NOT_SELECTED = "not selected"
 OTHER_OBJECT = "another selected fact's object"
 GARBLED = "selected, answered wrong"
+# how a selected fact's answer came out wrong: the copy began inside the object
+# (its first token or more missed, the rest right), nothing was answered (the
+# gate stayed closed), or anything else
+LATE_START = "a tail of the answer (the copy started late)"
+NOTHING = "nothing answered"
+OTHER_GARBLE = "other"
+
+
+def garble_kind(got: str, answer: str) -> str:
+    """Which way a wrong answer of a selected fact went wrong (LATE_START,
+    NOTHING or OTHER_GARBLE), from the two strings alone."""
+    got = got.strip()
+    if not got:
+        return NOTHING
+    return LATE_START if len(got) < len(answer) and answer.endswith(got) else OTHER_GARBLE
 
 
 def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
@@ -51,6 +67,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
     counts: collections.Counter = collections.Counter()
     oracle_right = collections.Counter()
+    garbled: collections.Counter = collections.Counter()
     shown = []
     with memkernels.attach(model, memory, None) as handle:
         def read(chosen, prompt):
@@ -72,20 +89,25 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
             oracle = read([i], prompt)
             counts[kind] += 1
             oracle_right[kind] += oracle == facts[i].object
+            if kind == GARBLED:
+                garbled[garble_kind(got, facts[i].object)] += 1
             if len(shown) < examples:
                 shown.append(dict(kind=kind, statement=statements[i], question=question,
                                   answer=facts[i].object, got=got, got_alone=oracle,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
-                counts=dict(counts), right_when_alone=dict(oracle_right), examples=shown)
+                counts=dict(counts), right_when_alone=dict(oracle_right),
+                answered_wrong=dict(garbled), examples=shown)
 
 
 def summary(result: dict) -> str:
     counts, alone = result["counts"], result["right_when_alone"]
     misses = ", ".join(f"{kind} {n} (right alone {alone.get(kind, 0)})"
                        for kind, n in counts.items() if kind != "right")
+    garbled = ", ".join(f"{kind} {n}" for kind, n in result.get("answered_wrong", {}).items())
     return (f"{result['split']} N={result['n_facts']}: {counts.get('right', 0)} of "
-            f"{result['questions']} right; misses: {misses or 'none'}")
+            f"{result['questions']} right; misses: {misses or 'none'}"
+            + (f"; answered wrong: {garbled}" if garbled else ""))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
