@@ -80,15 +80,16 @@ def main(argv=None) -> None:
         bank = MemoryBank.load(path, memory)  # a user's memory outlives the process
     with memkernels.attach(model, memory, bank):
         mem_answers = benchmark.answer(model, tokenizer, prompts, max_new_tokens=12)
-    for f, p, a in list(zip(asked, prompts, mem_answers))[:3]:
-        print(f"  {p} -> {a!r} (true: {f.object!r})")
     base_acc = statistics.mean(a == f.object for a, f in zip(base_answers, asked))
     mem_acc = statistics.mean(a == f.object for a, f in zip(mem_answers, asked))
-    # the same bank read through its lexical index: each question reads only the
-    # stored facts that share the most words with it (bank.lexical_select)
+    # the same bank read through its lexical index (the way to read it): each
+    # question reads only the stored facts that share the most words with it
+    # (bank.lexical_select)
     lexical, _ = open_recall.lexical_answers(model, tokenizer, memory, bank, questions,
                                              latency_questions=1)
     lex_acc = statistics.mean(a == f.object for a, f in zip(lexical, asked))
+    for f, p, a, whole in list(zip(asked, prompts, lexical, mem_answers))[:3]:
+        print(f"  {p} -> {a!r} (true: {f.object!r}; read over the whole bank: {whole!r})")
     print(f"recall on {len(asked)} questions about new facts: base LM alone "
           f"{100 * base_acc:.0f}%, with the memory {100 * mem_acc:.0f}%, with the memory read "
           f"through its lexical index {100 * lex_acc:.0f}%")

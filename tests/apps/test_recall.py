@@ -324,6 +324,6 @@ def test_the_demo_runs_and_prints_what_it_measured(capsys):
     from memkernels.apps import demo
     demo.main(["--facts", "8", "--questions", "8"])
     out = capsys.readouterr().out
-    for line in ("kernels: backend", "write rule 'copy'", "recall on 8 questions about new facts",
-                 "decode:"):
+    for line in ("kernels: backend", "write rule 'copy'", "(true: ", "read over the whole bank: ",
+                 "recall on 8 questions about new facts", "decode:"):
         assert line in out, out
