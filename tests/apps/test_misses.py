@@ -21,6 +21,7 @@ def test_garble_kind_tells_a_late_copy_from_nothing_and_the_rest():
 
 def test_misses_count_every_question_once(tmp_path):
     from memkernels.apps.recall import misses, open_recall, tasks
+    from memkernels.apps.recall import open_facts as of
     model = save_tiny_open_lm(tmp_path / "lm")
     tasks.copy_memory(model, slots=64).save_pretrained(tmp_path / "memory")
     lm, tokenizer, memory = open_recall.load_open(str(tmp_path / "lm"), str(tmp_path / "memory"))
@@ -32,6 +33,10 @@ def test_misses_count_every_question_once(tmp_path):
     alone = result["right_when_alone"]
     assert all(0 <= alone[kind] <= counts[kind] for kind in alone)
     assert sum(result["answered_wrong"].values()) == counts.get(misses.GARBLED, 0)
+    cores = result["by_statement_core"]
+    assert set(cores) <= set(of.STATEMENT_CORES["dev"])
+    assert sum(c["asked"] for c in cores.values()) == 5
+    assert sum(c["right"] for c in cores.values()) == counts.get("right", 0)
     assert len(result["examples"]) == min(2, 5 - counts.get("right", 0))
     for e in result["examples"]:
         assert e["answer"] in e["statement"] and e["got"] != e["answer"]

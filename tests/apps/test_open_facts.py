@@ -142,6 +142,24 @@ def test_the_open_lm_corpus_never_holds_a_benchmark_value(options):
         assert not re.search(pattern, lowered), core
 
 
+def test_statement_core_names_the_core_a_statement_was_phrased_with():
+    rng = random.Random(11)
+    facts = of.make_open_facts(200, seed=11, split="train")
+    for split in of.PHRASING_SPLITS:
+        seen = set()
+        for f in facts:
+            for core in of.STATEMENT_CORES[split]:
+                prefix = rng.choice(of.STATEMENT_PREFIXES[split])
+                text = of._sentence(prefix, core).format(r=f.noun, s=f.subject, o=f.object) + "."
+                assert of.statement_core(text, split) == core, text
+                seen.add(core)
+            assert of.statement_core(f.statement(rng, split), split) in of.STATEMENT_CORES[split]
+        assert seen == set(of.STATEMENT_CORES[split])
+    assert of.statement_core("Nothing like a statement", "dev") is None
+    with pytest.raises(ValueError, match="split"):
+        of.statement_core("x", "test")
+
+
 def test_realistic_names_are_real_words_of_their_split():
     facts = of.make_open_facts(300, seed=9, realistic_names=True)
     real = set(of.REAL_FIRST_NAMES) | set(of.REAL_LAST_NAMES)

@@ -8,7 +8,8 @@ fact's own statement is the only one selected (an oracle selection).
 
 It tells a selection problem (the index picks the wrong texts) from a read
 problem (the right text, read wrong), and a read problem's answers by shape: a
-tail of the answer (the copy started inside the object), nothing, or other. Dev phrasings and train-split values
+tail of the answer (the copy started inside the object), nothing, or other;
+and how many questions are right per statement core (sentence shape). Dev phrasings and train-split values
 only, as the dev runs of open_recall: a diagnosis guides tuning, and the eval
 phrasings and values never tune anything.
 """
@@ -68,6 +69,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
     counts: collections.Counter = collections.Counter()
     oracle_right = collections.Counter()
     garbled: collections.Counter = collections.Counter()
+    by_core: dict = collections.defaultdict(lambda: {"asked": 0, "right": 0})
     shown = []
     with memkernels.attach(model, memory, None) as handle:
         def read(chosen, prompt):
@@ -81,8 +83,11 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
             chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], LEXICAL_K,
                                          LEXICAL_MIN_SCORE_RATIO).tolist()
             got = read(chosen, prompt)
+            core = by_core[open_facts.statement_core(statements[i], "dev") or "?"]
+            core["asked"] += 1
             if got == facts[i].object:
                 counts["right"] += 1
+                core["right"] += 1
                 continue
             kind = (NOT_SELECTED if i not in chosen else
                     OTHER_OBJECT if got in {facts[j].object for j in chosen if j != i} else GARBLED)
@@ -97,7 +102,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
                 counts=dict(counts), right_when_alone=dict(oracle_right),
-                answered_wrong=dict(garbled), examples=shown)
+                answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
 
 
 def summary(result: dict) -> str:
@@ -105,9 +110,12 @@ def summary(result: dict) -> str:
     misses = ", ".join(f"{kind} {n} (right alone {alone.get(kind, 0)})"
                        for kind, n in counts.items() if kind != "right")
     garbled = ", ".join(f"{kind} {n}" for kind, n in result.get("answered_wrong", {}).items())
+    cores = ", ".join(f"{core!r} {c['right']}/{c['asked']}"
+                      for core, c in result.get("by_statement_core", {}).items())
     return (f"{result['split']} N={result['n_facts']}: {counts.get('right', 0)} of "
             f"{result['questions']} right; misses: {misses or 'none'}"
-            + (f"; answered wrong: {garbled}" if garbled else ""))
+            + (f"; answered wrong: {garbled}" if garbled else "")
+            + (f"; right by statement core: {cores}" if cores else ""))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -200,6 +200,34 @@ def phrasings(kind: str, split: str) -> list[str]:
     return (STATEMENTS if kind == "statement" else QUESTIONS)[split]
 
 
+@functools.lru_cache(maxsize=None)
+def _statement_patterns(split: str) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for prefix in STATEMENT_PREFIXES[split]:
+        for core in STATEMENT_CORES[split]:
+            parts = re.split(r"\{[a-z]\}", _sentence(prefix, core) + ".")
+            out.append((re.compile("(.+)".join(map(re.escape, parts)), re.DOTALL), core))
+    return out
+
+
+def statement_core(statement: str, split: str) -> str | None:
+    """The core of `split` that an unvaried statement (OpenFact.statement) was
+    phrased with, or None: for breaking results down by sentence shape. Where
+    several phrasings match ("For the record, regarding X, ..." is also "for
+    {s}, ..." with a longer subject), the one whose slots take the fewest
+    characters, i.e. the most of the sentence from the phrasing itself."""
+    if split not in PHRASING_SPLITS:
+        raise ValueError(f"split must be one of {PHRASING_SPLITS}, got {split!r}")
+    best, best_len = None, None
+    for pattern, core in _statement_patterns(split):
+        m = pattern.fullmatch(statement)
+        if m is not None:
+            slots = sum(len(g) for g in m.groups())
+            if best_len is None or slots < best_len:
+                best, best_len = core, slots
+    return best
+
+
 # Real first and family names (common in several languages), for the
 # benchmark's "realistic names" split only: a person subject drawn from them
 # keeps the split rule (every word of the name in the eval split by hash), so
