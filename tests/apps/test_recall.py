@@ -286,7 +286,8 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
           "--realistic-names", "0.25", "--several-per-subject", "0.25", "--hard-negatives",
-          "--store-threshold-after", "0.05", *(["--lookahead"] if family == "llama" else []),
+          "--store-threshold-after", "0.05",
+          *(["--lookahead", "--context-decay", "0.8"] if family == "llama" else []),
           "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
@@ -300,6 +301,8 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     assert made["store_threshold_after"] == 0.05 and made["hard_negatives"] is True
     assert memory.config.append.store_threshold == 0.05
     assert memory.config.append.lookahead is made["lookahead"] is (family == "llama")
+    decay = 0.8 if family == "llama" else 0.7
+    assert memory.config.append.context_decay == made["context_decay"] == decay
 
 
 def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
@@ -314,7 +317,9 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
                 ["--world", "open", "--write-rule", "blend", "--realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "copy", "--resume", "--realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "copy", "--hard-negatives"],
-                ["--world", "open", "--write-rule", "append", "--lookahead"]):
+                ["--world", "open", "--write-rule", "append", "--lookahead"],
+                ["--world", "open", "--write-rule", "append", "--context-decay", "0.9"],
+                ["--world", "open", "--write-rule", "copy", "--context-decay", "1.0"]):
         with pytest.raises(SystemExit):
             main(bad + ["--out", str(tmp_path / "o")])
 

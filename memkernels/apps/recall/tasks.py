@@ -57,14 +57,15 @@ def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
                           store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY)
 
 
-def copy_memory(model, *, slots: int = 1024, seed: int = 0,
-                lookahead: bool = False) -> MemoryModel:
+def copy_memory(model, *, slots: int = 1024, seed: int = 0, lookahead: bool = False,
+                context_decay: float = CONTEXT_DECAY) -> MemoryModel:
     """The open-vocabulary memory's configuration: the copy rule
     (memkernels.memory.copy, MemoryConfig.for_copy) with the written
-    memory's store gate and context; lookahead: AppendOptions.lookahead."""
+    memory's store gate and context; lookahead: AppendOptions.lookahead;
+    context_decay: AppendOptions.context_decay."""
     torch.manual_seed(seed)
     config = MemoryConfig.for_copy(model.config, num_slots=slots, append=AppendOptions(
-        store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY, lookahead=lookahead))
+        store_threshold=STORE_THRESHOLD, context_decay=context_decay, lookahead=lookahead))
     return MemoryModel(config)
 
 

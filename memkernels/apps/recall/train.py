@@ -65,6 +65,10 @@ def main(argv=None) -> None:
                     help="written copy memory: a slot's address also reads the next token's "
                          "state (AppendOptions.lookahead), so it knows an object follows where "
                          "the LM did not expect one")
+    ap.add_argument("--context-decay", type=float, default=tasks.CONTEXT_DECAY, metavar="D",
+                    help="written copy memory: the address and query also read the mean of the "
+                         "embeddings so far, token t-k weighted D^k (AppendOptions.context_decay; "
+                         "default %(default)s)")
     ap.add_argument("--store-threshold-after", type=float, default=None, metavar="T",
                     help="a written append or copy memory: save it with this store threshold "
                          "(AppendOptions.store_threshold; trained at %s)" % tasks.STORE_THRESHOLD)
@@ -100,6 +104,12 @@ def main(argv=None) -> None:
                  "which skips it)")
     if args.lookahead and not (args.mode == "written" and args.write_rule == "copy"):
         ap.error("--lookahead shapes a written copy memory: use --mode written --write-rule copy")
+    if args.context_decay != tasks.CONTEXT_DECAY and not (
+            args.mode == "written" and args.write_rule == "copy"):
+        ap.error("--context-decay shapes a written copy memory: use --mode written "
+                 "--write-rule copy")
+    if not 0.0 <= args.context_decay < 1.0:
+        ap.error(f"--context-decay takes a decay in [0, 1), got {args.context_decay}")
     if args.hard_negatives and not args.several_per_subject:
         ap.error("--hard-negatives groups the facts --several-per-subject gives about one "
                  "subject: give it a fraction > 0")
@@ -127,7 +137,7 @@ def main(argv=None) -> None:
                                            aux_facts=0)
     else:
         memory = (tasks.copy_memory(model, slots=args.slots, seed=args.seed,
-                                    lookahead=args.lookahead)
+                                    lookahead=args.lookahead, context_decay=args.context_decay)
                   if args.write_rule == "copy" and args.mode == "written"
                   else tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
                   else tasks.default_memory(model, slots=args.slots, seed=args.seed))
@@ -182,6 +192,7 @@ def main(argv=None) -> None:
                     "several_per_subject": args.several_per_subject,
                     "hard_negatives": args.hard_negatives,
                     "lookahead": args.lookahead,
+                    "context_decay": args.context_decay,
                     "read_scale_after": args.read_scale_after,
                     "store_threshold_after": args.store_threshold_after,
                     "pretrain_steps": len(pretrain_losses),
