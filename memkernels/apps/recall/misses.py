@@ -9,9 +9,9 @@ fact's own statement is the only one selected (an oracle selection).
 It tells a selection problem (the index picks the wrong texts) from a read
 problem (the right text, read wrong), and a read problem's answers by shape: a
 tail of the answer (the copy started inside the object), nothing, or other;
-and how many questions are right per statement core (sentence shape). Dev phrasings and train-split values
-only, as the dev runs of open_recall: a diagnosis guides tuning, and the eval
-phrasings and values never tune anything.
+and counts the right answers per statement core (sentence shape). Dev
+phrasings and train-split values only, as the dev runs of open_recall: a
+diagnosis guides tuning, and the eval phrasings and values never tune anything.
 """
 from __future__ import annotations
 
