@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from memkernels.hf.attach import attached_handle, find_decoder_layers
 from memkernels.memory.bank import MemoryBank, check_same_memory
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.context import decayed_context
-from memkernels.memory.lexical import Entries
+from memkernels.memory.lexical import Entries, WordTable
 
 
 class _StopForward(Exception):
@@ -159,6 +160,34 @@ def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
     return ids
 
 
+_WORD_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def word_table(tokenizer) -> Optional[WordTable]:
+    """The tokenizer's WordTable (how its token ids make words, for the
+    lexical index; kept per tokenizer), or None where it cannot decode. Each
+    id's text is what it adds when decoded after a letter, so that a leading
+    space shows whatever the tokenizer's convention (byte-level "Ġ",
+    SentencePiece "▁")."""
+    try:
+        return _WORD_TABLES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        prefix = tokenizer("a", add_special_tokens=False)["input_ids"]
+        base = tokenizer.decode(prefix)
+        size = len(tokenizer)
+        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        texts = tokenizer.batch_decode([prefix + [i] for i in range(size)])
+    except Exception:  # a tokenizer-like object without decode: the index scores token ids
+        return None
+    table = WordTable.from_pieces([None if i in special or not t.startswith(base)
+                                   else t[len(base):] for i, t in enumerate(texts)])
+    with contextlib.suppress(TypeError):
+        _WORD_TABLES[tokenizer] = table
+    return table
+
+
 def _max_positions(model: nn.Module) -> Optional[int]:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions"):
@@ -279,5 +308,9 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
         texts = torch.cat(slot_texts) if slot_texts else torch.zeros(0, dtype=torch.long)
         slot_entry = torch.full((bank.num_slots,), -1, dtype=torch.long)
         slot_entry[:texts.numel()] = texts
-        bank.entries = Entries.from_texts(rows[0], slot_entry)
+        words = None if tokenizer is None else word_table(tokenizer)
+        if words is not None and any(i < 0 or i >= words.vocab_size for ids in rows[0]
+                                     for i in ids):
+            words = None  # ids past the tokenizer's own: no text to make words of
+        bank.entries = Entries.from_texts(rows[0], slot_entry, words)
     return bank

@@ -24,13 +24,15 @@ from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
 from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO, Entries,
-                                       LexicalIndex)
+                                       LexicalIndex, WordTable)
 
 BANK_FORMAT = "memkernels.bank"
 # 2: the checksum covers the metadata too (1: the tensor only; still read)
 # 3: the stored texts (MemoryBank.entries) saved beside the bank, in the checksum
-BANK_FORMAT_VERSION = 3
+# 4: and their tokenizer's word table (Entries.words), when store() had one
+BANK_FORMAT_VERSION = 4
 ENTRY_TENSORS = ("entry_tokens", "entry_offsets", "slot_entry")
+WORD_TABLE_TENSOR = "entry_word_table"
 KV_DTYPES = (torch.bfloat16, torch.int8)  # narrow caches beside the memory's own dtype
 
 
@@ -356,8 +358,10 @@ class MemoryBank:
         so `path` is never half-written."""
         mem = self._mem.detach().cpu().contiguous()
         entries = self.entries
-        metadata = {  # format 2 where there is nothing of format 3's to save: older readers read it
-            "format": BANK_FORMAT, "format_version": str(BANK_FORMAT_VERSION if entries else 2),
+        # the oldest format that holds what there is to save: older readers read it
+        version = 2 if entries is None else 3 if entries.words is None else 4
+        metadata = {
+            "format": BANK_FORMAT, "format_version": str(version),
             "config": json.dumps(self.memory.config.to_dict(), sort_keys=True),
             "memory_fingerprint": self.memory.fingerprint(),
         }
@@ -366,7 +370,10 @@ class MemoryBank:
             tensors.update(zip(ENTRY_TENSORS, (entries.tokens.contiguous(),
                                                entries.offsets.contiguous(),
                                                entries.slot_entry.contiguous())))
-        metadata["sha256"] = _checksum(mem, metadata, [tensors.get(k) for k in ENTRY_TENSORS])
+            if entries.words is not None:
+                tensors[WORD_TABLE_TENSOR] = entries.words.table.contiguous()
+        metadata["sha256"] = _checksum(mem, metadata, [tensors.get(k) for k in
+                                                       ENTRY_TENSORS + (WORD_TABLE_TENSOR,)])
         atomic_write(os.fspath(path),
                      lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
@@ -388,6 +395,8 @@ class MemoryBank:
                 meta = f.metadata() or {}
                 mem = f.get_tensor("mem") if "mem" in f.keys() else None
                 stored = [f.get_tensor(k) if k in f.keys() else None for k in ENTRY_TENSORS]
+                word_table = (f.get_tensor(WORD_TABLE_TENSOR)
+                              if WORD_TABLE_TENSOR in f.keys() else None)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
                              f"truncated?): {exc}") from exc
@@ -403,7 +412,11 @@ class MemoryBank:
         if any(t is not None for t in stored) and not all(t is not None for t in stored):
             raise ValueError(f"{path!r} is corrupt: it has some of the stored-text tensors "
                              f"{ENTRY_TENSORS}, not all")
-        if meta.get("sha256") != _checksum(mem, meta if version != "1" else None, stored):
+        if word_table is not None and stored[0] is None:
+            raise ValueError(f"{path!r} is corrupt: it has a word table ({WORD_TABLE_TENSOR}) "
+                             f"but no stored texts")
+        if meta.get("sha256") != _checksum(mem, meta if version != "1" else None,
+                                           stored + [word_table]):
             raise ValueError(f"{path!r} is corrupt: its content does not match its checksum")
         try:
             saved = json.loads(meta.get("config", "{}"))
@@ -431,7 +444,8 @@ class MemoryBank:
         bank = cls(memory, mem.to(device=p.device, dtype=p.dtype))
         if stored[0] is not None:
             try:
-                bank.entries = Entries(*stored)
+                bank.entries = Entries(*stored, None if word_table is None
+                                       else WordTable(word_table))
             except ValueError as exc:
                 raise ValueError(f"{path!r}: its stored texts do not fit its bank: {exc}") from exc
         return bank

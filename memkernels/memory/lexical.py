@@ -8,7 +8,15 @@ and a question can pick those texts by the words it shares with them
 read then picks among a few stored facts, not among 10^5 (docs/design.md,
 "A lexical index in front of the read").
 
-BM25 here is over token ids with an inverted index (postings per token):
+BM25 scores words when the texts come with their tokenizer's `WordTable`
+(store() through a Hugging Face tokenizer records one): a word is a run of
+tokens, its term a hash of its text, case-folded and without its leading
+space, so " Paris" and "Paris" (other token ids) are one term and a name's
+syllables never match another name's. Without a table (token ids stored by
+hand, banks saved before format 4) the terms are the token ids and their
+consecutive pairs (docs/design.md, "A lexical index in front of the read").
+
+The index is inverted (postings per term):
 scoring a question touches only the texts that share a token with it, in
 one op (memkernels.ops.postings_top, a C++ kernel on the CPU).
 rank_bm25 (the recall benchmark's baseline retriever) scores every text for
@@ -18,7 +26,7 @@ than the whole answer costs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,23 +35,132 @@ from torch import Tensor
 from memkernels.ops.postings import postings_top
 
 
+# how a token joins words (WordTable's kind column)
+CONTINUES_WORD, STARTS_WORD, STANDS_ALONE, NO_TEXT = 0, 1, 2, 3
+# a word's term: two polynomial hashes of its characters, mod two primes below
+# 2^31 (products fit int64), packed as hash1 * 2^31 + hash2
+_PRIMES = (2_147_483_647, 2_147_483_629)
+_BASE = 1_000_003
+
+
+def _string_hash(text: str, prime: int) -> int:
+    h = 0
+    for c in text:
+        h = (h * _BASE + ord(c)) % prime
+    return h
+
+
+@dataclass(frozen=True)
+class WordTable:
+    """How a tokenizer's token ids make words, for a lexical index over words.
+    table: int64 [V, 4], per token id: its kind (CONTINUES_WORD: text that
+    goes on the word before it; STARTS_WORD: whitespace then a letter or
+    digit; STANDS_ALONE: punctuation, a term of its own; NO_TEXT: whitespace
+    or a special token, no term), the length of its text (case-folded,
+    whitespace stripped) and that text's two hashes. A word's term hashes the
+    concatenated text of its tokens, so any tokenization of a word gives it."""
+    table: Tensor
+
+    @staticmethod
+    def from_pieces(pieces: Sequence[Optional[str]]) -> "WordTable":
+        """From each token id's text as it decodes after other text (its
+        leading space kept); None: a special token."""
+        rows = []
+        for piece in pieces:
+            text = (piece or "").strip().casefold()
+            if not text:
+                kind = NO_TEXT
+            elif not piece[0].isspace():
+                kind = CONTINUES_WORD if piece[0].isalnum() else STANDS_ALONE
+            else:
+                kind = STARTS_WORD if text[0].isalnum() else STANDS_ALONE
+            rows.append((kind, len(text), _string_hash(text, _PRIMES[0]),
+                         _string_hash(text, _PRIMES[1])))
+        return WordTable(torch.tensor(rows, dtype=torch.long).reshape(-1, 4))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
+
+    def check(self) -> None:
+        t = self.table
+        if t.dtype != torch.long or t.dim() != 2 or t.shape[1] != 4:
+            raise ValueError(f"word table: must be an int64 [V, 4] tensor, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if t.numel() and (int(t[:, 0].min()) < CONTINUES_WORD or int(t[:, 0].max()) > NO_TEXT
+                          or int(t[:, 1:].min()) < 0 or int(t[:, 2].max()) >= _PRIMES[0]
+                          or int(t[:, 3].max()) >= _PRIMES[1]):
+            raise ValueError("word table: kinds must be in [0, 3], lengths >= 0, hashes "
+                             "below their primes")
+
+    def terms(self, tokens: Tensor, text_of_token: Tensor) -> tuple[Tensor, Tensor]:
+        """(term, text) of every word in `tokens` (int64 [n], ids below
+        vocab_size), words never crossing from one text (text_of_token, int64
+        [n]) into the next. A run of CONTINUES_WORD tokens after a
+        STARTS_WORD one is a word; a STANDS_ALONE token is a word alone."""
+        row = self.table[tokens]
+        kind = row[:, 0]
+        start = kind != CONTINUES_WORD
+        start[1:] |= (kind[:-1] >= STANDS_ALONE) | (text_of_token[1:] != text_of_token[:-1])
+        if start.numel():
+            start[0] = True
+        kept = kind != NO_TEXT
+        row, start, text_of_token = row[kept], start[kept], text_of_token[kept]
+        if not row.shape[0]:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        word = start.cumsum(0) - 1
+        first = start.nonzero().flatten()
+        length = row[:, 1]
+        # characters after each token within its word: the power of the base
+        # its hash is scaled by in the word's hash (Horner over the word's text)
+        through = length.cumsum(0)
+        word_end = through.new_zeros(first.numel()).index_add_(0, word, length) + \
+            (through[first] - length[first])
+        after = word_end[word] - through
+        term = torch.zeros(first.numel(), dtype=torch.long)
+        for column, powers in zip((2, 3), _powers(int(after.max()))):
+            prime = _PRIMES[column - 2]
+            h = torch.zeros(first.numel(), dtype=torch.long).index_add_(
+                0, word, row[:, column] * powers[after] % prime) % prime
+            term = term * (1 << 31) + h
+        return term, text_of_token[first]
+
+
+_POWERS: list = []
+
+
+def _powers(largest: int) -> list:
+    """_BASE^k mod each prime for k = 0..largest (at least), int64 tensors,
+    kept between calls."""
+    global _POWERS
+    if not _POWERS or _POWERS[0].numel() <= largest:
+        n = max(256, 2 * largest + 1)
+        _POWERS = [torch.tensor([pow(_BASE, k, p) for k in range(n)], dtype=torch.long)
+                   for p in _PRIMES]
+    return _POWERS
+
+
 @dataclass(frozen=True)
 class Entries:
     """tokens: the token ids of every text, concatenated (int64 [total]);
     offsets: where text e's ids start, int64 [E + 1]; slot_entry: the text
     each slot of the bank holds a token of, int64 [S], -1 for none (empty
-    and null slots)."""
+    and null slots); words: the tokenizer's WordTable (None: the lexical
+    index scores token ids)."""
     tokens: Tensor
     offsets: Tensor
     slot_entry: Tensor
+    words: Optional[WordTable] = None
 
     @staticmethod
-    def from_texts(token_ids: Sequence[Sequence[int]], slot_entry: Tensor) -> "Entries":
+    def from_texts(token_ids: Sequence[Sequence[int]], slot_entry: Tensor,
+                   words: Optional[WordTable] = None) -> "Entries":
         lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long)
         offsets = torch.zeros(len(token_ids) + 1, dtype=torch.long)
         offsets[1:] = lengths.cumsum(0)
         tokens = torch.tensor([i for t in token_ids for i in t], dtype=torch.long)
-        return Entries(tokens, offsets, slot_entry.to(torch.long).cpu())
+        return Entries(tokens, offsets, slot_entry.to(torch.long).cpu(), words)
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -67,6 +184,16 @@ class Entries:
         if self.slot_entry.numel() and (int(self.slot_entry.min()) < -1
                                         or int(self.slot_entry.max()) >= E):
             raise ValueError(f"entries: slot_entry values must be -1 or a text in [0, {E})")
+        if self.words is not None:
+            if not isinstance(self.words, WordTable):
+                raise ValueError(f"entries: words must be a WordTable or None, got "
+                                 f"{type(self.words).__name__}")
+            self.words.check()
+            V = self.words.vocab_size
+            if self.tokens.numel() and (int(self.tokens.min()) < 0
+                                        or int(self.tokens.max()) >= V):
+                raise ValueError(f"entries: token ids must lie in [0, {V}) (the word table's "
+                                 f"vocabulary)")
 
     def subset(self, chosen: Tensor, slot_order: Tensor) -> "Entries":
         """The entries `chosen` (renumbered 0..k-1 in that order) for the slots
@@ -75,16 +202,25 @@ class Entries:
         renumber[chosen] = torch.arange(chosen.numel())
         old = self.slot_entry[slot_order]
         slot_entry = torch.where(old >= 0, renumber[old.clamp(min=0)], old)
-        return Entries.from_texts([self.text(int(e)) for e in chosen], slot_entry)
+        return Entries.from_texts([self.text(int(e)) for e in chosen], slot_entry, self.words)
 
 
-def _terms(tokens: Tensor) -> Tensor:
-    """A text's terms: its token ids and its pairs of consecutive ids (as
-    one id past every token id). Pairs make a word of several sub-word
-    tokens (a name never seen in training) a term of its own."""
+def _terms(tokens: Tensor, words: Optional[WordTable] = None,
+           text_of_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(term, text of term) of the texts' tokens (text_of_token: the text
+    each token belongs to, default all one). With a word table, the words'
+    terms; without, the token ids and their pairs of consecutive ids within a
+    text (as one id past every token id: a name of several sub-word tokens
+    then has a term of its own)."""
     tokens = tokens.to(torch.long)
-    pairs = (tokens[:-1] + 1) * _PAIR_BASE + tokens[1:]
-    return torch.cat([tokens, pairs])
+    if text_of_token is None:
+        text_of_token = torch.zeros_like(tokens)
+    if words is not None:
+        return words.terms(tokens, text_of_token)
+    same_text = text_of_token[1:] == text_of_token[:-1]
+    pairs = ((tokens[:-1] + 1) * _PAIR_BASE + tokens[1:])[same_text]
+    return (torch.cat([tokens, pairs]),
+            torch.cat([text_of_token, text_of_token[:-1][same_text]]))
 
 
 _PAIR_BASE = 1 << 24  # above any vocabulary's token ids
@@ -102,23 +238,18 @@ LEXICAL_MAX_DF_FLOOR = 10
 
 
 class LexicalIndex:
-    """Okapi BM25 over the token ids of a bank's stored texts (k1, b as
-    usual), as an inverted index: per token id, the texts holding it and how
-    often."""
+    """Okapi BM25 over a bank's stored texts (k1, b as usual), its terms
+    their words (with the entries' WordTable) or token ids and pairs, as an
+    inverted index: per term, the texts holding it and how often."""
 
     def __init__(self, entries: Entries, k1: float = 1.5, b: float = 0.75):
         self.size = len(entries)
-        # every text's terms at once: its tokens, and the pairs that do not
-        # cross into the next text
-        tokens = entries.tokens
+        self.words = entries.words
         text_of_token = torch.repeat_interleave(torch.arange(self.size),
                                                 entries.offsets[1:] - entries.offsets[:-1])
-        same_text = text_of_token[1:] == text_of_token[:-1]
-        pairs = ((tokens[:-1] + 1) * _PAIR_BASE + tokens[1:])[same_text]
-        terms = torch.cat([tokens, pairs])
-        text_of_term = torch.cat([text_of_token, text_of_token[:-1][same_text]])
+        terms, text_of_term = _terms(entries.tokens, self.words, text_of_token)
         lengths = torch.bincount(text_of_term, minlength=self.size).to(torch.float64)
-        # term ids renumbered 0..V-1 (a bigram's id is large), one posting per
+        # term ids renumbered 0..V-1 (a word's or pair's id is large), one posting per
         # (term, text) pair with its count, sorted by term
         self.vocab, term = torch.unique(terms, return_inverse=True)
         pairs, tf = torch.unique(term * self.size + text_of_term, return_counts=True)
@@ -148,9 +279,10 @@ class LexicalIndex:
     def _query_terms(self, query_ids: Sequence[int]) -> Tensor:
         """The query's terms that some text holds, as indices into vocab (a
         term as often as the query has it), int64."""
-        ids = [int(i) for i in query_ids]
-        terms = np.array(ids + [(a + 1) * _PAIR_BASE + b for a, b in zip(ids, ids[1:])],
-                         dtype=np.int64)  # as _terms
+        ids = torch.tensor([int(i) for i in query_ids], dtype=torch.long)
+        if self.words is not None:  # ids outside the tokenizer's vocabulary have no text
+            ids = ids[(ids >= 0) & (ids < self.words.vocab_size)]
+        terms = _terms(ids, self.words)[0].numpy()
         where = np.searchsorted(self._vocab, terms).clip(max=max(len(self._vocab) - 1, 0))
         if not len(self._vocab):
             return torch.zeros(0, dtype=torch.long)

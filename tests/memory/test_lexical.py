@@ -75,8 +75,8 @@ def test_a_selection_is_the_bank_of_those_texts_stored_alone(chosen):
 def bm25_by_hand(corpus: list[list[int]], query: list[int], k1=1.5, b=0.75, eps=0.25):
     """Okapi BM25 as rank_bm25's BM25Okapi computes it, over the same terms."""
     import math
-    docs = [_terms(torch.tensor(d, dtype=torch.long)).tolist() for d in corpus]
-    q = _terms(torch.tensor(query, dtype=torch.long)).tolist()
+    docs = [_terms(torch.tensor(d, dtype=torch.long))[0].tolist() for d in corpus]
+    q = _terms(torch.tensor(query, dtype=torch.long))[0].tolist()
     n, avg = len(docs), sum(map(len, docs)) / len(docs)
     df = {}
     for d in docs:
@@ -105,10 +105,10 @@ def test_bm25_scores_match_rank_bm25_and_a_hand_computation():
         want = bm25_by_hand(corpus, query)
         torch.testing.assert_close(index.scores(query), want)
         rank_bm25 = pytest.importorskip("rank_bm25")
-        lib = rank_bm25.BM25Okapi([_terms(torch.tensor(d)).tolist() for d in corpus])
+        lib = rank_bm25.BM25Okapi([_terms(torch.tensor(d))[0].tolist() for d in corpus])
         torch.testing.assert_close(
             index.scores(query),
-            torch.tensor(lib.get_scores(_terms(torch.tensor(query)).tolist()), dtype=torch.float64))
+            torch.tensor(lib.get_scores(_terms(torch.tensor(query))[0].tolist()), dtype=torch.float64))
         top = index.top(query, 4)
         assert top.tolist() == torch.sort(want, descending=True, stable=True).indices[:4].tolist() \
             or torch.allclose(want[top], torch.sort(want, descending=True).values[:4])
@@ -271,3 +271,152 @@ def test_bad_arguments_are_named():
         MemoryBank(memory, memory.fresh_mem(2, 8)).entries = bank.entries
     with pytest.raises(ValueError, match="slot_entry must be"):
         bank.entries = Entries.from_texts(texts, torch.full((3,), -1, dtype=torch.long))
+
+
+# --- words: the index over a tokenizer's words (WordTable) -------------------------------
+
+PIECES = [None, " Par", "is", " par", "PARIS", "'s", ",", " ", " is", " the", "-", "27", " 51",
+          "\n", " capt", "ain", " captain", " (", "ab", " Ab"]
+
+
+def reference_words(tokens, pieces):
+    """The words of one text by the rules, from the strings: a piece that
+    starts with whitespace then a letter or digit starts a word, one of
+    letters or digits goes on the word before (unless that was
+    punctuation), punctuation is a word alone, whitespace and special
+    tokens are none."""
+    words, current = [], None
+    for t in tokens:
+        p = pieces[t]
+        text = (p or "").strip().casefold()
+        if not text:
+            current = None
+        elif p[0].isalnum() and current is not None and current[1]:
+            current[0] += text
+        elif (p[0].isspace() and text[0].isalnum()) or p[0].isalnum():
+            current = [text, True]
+            words.append(current)
+        else:
+            words.append([text, False])
+            current = None
+    return [w[0] for w in words]
+
+
+def term_of(word: str) -> int:
+    from memkernels.memory.lexical import _PRIMES, _string_hash
+    return _string_hash(word, _PRIMES[0]) * (1 << 31) + _string_hash(word, _PRIMES[1])
+
+
+def test_word_terms_match_the_words_of_the_decoded_text():
+    from memkernels.memory.lexical import WordTable
+    table = WordTable.from_pieces(PIECES)
+    rng = random.Random(0)
+    for trial in range(300):
+        lengths = [rng.randrange(0, 9) for _ in range(rng.randrange(1, 5))]
+        texts = [[rng.randrange(len(PIECES)) for _ in range(n)] for n in lengths]
+        tokens = torch.tensor([t for text in texts for t in text], dtype=torch.long)
+        text_of = torch.tensor([e for e, text in enumerate(texts) for _ in text], dtype=torch.long)
+        terms, text_of_term = table.terms(tokens, text_of)
+        want = [(term_of(w), e) for e, text in enumerate(texts)
+                for w in reference_words(text, PIECES)]
+        assert list(zip(terms.tolist(), text_of_term.tolist())) == want
+
+
+def test_one_word_is_one_term_however_it_is_tokenized():
+    from memkernels.memory.lexical import WordTable
+    table = WordTable.from_pieces(PIECES)
+    terms = lambda ids: _terms(torch.tensor(ids), table)[0].tolist()  # noqa: E731
+    paris = terms([1, 2])              # " Par" "is"
+    assert terms([3, 2]) == paris      # " par" "is": case-folded
+    assert terms([4]) == paris         # "PARIS" at a text's start, one token
+    assert terms([1, 2, 5]) == paris + terms([5])  # "'s" is a word of its own
+    assert terms([14, 15]) == terms([16])           # " capt" "ain" = " captain"
+    assert terms([10, 11]) == terms([10]) + terms([11])  # after punctuation, a new word
+    assert terms([18, 19]) == [term_of("ab"), term_of("ab")]
+    assert terms([7, 13, 0]) == []     # whitespace and special tokens: no term
+
+
+def test_word_index_tells_a_subjects_facts_apart_where_sub_word_tokens_tie():
+    """Subjects and objects made of shared syllables: over tokens, a fact
+    about the asked subject ties with its siblings (and other subjects'
+    syllables add noise); over words, the subject's word and the relation's
+    pick the asked fact alone."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import open_facts
+    from memkernels.hf.encode import word_table
+    from memkernels.memory.lexical import WordTable
+    tok = transformers.AutoTokenizer.from_pretrained(
+        "memkernels/apps/recall/assets/open_lm")
+    words = word_table(tok)
+    assert isinstance(words, WordTable) and words.vocab_size == len(tok)
+    assert word_table(tok) is words  # kept per tokenizer
+    facts = open_facts.make_open_facts(600, seed=3, split="train", facts_per_subject=3)
+    rng = random.Random(3)
+    texts = [tok(f.statement(rng, "train"))["input_ids"] for f in facts]
+    alone = {None: 0, "words": 0}
+    for table in (None, words):
+        index = LexicalIndex(Entries.from_texts(texts, torch.full((1,), -1), table))
+        for i in range(0, 600, 7):
+            question = tok(f"Q: {facts[i].question(rng, 'train')} A:")["input_ids"]
+            top = index.top(question, LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF).tolist()
+            alone[None if table is None else "words"] += top == [i]
+    assert alone["words"] >= 0.95 * len(range(0, 600, 7)) > alone[None]
+
+
+def test_store_records_the_tokenizers_word_table_and_save_load_keeps_it(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    import safetensors.torch
+    from safetensors import safe_open
+    from memkernels.hf.encode import word_table
+    from memkernels.apps.recall import base_lm, open_lm, tasks
+    tok = base_lm.train_tokenizer(open_lm.corpus(300), vocab_size=300)
+    torch.manual_seed(8)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
+    memory = tasks.copy_memory(model, slots=64)
+    texts = ["Paris has the port Fotenelith.", "the captain of Felezath is Numer Besas.",
+             "Fotenel has the crew size 12.", "Numer Besas's hobby is fishing.",
+             "the motto of Zadosox is Reposox.", "Besasath - port - Lozar."]
+    bank = memkernels.store(memory, model, tok, texts)
+    assert bank.entries.words is word_table(tok)
+    # asked with another tokenization of the subject (no leading space)
+    assert bank.lexical_choice(tok("Felezath: captain?")["input_ids"]).tolist() == [1]
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format_version"] == "4"
+    loaded = MemoryBank.load(path, memory)
+    assert torch.equal(loaded.entries.words.table, bank.entries.words.table)
+    assert torch.equal(loaded.lexical_select(tok("Felezath?")["input_ids"]).mem,
+                       bank.lexical_select(tok("Felezath?")["input_ids"]).mem)
+    # token ids stored without a tokenizer: no table, the index scores token ids
+    assert memkernels.store(memory, model, None, [tok(t)["input_ids"] for t in texts]) \
+        .entries.words is None
+    tensors = safetensors.torch.load_file(path)
+    tensors["entry_word_table"][5, 2] += 1
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="checksum"):
+        MemoryBank.load(path, memory)
+    del tensors["entry_tokens"], tensors["entry_offsets"], tensors["slot_entry"]
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="word table"):
+        MemoryBank.load(path, memory)
+
+
+def test_a_bad_word_table_is_refused():
+    from memkernels.memory.lexical import WordTable
+    table = WordTable.from_pieces(PIECES)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        Entries.from_texts([[len(PIECES)]], torch.full((1,), -1), table).check(1)
+    with pytest.raises(ValueError, match=r"int64 \[V, 4\]"):
+        Entries.from_texts([[0]], torch.full((1,), -1), WordTable(table.table[:, :3])).check(1)
+    with pytest.raises(ValueError, match="kinds must be in"):
+        bad = table.table.clone()
+        bad[0, 0] = 7
+        Entries.from_texts([[0]], torch.full((1,), -1), WordTable(bad)).check(1)
+    # a question's ids outside the table's vocabulary have no words, and no error
+    index = LexicalIndex(Entries.from_texts([[1, 2], [16], [9], [14, 15, 8], [12]],
+                                            torch.full((1,), -1), table))
+    assert index.top([1, 2, 99, -3], 1).tolist() == [0]
