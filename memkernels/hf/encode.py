@@ -178,7 +178,8 @@ def word_table(tokenizer) -> Optional[WordTable]:
         base = tokenizer.decode(prefix)
         size = len(tokenizer)
         special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-        texts = tokenizer.batch_decode([prefix + [i] for i in range(size)])
+        texts = tokenizer.batch_decode([prefix + [i] for i in range(size)],
+                                       clean_up_tokenization_spaces=False)
     except Exception:  # a tokenizer-like object without decode: the index scores token ids
         return None
     table = WordTable.from_pieces([None if i in special or not t.startswith(base)

@@ -37,6 +37,7 @@ from memkernels.ops.postings import postings_top
 
 # how a token joins words (WordTable's kind column)
 CONTINUES_WORD, STARTS_WORD, STANDS_ALONE, NO_TEXT = 0, 1, 2, 3
+KIND, ENDS_WORD, LENGTH, HASH1, HASH2 = range(5)  # WordTable's columns
 # a word's term: two polynomial hashes of its characters, mod two primes below
 # 2^31 (products fit int64), packed as hash1 * 2^31 + hash2
 _PRIMES = (2_147_483_647, 2_147_483_629)
@@ -53,12 +54,15 @@ def _string_hash(text: str, prime: int) -> int:
 @dataclass(frozen=True)
 class WordTable:
     """How a tokenizer's token ids make words, for a lexical index over words.
-    table: int64 [V, 4], per token id: its kind (CONTINUES_WORD: text that
-    goes on the word before it; STARTS_WORD: whitespace then a letter or
-    digit; STANDS_ALONE: punctuation, a term of its own; NO_TEXT: whitespace
-    or a special token, no term), the length of its text (case-folded,
-    whitespace stripped) and that text's two hashes. A word's term hashes the
-    concatenated text of its tokens, so any tokenization of a word gives it."""
+    table: int64 [V, 5], per token id: its kind (CONTINUES_WORD: text that
+    goes on the word before it; STARTS_WORD: after whitespace or punctuation;
+    STANDS_ALONE: punctuation only, a term of its own; NO_TEXT: whitespace or
+    a special token, no term), whether a word ends with it (punctuation after
+    its letters, as SentencePiece merges "h?"), then the length and two
+    hashes of its text: case-folded, without whitespace, and without the
+    punctuation before and after its letters and digits. A word's term
+    hashes the concatenated text of its tokens, so any tokenization of a word
+    gives it."""
     table: Tensor
 
     @staticmethod
@@ -68,15 +72,19 @@ class WordTable:
         rows = []
         for piece in pieces:
             text = (piece or "").strip().casefold()
+            alnum = [i for i, c in enumerate(text) if c.isalnum()]
+            ends = False
             if not text:
                 kind = NO_TEXT
-            elif not piece[0].isspace():
-                kind = CONTINUES_WORD if piece[0].isalnum() else STANDS_ALONE
+            elif not alnum:
+                kind = STANDS_ALONE
             else:
-                kind = STARTS_WORD if text[0].isalnum() else STANDS_ALONE
-            rows.append((kind, len(text), _string_hash(text, _PRIMES[0]),
+                kind = CONTINUES_WORD if piece[0].isalnum() else STARTS_WORD
+                ends = alnum[-1] < len(text) - 1
+                text = text[alnum[0]:alnum[-1] + 1]
+            rows.append((kind, int(ends), len(text), _string_hash(text, _PRIMES[0]),
                          _string_hash(text, _PRIMES[1])))
-        return WordTable(torch.tensor(rows, dtype=torch.long).reshape(-1, 4))
+        return WordTable(torch.tensor(rows, dtype=torch.long).reshape(-1, 5))
 
     @property
     def vocab_size(self) -> int:
@@ -84,24 +92,29 @@ class WordTable:
 
     def check(self) -> None:
         t = self.table
-        if t.dtype != torch.long or t.dim() != 2 or t.shape[1] != 4:
-            raise ValueError(f"word table: must be an int64 [V, 4] tensor, got {t.dtype} "
+        if t.dtype != torch.long or t.dim() != 2 or t.shape[1] != 5:
+            raise ValueError(f"word table: must be an int64 [V, 5] tensor, got {t.dtype} "
                              f"{tuple(t.shape)}")
-        if t.numel() and (int(t[:, 0].min()) < CONTINUES_WORD or int(t[:, 0].max()) > NO_TEXT
-                          or int(t[:, 1:].min()) < 0 or int(t[:, 2].max()) >= _PRIMES[0]
-                          or int(t[:, 3].max()) >= _PRIMES[1]):
-            raise ValueError("word table: kinds must be in [0, 3], lengths >= 0, hashes "
-                             "below their primes")
+        if t.numel() and (int(t[:, KIND].min()) < CONTINUES_WORD
+                          or int(t[:, KIND].max()) > NO_TEXT
+                          or int(t[:, ENDS_WORD].min()) < 0 or int(t[:, ENDS_WORD].max()) > 1
+                          or not 0 <= int(t[:, LENGTH].min()) <= int(t[:, LENGTH].max()) < 1 << 16
+                          or int(t[:, HASH1:].min()) < 0 or int(t[:, HASH1].max()) >= _PRIMES[0]
+                          or int(t[:, HASH2].max()) >= _PRIMES[1]):
+            raise ValueError("word table: kinds must be in [0, 3], word ends 0 or 1, lengths "
+                             "in [0, 65536), hashes below their primes")
 
     def terms(self, tokens: Tensor, text_of_token: Tensor) -> tuple[Tensor, Tensor]:
         """(term, text) of every word in `tokens` (int64 [n], ids below
         vocab_size), words never crossing from one text (text_of_token, int64
         [n]) into the next. A run of CONTINUES_WORD tokens after a
-        STARTS_WORD one is a word; a STANDS_ALONE token is a word alone."""
+        STARTS_WORD one is a word (up to a token that ends one); a STANDS_ALONE
+        token is a word alone."""
         row = self.table[tokens]
-        kind = row[:, 0]
+        kind = row[:, KIND]
         start = kind != CONTINUES_WORD
-        start[1:] |= (kind[:-1] >= STANDS_ALONE) | (text_of_token[1:] != text_of_token[:-1])
+        start[1:] |= (kind[:-1] >= STANDS_ALONE) | (row[:-1, ENDS_WORD] == 1) | \
+            (text_of_token[1:] != text_of_token[:-1])
         if start.numel():
             start[0] = True
         kept = kind != NO_TEXT
@@ -111,7 +124,7 @@ class WordTable:
             return empty, empty
         word = start.cumsum(0) - 1
         first = start.nonzero().flatten()
-        length = row[:, 1]
+        length = row[:, LENGTH]
         # characters after each token within its word: the power of the base
         # its hash is scaled by in the word's hash (Horner over the word's text)
         through = length.cumsum(0)
@@ -119,8 +132,7 @@ class WordTable:
             (through[first] - length[first])
         after = word_end[word] - through
         term = torch.zeros(first.numel(), dtype=torch.long)
-        for column, powers in zip((2, 3), _powers(int(after.max()))):
-            prime = _PRIMES[column - 2]
+        for column, prime, powers in zip((HASH1, HASH2), _PRIMES, _powers(int(after.max()))):
             h = torch.zeros(first.numel(), dtype=torch.long).index_add_(
                 0, word, row[:, column] * powers[after] % prime) % prime
             term = term * (1 << 31) + h

@@ -276,30 +276,34 @@ def test_bad_arguments_are_named():
 # --- words: the index over a tokenizer's words (WordTable) -------------------------------
 
 PIECES = [None, " Par", "is", " par", "PARIS", "'s", ",", " ", " is", " the", "-", "27", " 51",
-          "\n", " capt", "ain", " captain", " (", "ab", " Ab"]
+          "\n", " capt", "ain", " captain", " (", "ab", " Ab", "h?", "(the", "a-b", " x.", "y"]
 
 
 def reference_words(tokens, pieces):
-    """The words of one text by the rules, from the strings: a piece that
-    starts with whitespace then a letter or digit starts a word, one of
-    letters or digits goes on the word before (unless that was
-    punctuation), punctuation is a word alone, whitespace and special
-    tokens are none."""
-    words, current = [], None
+    """The words of one text by the rules, from the strings: a piece's
+    letters and digits (with the punctuation between them) go on the word
+    before when the piece starts with a letter or digit and that word is
+    still open, else start a word; punctuation after them closes the word;
+    a piece of punctuation only is a word alone; whitespace and special
+    tokens are none and close the word."""
+    words, open_word = [], False
     for t in tokens:
         p = pieces[t]
         text = (p or "").strip().casefold()
+        alnum = [i for i, c in enumerate(text) if c.isalnum()]
         if not text:
-            current = None
-        elif p[0].isalnum() and current is not None and current[1]:
-            current[0] += text
-        elif (p[0].isspace() and text[0].isalnum()) or p[0].isalnum():
-            current = [text, True]
-            words.append(current)
+            open_word = False
+        elif not alnum:
+            words.append(text)
+            open_word = False
         else:
-            words.append([text, False])
-            current = None
-    return [w[0] for w in words]
+            core = text[alnum[0]:alnum[-1] + 1]
+            if p[0].isalnum() and open_word:
+                words[-1] += core
+            else:
+                words.append(core)
+            open_word = alnum[-1] == len(text) - 1
+    return words
 
 
 def term_of(word: str) -> int:
@@ -333,6 +337,9 @@ def test_one_word_is_one_term_however_it_is_tokenized():
     assert terms([14, 15]) == terms([16])           # " capt" "ain" = " captain"
     assert terms([10, 11]) == terms([10]) + terms([11])  # after punctuation, a new word
     assert terms([18, 19]) == [term_of("ab"), term_of("ab")]
+    assert terms([1, 20, 24]) == [term_of("parh"), term_of("y")]  # "h?" ends the word
+    assert terms([21, 2]) == [term_of("theis")]                  # "(the" starts one
+    assert terms([22]) == [term_of("a-b")] and terms([23]) == [term_of("x")]
     assert terms([7, 13, 0]) == []     # whitespace and special tokens: no term
 
 
@@ -410,7 +417,7 @@ def test_a_bad_word_table_is_refused():
     table = WordTable.from_pieces(PIECES)
     with pytest.raises(ValueError, match="token ids must lie in"):
         Entries.from_texts([[len(PIECES)]], torch.full((1,), -1), table).check(1)
-    with pytest.raises(ValueError, match=r"int64 \[V, 4\]"):
+    with pytest.raises(ValueError, match=r"int64 \[V, 5\]"):
         Entries.from_texts([[0]], torch.full((1,), -1), WordTable(table.table[:, :3])).check(1)
     with pytest.raises(ValueError, match="kinds must be in"):
         bad = table.table.clone()
@@ -420,3 +427,35 @@ def test_a_bad_word_table_is_refused():
     index = LexicalIndex(Entries.from_texts([[1, 2], [16], [9], [14, 15, 8], [12]],
                                             torch.full((1,), -1), table))
     assert index.top([1, 2, 99, -3], 1).tolist() == [0]
+
+
+@pytest.mark.parametrize("convention", ["byte-level", "metaspace"])
+def test_word_table_reads_either_leading_space_convention(convention):
+    """A byte-level BPE ("Ġ") and a SentencePiece-style one ("▁") mark a
+    word's leading space differently; word_table decodes each id after a
+    letter, so both give one term per word, at a text's start or not."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from memkernels.hf.encode import word_table
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if convention == "byte-level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?!.,:")
+    corpus = ["the captain of Paris is Numer Besas.", "Paris, the port: Fotenelith!",
+              "what is the captain of Felezath?"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>"], initial_alphabet=alphabet))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    words = word_table(hf)
+    terms = lambda text: _terms(torch.tensor(hf(text)["input_ids"]), words)[0].tolist()  # noqa: E731
+    assert terms("Paris") == terms(" Paris") == terms("PARIS") == [term_of("paris")]
+    # "?" is a term where the tokenizer splits it off, dropped where it merges it ("h?")
+    assert [t for t in terms("the captain of Felezath?") if t != term_of("?")] == \
+        [term_of(w) for w in ("the", "captain", "of", "felezath")]
+    assert words.table[hf.convert_tokens_to_ids("<s>"), 0] == 3  # special: no text
