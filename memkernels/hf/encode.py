@@ -161,31 +161,49 @@ def _token_ids(item, tokenizer, max_length: Optional[int]) -> list[int]:
 
 
 _WORD_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# words the check in word_table must find: plain words only, as every
+# tokenizer splits them at their spaces
+_WORD_PROBE = "The quick brown fox of Paris jumps over the lazy dog near Zadosox today"
 
 
 def word_table(tokenizer) -> Optional[WordTable]:
     """The tokenizer's WordTable (how its token ids make words, for the
-    lexical index; kept per tokenizer), or None where it cannot decode. Each
-    id's text is what it adds when decoded after a letter, so that a leading
-    space shows whatever the tokenizer's convention (byte-level "Ġ",
-    SentencePiece "▁")."""
+    lexical index; kept per tokenizer and vocabulary size), or None where it
+    cannot decode, or where its words do not come out right on a probe
+    sentence (a WordPiece model without its decoder: the index then scores
+    token ids). Each id's text is what it adds when decoded after a letter,
+    so that a leading space shows whatever the tokenizer's convention
+    (byte-level "Ġ", SentencePiece "▁", WordPiece "##")."""
     try:
-        return _WORD_TABLES[tokenizer]
-    except (KeyError, TypeError):
+        size = len(tokenizer)
+        kept = _WORD_TABLES.get(tokenizer)
+        if kept is not None and kept[0] == size:
+            return kept[1]
+    except TypeError:  # no len, or not weakly referenceable: built each time
         pass
     try:
+        size = len(tokenizer)
         prefix = tokenizer("a", add_special_tokens=False)["input_ids"]
         base = tokenizer.decode(prefix)
-        size = len(tokenizer)
         special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                    if getattr(t, "special", False)}
         texts = tokenizer.batch_decode([prefix + [i] for i in range(size)],
                                        clean_up_tokenization_spaces=False)
+        probe = tokenizer(_WORD_PROBE, add_special_tokens=False)["input_ids"]
     except Exception:  # a tokenizer-like object without decode: the index scores token ids
         return None
     table = WordTable.from_pieces([None if i in special or not t.startswith(base)
                                    else t[len(base):] for i, t in enumerate(texts)])
+    probe_terms = table.terms(torch.tensor(probe, dtype=torch.long),
+                              torch.zeros(len(probe), dtype=torch.long))[0]
+    want = WordTable.from_pieces([" " + w for w in _WORD_PROBE.split()])
+    if not torch.equal(probe_terms, want.terms(torch.arange(want.vocab_size),
+                                               torch.zeros(want.vocab_size,
+                                                           dtype=torch.long))[0]):
+        return None
     with contextlib.suppress(TypeError):
-        _WORD_TABLES[tokenizer] = table
+        _WORD_TABLES[tokenizer] = (size, table)
     return table
 
 

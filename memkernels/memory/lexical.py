@@ -25,6 +25,7 @@ than the whole answer costs.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -39,9 +40,14 @@ from memkernels.ops.postings import postings_top
 CONTINUES_WORD, STARTS_WORD, STANDS_ALONE, NO_TEXT = 0, 1, 2, 3
 KIND, ENDS_WORD, LENGTH, HASH1, HASH2 = range(5)  # WordTable's columns
 # a word's term: two polynomial hashes of its characters, mod two primes below
-# 2^31 (products fit int64), packed as hash1 * 2^31 + hash2
+# 2^31 (products fit int64, a hash fits int32), packed as hash1 * 2^31 + hash2
 _PRIMES = (2_147_483_647, 2_147_483_629)
 _BASE = 1_000_003
+_MAX_TOKEN_CHARS = 1 << 16
+# scripts written without spaces between words (CJK, kana, Thai, Lao, Myanmar,
+# Khmer): a token of them is a word of its own, not the start of a long run
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff"
+                       "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 def _string_hash(text: str, prime: int) -> int:
@@ -51,40 +57,68 @@ def _string_hash(text: str, prime: int) -> int:
     return h
 
 
+def _power_mod(exponent: Tensor, prime: int) -> Tensor:
+    """_BASE ** exponent mod prime, elementwise (int64; square and multiply)."""
+    result = torch.ones_like(exponent)
+    base = torch.full_like(exponent, _BASE % prime)
+    e = exponent.clone()
+    while bool((e > 0).any()):
+        odd = (e & 1) == 1
+        result = torch.where(odd, result * base % prime, result)
+        base = base * base % prime
+        e >>= 1
+    return result
+
+
+# _BASE^k for the short words that nearly all are (read-only once built)
+_SHORT = 256
+_SHORT_POWERS = tuple(torch.tensor([pow(_BASE, k, p) for k in range(_SHORT)], dtype=torch.long)
+                      for p in _PRIMES)
+
+
 @dataclass(frozen=True)
 class WordTable:
     """How a tokenizer's token ids make words, for a lexical index over words.
-    table: int64 [V, 5], per token id: its kind (CONTINUES_WORD: text that
+    table: int32 [V, 5], per token id: its kind (CONTINUES_WORD: text that
     goes on the word before it; STARTS_WORD: after whitespace or punctuation;
     STANDS_ALONE: punctuation only, a term of its own; NO_TEXT: whitespace or
     a special token, no term), whether a word ends with it (punctuation after
-    its letters, as SentencePiece merges "h?"), then the length and two
-    hashes of its text: case-folded, without whitespace, and without the
-    punctuation before and after its letters and digits. A word's term
-    hashes the concatenated text of its tokens, so any tokenization of a word
-    gives it."""
+    its letters, as SentencePiece merges "h?"; a token of a script written
+    without spaces), then the length and two hashes of its text: case-folded,
+    without whitespace, and without the punctuation before and after its
+    letters and digits. A word's term hashes the concatenated text of its
+    tokens, so a word split into tokens anywhere between its letters has one
+    term (punctuation inside one token stays in the word: "a-b" as one token
+    is one word, as three tokens two words and a mark)."""
     table: Tensor
 
     @staticmethod
     def from_pieces(pieces: Sequence[Optional[str]]) -> "WordTable":
-        """From each token id's text as it decodes after other text (its
-        leading space kept); None: a special token."""
+        """From each token id's text as it decodes after a letter (its leading
+        space kept); None: a special token. A piece holding U+FFFD (a byte of
+        a character split across tokens) cannot be read as text: it is kept
+        as its id (the same bytes, tokenized the same way, match)."""
         rows = []
-        for piece in pieces:
-            text = (piece or "").strip().casefold()
+        for token_id, piece in enumerate(pieces):
+            text = (piece or "").strip().casefold()[:_MAX_TOKEN_CHARS - 1]
             alnum = [i for i, c in enumerate(text) if c.isalnum()]
             ends = False
             if not text:
                 kind = NO_TEXT
+            elif "\ufffd" in text:
+                kind = STARTS_WORD if piece[0].isspace() else CONTINUES_WORD
+                text = f"\x00{token_id}\x00"
             elif not alnum:
                 kind = STANDS_ALONE
             else:
                 kind = CONTINUES_WORD if piece[0].isalnum() else STARTS_WORD
                 ends = alnum[-1] < len(text) - 1
                 text = text[alnum[0]:alnum[-1] + 1]
+                if _UNSPACED.search(text):
+                    kind, ends = STARTS_WORD, True
             rows.append((kind, int(ends), len(text), _string_hash(text, _PRIMES[0]),
                          _string_hash(text, _PRIMES[1])))
-        return WordTable(torch.tensor(rows, dtype=torch.long).reshape(-1, 5))
+        return WordTable(torch.tensor(rows, dtype=torch.int32).reshape(-1, 5))
 
     @property
     def vocab_size(self) -> int:
@@ -92,26 +126,32 @@ class WordTable:
 
     def check(self) -> None:
         t = self.table
-        if t.dtype != torch.long or t.dim() != 2 or t.shape[1] != 5:
-            raise ValueError(f"word table: must be an int64 [V, 5] tensor, got {t.dtype} "
-                             f"{tuple(t.shape)}")
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 2 \
+                or t.shape[1] != 5:
+            raise ValueError(f"word table: must be an int32 [V, 5] tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
         if t.numel() and (int(t[:, KIND].min()) < CONTINUES_WORD
                           or int(t[:, KIND].max()) > NO_TEXT
                           or int(t[:, ENDS_WORD].min()) < 0 or int(t[:, ENDS_WORD].max()) > 1
-                          or not 0 <= int(t[:, LENGTH].min()) <= int(t[:, LENGTH].max()) < 1 << 16
+                          or int(t[:, LENGTH].min()) < 0
+                          or int(t[:, LENGTH].max()) >= _MAX_TOKEN_CHARS
                           or int(t[:, HASH1:].min()) < 0 or int(t[:, HASH1].max()) >= _PRIMES[0]
                           or int(t[:, HASH2].max()) >= _PRIMES[1]):
-            raise ValueError("word table: kinds must be in [0, 3], word ends 0 or 1, lengths "
-                             "in [0, 65536), hashes below their primes")
+            raise ValueError(f"word table: kinds must be in [0, 3], word ends 0 or 1, lengths "
+                             f"in [0, {_MAX_TOKEN_CHARS}), hashes below their primes")
 
     def terms(self, tokens: Tensor, text_of_token: Tensor) -> tuple[Tensor, Tensor]:
-        """(term, text) of every word in `tokens` (int64 [n], ids below
-        vocab_size), words never crossing from one text (text_of_token, int64
-        [n]) into the next. A run of CONTINUES_WORD tokens after a
-        STARTS_WORD one is a word (up to a token that ends one); a STANDS_ALONE
-        token is a word alone."""
-        row = self.table[tokens]
-        kind = row[:, KIND]
+        """(term, text) of every word in `tokens` (int64 [n]), words never
+        crossing from one text (text_of_token, int64 [n]) into the next. A
+        run of CONTINUES_WORD tokens after a STARTS_WORD one is a word (up to
+        a token that ends one); a STANDS_ALONE token is a word alone. Ids
+        outside the table (a question's) have no text and end a word."""
+        V = self.vocab_size
+        valid = (tokens >= 0) & (tokens < V)
+        row = self.table[tokens.clamp(0, max(V - 1, 0))].to(torch.long) if V else \
+            torch.zeros(tokens.numel(), 5, dtype=torch.long)
+        kind = torch.where(valid, row[:, KIND], NO_TEXT)
         start = kind != CONTINUES_WORD
         start[1:] |= (kind[:-1] >= STANDS_ALONE) | (row[:-1, ENDS_WORD] == 1) | \
             (text_of_token[1:] != text_of_token[:-1])
@@ -131,26 +171,14 @@ class WordTable:
         word_end = through.new_zeros(first.numel()).index_add_(0, word, length) + \
             (through[first] - length[first])
         after = word_end[word] - through
+        short = bool((after < _SHORT).all())
         term = torch.zeros(first.numel(), dtype=torch.long)
-        for column, prime, powers in zip((HASH1, HASH2), _PRIMES, _powers(int(after.max()))):
+        for column, prime, table in zip((HASH1, HASH2), _PRIMES, _SHORT_POWERS):
+            powers = table[after] if short else _power_mod(after, prime)
             h = torch.zeros(first.numel(), dtype=torch.long).index_add_(
-                0, word, row[:, column] * powers[after] % prime) % prime
+                0, word, row[:, column] * powers % prime) % prime
             term = term * (1 << 31) + h
         return term, text_of_token[first]
-
-
-_POWERS: list = []
-
-
-def _powers(largest: int) -> list:
-    """_BASE^k mod each prime for k = 0..largest (at least), int64 tensors,
-    kept between calls."""
-    global _POWERS
-    if not _POWERS or _POWERS[0].numel() <= largest:
-        n = max(256, 2 * largest + 1)
-        _POWERS = [torch.tensor([pow(_BASE, k, p) for k in range(n)], dtype=torch.long)
-                   for p in _PRIMES]
-    return _POWERS
 
 
 @dataclass(frozen=True)
@@ -292,9 +320,7 @@ class LexicalIndex:
         """The query's terms that some text holds, as indices into vocab (a
         term as often as the query has it), int64."""
         ids = torch.tensor([int(i) for i in query_ids], dtype=torch.long)
-        if self.words is not None:  # ids outside the tokenizer's vocabulary have no text
-            ids = ids[(ids >= 0) & (ids < self.words.vocab_size)]
-        terms = _terms(ids, self.words)[0].numpy()
+        terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
         where = np.searchsorted(self._vocab, terms).clip(max=max(len(self._vocab) - 1, 0))
         if not len(self._vocab):
             return torch.zeros(0, dtype=torch.long)

@@ -311,7 +311,7 @@ def term_of(word: str) -> int:
     return _string_hash(word, _PRIMES[0]) * (1 << 31) + _string_hash(word, _PRIMES[1])
 
 
-def test_word_terms_match_the_words_of_the_decoded_text():
+def test_word_terms_follow_the_rules_on_random_token_runs():
     from memkernels.memory.lexical import WordTable
     table = WordTable.from_pieces(PIECES)
     rng = random.Random(0)
@@ -417,7 +417,7 @@ def test_a_bad_word_table_is_refused():
     table = WordTable.from_pieces(PIECES)
     with pytest.raises(ValueError, match="token ids must lie in"):
         Entries.from_texts([[len(PIECES)]], torch.full((1,), -1), table).check(1)
-    with pytest.raises(ValueError, match=r"int64 \[V, 5\]"):
+    with pytest.raises(ValueError, match=r"int32 \[V, 5\]"):
         Entries.from_texts([[0]], torch.full((1,), -1), WordTable(table.table[:, :3])).check(1)
     with pytest.raises(ValueError, match="kinds must be in"):
         bad = table.table.clone()
@@ -459,3 +459,81 @@ def test_word_table_reads_either_leading_space_convention(convention):
     assert [t for t in terms("the captain of Felezath?") if t != term_of("?")] == \
         [term_of(w) for w in ("the", "captain", "of", "felezath")]
     assert words.table[hf.convert_tokens_to_ids("<s>"), 0] == 3  # special: no text
+
+
+def test_split_characters_unspaced_scripts_and_unknown_ids():
+    """Bytes of a character split across tokens (U+FFFD when decoded alone)
+    keep their ids apart; a token of a script without spaces is a word of
+    its own; a question's id outside the table ends the word around it."""
+    from memkernels.memory.lexical import WordTable
+    pieces = [" Zo", "\ufffd", "\ufffd", " \u5317\u4eac", "\u662f", "\u4e2d\u56fd", "is", " Par"]
+    table = WordTable.from_pieces(pieces)
+    terms = lambda ids: _terms(torch.tensor(ids), table)[0].tolist()  # noqa: E731
+    assert terms([0, 1]) != terms([0, 2])                # "Zo" + one byte or another
+    assert len(terms([0, 1, 2])) == 1                    # bytes go on their word
+    assert terms([3, 4, 5]) == [term_of("\u5317\u4eac"), term_of("\u662f"),
+                                term_of("\u4e2d\u56fd")]
+    assert terms([7, 99, 6]) == [term_of("par"), term_of("is")]
+    assert terms([7, -1, 6]) == terms([7, 99, 6]) and terms([7, 6]) == [term_of("paris")]
+
+
+def test_a_wordpiece_tokenizer_makes_words_only_with_its_decoder():
+    """WordPiece marks a continuation ("##is"), not a start: decoded with its
+    decoder the table makes the right words; without it (every piece
+    decodes with a space) the probe sentence comes out wrong and word_table
+    gives None, so the index keeps to token ids."""
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from memkernels.hf.encode import word_table
+    corpus = ["the captain of Paris is Numer Besas.", "Paris, the port: Fotenelith!",
+              "The quick brown fox of Paris jumps over the lazy dog near Zadosox today"] * 20
+    tables = {}
+    for with_decoder in (True, False):
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        if with_decoder:
+            tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=90,
+                                                                  special_tokens=["[UNK]"]))
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+        assert len(hf("Fotenelith")["input_ids"]) > 1  # a word of several pieces
+        tables[with_decoder] = (hf, word_table(hf))
+    hf, words = tables[True]
+    assert words is not None
+    assert _terms(torch.tensor(hf("Fotenelith captain")["input_ids"]), words)[0].tolist() == \
+        [term_of("fotenelith"), term_of("captain")]
+    assert tables[False][1] is None
+
+
+def test_a_bank_file_with_a_bad_word_table_is_refused(tmp_path):
+    """A table of the wrong shape or values under a valid checksum (a file
+    written by other code) is a clear ValueError at load, never a crash."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    import safetensors.torch
+    from safetensors import safe_open
+    from memkernels.apps.recall import base_lm, open_lm, tasks
+    from memkernels.memory.bank import ENTRY_TENSORS, WORD_TABLE_TENSOR, _checksum
+    tok = base_lm.train_tokenizer(open_lm.corpus(100), vocab_size=280)
+    torch.manual_seed(9)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
+    memory = tasks.copy_memory(model, slots=32)
+    bank = memkernels.store(memory, model, tok, ["the captain of Paris is Numer.", "x is y."])
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    good = safetensors.torch.load_file(path)
+    for bad_table in (good[WORD_TABLE_TENSOR][:, :4].contiguous(),
+                      good[WORD_TABLE_TENSOR].to(torch.int64),
+                      good[WORD_TABLE_TENSOR].clone().index_fill_(1, torch.tensor([2]), 1 << 20),
+                      good[WORD_TABLE_TENSOR][:3].contiguous()):
+        tensors = {**good, WORD_TABLE_TENSOR: bad_table}
+        meta["sha256"] = _checksum(tensors["mem"], meta,
+                                   [tensors[k] for k in ENTRY_TENSORS + (WORD_TABLE_TENSOR,)])
+        safetensors.torch.save_file(tensors, path, metadata=meta)
+        with pytest.raises(ValueError, match="stored texts do not fit its bank: .*word table|"
+                                             "token ids must lie in"):
+            MemoryBank.load(path, memory)
