@@ -370,18 +370,25 @@ def test_word_index_tells_a_subjects_facts_apart_where_sub_word_tokens_tie():
     assert alone["words"] >= 0.95 * len(range(0, 600, 7)) > alone[None]
 
 
+def tokenizer_model_and_copy_memory(seed: int):
+    """A BPE tokenizer of the open-LM corpus, a tiny untrained Llama over its
+    vocabulary and an untrained copy memory for it."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import base_lm, open_lm, tasks
+    tok = base_lm.train_tokenizer(open_lm.corpus(300), vocab_size=300)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
+    return tok, model, tasks.copy_memory(model, slots=64)
+
+
 def test_store_records_the_tokenizers_word_table_and_save_load_keeps_it(tmp_path):
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
     import safetensors.torch
     from safetensors import safe_open
     from memkernels.hf.encode import word_table
-    from memkernels.apps.recall import base_lm, open_lm, tasks
-    tok = base_lm.train_tokenizer(open_lm.corpus(300), vocab_size=300)
-    torch.manual_seed(8)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
-    memory = tasks.copy_memory(model, slots=64)
+    tok, model, memory = tokenizer_model_and_copy_memory(seed=8)
     texts = ["Paris has the port Fotenelith.", "the captain of Felezath is Numer Besas.",
              "Fotenel has the crew size 12.", "Numer Besas's hobby is fishing.",
              "the motto of Zadosox is Reposox.", "Besasath - port - Lozar."]
@@ -512,14 +519,8 @@ def test_a_bank_file_with_a_bad_word_table_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
     import safetensors.torch
     from safetensors import safe_open
-    from memkernels.apps.recall import base_lm, open_lm, tasks
     from memkernels.memory.bank import ENTRY_TENSORS, WORD_TABLE_TENSOR, _checksum
-    tok = base_lm.train_tokenizer(open_lm.corpus(100), vocab_size=280)
-    torch.manual_seed(9)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256))
-    memory = tasks.copy_memory(model, slots=32)
+    tok, model, memory = tokenizer_model_and_copy_memory(seed=9)
     bank = memkernels.store(memory, model, tok, ["the captain of Paris is Numer.", "x is y."])
     path = tmp_path / "bank.safetensors"
     bank.save(path)
