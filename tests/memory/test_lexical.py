@@ -384,7 +384,7 @@ def tokenizer_model_and_copy_memory(seed: int):
 
 
 def test_store_records_the_tokenizers_word_table_and_save_load_keeps_it(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
     import safetensors.torch
     from safetensors import safe_open
     from memkernels.hf.encode import word_table
@@ -516,7 +516,7 @@ def test_a_wordpiece_tokenizer_makes_words_only_with_its_decoder():
 def test_a_bank_file_with_a_bad_word_table_is_refused(tmp_path):
     """A table of the wrong shape or values under a valid checksum (a file
     written by other code) is a clear ValueError at load, never a crash."""
-    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    pytest.importorskip("transformers", reason="needs the [hf] extra")
     import safetensors.torch
     from safetensors import safe_open
     from memkernels.memory.bank import ENTRY_TENSORS, WORD_TABLE_TENSOR, _checksum
