@@ -12,7 +12,8 @@ BM25 scores words when the texts come with their tokenizer's `WordTable`
 (store() through a Hugging Face tokenizer records one): a word is a run of
 tokens, its term a hash of its text, case-folded and without its leading
 space, so " Paris" and "Paris" (other token ids) are one term and a name's
-syllables never match another name's. Without a table (token ids stored by
+syllables never match another name's; pairs of consecutive rare words are
+terms too, so "Sofia Smith" is told from "Sofia Maja Smith". Without a table (token ids stored by
 hand, banks saved before format 4) the terms are the token ids and their
 consecutive pairs (docs/design.md, "A lexical index in front of the read").
 
@@ -264,6 +265,7 @@ def _terms(tokens: Tensor, words: Optional[WordTable] = None,
 
 
 _PAIR_BASE = 1 << 24  # above any vocabulary's token ids
+_WORD_PAIR_BASE = 1 << 62  # above any word's term (two 31-bit hashes)
 
 # MemoryBank.lexical_select's defaults, chosen on the recall benchmark's dev
 # phrasings (docs/performance.md, "A lexical index in front of the read";
@@ -288,6 +290,15 @@ class LexicalIndex:
         text_of_token = torch.repeat_interleave(torch.arange(self.size),
                                                 entries.offsets[1:] - entries.offsets[:-1])
         terms, text_of_term = _terms(entries.tokens, self.words, text_of_token)
+        if self.words is not None:
+            # pairs of consecutive words within a text: "Sofia Smith" is a term
+            # "Sofia Maja Smith" does not hold (a question counts a pair only
+            # when both its words are rare: _query_terms)
+            self._word_vocab, word = torch.unique(terms, return_inverse=True)
+            same_text = text_of_term[1:] == text_of_term[:-1]
+            pairs = _WORD_PAIR_BASE + (word[:-1] + 1) * (self._word_vocab.numel() + 1) + word[1:]
+            terms = torch.cat([terms, pairs[same_text]])
+            text_of_term = torch.cat([text_of_term, text_of_term[:-1][same_text]])
         lengths = torch.bincount(text_of_term, minlength=self.size).to(torch.float64)
         # term ids renumbered 0..V-1 (a word's or pair's id is large), one posting per
         # (term, text) pair with its count, sorted by term
@@ -298,6 +309,7 @@ class LexicalIndex:
         self.starts = torch.zeros(self.vocab.numel() + 1, dtype=torch.long)
         self.starts[1:] = df.cumsum(0)
         self._starts = self.starts.tolist()  # read per query term: ints, not tensor items
+        self._starts_np = self.starts.numpy()
         # a question's ~20 terms are looked up with numpy (a few small ATen
         # ops cost more; a dict of the vocabulary would take ~100 bytes a term)
         self._vocab = self.vocab.numpy()
@@ -316,15 +328,33 @@ class LexicalIndex:
         # (a question then adds its terms' postings, nothing more)
         self.post_score = self.idf[term] * tf * (k1 + 1) / (tf + norm[self.post_text])
 
-    def _query_terms(self, query_ids: Sequence[int]) -> Tensor:
+    def _lookup(self, terms: np.ndarray) -> np.ndarray:
+        """Each term's index into vocab, -1 where no text holds it."""
+        if not len(self._vocab):
+            return np.full(len(terms), -1, dtype=np.int64)
+        where = np.searchsorted(self._vocab, terms).clip(max=len(self._vocab) - 1)
+        return np.where(self._vocab[where] == terms, where, -1)
+
+    def _query_terms(self, query_ids: Sequence[int], pair_max_df: Optional[int] = None) -> Tensor:
         """The query's terms that some text holds, as indices into vocab (a
-        term as often as the query has it), int64."""
+        term as often as the query has it), int64. Over words, the pairs of
+        consecutive words too, those whose words at most pair_max_df texts
+        hold (None: all): a phrasing's common word beside a name ("with
+        Felezath") would favour the texts stated that way."""
         ids = torch.tensor([int(i) for i in query_ids], dtype=torch.long)
         terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
-        where = np.searchsorted(self._vocab, terms).clip(max=max(len(self._vocab) - 1, 0))
-        if not len(self._vocab):
-            return torch.zeros(0, dtype=torch.long)
-        return torch.from_numpy(where[self._vocab[where] == terms])
+        found = self._lookup(terms)
+        if self.words is not None and len(terms) > 1:
+            vocab = self._word_vocab.numpy()
+            word = np.searchsorted(vocab, terms).clip(max=max(len(vocab) - 1, 0))
+            held = found >= 0
+            both = held[:-1] & held[1:]
+            if pair_max_df is not None:
+                df = np.where(held, self._starts_np[found + 1] - self._starts_np[found], 0)
+                both &= (df[:-1] <= pair_max_df) & (df[1:] <= pair_max_df)
+            pairs = _WORD_PAIR_BASE + (word[:-1] + 1) * (len(vocab) + 1) + word[1:]
+            found = np.concatenate([found, self._lookup(pairs[both])])
+        return torch.from_numpy(found[found >= 0])
 
     def scores(self, query_ids: Sequence[int]) -> Tensor:
         """BM25 score of every text for the query (float64 [E]); a query token
@@ -342,13 +372,15 @@ class LexicalIndex:
         none, when fewer do) and scoring at least min_score_ratio x the best
         score (1.0: the best and its exact ties). Terms held by more than
         max_df of the texts (and by more than LEXICAL_MAX_DF_FLOOR) do not
-        count, unless no other term would (max_df as scikit-learn's
-        vectorizers: corpus-specific stop words). One op over the postings of
+        count, nor pairs of words with such a word, unless no other term
+        would (max_df as scikit-learn's vectorizers: corpus-specific stop
+        words). One op over the postings of
         the query's terms (memkernels.ops.postings_top)."""
-        terms = self._query_terms(query_ids)
+        limit = max(max_df * self.size, LEXICAL_MAX_DF_FLOOR)
+        terms = self._query_terms(query_ids, limit if max_df < 1.0 else None)
         if max_df < 1.0 and terms.numel():
             df = self.starts[terms + 1] - self.starts[terms]
-            rare = df <= max(max_df * self.size, LEXICAL_MAX_DF_FLOOR)
+            rare = df <= limit
             # a question of common words only is scored on them all: BM25's
             # idf still ranks them
             if bool(rare.any()):

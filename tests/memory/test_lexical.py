@@ -538,3 +538,33 @@ def test_a_bank_file_with_a_bad_word_table_is_refused(tmp_path):
         with pytest.raises(ValueError, match="stored texts do not fit its bank: .*word table|"
                                              "token ids must lie in"):
             MemoryBank.load(path, memory)
+
+
+def test_word_pairs_tell_nested_names_apart_and_skip_common_words():
+    """Over words alone, "Sofia Smith" and "Sofia Maja Smith" hold the same
+    words and tie; the pair "sofia smith" is held by the first only. A pair
+    with a common word ("with" + a name) does not count: it would favour
+    the texts stated with that word."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.hf.encode import word_table
+    tok = transformers.AutoTokenizer.from_pretrained("memkernels/apps/recall/assets/open_lm")
+    rng = random.Random(0)
+    syllables = ["ba", "ke", "lo", "mi", "nu", "ra", "si", "tu", "ve", "zo"]
+    filler = [f"The port of {''.join(rng.sample(syllables, 3)).title()} is "
+              f"{''.join(rng.sample(syllables, 3)).title()}." for _ in range(30)]
+    texts = filler + ["The mentor of Sofia Maja Smith is Mipoth Tunel.",
+                      "The mentor of Sofia Smith is Gefipa Bizes.",
+                      "A ship came with Felezath today."]
+    texts += [f"They sailed with {''.join(rng.sample(syllables, 2)).title()}." for _ in range(10)]
+    index = LexicalIndex(Entries.from_texts([tok(t)["input_ids"] for t in texts],
+                                            torch.full((1,), -1), word_table(tok)))
+    ask = lambda q: index.top(tok(q)["input_ids"], 3, 0.9, 0.1).tolist()  # noqa: E731
+    assert ask("Q: who is the mentor of Sofia Smith? A:") == [31]
+    assert ask("Q: who is the mentor of Sofia Maja Smith? A:") == [30]
+    question = tok("Q: what sailed with Felezath? A:")["input_ids"]
+    limit = max(0.1 * len(texts), 10)
+    common = int((index.scores(tok("with")["input_ids"]) > 0).sum())
+    assert common > limit  # "with" is a common word here
+    counted = set(index._query_terms(question).tolist())
+    rare_only = set(index._query_terms(question, limit).tolist())
+    assert rare_only < counted  # the pair "with felezath" (held by text 32) is left out
