@@ -4,6 +4,7 @@ probe or pre-training reads (text_end_states)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import weakref
@@ -17,7 +18,7 @@ from memkernels.hf.attach import attached_handle, find_decoder_layers
 from memkernels.memory.bank import MemoryBank, check_same_memory
 from memkernels.memory.base import MemoryModel
 from memkernels.memory.context import decayed_context
-from memkernels.memory.lexical import Entries, WordTable
+from memkernels.memory.lexical import Entries, WordTable, word_term
 
 
 class _StopForward(Exception):
@@ -197,10 +198,7 @@ def word_table(tokenizer) -> Optional[WordTable]:
                                    else t[len(base):] for i, t in enumerate(texts)])
     probe_terms = table.terms(torch.tensor(probe, dtype=torch.long),
                               torch.zeros(len(probe), dtype=torch.long))[0]
-    want = WordTable.from_pieces([" " + w for w in _WORD_PROBE.split()])
-    if not torch.equal(probe_terms, want.terms(torch.arange(want.vocab_size),
-                                               torch.zeros(want.vocab_size,
-                                                           dtype=torch.long))[0]):
+    if probe_terms.tolist() != [word_term(w) for w in _WORD_PROBE.split()]:
         return None
     with contextlib.suppress(TypeError):
         _WORD_TABLES[tokenizer] = (size, table)
@@ -327,9 +325,12 @@ def store(memory: MemoryModel, model: nn.Module, tokenizer, items,
         texts = torch.cat(slot_texts) if slot_texts else torch.zeros(0, dtype=torch.long)
         slot_entry = torch.full((bank.num_slots,), -1, dtype=torch.long)
         slot_entry[:texts.numel()] = texts
+        entries = Entries.from_texts(rows[0], slot_entry)
         words = None if tokenizer is None else word_table(tokenizer)
-        if words is not None and any(i < 0 or i >= words.vocab_size for ids in rows[0]
-                                     for i in ids):
-            words = None  # ids past the tokenizer's own: no text to make words of
-        bank.entries = Entries.from_texts(rows[0], slot_entry, words)
+        tokens = entries.tokens
+        if words is not None and not (tokens.numel() and (int(tokens.min()) < 0 or
+                                                           int(tokens.max()) >= words.vocab_size)):
+            # (ids past the tokenizer's own have no text to make words of)
+            entries = dataclasses.replace(entries, words=words)
+        bank.entries = entries
     return bank

@@ -58,6 +58,14 @@ def _string_hash(text: str, prime: int) -> int:
     return h
 
 
+def word_term(word: str) -> int:
+    """The term of one word (its text as the index keeps it: case-folded,
+    without whitespace or the punctuation around it), as WordTable.terms
+    makes it from the word's tokens."""
+    text = word.casefold()
+    return _string_hash(text, _PRIMES[0]) * (1 << 31) + _string_hash(text, _PRIMES[1])
+
+
 def _power_mod(exponent: Tensor, prime: int) -> Tensor:
     """_BASE ** exponent mod prime, elementwise (int64; square and multiply)."""
     result = torch.ones_like(exponent)

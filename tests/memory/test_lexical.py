@@ -307,8 +307,10 @@ def reference_words(tokens, pieces):
 
 
 def term_of(word: str) -> int:
-    from memkernels.memory.lexical import _PRIMES, _string_hash
-    return _string_hash(word, _PRIMES[0]) * (1 << 31) + _string_hash(word, _PRIMES[1])
+    """A word's term hashed from its whole text at once (terms() combines its
+    tokens' hashes)."""
+    from memkernels.memory.lexical import word_term
+    return word_term(word)
 
 
 def test_word_terms_follow_the_rules_on_random_token_runs():
