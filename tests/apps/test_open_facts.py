@@ -118,8 +118,9 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
                            and r["seconds_per_question"] > 0 for r in lexical)
 
 
-@pytest.mark.parametrize("options", [{}, dict(max_facts=16, varied=0.3)],
-                         ids=["shipped", "longer-varied"])
+@pytest.mark.parametrize("options", [{}, dict(max_facts=16, varied=0.3),
+                                     dict(varied=0.3, composed=True)],
+                         ids=["shipped", "longer-varied", "composed"])
 def test_the_open_lm_corpus_never_holds_a_benchmark_value(options):
     """No held-out subject or object word, and no held-out phrasing, in the
     base LM's corpus, with or without its options (month names are shared by
@@ -389,3 +390,23 @@ def test_packed_windows_hide_statements_and_document_windows_never_do():
     # longer windows hide fewer statements
     assert (open_lm.answers_without_statement(tok, texts, 512, "packed", 2000) <
             open_lm.answers_without_statement(tok, texts, 48, "packed", 2000))
+
+
+def test_composed_phrasings_recombine_train_words_only():
+    """open_lm --composed-phrasings: every train core is kept, the new ones
+    use only words of the train phrasings, and no held-out core is rebuilt."""
+    import re
+    for kind, cores in (("statement", of.COMPOSED_STATEMENT_CORES),
+                        ("question", of.COMPOSED_QUESTION_CORES)):
+        hand = of.STATEMENT_CORES if kind == "statement" else of.QUESTION_CORES
+        assert set(hand["train"]) < set(cores) and len(cores) == len(set(cores))
+        for core in cores:
+            words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\{[a-z]\}", "", core))
+            assert {w.lower() for w in words} <= set(of.TRAIN_WORDS), core
+            assert core not in hand["dev"] + hand["eval"], core
+    assert set(of.COMPOSED["statement"]) > set(of.STATEMENTS["train"])
+    rng = random.Random(4)
+    fact = of.make_open_facts(1, seed=4, split="train")[0]
+    assert fact.object in fact.statement(rng, "train", composed=True)
+    with pytest.raises(ValueError, match="train split only"):
+        fact.question(rng, "eval", composed=True)

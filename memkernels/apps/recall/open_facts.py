@@ -139,6 +139,40 @@ QUESTIONS = {split: [_sentence(p, c) for p in QUESTION_PREFIXES[split]
                      for c in QUESTION_CORES[split]] for split in PHRASING_SPLITS}
 SPLIT_EVERY = 6  # one in six subjects, objects and relations is held out
 
+# The train cores recombined from their own parts (open_lm --composed-phrasings):
+# a phrase naming the subject's relation, led in or not, then a copula before the
+# object (statements) or a question frame around it. Only words of the train
+# split, in shapes the hand-written cores do not all cover, so that a host LM
+# trained on them reads the parts of a sentence rather than a few whole
+# templates. Held-out phrasings stay as they are.
+RELATION_PHRASES = ["the {r} of {s}", "{s}'s {r}", "the {r} for {s}", "the {r} belonging to {s}"]
+LEAD_INS = ["for {s}, ", "about {s}: ", "as for {s}, ", "regarding {s}, ", "of {s}, ",
+            "in the case of {s}, "]
+COPULAS = [" is {o}", " was {o}", ": {o}"]
+QUESTION_FRAMES = ["what is {x}?", "do you know {x}?", "name {x}.", "what was {x}?", "and {x}?",
+                   "give {x}.", "recall {x}.", "{x} is what?", "can you say {x}?",
+                   "which is {x}?"]
+
+
+def _unique(items):
+    return list(dict.fromkeys(items))
+
+
+COMPOSED_STATEMENT_CORES = _unique(
+    STATEMENT_CORES["train"]
+    + [phrase + copula for phrase in RELATION_PHRASES for copula in COPULAS]
+    + [lead + "the {r}" + copula for lead in LEAD_INS for copula in COPULAS
+       if not (lead.endswith(": ") and copula.startswith(":"))])
+COMPOSED_QUESTION_CORES = _unique(
+    QUESTION_CORES["train"]
+    + [frame.replace("{x}", phrase) for frame in QUESTION_FRAMES for phrase in RELATION_PHRASES]
+    + [lead + frame.replace("{x}", "the {r}") for lead in LEAD_INS for frame in QUESTION_FRAMES
+       if not frame.startswith("{x}")])
+COMPOSED = {"statement": [_sentence(p, c) + "." for p in STATEMENT_PREFIXES["train"]
+                          for c in COMPOSED_STATEMENT_CORES],
+            "question": [_sentence(p, c) for p in QUESTION_PREFIXES["train"]
+                         for c in COMPOSED_QUESTION_CORES]}
+
 
 def _hashed(kind: str, text: str) -> str:
     return "eval" if zlib.crc32(f"{kind}:{text}".encode()) % SPLIT_EVERY == 0 else "train"
@@ -335,14 +369,25 @@ class OpenFact:
     def noun(self) -> str:
         return next(r[3] for r in RELATIONS if r[0] == self.relation)
 
-    def statement(self, rng: random.Random, split: str = "train", varied: float = 0.0) -> str:
-        """A statement in a phrasing of `split` (varied: see vary())."""
-        return vary(rng.choice(phrasings("statement", split)), rng, varied).format(
+    def statement(self, rng: random.Random, split: str = "train", varied: float = 0.0,
+                  composed: bool = False) -> str:
+        """A statement in a phrasing of `split` (varied: see vary(); composed:
+        drawn from COMPOSED, train split only)."""
+        return vary(rng.choice(_pool("statement", split, composed)), rng, varied).format(
             r=self.noun, s=self.subject, o=self.object)
 
-    def question(self, rng: random.Random, split: str = "train", varied: float = 0.0) -> str:
-        return vary(rng.choice(phrasings("question", split)), rng, varied).format(
+    def question(self, rng: random.Random, split: str = "train", varied: float = 0.0,
+                 composed: bool = False) -> str:
+        return vary(rng.choice(_pool("question", split, composed)), rng, varied).format(
             r=self.noun, s=self.subject)
+
+
+def _pool(kind: str, split: str, composed: bool) -> list[str]:
+    if not composed:
+        return phrasings(kind, split)
+    if split != "train":
+        raise ValueError(f"composed phrasings are of the train split only, not {split!r}")
+    return COMPOSED[kind]
 
 
 def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:

@@ -41,19 +41,21 @@ SHIPPED_RECIPE = dict(batch=8, seq_len=384, windows="document", varied_phrasings
 CORPUS_SEED = 2_000_003
 
 
-def facts_document(rng: random.Random, max_facts: int = 10, varied: float = 0.0) -> str:
+def facts_document(rng: random.Random, max_facts: int = 10, varied: float = 0.0,
+                   composed: bool = False) -> str:
     """Statements of 1-max_facts fresh facts (1-3 per subject), then questions
     about most of them, each answer copied from a statement; with varied > 0,
     half the documents in phrasings varied by open_facts.vary(p=varied)
-    (train words only)."""
+    (train words only); composed: phrasings drawn from open_facts.COMPOSED
+    (the train cores recombined from their parts)."""
     facts = open_facts.make_open_facts(rng.randint(1, max_facts), seed=rng.randrange(1 << 30),
                                        split="train", relation_split=rng.choice(("train", "eval")),
                                        facts_per_subject=rng.randint(1, 3))
     rng.shuffle(facts)
     p = varied if varied > 0 and rng.random() < 0.5 else 0.0  # no draw at 0: the shipped corpus
-    text = " ".join(f.statement(rng, "train", p) for f in facts)
+    text = " ".join(f.statement(rng, "train", p, composed) for f in facts)
     asked = rng.sample(facts, rng.randint((len(facts) + 1) // 2, len(facts)))
-    return text + " " + " ".join(f"{qa_prompt(f.question(rng, 'train', p))} {f.object}."
+    return text + " " + " ".join(f"{qa_prompt(f.question(rng, 'train', p, composed))} {f.object}."
                                  for f in asked)
 
 
@@ -64,10 +66,10 @@ def copy_document(rng: random.Random) -> str:
 
 
 def corpus(n_docs: int, seed: int = CORPUS_SEED, copies: float = 0.25, max_facts: int = 10,
-           varied: float = 0.0) -> list[str]:
+           varied: float = 0.0, composed: bool = False) -> list[str]:
     rng = random.Random(seed)
-    return [copy_document(rng) if rng.random() < copies else facts_document(rng, max_facts, varied)
-            for _ in range(n_docs)]
+    return [copy_document(rng) if rng.random() < copies
+            else facts_document(rng, max_facts, varied, composed) for _ in range(n_docs)]
 
 
 # Prompt lengths (tokens) the in-context report groups by: the shipped LM
@@ -166,8 +168,8 @@ def train(out_dir: str, steps: int = 6000, batch: int = SHIPPED_RECIPE["batch"],
           seed: int = 0, family: str = "llama", vocab_size: int = 1024,
           seq_len: int = SHIPPED_RECIPE["seq_len"], max_facts: int = 10,
           varied: float = SHIPPED_RECIPE["varied_phrasings"],
-          windows: str = SHIPPED_RECIPE["windows"], command: Optional[str] = None,
-          log=print) -> dict:
+          windows: str = SHIPPED_RECIPE["windows"], composed: bool = False,
+          command: Optional[str] = None, log=print) -> dict:
     """Trains the open LM of `family` (base_lm.FAMILIES) with a byte-level BPE
     tokenizer of vocab_size into out_dir, on training windows of `windows`
     (base_lm.packed_batches); returns training.json's contents (with the
@@ -175,7 +177,7 @@ def train(out_dir: str, steps: int = 6000, batch: int = SHIPPED_RECIPE["batch"],
     recipe (SHIPPED_RECIPE), as the command line's are."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    texts = corpus(60_000, max_facts=max_facts, varied=varied)
+    texts = corpus(60_000, max_facts=max_facts, varied=varied, composed=composed)
     held_out = held_out_documents()
     t0 = time.time()
     tokenizer = base_lm.train_tokenizer(texts[:15_000], vocab_size=vocab_size)
@@ -186,6 +188,7 @@ def train(out_dir: str, steps: int = 6000, batch: int = SHIPPED_RECIPE["batch"],
     info = dict(params=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer),
                 steps=steps, batch=batch, seq_len=seq_len, train_docs=len(texts),
                 max_document_facts=max_facts, varied_phrasings=varied, windows=windows,
+                composed_phrasings=composed,
                 train_seconds=time.time() - t0,
                 held_out_perplexity=base_lm.perplexity(model, tokenizer, held_out),
                 in_context_accuracy_n10=in_context_accuracy(model, tokenizer, 10),
@@ -254,6 +257,9 @@ def main(argv=None) -> None:
     ap.add_argument("--varied-phrasings", type=float,
                     default=SHIPPED_RECIPE["varied_phrasings"], metavar="P",
                     help="half the fact documents in phrasings varied by open_facts.vary(p=P)")
+    ap.add_argument("--composed-phrasings", action="store_true",
+                    help="draw the corpus's phrasings from the train cores recombined from "
+                         "their parts (open_facts.COMPOSED), not only the hand-written ones")
     ap.add_argument("--windows", choices=base_lm.WINDOWS, default=SHIPPED_RECIPE["windows"],
                     help="where a training window starts: anywhere (packed) or at a "
                          "document's start (document: no answer without its statement)")
@@ -282,7 +288,7 @@ def main(argv=None) -> None:
                  "in [0, 1]")
     train(args.out or ASSET_DIR, steps=args.steps, batch=args.batch, family=args.family,
           vocab_size=args.vocab, seq_len=args.seq_len, max_facts=args.max_document_facts,
-          varied=args.varied_phrasings, windows=args.windows,
+          varied=args.varied_phrasings, windows=args.windows, composed=args.composed_phrasings,
           command="python -m memkernels.apps.recall.open_lm " + shlex.join(
               sys.argv[1:] if argv is None else argv))
 
