@@ -105,14 +105,31 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
                            log=lambda *_: None)
     assert {r["split"] for r in rows} == set(open_recall.SPLITS)
     assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context",
-                                             "BM25 top-3", LEXICAL_NAME}
+                                             "BM25 top-3", LEXICAL_NAME,
+                                             open_recall.LEXICAL_PROMPT}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)
+    everything = [r for r in rows if r["answers"] == "all"]
+    assert {r["answers"] for r in rows} - {"all"} <= set(open_recall.LENGTH_BUCKETS)
+    assert all(r["prompt_tokens"] >= 3 for r in everything)
+    by = {(r["split"], r["condition"]): r for r in everything}
+    for split in open_recall.SPLITS:  # the prompt holds what the condition puts in it
+        assert by[split, "facts in context"]["prompt_tokens"] > \
+            by[split, "BM25 top-3"]["prompt_tokens"] > by[split, "LM alone"]["prompt_tokens"]
+        assert by[split, open_recall.LEXICAL_PROMPT]["prompt_tokens"] > \
+            by[split, "LM alone"]["prompt_tokens"] == by[split, LEXICAL_NAME]["prompt_tokens"]
+        assert 0 < by[split, LEXICAL_NAME]["slots_read"] <= by[split, "written memory"][
+            "slots_read"]
+        assert by[split, LEXICAL_NAME]["lexical_index_build_s"] >= 0
     memory_rows = [r for r in rows if r["condition"] == "written memory" and r["answers"] == "all"]
     assert all(r["bank_bytes_per_fact"] > 0 and r["store_facts_per_s"] > 0 for r in memory_rows)
     table = open_recall.markdown(rows)
     assert all(f"**{split}**" in table for split in open_recall.SPLITS)
     assert "| written memory |" in table and "bank bytes per fact" in table
-    assert f"| {LEXICAL_NAME} |" in table
+    assert f"| {LEXICAL_NAME} |" in table and "| tokens processed: written memory |" in table
+    assert "| lexical, answers of 4-6 tokens |" in table
+    pytest.importorskip("matplotlib")
+    open_recall.plot(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
     lexical = [r for r in rows if r["condition"] == LEXICAL_NAME and r["answers"] == "all"]
     assert lexical and all(r["lexical_k"] == 3 and r["lexical_min_score_ratio"] == 0.9
                            and r["seconds_per_question"] > 0 for r in lexical)
@@ -125,22 +142,54 @@ def test_the_open_lm_corpus_never_holds_a_benchmark_value(options):
     """No held-out subject or object word, and no held-out phrasing, in the
     base LM's corpus, with or without its options (month names are shared by
     every date)."""
-    import re
     from memkernels.apps.recall import open_lm
-    docs = " ".join(open_lm.corpus(1500, seed=7, **options))
-    tokens = set(re.findall(r"[A-Za-z]+", docs))
+    _assert_holds_no_held_out(" ".join(open_lm.corpus(1500, seed=7, **options)))
+
+
+def _assert_holds_no_held_out(text: str, relations: bool = False) -> None:
+    """No held-out subject or object word, no held-out phrasing part (prefix,
+    or a core's words in order) in `text`; relations: no held-out relation's
+    noun either (the memory never trains on one; the base LM's corpus may)."""
+    import re
+    tokens = set(re.findall(r"[A-Za-z]+", text))
     held_out = of.make_open_facts(300, seed=8, split="eval")
     words = {w for f in held_out for w in re.findall(r"[A-Za-z]+", f"{f.subject} {f.object}")
              if len(w) >= 6 and w not in of.MONTHS}
     assert len(words) > 200 and not words & tokens
-    lowered = docs.lower()
+    lowered = text.lower()
     held_out = ("dev", "eval")
     for prefix in sum((of.STATEMENT_PREFIXES[s] + of.QUESTION_PREFIXES[s] for s in held_out), []):
         assert prefix.strip().lower() not in lowered, prefix
     for core in sum((of.STATEMENT_CORES[s] + of.QUESTION_CORES[s] for s in held_out), []):
-        # the core's words in order, any subject, relation or object between them
-        pattern = r".{1,40}?".join(re.escape(part.lower()) for part in re.split(r"\{[a-z]\}", core))
+        # the core's words in order within a sentence, any subject, relation or object
+        # between them
+        pattern = r"[^.?!]{1,40}?".join(re.escape(part.lower())
+                                        for part in re.split(r"\{[a-z]\}", core))
         assert not re.search(pattern, lowered), core
+    if relations:
+        for rel in of.relations("eval"):
+            assert not re.search(rf"\b{re.escape(rel[3].lower())}\b", lowered), rel
+
+
+def test_the_memory_training_never_sees_a_held_out_value_relation_or_phrasing():
+    """What the open memory trains on, over many draws: the address
+    pre-training's pairs (the shipped recipe's mix of varied, real-name and
+    several-per-subject facts) and the joint training's episodes."""
+    from transformers import AutoTokenizer
+    from memkernels.apps.recall import open_lm, tasks
+    tok = AutoTokenizer.from_pretrained(open_lm.ASSET_DIR)
+    pairs = tasks.address_pairs(tok, n=1500, world="open", varied=0.2, realistic_names=0.25,
+                                several_per_subject=0.25)
+    texts = pairs.statements + [tok.decode(q) for q in pairs.questions[::4]]
+    episodes = tasks.append_episodes(tok, batch=8, seed=3, steps=400, world="open")
+    for step in range(0, 400, 8):
+        batch = episodes(step, 0)
+        texts += [tok.decode(row[mask.bool()].tolist())
+                  for row, mask in zip(batch.input_ids, batch.attention_mask)]
+        texts += [tok.decode(row[mask.bool()].tolist())  # the texts each row writes first
+                  for rows, masks in zip(batch.write_ids, batch.write_mask)
+                  for row, mask in zip(rows, masks)]
+    _assert_holds_no_held_out(" ".join(texts), relations=True)
 
 
 def test_statement_core_names_the_core_a_statement_was_phrased_with():

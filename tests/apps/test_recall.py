@@ -4,6 +4,7 @@ condition runs, answers are scored against the facts, the report is written.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -248,17 +249,50 @@ def test_train_command_trains_a_bank_for_the_shipped_written_memory(tmp_path):
     assert bank.mem.shape == stored.mem.shape and not torch.equal(bank.mem, stored.mem)
 
 
-def test_train_command_fails_at_once_on_a_missing_or_unusable_model(tmp_path):
+def test_train_command_fails_at_once_on_a_missing_or_unusable_model(tmp_path, capsys):
+    """A usage error naming --model and the path, before anything trains."""
     from memkernels.apps.recall.train import main
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        main(["--model", str(tmp_path / "a" / "typo"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
-        main(["--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="not a loadable causal LM"):
-        main(["--model", str(tmp_path / "broken"), "--out", str(tmp_path / "o")])
+    for name, message in (("a/typo", "no such directory"), ("empty", "no config.json"),
+                          ("broken", "not a loadable causal LM")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path / name), "--out", str(tmp_path / "o")])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "--model" in err and str(tmp_path / name) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_command_takes_the_shipped_recipe_for_what_is_left_out():
+    """--model DIR --out OUT alone trains the open memory that ships (its
+    training.json); --world closed, the closed-list recipe; a flag given wins."""
+    import argparse
+    import json
+    from memkernels.apps.recall import train
+    shipped = json.load(open(os.path.join(train.RECIPES["open"]["model"], os.pardir,
+                                          "open_memory", "training.json")))
+    args = argparse.Namespace(mode="written", world="open", write_rule=None, model=None,
+                              steps=None, pretrain_steps=None, vary_phrasings=None,
+                              lookahead=None, context_decay=None, read_scale_after=None,
+                              realistic_names=None, several_per_subject=None,
+                              store_threshold_after=None)
+    train._fill_recipe(args)
+    for key in ("write_rule", "steps", "pretrain_steps", "vary_phrasings", "lookahead",
+                "context_decay", "read_scale_after", "realistic_names", "several_per_subject",
+                "store_threshold_after"):
+        assert getattr(args, key) == shipped[key], key
+    closed = argparse.Namespace(**{**vars(args), **{k: None for k in train.RECIPES["closed"]},
+                                   "world": "closed", "write_rule": None, "steps": 7})
+    train._fill_recipe(closed)
+    assert closed.write_rule == "append" and closed.steps == 7 and closed.model is None
+    assert closed.lookahead is False and closed.vary_phrasings == 0.0
+    append = argparse.Namespace(**{**vars(args), **{k: None for k in train.RECIPES["open"]},
+                                   "write_rule": "append"})
+    train._fill_recipe(append)  # the copy-only flags stay neutral for the append rule
+    assert append.lookahead is False and append.context_decay == tasks.CONTEXT_DECAY
+    assert append.realistic_names == 0.25
 
 
 @pytest.mark.parametrize("family, write_rule", [("gpt2", "append"), ("gpt2", "copy"),
@@ -287,7 +321,8 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
           "--realistic-names", "0.25", "--several-per-subject", "0.25", "--hard-negatives",
           "--store-threshold-after", "0.05",
-          *(["--lookahead", "--context-decay", "0.8"] if family == "llama" else []),
+          *(["--lookahead", "--context-decay", "0.8"] if family == "llama"
+            else ["--no-lookahead"] if write_rule == "copy" else []),
           "--slots", "64", "--out", str(tmp_path / "o")])
     memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
     assert memory.config.hidden_size == 32 and memory.config.num_layers == 3
@@ -301,22 +336,30 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     assert made["store_threshold_after"] == 0.05 and made["hard_negatives"] is True
     assert memory.config.append.store_threshold == 0.05
     assert memory.config.append.lookahead is made["lookahead"] is (family == "llama")
-    decay = 0.8 if family == "llama" else 0.7
+    decay = 0.8 if family == "llama" else 0.9 if write_rule == "copy" else tasks.CONTEXT_DECAY
     assert memory.config.append.context_decay == made["context_decay"] == decay
 
 
-def test_train_command_rejects_flags_that_do_not_apply(tmp_path):
+def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
     from memkernels.apps.recall.train import main
-    for bad in (["--vary-phrasings", "0.2"], ["--world", "open", "--vary-phrasings", "1.5"],
+
+    def must_not_load(*_):
+        raise AssertionError("a refused flag set must stop before the model loads")
+    monkeypatch.setattr(base_lm, "load", must_not_load)
+    for bad in (["--world", "closed", "--vary-phrasings", "0.2"],
+                ["--world", "open", "--vary-phrasings", "1.5"],
                 ["--write-rule", "blend", "--read-scale-after", "40"],
-                ["--read-scale-after", "0"], ["--realistic-names", "0.2"],
+                ["--read-scale-after", "0"], ["--world", "closed", "--realistic-names", "0.2"],
+                ["--realistic-names", "0.9"], ["--mode", "trained", "--lookahead"],
                 ["--world", "open", "--realistic-names", "0.7", "--several-per-subject", "0.7"],
                 ["--world", "open", "--several-per-subject", "-0.1"],
                 ["--write-rule", "blend", "--store-threshold-after", "0.1"],
                 ["--write-rule", "copy", "--store-threshold-after", "1.0"],
                 ["--world", "open", "--write-rule", "blend", "--realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "copy", "--resume", "--realistic-names", "0.2"],
-                ["--world", "open", "--write-rule", "copy", "--hard-negatives"],
+                ["--world", "open", "--write-rule", "copy", "--several-per-subject", "0",
+                 "--hard-negatives"],
+                ["--world", "closed", "--hard-negatives"],
                 ["--world", "open", "--write-rule", "append", "--lookahead"],
                 ["--world", "open", "--write-rule", "append", "--context-decay", "0.9"],
                 ["--world", "open", "--write-rule", "copy", "--context-decay", "1.0"]):

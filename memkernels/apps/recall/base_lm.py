@@ -245,8 +245,8 @@ def load(path: Optional[str] = None):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model {path!r} has no config.json: not a saved Hugging Face model")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path)  # first: it fails fast, the weights not
         model = AutoModelForCausalLM.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"--model {path!r} is not a loadable causal LM with its tokenizer: "
                          f"{exc}") from exc

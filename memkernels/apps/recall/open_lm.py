@@ -2,8 +2,7 @@
 must be copied from the context (the frozen host of the open-vocabulary memory).
 
     python -m memkernels.apps.recall.open_lm [--out DIR] [--steps N]    # the shipped recipe
-    python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --steps 5000 --seq-len 256 \
-        --batch 12 --windows packed --varied-phrasings 0 --out DIR    # the second family
+    python -m memkernels.apps.recall.open_lm --family gpt2 --vocab 2048 --out DIR  # the second family
     python -m memkernels.apps.recall.open_lm --evaluate DIR [--phrasings dev] [--report F]
 
 The corpus (open_facts, train splits of subjects, objects and phrasings; the

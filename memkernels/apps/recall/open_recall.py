@@ -16,18 +16,23 @@ assets/open_memory). Splits, each a row of its own:
   spouse and a birthday...): the memory must tell the relations apart;
 - "similar names": half the facts distract: a name one edit from an asked
   fact's subject, same relation, another object (only the others are asked);
-and within each, answers of 1 / 2-3 / 4+ tokens (in the model's tokenizer).
+and within each, answers of 1 / 2-3 / 4-6 / 7+ tokens (in the model's tokenizer).
 Statements and questions use held-out phrasings, the question's never the
 statement's. Conditions: the LM alone (first N only), the facts in its prompt
-(N <= 10), the BM25 top-3 statements in its prompt, the written memory
-(store() then questions), and the written memory read through its lexical
-index (each question reads the stored facts that share the most words with
-it, the best and its near ties: MemoryBank.lexical_select). At small N a cell pools several independent sets
-of N facts (each its own bank and prompt). Exact match of the greedy answer up to its first
-period. For the memory, per N: store throughput (facts/s), bank bytes per
+(N <= 10), the BM25 top-3 statements in its prompt (rank_bm25 over words), the
+written memory (store() then questions), the written memory read through its
+lexical index (each question reads the stored facts that share the most words
+with it, the best and its near ties: MemoryBank.lexical_select), and the same
+lexical selection's statements in the prompt instead (the retriever alone,
+the LM reading). At small N a cell pools several independent sets of N facts
+(each its own bank and prompt). Exact match of the greedy answer up to its
+first period. Per condition, the tokens the LM processes per question (the
+prompt's median; the memory conditions also read slots). For the memory, per
+N: store throughput (facts/s), the lexical index's build time, bank bytes per
 fact, and the median cost of a question (batch 1, paired with the same
 question with reads off). With --out, rows are appended to
-DIR/open-recall-cpu.jsonl and the tables to DIR/open_recall.md.
+DIR/open-recall-cpu.jsonl, the tables written to DIR/open_recall.md and the
+plot to DIR/open_recall.png.
 """
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ INDEX_FROM, INDEX_PROBES = 10_000, 8
 # dev runs draw train-split values from seeds this far past the eval runs' seeds
 DEV_VALUE_OFFSET = 10 ** 6
 LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
+LEXICAL_PROMPT = "lexical selection in the prompt"  # the first lexical setting's texts
+LENGTH_BUCKETS = ("1 token", "2-3 tokens", "4-6 tokens", "7+ tokens")
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
           "realistic names": dict(relation_split="train", realistic_names=True),
@@ -73,24 +80,46 @@ def load_open(model_dir: Optional[str], memory_dir: Optional[str]):
     return model, tokenizer, MemoryModel.from_pretrained(memory_dir or OPEN_MEMORY)
 
 
+def prompt_tokens(tokenizer, prompts: Sequence[str]) -> float:
+    """The median tokens of the prompts: what the LM processes before answering."""
+    return statistics.median(len(tokenizer(p)["input_ids"]) for p in prompts)
+
+
 def answers(model, tokenizer, statements, questions, memory=None, in_context=False,
-            retrieve: int = 0, bank=None) -> list[str]:
-    """Greedy answers: the LM alone, with all statements in the prompt
-    (in_context), with the BM25 top-`retrieve` statements in the prompt, or
-    reading `memory`'s `bank` (store() of the statements when not given)."""
+            retrieve: int = 0, bank=None) -> tuple[list[str], float]:
+    """(greedy answers, prompt_tokens): the LM alone, with all statements in the
+    prompt (in_context), with the BM25 top-`retrieve` statements in the prompt,
+    or reading `memory`'s `bank` (store() of the statements when not given)."""
     prompts = [qa_prompt(q) for q in questions]
     if in_context:
         prompts = [" ".join(statements) + " " + p for p in prompts]
     if retrieve:
         index = benchmark.BM25Retriever(statements)
         prompts = [" ".join(index.top(q, retrieve)) + " " + p for q, p in zip(questions, prompts)]
+    tokens = prompt_tokens(tokenizer, prompts)
     if memory is None:
-        return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
+        return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS), tokens
     if bank is None:
         bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256,
                                 progress=False)
     with memkernels.attach(model, memory, bank):
-        return benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
+        return (benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS),
+                tokens)
+
+
+def lexical_prompt_answers(model, tokenizer, bank, statements, questions, k: int = LEXICAL_K,
+                           min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
+                           max_df: float = LEXICAL_MAX_DF) -> tuple[list[str], float]:
+    """(greedy answers, prompt_tokens) with the statements the memory's lexical
+    index selects for each question (MemoryBank.lexical_choice, the same
+    setting) in the LM's prompt, no memory read: the retriever alone."""
+    prompts = []
+    for q in questions:
+        prompt = qa_prompt(q)
+        chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], k, min_score_ratio, max_df)
+        prompts.append(" ".join([statements[i] for i in chosen.tolist()] + [prompt]))
+    return (benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS),
+            prompt_tokens(tokenizer, prompts))
 
 
 def lexical_condition(k: int, min_score_ratio: float, max_df: float = 1.0) -> str:
@@ -104,21 +133,24 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
                     max_df: float = LEXICAL_MAX_DF,
                     latency_questions: int = 16) -> tuple[list[str], dict]:
     """Greedy answers reading, per question, only the stored facts that
-    share the most words with it (MemoryBank.lexical_select: BM25 over token
-    ids in front of the dense read; at most k, those scoring at least
+    share the most words with it (MemoryBank.lexical_select: BM25 over the
+    stored texts' words in front of the dense read; at most k, those scoring at least
     min_score_ratio x the best, on the words at most max_df of the texts
     hold), and the paired cost per question (the selection included) against
     the same question with the reads off."""
-    got, ratios, times = [], [], []
+    got, ratios, times, slots = [], [], [], []
     # the index and the slot table are built on a bank's first selection: once,
-    # here, outside the timed questions (as build_index's build counts in store)
+    # here, outside the timed questions, and timed apart
+    start = time.perf_counter()
     bank.lexical_select(tokenizer(qa_prompt(questions[0]))["input_ids"], k, min_score_ratio, max_df)
+    build_seconds = time.perf_counter() - start
     with memkernels.attach(model, memory, None) as handle:
         for i, q in enumerate(questions):
             prompt = qa_prompt(q)
             start = time.perf_counter()
             selected = bank.lexical_select(tokenizer(prompt)["input_ids"], k, min_score_ratio,
                                            max_df)
+            slots.append(int(selected.slot_mask().sum()))
             with handle.using(selected):
                 got += benchmark.answer(model, tokenizer, [prompt],
                                         max_new_tokens=MAX_NEW_TOKENS)
@@ -130,12 +162,16 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
                     ratios.append(times[-1] / (time.perf_counter() - base_start) - 1)
     return got, dict(seconds_per_question=statistics.median(times),
                      read_cost=statistics.median(ratios), lexical_k=k,
-                     lexical_min_score_ratio=min_score_ratio, lexical_max_df=max_df)
+                     lexical_min_score_ratio=min_score_ratio, lexical_max_df=max_df,
+                     lexical_index_build_s=build_seconds,
+                     prompt_tokens=prompt_tokens(tokenizer, [qa_prompt(q) for q in questions]),
+                     slots_read=statistics.median(slots))
 
 
 def length_bucket(tokenizer, answer: str) -> str:
+    """The answer's LENGTH_BUCKETS bucket: its tokens after a space."""
     n = len(tokenizer(f" {answer}")["input_ids"])
-    return "1 token" if n == 1 else "2-3 tokens" if n <= 3 else "4+ tokens"
+    return LENGTH_BUCKETS[0 if n == 1 else 1 if n <= 3 else 2 if n <= 6 else 3]
 
 
 def memory_costs(model, tokenizer, memory, statements, questions, latency_questions: int = 16,
@@ -156,7 +192,8 @@ def memory_costs(model, tokenizer, memory, statements, questions, latency_questi
     # the slots the facts took (a bank has at least num_slots: the rest stays empty)
     costs = dict(store_facts_per_s=len(statements) / seconds, index_probes=index_probes,
                  bank_bytes_per_fact=written * slot_bytes / len(statements),
-                 slots_per_fact=written / len(statements))
+                 slots_per_fact=written / len(statements),
+                 slots_read=None if index_probes else written)
     with memkernels.attach(model, memory, bank) as handle:
         prompts = [qa_prompt(q) for q in questions[:latency_questions]]
         median, cost = benchmark.per_query_latency(model, tokenizer, prompts,
@@ -223,6 +260,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             if split != "held-out" and other_splits_up_to is not None and n > other_splits_up_to:
                 continue
             got: dict[str, list] = {}
+            tokens: dict[str, list] = {}  # per condition, each draw's median prompt tokens
             asked_facts, all_costs = [], []
             all_lexical_costs: dict[str, list] = {}
             for d in range(draws):
@@ -247,8 +285,14 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 if n <= 10:
                     runs["facts in context"] = dict(in_context=True)
                 for condition, kwargs in runs.items():
-                    got.setdefault(condition, []).extend(
-                        answers(model, tokenizer, statements, qs, **kwargs))
+                    got_condition, condition_tokens = answers(model, tokenizer, statements, qs,
+                                                              **kwargs)
+                    got.setdefault(condition, []).extend(got_condition)
+                    tokens.setdefault(condition, []).append(condition_tokens)
+                got_prompt, prompt_tokens_ = lexical_prompt_answers(
+                    model, tokenizer, bank, statements, qs, *lexical[0])
+                got.setdefault(LEXICAL_PROMPT, []).extend(got_prompt)
+                tokens.setdefault(LEXICAL_PROMPT, []).append(prompt_tokens_)
                 for k, ratio, max_df in lexical:
                     name = lexical_condition(k, ratio, max_df)
                     got_lexical, lexical_costs = lexical_answers(
@@ -258,7 +302,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                     all_lexical_costs.setdefault(name, []).append(lexical_costs)
             if not all_costs:
                 continue
-            costs = {k: statistics.median(c[k] for c in all_costs) for k in all_costs[0]}
+            costs = {k: _median_or_none([c[k] for c in all_costs]) for k in all_costs[0]}
             log(f"{split:20s} N={n}: store {costs['store_facts_per_s']:.0f} facts/s, "
                 f"{costs['bank_bytes_per_fact']:.0f} bank bytes/fact, "
                 f"{1e3 * costs['seconds_per_question']:.1f} ms/question, reads "
@@ -270,17 +314,33 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                 log(f"{split:20s} N={n}: {name}: {1e3 * c['seconds_per_question']:.1f} "
                     f"ms/question, reads and selection {100 * c['read_cost']:+.0f}%")
             for condition, values in got.items():
-                extra = (costs if condition == "written memory" else lexical_costs.get(condition))
+                extra = dict(costs if condition == "written memory"
+                             else lexical_costs.get(condition, {}))
+                if condition in tokens:
+                    extra["prompt_tokens"] = statistics.median(tokens[condition])
+                if condition == LEXICAL_PROMPT:
+                    extra.update(lexical_k=lexical[0][0], lexical_min_score_ratio=lexical[0][1],
+                                 lexical_max_df=lexical[0][2])
                 record(split, condition, n, asked_facts, values, extra)
     return rows
+
+
+def _median_or_none(values):
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _conditions(rows: list[dict]) -> list[str]:
+    """The conditions in the tables' and the plot's order."""
+    lexical = sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL)})
+    return ["LM alone", "facts in context", "BM25 top-3", LEXICAL_PROMPT, "written memory",
+            *lexical]
 
 
 def markdown(rows: list[dict]) -> str:
     """The results as tables: accuracy by split, condition and N (all
     answers), by answer length for the memory, and the memory's costs."""
     ns = sorted({r["n_facts"] for r in rows})
-    conditions = ["LM alone", "facts in context", "BM25 top-3", "written memory"]
-    conditions += sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL)})
+    conditions = _conditions(rows)
     lines = []
     for split in [s for s in SPLITS if any(r["split"] == s for r in rows)]:
         lines += [f"**{split}**", "", "| condition | " + " | ".join(f"N={n}" for n in ns) + " |",
@@ -292,15 +352,27 @@ def markdown(rows: list[dict]) -> str:
                        == (split, condition, n, "all")]
                 cells.append(f"{100 * hit[-1]['accuracy']:.1f}%" if hit else "-")
             lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-        buckets = ["1 token", "2-3 tokens", "4+ tokens"]
-        for bucket in buckets:
+        readers = [("memory", "written memory")] + [
+            ("lexical", c) for c in conditions if c.startswith(LEXICAL)][:1]
+        for short, condition in readers:
+            for bucket in LENGTH_BUCKETS:
+                cells = []
+                for n in ns:
+                    hit = [r for r in rows if (r["split"], r["condition"], r["n_facts"],
+                                               r["answers"]) == (split, condition, n, bucket)]
+                    cells.append(f"{100 * hit[-1]['accuracy']:.1f}% ({hit[-1]['questions']})"
+                                 if hit else "-")
+                lines.append(f"| {short}, answers of {bucket} | " + " | ".join(cells) + " |")
+        for condition in conditions:
             cells = []
             for n in ns:
                 hit = [r for r in rows if (r["split"], r["condition"], r["n_facts"], r["answers"])
-                       == (split, "written memory", n, bucket)]
-                cells.append(f"{100 * hit[-1]['accuracy']:.1f}% ({hit[-1]['questions']})"
+                       == (split, condition, n, "all") and r.get("prompt_tokens") is not None]
+                slots = hit[-1].get("slots_read") if hit else None
+                cells.append((f"{hit[-1]['prompt_tokens']:.0f}"
+                              + (f" + {slots:.0f} slots" if slots is not None else ""))
                              if hit else "-")
-            lines.append(f"| memory, answers of {bucket} | " + " | ".join(cells) + " |")
+            lines.append(f"| tokens processed: {condition} | " + " | ".join(cells) + " |")
         costs = {r["n_facts"]: r for r in rows if r["split"] == split
                  and r["condition"] == "written memory" and r["answers"] == "all"}
         lines.append("| memory: bank bytes per fact | " + " | ".join(
@@ -315,11 +387,42 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {condition}: cost per question, paired | " + " | ".join(
                 f"{100 * lexical[n]['read_cost']:+.0f}%" if n in lexical else "-"
                 for n in ns) + " |")
+            lines.append(f"| {condition}: index build, s | " + " | ".join(
+                f"{lexical[n]['lexical_index_build_s']:.2f}"
+                if n in lexical and "lexical_index_build_s" in lexical[n] else "-"
+                for n in ns) + " |")
         lines.append("| memory: read | " + " | ".join(
             (f"index, {costs[n]['index_probes']} probes" if costs[n].get("index_probes")
              else "exact") if n in costs else "-" for n in ns) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy against N, one panel per split, a line per condition."""
+    import matplotlib  # optional dependency (the [recall] extra)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # (after the backend is chosen)
+    splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.6 * len(splits), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, split in zip(axes[0], splits):
+        for condition in _conditions(rows):
+            pts = sorted((r["n_facts"], r["accuracy"]) for r in rows if r["split"] == split
+                         and r["condition"] == condition and r["answers"] == "all")
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "-o", markersize=3,
+                        label=condition.split(",")[0] if condition.startswith(LEXICAL)
+                        else condition)
+        ax.set_xscale("log")
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("facts stored (N)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact match, %")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -399,6 +502,8 @@ def main(argv=None) -> None:
                     f"{shlex.join(argv if argv is not None else sys.argv[1:])}` on {info['cpu']}; "
                     f"exact match, {args.questions} questions per cell at most (per answer "
                     f"length: the count in brackets).\n\n{markdown(rows)}")
+        if args.phrasings == "eval":
+            plot(rows, os.path.join(args.out, "open_recall.png"))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Train a memory for the recall world's base LM, the LLM frozen.
+"""Train a memory for a frozen Hugging Face causal LM.
 
-    python -m memkernels.apps.recall.train --mode written --steps 1500 --out runs/written
-    python -m memkernels.apps.recall.train --mode trained --facts 1000 --steps 300 --out runs/trained
+    python -m memkernels.apps.recall.train --model DIR --out OUT    # the open memory's recipe
+    python -m memkernels.apps.recall.train --world closed --out OUT # the closed-list memory
+    python -m memkernels.apps.recall.train --mode trained --facts 1000 --steps 300 --out OUT
     torchrun --nproc_per_node 2 -m memkernels.apps.recall.train ...     # DDP, unchanged
 
-written: a memory trained on episodes (write facts, answer questions about
-them), saved to OUT/memory (MemoryModel.from_pretrained(OUT/memory)); --world
-open draws the episodes from the open-vocabulary generators. trained: a bank
-whose slots learn the benchmark's facts, OUT/bank.safetensors. OUT/checkpoint
-resumes a run (--resume).
+written (the default): a memory trained on episodes (write facts, answer
+questions about them), saved to OUT/memory (MemoryModel.from_pretrained(OUT/memory))
+with training.json beside it. --world open (the default) draws the episodes
+from the open-vocabulary generators in the model's own tokenizer, and every
+flag left out takes the recipe of the memory that ships (RECIPES["open"]: the
+copy rule; ~10 minutes on 2 cores for a small LM); --world closed, the old
+closed-list recipe. trained: a bank whose slots learn the benchmark's facts,
+OUT/bank.safetensors. OUT/checkpoint resumes a run (--resume).
 """
 from __future__ import annotations
 
@@ -20,20 +24,55 @@ import time
 
 import torch.distributed as dist
 
-from memkernels.apps.recall import base_lm, benchmark, tasks
+from memkernels.apps.recall import base_lm, benchmark, open_lm, tasks
 from memkernels.memory import MemoryModel
 from memkernels.train import (Trainer, TrainConfig, append_joint_config, pretrain_address,
                               trainer_rank)
 
 
+# What a flag left out takes, by --world, for a written memory (a trained bank
+# takes "closed"). "open" is the recipe of the memory that ships
+# (assets/open_memory/training.json; why each value: docs/performance.md).
+RECIPES = {
+    "open": dict(model=open_lm.ASSET_DIR, write_rule="copy", steps=300, pretrain_steps=4000,
+                 vary_phrasings=0.2, lookahead=True, context_decay=0.9, read_scale_after=40.0,
+                 realistic_names=0.25, several_per_subject=0.25, store_threshold_after=0.01),
+    "closed": dict(model=None, write_rule="append", steps=1500, pretrain_steps=6000,
+                   vary_phrasings=0.0, lookahead=False, context_decay=tasks.CONTEXT_DECAY,
+                   read_scale_after=None, realistic_names=0.0, several_per_subject=0.0,
+                   store_threshold_after=None),
+}
+# flags that shape only a copy memory, or only the open world's pre-training
+_COPY_ONLY = ("lookahead", "context_decay")
+_OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject")
+
+
+def _fill_recipe(args) -> None:
+    """Gives every recipe flag the user left out (None) its recipe's value,
+    where that flag applies to the rule and world asked for."""
+    recipe = RECIPES["closed" if args.mode == "trained" else args.world]
+    if args.write_rule is None:
+        args.write_rule = recipe["write_rule"]
+    for name, value in recipe.items():
+        if getattr(args, name) is not None:
+            continue
+        neutral = RECIPES["closed"][name]
+        applies = ((name not in _COPY_ONLY or args.write_rule == "copy")
+                   and (name not in _OPEN_PRETRAINING or args.write_rule in ("append", "copy"))
+                   and (name not in ("read_scale_after", "store_threshold_after")
+                        or (args.mode == "written" and args.write_rule in ("append", "copy"))))
+        setattr(args, name, value if applies else neutral)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--mode", choices=("written", "trained"), default="written")
-    ap.add_argument("--world", choices=("closed", "open"), default="closed",
-                    help="written mode, append rule: the episodes' facts: the benchmark's closed "
-                         "lists, or open-vocabulary facts (open_facts, train splits)")
+    ap.add_argument("--world", choices=("closed", "open"), default="open",
+                    help="written mode: the episodes' facts, and the recipe of every flag left "
+                         "out (RECIPES): open-vocabulary facts (open_facts, train splits; the "
+                         "memory that ships), or the benchmark's closed lists")
     ap.add_argument("--facts", type=int, default=1000, help="trained mode: facts in the corpus")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=None, help="recipe: 300 open, 1500 closed")
     ap.add_argument("--batch", type=int, default=16,
                     help="rows a step (written mode, append rule: batch / 2 episodes)")
     ap.add_argument("--lr", type=float, default=None,
@@ -42,90 +81,117 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slots", type=int, default=1024)
-    ap.add_argument("--write-rule", choices=("blend", "append", "copy"), default="append",
+    ap.add_argument("--write-rule", choices=("blend", "append", "copy"), default=None,
                     help="how a write enters the bank (MemoryConfig.write_rule); trained mode: "
                          "append trains the slots of a bank that --memory stored the facts in, "
                          "blend a blend-rule memory's bank from scratch; copy (written mode): "
-                         "the read mixes stored tokens into the LM's output (new words)")
+                         "the read mixes stored tokens into the LM's output (new words); "
+                         "recipe: copy open, append closed")
     ap.add_argument("--memory", default=None,
                     help="trained mode, append rule: the written memory whose bank is trained "
                          "(default: the one that ships, memkernels/recall/assets/written_memory)")
-    ap.add_argument("--pretrain-steps", type=int, default=6000,
-                    help="append rule: steps of pretrain_address before the joint training")
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="append rule: steps of pretrain_address before the joint training "
+                         "(recipe: 4000 open, 6000 closed)")
     ap.add_argument("--pretrain-batch", type=int, default=256,
                     help="append rule: question-statement pairs a pretrain_address step (the "
                          "other pairs' tokens are each one's negatives)")
     ap.add_argument("--read-scale-after", type=float, default=None, metavar="X",
                     help="append/copy rule: the saved memory reads at cosine x X (training "
-                         "reads at AppendOptions.read_scale, 20): a sharper read of large banks")
-    ap.add_argument("--vary-phrasings", type=float, default=0.0, metavar="P",
+                         "reads at AppendOptions.read_scale, 20): a sharper read of large banks "
+                         "(recipe: 40 open)")
+    ap.add_argument("--vary-phrasings", type=float, default=None, metavar="P",
                     help="--world open: the address pre-training's statements and questions "
-                         "drop and gain words, each with probability P / 2 (open_facts.vary)")
-    ap.add_argument("--lookahead", action="store_true",
+                         "drop and gain words, each with probability P / 2 (open_facts.vary; "
+                         "recipe: 0.2 open)")
+    ap.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                     help="written copy memory: a slot's address also reads the next token's "
                          "state (AppendOptions.lookahead), so it knows an object follows where "
-                         "the LM did not expect one")
-    ap.add_argument("--context-decay", type=float, default=tasks.CONTEXT_DECAY, metavar="D",
+                         "the LM did not expect one (recipe: on, open)")
+    ap.add_argument("--context-decay", type=float, default=None, metavar="D",
                     help="written copy memory: the address and query also read the mean of the "
                          "embeddings so far, token t-k weighted D^k (AppendOptions.context_decay; "
-                         "default %(default)s)")
+                         "recipe: 0.9 open, %s otherwise)" % tasks.CONTEXT_DECAY)
     ap.add_argument("--store-threshold-after", type=float, default=None, metavar="T",
                     help="a written append or copy memory: save it with this store threshold "
-                         "(AppendOptions.store_threshold; trained at %s)" % tasks.STORE_THRESHOLD)
-    ap.add_argument("--realistic-names", type=float, default=0.0, metavar="P",
+                         "(AppendOptions.store_threshold; trained at %s; recipe: 0.01 open)"
+                         % tasks.STORE_THRESHOLD)
+    ap.add_argument("--realistic-names", type=float, default=None, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts about "
-                         "a person with a real first and family name (train-split names)")
-    ap.add_argument("--several-per-subject", type=float, default=0.0, metavar="P",
+                         "a person with a real first and family name (train-split names; "
+                         "recipe: 0.25 open)")
+    ap.add_argument("--several-per-subject", type=float, default=None, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts given "
-                         "3 at a time about one subject")
+                         "3 at a time about one subject (recipe: 0.25 open)")
     ap.add_argument("--hard-negatives", action="store_true",
                     help="with --several-per-subject: a pre-training pair drawn into a batch "
                          "brings its subject's other statements (the hard negatives a question "
                          "must be told apart from; pretrain_address(groups=...))")
     ap.add_argument("--model", default=None,
-                    help="a Hugging Face causal LM directory (default: the shipped base LM)")
+                    help="a Hugging Face causal LM directory, loaded with the Auto classes "
+                         "(recipe: the open LM that ships, assets/open_lm; closed: the "
+                         "closed-list base LM)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = ap.parse_args(argv)
-    if args.write_rule == "copy" and args.mode != "written":
+    _check_flags(ap, args)
+    _fill_recipe(args)
+    _check_filled(ap, args)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    try:
+        model, tokenizer = base_lm.load(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        ap.error(str(exc))
+    _train(args, argv, model, tokenizer)
+
+
+def _check_flags(ap, args) -> None:
+    """Refuses the flags the user gave (not None) that do not apply to the
+    mode, rule and world asked for, before anything loads."""
+    rule = args.write_rule or RECIPES["closed" if args.mode == "trained" else args.world][
+        "write_rule"]
+    written_append = args.mode == "written" and rule in ("append", "copy")
+    if rule == "copy" and args.mode != "written":
         ap.error("--write-rule copy trains a written memory: use --mode written")
     if args.vary_phrasings and args.world != "open":
         ap.error("--vary-phrasings varies the open world's phrasings: use --world open")
     if args.store_threshold_after is not None and not (
-            args.mode == "written" and args.write_rule in ("append", "copy")
-            and 0.0 < args.store_threshold_after < 1.0):
+            written_append and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
                  "copy memory")
     if (args.realistic_names or args.several_per_subject) and not (
-            args.world == "open" and args.mode == "written"
-            and args.write_rule in ("append", "copy") and not args.resume):
+            args.world == "open" and written_append and not args.resume):
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
-    if args.lookahead and not (args.mode == "written" and args.write_rule == "copy"):
+    copy = args.mode == "written" and rule == "copy"
+    if args.lookahead and not copy:
         ap.error("--lookahead shapes a written copy memory: use --mode written --write-rule copy")
-    if args.context_decay != tasks.CONTEXT_DECAY and not (
-            args.mode == "written" and args.write_rule == "copy"):
+    if args.context_decay is not None and not copy:
         ap.error("--context-decay shapes a written copy memory: use --mode written "
                  "--write-rule copy")
-    if not 0.0 <= args.context_decay < 1.0:
+    if args.context_decay is not None and not 0.0 <= args.context_decay < 1.0:
         ap.error(f"--context-decay takes a decay in [0, 1), got {args.context_decay}")
+    if not 0.0 <= (args.vary_phrasings or 0.0) <= 1.0:
+        ap.error(f"--vary-phrasings is a probability in [0, 1], got {args.vary_phrasings}")
+    if args.read_scale_after is not None and not (written_append and args.read_scale_after > 0):
+        ap.error("--read-scale-after takes a positive scale, for a written append or copy memory")
+
+
+def _check_filled(ap, args) -> None:
+    """What only the flags' values together, the recipe's included, decide."""
     if args.hard_negatives and not args.several_per_subject:
         ap.error("--hard-negatives groups the facts --several-per-subject gives about one "
                  "subject: give it a fraction > 0")
     if not (0.0 <= args.realistic_names and 0.0 <= args.several_per_subject
             and args.realistic_names + args.several_per_subject <= 1.0):
-        ap.error(f"--realistic-names and --several-per-subject are fractions summing to at most "
-                 f"1, got {args.realistic_names} and {args.several_per_subject}")
-    if not 0.0 <= args.vary_phrasings <= 1.0:
-        ap.error(f"--vary-phrasings is a probability in [0, 1], got {args.vary_phrasings}")
-    if args.read_scale_after is not None and not (
-            args.mode == "written" and args.write_rule in ("append", "copy")
-            and args.read_scale_after > 0):
-        ap.error("--read-scale-after takes a positive scale, for a written append or copy memory")
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    model, tokenizer = base_lm.load(args.model)
+        ap.error(f"--realistic-names and --several-per-subject (with the recipe's values for "
+                 f"the one left out) are fractions summing to at most 1, got "
+                 f"{args.realistic_names} and {args.several_per_subject}")
+
+
+def _train(args, argv, model, tokenizer) -> None:
     # the copy rule trains as the append rule does (its address is the append rule's)
     append = args.mode == "written" and args.write_rule in ("append", "copy")
     trained_bank = args.mode == "trained" and args.write_rule == "append"
