@@ -130,6 +130,12 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     pytest.importorskip("matplotlib")
     open_recall.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    from memkernels.apps.bench.report import append_jsonl
+    append_jsonl(str(tmp_path / "open-recall-cpu.jsonl"), rows, {"commit": "abc1234"})
+    open_recall.main(["--replot", "abc1234", "--out", str(tmp_path)])
+    assert (tmp_path / "open_recall.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no eval rows"):
+        open_recall.replot(str(tmp_path / "open-recall-cpu.jsonl"), "0000000", "x.png")
     lexical = [r for r in rows if r["condition"] == LEXICAL_NAME and r["answers"] == "all"]
     assert lexical and all(r["lexical_k"] == 3 and r["lexical_min_score_ratio"] == 0.9
                            and r["seconds_per_question"] > 0 for r in lexical)

@@ -411,9 +411,11 @@ def plot(rows: list[dict], path: str) -> None:
             pts = sorted((r["n_facts"], r["accuracy"]) for r in rows if r["split"] == split
                          and r["condition"] == condition and r["answers"] == "all")
             if pts:
+                label = ("memory through its lexical index" if condition.startswith(LEXICAL)
+                         else "memory, whole bank" if condition == "written memory"
+                         else condition)
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "-o", markersize=3,
-                        label=condition.split(",")[0] if condition.startswith(LEXICAL)
-                        else condition)
+                        label=label)
         ax.set_xscale("log")
         ax.set_title(split, fontsize=9)
         ax.set_xlabel("facts stored (N)")
@@ -423,6 +425,17 @@ def plot(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(jsonl: str, commit: str, path: str) -> None:
+    """plot() again from the eval rows one run (its commit) appended to jsonl."""
+    import json
+    with open(jsonl) as f:
+        rows = [r for r in map(json.loads, f) if r.get("commit") == commit
+                and r.get("phrasings") == "eval"]
+    if not rows:
+        raise ValueError(f"no eval rows of commit {commit!r} in {jsonl}")
+    plot(rows, path)
 
 
 def main(argv=None) -> None:
@@ -459,7 +472,16 @@ def main(argv=None) -> None:
                          "stored texts hold (1: all words); one, or one per --lexical-k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--replot", metavar="COMMIT", default=None,
+                    help="no run: draw OUT/open_recall.png again from the eval rows that the "
+                         "run at COMMIT appended to OUT/open-recall-cpu.jsonl")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.out:
+            ap.error("--replot needs --out (the folder of open-recall-cpu.jsonl)")
+        replot(os.path.join(args.out, "open-recall-cpu.jsonl"), args.replot,
+               os.path.join(args.out, "open_recall.png"))
+        return
     torch.manual_seed(args.seed)
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
