@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -375,3 +376,7 @@ def test_the_demo_runs_and_prints_what_it_measured(capsys):
     for line in ("kernels: backend", "write rule 'copy'", "(true: ", "read over the whole bank: ",
                  "recall on 8 questions about new facts", "decode:"):
         assert line in out, out
+    other = next(line for line in out.splitlines() if line.startswith("the other splits"))
+    for split in ("held-out relations", "realistic names", "several per subject",
+                  "similar names"):
+        assert re.search(rf"{split} \d+%", other), other

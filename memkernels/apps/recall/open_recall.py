@@ -37,6 +37,7 @@ plot to DIR/open_recall.png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shlex
@@ -429,7 +430,6 @@ def plot(rows: list[dict], path: str) -> None:
 
 def replot(jsonl: str, commit: str, path: str) -> None:
     """plot() again from the eval rows one run (its commit) appended to jsonl."""
-    import json
     with open(jsonl) as f:
         rows = [r for r in map(json.loads, f) if r.get("commit") == commit
                 and r.get("phrasings") == "eval"]
