@@ -117,9 +117,9 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
             by[split, "BM25 top-3"]["prompt_tokens"] > by[split, "LM alone"]["prompt_tokens"]
         assert by[split, open_recall.LEXICAL_PROMPT]["prompt_tokens"] > \
             by[split, "LM alone"]["prompt_tokens"] == by[split, LEXICAL_NAME]["prompt_tokens"]
-        assert 0 < by[split, LEXICAL_NAME]["slots_read"] <= by[split, "written memory"][
+        assert 0 <= by[split, LEXICAL_NAME]["slots_read"] <= by[split, "written memory"][
             "slots_read"]
-        assert by[split, LEXICAL_NAME]["lexical_index_build_s"] >= 0
+        assert by[split, LEXICAL_NAME]["lexical_index_build_s"] > 0
     memory_rows = [r for r in rows if r["condition"] == "written memory" and r["answers"] == "all"]
     assert all(r["bank_bytes_per_fact"] > 0 and r["store_facts_per_s"] > 0 for r in memory_rows)
     table = open_recall.markdown(rows)

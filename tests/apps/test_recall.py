@@ -293,7 +293,18 @@ def test_train_command_takes_the_shipped_recipe_for_what_is_left_out():
                                    "write_rule": "append"})
     train._fill_recipe(append)  # the copy-only flags stay neutral for the append rule
     assert append.lookahead is False and append.context_decay == tasks.CONTEXT_DECAY
-    assert append.realistic_names == 0.25
+    assert append.realistic_names == 0.25 and append.read_scale_after is None
+    blend = argparse.Namespace(**{**vars(args), **{k: None for k in train.RECIPES["open"]},
+                                  "world": None, "write_rule": "blend"})
+    train._fill_recipe(blend)  # closed-world episodes: the closed recipe, recorded as such
+    assert blend.world == "closed" and blend.steps == 1500 and blend.model is None
+    # --resume: the flags left out come from the run's own train_args.json, not the recipe
+    started = argparse.Namespace(**{**vars(closed)})
+    resumed = argparse.Namespace(**{**vars(args), **{k: None for k in train.RECIPES["open"]},
+                                    "world": None, "write_rule": None, "steps": 9})
+    train._fill_recipe(resumed, train._run_args(started))
+    assert resumed.world == "closed" and resumed.write_rule == "append"
+    assert resumed.steps == 9 and resumed.pretrain_steps == 6000 and resumed.lookahead is False
 
 
 @pytest.mark.parametrize("family, write_rule", [("gpt2", "append"), ("gpt2", "copy"),
@@ -341,6 +352,34 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     assert memory.config.append.context_decay == made["context_decay"] == decay
 
 
+def test_train_command_with_only_model_and_out_trains_the_shipped_recipe(tmp_path, monkeypatch):
+    """`train --model DIR --out OUT` (a tiny GPT-2; only the run's length cut):
+    the copy memory with every recipe value, written where the README says."""
+    import json
+    import transformers
+    from memkernels.apps.recall import train
+    from memkernels.memory import MemoryModel
+    pairs = tasks.address_pairs
+    monkeypatch.setattr(tasks, "address_pairs", lambda t, **kw: pairs(t, n=32, **kw))
+    tok = base_lm.train_tokenizer(base_lm.corpus(300), vocab_size=300)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    train.main(["--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), "--steps", "2",
+                "--pretrain-steps", "2", "--batch", "4", "--pretrain-batch", "8",
+                "--slots", "64"])
+    memory = MemoryModel.from_pretrained(tmp_path / "o" / "memory")
+    made = json.loads((tmp_path / "o" / "memory" / "training.json").read_text())
+    recipe = train.RECIPES["open"]
+    assert memory.config.write_rule == made["write_rule"] == "copy" and made["world"] == "open"
+    for key in ("vary_phrasings", "lookahead", "context_decay", "read_scale_after",
+                "realistic_names", "several_per_subject", "store_threshold_after"):
+        assert made[key] == recipe[key], key
+    assert memory.config.append.lookahead is True and memory.config.append.context_decay == 0.9
+    assert memory.config.append.read_scale == 40.0
+
+
 def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
     from memkernels.apps.recall.train import main
 
@@ -352,6 +391,10 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
                 ["--write-rule", "blend", "--read-scale-after", "40"],
                 ["--read-scale-after", "0"], ["--world", "closed", "--realistic-names", "0.2"],
                 ["--realistic-names", "0.9"], ["--mode", "trained", "--lookahead"],
+                ["--write-rule", "blend", "--vary-phrasings", "0.2"],
+                ["--mode", "trained", "--vary-phrasings", "0.2"],
+                ["--world", "open", "--write-rule", "blend"],
+                ["--resume", "--vary-phrasings", "0.2"],
                 ["--world", "open", "--realistic-names", "0.7", "--several-per-subject", "0.7"],
                 ["--world", "open", "--several-per-subject", "-0.1"],
                 ["--write-rule", "blend", "--store-threshold-after", "0.1"],

@@ -15,7 +15,7 @@ Conditions (the same frozen base LM in all of them):
   the statements (every template) by gradient descent, the memory and the
   LM frozen (train_bank; memkernels.apps.recall.train --mode trained);
 - written_memory: a memory trained on episodes of other facts
-  (memkernels.apps.recall.train --mode written); the benchmark's facts, never seen, are
+  (memkernels.apps.recall.train --world closed); the benchmark's facts, never seen, are
   written by store() alone, then read.
 A memory's bank of INDEX_MIN_SLOTS slots or more is read through an index
 (MemoryBank.build_index: each question reads its INDEX_PROBES nearest

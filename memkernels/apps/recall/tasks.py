@@ -51,7 +51,7 @@ def default_memory(model, *, slots: int = 1024, seed: int = 0, write_rule: str =
 
 def written_memory(model, *, slots: int = 1024, seed: int = 0) -> MemoryModel:
     """The written memory's configuration (the recall benchmark's and
-    `python -m memkernels.apps.recall.train --mode written`'s): the append rule with a
+    `python -m memkernels.apps.recall.train --world closed`'s): the append rule with a
     store gate and a context."""
     return default_memory(model, slots=slots, seed=seed, write_rule="append",
                           store_threshold=STORE_THRESHOLD, context_decay=CONTEXT_DECAY)

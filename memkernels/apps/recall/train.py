@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -43,34 +44,55 @@ RECIPES = {
                    store_threshold_after=None),
 }
 # flags that shape only a copy memory, or only the open world's pre-training
-_COPY_ONLY = ("lookahead", "context_decay")
+_COPY_ONLY = ("lookahead", "context_decay", "read_scale_after", "store_threshold_after")
 _OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject")
+# in OUT: the values a run started with, which --resume takes for the flags left out
+RUN_ARGS = "train_args.json"
 
 
-def _fill_recipe(args) -> None:
-    """Gives every recipe flag the user left out (None) its recipe's value,
-    where that flag applies to the rule and world asked for."""
-    recipe = RECIPES["closed" if args.mode == "trained" else args.world]
+def _recipe_name(args) -> str:
+    """The open recipe is a written append or copy memory's; a trained bank and
+    the blend rule (closed-world episodes) take the closed one."""
+    if args.mode == "trained" or args.write_rule not in (None, "append", "copy"):
+        return "closed"
+    return args.world or "open"
+
+
+def _fill_recipe(args, saved: Optional[dict] = None) -> None:
+    """Gives every recipe flag the user left out (None) its value: from
+    `saved` (the run being resumed) when given, else from the recipe, where
+    that flag applies to the rule and world asked for."""
+    for name, value in (saved or {}).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    recipe_name = _recipe_name(args)
+    args.world = args.world or recipe_name
+    recipe = RECIPES[recipe_name]
     if args.write_rule is None:
         args.write_rule = recipe["write_rule"]
+    written_append = args.mode == "written" and args.write_rule in ("append", "copy")
     for name, value in recipe.items():
         if getattr(args, name) is not None:
             continue
-        neutral = RECIPES["closed"][name]
-        applies = ((name not in _COPY_ONLY or args.write_rule == "copy")
-                   and (name not in _OPEN_PRETRAINING or args.write_rule in ("append", "copy"))
-                   and (name not in ("read_scale_after", "store_threshold_after")
-                        or (args.mode == "written" and args.write_rule in ("append", "copy"))))
-        setattr(args, name, value if applies else neutral)
+        applies = ((name not in _COPY_ONLY or (args.mode == "written"
+                                               and args.write_rule == "copy"))
+                   and (name not in _OPEN_PRETRAINING or written_append))
+        setattr(args, name, value if applies else RECIPES["closed"][name])
+
+
+def _run_args(args) -> dict:
+    """What RUN_ARGS keeps: every value the recipe fills, and the rule and world."""
+    return {k: getattr(args, k) for k in ("mode", "world", "write_rule", *RECIPES["open"])}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--mode", choices=("written", "trained"), default="written")
-    ap.add_argument("--world", choices=("closed", "open"), default="open",
-                    help="written mode: the episodes' facts, and the recipe of every flag left "
-                         "out (RECIPES): open-vocabulary facts (open_facts, train splits; the "
-                         "memory that ships), or the benchmark's closed lists")
+    ap.add_argument("--world", choices=("closed", "open"), default=None,
+                    help="written append or copy memory: the episodes' facts, and the recipe "
+                         "of every flag left out (RECIPES): open-vocabulary facts (open_facts, "
+                         "train splits; the memory that ships; the default), or the "
+                         "benchmark's closed lists (the blend rule and trained banks: always)")
     ap.add_argument("--facts", type=int, default=1000, help="trained mode: facts in the corpus")
     ap.add_argument("--steps", type=int, default=None, help="recipe: 300 open, 1500 closed")
     ap.add_argument("--batch", type=int, default=16,
@@ -134,8 +156,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     args = ap.parse_args(argv)
-    _check_flags(ap, args)
-    _fill_recipe(args)
+    saved = None
+    if args.resume and os.path.isfile(os.path.join(args.out, RUN_ARGS)):
+        with open(os.path.join(args.out, RUN_ARGS)) as f:
+            saved = json.load(f)
+    _check_flags(ap, args, saved)
+    _fill_recipe(args, saved)
     _check_filled(ap, args)
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -146,22 +172,27 @@ def main(argv=None) -> None:
     _train(args, argv, model, tokenizer)
 
 
-def _check_flags(ap, args) -> None:
+def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
     """Refuses the flags the user gave (not None) that do not apply to the
-    mode, rule and world asked for, before anything loads."""
-    rule = args.write_rule or RECIPES["closed" if args.mode == "trained" else args.world][
+    mode, rule and world asked for (or resumed), before anything loads."""
+    rule = args.write_rule or (saved or {}).get("write_rule") or RECIPES[_recipe_name(args)][
         "write_rule"]
+    world = args.world or (saved or {}).get("world") or _recipe_name(args)
     written_append = args.mode == "written" and rule in ("append", "copy")
+    if args.world == "open" and not written_append:
+        ap.error("--world open trains a written append or copy memory (the blend rule and "
+                 "trained banks use the closed world's facts)")
     if rule == "copy" and args.mode != "written":
         ap.error("--write-rule copy trains a written memory: use --mode written")
-    if args.vary_phrasings and args.world != "open":
-        ap.error("--vary-phrasings varies the open world's phrasings: use --world open")
+    if args.vary_phrasings and not (world == "open" and written_append and not args.resume):
+        ap.error("--vary-phrasings varies the address pre-training's phrasings of a written "
+                 "append or copy memory on --world open (not with --resume, which skips it)")
     if args.store_threshold_after is not None and not (
             written_append and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
                  "copy memory")
     if (args.realistic_names or args.several_per_subject) and not (
-            args.world == "open" and written_append and not args.resume):
+            world == "open" and written_append and not args.resume):
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
@@ -192,6 +223,10 @@ def _check_filled(ap, args) -> None:
 
 
 def _train(args, argv, model, tokenizer) -> None:
+    if trainer_rank() == 0:  # what --resume takes for the flags it is not given
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, RUN_ARGS), "w") as f:
+            json.dump(_run_args(args), f, indent=1)
     # the copy rule trains as the append rule does (its address is the append rule's)
     append = args.mode == "written" and args.write_rule in ("append", "copy")
     trained_bank = args.mode == "trained" and args.write_rule == "append"
@@ -253,6 +288,9 @@ def _train(args, argv, model, tokenizer) -> None:
             info = {**summary, "command": "python -m memkernels.apps.recall.train " + " ".join(
                         argv if argv is not None else sys.argv[1:]),
                     "write_rule": args.write_rule, "world": args.world,
+                    "model": args.model or "the closed-list base LM", "lr": args.lr,
+                    "batch": args.batch, "slots": args.slots, "seed": args.seed,
+                    "grad_accum": args.grad_accum, "bf16": args.bf16,
                     "vary_phrasings": args.vary_phrasings,
                     "realistic_names": args.realistic_names,
                     "several_per_subject": args.several_per_subject,
