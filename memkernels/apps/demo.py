@@ -65,7 +65,7 @@ def _other_splits(model, tokenizer, memory, n_facts: int, questions: int) -> str
         rng = random.Random(i)
         bank = memkernels.store(memory, model, tokenizer,
                                 [f.statement(rng, "eval") for f in facts], progress=False)
-        asked = facts[::2 if kwargs.get("similar_names") else 1][:questions]  # the rest distract
+        asked = [facts[j] for j in open_recall.asked_facts_of(split, len(facts))][:questions]
         got, _ = open_recall.lexical_answers(model, tokenizer, memory, bank,
                                              [f.question(rng, "eval") for f in asked],
                                              latency_questions=1)

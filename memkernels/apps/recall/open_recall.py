@@ -75,6 +75,12 @@ SPLITS = {"held-out": dict(relation_split="train"),
           "similar names": dict(relation_split="train", similar_names=True)}
 
 
+def asked_facts_of(split: str, n: int) -> range:
+    """The indices of a split's n facts that questions may ask: all, or in the
+    similar-names split every other one (the rest distract)."""
+    return range(0, n, 2 if SPLITS[split].get("similar_names") else 1)
+
+
 def load_open(model_dir: Optional[str], memory_dir: Optional[str]):
     """(model, tokenizer, memory): the shipped open LM and memory by default."""
     model, tokenizer = base_lm.load(model_dir or OPEN_LM)
@@ -274,7 +280,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                     log(f"{split:20s} N={n}: skipped ({e})")
                     break
                 statements = [f.statement(rng, phrasings) for f in facts]
-                askable = range(0, len(facts), 2 if SPLITS[split].get("similar_names") else 1)
+                askable = asked_facts_of(split, len(facts))
                 asked = rng.sample(askable, min(questions, len(askable)))
                 qs, fs = [facts[i].question(rng, phrasings) for i in asked], [facts[i] for i in asked]
                 asked_facts += fs
@@ -410,12 +416,13 @@ def plot(rows: list[dict], path: str) -> None:
     splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
     fig, axes = plt.subplots(1, len(splits), figsize=(3.6 * len(splits), 3.6), squeeze=False,
                              sharey=True)
+    conditions = _conditions(rows)
+    several = sum(c.startswith(LEXICAL) for c in conditions) > 1  # then each its full name
     for ax, split in zip(axes[0], splits):
-        for condition in _conditions(rows):
+        for condition in conditions:
             pts = sorted((r["n_facts"], r["accuracy"]) for r in rows if r["split"] == split
                          and r["condition"] == condition and r["answers"] == "all")
             if pts:
-                several = sum(c.startswith(LEXICAL) for c in _conditions(rows)) > 1
                 label = ("memory through its lexical index"
                          if condition.startswith(LEXICAL) and not several
                          else "memory, whole bank" if condition == "written memory"
