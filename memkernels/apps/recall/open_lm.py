@@ -36,7 +36,7 @@ from memkernels.apps.recall.facts import qa_prompt
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "open_lm")
 # the command line's defaults: the recipe of the LM in ASSET_DIR (document
 # windows, half the documents varied: docs/performance.md, session 19)
-SHIPPED_RECIPE = dict(batch=8, seq_len=384, windows="document", varied_phrasings=0.3)
+SHIPPED_RECIPE = dict(steps=9000, batch=8, seq_len=384, windows="document", varied_phrasings=0.3)
 CORPUS_SEED = 2_000_003
 
 
@@ -163,7 +163,8 @@ def in_context_accuracy(model, tokenizer, n_facts: int = 10, questions: int = 10
     return in_context_report(model, tokenizer, n_facts, questions, seed, phrasings)["accuracy"]
 
 
-def train(out_dir: str, steps: int = 6000, batch: int = SHIPPED_RECIPE["batch"], lr: float = 1e-3,
+def train(out_dir: str, steps: int = SHIPPED_RECIPE["steps"],
+          batch: int = SHIPPED_RECIPE["batch"], lr: float = 1e-3,
           seed: int = 0, family: str = "llama", vocab_size: int = 1024,
           seq_len: int = SHIPPED_RECIPE["seq_len"], max_facts: int = 10,
           varied: float = SHIPPED_RECIPE["varied_phrasings"],
@@ -244,7 +245,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None,
                     help="where the model goes (default for --family llama: the shipped "
                          "assets/open_lm, replaced)")
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=SHIPPED_RECIPE["steps"])
     ap.add_argument("--batch", type=int, default=SHIPPED_RECIPE["batch"])
     ap.add_argument("--family", choices=base_lm.FAMILIES, default="llama",
                     help="the model family (gpt2: the second family the memory is shown on)")
