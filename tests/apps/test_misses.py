@@ -51,5 +51,9 @@ def test_misses_count_every_question_once(tmp_path):
     written = json.loads(out.read_text())
     assert written["command"].startswith("python -m memkernels.apps.recall.misses --model")
     assert [r["split"] for r in written["results"]] == ["held-out"]
+    misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
+                 "--splits", "realistic names", "--facts", "6", "--questions", "3",
+                 "--small-name-pool", "--out", str(out)])
+    assert "--small-name-pool" in json.loads(out.read_text())["command"]
     with pytest.raises(SystemExit):
         misses.main(["--facts", "0"])

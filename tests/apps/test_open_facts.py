@@ -246,6 +246,23 @@ def test_realistic_names_are_real_words_of_their_split():
         of.make_open_facts(100_000, seed=9, realistic_names=True)
 
 
+def test_a_small_name_pool_draws_train_names_only_from_eval_sized_lists():
+    """The dev check of nested names (misses --small-name-pool): train-split
+    real names, from as many first and family names as eval has."""
+    first_n, last_n = of.eval_name_pool()
+    assert 0 < first_n < len(of.REAL_FIRST_NAMES) and 0 < last_n < len(of.REAL_LAST_NAMES)
+    first, last = of._real_names("train")
+    facts = of.make_open_facts(300, seed=4, split="train", realistic_names=True,
+                               name_pool=(first_n, last_n))
+    for f in facts:
+        words = f.subject.split()
+        assert set(words[:-1]) <= set(first[:first_n]) and words[-1] in last[:last_n]
+    # the default pool is the whole split's, and the same seed draws the same facts
+    whole = of.make_open_facts(300, seed=4, split="train", realistic_names=True)
+    assert whole == of.make_open_facts(300, seed=4, split="train", realistic_names=True)
+    assert any(f.subject.split()[-1] not in last[:last_n] for f in whole)
+
+
 def test_similar_names_are_one_edit_away_with_another_object():
     facts = of.make_open_facts(400, seed=10, similar_names=True)
     assert len(facts) == 400 and len({f.subject for f in facts}) == 400

@@ -54,7 +54,7 @@ def garble_kind(got: str, answer: str) -> str:
 
 
 def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
-             examples: int = 20) -> dict:
+             examples: int = 20, name_pool: Optional[tuple[int, int]] = None) -> dict:
     """The miss breakdown of one split (see the module's docstring)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -62,7 +62,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
         raise ValueError(f"n_facts and questions must be >= 1, got {n_facts} and {questions}")
     rng = random.Random(seed)
     facts = open_facts.make_open_facts(n_facts, seed=seed + n_facts + DEV_VALUE_OFFSET,
-                                       split="train", **SPLITS[split])
+                                       split="train", name_pool=name_pool, **SPLITS[split])
     statements = [f.statement(rng, "dev") for f in facts]
     asked = rng.sample(range(len(facts)), min(questions, len(facts)))
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
@@ -127,6 +127,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--facts", type=int, default=1000)
     ap.add_argument("--questions", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-name-pool", action="store_true",
+                    help="realistic names from as many train names as the eval split has "
+                         "(open_facts.eval_name_pool): nested names as often as in eval")
     ap.add_argument("--out", default=None, help="write the breakdowns (and examples) as JSON")
     args = ap.parse_args(argv)
     if args.facts < 1 or args.questions < 1:
@@ -136,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = []
     for split in args.splits:
         results.append(diagnose(model, tokenizer, memory, split, args.facts, args.questions,
-                                args.seed))
+                                args.seed, name_pool=open_facts.eval_name_pool()
+                                if args.small_name_pool else None))
         print(summary(results[-1]))
     if args.out:
         with open(args.out, "w") as f:

@@ -18,6 +18,7 @@ import functools
 import random
 import re
 import zlib
+from typing import Optional
 
 SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi fo ga ge go gu ka ke ki ko ku la le li lo "
              "lu ma me mi mo mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta "
@@ -318,19 +319,32 @@ def _real_names(split: str) -> tuple[list[str], list[str]]:
                  for names in (REAL_FIRST_NAMES, REAL_LAST_NAMES))
 
 
-def realistic_name(rng: random.Random, split: str) -> str:
+def eval_name_pool() -> tuple[int, int]:
+    """How many first and family names the eval split has: a dev draw from
+    that many train names nests names ("Sofia Smith", "Sofia Maja Smith") as
+    often as eval does."""
+    first, last = _real_names("eval")
+    return len(first), len(last)
+
+
+def realistic_name(rng: random.Random, split: str,
+                   name_pool: Optional[tuple[int, int]] = None) -> str:
     """A real first name, half the time a middle name, and a family name,
-    every word of `split`."""
+    every word of `split`; name_pool (F, L): from the split's first F first
+    names and L family names only."""
     first, last = _real_names(split)
+    if name_pool is not None:
+        first, last = first[:name_pool[0]], last[:name_pool[1]]
     middle = f" {rng.choice(first)}" if rng.random() < 0.5 else ""
     return f"{rng.choice(first)}{middle} {rng.choice(last)}"
 
 
-def draw_in_split(kind: str, rng: random.Random, split: str) -> str:
+def draw_in_split(kind: str, rng: random.Random, split: str,
+                  name_pool: Optional[tuple[int, int]] = None) -> str:
     """A fresh value whose split (split_of) is `split` (kind 'realistic': a
-    real first and family name, for the benchmark)."""
+    real first and family name, for the benchmark; name_pool: realistic_name's)."""
     if kind == "realistic":
-        return realistic_name(rng, split)
+        return realistic_name(rng, split, name_pool)
     while True:
         value = draw(kind, rng)
         if split_of("value", value) == split:
@@ -398,17 +412,20 @@ def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:
 
 def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",
                     facts_per_subject: int = 1, realistic_names: bool = False,
-                    similar_names: bool = False) -> list[OpenFact]:
+                    similar_names: bool = False,
+                    name_pool: Optional[tuple[int, int]] = None) -> list[OpenFact]:
     """n facts with fresh subjects and objects of `split`, over the relations
     of `relation_split`; facts_per_subject > 1 gives each subject that many
     relations of its kind (a person with a home town, a spouse, a birthday...);
     realistic_names: every subject a person with a real first and family name
     (REAL_FIRST_NAMES, REAL_LAST_NAMES); similar_names: facts come in pairs,
     the second about a name one edit from the first's (similar_name), same
-    relation, another object: facts[0::2] are asked, facts[1::2] distract."""
+    relation, another object: facts[0::2] are asked, facts[1::2] distract.
+    name_pool (F, L): realistic names from the split's first F first and L
+    family names (the dev check of a pool as small as eval's: eval_name_pool())."""
     if similar_names:
         firsts = make_open_facts((n + 1) // 2, seed, split=split, relation_split=relation_split,
-                                 realistic_names=realistic_names)
+                                 realistic_names=realistic_names, name_pool=name_pool)
         rng = random.Random(seed + 1)
         taken = {f.subject for f in firsts}
         facts = []
@@ -436,7 +453,7 @@ def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: s
     repeats = 0  # subjects drawn again in a row
     while len(facts) < n:
         kind = rng.choice(kinds)
-        subject = draw_in_split("realistic" if realistic_names else kind, rng, split)
+        subject = draw_in_split("realistic" if realistic_names else kind, rng, split, name_pool)
         if subject in subjects:
             repeats += 1
             if repeats > 10_000:
