@@ -54,6 +54,8 @@ def test_misses_count_every_question_once(tmp_path):
     misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
                  "--splits", "realistic names", "--facts", "6", "--questions", "3",
                  "--small-name-pool", "--out", str(out)])
-    assert "--small-name-pool" in json.loads(out.read_text())["command"]
+    small = json.loads(out.read_text())
+    assert "--small-name-pool" in small["command"]
+    assert small["results"][0]["name_pool"] == list(of.eval_name_pool())
     with pytest.raises(SystemExit):
         misses.main(["--facts", "0"])

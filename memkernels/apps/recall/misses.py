@@ -101,6 +101,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   answer=facts[i].object, got=got, got_alone=oracle,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
+                name_pool=name_pool,
                 counts=dict(counts), right_when_alone=dict(oracle_right),
                 answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
 

@@ -334,6 +334,8 @@ def realistic_name(rng: random.Random, split: str,
     names and L family names only."""
     first, last = _real_names(split)
     if name_pool is not None:
+        if min(name_pool) < 1:
+            raise ValueError(f"name_pool: (first names, family names), each >= 1, got {name_pool}")
         first, last = first[:name_pool[0]], last[:name_pool[1]]
     middle = f" {rng.choice(first)}" if rng.random() < 0.5 else ""
     return f"{rng.choice(first)}{middle} {rng.choice(last)}"

@@ -35,7 +35,8 @@ from memkernels.apps.recall.facts import qa_prompt
 
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "open_lm")
 # the command line's defaults: the recipe of the LM in ASSET_DIR (document
-# windows, half the documents varied: docs/performance.md, session 19)
+# windows, half the documents varied: docs/performance.md, session 19; 9,000
+# steps: session 28)
 SHIPPED_RECIPE = dict(steps=9000, batch=8, seq_len=384, windows="document", varied_phrasings=0.3)
 CORPUS_SEED = 2_000_003
 
