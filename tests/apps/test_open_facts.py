@@ -202,7 +202,8 @@ def test_the_memory_training_never_sees_a_held_out_value_relation_or_phrasing():
     pairs = tasks.address_pairs(tok, n=1500, world="open", varied=0.2, realistic_names=0.25,
                                 several_per_subject=0.25)
     texts = pairs.statements + [tok.decode(q) for q in pairs.questions[::4]]
-    episodes = tasks.append_episodes(tok, batch=8, seed=3, steps=400, world="open")
+    episodes = tasks.append_episodes(tok, batch=8, seed=3, steps=400, world="open",
+                                     realistic_names=0.5)
     for step in range(0, 400, 8):
         batch = episodes(step, 0)
         texts += [tok.decode(row[mask.bool()].tolist())
@@ -244,6 +245,26 @@ def test_realistic_names_are_real_words_of_their_split():
     assert not words(facts) & words(train)
     with pytest.raises(ValueError, match="ran out"):
         of.make_open_facts(100_000, seed=9, realistic_names=True)
+
+
+def test_episode_facts_mix_in_realistic_names_and_leave_the_plain_stream_unchanged():
+    """random_open_fact(realistic_names=P): about a fraction P of the facts
+    name a real train-split person (a person relation); at P=0 it draws what
+    it drew before the option existed (the shipped memories' episodes)."""
+    first, last = of._real_names("train")
+    person = {r[0] for r in of.relations("train") if r[1] == "person"}
+    rng = random.Random(5)
+    facts = [of.random_open_fact(rng, realistic_names=0.4) for _ in range(2000)]
+    real = [f for f in facts if f.subject.split()[0] in first and f.subject.split()[-1] in last]
+    assert 0.34 < len(real) / len(facts) < 0.46
+    assert all(f.relation in person for f in real)
+    assert all(of.split_of("value", f.object) == "train" for f in facts)
+    a, b = random.Random(8), random.Random(8)
+    for _ in range(200):
+        rel = b.choice(of.relations("train"))
+        plain = of.OpenFact(of.draw_in_split(rel[1], b, "train"), rel[0],
+                            of.draw_in_split(rel[2], b, "train"))
+        assert of.random_open_fact(a) == plain
 
 
 def test_a_small_name_pool_draws_train_names_only_from_eval_sized_lists():

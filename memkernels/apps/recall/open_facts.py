@@ -406,10 +406,18 @@ def _pool(kind: str, split: str, composed: bool) -> list[str]:
     return COMPOSED[kind]
 
 
-def random_open_fact(rng: random.Random, split: str = "train") -> OpenFact:
-    """One fresh fact of `split` over the training relations (a training episode's)."""
-    rel = rng.choice(relations("train"))
-    return OpenFact(draw_in_split(rel[1], rng, split), rel[0], draw_in_split(rel[2], rng, split))
+def random_open_fact(rng: random.Random, split: str = "train",
+                     realistic_names: float = 0.0) -> OpenFact:
+    """One fresh fact of `split` over the training relations (a training
+    episode's); with probability realistic_names, about a person with a real
+    first and family name of `split` (over the person relations)."""
+    if realistic_names and rng.random() < realistic_names:  # no draw at 0: same stream
+        rel = rng.choice([r for r in relations("train") if r[1] == "person"])
+        subject = realistic_name(rng, split)
+    else:
+        rel = rng.choice(relations("train"))
+        subject = draw_in_split(rel[1], rng, split)
+    return OpenFact(subject, rel[0], draw_in_split(rel[2], rng, split))
 
 
 def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",

@@ -6,6 +6,7 @@ exactly and DDP ranks see different data.
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Callable, NamedTuple
 
@@ -226,13 +227,19 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
 
 
 def append_episodes(tokenizer, batch: int, seed: int, steps: int,
-                    world: str = "closed") -> Callable[[int, int], Batch]:
+                    world: str = "closed",
+                    realistic_names: float = 0.0) -> Callable[[int, int], Batch]:
     """The episodes of an append memory's joint training (the recall
     benchmark's and `python -m memkernels.apps.recall.train`'s): 4-16 facts written a
     row, reached by a curriculum from one over the first 1000 steps, and one
     question a row, asked alone as the benchmark asks it (the first reader's
-    query is frozen at what pretrain_address fitted on questions alone)."""
-    draw = random_fact if world == "closed" else open_facts.random_open_fact
+    query is frozen at what pretrain_address fitted on questions alone).
+    realistic_names (world="open"): the fraction of facts about a person with
+    a real first and family name (train-split names)."""
+    if world == "closed" and realistic_names:
+        raise ValueError("realistic names apply to world='open'")
+    draw = (random_fact if world == "closed" else functools.partial(
+        open_facts.random_open_fact, realistic_names=realistic_names))
     return written_batches(tokenizer, batch, seed, facts_per_row=(4, 16), questions_per_row=1,
                            curriculum_steps=min(1000, steps), draw_fact=draw)
 

@@ -37,15 +37,17 @@ from memkernels.train import (Trainer, TrainConfig, append_joint_config, pretrai
 RECIPES = {
     "open": dict(model=open_lm.ASSET_DIR, write_rule="copy", steps=300, pretrain_steps=4000,
                  vary_phrasings=0.2, lookahead=True, context_decay=0.9, read_scale_after=40.0,
-                 realistic_names=0.25, several_per_subject=0.25, store_threshold_after=0.01),
+                 realistic_names=0.75, several_per_subject=0.25, store_threshold_after=0.01,
+                 joint_realistic_names=0.0),
     "closed": dict(model=None, write_rule="append", steps=1500, pretrain_steps=6000,
                    vary_phrasings=0.0, lookahead=False, context_decay=tasks.CONTEXT_DECAY,
                    read_scale_after=None, realistic_names=0.0, several_per_subject=0.0,
-                   store_threshold_after=None),
+                   store_threshold_after=None, joint_realistic_names=0.0),
 }
 # flags that shape only a copy memory, or only the open world's pre-training
 _COPY_ONLY = ("lookahead", "context_decay", "read_scale_after", "store_threshold_after")
-_OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject")
+_OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject",
+                     "joint_realistic_names")
 # in OUT: the values a run started with, which --resume takes for the flags left out
 RUN_ARGS = "train_args.json"
 
@@ -141,7 +143,12 @@ def main(argv=None) -> None:
     ap.add_argument("--realistic-names", type=float, default=None, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts about "
                          "a person with a real first and family name (train-split names; "
-                         "recipe: 0.25 open)")
+                         "recipe: 0.75 open)")
+    ap.add_argument("--joint-realistic-names", type=float, default=None, metavar="P",
+                    help="--world open: the fraction of the joint training episodes' facts "
+                         "about a person with a real first and family name (train-split "
+                         "names; recipe: 0 open: the joint training moves only the output "
+                         "gate, and at 0.25 no dev answer changed)")
     ap.add_argument("--several-per-subject", type=float, default=None, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts given "
                          "3 at a time about one subject (recipe: 0.25 open)")
@@ -196,6 +203,10 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
+    if args.joint_realistic_names is not None and not (
+            world == "open" and written_append and 0.0 <= args.joint_realistic_names <= 1.0):
+        ap.error("--joint-realistic-names takes a fraction in [0, 1], for the joint training "
+                 "of a written append or copy memory on --world open")
     copy = args.mode == "written" and rule == "copy"
     if args.lookahead and not copy:
         ap.error("--lookahead shapes a written copy memory: use --mode written --write-rule copy")
@@ -243,7 +254,8 @@ def _train(args, argv, model, tokenizer) -> None:
                   else tasks.written_memory(model, slots=args.slots, seed=args.seed) if append
                   else tasks.default_memory(model, slots=args.slots, seed=args.seed))
         make_batch = (tasks.append_episodes(tokenizer, args.batch // 2, args.seed, args.steps,
-                                            world=args.world)
+                                            world=args.world,
+                                            realistic_names=args.joint_realistic_names)
                       if append else tasks.written_batches(tokenizer, args.batch, args.seed)
                       if args.mode == "written"
                       else tasks.trained_batches(tokenizer, args.batch, args.seed, args.facts))
@@ -294,6 +306,7 @@ def _train(args, argv, model, tokenizer) -> None:
                     "vary_phrasings": args.vary_phrasings,
                     "realistic_names": args.realistic_names,
                     "several_per_subject": args.several_per_subject,
+                    "joint_realistic_names": args.joint_realistic_names,
                     "hard_negatives": args.hard_negatives,
                     "lookahead": args.lookahead,
                     "context_decay": args.context_decay,
