@@ -57,5 +57,15 @@ def test_misses_count_every_question_once(tmp_path):
     small = json.loads(out.read_text())
     assert "--small-name-pool" in small["command"]
     assert small["results"][0]["name_pool"] == list(of.eval_name_pool())
+    misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
+                 "--splits", "realistic names", "--facts", "6", "--questions", "3",
+                 "--dev-names", "--out", str(out)])
+    dev = json.loads(out.read_text())["results"][0]
+    assert dev["name_split"] == "dev" and dev["name_pool"] is None
+    dev_last = of._real_names("dev")[1]  # an untrained memory misses: its examples name them
+    assert dev["examples"] and all(any(f" {last}" in e["statement"] for last in dev_last)
+                                   for e in dev["examples"])
+    with pytest.raises(SystemExit):
+        misses.main(["--dev-names", "--small-name-pool"])
     with pytest.raises(SystemExit):
         misses.main(["--facts", "0"])

@@ -154,6 +154,14 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     lexical = [r for r in rows if r["condition"] == LEXICAL_NAME and r["answers"] == "all"]
     assert lexical and all(r["lexical_k"] == 3 and r["lexical_min_score_ratio"] == 0.9
                            and r["seconds_per_question"] > 0 for r in lexical)
+    dev = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
+                          splits=["realistic names"], phrasings="dev", dev_names=True,
+                          log=lambda *_: None)
+    assert dev and all(r["phrasings"] == "dev" for r in dev)
+    with pytest.raises(ValueError, match="dev_names"):
+        open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), dev_names=True)
+    with pytest.raises(SystemExit):
+        open_recall.main(["--dev-names", "--facts", "4"])
 
 
 @pytest.mark.parametrize("options", [{}, dict(max_facts=16, varied=0.3),
@@ -177,6 +185,9 @@ def _assert_holds_no_held_out(text: str, relations: bool = False) -> None:
     words = {w for f in held_out for w in re.findall(r"[A-Za-z]+", f"{f.subject} {f.object}")
              if len(w) >= 6 and w not in of.MONTHS}
     assert len(words) > 200 and not words & tokens
+    # the real names of eval and of the dev check (held out from every training too)
+    real_held_out = set(sum(of._real_names("eval"), [])) | set(sum(of._real_names("dev"), []))
+    assert not real_held_out & tokens, real_held_out & tokens
     lowered = text.lower()
     held_out = ("dev", "eval")
     for prefix in sum((of.STATEMENT_PREFIXES[s] + of.QUESTION_PREFIXES[s] for s in held_out), []):
@@ -284,6 +295,28 @@ def test_a_small_name_pool_draws_train_names_only_from_eval_sized_lists():
     assert any(f.subject.split()[-1] not in last[:last_n] for f in whole)
     with pytest.raises(ValueError, match="name_pool"):
         of.make_open_facts(5, seed=4, split="train", realistic_names=True, name_pool=(0, 3))
+
+
+def test_dev_names_are_real_names_no_training_draws_as_many_as_eval_has():
+    """The realistic-names dev check (misses / open_recall --dev-names): names
+    in neither list the memory's pre-training or eval draw from, every word in
+    the eval split by hash (so no training value holds one), and as many
+    first and family names as eval has."""
+    first, last = of._real_names("dev")
+    assert (len(first), len(last)) == of.eval_name_pool()
+    assert len(set(first)) == len(first) and len(set(last)) == len(last)
+    assert not set(first + last) & set(of.REAL_FIRST_NAMES + of.REAL_LAST_NAMES)
+    assert all(of.split_of("value", name) == "eval" for name in first + last)
+    facts = of.make_open_facts(300, seed=6, split="train", realistic_names=True,
+                               name_split="dev")
+    for f in facts:
+        words = f.subject.split()
+        assert set(words[:-1]) <= set(first) and words[-1] in last
+        assert of.split_of("value", f.object) == "train"
+    # without name_split the same call draws train-split names, as before
+    assert of.make_open_facts(50, seed=6, split="train", realistic_names=True) != facts[:50]
+    assert all(f.subject.split()[-1] in of._real_names("train")[1]
+               for f in of.make_open_facts(50, seed=6, split="train", realistic_names=True))
 
 
 def test_similar_names_are_one_edit_away_with_another_object():

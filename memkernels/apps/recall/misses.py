@@ -54,7 +54,8 @@ def garble_kind(got: str, answer: str) -> str:
 
 
 def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
-             examples: int = 20, name_pool: Optional[tuple[int, int]] = None) -> dict:
+             examples: int = 20, name_pool: Optional[tuple[int, int]] = None,
+             name_split: Optional[str] = None) -> dict:
     """The miss breakdown of one split (see the module's docstring)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -62,7 +63,8 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
         raise ValueError(f"n_facts and questions must be >= 1, got {n_facts} and {questions}")
     rng = random.Random(seed)
     facts = open_facts.make_open_facts(n_facts, seed=seed + n_facts + DEV_VALUE_OFFSET,
-                                       split="train", name_pool=name_pool, **SPLITS[split])
+                                       split="train", name_pool=name_pool,
+                                       name_split=name_split, **SPLITS[split])
     statements = [f.statement(rng, "dev") for f in facts]
     asked = rng.sample(range(len(facts)), min(questions, len(facts)))
     bank = memkernels.store(memory, model, tokenizer, statements, chunk_size=256, progress=False)
@@ -101,7 +103,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   answer=facts[i].object, got=got, got_alone=oracle,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
-                name_pool=name_pool,
+                name_pool=name_pool, name_split=name_split,
                 counts=dict(counts), right_when_alone=dict(oracle_right),
                 answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
 
@@ -131,17 +133,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--small-name-pool", action="store_true",
                     help="realistic names from as many train names as the eval split has "
                          "(open_facts.eval_name_pool): nested names as often as in eval")
+    ap.add_argument("--dev-names", action="store_true",
+                    help="realistic names from real names no training draws "
+                         "(open_facts.DEV_REAL_FIRST_NAMES, as many as eval has): new words to "
+                         "the memory, as eval's are")
     ap.add_argument("--out", default=None, help="write the breakdowns (and examples) as JSON")
     args = ap.parse_args(argv)
     if args.facts < 1 or args.questions < 1:
         ap.error("--facts and --questions must be >= 1")
+    if args.dev_names and args.small_name_pool:
+        ap.error("--dev-names and --small-name-pool are two name pools: give one")
     torch.manual_seed(args.seed)
     model, tokenizer, memory = load_open(args.model, args.memory)
     results = []
     for split in args.splits:
         results.append(diagnose(model, tokenizer, memory, split, args.facts, args.questions,
                                 args.seed, name_pool=open_facts.eval_name_pool()
-                                if args.small_name_pool else None))
+                                if args.small_name_pool else None,
+                                name_split="dev" if args.dev_names else None))
         print(summary(results[-1]))
     if args.out:
         with open(args.out, "w") as f:

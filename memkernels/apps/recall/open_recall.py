@@ -218,7 +218,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         store_threshold: Optional[float] = None,
         lexical: Sequence[tuple[int, float, float]] = (
             (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF),),
-        log=print) -> list[dict]:
+        dev_names: bool = False, log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
@@ -245,6 +245,10 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     # subjects and objects (fresh words all the same), so that tuning never
     # touches an eval value
     value_split, value_offset = ("train", DEV_VALUE_OFFSET) if phrasings == "dev" else ("eval", 0)
+    if dev_names and phrasings != "dev":
+        raise ValueError("dev_names draws the realistic names of the dev phrasings' facts: "
+                         "use phrasings='dev'")
+    name_split = "dev" if dev_names else None
     rows = []
 
     def record(split, condition, n, facts, got, extra=None):
@@ -275,7 +279,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             for d in range(draws):
                 try:
                     facts = open_facts.make_open_facts(n, seed=seed + n + 7919 * d + value_offset,
-                                                       split=value_split, **SPLITS[split])
+                                                       split=value_split, name_split=name_split,
+                                                       **SPLITS[split])
                 except ValueError as e:  # the real names run out before 10,000 subjects
                     log(f"{split:20s} N={n}: skipped ({e})")
                     break
@@ -461,6 +466,10 @@ def main(argv=None) -> None:
                     help="held-out phrasings (eval: the benchmark), the dev split (held out as "
                          "well, for tuning the memory's training, with train-split subjects "
                          "and objects) or trained ones (a diagnosis)")
+    ap.add_argument("--dev-names", action="store_true",
+                    help="with --phrasings dev: the realistic names from real names no training "
+                         "draws (open_facts.DEV_REAL_FIRST_NAMES, as many as eval has), not the "
+                         "train split's, which the memory's pre-training draws")
     ap.add_argument("--index-from", type=int, default=INDEX_FROM, metavar="N",
                     help="banks of N facts or more are read through an index (build_index)")
     ap.add_argument("--index-probes", type=int, default=INDEX_PROBES,
@@ -495,6 +504,8 @@ def main(argv=None) -> None:
                os.path.join(args.out, "open_recall.png"))
         return
     torch.manual_seed(args.seed)
+    if args.dev_names and args.phrasings != "dev":
+        ap.error("--dev-names goes with --phrasings dev")
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
     if args.store_threshold is not None and not 0.0 < args.store_threshold < 1.0:
@@ -522,7 +533,7 @@ def main(argv=None) -> None:
     machine = machine_info(torch.device("cpu"))
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale, args.store_threshold, lexical)
+               args.read_scale, args.store_threshold, lexical, args.dev_names)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine, "model": args.model or "shipped open LM",
