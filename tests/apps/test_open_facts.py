@@ -211,7 +211,7 @@ def test_the_memory_training_never_sees_a_held_out_value_relation_or_phrasing():
     from memkernels.apps.recall import open_lm, tasks
     tok = AutoTokenizer.from_pretrained(open_lm.ASSET_DIR)
     pairs = tasks.address_pairs(tok, n=1500, world="open", varied=0.2, realistic_names=0.25,
-                                several_per_subject=0.25)
+                                several_per_subject=0.25, composed=0.5)
     texts = pairs.statements + [tok.decode(q) for q in pairs.questions[::4]]
     episodes = tasks.append_episodes(tok, batch=8, seed=3, steps=400, world="open",
                                      realistic_names=0.5)
@@ -391,6 +391,33 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
         tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, several_per_subject=0.6)
     with pytest.raises(ValueError, match="apply to world='open'"):
         tasks.address_pairs(tok, n=10, realistic_names=0.5)
+    with pytest.raises(ValueError, match="apply to world='open'"):
+        tasks.address_pairs(tok, n=10, composed=0.5)
+
+
+def test_address_pairs_phrase_a_fraction_in_composed_shapes_with_targets_on_the_answer():
+    """train --composed-phrasings P: about a fraction P of the pre-training
+    facts stated and asked in open_facts.COMPOSED shapes; every pair's target
+    is still the statement token before the answer's next token; P=0 draws
+    the pairs it drew before the option existed."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import open_recall, tasks
+    tok = transformers.AutoTokenizer.from_pretrained(open_recall.OPEN_LM)
+    plain = tasks.address_pairs(tok, n=200, world="open")
+    assert tasks.address_pairs(tok, n=200, world="open", composed=0.0) == plain
+    mixed = tasks.address_pairs(tok, n=200, world="open", composed=0.5)
+    def new_shapes(pairs):  # statements in no train core (a recombined shape may be one)
+        shapes = {st: of.statement_core(st, "train") for st in pairs.statements}
+        return sum(core is None for core in shapes.values()) / len(shapes)
+    assert new_shapes(plain) == 0.0 and 0.1 < new_shapes(mixed) < 0.6
+    full = None  # a fact's pairs follow one another, the one before its first answer token first
+    for q, st, t in zip(mixed.questions, mixed.statements, mixed.targets):
+        answered = tok.decode(q).split(" A:", 1)[1]  # the answer's tokens so far
+        rest = tok.decode(tok(st)["input_ids"][t + 1:])  # the target slot's content onwards
+        if not answered:
+            full = rest
+            assert full.endswith(".") and len(full) > 2
+        assert (answered + rest).replace(" ", "") == full.replace(" ", ""), (q, st, t)
 
 
 def test_the_open_recall_command_refuses_a_lexical_setting_twice():

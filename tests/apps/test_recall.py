@@ -278,11 +278,12 @@ def test_train_command_takes_the_shipped_recipe_for_what_is_left_out():
                               steps=None, pretrain_steps=None, vary_phrasings=None,
                               lookahead=None, context_decay=None, read_scale_after=None,
                               realistic_names=None, several_per_subject=None,
-                              store_threshold_after=None, joint_realistic_names=None)
+                              store_threshold_after=None, joint_realistic_names=None,
+                              composed_phrasings=None)
     train._fill_recipe(args)
     for key in ("write_rule", "steps", "pretrain_steps", "vary_phrasings", "lookahead",
                 "context_decay", "read_scale_after", "realistic_names", "several_per_subject",
-                "store_threshold_after", "joint_realistic_names"):
+                "store_threshold_after", "joint_realistic_names", "composed_phrasings"):
         assert getattr(args, key) == shipped[key], key
     closed = argparse.Namespace(**{**vars(args), **{k: None for k in train.RECIPES["closed"]},
                                    "world": "closed", "write_rule": None, "steps": 7})
@@ -333,7 +334,8 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
           "--write-rule", write_rule, "--steps", "2", "--pretrain-steps", "2", "--batch", "4",
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
           "--realistic-names", "0.25", "--several-per-subject", "0.25", "--hard-negatives",
-          "--joint-realistic-names", "0.5", "--store-threshold-after", "0.05",
+          "--joint-realistic-names", "0.5", "--composed-phrasings", "0.5",
+          "--store-threshold-after", "0.05",
           *(["--lookahead", "--context-decay", "0.8"] if family == "llama"
             else ["--no-lookahead"] if write_rule == "copy" else []),
           "--slots", "64", "--out", str(tmp_path / "o")])
@@ -344,7 +346,7 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
     import json
     made = json.loads((tmp_path / "o" / "memory" / "training.json").read_text())
     assert made["vary_phrasings"] == 0.2 and made["pretrain_batch"] == 8
-    assert made["joint_realistic_names"] == 0.5
+    assert made["joint_realistic_names"] == 0.5 and made["composed_phrasings"] == 0.5
     assert made["pretrain_steps"] == 2 and "--vary-phrasings 0.2" in made["command"]
     assert made["realistic_names"] == 0.25 and made["several_per_subject"] == 0.25
     assert made["store_threshold_after"] == 0.05 and made["hard_negatives"] is True
@@ -408,6 +410,9 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
                 ["--world", "closed", "--hard-negatives"],
                 ["--world", "closed", "--joint-realistic-names", "0.2"],
                 ["--world", "open", "--joint-realistic-names", "1.5"],
+                ["--world", "closed", "--composed-phrasings", "0.2"],
+                ["--world", "open", "--composed-phrasings", "-0.5"],
+                ["--world", "open", "--resume", "--composed-phrasings", "0.2"],
                 ["--world", "open", "--mode", "trained", "--joint-realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "append", "--lookahead"],
                 ["--world", "open", "--write-rule", "append", "--context-decay", "0.9"],

@@ -82,7 +82,7 @@ class AddressPairs(NamedTuple):
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
                   varied: float = 0.0, realistic_names: float = 0.0,
-                  several_per_subject: float = 0.0) -> AddressPairs:
+                  several_per_subject: float = 0.0, composed: float = 0.0) -> AddressPairs:
     """AddressPairs of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
@@ -97,12 +97,14 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
     each statement's and question's phrasing (open_facts.vary);
     realistic_names / several_per_subject: the fractions of the facts about
     a person with a real first and family name / given 3 at a time about one
-    subject (open_facts.make_open_facts; train-split words as every fact)."""
+    subject (open_facts.make_open_facts; train-split words as every fact);
+    composed: the fraction of facts stated and asked in the train cores
+    recombined (open_facts.COMPOSED: sentence shapes the host never read)."""
     rng = random.Random(seed)
     if world == "closed":
-        if varied or realistic_names or several_per_subject:
-            raise ValueError("varied phrasings, realistic names and several facts per subject "
-                             "apply to world='open'")
+        if varied or realistic_names or several_per_subject or composed:
+            raise ValueError("varied or composed phrasings, realistic names and several facts "
+                             "per subject apply to world='open'")
         facts = make_facts(n, seed=seed, split="train")[0]
         questions = [qa_prompt(f.question(rng)) for f in facts]
         statements = [f.statement(rng) for f in facts]
@@ -126,9 +128,11 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
                                             relation_split="train", facts_per_subject=3)
         draws += [2] * (len(facts) - len(draws))
     for f, draw in zip(facts, draws):
-        statement = f.statement(rng, varied=varied)
+        recombined = bool(composed) and rng.random() < composed  # no draw at 0: same stream
+        statement = f.statement(rng, varied=varied, composed=recombined)
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
-        prompt = tokenizer(qa_prompt(f.question(rng, varied=varied)))["input_ids"]
+        prompt = tokenizer(qa_prompt(f.question(rng, varied=varied, composed=recombined)))[
+            "input_ids"]
         answer = tokenizer(f" {f.object}")["input_ids"]
         for j in range(len(answer) + 1):  # the answer's tokens, then the period after it
             questions.append(prompt + answer[:j])

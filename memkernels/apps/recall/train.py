@@ -38,16 +38,17 @@ RECIPES = {
     "open": dict(model=open_lm.ASSET_DIR, write_rule="copy", steps=300, pretrain_steps=4000,
                  vary_phrasings=0.2, lookahead=True, context_decay=0.9, read_scale_after=40.0,
                  realistic_names=0.75, several_per_subject=0.25, store_threshold_after=0.01,
-                 joint_realistic_names=0.0),
+                 joint_realistic_names=0.0, composed_phrasings=0.5),
     "closed": dict(model=None, write_rule="append", steps=1500, pretrain_steps=6000,
                    vary_phrasings=0.0, lookahead=False, context_decay=tasks.CONTEXT_DECAY,
                    read_scale_after=None, realistic_names=0.0, several_per_subject=0.0,
-                   store_threshold_after=None, joint_realistic_names=0.0),
+                   store_threshold_after=None, joint_realistic_names=0.0,
+                   composed_phrasings=0.0),
 }
 # flags that shape only a copy memory, or only the open world's pre-training
 _COPY_ONLY = ("lookahead", "context_decay", "read_scale_after", "store_threshold_after")
 _OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject",
-                     "joint_realistic_names")
+                     "joint_realistic_names", "composed_phrasings")
 # in OUT: the values a run started with, which --resume takes for the flags left out
 RUN_ARGS = "train_args.json"
 
@@ -128,6 +129,10 @@ def main(argv=None) -> None:
                     help="--world open: the address pre-training's statements and questions "
                          "drop and gain words, each with probability P / 2 (open_facts.vary; "
                          "recipe: 0.2 open)")
+    ap.add_argument("--composed-phrasings", type=float, default=None, metavar="P",
+                    help="--world open: the fraction of the address pre-training's facts "
+                         "stated and asked in the train cores recombined (open_facts.COMPOSED: "
+                         "sentence shapes the host never read; recipe: 0.5 open)")
     ap.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                     help="written copy memory: a slot's address also reads the next token's "
                          "state (AppendOptions.lookahead), so it knows an object follows where "
@@ -194,6 +199,12 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
     if args.vary_phrasings and not (world == "open" and written_append and not args.resume):
         ap.error("--vary-phrasings varies the address pre-training's phrasings of a written "
                  "append or copy memory on --world open (not with --resume, which skips it)")
+    if args.composed_phrasings is not None and not (
+            world == "open" and written_append and not args.resume
+            and 0.0 <= args.composed_phrasings <= 1.0):
+        ap.error("--composed-phrasings takes a fraction in [0, 1], for the address "
+                 "pre-training of a written append or copy memory on --world open (not with "
+                 "--resume, which skips it)")
     if args.store_threshold_after is not None and not (
             written_append and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
@@ -264,7 +275,8 @@ def _train(args, argv, model, tokenizer) -> None:
     if append and not args.resume:
         pairs = tasks.address_pairs(tokenizer, world=args.world, varied=args.vary_phrasings,
                                     realistic_names=args.realistic_names,
-                                    several_per_subject=args.several_per_subject)
+                                    several_per_subject=args.several_per_subject,
+                                    composed=args.composed_phrasings)
         pretrain_losses = pretrain_address(
             memory, model, tokenizer, pairs.questions, pairs.statements, pairs.targets,
             steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
@@ -307,6 +319,7 @@ def _train(args, argv, model, tokenizer) -> None:
                     "realistic_names": args.realistic_names,
                     "several_per_subject": args.several_per_subject,
                     "joint_realistic_names": args.joint_realistic_names,
+                    "composed_phrasings": args.composed_phrasings,
                     "hard_negatives": args.hard_negatives,
                     "lookahead": args.lookahead,
                     "context_decay": args.context_decay,
