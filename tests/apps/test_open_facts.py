@@ -108,7 +108,7 @@ def save_tiny_open_lm(path):
     return model
 
 
-def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
+def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
     """Every split and condition on a tiny LM with an untrained copy memory
     (the real figures come from the command on the shipped open LM)."""
     pytest.importorskip("rank_bm25", reason="needs rank_bm25 for the retrieval baseline")
@@ -154,10 +154,20 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path):
     lexical = [r for r in rows if r["condition"] == LEXICAL_NAME and r["answers"] == "all"]
     assert lexical and all(r["lexical_k"] == 3 and r["lexical_min_score_ratio"] == 0.9
                            and r["seconds_per_question"] > 0 for r in lexical)
+    drawn = []
+    real_draw = of.make_open_facts
+
+    def spy(n, seed, **kwargs):
+        facts = real_draw(n, seed, **kwargs)
+        drawn.extend(facts)
+        return facts
+    monkeypatch.setattr(of, "make_open_facts", spy)
     dev = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
                           splits=["realistic names"], phrasings="dev", dev_names=True,
                           log=lambda *_: None)
     assert dev and all(r["phrasings"] == "dev" for r in dev)
+    assert drawn and all(f.subject.split()[-1] in of.DEV_REAL_LAST_NAMES for f in drawn)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="dev_names"):
         open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), dev_names=True)
     with pytest.raises(SystemExit):
@@ -205,13 +215,17 @@ def _assert_holds_no_held_out(text: str, relations: bool = False) -> None:
 
 def test_the_memory_training_never_sees_a_held_out_value_relation_or_phrasing():
     """What the open memory trains on, over many draws: the address
-    pre-training's pairs (the shipped recipe's mix of varied, real-name and
-    several-per-subject facts) and the joint training's episodes."""
+    pre-training's pairs (the shipped recipe's mix of varied, composed,
+    real-name and several-per-subject facts) and the joint training's episodes
+    (with real names as --joint-realistic-names draws them)."""
     from transformers import AutoTokenizer
-    from memkernels.apps.recall import open_lm, tasks
+    from memkernels.apps.recall import open_lm, tasks, train
+    recipe = train.RECIPES["open"]
     tok = AutoTokenizer.from_pretrained(open_lm.ASSET_DIR)
-    pairs = tasks.address_pairs(tok, n=1500, world="open", varied=0.2, realistic_names=0.25,
-                                several_per_subject=0.25, composed=0.5)
+    pairs = tasks.address_pairs(tok, n=1500, world="open", varied=recipe["vary_phrasings"],
+                                realistic_names=recipe["realistic_names"],
+                                several_per_subject=recipe["several_per_subject"],
+                                composed=recipe["composed_phrasings"])
     texts = pairs.statements + [tok.decode(q) for q in pairs.questions[::4]]
     episodes = tasks.append_episodes(tok, batch=8, seed=3, steps=400, world="open",
                                      realistic_names=0.5)
@@ -398,13 +412,11 @@ def test_address_pairs_mix_realistic_names_and_several_facts_per_subject(monkeyp
 def test_address_pairs_phrase_a_fraction_in_composed_shapes_with_targets_on_the_answer():
     """train --composed-phrasings P: about a fraction P of the pre-training
     facts stated and asked in open_facts.COMPOSED shapes; every pair's target
-    is still the statement token before the answer's next token; P=0 draws
-    the pairs it drew before the option existed."""
+    is still the statement token before the answer's next token."""
     transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
     from memkernels.apps.recall import open_recall, tasks
     tok = transformers.AutoTokenizer.from_pretrained(open_recall.OPEN_LM)
-    plain = tasks.address_pairs(tok, n=200, world="open")
-    assert tasks.address_pairs(tok, n=200, world="open", composed=0.0) == plain
+    plain = tasks.address_pairs(tok, n=200, world="open")  # composed=0: no extra draw
     mixed = tasks.address_pairs(tok, n=200, world="open", composed=0.5)
     def new_shapes(pairs):  # statements in no train core (a recombined shape may be one)
         shapes = {st: of.statement_core(st, "train") for st in pairs.statements}

@@ -413,7 +413,8 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
                 ["--world", "closed", "--composed-phrasings", "0.2"],
                 ["--world", "open", "--composed-phrasings", "-0.5"],
                 ["--world", "open", "--resume", "--composed-phrasings", "0.2"],
-                ["--world", "open", "--mode", "trained", "--joint-realistic-names", "0.2"],
+                ["--mode", "trained", "--joint-realistic-names", "0.2"],
+                ["--world", "open", "--resume", "--joint-realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "append", "--lookahead"],
                 ["--world", "open", "--write-rule", "append", "--context-decay", "0.9"],
                 ["--world", "open", "--write-rule", "copy", "--context-decay", "1.0"]):

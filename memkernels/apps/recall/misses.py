@@ -10,8 +10,10 @@ It tells a selection problem (the index picks the wrong texts) from a read
 problem (the right text, read wrong), and a read problem's answers by shape: a
 tail of the answer (the copy started inside the object), nothing, or other;
 and counts the right answers per statement core (sentence shape). Dev
-phrasings and train-split values only, as the dev runs of open_recall: a
-diagnosis guides tuning, and the eval phrasings and values never tune anything.
+phrasings and train-split values only, as the dev runs of open_recall (with
+--dev-names, the realistic names from a list of their own that no training
+draws): a diagnosis guides tuning, and the eval phrasings and values never
+tune anything.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   answer=facts[i].object, got=got, got_alone=oracle,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
-                name_pool=name_pool, name_split=name_split,
+                name_pool=name_pool,
+                name_split=name_split if SPLITS[split].get("realistic_names") else None,
                 counts=dict(counts), right_when_alone=dict(oracle_right),
                 answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
 

@@ -288,7 +288,8 @@ Weber Williams Wilson Wong Yamamoto Young Zhang Ziegler""".split()
 
 
 # Real names for the dev check of the realistic-names split: in no list above,
-# every word in the eval split by hash (so no training value ever holds one),
+# every word in the eval split by hash (so no open-world training value holds
+# one; the closed world's object lists are another vocabulary),
 # as many as the eval split has (eval_name_pool). The memory's pre-training
 # draws the train split of the lists above; a dev check on those names measured
 # names it trained on, and its gains did not reach eval (docs/performance.md,
@@ -490,8 +491,8 @@ def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: s
             repeats += 1
             if repeats > 10_000:
                 raise ValueError(f"could not draw {n} facts with distinct subjects (realistic_"
-                                 f"names={realistic_names}: the names of split {split!r} ran "
-                                 f"out at {len(subjects)})")
+                                 f"names={realistic_names}: the names of split "
+                                 f"{name_split or split!r} ran out at {len(subjects)})")
             continue
         repeats = 0
         subjects.add(subject)

@@ -538,7 +538,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine, "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory", "read_scale": args.read_scale,
-                "store_threshold": args.store_threshold}
+                "store_threshold": args.store_threshold, "dev_names": args.dev_names}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
         name = ("open_recall.md" if args.phrasings == "eval"
                 else f"open_recall_{args.phrasings}_phrasings.md")

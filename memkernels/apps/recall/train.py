@@ -215,9 +215,11 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
     if args.joint_realistic_names is not None and not (
-            world == "open" and written_append and 0.0 <= args.joint_realistic_names <= 1.0):
+            world == "open" and written_append and not args.resume
+            and 0.0 <= args.joint_realistic_names <= 1.0):
         ap.error("--joint-realistic-names takes a fraction in [0, 1], for the joint training "
-                 "of a written append or copy memory on --world open")
+                 "of a written append or copy memory on --world open (not with --resume, "
+                 "which keeps the run's own)")
     copy = args.mode == "written" and rule == "copy"
     if args.lookahead and not copy:
         ap.error("--lookahead shapes a written copy memory: use --mode written --write-rule copy")
