@@ -196,12 +196,14 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
                  "trained banks use the closed world's facts)")
     if rule == "copy" and args.mode != "written":
         ap.error("--write-rule copy trains a written memory: use --mode written")
-    if args.vary_phrasings and not (world == "open" and written_append and not args.resume):
+    # the open world's pre-training and episode flags: a fresh written append or copy run
+    # (--resume skips the pre-training and keeps the run's own values)
+    open_fresh = world == "open" and written_append and not args.resume
+    if args.vary_phrasings and not open_fresh:
         ap.error("--vary-phrasings varies the address pre-training's phrasings of a written "
                  "append or copy memory on --world open (not with --resume, which skips it)")
     if args.composed_phrasings is not None and not (
-            world == "open" and written_append and not args.resume
-            and 0.0 <= args.composed_phrasings <= 1.0):
+            open_fresh and 0.0 <= args.composed_phrasings <= 1.0):
         ap.error("--composed-phrasings takes a fraction in [0, 1], for the address "
                  "pre-training of a written append or copy memory on --world open (not with "
                  "--resume, which skips it)")
@@ -209,14 +211,12 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
             written_append and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
                  "copy memory")
-    if (args.realistic_names or args.several_per_subject) and not (
-            world == "open" and written_append and not args.resume):
+    if (args.realistic_names or args.several_per_subject) and not open_fresh:
         ap.error("--realistic-names and --several-per-subject shape the address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
     if args.joint_realistic_names is not None and not (
-            world == "open" and written_append and not args.resume
-            and 0.0 <= args.joint_realistic_names <= 1.0):
+            open_fresh and 0.0 <= args.joint_realistic_names <= 1.0):
         ap.error("--joint-realistic-names takes a fraction in [0, 1], for the joint training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which keeps the run's own)")
