@@ -345,6 +345,61 @@ def test_similar_names_are_one_edit_away_with_another_object():
     assert of.similar_name("Tur Mefopibo", rng, "train").startswith("Tur ")
 
 
+def test_nested_names_come_in_pairs_a_first_name_apart_with_another_object():
+    """make_open_facts(nested_names=True): "F L" then "X F L", same relation,
+    another object, names and objects of the split asked for."""
+    facts = of.make_open_facts(301, seed=4, split="train", realistic_names=True,
+                               nested_names=True)
+    assert len(facts) == 301 and len({f.subject for f in facts}) == 301
+    first, last = of._real_names("train")
+    for inner, outer in zip(facts[0::2], facts[1::2]):
+        assert inner.relation == outer.relation and inner.object != outer.object
+        a, b = inner.subject.split(), outer.subject.split()
+        assert len(a) == 2 and b[1:] == a and b[0] in first and a[0] in first and a[1] in last
+        assert of.split_of("value", inner.object) == of.split_of("value", outer.object) == "train"
+    dev = of.make_open_facts(40, seed=4, split="train", realistic_names=True, nested_names=True,
+                             name_split="dev")
+    assert all(f.subject.split()[-1] in of.DEV_REAL_LAST_NAMES for f in dev)
+    with pytest.raises(ValueError, match="realistic_names=True"):
+        of.make_open_facts(10, seed=0, nested_names=True)
+    with pytest.raises(ValueError, match="ran out"):  # 1 x 1 names nest one pair only
+        of.make_open_facts(4, seed=0, realistic_names=True, nested_names=True, name_pool=(1, 1))
+
+
+def test_address_pairs_bring_nested_names_into_one_group():
+    """train --nested-names P: that fraction of the pre-training facts in
+    nested pairs, each pair one group of nested_groups(), every other fact
+    alone there (the several-per-subject facts share a group in .groups only)."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.apps.recall import open_recall, tasks
+    tok = transformers.AutoTokenizer.from_pretrained(open_recall.OPEN_LM)
+    pairs = tasks.address_pairs(tok, n=60, world="open", realistic_names=0.25,
+                                several_per_subject=0.25, nested_names=0.5)
+    facts = {}  # statement -> group, nested group
+    for st, g, ng in zip(pairs.statements, pairs.groups, pairs.nested_groups()):
+        assert facts.setdefault(st, (g, ng)) == (g, ng)  # a fact's pairs share their groups
+    nested = [st for st, (g, _) in facts.items() if g[0] == tasks.NESTED_DRAW]
+    assert len(nested) == 30
+    by_group = {}
+    for st, (_, ng) in facts.items():
+        by_group.setdefault(ng, []).append(st)
+    assert sorted(len(v) for v in by_group.values()) == [1] * 30 + [2] * 15
+    for ng, sts in by_group.items():
+        if len(sts) == 2:  # the pair: both statements name the shorter name
+            assert ng[0] == tasks.NESTED_DRAW and all(ng[1] in st for st in sts)
+    several = [g for st, (g, _) in facts.items() if g[0] == 2]
+    assert max(several.count(g) for g in several) == 3
+    plain = tasks.address_pairs(tok, n=60, world="open", realistic_names=0.25,
+                                several_per_subject=0.25)
+    again = tasks.address_pairs(tok, n=60, world="open", realistic_names=0.25,
+                                several_per_subject=0.25, nested_names=0.0)
+    assert plain == again  # nested_names=0 draws nothing more
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        tasks.address_pairs(tok, n=10, world="open", realistic_names=0.6, nested_names=0.6)
+    with pytest.raises(ValueError, match="apply to world='open'"):
+        tasks.address_pairs(tok, n=10, nested_names=0.5)
+
+
 def test_varied_phrasings_keep_their_slots_and_draw_train_words_only():
     rng = random.Random(3)
     held_out = {w.lower() for split in ("dev", "eval")

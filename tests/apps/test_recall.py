@@ -279,7 +279,7 @@ def test_train_command_takes_the_shipped_recipe_for_what_is_left_out():
                               lookahead=None, context_decay=None, read_scale_after=None,
                               realistic_names=None, several_per_subject=None,
                               store_threshold_after=None, joint_realistic_names=None,
-                              composed_phrasings=None)
+                              composed_phrasings=None, nested_names=None)
     train._fill_recipe(args)
     for key in ("write_rule", "steps", "pretrain_steps", "vary_phrasings", "lookahead",
                 "context_decay", "read_scale_after", "realistic_names", "several_per_subject",
@@ -335,7 +335,7 @@ def test_train_command_trains_a_memory_for_a_model_directory(tmp_path, monkeypat
           "--pretrain-batch", "8", "--vary-phrasings", "0.2", "--read-scale-after", "30",
           "--realistic-names", "0.25", "--several-per-subject", "0.25", "--hard-negatives",
           "--joint-realistic-names", "0.5", "--composed-phrasings", "0.5",
-          "--store-threshold-after", "0.05",
+          "--nested-names", "0.25", "--store-threshold-after", "0.05",
           *(["--lookahead", "--context-decay", "0.8"] if family == "llama"
             else ["--no-lookahead"] if write_rule == "copy" else []),
           "--slots", "64", "--out", str(tmp_path / "o")])
@@ -413,6 +413,10 @@ def test_train_command_rejects_flags_that_do_not_apply(tmp_path, monkeypatch):
                 ["--world", "closed", "--composed-phrasings", "0.2"],
                 ["--world", "open", "--composed-phrasings", "-0.5"],
                 ["--world", "open", "--resume", "--composed-phrasings", "0.2"],
+                ["--world", "closed", "--nested-names", "0.2"],
+                ["--world", "open", "--resume", "--nested-names", "0.2"],
+                ["--world", "open", "--realistic-names", "0.5", "--nested-names", "0.6"],
+                ["--world", "open", "--nested-names", "-0.1"],
                 ["--mode", "trained", "--joint-realistic-names", "0.2"],
                 ["--world", "open", "--resume", "--joint-realistic-names", "0.2"],
                 ["--world", "open", "--write-rule", "append", "--lookahead"],

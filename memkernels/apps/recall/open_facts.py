@@ -345,16 +345,21 @@ def eval_name_pool() -> tuple[int, int]:
     return len(first), len(last)
 
 
-def realistic_name(rng: random.Random, split: str,
-                   name_pool: Optional[tuple[int, int]] = None) -> str:
-    """A real first name, half the time a middle name, and a family name
-    of `split` (_real_names: 'dev' is a list of its own); name_pool (F, L): from the split's first F first
-    names and L family names only."""
+def _name_lists(split: str, name_pool: Optional[tuple[int, int]]) -> tuple[list[str], list[str]]:
     first, last = _real_names(split)
     if name_pool is not None:
         if min(name_pool) < 1:
             raise ValueError(f"name_pool: (first names, family names), each >= 1, got {name_pool}")
         first, last = first[:name_pool[0]], last[:name_pool[1]]
+    return first, last
+
+
+def realistic_name(rng: random.Random, split: str,
+                   name_pool: Optional[tuple[int, int]] = None) -> str:
+    """A real first name, half the time a middle name, and a family name
+    of `split` (_real_names: 'dev' is a list of its own); name_pool (F, L): from the split's first F first
+    names and L family names only."""
+    first, last = _name_lists(split, name_pool)
     middle = f" {rng.choice(first)}" if rng.random() < 0.5 else ""
     return f"{rng.choice(first)}{middle} {rng.choice(last)}"
 
@@ -440,7 +445,7 @@ def random_open_fact(rng: random.Random, split: str = "train",
 
 def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: str = "train",
                     facts_per_subject: int = 1, realistic_names: bool = False,
-                    similar_names: bool = False,
+                    similar_names: bool = False, nested_names: bool = False,
                     name_pool: Optional[tuple[int, int]] = None,
                     name_split: Optional[str] = None) -> list[OpenFact]:
     """n facts with fresh subjects and objects of `split`, over the relations
@@ -449,7 +454,12 @@ def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: s
     realistic_names: every subject a person with a real first and family name
     (REAL_FIRST_NAMES, REAL_LAST_NAMES); similar_names: facts come in pairs,
     the second about a name one edit from the first's (similar_name), same
-    relation, another object: facts[0::2] are asked, facts[1::2] distract.
+    relation, another object: facts[0::2] are asked, facts[1::2] distract;
+    nested_names (with realistic_names): facts come in pairs, the first about
+    a real first and family name, the second about that name with another
+    first name in front ("Gina Barros", "Beatrice Gina Barros"), same
+    relation, another object: the names a small pool nests, which a question
+    about the shorter one must tell apart.
     name_pool (F, L): realistic names from the split's first F first and L
     family names (the dev check of a pool as small as eval's: eval_name_pool());
     name_split: the realistic names' split when not `split` ('dev': real names
@@ -472,6 +482,12 @@ def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: s
                 other = draw_in_split(kind, rng, split)
             facts += [f, OpenFact(twin, f.relation, other)]
         return facts[:n]
+    if nested_names:
+        if not realistic_names or facts_per_subject != 1:
+            raise ValueError("nested_names nests real names: give realistic_names=True, "
+                             "one fact per subject")
+        return _nested_name_facts(n, seed, split, relation_split,
+                                  _name_lists(name_split or split, name_pool))
     rng = random.Random(seed)
     pool = relations(relation_split)
     if realistic_names:
@@ -499,3 +515,32 @@ def make_open_facts(n: int, seed: int, *, split: str = "eval", relation_split: s
         for rel in rng.sample(by_kind[kind], facts_per_subject)[:n - len(facts)]:
             facts.append(OpenFact(subject, rel[0], draw_in_split(rel[2], rng, split)))
     return facts
+
+
+def _nested_name_facts(n: int, seed: int, split: str, relation_split: str,
+                       names: tuple[list[str], list[str]]) -> list[OpenFact]:
+    """make_open_facts(nested_names=True): pairs about "F L" and "X F L"."""
+    rng = random.Random(seed)
+    first, last = names
+    pool = [r for r in relations(relation_split) if r[1] == "person"]
+    facts: list[OpenFact] = []
+    subjects: set[str] = set()
+    repeats = 0
+    while len(facts) < n:
+        inner = f"{rng.choice(first)} {rng.choice(last)}"
+        outer = f"{rng.choice(first)} {inner}"
+        if inner in subjects or outer in subjects:
+            repeats += 1
+            if repeats > 10_000:
+                raise ValueError(f"could not draw {n} facts about nested names: the names ran "
+                                 f"out at {len(subjects)}")
+            continue
+        repeats = 0
+        subjects.update((inner, outer))
+        rel = rng.choice(pool)
+        inner_object = draw_in_split(rel[2], rng, split)
+        outer_object = draw_in_split(rel[2], rng, split)
+        while outer_object == inner_object:
+            outer_object = draw_in_split(rel[2], rng, split)
+        facts += [OpenFact(inner, rel[0], inner_object), OpenFact(outer, rel[0], outer_object)]
+    return facts[:n]

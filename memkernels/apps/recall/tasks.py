@@ -79,10 +79,22 @@ class AddressPairs(NamedTuple):
     targets: list[int]
     groups: list[tuple[int, str]]
 
+    def nested_groups(self) -> list:
+        """groups in which only a nested-name pair of facts (address_pairs'
+        nested_names) shares one: every other fact is alone, so that
+        pretrain_address brings the pair into a batch together and nothing
+        else (--hard-negatives groups the several facts about one subject)."""
+        return [g if g[0] == NESTED_DRAW else (g, s) for g, s in zip(self.groups, self.statements)]
+
+
+# address_pairs' draw of nested-name pairs (its group key's first entry)
+NESTED_DRAW = 3
+
 
 def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed",
                   varied: float = 0.0, realistic_names: float = 0.0,
-                  several_per_subject: float = 0.0, composed: float = 0.0) -> AddressPairs:
+                  several_per_subject: float = 0.0, composed: float = 0.0,
+                  nested_names: float = 0.0) -> AddressPairs:
     """AddressPairs of n train-split facts for
     memkernels.train.pretrain_address: question i, put as the benchmark puts
     it, must find the last token before the object in statement i (where the
@@ -99,12 +111,15 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
     a person with a real first and family name / given 3 at a time about one
     subject (open_facts.make_open_facts; train-split words as every fact);
     composed: the fraction of facts stated and asked in the train cores
-    recombined (open_facts.COMPOSED: sentence shapes the host never read)."""
+    recombined (open_facts.COMPOSED: sentence shapes the host never read);
+    nested_names: the fraction of facts drawn in pairs about a real name and
+    that name with a first name in front, same relation (open_facts
+    make_open_facts(nested_names=True)), one group per pair (nested_groups)."""
     rng = random.Random(seed)
     if world == "closed":
-        if varied or realistic_names or several_per_subject or composed:
-            raise ValueError("varied or composed phrasings, realistic names and several facts "
-                             "per subject apply to world='open'")
+        if varied or realistic_names or several_per_subject or composed or nested_names:
+            raise ValueError("varied or composed phrasings, realistic or nested names and "
+                             "several facts per subject apply to world='open'")
         facts = make_facts(n, seed=seed, split="train")[0]
         questions = [qa_prompt(f.question(rng)) for f in facts]
         statements = [f.statement(rng) for f in facts]
@@ -113,11 +128,14 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
         return AddressPairs(questions, statements, targets, [(0, f.subject) for f in facts])
     questions, statements, targets, groups = [], [], [], []
     n_real, n_several = round(n * realistic_names), round(n * several_per_subject)
-    if not (0 <= n_real and 0 <= n_several and n_real + n_several <= n):
-        raise ValueError(f"realistic_names + several_per_subject must be fractions summing to "
-                         f"at most 1, got {realistic_names} and {several_per_subject}")
-    facts = open_facts.make_open_facts(n - n_real - n_several, seed=seed, split="train",
-                                       relation_split="train")
+    n_nested = round(n * nested_names)
+    if not (0 <= n_real and 0 <= n_several and 0 <= n_nested
+            and n_real + n_several + n_nested <= n):
+        raise ValueError(f"realistic_names + several_per_subject + nested_names must be "
+                         f"fractions summing to at most 1, got {realistic_names}, "
+                         f"{several_per_subject} and {nested_names}")
+    facts = open_facts.make_open_facts(n - n_real - n_several - n_nested, seed=seed,
+                                       split="train", relation_split="train")
     draws = [0] * len(facts)  # which draw a fact comes from: names repeat across draws
     if n_real:
         facts += open_facts.make_open_facts(n_real, seed=seed + 1, split="train",
@@ -127,7 +145,15 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
         facts += open_facts.make_open_facts(n_several, seed=seed + 2, split="train",
                                             relation_split="train", facts_per_subject=3)
         draws += [2] * (len(facts) - len(draws))
-    for f, draw in zip(facts, draws):
+    keys = [f.subject for f in facts]
+    if n_nested:
+        nested = open_facts.make_open_facts(n_nested, seed=seed + NESTED_DRAW, split="train",
+                                            relation_split="train", realistic_names=True,
+                                            nested_names=True)
+        facts += nested
+        draws += [NESTED_DRAW] * len(nested)
+        keys += [f.subject for f in nested[0::2] for _ in range(2)][:len(nested)]
+    for f, draw, key in zip(facts, draws, keys):
         recombined = bool(composed) and rng.random() < composed  # no draw at 0: same stream
         statement = f.statement(rng, varied=varied, composed=recombined)
         before = len(tokenizer(statement.rsplit(f.object, 1)[0].rstrip())["input_ids"]) - 1
@@ -138,7 +164,7 @@ def address_pairs(tokenizer, n: int = 8000, seed: int = 11, world: str = "closed
             questions.append(prompt + answer[:j])
             statements.append(statement)
             targets.append(before + j)
-            groups.append((draw, f.subject))
+            groups.append((draw, key))
     return AddressPairs(questions, statements, targets, groups)
 
 

@@ -38,17 +38,17 @@ RECIPES = {
     "open": dict(model=open_lm.ASSET_DIR, write_rule="copy", steps=300, pretrain_steps=4000,
                  vary_phrasings=0.2, lookahead=True, context_decay=0.9, read_scale_after=40.0,
                  realistic_names=0.75, several_per_subject=0.25, store_threshold_after=0.01,
-                 joint_realistic_names=0.0, composed_phrasings=0.5),
+                 joint_realistic_names=0.0, composed_phrasings=0.5, nested_names=0.0),
     "closed": dict(model=None, write_rule="append", steps=1500, pretrain_steps=6000,
                    vary_phrasings=0.0, lookahead=False, context_decay=tasks.CONTEXT_DECAY,
                    read_scale_after=None, realistic_names=0.0, several_per_subject=0.0,
                    store_threshold_after=None, joint_realistic_names=0.0,
-                   composed_phrasings=0.0),
+                   composed_phrasings=0.0, nested_names=0.0),
 }
 # flags that shape only a copy memory, or only the open world's pre-training
 _COPY_ONLY = ("lookahead", "context_decay", "read_scale_after", "store_threshold_after")
 _OPEN_PRETRAINING = ("vary_phrasings", "realistic_names", "several_per_subject",
-                     "joint_realistic_names", "composed_phrasings")
+                     "joint_realistic_names", "composed_phrasings", "nested_names")
 # in OUT: the values a run started with, which --resume takes for the flags left out
 RUN_ARGS = "train_args.json"
 
@@ -157,6 +157,11 @@ def main(argv=None) -> None:
     ap.add_argument("--several-per-subject", type=float, default=None, metavar="P",
                     help="--world open: the fraction of the address pre-training's facts given "
                          "3 at a time about one subject (recipe: 0.25 open)")
+    ap.add_argument("--nested-names", type=float, default=None, metavar="P",
+                    help="--world open: the fraction of the address pre-training's facts drawn "
+                         "in pairs about a real name and that name with a first name in front "
+                         "(\"Gina Barros\", \"Beatrice Gina Barros\"), same relation, each "
+                         "pair in one batch (recipe: 0 open)")
     ap.add_argument("--hard-negatives", action="store_true",
                     help="with --several-per-subject: a pre-training pair drawn into a batch "
                          "brings its subject's other statements (the hard negatives a question "
@@ -211,8 +216,9 @@ def _check_flags(ap, args, saved: Optional[dict] = None) -> None:
             written_append and 0.0 < args.store_threshold_after < 1.0):
         ap.error("--store-threshold-after takes a threshold in (0, 1), for a written append or "
                  "copy memory")
-    if (args.realistic_names or args.several_per_subject) and not open_fresh:
-        ap.error("--realistic-names and --several-per-subject shape the address pre-training "
+    if (args.realistic_names or args.several_per_subject or args.nested_names) and not open_fresh:
+        ap.error("--realistic-names, --several-per-subject and --nested-names shape the "
+                 "address pre-training "
                  "of a written append or copy memory on --world open (not with --resume, "
                  "which skips it)")
     if args.joint_realistic_names is not None and not (
@@ -239,11 +245,11 @@ def _check_filled(ap, args) -> None:
     if args.hard_negatives and not args.several_per_subject:
         ap.error("--hard-negatives groups the facts --several-per-subject gives about one "
                  "subject: give it a fraction > 0")
-    if not (0.0 <= args.realistic_names and 0.0 <= args.several_per_subject
-            and args.realistic_names + args.several_per_subject <= 1.0):
-        ap.error(f"--realistic-names and --several-per-subject (with the recipe's values for "
-                 f"the one left out) are fractions summing to at most 1, got "
-                 f"{args.realistic_names} and {args.several_per_subject}")
+    mix = (args.realistic_names, args.several_per_subject, args.nested_names)
+    if not (min(mix) >= 0.0 and sum(mix) <= 1.0):
+        ap.error(f"--realistic-names, --several-per-subject and --nested-names (with the "
+                 f"recipe's values for those left out) are fractions summing to at most 1, "
+                 f"got {mix[0]}, {mix[1]} and {mix[2]}")
 
 
 def _train(args, argv, model, tokenizer) -> None:
@@ -278,11 +284,13 @@ def _train(args, argv, model, tokenizer) -> None:
         pairs = tasks.address_pairs(tokenizer, world=args.world, varied=args.vary_phrasings,
                                     realistic_names=args.realistic_names,
                                     several_per_subject=args.several_per_subject,
-                                    composed=args.composed_phrasings)
+                                    composed=args.composed_phrasings,
+                                    nested_names=args.nested_names)
         pretrain_losses = pretrain_address(
             memory, model, tokenizer, pairs.questions, pairs.statements, pairs.targets,
             steps=args.pretrain_steps, batch=args.pretrain_batch, seed=args.seed,
-            groups=pairs.groups if args.hard_negatives else None,
+            groups=(pairs.groups if args.hard_negatives else
+                    pairs.nested_groups() if args.nested_names else None),
             progress=trainer_rank() == 0)
     if args.lr is None:
         args.lr = benchmark.TRAINED_LR if trained_bank else 3e-3
@@ -322,6 +330,7 @@ def _train(args, argv, model, tokenizer) -> None:
                     "several_per_subject": args.several_per_subject,
                     "joint_realistic_names": args.joint_realistic_names,
                     "composed_phrasings": args.composed_phrasings,
+                    "nested_names": args.nested_names,
                     "hard_negatives": args.hard_negatives,
                     "lookahead": args.lookahead,
                     "context_decay": args.context_decay,
