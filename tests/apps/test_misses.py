@@ -65,6 +65,15 @@ def test_misses_count_every_question_once(tmp_path):
     dev_last = of._real_names("dev")[1]  # an untrained memory misses: its examples name them
     assert dev["examples"] and all(any(f" {last}" in e["statement"] for last in dev_last)
                                    for e in dev["examples"])
+    misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
+                 "--splits", "held-out", "--facts", "6", "--questions", "3",
+                 "--continuation", "0.6", "--out", str(out)])
+    continued = json.loads(out.read_text())["results"][0]
+    assert continued["continuation"] == 0.6 and written["results"][0]["continuation"] == 0.0
+    assert sum(continued["counts"].values()) == 3
+    for weight in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            misses.main(["--continuation", weight])
     with pytest.raises(SystemExit):
         misses.main(["--dev-names", "--small-name-pool"])
     with pytest.raises(SystemExit):

@@ -119,9 +119,11 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
     rows = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
                            log=lambda *_: None)
     assert {r["split"] for r in rows} == set(open_recall.SPLITS)
+    CONTINUED = f"{LEXICAL_NAME}, continuation {open_recall.CONTINUATION:g}"
+    PROMPT_CONTINUED = f"{open_recall.LEXICAL_PROMPT}, continuation {open_recall.CONTINUATION:g}"
     assert {r["condition"] for r in rows} == {"written memory", "LM alone", "facts in context",
-                                             "BM25 top-3", LEXICAL_NAME,
-                                             open_recall.LEXICAL_PROMPT}
+                                             "BM25 top-3", LEXICAL_NAME, CONTINUED,
+                                             open_recall.LEXICAL_PROMPT, PROMPT_CONTINUED}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["questions"] >= 1 for r in rows)
     everything = [r for r in rows if r["answers"] == "all"]
     assert {r["answers"] for r in rows} - {"all"} <= set(open_recall.LENGTH_BUCKETS)
@@ -142,6 +144,17 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
     assert "| written memory |" in table and "bank bytes per fact" in table
     assert f"| {LEXICAL_NAME} |" in table and "| tokens processed: written memory |" in table
     assert "| lexical, answers of 4-6 tokens |" in table
+    assert "| lexical, continuation, answers of 4-6 tokens |" in table
+    assert f"| {CONTINUED} |" in table and f"| {PROMPT_CONTINUED} |" in table
+    continued = [r for r in rows if r["condition"] in (CONTINUED, PROMPT_CONTINUED)
+                 and r["answers"] == "all"]
+    assert continued and all(r["continuation"] == open_recall.CONTINUATION for r in continued)
+    assert all(r["prompt_tokens"] == by[r["split"], LEXICAL_NAME if r["condition"] == CONTINUED
+                                        else open_recall.LEXICAL_PROMPT]["prompt_tokens"]
+               for r in continued)
+    plain = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
+                            splits=["held-out"], continuation=0.0, log=lambda *_: None)
+    assert not any("continuation" in r["condition"] for r in plain)
     pytest.importorskip("matplotlib")
     open_recall.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
@@ -487,10 +500,13 @@ def test_address_pairs_phrase_a_fraction_in_composed_shapes_with_targets_on_the_
         assert (answered + rest).replace(" ", "") == full.replace(" ", ""), (q, st, t)
 
 
-def test_the_open_recall_command_refuses_a_lexical_setting_twice():
+def test_the_open_recall_command_refuses_a_lexical_setting_twice_and_a_bad_weight():
     from memkernels.apps.recall import open_recall
     with pytest.raises(SystemExit):
         open_recall.main(["--facts", "4", "--lexical-k", "3", "3", "--lexical-ratio", "0.9"])
+    for weight in ("-0.5", "1.5"):
+        with pytest.raises(SystemExit):
+            open_recall.main(["--facts", "4", "--continuation", weight])
     with pytest.raises(ValueError, match="at most once"):
         open_recall.run([4], lexical=[(3, 0.9), (3, 0.9)])
 

@@ -38,7 +38,7 @@ import random
 import re
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,8 +70,11 @@ INDEX_PROBES = 8
 # --- answering ---------------------------------------------------------------------
 
 def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
-           max_new_tokens: int = 5) -> list[str]:
-    """Greedy answers (text up to the first period), batched with left padding."""
+           max_new_tokens: int = 5,
+           logits_processors: Optional[Callable[[], list]] = None) -> list[str]:
+    """Greedy answers (text up to the first period), batched with left padding;
+    logits_processors: makes the processors of one generate call (e.g. a
+    memkernels.hf.StoredTextContinuation of the bank read)."""
     answers = []
     for i in range(0, len(prompts), batch_size):
         enc = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
@@ -79,8 +82,12 @@ def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         with torch.inference_mode():
+            extra = {}
+            if logits_processors is not None:
+                from transformers import LogitsProcessorList
+                extra["logits_processor"] = LogitsProcessorList(logits_processors())
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row).split(".")[0].strip())
     return answers

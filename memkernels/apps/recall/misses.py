@@ -30,6 +30,7 @@ import torch
 import memkernels
 from memkernels.apps.recall import benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
+from memkernels.hf.continuation import StoredTextContinuation
 from memkernels.apps.recall.open_recall import (DEV_VALUE_OFFSET, MAX_NEW_TOKENS, SPLITS,
                                                 load_open)
 from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
@@ -57,8 +58,10 @@ def garble_kind(got: str, answer: str) -> str:
 
 def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
              examples: int = 20, name_pool: Optional[tuple[int, int]] = None,
-             name_split: Optional[str] = None) -> dict:
-    """The miss breakdown of one split (see the module's docstring)."""
+             name_split: Optional[str] = None, continuation: float = 0.0) -> dict:
+    """The miss breakdown of one split (see the module's docstring);
+    continuation: the weight of memkernels.hf.StoredTextContinuation over
+    the bank each question reads (0: none)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if n_facts < 1 or questions < 1:
@@ -77,9 +80,13 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
     shown = []
     with memkernels.attach(model, memory, None) as handle:
         def read(chosen, prompt):
-            with handle.using(bank.select_entries(chosen) if len(chosen) else bank):
+            read_bank = bank.select_entries(chosen) if len(chosen) else bank
+            processors = (lambda: [StoredTextContinuation(read_bank, continuation)]) \
+                if continuation else None
+            with handle.using(read_bank):
                 return benchmark.answer(model, tokenizer, [prompt],
-                                        max_new_tokens=MAX_NEW_TOKENS)[0]
+                                        max_new_tokens=MAX_NEW_TOKENS,
+                                        logits_processors=processors)[0]
 
         for i in asked:
             question = facts[i].question(rng, "dev")
@@ -105,7 +112,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   answer=facts[i].object, got=got, got_alone=oracle,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
-                name_pool=name_pool,
+                name_pool=name_pool, continuation=continuation,
                 name_split=name_split if SPLITS[split].get("realistic_names") else None,
                 counts=dict(counts), right_when_alone=dict(oracle_right),
                 answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
@@ -140,8 +147,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="realistic names from real names no training draws "
                          "(open_facts.DEV_REAL_FIRST_NAMES, as many as eval has): new words to "
                          "the memory, as eval's are")
+    ap.add_argument("--continuation", type=float, default=0.0, metavar="W",
+                    help="decode with memkernels.hf.StoredTextContinuation of weight W over the "
+                         "bank each question reads: a copy that continues a stored text keeps "
+                         "to it (0: off)")
     ap.add_argument("--out", default=None, help="write the breakdowns (and examples) as JSON")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.continuation <= 1.0:
+        ap.error(f"--continuation takes a weight in [0, 1], got {args.continuation}")
     if args.facts < 1 or args.questions < 1:
         ap.error("--facts and --questions must be >= 1")
     if args.dev_names and args.small_name_pool:
@@ -153,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         results.append(diagnose(model, tokenizer, memory, split, args.facts, args.questions,
                                 args.seed, name_pool=open_facts.eval_name_pool()
                                 if args.small_name_pool else None,
-                                name_split="dev" if args.dev_names else None))
+                                name_split="dev" if args.dev_names else None,
+                                continuation=args.continuation))
         print(summary(results[-1]))
     if args.out:
         with open(args.out, "w") as f:

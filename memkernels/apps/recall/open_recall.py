@@ -53,8 +53,10 @@ from memkernels.apps.bench.report import append_jsonl
 from memkernels.apps.bench.run import machine_info
 from memkernels.apps.recall import base_lm, benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
+from memkernels.hf.continuation import StoredTextContinuation
 from memkernels.memory import MemoryModel
-from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
+                                       Entries)
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OPEN_LM = os.path.join(ASSETS, "open_lm")
@@ -67,6 +69,9 @@ INDEX_FROM, INDEX_PROBES = 10_000, 8
 DEV_VALUE_OFFSET = 10 ** 6
 LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
 LEXICAL_PROMPT = "lexical selection in the prompt"  # the first lexical setting's texts
+# memkernels.hf.StoredTextContinuation's weight: any above 0.5 follows a stored text that the
+# greedy answer has started to copy (chosen on dev; docs/performance.md, "Keeping a copy in place")
+CONTINUATION = 0.6
 LENGTH_BUCKETS = ("1 token", "2-3 tokens", "4-6 tokens", "7+ tokens")
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
@@ -114,37 +119,64 @@ def answers(model, tokenizer, statements, questions, memory=None, in_context=Fal
                 tokens)
 
 
+def continued(texts, weight: float):
+    """benchmark.answer's logits_processors: StoredTextContinuation over
+    `texts` (a bank, or Entries) at `weight`; None at 0."""
+    return (lambda: [StoredTextContinuation(texts, weight)]) if weight else None
+
+
 def lexical_prompt_answers(model, tokenizer, bank, statements, questions, k: int = LEXICAL_K,
                            min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
-                           max_df: float = LEXICAL_MAX_DF) -> tuple[list[str], float]:
+                           max_df: float = LEXICAL_MAX_DF,
+                           continuation: float = 0.0) -> tuple[list[str], float]:
     """(greedy answers, prompt_tokens) with the statements the memory's lexical
     index selects for each question (MemoryBank.lexical_choice, the same
-    setting) in the LM's prompt, no memory read: the retriever alone."""
-    prompts = []
+    setting) in the LM's prompt, no memory read: the retriever alone;
+    continuation: the answers decoded with StoredTextContinuation over the
+    selected statements (the same aid as the memory's)."""
+    prompts, chosen_texts = [], []
     for q in questions:
         prompt = qa_prompt(q)
-        chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], k, min_score_ratio, max_df)
-        prompts.append(" ".join([statements[i] for i in chosen.tolist()] + [prompt]))
-    return (benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS),
-            prompt_tokens(tokenizer, prompts))
+        chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], k, min_score_ratio,
+                                     max_df).tolist()
+        prompts.append(" ".join([statements[i] for i in chosen] + [prompt]))
+        chosen_texts.append(chosen)
+    if not continuation:
+        return (benchmark.answer(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS),
+                prompt_tokens(tokenizer, prompts))
+    got = []
+    for prompt, chosen in zip(prompts, chosen_texts):
+        texts = Entries.from_texts([bank.entries.text(i) for i in chosen] or [[]],
+                                   torch.zeros(0, dtype=torch.long))
+        got += benchmark.answer(model, tokenizer, [prompt], max_new_tokens=MAX_NEW_TOKENS,
+                                logits_processors=continued(texts, continuation))
+    return got, prompt_tokens(tokenizer, prompts)
 
 
-def lexical_condition(k: int, min_score_ratio: float, max_df: float = 1.0) -> str:
+def lexical_condition(k: int, min_score_ratio: float, max_df: float = 1.0,
+                      continuation: float = 0.0) -> str:
     """The lexical condition's name in the tables."""
     return (f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
-            + (f", words in <= {max_df:g} of texts" if max_df < 1.0 else ""))
+            + (f", words in <= {max_df:g} of texts" if max_df < 1.0 else "")
+            + (f", continuation {continuation:g}" if continuation else ""))
+
+
+def with_continuation(condition: str, continuation: float) -> str:
+    return f"{condition}, continuation {continuation:g}"
 
 
 def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_K,
                     min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
                     max_df: float = LEXICAL_MAX_DF,
-                    latency_questions: int = 16) -> tuple[list[str], dict]:
+                    latency_questions: int = 16,
+                    continuation: float = 0.0) -> tuple[list[str], dict]:
     """Greedy answers reading, per question, only the stored facts that
     share the most words with it (MemoryBank.lexical_select: BM25 over the
     stored texts' words in front of the dense read; at most k, those scoring at least
     min_score_ratio x the best, on the words at most max_df of the texts
     hold), and the paired cost per question (the selection included) against
-    the same question with the reads off."""
+    the same question with the reads off; continuation: decoded with
+    StoredTextContinuation over the selected texts at that weight."""
     got, ratios, times, slots = [], [], [], []
     # the index and the slot table are built on a bank's first selection: once,
     # here, outside the timed questions, and timed apart (a bank already
@@ -162,7 +194,8 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
             slots.append(int(selected.slot_mask().sum()) - memory.config.append.null_slots)
             with handle.using(selected):
                 got += benchmark.answer(model, tokenizer, [prompt],
-                                        max_new_tokens=MAX_NEW_TOKENS)
+                                        max_new_tokens=MAX_NEW_TOKENS,
+                                        logits_processors=continued(selected, continuation))
             if i < latency_questions:
                 times.append(time.perf_counter() - start)
                 with handle.reads_disabled():
@@ -174,7 +207,7 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
                      lexical_min_score_ratio=min_score_ratio, lexical_max_df=max_df,
                      lexical_index_build_s=build_seconds,
                      prompt_tokens=prompt_tokens(tokenizer, [qa_prompt(q) for q in questions]),
-                     slots_read=statistics.median(slots))
+                     slots_read=statistics.median(slots), continuation=continuation)
 
 
 def length_bucket(tokenizer, answer: str) -> str:
@@ -218,7 +251,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         store_threshold: Optional[float] = None,
         lexical: Sequence[tuple[int, float, float]] = (
             (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF),),
-        dev_names: bool = False, log=print) -> list[dict]:
+        dev_names: bool = False, continuation: float = CONTINUATION,
+        log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
     phrasings (a diagnosis of what held-out phrasings cost, not a result);
@@ -230,7 +264,9 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     slots the store gate gives at least this (set_store_threshold; for tuning
     on dev), else the memory's saved threshold. lexical: (k, min_score_ratio,
     max_df) of each lexical condition (MemoryBank.lexical_select), on the
-    same banks and questions."""
+    same banks and questions. continuation > 0: each lexical condition, and
+    the first one's statements in the prompt, again decoded with
+    StoredTextContinuation at that weight."""
     names = [lexical_condition(*setting) for setting in lexical]
     if len(set(names)) != len(names):
         raise ValueError(f"lexical: each (k, min_score_ratio, max_df) at most once, got "
@@ -304,17 +340,20 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                     got.setdefault(condition, []).extend(got_condition)
                     tokens.setdefault(condition, []).append(condition_tokens)
                 for k, ratio, max_df in lexical:
-                    name = lexical_condition(k, ratio, max_df)
-                    got_lexical, lexical_costs = lexical_answers(
-                        model, tokenizer, memory, bank, qs, k, ratio, max_df,
-                        max(1, 16 // draws))
-                    got.setdefault(name, []).extend(got_lexical)
-                    all_lexical_costs.setdefault(name, []).append(lexical_costs)
+                    for weight in (0.0, continuation) if continuation else (0.0,):
+                        name = lexical_condition(k, ratio, max_df, weight)
+                        got_lexical, lexical_costs = lexical_answers(
+                            model, tokenizer, memory, bank, qs, k, ratio, max_df,
+                            max(1, 16 // draws), weight)
+                        got.setdefault(name, []).extend(got_lexical)
+                        all_lexical_costs.setdefault(name, []).append(lexical_costs)
                 # after lexical_answers: its first selection builds (and times) the index
-                got_prompt, prompt_tokens_ = lexical_prompt_answers(
-                    model, tokenizer, bank, statements, qs, *lexical[0])
-                got.setdefault(LEXICAL_PROMPT, []).extend(got_prompt)
-                tokens.setdefault(LEXICAL_PROMPT, []).append(prompt_tokens_)
+                for weight in (0.0, continuation) if continuation else (0.0,):
+                    name = with_continuation(LEXICAL_PROMPT, weight) if weight else LEXICAL_PROMPT
+                    got_prompt, prompt_tokens_ = lexical_prompt_answers(
+                        model, tokenizer, bank, statements, qs, *lexical[0], weight)
+                    got.setdefault(name, []).extend(got_prompt)
+                    tokens.setdefault(name, []).append(prompt_tokens_)
             if not all_costs:
                 continue
             costs = {k: _median_or_none([c[k] for c in all_costs]) for k in all_costs[0]}
@@ -333,9 +372,11 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                              else lexical_costs.get(condition, {}))
                 if condition in tokens:
                     extra["prompt_tokens"] = statistics.median(tokens[condition])
-                if condition == LEXICAL_PROMPT:
+                if condition.startswith(LEXICAL_PROMPT):
                     extra.update(lexical_k=lexical[0][0], lexical_min_score_ratio=lexical[0][1],
-                                 lexical_max_df=lexical[0][2])
+                                 lexical_max_df=lexical[0][2],
+                                 continuation=continuation if condition != LEXICAL_PROMPT
+                                 else 0.0)
                 record(split, condition, n, asked_facts, values, extra)
     return rows
 
@@ -347,8 +388,9 @@ def _median_or_none(values):
 def _conditions(rows: list[dict]) -> list[str]:
     """The conditions in the tables' and the plot's order."""
     lexical = sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL)})
-    return ["LM alone", "facts in context", "BM25 top-3", LEXICAL_PROMPT, "written memory",
-            *lexical]
+    prompt = sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL_PROMPT)})
+    return ["LM alone", "facts in context", "BM25 top-3", *(prompt or [LEXICAL_PROMPT]),
+            "written memory", *lexical]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -367,8 +409,10 @@ def markdown(rows: list[dict]) -> str:
                        == (split, condition, n, "all")]
                 cells.append(f"{100 * hit[-1]['accuracy']:.1f}%" if hit else "-")
             lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+        lexical_readers = [c for c in conditions if c.startswith(LEXICAL)]
         readers = [("memory", "written memory")] + [
-            ("lexical", c) for c in conditions if c.startswith(LEXICAL)][:1]
+            ("lexical", c) for c in lexical_readers if "continuation" not in c][:1] + [
+            ("lexical, continuation", c) for c in lexical_readers if "continuation" in c][:1]
         for short, condition in readers:
             for bucket in LENGTH_BUCKETS:
                 cells = []
@@ -491,6 +535,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lexical-max-df", type=float, nargs="+", default=[LEXICAL_MAX_DF],
                     help="... scored on the question's words that at most this share of the "
                          "stored texts hold (1: all words); one, or one per --lexical-k")
+    ap.add_argument("--continuation", type=float, default=CONTINUATION, metavar="W",
+                    help="each lexical condition (and the selection in the prompt) again, "
+                         "decoded with memkernels.hf.StoredTextContinuation at weight W: a copy "
+                         "that continues a stored text keeps to it (0: not run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--replot", metavar="COMMIT", default=None,
@@ -506,6 +554,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     if args.dev_names and args.phrasings != "dev":
         ap.error("--dev-names goes with --phrasings dev")
+    if not 0.0 <= args.continuation <= 1.0:
+        ap.error(f"--continuation takes a weight in [0, 1], got {args.continuation}")
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
     if args.store_threshold is not None and not 0.0 < args.store_threshold < 1.0:
@@ -533,12 +583,14 @@ def main(argv=None) -> None:
     machine = machine_info(torch.device("cpu"))
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
-               args.read_scale, args.store_threshold, lexical, args.dev_names)
+               args.read_scale, args.store_threshold, lexical, args.dev_names,
+               args.continuation)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine, "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory", "read_scale": args.read_scale,
-                "store_threshold": args.store_threshold, "dev_names": args.dev_names}
+                "store_threshold": args.store_threshold, "dev_names": args.dev_names,
+                "continuation": args.continuation}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
         name = ("open_recall.md" if args.phrasings == "eval"
                 else f"open_recall_{args.phrasings}_phrasings.md")
