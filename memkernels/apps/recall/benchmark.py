@@ -84,7 +84,7 @@ def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
         with torch.inference_mode():
             extra = {}
             if logits_processors is not None:
-                from transformers import LogitsProcessorList
+                from transformers import LogitsProcessorList  # optional: the [hf] extra
                 extra["logits_processor"] = LogitsProcessorList(logits_processors())
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)

@@ -53,7 +53,7 @@ from memkernels.apps.bench.report import append_jsonl
 from memkernels.apps.bench.run import machine_info
 from memkernels.apps.recall import base_lm, benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
-from memkernels.hf.continuation import StoredTextContinuation
+from memkernels.hf.continuation import DEFAULT_WEIGHT, StoredTextContinuation
 from memkernels.memory import MemoryModel
 from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
                                        Entries)
@@ -69,9 +69,8 @@ INDEX_FROM, INDEX_PROBES = 10_000, 8
 DEV_VALUE_OFFSET = 10 ** 6
 LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
 LEXICAL_PROMPT = "lexical selection in the prompt"  # the first lexical setting's texts
-# memkernels.hf.StoredTextContinuation's weight: any above 0.5 follows a stored text that the
-# greedy answer has started to copy (chosen on dev; docs/performance.md, "Keeping a copy in place")
-CONTINUATION = 0.6
+# the weight of the conditions decoded with memkernels.hf.StoredTextContinuation
+CONTINUATION = DEFAULT_WEIGHT
 LENGTH_BUCKETS = ("1 token", "2-3 tokens", "4-6 tokens", "7+ tokens")
 SPLITS = {"held-out": dict(relation_split="train"),
           "held-out relations": dict(relation_split="eval"),
