@@ -16,6 +16,7 @@ Only tokens generated in this call count (never the prompt's: a question's
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -33,14 +34,18 @@ DEFAULT_WEIGHT = 0.6
 class StoredTextContinuation:
     """A `logits_processor` for transformers' `generate` (any callable of
     (input_ids [B, L], scores [B, V]) -> scores): with the continuation c of
-    the generated tokens in the texts `bank` stored (its entries, or Entries), p' = (1 - weight) p +
-    weight [y = c], returned as log p'. weight 0 changes nothing; above 0.5
-    a greedy decode always follows the stored text where one continues it
-    (DEFAULT_WEIGHT, 0.6, leaves the model 40% when sampling).
+    the generated tokens in the texts `bank` stored (its entries, or
+    Entries), p' = (1 - weight) p + weight [y = c], returned as log p'.
+    weight 0 changes nothing; above 0.5 a greedy decode always follows the
+    stored text where one continues it (DEFAULT_WEIGHT, 0.6, leaves the model
+    40% when sampling at temperature 1 without top-k/top-p: generate applies
+    those after the processors given to it).
 
     max_run: the longest run of generated tokens looked up (a longer match
-    changes nothing once a run is unique). One processor per generate call:
-    it takes the prompt's length from its first call."""
+    changes nothing once a run is unique). The prompt's length is taken from
+    the first call and from any call that does not add one token to the
+    last, so one processor serves generate calls in turn; give each call its
+    own where a new prompt may be one token longer than the last sequence."""
 
     def __init__(self, bank: Union[MemoryBank, Entries], weight: float = DEFAULT_WEIGHT,
                  max_run: int = 16):
@@ -58,13 +63,14 @@ class StoredTextContinuation:
             raise ValueError(f"max_run must be a positive int, got {max_run!r}")
         self.weight, self.max_run = float(weight), max_run
         self._tokens = entries.tokens
-        # per token position: the position after it in the same text, or -1 at a text's end
+        # per token position: whether a token follows it in the same text
         ends = torch.zeros(entries.tokens.numel(), dtype=torch.bool)
         ends[(entries.offsets[1:] - 1)[entries.offsets[1:] > entries.offsets[:-1]]] = True
         self._has_next = ~ends
         self._text_start = torch.repeat_interleave(entries.offsets[:-1],
                                                    entries.offsets[1:] - entries.offsets[:-1])
         self._prompt_length: Optional[int] = None
+        self._last_length: Optional[int] = None
 
     def continuation(self, generated: list[int]) -> Optional[int]:
         """The token that follows the longest run of `generated`'s last tokens
@@ -88,8 +94,10 @@ class StoredTextContinuation:
         return int(following[0]) if following.numel() == 1 else None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self._prompt_length is None:
-            self._prompt_length = input_ids.shape[1]
+        length = input_ids.shape[1]
+        if self._last_length is None or length != self._last_length + 1:
+            self._prompt_length = length  # a new generate call: its prompt
+        self._last_length = length
         if self.weight == 0.0 or input_ids.shape[1] <= self._prompt_length:
             return scores
         generated = input_ids[:, self._prompt_length:].tolist()
@@ -104,8 +112,10 @@ class StoredTextContinuation:
         out = scores.clone()
         dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 logits: mixed in float32
         log_p = torch.log_softmax(scores[rows].to(dtype), dim=-1)
-        onehot = torch.zeros_like(log_p)
-        onehot[torch.arange(len(rows)), torch.tensor(targets)] = 1.0
-        mixed = torch.log((1.0 - self.weight) * log_p.exp() + self.weight * onehot)
+        # log((1 - w) p + w [y = c]) in log space: p's small entries do not underflow
+        follow = torch.full_like(log_p, float("-inf"))
+        follow[torch.arange(len(rows)), torch.tensor(targets)] = math.log(self.weight)
+        mixed = torch.logaddexp(log_p + math.log1p(-self.weight) if self.weight < 1.0
+                                else torch.full_like(log_p, float("-inf")), follow)
         out[rows] = mixed.to(scores.dtype)
         return out

@@ -44,7 +44,6 @@ def test_the_longest_run_found_decides_and_places_that_disagree_give_nothing():
     assert proc.continuation([2, 4, 4]) == 2 and proc.continuation([4]) is None
     assert proc.continuation([]) is None
     # a run never crosses from one text into the next
-    assert proc.continuation([9, 1, 6, 7]) == 3
     crossing = StoredTextContinuation(entries_of([[1, 2], [3, 4], [5, 3, 6]]))
     assert crossing.continuation([2, 3]) is None  # [2, 3] only across texts 0 and 1
 
@@ -52,7 +51,8 @@ def test_the_longest_run_found_decides_and_places_that_disagree_give_nothing():
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_a_brute_force_search_on_random_texts(seed):
     rng = random.Random(seed)
-    texts = [[rng.randrange(6) for _ in range(rng.randrange(1, 12))] for _ in range(rng.randrange(1, 8))]
+    texts = [[rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+             for _ in range(rng.randrange(1, 8))]
     max_run = rng.choice([1, 2, 3, 16])
     proc = StoredTextContinuation(entries_of(texts), max_run=max_run)
     for _ in range(200):
@@ -76,11 +76,43 @@ def test_scores_move_weight_onto_the_continuation_after_the_prompt_only():
         torch.testing.assert_close(out[row].exp(), expected, rtol=1e-12, atol=1e-15)
     assert torch.equal(out[2], scores[2])  # 8 is stored nowhere: unchanged
     nan = scores.clone()
-    nan[0, 2] = float("nan")
-    assert bool(StoredTextContinuation(entries_of(texts), weight=0.3)(prompt, nan).isnan().any())
+    nan[0, 2] = float("nan")  # a NaN logit: its row's mixture is NaN, the others' not
+    with_nan = StoredTextContinuation(entries_of(texts), weight=0.3)
+    with_nan(prompt, scores)
+    mixed = with_nan(step, nan)
+    assert bool(mixed[0].isnan().all()) and not bool(mixed[1:].isnan().any())
     off = StoredTextContinuation(entries_of(texts), weight=0.0)
     off(prompt, scores)
     assert torch.equal(off(step, scores), scores)
+    # low-precision logits are mixed in float32 and returned in their dtype
+    half = StoredTextContinuation(entries_of(texts), weight=0.3)
+    half(prompt, scores.bfloat16())
+    out16 = half(step, scores.bfloat16())
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16[:2].float().exp(), out[:2].float().exp(), atol=1e-2,
+                               rtol=1e-2)
+    # tiny probabilities stay finite (log space, no underflow to -inf)
+    peaked = torch.zeros(1, 9, dtype=torch.float32)
+    peaked[0, 0] = 200.0
+    sharp = StoredTextContinuation(entries_of(texts), weight=0.3)
+    sharp(prompt[:1], peaked)
+    assert bool(sharp(step[:1], peaked).isfinite().all())
+    # weight 1: only the continuation is left
+    only = StoredTextContinuation(entries_of(texts), weight=1.0)
+    only(prompt, scores)
+    forced = only(step, scores)
+    assert forced[0].argmax() == 4
+    assert bool((forced[0, torch.arange(9) != 4] == float("-inf")).all())
+
+
+def test_a_processor_used_again_takes_the_new_prompt():
+    proc = StoredTextContinuation(entries_of([[3, 4, 5]]), weight=0.9)
+    scores = torch.zeros(1, 9)
+    proc(torch.tensor([[3]]), scores)
+    assert proc(torch.tensor([[3, 4]]), scores).argmax() == 5  # generated [4]: then 5
+    # a new call: its prompt [1, 2, 3, 4] holds a run, but prompts never count
+    assert torch.equal(proc(torch.tensor([[1, 2, 3, 4]]), scores), scores)
+    assert proc(torch.tensor([[1, 2, 3, 4, 3]]), scores).argmax() == 4
 
 
 def test_generate_follows_the_stored_text_a_decode_has_started_to_copy():

@@ -71,9 +71,9 @@ INDEX_PROBES = 8
 
 def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
            max_new_tokens: int = 5,
-           logits_processors: Optional[Callable[[], list]] = None) -> list[str]:
+           make_logits_processors: Optional[Callable[[], list]] = None) -> list[str]:
     """Greedy answers (text up to the first period), batched with left padding;
-    logits_processors: makes the processors of one generate call (e.g. a
+    make_logits_processors: makes the processors of one generate call (e.g. a
     memkernels.hf.StoredTextContinuation of the bank read)."""
     answers = []
     for i in range(0, len(prompts), batch_size):
@@ -83,9 +83,9 @@ def answer(model, tokenizer, prompts: list[str], batch_size: int = 32,
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         with torch.inference_mode():
             extra = {}
-            if logits_processors is not None:
+            if make_logits_processors is not None:
                 from transformers import LogitsProcessorList  # optional: the [hf] extra
-                extra["logits_processor"] = LogitsProcessorList(logits_processors())
+                extra["logits_processor"] = LogitsProcessorList(make_logits_processors())
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)
         for row in out[:, width:]:

@@ -30,9 +30,9 @@ import torch
 import memkernels
 from memkernels.apps.recall import benchmark, open_facts
 from memkernels.apps.recall.facts import qa_prompt
-from memkernels.hf.continuation import StoredTextContinuation
 from memkernels.apps.recall.open_recall import (DEV_VALUE_OFFSET, MAX_NEW_TOKENS, SPLITS,
                                                 load_open)
+from memkernels.hf.continuation import StoredTextContinuation
 from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
 
 # a miss's kinds: where the fact's statement was, and what was answered
@@ -86,7 +86,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
             with handle.using(read_bank):
                 return benchmark.answer(model, tokenizer, [prompt],
                                         max_new_tokens=MAX_NEW_TOKENS,
-                                        logits_processors=processors)[0]
+                                        make_logits_processors=processors)[0]
 
         for i in asked:
             question = facts[i].question(rng, "dev")
