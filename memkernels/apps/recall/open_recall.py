@@ -24,8 +24,10 @@ written memory (store() then questions), the written memory read through its
 lexical index (each question reads the stored facts that share the most words
 with it, the best and its near ties: MemoryBank.lexical_select), and the same
 lexical selection's statements in the prompt instead (the retriever alone,
-the LM reading). At small N a cell pools several independent sets of N facts
-(each its own bank and prompt). Exact match of the greedy answer up to its
+the LM reading); and those last two again decoded with the stored text's
+continuation (memkernels.hf.StoredTextContinuation, --continuation). At
+small N a cell pools several independent sets of N facts (each its own bank
+and prompt). Exact match of the greedy answer up to its
 first period. Per condition, the tokens the LM processes per question (the
 prompt's median; the memory conditions also read slots). For the memory, per
 N: store throughput (facts/s), the lexical index's build time, bank bytes per
@@ -155,13 +157,14 @@ def lexical_prompt_answers(model, tokenizer, bank, statements, questions, k: int
 def lexical_condition(k: int, min_score_ratio: float, max_df: float = 1.0,
                       continuation: float = 0.0) -> str:
     """The lexical condition's name in the tables."""
-    return (f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
-            + (f", words in <= {max_df:g} of texts" if max_df < 1.0 else "")
-            + (f", continuation {continuation:g}" if continuation else ""))
+    name = (f"{LEXICAL} top-{k}" + (f", >= {min_score_ratio:g} x best" if min_score_ratio else "")
+            + (f", words in <= {max_df:g} of texts" if max_df < 1.0 else ""))
+    return with_continuation(name, continuation)
 
 
 def with_continuation(condition: str, continuation: float) -> str:
-    return f"{condition}, continuation {continuation:g}"
+    """A condition's name when decoded with StoredTextContinuation (weight > 0)."""
+    return f"{condition}, continuation {continuation:g}" if continuation else condition
 
 
 def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_K,
@@ -348,7 +351,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                         all_lexical_costs.setdefault(name, []).append(lexical_costs)
                 # after lexical_answers: its first selection builds (and times) the index
                 for weight in (0.0, continuation) if continuation else (0.0,):
-                    name = with_continuation(LEXICAL_PROMPT, weight) if weight else LEXICAL_PROMPT
+                    name = with_continuation(LEXICAL_PROMPT, weight)
                     got_prompt, prompt_tokens_ = lexical_prompt_answers(
                         model, tokenizer, bank, statements, qs, *lexical[0], weight)
                     got.setdefault(name, []).extend(got_prompt)
