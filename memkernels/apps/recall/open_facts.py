@@ -357,19 +357,16 @@ def _name_lists(split: str, name_pool: Optional[tuple[int, int]]) -> tuple[list[
 def realistic_name(rng: random.Random, split: str,
                    name_pool: Optional[tuple[int, int]] = None) -> str:
     """A real first name, half the time a middle name, and a family name
-    of `split` (_real_names: 'dev' is a list of its own); name_pool (F, L): from the split's first F first
-    names and L family names only."""
+    of `split` (_real_names: 'dev' is a list of its own); name_pool (F, L):
+    from the split's first F first names and L family names only."""
     first, last = _name_lists(split, name_pool)
     middle = f" {rng.choice(first)}" if rng.random() < 0.5 else ""
     return f"{rng.choice(first)}{middle} {rng.choice(last)}"
 
 
-def draw_in_split(kind: str, rng: random.Random, split: str,
-                  name_pool: Optional[tuple[int, int]] = None) -> str:
-    """A fresh value whose split (split_of) is `split` (kind 'realistic': a
-    real first and family name, for the benchmark; name_pool: realistic_name's)."""
-    if kind == "realistic":
-        return realistic_name(rng, split, name_pool)
+def draw_in_split(kind: str, rng: random.Random, split: str) -> str:
+    """A fresh value of `kind` whose split (split_of) is `split` (real names:
+    realistic_name)."""
     while True:
         value = draw(kind, rng)
         if split_of("value", value) == split:
