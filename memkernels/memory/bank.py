@@ -23,7 +23,8 @@ from torch import Tensor
 from memkernels.memory.cache import Versioned, cached
 from memkernels.memory.files import atomic_write, tensor_sha256
 from memkernels.memory.index import cluster_slots
-from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO, Entries,
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
+                                       LEXICAL_PAIR_MAX_DF, LEXICAL_PREFER_WHOLE_RUNS, Entries,
                                        LexicalIndex, WordTable)
 
 BANK_FORMAT = "memkernels.bank"
@@ -277,14 +278,20 @@ class MemoryBank:
 
     def lexical_choice(self, query_ids, k: int = LEXICAL_K,
                        min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
-                       max_df: float = LEXICAL_MAX_DF) -> Tensor:
+                       max_df: float = LEXICAL_MAX_DF,
+                       pair_max_df: float = LEXICAL_PAIR_MAX_DF,
+                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS) -> Tensor:
         """The indices (into entries, best first) of the stored texts that best
         match `query_ids` (the question's token ids, same tokenizer) by BM25:
         at most k, those scoring at least min_score_ratio x the best; empty
         when the question shares no term with any stored text. Question terms
         that more than max_df of the texts hold (and more than 10) do not
         count: the words of a phrasing many facts share outweigh the one
-        word that names the relation (1.0: every term counts). The index is
+        word that names the relation (1.0: every term counts). With the
+        tokenizer's words, a pair of consecutive words counts while both are
+        in at most pair_max_df of the texts, and prefer_whole_runs keeps, of
+        the texts chosen, those where the question's names stand whole ("Gina
+        Barros" is not "Beatrice Gina Barros": LexicalIndex.top). The index is
         built on the first call and kept while the bank is unchanged."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -294,6 +301,11 @@ class MemoryBank:
         if isinstance(max_df, bool) or not isinstance(max_df, (int, float)) \
                 or not 0.0 < max_df <= 1.0:
             raise ValueError(f"max_df must be a number in (0, 1], got {max_df!r}")
+        if isinstance(pair_max_df, bool) or not isinstance(pair_max_df, (int, float)) \
+                or not 0.0 < pair_max_df <= 1.0:
+            raise ValueError(f"pair_max_df must be a number in (0, 1], got {pair_max_df!r}")
+        if not isinstance(prefer_whole_runs, bool):
+            raise ValueError(f"prefer_whole_runs must be a bool, got {prefer_whole_runs!r}")
         if isinstance(query_ids, Tensor):
             query_ids = query_ids.reshape(-1).tolist()
         if isinstance(query_ids, str) or not all(isinstance(t, int) and not isinstance(t, bool)
@@ -302,11 +314,14 @@ class MemoryBank:
                             "int tensor), not text: tokenize it with the model's tokenizer")
         entries = self._require_entries("lexical_choice")
         self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
-        return self._lexical.value.top(query_ids, k, float(min_score_ratio), float(max_df))
+        return self._lexical.value.top(query_ids, k, float(min_score_ratio), float(max_df),
+                                       float(pair_max_df), prefer_whole_runs)
 
     def lexical_select(self, query_ids, k: int = LEXICAL_K,
                        min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
-                       max_df: float = LEXICAL_MAX_DF) -> "MemoryBank":
+                       max_df: float = LEXICAL_MAX_DF,
+                       pair_max_df: float = LEXICAL_PAIR_MAX_DF,
+                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS) -> "MemoryBank":
         """select_entries of lexical_choice: a sparse index in front of the
         dense read, for banks of many texts. The best text and its near ties
         (several facts about the question's subject score alike: the dense
@@ -315,7 +330,8 @@ class MemoryBank:
         (docs/performance.md). A question that shares no term with any stored
         text gets the whole bank back (the dense read over everything), not
         an arbitrary text."""
-        chosen = self.lexical_choice(query_ids, k, min_score_ratio, max_df)
+        chosen = self.lexical_choice(query_ids, k, min_score_ratio, max_df, pair_max_df,
+                                     prefer_whole_runs)
         return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------

@@ -282,9 +282,29 @@ _WORD_PAIR_BASE = 1 << 62  # above any word's term (two 31-bit hashes)
 LEXICAL_K = 3
 LEXICAL_MIN_SCORE_RATIO = 0.9
 LEXICAL_MAX_DF = 0.1
+# a pair of consecutive words counts while both its words are in at most this
+# share of the texts: a family name that a tenth of the facts share still makes
+# a rare pair with the first name before it ("Nina Horvat")
+LEXICAL_PAIR_MAX_DF = 0.2
+# of the texts chosen, keep those where the question's names stand whole
+# (LexicalIndex.top's prefer_whole_runs)
+LEXICAL_PREFER_WHOLE_RUNS = True
 # a term held by this many texts or fewer always counts, whatever the share:
 # in a small bank every term is in a large share of it
 LEXICAL_MAX_DF_FLOOR = 10
+
+
+def _run_edges(word: np.ndarray, rare: np.ndarray, joined: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The run-edge terms of a sequence of words and where each is: a run of
+    rare words (word i and i + 1 one run where joined[i]) starts at a word w
+    (term -1 - 2w) and ends at one (-2 - 2w). Negative, so that they never
+    meet a word's term (a 62-bit hash) or a pair's (above it)."""
+    starts, ends = rare.copy(), rare.copy()
+    starts[1:] &= ~joined
+    ends[:-1] &= ~joined
+    at = np.concatenate([np.flatnonzero(starts), np.flatnonzero(ends)])
+    return np.concatenate([-1 - 2 * word[starts], -2 - 2 * word[ends]]), at
 
 
 class LexicalIndex:
@@ -292,12 +312,16 @@ class LexicalIndex:
     their words (with the entries' WordTable) or token ids and pairs, as an
     inverted index: per term, the texts holding it and how often."""
 
-    def __init__(self, entries: Entries, k1: float = 1.5, b: float = 0.75):
+    def __init__(self, entries: Entries, k1: float = 1.5, b: float = 0.75,
+                 run_max_df: float = LEXICAL_MAX_DF):
         self.size = len(entries)
         self.words = entries.words
         text_of_token = torch.repeat_interleave(torch.arange(self.size),
                                                 entries.offsets[1:] - entries.offsets[:-1])
         terms, text_of_term = _terms(entries.tokens, self.words, text_of_token)
+        edges = edge_text = torch.zeros(0, dtype=torch.long)
+        # rare words (held by at most this many texts) make runs: a name
+        self._run_limit = max(run_max_df * self.size, LEXICAL_MAX_DF_FLOOR)
         if self.words is not None:
             # pairs of consecutive words within a text: "Sofia Smith" is a term
             # "Sofia Maja Smith" does not hold (a question counts a pair only
@@ -305,9 +329,22 @@ class LexicalIndex:
             self._word_vocab, word = torch.unique(terms, return_inverse=True)
             same_text = text_of_term[1:] == text_of_term[:-1]
             pairs = _WORD_PAIR_BASE + (word[:-1] + 1) * (self._word_vocab.numel() + 1) + word[1:]
+            # where each run of rare words starts and ends: "Gina Barros" starts
+            # a run in its own fact, not in "Beatrice Gina Barros"'s
+            n = max(self.size, 1)
+            word_df = torch.bincount(torch.unique(word * n + text_of_term) // n,
+                                     minlength=self._word_vocab.numel())
+            rare = word_df[word] <= self._run_limit
+            joined = same_text & rare[:-1] & rare[1:]
+            edges, edge_text = _run_edges(word.numpy(), rare.numpy(), joined.numpy())
+            edges, edge_text = torch.from_numpy(edges), text_of_term[edge_text]
             terms = torch.cat([terms, pairs[same_text]])
             text_of_term = torch.cat([text_of_term, text_of_term[:-1][same_text]])
+        # a text's length and the idf floor count its words and pairs, not its run
+        # edges: scores() stays BM25 over words and pairs
         lengths = torch.bincount(text_of_term, minlength=self.size).to(torch.float64)
+        terms = torch.cat([terms, edges])
+        text_of_term = torch.cat([text_of_term, edge_text])
         # term ids renumbered 0..V-1 (a word's or pair's id is large), one posting per
         # (term, text) pair with its count, sorted by term
         self.vocab, term = torch.unique(terms, return_inverse=True)
@@ -326,7 +363,7 @@ class LexicalIndex:
         # index rank alike
         n = float(self.size)
         idf = torch.log((n - df.double() + 0.5) / (df.double() + 0.5))
-        present = df > 0
+        present = (df > 0) & (self.vocab >= 0)  # run edges are the negative ids
         floor = 0.25 * float(idf[present].mean()) if bool(present.any()) else 0.0
         self.idf = torch.where(idf < 0, torch.full_like(idf, floor), idf)
         avg = float(lengths.mean()) if self.size else 1.0
@@ -343,26 +380,66 @@ class LexicalIndex:
         where = np.searchsorted(self._vocab, terms).clip(max=len(self._vocab) - 1)
         return np.where(self._vocab[where] == terms, where, -1)
 
+    def _query_words(self, query_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The query's terms (words, or token ids and pairs) and each one's
+        index into vocab, -1 where no text holds it."""
+        ids = torch.tensor([int(i) for i in query_ids], dtype=torch.long)
+        terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
+        return terms, self._lookup(terms)
+
     def _query_terms(self, query_ids: Sequence[int], pair_max_df: Optional[int] = None) -> Tensor:
         """The query's terms that some text holds, as indices into vocab (a
         term as often as the query has it), int64. Over words, the pairs of
         consecutive words too, those whose words at most pair_max_df texts
         hold (None: all): a phrasing's common word beside a name ("with
         Felezath") would favour the texts stated that way."""
-        ids = torch.tensor([int(i) for i in query_ids], dtype=torch.long)
-        terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
-        found = self._lookup(terms)
+        terms, found = self._query_words(query_ids)
         if self.words is not None and len(terms) > 1:
-            vocab = self._word_vocab.numpy()
-            word = np.searchsorted(vocab, terms).clip(max=max(len(vocab) - 1, 0))
-            held = found >= 0
+            word, held, df = self._held_words(terms, found)
             both = held[:-1] & held[1:]
             if pair_max_df is not None:
-                df = np.where(held, self._starts_np[found + 1] - self._starts_np[found], 0)
                 both &= (df[:-1] <= pair_max_df) & (df[1:] <= pair_max_df)
-            pairs = _WORD_PAIR_BASE + (word[:-1] + 1) * (len(vocab) + 1) + word[1:]
+            vocab_size = self._word_vocab.numel()
+            pairs = _WORD_PAIR_BASE + (word[:-1] + 1) * (vocab_size + 1) + word[1:]
             found = np.concatenate([found, self._lookup(pairs[both])])
         return torch.from_numpy(found[found >= 0])
+
+    def _held_words(self, terms: np.ndarray, found: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query word: its index into the words' vocabulary, whether a
+        text holds it, and how many texts do."""
+        vocab = self._word_vocab.numpy()
+        word = np.searchsorted(vocab, terms).clip(max=max(len(vocab) - 1, 0))
+        held = found >= 0
+        return word, held, np.where(held, self._starts_np[found + 1] - self._starts_np[found], 0)
+
+    def _query_run_edges(self, query_ids: Sequence[int]) -> Tensor:
+        """Where the query's runs of rare words start and end (rare as the
+        index counts them for its texts: some text holds the word, at most
+        _run_limit do; a word no text holds ends a run), as indices into
+        vocab of the edges some text holds; empty over token ids."""
+        if self.words is None:
+            return torch.zeros(0, dtype=torch.long)
+        terms, found = self._query_words(query_ids)
+        word, held, df = self._held_words(terms, found)
+        rare = held & (df <= self._run_limit)
+        found = self._lookup(_run_edges(word, rare, rare[:-1] & rare[1:])[0])
+        return torch.from_numpy(found[found >= 0])
+
+    def _prefer_whole_runs(self, chosen: Tensor, query_ids: Sequence[int]) -> Tensor:
+        """Of the chosen texts, those that hold the most of the query's run
+        edges, in their order: "Gina Barros" is a whole run in its own fact
+        and part of one in "Beatrice Gina Barros"'s, which ties with it on
+        every word and pair."""
+        if chosen.numel() < 2:
+            return chosen
+        edges = self._query_run_edges(query_ids)
+        if not edges.numel():
+            return chosen
+        held = torch.zeros(chosen.numel(), dtype=torch.long)
+        for i in edges.tolist():
+            held += torch.isin(chosen, self.post_text[self._starts[i]:self._starts[i + 1]])
+        return chosen[held == held.max()]
 
     def scores(self, query_ids: Sequence[int]) -> Tensor:
         """BM25 score of every text for the query (float64 [E]); a query token
@@ -374,24 +451,35 @@ class LexicalIndex:
         return out
 
     def top(self, query_ids: Sequence[int], k: int, min_score_ratio: float = 0.0,
-            max_df: float = 1.0) -> Tensor:
+            max_df: float = 1.0, pair_max_df: Optional[float] = None,
+            prefer_whole_runs: bool = False) -> Tensor:
         """The k texts of highest score, best first (equal scores: the text
         stored first), among those sharing a term with the query (fewer, or
         none, when fewer do) and scoring at least min_score_ratio x the best
         score (1.0: the best and its exact ties). Terms held by more than
         max_df of the texts (and by more than LEXICAL_MAX_DF_FLOOR) do not
-        count, nor pairs of words with such a word, unless no other term
-        would (max_df as scikit-learn's vectorizers: corpus-specific stop
-        words). One op over the postings of
-        the query's terms (memkernels.ops.postings_top)."""
+        count, unless no other term would (max_df as scikit-learn's
+        vectorizers: corpus-specific stop words). Over words, a pair of
+        consecutive words counts where both its words are in at most
+        pair_max_df of the texts (None: max_df; 1.0: every pair). One op over
+        the postings of the query's terms (memkernels.ops.postings_top).
+        prefer_whole_runs: of the texts so chosen, keep those holding the most
+        of the query's run edges, so that a name is told from a longer name
+        that holds it ("Gina Barros", "Beatrice Gina Barros"):
+        _prefer_whole_runs."""
         limit = max(max_df * self.size, LEXICAL_MAX_DF_FLOOR)
-        terms = self._query_terms(query_ids, limit if max_df < 1.0 else None)
+        pair_share = max_df if pair_max_df is None else pair_max_df
+        pair_limit = max(pair_share * self.size, LEXICAL_MAX_DF_FLOOR) \
+            if pair_share < 1.0 else None
+        terms = self._query_terms(query_ids, pair_limit)
         if max_df < 1.0 and terms.numel():
             df = self.starts[terms + 1] - self.starts[terms]
-            rare = df <= limit
+            # word pairs were chosen by their words' shares above
+            rare = (df <= limit) | (self.vocab[terms] >= _WORD_PAIR_BASE)
             # a question of common words only is scored on them all: BM25's
             # idf still ranks them
             if bool(rare.any()):
                 terms = terms[rare]
-        return postings_top(self.starts, self.post_text, self.post_score, self.size,
-                            terms, k, min_score_ratio)
+        chosen = postings_top(self.starts, self.post_text, self.post_score, self.size,
+                              terms, k, min_score_ratio)
+        return self._prefer_whole_runs(chosen, query_ids) if prefer_whole_runs else chosen

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from memkernels.memory.lexical import LEXICAL_PAIR_MAX_DF
+
 from tests.apps.test_open_facts import save_tiny_open_lm
 
 
@@ -71,6 +73,16 @@ def test_misses_count_every_question_once(tmp_path):
     continued = json.loads(out.read_text())["results"][0]
     assert continued["continuation"] == 0.6 and written["results"][0]["continuation"] == 0.0
     assert sum(continued["counts"].values()) == 3
+    assert continued["lexical_pair_max_df"] == LEXICAL_PAIR_MAX_DF
+    assert continued["lexical_prefer_whole_runs"] is True
+    misses.main(["--model", str(tmp_path / "lm"), "--memory", str(tmp_path / "memory"),
+                 "--splits", "held-out", "--facts", "6", "--questions", "3",
+                 "--pair-max-df", "0.1", "--no-whole-runs", "--out", str(out)])
+    earlier = json.loads(out.read_text())["results"][0]
+    assert earlier["lexical_pair_max_df"] == 0.1 and earlier["lexical_prefer_whole_runs"] is False
+    for share in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            misses.main(["--pair-max-df", share])
     for weight in ("-0.1", "1.5"):
         with pytest.raises(SystemExit):
             misses.main(["--continuation", weight])

@@ -261,6 +261,11 @@ def test_bad_arguments_are_named():
     for max_df in (0.0, -0.5, 1.5, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="max_df must be a number in"):
             bank.lexical_select([1], max_df=max_df)
+        with pytest.raises(ValueError, match="pair_max_df must be a number in"):
+            bank.lexical_select([1], pair_max_df=max_df)
+    for whole in (1, "yes", None):
+        with pytest.raises(ValueError, match="prefer_whole_runs must be a bool"):
+            bank.lexical_choice([1], prefer_whole_runs=whole)
     with pytest.raises(TypeError, match="token ids"):
         bank.lexical_select("a question")
     with pytest.raises(ValueError, match="chosen: text indices"):
@@ -570,3 +575,96 @@ def test_word_pairs_tell_nested_names_apart_and_skip_common_words():
     counted = set(index._query_terms(question).tolist())
     rare_only = set(index._query_terms(question, limit).tolist())
     assert rare_only < counted  # the pair "with felezath" (held by text 32) is left out
+
+
+def word_level_index(texts: list[list[int]], vocab: int) -> LexicalIndex:
+    """An index over texts whose every token is a word of its own (" w0", " w1", ...)."""
+    from memkernels.memory.lexical import WordTable
+    table = WordTable.from_pieces([f" w{i}" for i in range(vocab)])
+    return LexicalIndex(Entries.from_texts(texts, torch.full((1,), -1), table))
+
+
+def reference_run_edges(words: list[int], df: dict, limit: float) -> tuple[list, list]:
+    """Where the runs of rare words (held by 1..limit texts) start and end, by hand."""
+    rare = [0 < df.get(w, 0) <= limit for w in words]
+    starts = [w for i, w in enumerate(words) if rare[i] and not (i and rare[i - 1])]
+    ends = [w for i, w in enumerate(words)
+            if rare[i] and not (i + 1 < len(words) and rare[i + 1])]
+    return starts, ends
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefer_whole_runs_keeps_the_chosen_texts_holding_most_run_edges(seed):
+    """Against a hand computation on random word texts (a small vocabulary, so
+    that words are rare or common and runs nest): of the texts top() chooses,
+    prefer_whole_runs keeps, in order, those holding the most of the
+    question's run edges; the texts chosen without it otherwise."""
+    rng = random.Random(seed)
+    vocab = 40
+    texts = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 7))]
+             for _ in range(rng.randrange(60, 200))]
+    index = word_level_index(texts, vocab + 5)  # words vocab.. are in no text
+    df = {w: sum(w in t for t in texts) for w in range(vocab)}
+    limit = max(LEXICAL_MAX_DF * len(texts), LEXICAL_MAX_DF_FLOOR)
+    text_edges = [reference_run_edges(t, df, limit) for t in texts]
+    changed = 0
+    for _ in range(150):
+        question = [rng.randrange(vocab + 5) for _ in range(rng.randrange(1, 7))]
+        chosen = index.top(question, 3, 0.0, LEXICAL_MAX_DF).tolist()
+        starts, ends = reference_run_edges(question, df, limit)
+        held = [sum(w in text_edges[c][0] for w in starts) + sum(w in text_edges[c][1] for w in ends)
+                for c in chosen]
+        want = [c for c, h in zip(chosen, held) if h == max(held)] if chosen else []
+        got = index.top(question, 3, 0.0, LEXICAL_MAX_DF, prefer_whole_runs=True).tolist()
+        assert got == want, (question, chosen, held)
+        changed += got != chosen
+    assert changed > 0  # the draw exercises the preference
+
+
+def mentor_facts_index(seed: int, make_texts):
+    """(open-LM tokenizer, word index over make_texts(word)): facts "The mentor
+    of ... is ...", word(n) a made-up word of n syllables."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.hf.encode import word_table
+    tok = transformers.AutoTokenizer.from_pretrained("memkernels/apps/recall/assets/open_lm")
+    rng = random.Random(seed)
+    syllables = ["ba", "ke", "lo", "mi", "nu", "ra", "si", "tu", "ve", "zo"]
+    texts = make_texts(lambda n: "".join(rng.sample(syllables, n)).title())
+    index = LexicalIndex(Entries.from_texts([tok(t)["input_ids"] for t in texts],
+                                            torch.full((1,), -1), word_table(tok)))
+    return tok, texts, index
+
+
+def test_a_name_is_told_from_a_longer_name_that_holds_it():
+    """"Gina Barros" and "Beatrice Gina Barros" (or "Gina Barros Lopez") share
+    every word and the pair "gina barros": BM25 ties them, and only where the
+    question's name starts and ends tells them apart."""
+    tok, _, index = mentor_facts_index(1, lambda word: [
+        f"The mentor of {word(2)} {word(3)} is {word(3)}." for _ in range(60)] + [
+        "The mentor of Gina Barros is Mipoth.", "The mentor of Beatrice Gina Barros is Gefip.",
+        "The mentor of Gina Barros Lopez is Tunel."])
+
+    def ask(name, whole):
+        return index.top(tok(f"Q: who is the mentor of {name}? A:")["input_ids"], LEXICAL_K,
+                         LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF, prefer_whole_runs=whole).tolist()
+    assert set(ask("Gina Barros", False)) == {60, 61, 62}  # near ties
+    assert ask("Gina Barros", True) == [60]
+    assert ask("Beatrice Gina Barros", True) == [61]
+    assert ask("Gina Barros Lopez", True) == [62]
+
+
+def test_a_family_name_many_facts_share_still_pairs_with_the_first_name():
+    """A family name in 15% of the texts is a stop word at max_df 0.1; the pair
+    it makes with a first name counts while both words are in at most
+    pair_max_df of the texts, and picks the one fact about "Nina Horvat"."""
+    tok, texts, index = mentor_facts_index(2, lambda word: [
+        f"The mentor of {word(2)} Horvat is {word(3)}." for _ in range(14)] + [
+        f"The mentor of Nina {word(3)} is {word(3)}." for _ in range(4)] + [
+        f"The mentor of {word(2)} {word(3)} is {word(3)}." for _ in range(81)] + [
+        "The mentor of Nina Horvat is Mipoth."])
+    question = tok("Q: who is the mentor of Nina Horvat? A:")["input_ids"]
+    assert sum("Horvat" in t for t in texts) > LEXICAL_MAX_DF * len(texts)
+    assert index.top(question, LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF,
+                     pair_max_df=LEXICAL_MAX_DF).tolist() != [99]
+    assert index.top(question, LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF,
+                     pair_max_df=0.2).tolist() == [99]

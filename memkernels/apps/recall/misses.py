@@ -33,7 +33,8 @@ from memkernels.apps.recall.facts import qa_prompt
 from memkernels.apps.recall.open_recall import (DEV_VALUE_OFFSET, MAX_NEW_TOKENS, SPLITS,
                                                 load_open)
 from memkernels.hf.continuation import StoredTextContinuation
-from memkernels.memory.lexical import LEXICAL_K, LEXICAL_MIN_SCORE_RATIO
+from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
+                                       LEXICAL_PAIR_MAX_DF, LEXICAL_PREFER_WHOLE_RUNS)
 
 # a miss's kinds: where the fact's statement was, and what was answered
 NOT_SELECTED = "not selected"
@@ -58,10 +59,13 @@ def garble_kind(got: str, answer: str) -> str:
 
 def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int, seed: int = 0,
              examples: int = 20, name_pool: Optional[tuple[int, int]] = None,
-             name_split: Optional[str] = None, continuation: float = 0.0) -> dict:
+             name_split: Optional[str] = None, continuation: float = 0.0,
+             pair_max_df: float = LEXICAL_PAIR_MAX_DF,
+             prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS) -> dict:
     """The miss breakdown of one split (see the module's docstring);
     continuation: the weight of memkernels.hf.StoredTextContinuation over
-    the bank each question reads (0: none)."""
+    the bank each question reads (0: none); pair_max_df, prefer_whole_runs:
+    the lexical selection's (MemoryBank.lexical_choice)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if n_facts < 1 or questions < 1:
@@ -92,7 +96,8 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
             question = facts[i].question(rng, "dev")
             prompt = qa_prompt(question)
             chosen = bank.lexical_choice(tokenizer(prompt)["input_ids"], LEXICAL_K,
-                                         LEXICAL_MIN_SCORE_RATIO).tolist()
+                                         LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF, pair_max_df,
+                                         prefer_whole_runs).tolist()
             got = read(chosen, prompt)
             core = by_core[open_facts.statement_core(statements[i], "dev") or "?"]
             core["asked"] += 1
@@ -113,6 +118,7 @@ def diagnose(model, tokenizer, memory, split: str, n_facts: int, questions: int,
                                   selected=[statements[j] for j in chosen]))
     return dict(split=split, n_facts=n_facts, questions=len(asked), phrasings="dev",
                 name_pool=name_pool, continuation=continuation,
+                lexical_pair_max_df=pair_max_df, lexical_prefer_whole_runs=prefer_whole_runs,
                 name_split=name_split if SPLITS[split].get("realistic_names") else None,
                 counts=dict(counts), right_when_alone=dict(oracle_right),
                 answered_wrong=dict(garbled), by_statement_core=dict(by_core), examples=shown)
@@ -151,10 +157,19 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="decode with memkernels.hf.StoredTextContinuation of weight W over the "
                          "bank each question reads: a copy that continues a stored text keeps "
                          "to it (0: off)")
+    ap.add_argument("--pair-max-df", type=float, default=LEXICAL_PAIR_MAX_DF, metavar="F",
+                    help="the lexical selection counts a pair of words while both are in at "
+                         f"most this share of the texts (default {LEXICAL_PAIR_MAX_DF:g}; "
+                         f"{LEXICAL_MAX_DF:g} with --no-whole-runs: the earlier selection)")
+    ap.add_argument("--no-whole-runs", action="store_true",
+                    help="the lexical selection keeps its near ties whether or not the "
+                         "question's names stand whole in them (the earlier selection)")
     ap.add_argument("--out", default=None, help="write the breakdowns (and examples) as JSON")
     args = ap.parse_args(argv)
     if not 0.0 <= args.continuation <= 1.0:
         ap.error(f"--continuation takes a weight in [0, 1], got {args.continuation}")
+    if not 0.0 < args.pair_max_df <= 1.0:
+        ap.error(f"--pair-max-df takes a share in (0, 1], got {args.pair_max_df}")
     if args.facts < 1 or args.questions < 1:
         ap.error("--facts and --questions must be >= 1")
     if args.dev_names and args.small_name_pool:
@@ -167,7 +182,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 args.seed, name_pool=open_facts.eval_name_pool()
                                 if args.small_name_pool else None,
                                 name_split="dev" if args.dev_names else None,
-                                continuation=args.continuation))
+                                continuation=args.continuation,
+                                pair_max_df=args.pair_max_df,
+                                prefer_whole_runs=not args.no_whole_runs))
         print(summary(results[-1]))
     if args.out:
         with open(args.out, "w") as f:

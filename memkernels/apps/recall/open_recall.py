@@ -58,6 +58,7 @@ from memkernels.apps.recall.facts import qa_prompt
 from memkernels.hf.continuation import DEFAULT_WEIGHT, StoredTextContinuation
 from memkernels.memory import MemoryModel
 from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
+                                       LEXICAL_PAIR_MAX_DF, LEXICAL_PREFER_WHOLE_RUNS,
                                        Entries)
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -594,7 +595,10 @@ def main(argv=None) -> None:
         info = {**machine, "model": args.model or "shipped open LM",
                 "memory": args.memory or "shipped open memory", "read_scale": args.read_scale,
                 "store_threshold": args.store_threshold, "dev_names": args.dev_names,
-                "continuation": args.continuation}
+                "continuation": args.continuation,
+                # the lexical selection's settings that no flag sets
+                "lexical_pair_max_df": LEXICAL_PAIR_MAX_DF,
+                "lexical_prefer_whole_runs": LEXICAL_PREFER_WHOLE_RUNS}
         append_jsonl(os.path.join(args.out, "open-recall-cpu.jsonl"), rows, info)
         name = ("open_recall.md" if args.phrasings == "eval"
                 else f"open_recall_{args.phrasings}_phrasings.md")
