@@ -13,9 +13,11 @@ BM25 scores words when the texts come with their tokenizer's `WordTable`
 tokens, its term a hash of its text, case-folded and without its leading
 space, so " Paris" and "Paris" (other token ids) are one term and a name's
 syllables never match another name's; pairs of consecutive rare words are
-terms too, so "Sofia Smith" is told from "Sofia Maja Smith". Without a table (token ids stored by
-hand, banks saved before format 4) the terms are the token ids and their
-consecutive pairs (docs/design.md, "A lexical index in front of the read").
+terms too, so "Sofia Smith" is told from "Sofia Maja Smith", and where runs
+of rare words start and end tells "Gina Barros" from "Beatrice Gina
+Barros". Without a table (token ids stored by hand, banks saved before
+format 4) the terms are the token ids and their consecutive pairs
+(docs/design.md, "A lexical index in front of the read").
 
 The index is inverted (postings per term):
 scoring a question touches only the texts that share a token with it, in
@@ -310,7 +312,10 @@ def _run_edges(word: np.ndarray, rare: np.ndarray, joined: np.ndarray
 class LexicalIndex:
     """Okapi BM25 over a bank's stored texts (k1, b as usual), its terms
     their words (with the entries' WordTable) or token ids and pairs, as an
-    inverted index: per term, the texts holding it and how often."""
+    inverted index: per term, the texts holding it and how often. Over
+    words it also keeps where each text's runs of rare words (in at most
+    run_max_df of the texts) start and end, which top() uses to prefer the
+    texts where a question's name stands whole; they are not BM25 terms."""
 
     def __init__(self, entries: Entries, k1: float = 1.5, b: float = 0.75,
                  run_max_df: float = LEXICAL_MAX_DF):
@@ -387,7 +392,8 @@ class LexicalIndex:
         terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
         return terms, self._lookup(terms)
 
-    def _query_terms(self, query_ids: Sequence[int], pair_max_df: Optional[int] = None) -> Tensor:
+    def _query_terms(self, query_ids: Sequence[int],
+                     pair_max_df: Optional[float] = None) -> Tensor:
         """The query's terms that some text holds, as indices into vocab (a
         term as often as the query has it), int64. Over words, the pairs of
         consecutive words too, those whose words at most pair_max_df texts

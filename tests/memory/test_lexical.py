@@ -612,8 +612,8 @@ def test_prefer_whole_runs_keeps_the_chosen_texts_holding_most_run_edges(seed):
         question = [rng.randrange(vocab + 5) for _ in range(rng.randrange(1, 7))]
         chosen = index.top(question, 3, 0.0, LEXICAL_MAX_DF).tolist()
         starts, ends = reference_run_edges(question, df, limit)
-        held = [sum(w in text_edges[c][0] for w in starts) + sum(w in text_edges[c][1] for w in ends)
-                for c in chosen]
+        held = [sum(w in text_edges[c][0] for w in starts)
+                + sum(w in text_edges[c][1] for w in ends) for c in chosen]
         want = [c for c, h in zip(chosen, held) if h == max(held)] if chosen else []
         got = index.top(question, 3, 0.0, LEXICAL_MAX_DF, prefer_whole_runs=True).tolist()
         assert got == want, (question, chosen, held)
