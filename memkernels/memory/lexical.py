@@ -325,8 +325,10 @@ class LexicalIndex:
                                                 entries.offsets[1:] - entries.offsets[:-1])
         terms, text_of_term = _terms(entries.tokens, self.words, text_of_token)
         edges = edge_text = torch.zeros(0, dtype=torch.long)
-        # rare words (held by at most this many texts) make runs: a name
-        self._run_limit = max(run_max_df * self.size, LEXICAL_MAX_DF_FLOOR)
+        # rare words (held by at most this many texts) make runs: a name. No floor,
+        # unlike the question's terms: in a bank of 10 texts every word is in at
+        # most 10, and the runs would be whole sentences
+        self._run_limit = run_max_df * self.size
         if self.words is not None:
             # pairs of consecutive words within a text: "Sofia Smith" is a term
             # "Sofia Maja Smith" does not hold (a question counts a pair only
