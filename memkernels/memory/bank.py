@@ -280,7 +280,8 @@ class MemoryBank:
                        min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
                        max_df: float = LEXICAL_MAX_DF,
                        pair_max_df: float = LEXICAL_PAIR_MAX_DF,
-                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS) -> Tensor:
+                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS,
+                       run_max_df: float = LEXICAL_MAX_DF) -> Tensor:
         """The indices (into entries, best first) of the stored texts that best
         match `query_ids` (the question's token ids, same tokenizer) by BM25:
         at most k, those scoring at least min_score_ratio x the best; empty
@@ -291,8 +292,10 @@ class MemoryBank:
         tokenizer's words, a pair of consecutive words counts while both are
         in at most pair_max_df of the texts, and prefer_whole_runs keeps, of
         the texts chosen, those where the question's names stand whole ("Gina
-        Barros" is not "Beatrice Gina Barros": LexicalIndex.top). The index is
-        built on the first call and kept while the bank is unchanged."""
+        Barros" is not "Beatrice Gina Barros": LexicalIndex.top); a name is
+        a run of words each in at most run_max_df of the texts. The index is
+        built on the first call and kept while the bank and run_max_df are
+        unchanged."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if isinstance(min_score_ratio, bool) or not isinstance(min_score_ratio, (int, float)) \
@@ -306,6 +309,9 @@ class MemoryBank:
             raise ValueError(f"pair_max_df must be a number in (0, 1], got {pair_max_df!r}")
         if not isinstance(prefer_whole_runs, bool):
             raise ValueError(f"prefer_whole_runs must be a bool, got {prefer_whole_runs!r}")
+        if isinstance(run_max_df, bool) or not isinstance(run_max_df, (int, float)) \
+                or not 0.0 < run_max_df <= 1.0:
+            raise ValueError(f"run_max_df must be a number in (0, 1], got {run_max_df!r}")
         if isinstance(query_ids, Tensor):
             query_ids = query_ids.reshape(-1).tolist()
         if isinstance(query_ids, str) or not all(isinstance(t, int) and not isinstance(t, bool)
@@ -313,7 +319,9 @@ class MemoryBank:
             raise TypeError("query_ids must be the question's token ids (a list of ints or an "
                             "int tensor), not text: tokenize it with the model's tokenizer")
         entries = self._require_entries("lexical_choice")
-        self._lexical = cached(self._lexical, (self._mem,), lambda: LexicalIndex(entries))
+        self._lexical = cached(self._lexical, (self._mem,),
+                               lambda: LexicalIndex(entries, run_max_df=float(run_max_df)),
+                               key=(float(run_max_df),))
         return self._lexical.value.top(query_ids, k, float(min_score_ratio), float(max_df),
                                        float(pair_max_df), prefer_whole_runs)
 
@@ -321,7 +329,8 @@ class MemoryBank:
                        min_score_ratio: float = LEXICAL_MIN_SCORE_RATIO,
                        max_df: float = LEXICAL_MAX_DF,
                        pair_max_df: float = LEXICAL_PAIR_MAX_DF,
-                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS) -> "MemoryBank":
+                       prefer_whole_runs: bool = LEXICAL_PREFER_WHOLE_RUNS,
+                       run_max_df: float = LEXICAL_MAX_DF) -> "MemoryBank":
         """select_entries of lexical_choice: a sparse index in front of the
         dense read, for banks of many texts. The best text and its near ties
         (several facts about the question's subject score alike: the dense
@@ -331,7 +340,7 @@ class MemoryBank:
         text gets the whole bank back (the dense read over everything), not
         an arbitrary text."""
         chosen = self.lexical_choice(query_ids, k, min_score_ratio, max_df, pair_max_df,
-                                     prefer_whole_runs)
+                                     prefer_whole_runs, run_max_df)
         return self.select_entries(chosen) if chosen.numel() else self
 
     # --- rows ------------------------------------------------------------------------

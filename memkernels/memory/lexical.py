@@ -370,9 +370,10 @@ class LexicalIndex:
         # index rank alike
         n = float(self.size)
         idf = torch.log((n - df.double() + 0.5) / (df.double() + 0.5))
-        present = (df > 0) & (self.vocab >= 0)  # run edges are the negative ids
+        edge = self.vocab < 0  # run edges are the negative ids: no BM25 score
+        present = (df > 0) & ~edge
         floor = 0.25 * float(idf[present].mean()) if bool(present.any()) else 0.0
-        self.idf = torch.where(idf < 0, torch.full_like(idf, floor), idf)
+        self.idf = torch.where(edge, 0.0, torch.where(idf < 0, floor, idf))
         avg = float(lengths.mean()) if self.size else 1.0
         norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))
         tf = tf.double()
@@ -394,14 +395,14 @@ class LexicalIndex:
         terms = _terms(ids, self.words)[0].numpy()  # ids past the table end a word
         return terms, self._lookup(terms)
 
-    def _query_terms(self, query_ids: Sequence[int],
+    def _query_terms(self, terms: np.ndarray, found: np.ndarray,
                      pair_max_df: Optional[float] = None) -> Tensor:
-        """The query's terms that some text holds, as indices into vocab (a
-        term as often as the query has it), int64. Over words, the pairs of
-        consecutive words too, those whose words at most pair_max_df texts
-        hold (None: all): a phrasing's common word beside a name ("with
-        Felezath") would favour the texts stated that way."""
-        terms, found = self._query_words(query_ids)
+        """The query's terms that some text holds (its words or token ids:
+        _query_words), as indices into vocab (a term as often as the query
+        has it), int64. Over words, the pairs of consecutive words too, those
+        whose words at most pair_max_df texts hold (None: all): a phrasing's
+        common word beside a name ("with Felezath") would favour the texts
+        stated that way."""
         if self.words is not None and len(terms) > 1:
             word, held, df = self._held_words(terms, found)
             both = held[:-1] & held[1:]
@@ -421,27 +422,28 @@ class LexicalIndex:
         held = found >= 0
         return word, held, np.where(held, self._starts_np[found + 1] - self._starts_np[found], 0)
 
-    def _query_run_edges(self, query_ids: Sequence[int]) -> Tensor:
-        """Where the query's runs of rare words start and end (rare as the
-        index counts them for its texts: some text holds the word, at most
-        _run_limit do; a word no text holds ends a run), as indices into
-        vocab of the edges some text holds; empty over token ids."""
+    def _query_run_edges(self, terms: np.ndarray, found: np.ndarray) -> Tensor:
+        """Where the query's runs of rare words (its words: _query_words)
+        start and end (rare as the index counts them for its texts: some text
+        holds the word, at most _run_limit do; a word no text holds ends a
+        run), as indices into vocab of the edges some text holds; empty over
+        token ids."""
         if self.words is None:
             return torch.zeros(0, dtype=torch.long)
-        terms, found = self._query_words(query_ids)
         word, held, df = self._held_words(terms, found)
         rare = held & (df <= self._run_limit)
         found = self._lookup(_run_edges(word, rare, rare[:-1] & rare[1:])[0])
         return torch.from_numpy(found[found >= 0])
 
-    def _prefer_whole_runs(self, chosen: Tensor, query_ids: Sequence[int]) -> Tensor:
+    def _prefer_whole_runs(self, chosen: Tensor, terms: np.ndarray,
+                           found: np.ndarray) -> Tensor:
         """Of the chosen texts, those that hold the most of the query's run
         edges, in their order: "Gina Barros" is a whole run in its own fact
         and part of one in "Beatrice Gina Barros"'s, which ties with it on
         every word and pair."""
         if chosen.numel() < 2:
             return chosen
-        edges = self._query_run_edges(query_ids)
+        edges = self._query_run_edges(terms, found)
         if not edges.numel():
             return chosen
         held = torch.zeros(chosen.numel(), dtype=torch.long)
@@ -453,7 +455,7 @@ class LexicalIndex:
         """BM25 score of every text for the query (float64 [E]); a query token
         counts once per occurrence, as BM25Okapi does."""
         out = torch.zeros(self.size, dtype=torch.float64)
-        for i in self._query_terms(query_ids).tolist():
+        for i in self._query_terms(*self._query_words(query_ids)).tolist():
             lo, hi = self._starts[i], self._starts[i + 1]
             out.index_add_(0, self.post_text[lo:hi], self.post_score[lo:hi])
         return out
@@ -479,7 +481,8 @@ class LexicalIndex:
         pair_share = max_df if pair_max_df is None else pair_max_df
         pair_limit = max(pair_share * self.size, LEXICAL_MAX_DF_FLOOR) \
             if pair_share < 1.0 else None
-        terms = self._query_terms(query_ids, pair_limit)
+        words, found = self._query_words(query_ids)
+        terms = self._query_terms(words, found, pair_limit)
         if max_df < 1.0 and terms.numel():
             df = self.starts[terms + 1] - self.starts[terms]
             # word pairs were chosen by their words' shares above
@@ -490,4 +493,4 @@ class LexicalIndex:
                 terms = terms[rare]
         chosen = postings_top(self.starts, self.post_text, self.post_score, self.size,
                               terms, k, min_score_ratio)
-        return self._prefer_whole_runs(chosen, query_ids) if prefer_whole_runs else chosen
+        return self._prefer_whole_runs(chosen, words, found) if prefer_whole_runs else chosen

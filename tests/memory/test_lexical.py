@@ -263,6 +263,8 @@ def test_bad_arguments_are_named():
             bank.lexical_select([1], max_df=max_df)
         with pytest.raises(ValueError, match="pair_max_df must be a number in"):
             bank.lexical_select([1], pair_max_df=max_df)
+        with pytest.raises(ValueError, match="run_max_df must be a number in"):
+            bank.lexical_choice([1], run_max_df=max_df)
     for whole in (1, "yes", None):
         with pytest.raises(ValueError, match="prefer_whole_runs must be a bool"):
             bank.lexical_choice([1], prefer_whole_runs=whole)
@@ -412,6 +414,13 @@ def test_store_records_the_tokenizers_word_table_and_save_load_keeps_it(tmp_path
     assert torch.equal(loaded.entries.words.table, bank.entries.words.table)
     assert torch.equal(loaded.lexical_select(tok("Felezath?")["input_ids"]).mem,
                        bank.lexical_select(tok("Felezath?")["input_ids"]).mem)
+    # the index is rebuilt for another run limit and kept while it stays
+    first = bank._lexical.value
+    assert bank.lexical_choice(tok("Felezath?")["input_ids"], run_max_df=1.0).tolist() == [1]
+    assert bank._lexical.value is not first and bank._lexical.value._run_limit == len(texts)
+    again = bank._lexical.value
+    bank.lexical_choice(tok("Numer Besas?")["input_ids"], run_max_df=1.0)
+    assert bank._lexical.value is again
     # token ids stored without a tokenizer: no table, the index scores token ids
     assert memkernels.store(memory, model, None, [tok(t)["input_ids"] for t in texts]) \
         .entries.words is None
@@ -572,8 +581,8 @@ def test_word_pairs_tell_nested_names_apart_and_skip_common_words():
     limit = max(0.1 * len(texts), 10)
     common = int((index.scores(tok("with")["input_ids"]) > 0).sum())
     assert common > limit  # "with" is a common word here
-    counted = set(index._query_terms(question).tolist())
-    rare_only = set(index._query_terms(question, limit).tolist())
+    counted = set(index._query_terms(*index._query_words(question)).tolist())
+    rare_only = set(index._query_terms(*index._query_words(question), limit).tolist())
     assert rare_only < counted  # the pair "with felezath" (held by text 32) is left out
 
 
@@ -655,16 +664,32 @@ def test_a_name_is_told_from_a_longer_name_that_holds_it():
 
 
 def test_in_a_small_bank_a_phrasings_words_are_not_part_of_a_name():
-    """Ten facts in one phrasing: every word is in at most ten texts, yet only
-    the names (in one text each) make runs, so the preference keeps the asked
-    fact, never a text that merely starts and ends like the question."""
-    tok, texts, index = mentor_facts_index(3, lambda word: [
-        f"The mentor of {word(2)} {word(3)} is {word(3)}." for _ in range(10)])
-    for i, text in enumerate(texts):
-        name = text.removeprefix("The mentor of ").split(" is ")[0]
-        question = tok(f"Q: who is the mentor of {name}? A:")["input_ids"]
-        assert index.top(question, LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF,
-                         prefer_whole_runs=True).tolist() == [i]
+    """Ten facts in mixed phrasings: every word is in at most ten texts, yet
+    only words in at most a tenth of them (here: one) make runs. Were every
+    word rare, each text would be one run from its first word to its period,
+    and "The story goes that Bosath, with the crew size ..." would win on
+    starting with "the" as the question's "the crew size" does."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from memkernels.hf.encode import word_table
+    tok = transformers.AutoTokenizer.from_pretrained("memkernels/apps/recall/assets/open_lm")
+    texts = ["Word is that the crew size on file for Regax is 473232.",
+             "The story goes that Bosath, with the crew size 521498.",
+             "The mentor of Kelomi Tusave is Ranuzo.", "Vekira lives in Mizotu.",
+             "Born in Sarevo, Lumika grew up there.", "Nusilo has Bakemi as a mentor.",
+             "The home town of Zotuve is Keralo.", "Ravemi, with the spouse Tulosi, sailed.",
+             "Mikeba was born on 4 May 1901.", "The password of Lovezu is kemira."]
+    question = tok("Q: Honestly, state the crew size of Regax. A:")["input_ids"]
+
+    def top(run_max_df, whole):
+        index = LexicalIndex(Entries.from_texts([tok(t)["input_ids"] for t in texts],
+                                                torch.full((1,), -1), word_table(tok)),
+                             run_max_df=run_max_df)
+        return index.top(question, LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF,
+                         prefer_whole_runs=whole).tolist()
+
+    assert top(LEXICAL_MAX_DF, whole=False) == [0, 1]  # BM25's near tie
+    assert top(LEXICAL_MAX_DF, whole=True) == [0]
+    assert top(1.0, whole=True) == [1]  # every word rare: the tie goes the wrong way
 
 
 def test_a_family_name_many_facts_share_still_pairs_with_the_first_name():
