@@ -84,6 +84,13 @@ class MemoryModel(nn.Module):
         """Which slots a read sees, bool [B, S] (None: all of them)."""
         raise NotImplementedError
 
+    @property
+    def fixed_bank_heads(self) -> tuple[int, ...]:
+        """The heads of a bank [B, H, S, Dh] that training the bank's slots
+        (Trainer(bank=...)) leaves as written: none, unless the rule fixes
+        what they mean."""
+        return ()
+
     def bank_keys_values(self, mem: Tensor) -> tuple[Tensor, Tensor]:
         """Read keys and values of a bank [B, H, S, Dh]; a one-row bank's in
         the shared-bank layout [H', S', Dh] that the kernels read once for a

@@ -178,6 +178,13 @@ class CopyMemory(AppendMemory, write_rule="copy"):
         self.slot_value.requires_grad_(False)  # kept as the bank's projection source: identity
         self.readers = nn.ModuleList([CopyReader(config)])
 
+    @property
+    def fixed_bank_heads(self) -> tuple[int, ...]:
+        """The content heads: a slot's content is its token's output
+        embedding (the stored word is the word), so a trained bank moves only
+        the addresses."""
+        return tuple(range(self.pairs, 2 * self.pairs))
+
     # --- banks: null slots hold an address and no content ------------------------------
 
     def fresh_mem(self, batch_size: int = 1, num_slots: Optional[int] = None) -> Tensor:

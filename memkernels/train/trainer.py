@@ -111,7 +111,18 @@ class _MemoryStep(nn.Module):
                  address_temperature: float = 0.05, bank: Optional[MemoryBank] = None):
         super().__init__()
         self.memory = memory
-        self.bank_slots = None if bank is None else nn.Parameter(bank.mem.detach().clone())
+        # a trained bank: its slots' heads that the rule lets training move are the
+        # parameter, the rest (memory.fixed_bank_heads: the copy rule's content)
+        # a buffer, so no optimizer (weight decay included) ever touches them
+        self.bank_slots = self._bank_order = None
+        if bank is not None:
+            mem = bank.mem.detach()
+            fixed = sorted(set(memory.fixed_bank_heads))
+            learned = [h for h in range(mem.shape[1]) if h not in fixed]
+            self.bank_slots = nn.Parameter(mem[:, learned].clone())
+            self.register_buffer("bank_fixed", mem[:, fixed].clone(), persistent=False)
+            if fixed and fixed != list(range(len(learned), mem.shape[1])):
+                self._bank_order = torch.tensor(learned + fixed).argsort()
         object.__setattr__(self, "llm", llm)  # not registered
         self.handle = attach(llm, memory)
         self.address_loss, self.address_temperature = address_loss, address_temperature
@@ -127,7 +138,7 @@ class _MemoryStep(nn.Module):
         memory = self.memory
         hidden = None
         if batch.write_ids is None:
-            bank = (MemoryBank(memory, self.bank_slots) if self.bank_slots is not None
+            bank = (MemoryBank(memory, self.bank_mem()) if self.bank_slots is not None
                     else self._trainable_bank(memory))
         else:
             B, n, Tw = batch.write_ids.shape
@@ -150,6 +161,24 @@ class _MemoryStep(nn.Module):
         scored = labels != -100
         correct = ((logits.argmax(-1) == labels) & scored).sum()
         return loss, correct, scored.sum()
+
+    def bank_mem(self) -> Tensor:
+        """The trained bank's content [1, H, S, Dh]: the trained heads and the
+        fixed ones, in the bank's head order."""
+        if not self.bank_fixed.shape[1]:
+            return self.bank_slots
+        mem = torch.cat([self.bank_slots, self.bank_fixed], 1)
+        return mem if self._bank_order is None else mem[:, self._bank_order.to(mem.device)]
+
+    def load_bank(self, mem: Tensor) -> None:
+        """Sets the trained bank's content (a checkpoint's) in place."""
+        learned = self.bank_slots.shape[1]
+        order = torch.arange(mem.shape[1]) if self._bank_order is None else \
+            self._bank_order.argsort()
+        with torch.no_grad():
+            mem = mem[:, order.to(mem.device)]
+            self.bank_slots.copy_(mem[:, :learned])
+            self.bank_fixed.copy_(mem[:, learned:])
 
     @staticmethod
     def _trainable_bank(memory: MemoryModel) -> MemoryBank:
@@ -207,6 +236,7 @@ class Trainer:
         if bank is not None and (bank.memory is not memory or bank.batch_size != 1):
             raise ValueError("bank: a one-row bank of this memory (memkernels.store(...) or "
                              "memory.new_bank())")
+        self._bank_entries = None if bank is None else bank.entries
         self.step_module = _MemoryStep(llm, memory, config.address_loss,
                                        config.address_temperature, bank)
         # the parameters this run optimises: the memory's, or the bank's slots alone
@@ -236,9 +266,15 @@ class Trainer:
 
     @property
     def bank(self) -> Optional[MemoryBank]:
-        """The trained bank (a copy), when the Trainer was given one."""
-        slots = self.step_module.bank_slots
-        return None if slots is None else MemoryBank(self.memory, slots.detach().clone())
+        """The trained bank (a copy), when the Trainer was given one; it keeps
+        the given bank's stored texts (`entries`: training moves what the
+        slots hold, not which text each slot is of)."""
+        if self.step_module.bank_slots is None:
+            return None
+        bank = MemoryBank(self.memory, self.step_module.bank_mem().detach().clone())
+        if self._bank_entries is not None:
+            bank.entries = self._bank_entries
+        return bank
 
     def _named_trained(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of what this run optimises (checkpoint names)."""
@@ -348,8 +384,7 @@ class Trainer:
         self.memory.load_state_dict(loaded.state_dict())  # parameters and buffers, in place
         if self.step_module.bank_slots is not None:
             saved = MemoryBank.load(os.path.join(path, "bank.safetensors"), self.memory)
-            with torch.no_grad():
-                self.step_module.bank_slots.copy_(saved.mem)
+            self.step_module.load_bank(saved.mem.to(self.step_module.bank_slots.device))
         params = dict(self._named_trained())
         with safe_open(os.path.join(path, "trainer.safetensors"), framework="pt") as f:
             self.step = int(f.metadata()["step"])

@@ -153,8 +153,20 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
                                         else open_recall.LEXICAL_PROMPT]["prompt_tokens"]
                for r in continued)
     plain = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
-                            splits=["held-out"], continuation=0.0, log=lambda *_: None)
+                            splits=["held-out"], continuation=0.0, trained_steps=3,
+                            log=lambda *_: None)
     assert not any("continuation" in r["condition"] for r in plain)
+    trained = {r["condition"]: r for r in plain if r["answers"] == "all"
+               and r["condition"] in (open_recall.TRAINED, open_recall.TRAINED_LEXICAL)}
+    assert set(trained) == {open_recall.TRAINED, open_recall.TRAINED_LEXICAL}
+    assert trained[open_recall.TRAINED_LEXICAL]["trained_steps"] == 3
+    assert trained[open_recall.TRAINED_LEXICAL]["trained_first_loss"] > 0
+    assert trained[open_recall.TRAINED_LEXICAL]["slots_read"] > 0
+    assert f"| {open_recall.TRAINED_LEXICAL} |" in open_recall.markdown(plain)
+    small = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
+                            splits=["held-out"], continuation=0.0, trained_steps=3,
+                            trained_up_to=2, log=lambda *_: None)
+    assert not any(r["condition"].startswith(open_recall.TRAINED) for r in small)
     pytest.importorskip("matplotlib")
     open_recall.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000

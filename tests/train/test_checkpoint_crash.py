@@ -141,7 +141,7 @@ def test_a_trainer_without_writes_needs_a_bank_for_an_append_memory():
     from memkernels.apps.recall import tasks
     model = tiny_lm(300)
     memory = tasks.default_memory(model, slots=64, write_rule="append")
-    batch = tasks._lm_batch([([1, 2, 3], [-100, 2, 3])], 0)
+    batch = tasks.lm_batch([([1, 2, 3], [-100, 2, 3])], 0)
     trainer = Trainer(model, memory, lambda step, rank: batch,
                       TrainConfig(steps=1, progress=False))
     try:

@@ -188,6 +188,53 @@ def test_a_trained_bank_resumes_from_its_checkpoint_exactly(tokenizer, tmp_path)
     assert torch.equal(straight.bank.mem, resumed.bank.mem)
 
 
+def test_a_copy_bank_trains_its_addresses_and_keeps_its_stored_words(tokenizer, tmp_path):
+    """The copy rule's content heads are the stored tokens' output embeddings:
+    a trained bank moves its addresses only (weight decay included), keeps
+    which slots are written and which text each holds (its entries, for the
+    lexical index), and a checkpoint resumes it exactly."""
+    from memkernels.train.trainer import Batch
+    model = tiny_lm(len(tokenizer))
+    memory = tasks.copy_memory(model, slots=128, seed=1)
+    with torch.no_grad():
+        memory.readers[0].gate_bias.fill_(2.0)  # reads reach the logits: gradients to train on
+    texts = ["the captain of Felezath is Numer.", "Zadosox has the motto Reposox.",
+             "the port of Fotenel is Besasath."]
+    stored = memkernels.store(memory, model, tokenizer, texts)
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    batch = Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    def trainer(steps, out=None):
+        config = TrainConfig(steps=steps, lr=3e-2, warmup=1, weight_decay=0.1, progress=False,
+                             checkpoint_every=3, out_dir=None if out is None else str(out))
+        return Trainer(model, memory, lambda step, rank: batch, config, bank=stored)
+
+    straight = trainer(12)
+    history = straight.train()["history"]
+    straight.close()
+    trained, P = straight.bank, memory.pairs
+    assert memory.fixed_bank_heads == tuple(range(P, 2 * P))
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert torch.equal(trained.mem[:, P:], stored.mem[:, P:])  # the stored words, bit for bit
+    assert not torch.equal(trained.mem[:, :P], stored.mem[:, :P])
+    assert torch.equal(trained.slot_mask(), stored.slot_mask())
+    assert torch.equal(trained.entries.tokens, stored.entries.tokens)
+    assert torch.equal(trained.entries.slot_entry, stored.entries.slot_entry)
+    assert trained.lexical_choice(tokenizer("Felezath captain?")["input_ids"]).tolist() == [0]
+    first = trainer(12, tmp_path)
+    first.train(until=6)  # checkpoints at steps 3 and 6
+    first.close()
+    resumed = trainer(12, tmp_path)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint"))
+    assert resumed.step == 6
+    resumed.train()
+    resumed.close()
+    assert torch.equal(resumed.bank.mem, trained.mem)
+
+
 def test_address_loss_adds_the_contrastive_term_and_trains_the_address(tokenizer):
     model = tiny_lm(len(tokenizer))
     memory = tasks.default_memory(model, slots=128, write_rule="append")

@@ -25,7 +25,10 @@ lexical index (each question reads the stored facts that share the most words
 with it, the best and its near ties: MemoryBank.lexical_select), and the same
 lexical selection's statements in the prompt instead (the retriever alone,
 the LM reading); and those last two again decoded with the stored text's
-continuation (memkernels.hf.StoredTextContinuation, --continuation). At
+continuation (memkernels.hf.StoredTextContinuation, --continuation); with
+--trained-steps, the trained memory: each written bank's slots then trained
+on its own statements (trained_bank), read over the whole bank and through
+the index. At
 small N a cell pools several independent sets of N facts (each its own bank
 and prompt). Exact match of the greedy answer up to its
 first period. Per condition, the tokens the LM processes per question (the
@@ -53,13 +56,14 @@ import torch
 import memkernels
 from memkernels.apps.bench.report import append_jsonl
 from memkernels.apps.bench.run import machine_info
-from memkernels.apps.recall import base_lm, benchmark, open_facts
+from memkernels.apps.recall import base_lm, benchmark, open_facts, tasks
 from memkernels.apps.recall.facts import qa_prompt
 from memkernels.hf.continuation import DEFAULT_WEIGHT, StoredTextContinuation
 from memkernels.memory import MemoryModel
 from memkernels.memory.lexical import (LEXICAL_K, LEXICAL_MAX_DF, LEXICAL_MIN_SCORE_RATIO,
                                        LEXICAL_PAIR_MAX_DF, LEXICAL_PREFER_WHOLE_RUNS,
                                        Entries)
+from memkernels.train import Trainer, TrainConfig
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OPEN_LM = os.path.join(ASSETS, "open_lm")
@@ -72,6 +76,9 @@ INDEX_FROM, INDEX_PROBES = 10_000, 8
 DEV_VALUE_OFFSET = 10 ** 6
 LEXICAL = "memory, lexical"  # its condition's name in the tables, then how it selects
 LEXICAL_PROMPT = "lexical selection in the prompt"  # the first lexical setting's texts
+# the trained memory (--trained-steps): the written bank's slots trained on its statements,
+# read over the whole bank and through the first lexical setting's selection
+TRAINED, TRAINED_LEXICAL = "trained memory", "trained memory, lexical index"
 # the weight of the conditions decoded with memkernels.hf.StoredTextContinuation
 CONTINUATION = DEFAULT_WEIGHT
 LENGTH_BUCKETS = ("1 token", "2-3 tokens", "4-6 tokens", "7+ tokens")
@@ -213,6 +220,40 @@ def lexical_answers(model, tokenizer, memory, bank, questions, k: int = LEXICAL_
                      slots_read=statistics.median(slots), continuation=continuation)
 
 
+def trained_bank(model, tokenizer, memory, bank, facts, statements, steps: int,
+                 lr: float = benchmark.TRAINED_LR, batch: int = 16, seed: int = 0):
+    """(the trained memory's bank, its training info): `bank` (store() of
+    `statements`, the facts' in that order) with its slots then trained for
+    `steps` on those statements, as a user who has the texts would (a
+    statement a row, its object and what follows it scored: what a question
+    asks for), the LM and the memory frozen (Trainer(bank=...); the copy rule
+    moves the addresses only, MemoryModel.fixed_bank_heads). Never on a
+    question. It keeps the bank's stored texts, so the lexical index reads
+    it as it reads the written bank."""
+    rows = []
+    for fact, statement in zip(facts, statements):
+        head, _, tail = statement.rpartition(fact.object)
+        prompt = tokenizer(head.rstrip())["input_ids"]
+        answer = tokenizer(f" {fact.object}{tail}")["input_ids"]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+
+    def make_batch(step: int, rank: int):
+        rng = random.Random(seed * 1_000_003 + step)
+        return tasks.lm_batch([rng.choice(rows) for _ in range(batch)], tokenizer.pad_token_id)
+
+    start = time.perf_counter()
+    trainer = Trainer(model, memory, make_batch,
+                      TrainConfig(steps=steps, lr=lr, seed=seed, warmup=min(50, steps),
+                                  progress=False), bank=bank)
+    history = trainer.train()["history"]
+    trainer.close()
+    tail_losses = [h["loss"] for h in history[-20:]]
+    return trainer.bank, dict(trained_steps=steps, trained_lr=lr,
+                              trained_seconds=time.perf_counter() - start,
+                              trained_first_loss=history[0]["loss"],
+                              trained_final_loss=statistics.mean(tail_losses))
+
+
 def length_bucket(tokenizer, answer: str) -> str:
     """The answer's LENGTH_BUCKETS bucket: its tokens after a space."""
     n = len(tokenizer(f" {answer}")["input_ids"])
@@ -255,6 +296,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         lexical: Sequence[tuple[int, float, float]] = (
             (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF),),
         dev_names: bool = False, continuation: float = CONTINUATION,
+        trained_steps: int = 0, trained_up_to: Optional[int] = None,
         log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
@@ -269,7 +311,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
     max_df) of each lexical condition (MemoryBank.lexical_select), on the
     same banks and questions. continuation > 0: each lexical condition, and
     the first one's statements in the prompt, again decoded with
-    StoredTextContinuation at that weight."""
+    StoredTextContinuation at that weight. trained_steps > 0: the trained
+    memory too (trained_bank), at N <= trained_up_to (None: every N)."""
     names = [lexical_condition(*setting) for setting in lexical]
     if len(set(names)) != len(names):
         raise ValueError(f"lexical: each (k, min_score_ratio, max_df) at most once, got "
@@ -357,6 +400,22 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
                         model, tokenizer, bank, statements, qs, *lexical[0], weight)
                     got.setdefault(name, []).extend(got_prompt)
                     tokens.setdefault(name, []).append(prompt_tokens_)
+                if trained_steps and (trained_up_to is None or n <= trained_up_to):
+                    trained, info = trained_bank(model, tokenizer, memory, bank, facts,
+                                                 statements, trained_steps, seed=seed + d)
+                    log(f"{split:20s} N={n}: trained the bank in {info['trained_seconds']:.0f} s, "
+                        f"loss {info['trained_first_loss']:.3f} -> "
+                        f"{info['trained_final_loss']:.3f}")
+                    got_trained, trained_tokens = answers(model, tokenizer, statements, qs,
+                                                          memory=memory, bank=trained)
+                    got.setdefault(TRAINED, []).extend(got_trained)
+                    tokens.setdefault(TRAINED, []).append(trained_tokens)
+                    got_trained, trained_costs = lexical_answers(
+                        model, tokenizer, memory, trained, qs, *lexical[0],
+                        latency_questions=max(1, 16 // draws))
+                    got.setdefault(TRAINED_LEXICAL, []).extend(got_trained)
+                    all_lexical_costs.setdefault(TRAINED_LEXICAL, []).append(
+                        {**trained_costs, **info})
             if not all_costs:
                 continue
             costs = {k: _median_or_none([c[k] for c in all_costs]) for k in all_costs[0]}
@@ -392,8 +451,9 @@ def _conditions(rows: list[dict]) -> list[str]:
     """The conditions in the tables' and the plot's order."""
     lexical = sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL)})
     prompt = sorted({r["condition"] for r in rows if r["condition"].startswith(LEXICAL_PROMPT)})
+    trained = [c for c in (TRAINED, TRAINED_LEXICAL) if any(r["condition"] == c for r in rows)]
     return ["LM alone", "facts in context", "BM25 top-3", *(prompt or [LEXICAL_PROMPT]),
-            "written memory", *lexical]
+            "written memory", *lexical, *trained]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -544,6 +604,14 @@ def main(argv=None) -> None:
                     help="each lexical condition (and the selection in the prompt) again, "
                          "decoded with memkernels.hf.StoredTextContinuation at weight W: a copy "
                          "that continues a stored text keeps to it (0: not run)")
+    ap.add_argument("--trained-steps", type=int, default=0, metavar="S",
+                    help="the trained memory too: each written bank's slots trained S steps on "
+                         "its statements (batch 16, lr benchmark.TRAINED_LR; 0: not run; the "
+                         "closed-list benchmark's is 300), read over the whole bank and through "
+                         "the first lexical setting")
+    ap.add_argument("--trained-up-to", type=int, default=1000, metavar="N",
+                    help="the trained memory at N <= this only (its slots are parameters: "
+                         "Adam keeps two more copies of the bank)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--replot", metavar="COMMIT", default=None,
@@ -563,6 +631,8 @@ def main(argv=None) -> None:
         ap.error(f"--continuation takes a weight in [0, 1], got {args.continuation}")
     if args.index_probes < 1:
         ap.error(f"--index-probes must be >= 1, got {args.index_probes}")
+    if args.trained_steps < 0:
+        ap.error(f"--trained-steps must be >= 0, got {args.trained_steps}")
     if args.store_threshold is not None and not 0.0 < args.store_threshold < 1.0:
         ap.error(f"--store-threshold must be in (0, 1), got {args.store_threshold}")
     if any(k < 1 for k in args.lexical_k):
@@ -589,7 +659,7 @@ def main(argv=None) -> None:
     rows = run(args.facts, args.model, args.memory, args.seed, args.questions, args.splits,
                args.phrasings, args.index_from, args.index_probes, args.other_splits_up_to,
                args.read_scale, args.store_threshold, lexical, args.dev_names,
-               args.continuation)
+               args.continuation, args.trained_steps, args.trained_up_to)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         info = {**machine, "model": args.model or "shipped open LM",

@@ -195,7 +195,8 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
 
 
-def _lm_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+def lm_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """A batch of (token ids, labels) rows, padded on the right (labels -100)."""
     ids = _pad([r[0] for r in rows], pad_id)
     return Batch(input_ids=ids, attention_mask=_pad([[1] * len(r[0]) for r in rows], 0),
                  labels=_pad([r[1] for r in rows], -100))
@@ -240,7 +241,7 @@ def written_batches(tokenizer, batch: int, seed: int, facts_per_row: tuple[int, 
                 asks.append((r, len(ids) + _first_scored(lab) - 1, j))  # predicts the answer
                 ids, labels = ids + i, labels + lab
             rows.append((ids, labels))
-        b = _lm_batch(rows, pad)
+        b = lm_batch(rows, pad)
         n = max(len(w) for w in writes)
         tw = max(len(t) for w in writes for t in w)
         b.write_ids = torch.full((batch, n, tw), pad, dtype=torch.long)
@@ -319,5 +320,5 @@ def trained_batches(tokenizer, batch: int, seed: int, n_facts: int, *, distracto
             else:
                 f = rng.choice(target) if rng.random() < 0.8 else rng.choice(aux)
                 rows.append(statement_tokens(tokenizer, f, rng))
-        return _lm_batch(rows, pad)
+        return lm_batch(rows, pad)
     return make
