@@ -118,6 +118,9 @@ class _MemoryStep(nn.Module):
         if bank is not None:
             mem = bank.mem.detach()
             fixed = sorted(set(memory.fixed_bank_heads))
+            if any(not 0 <= h < mem.shape[1] for h in fixed):
+                raise ValueError(f"{type(memory).__name__}.fixed_bank_heads must be heads of "
+                                 f"its bank, in [0, {mem.shape[1]}), got {fixed}")
             learned = [h for h in range(mem.shape[1]) if h not in fixed]
             self.bank_slots = nn.Parameter(mem[:, learned].clone())
             self.register_buffer("bank_fixed", mem[:, fixed].clone(), persistent=False)
@@ -253,8 +256,10 @@ class Trainer:
                 groups.setdefault(float(scale), []).append(p)
         self.model = self.step_module
         if self.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.step_module,
-                                                             find_unused_parameters=True)
+            # a trained bank's fixed heads are the same on every rank: no broadcast
+            self.model = nn.parallel.DistributedDataParallel(
+                self.step_module, find_unused_parameters=True,
+                broadcast_buffers=self.step_module.bank_slots is None)
         self.optimizer = torch.optim.AdamW(
             [dict(params=ps, lr_scale=scale) for scale, ps in groups.items()],
             lr=config.lr, weight_decay=config.weight_decay)
@@ -392,6 +397,10 @@ class Trainer:
                 slot, name = key.split("/", 1)
                 p = params[name]
                 value = f.get_tensor(key)
+                if value.dim() and value.shape != p.shape:
+                    raise ValueError(f"checkpoint {path!r}: optimizer state {key!r} is "
+                                     f"{tuple(value.shape)}, the parameter "
+                                     f"{tuple(p.shape)}: saved by another configuration")
                 self.optimizer.state[p][slot] = value.to(p.device) if value.dim() else value
 
 

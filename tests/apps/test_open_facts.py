@@ -163,6 +163,8 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
     assert trained[open_recall.TRAINED_LEXICAL]["trained_first_loss"] > 0
     assert trained[open_recall.TRAINED_LEXICAL]["slots_read"] > 0
     assert f"| {open_recall.TRAINED_LEXICAL} |" in open_recall.markdown(plain)
+    assert "| trained memory: training, statement loss first -> last |" in \
+        open_recall.markdown(plain)
     small = open_recall.run([4], str(tmp_path / "lm"), str(tmp_path / "memory"), questions=4,
                             splits=["held-out"], continuation=0.0, trained_steps=3,
                             trained_up_to=2, log=lambda *_: None)

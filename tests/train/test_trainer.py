@@ -235,6 +235,31 @@ def test_a_copy_bank_trains_its_addresses_and_keeps_its_stored_words(tokenizer, 
     assert torch.equal(resumed.bank.mem, trained.mem)
 
 
+def test_a_trained_banks_fixed_heads_may_be_any_of_its_heads(tokenizer, monkeypatch):
+    """Fixed heads before learned ones: the bank is put back in its head order,
+    and a checkpoint's bank loads into both parts; a head the bank lacks is
+    named."""
+    from memkernels.train.trainer import _MemoryStep
+    model = tiny_lm(len(tokenizer))
+    memory = tasks.default_memory(model, slots=32, write_rule="append")
+    bank = memkernels.store(memory, model, tokenizer, ["the port of Fotenel is Besasath."])
+    H = bank.mem.shape[1]
+    monkeypatch.setattr(type(memory), "fixed_bank_heads", property(lambda self: (0,)))
+    step = _MemoryStep(model, memory, bank=bank)
+    try:
+        assert step.bank_slots.shape[1] == H - 1 and step.bank_fixed.shape[1] == 1
+        assert torch.equal(step.bank_mem(), bank.mem)
+        other = torch.randn_like(bank.mem)
+        step.load_bank(other)
+        assert torch.equal(step.bank_mem(), other)
+        assert torch.equal(step.bank_fixed, other[:, :1])
+    finally:
+        step.handle.detach()
+    monkeypatch.setattr(type(memory), "fixed_bank_heads", property(lambda self: (H,)))
+    with pytest.raises(ValueError, match="fixed_bank_heads must be heads of its bank"):
+        _MemoryStep(model, memory, bank=bank)
+
+
 def test_address_loss_adds_the_contrastive_term_and_trains_the_address(tokenizer):
     model = tiny_lm(len(tokenizer))
     memory = tasks.default_memory(model, slots=128, write_rule="append")

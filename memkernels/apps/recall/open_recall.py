@@ -232,6 +232,9 @@ def trained_bank(model, tokenizer, memory, bank, facts, statements, steps: int,
     it as it reads the written bank."""
     rows = []
     for fact, statement in zip(facts, statements):
+        if fact.object not in statement:
+            raise ValueError(f"trained_bank: the statement {statement!r} does not hold its "
+                             f"object {fact.object!r}")
         head, _, tail = statement.rpartition(fact.object)
         prompt = tokenizer(head.rstrip())["input_ids"]
         answer = tokenizer(f" {fact.object}{tail}")["input_ids"]
@@ -245,8 +248,10 @@ def trained_bank(model, tokenizer, memory, bank, facts, statements, steps: int,
     trainer = Trainer(model, memory, make_batch,
                       TrainConfig(steps=steps, lr=lr, seed=seed, warmup=min(50, steps),
                                   progress=False), bank=bank)
-    history = trainer.train()["history"]
-    trainer.close()
+    try:
+        history = trainer.train()["history"]
+    finally:
+        trainer.close()  # the LM unhooked and the memory given back, whatever happened
     tail_losses = [h["loss"] for h in history[-20:]]
     return trainer.bank, dict(trained_steps=steps, trained_lr=lr,
                               trained_seconds=time.perf_counter() - start,
@@ -503,7 +508,8 @@ def markdown(rows: list[dict]) -> str:
             f"{costs[n]['store_facts_per_s']:.0f}" if n in costs else "-" for n in ns) + " |")
         lines.append("| memory: cost per question, paired | " + " | ".join(
             f"{100 * costs[n]['read_cost']:+.0f}%" if n in costs else "-" for n in ns) + " |")
-        for condition in [c for c in conditions if c.startswith(LEXICAL)]:
+        indexed = [c for c in conditions if c.startswith(LEXICAL) or c == TRAINED_LEXICAL]
+        for condition in indexed:
             lexical = {r["n_facts"]: r for r in rows if r["split"] == split
                        and r["condition"] == condition and r["answers"] == "all"}
             lines.append(f"| {condition}: cost per question, paired | " + " | ".join(
@@ -515,6 +521,14 @@ def markdown(rows: list[dict]) -> str:
                 f"{lexical[n]['lexical_index_build_s']:.2f}"
                 if n in lexical and "lexical_index_build_s" in lexical[n] else "-"
                 for n in ns) + " |")
+        trained = {r["n_facts"]: r for r in rows if r["split"] == split
+                   and r["condition"] == TRAINED_LEXICAL and r["answers"] == "all"}
+        if trained:
+            lines.append("| trained memory: training, statement loss first -> last | " +
+                         " | ".join(f"{trained[n]['trained_seconds']:.0f} s, "
+                                    f"{trained[n]['trained_first_loss']:.4f} -> "
+                                    f"{trained[n]['trained_final_loss']:.4f}"
+                                    if n in trained else "-" for n in ns) + " |")
         lines.append("| memory: read | " + " | ".join(
             (f"index, {costs[n]['index_probes']} probes" if costs[n].get("index_probes")
              else "exact") if n in costs else "-" for n in ns) + " |")
