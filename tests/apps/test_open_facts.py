@@ -162,6 +162,8 @@ def test_the_open_recall_command_runs_on_a_few_facts(tmp_path, monkeypatch):
     assert trained[open_recall.TRAINED_LEXICAL]["trained_steps"] == 3
     assert trained[open_recall.TRAINED_LEXICAL]["trained_first_loss"] > 0
     assert trained[open_recall.TRAINED_LEXICAL]["slots_read"] > 0
+    assert trained[open_recall.TRAINED]["slots_read"] == next(
+        r["slots_read"] for r in plain if r["condition"] == "written memory")
     assert f"| {open_recall.TRAINED_LEXICAL} |" in open_recall.markdown(plain)
     assert "| trained memory: training, statement loss first -> last |" in \
         open_recall.markdown(plain)

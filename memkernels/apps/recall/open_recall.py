@@ -437,6 +437,8 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
             for condition, values in got.items():
                 extra = dict(costs if condition == "written memory"
                              else lexical_costs.get(condition, {}))
+                if condition == TRAINED:  # the whole trained bank: the written bank's slots
+                    extra["slots_read"] = costs["slots_read"]
                 if condition in tokens:
                     extra["prompt_tokens"] = statistics.median(tokens[condition])
                 if condition.startswith(LEXICAL_PROMPT):
