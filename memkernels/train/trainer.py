@@ -114,7 +114,8 @@ class _MemoryStep(nn.Module):
         # a trained bank: its slots' heads that the rule lets training move are the
         # parameter, the rest (memory.fixed_bank_heads: the copy rule's content)
         # a buffer, so no optimizer (weight decay included) ever touches them
-        self.bank_slots = self._bank_order = None
+        self.bank_slots = None
+        self.register_buffer("_bank_order", None, persistent=False)  # None: heads in order
         if bank is not None:
             mem = bank.mem.detach()
             fixed = sorted(set(memory.fixed_bank_heads))
@@ -125,6 +126,7 @@ class _MemoryStep(nn.Module):
             self.bank_slots = nn.Parameter(mem[:, learned].clone())
             self.register_buffer("bank_fixed", mem[:, fixed].clone(), persistent=False)
             if fixed and fixed != list(range(len(learned), mem.shape[1])):
+                # a buffer: it moves with the module, no copy to the device per step
                 self._bank_order = torch.tensor(learned + fixed).argsort()
         object.__setattr__(self, "llm", llm)  # not registered
         self.handle = attach(llm, memory)
@@ -171,7 +173,7 @@ class _MemoryStep(nn.Module):
         if not self.bank_fixed.shape[1]:
             return self.bank_slots
         mem = torch.cat([self.bank_slots, self.bank_fixed], 1)
-        return mem if self._bank_order is None else mem[:, self._bank_order.to(mem.device)]
+        return mem if self._bank_order is None else mem[:, self._bank_order]
 
     def load_bank(self, mem: Tensor) -> None:
         """Sets the trained bank's content (a checkpoint's) in place."""

@@ -79,6 +79,7 @@ LEXICAL_PROMPT = "lexical selection in the prompt"  # the first lexical setting'
 # the trained memory (--trained-steps): the written bank's slots trained on its statements,
 # read over the whole bank and through the first lexical setting's selection
 TRAINED, TRAINED_LEXICAL = "trained memory", "trained memory, lexical index"
+TRAINED_UP_TO = 1000  # its slots are parameters: Adam keeps two more copies of the bank
 # the weight of the conditions decoded with memkernels.hf.StoredTextContinuation
 CONTINUATION = DEFAULT_WEIGHT
 LENGTH_BUCKETS = ("1 token", "2-3 tokens", "4-6 tokens", "7+ tokens")
@@ -230,15 +231,8 @@ def trained_bank(model, tokenizer, memory, bank, facts, statements, steps: int,
     moves the addresses only, MemoryModel.fixed_bank_heads). Never on a
     question. It keeps the bank's stored texts, so the lexical index reads
     it as it reads the written bank."""
-    rows = []
-    for fact, statement in zip(facts, statements):
-        if fact.object not in statement:
-            raise ValueError(f"trained_bank: the statement {statement!r} does not hold its "
-                             f"object {fact.object!r}")
-        head, _, tail = statement.rpartition(fact.object)
-        prompt = tokenizer(head.rstrip())["input_ids"]
-        answer = tokenizer(f" {fact.object}{tail}")["input_ids"]
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    rows = [tasks.object_scored(tokenizer, statement, fact.object)
+            for fact, statement in zip(facts, statements)]
 
     def make_batch(step: int, rank: int):
         rng = random.Random(seed * 1_000_003 + step)
@@ -301,7 +295,7 @@ def run(n_facts: list[int], model_dir: Optional[str] = None, memory_dir: Optiona
         lexical: Sequence[tuple[int, float, float]] = (
             (LEXICAL_K, LEXICAL_MIN_SCORE_RATIO, LEXICAL_MAX_DF),),
         dev_names: bool = False, continuation: float = CONTINUATION,
-        trained_steps: int = 0, trained_up_to: Optional[int] = None,
+        trained_steps: int = 0, trained_up_to: Optional[int] = TRAINED_UP_TO,
         log=print) -> list[dict]:
     """Rows of accuracy (and the memory's costs) per split, condition, N and
     answer length. phrasings="train" asks held-out facts with trained
@@ -625,7 +619,7 @@ def main(argv=None) -> None:
                          "its statements (batch 16, lr benchmark.TRAINED_LR; 0: not run; the "
                          "closed-list benchmark's is 300), read over the whole bank and through "
                          "the first lexical setting")
-    ap.add_argument("--trained-up-to", type=int, default=1000, metavar="N",
+    ap.add_argument("--trained-up-to", type=int, default=TRAINED_UP_TO, metavar="N",
                     help="the trained memory at N <= this only (its slots are parameters: "
                          "Adam keeps two more copies of the bank)")
     ap.add_argument("--seed", type=int, default=0)

@@ -183,10 +183,17 @@ def qa_tokens(tokenizer, fact: Fact, rng: random.Random,
 
 def statement_tokens(tokenizer, fact: Fact, rng: random.Random) -> tuple[list[int], list[int]]:
     """Token ids of a statement and labels scoring only its object and period."""
-    text = fact.statement(rng)
-    head, tail = text.rsplit(fact.object, 1)
+    return object_scored(tokenizer, fact.statement(rng), fact.object)
+
+
+def object_scored(tokenizer, statement: str, obj: str) -> tuple[list[int], list[int]]:
+    """Token ids of `statement` and labels scoring only its (last) `obj` and
+    what follows it."""
+    if obj not in statement:
+        raise ValueError(f"the statement {statement!r} does not hold its object {obj!r}")
+    head, _, tail = statement.rpartition(obj)
     prompt = tokenizer(head.rstrip())["input_ids"]
-    answer = tokenizer(f" {fact.object}{tail}")["input_ids"]
+    answer = tokenizer(f" {obj}{tail}")["input_ids"]
     return prompt + answer, [-100] * len(prompt) + answer
 
 
