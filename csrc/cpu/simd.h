@@ -90,6 +90,13 @@ struct Vec {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
   }
+  // x, kept in a register: GCC otherwise folds a vector loaded once and used
+  // by several FMAs into each FMA as a memory operand, so the loads double
+  // and the load ports, not the FMAs, bound the few-row loops.
+  static R in_register(R x) {
+    asm("" : "+v"(x));  // "v": any of the 32 zmm registers
+    return x;
+  }
   static void store(float* x, R a) { _mm512_storeu_ps(x, a); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
@@ -141,6 +148,13 @@ struct Vec {
   static R load(const int8_t* x) {
     const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  }
+  // x, kept in a register: GCC otherwise folds a vector loaded once and used
+  // by several FMAs into each FMA as a memory operand, so the loads double
+  // and the load ports, not the FMAs, bound the few-row loops.
+  static R in_register(R x) {
+    asm("" : "+x"(x));
+    return x;
   }
   static void store(float* x, R a) { _mm256_storeu_ps(x, a); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
