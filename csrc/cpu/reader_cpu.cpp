@@ -48,12 +48,6 @@ void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out
 }
 
 template <typename T>
-void gelu_in_place(T* x, int64_t n) {  // exact (erf) GELU, as nn.GELU()
-  const T inv_sqrt2 = T(0.70710678118654752440);
-  for (int64_t i = 0; i < n; ++i) x[i] = T(0.5) * x[i] * (T(1) + std::erf(x[i] * inv_sqrt2));
-}
-
-template <typename T>
 void unit_rows(T* x, int64_t rows, int64_t D) {  // as F.normalize (eps 1e-12)
   for (int64_t r = 0; r < rows; ++r) {
     T* v = x + r * D;
@@ -124,7 +118,7 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
       project<T>(r.context, r.context_w, nullptr, N, M, C, from_context.data());
       add_rows(hid.data(), from_context.data(), N * M);
     }
-    gelu_in_place(hid.data(), N * M);
+    gelu_row(hid.data(), N * M);
     project<T>(hid.data(), r.query_w, r.query_b, N, W, M, q.data());
   } else {
     project<T>(xn.data(), r.query_w, r.query_b, N, W, C, q.data());

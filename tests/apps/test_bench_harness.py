@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import READ_ONCE, read_cases, reader_cases, write_cases
+from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, reader_cases,
+                                         write_cases, write_matmuls)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
 
@@ -38,6 +40,28 @@ def test_cases_compute_the_same_function():
         assert {c.impl for c in w} >= {"memkernels[cpu]", "reference (eager)"}
         assert all(c.op == f"write_{mode}" for c in w)
         w[0].fns[0]()  # runs
+
+
+def test_write_floor_is_its_matmuls_on_the_same_inputs(monkeypatch):
+    """The write's measured floor runs its 2 forward / 5 backward matmuls on
+    the very inputs the write gets, chunk by chunk (here one group a chunk),
+    and counts the write's FLOPs."""
+    shape = WriteShape("tiny", B=2, H=3, S=5, T=7, D=8)
+    for mode, n_out in (("fwd", 1), ("bwd", 3), ("fwd_bwd", 4)):
+        cases = {c.impl: c for c in write_cases(shape, torch.device("cpu"), torch.float32,
+                                                ["cpu"], mode)}
+        floor, fused = cases[MATMULS_ALONE], cases["memkernels[cpu]"]
+        assert (floor.op, floor.flops, len(floor.fns)) == (fused.op, fused.flops, len(fused.fns))
+        assert len(floor.fns[0]()) == n_out
+    mem, q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 5, 7, 7))
+    monkeypatch.setitem(cases_module.SCORE_CHUNK_BYTES, "cpu", 5 * 7 * 4)  # one group a chunk
+    outs = write_matmuls(mem, q, k, v, mode="fwd_bwd")
+    assert len(outs) == 4 * 6
+    g = 4  # the fifth group (batch 1, head 1): its forward, then dV, dQ, dK stand-ins
+    qg, kg, vg, dg = q[1, 1], k[1, 1], v[1, 1], mem[1, 1]
+    p, dp = qg @ kg.T, dg @ vg.T
+    for got, want in zip(outs[4 * g:4 * g + 4], (p @ vg, p.T @ dg, dp @ kg, dp.T @ qg)):
+        torch.testing.assert_close(got[0], want)
 
 
 def test_reader_cases_compute_the_reading_layer():
@@ -84,7 +108,8 @@ def test_median_times_take_turns():
 
 def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     """The CLI end to end on a tiny registry: one row per implementation, each
-    with its measured floor, the rounds recorded; a bad --rounds is refused."""
+    with its measured floor and the machine's limits, the rounds recorded; a
+    bad --rounds is refused."""
     tiny = ReadShape("tiny", B=2, H=2, T=3, S=40, D=8)
     monkeypatch.setattr(run.registry, "CPU_READ", [tiny])
     monkeypatch.setattr(run, "read_cases", lambda *a: [c for c in read_cases(*a)
@@ -96,6 +121,9 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     assert {r["impl"] for r in rows} >= {"memkernels[cpu]", "reference (eager)",
                                          "sdpa (batch folded)"}
     assert all(r["ms"] > 0 and r["pct_of_floor"] > 0 and r["rounds"] == 2 for r in rows)
+    # the limits measured in the group's turns, the first-touch rate among them
+    assert all(r["read_gbps"] > 0 and r["first_touch_gbps"] > 0 for r in rows)
+    assert "first touch" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run.main(["--device", "cpu", "--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -78,6 +78,21 @@ def test_mlp_query_with_unit_queries_and_context_matches_the_reference(B, T, Hk,
     torch.testing.assert_close(got, want, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("T", [1, 5], ids=["decode", "prefill"])
+def test_mlp_gelu_over_its_whole_range_and_nan(T):
+    """The float32 kernel's GELU (a rational erf, vectorized) against torch's
+    exact GELU: pre-activations from -40 to 40 (past the erf's clamp at
+    +-4 sqrt 2, where GELU is 0 or x), and a NaN pre-activation reads NaN."""
+    hidden, kw, opts = layer_inputs(B=2, T=T, Hk=2, per_kv=1, S=30, dtype=torch.float32,
+                                    shared=True, mlp=97)
+    opts["mlp_b"] = torch.linspace(-40, 40, 97)
+    got, want = both(hidden, kw, scale=0.5, **opts)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    opts["mlp_b"][3] = float("nan")
+    got, want = both(hidden, kw, scale=0.5, **opts)
+    assert want.isnan().all() and got.isnan().all()
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("T", [1, 5])

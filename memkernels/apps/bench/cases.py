@@ -78,14 +78,19 @@ def read_impls(shape: ReadShape, backends: list[str]) -> dict[str, Callable]:
     return impls
 
 
-def _build(kind: str, shape, impls: dict, input_shapes: list[tuple], device, dtype,
-           mode: str) -> list[Case]:
-    """One Case per implementation, over enough random input sets to rotate past the cache."""
+def _input_sets(shape, input_shapes: list[tuple], device, dtype, mode: str) -> list[list]:
+    """Enough random input sets to rotate past the cache (leaves that need grad
+    outside the forward mode)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     elt = torch.finfo(dtype).bits // 8
-    sets = [[torch.randn(*dims, device=device, dtype=dtype).requires_grad_(mode != "fwd")
+    return [[torch.randn(*dims, device=device, dtype=dtype).requires_grad_(mode != "fwd")
              for dims in input_shapes] for _ in range(_n_sets(shape.bytes(elt), device))]
+
+
+def _build(kind: str, shape, impls: dict, sets: list[list], mode: str) -> list[Case]:
+    """One Case per implementation, each over the same rotating input sets."""
+    elt = sets[0][0].element_size()
     flops = shape.flops() * FLOP_FACTOR[mode]
     nbytes = shape.bytes(elt) * BYTES_FACTOR[mode]
     return [Case(f"{kind}_{mode}", shape, name, [_timed(fn, s, mode) for s in sets], flops, nbytes)
@@ -95,7 +100,8 @@ def _build(kind: str, shape, impls: dict, input_shapes: list[tuple], device, dty
 def read_cases(shape: ReadShape, device, dtype, backends, mode: str) -> list[Case]:
     bank = (shape.H, shape.S, shape.D) if shape.shared else (shape.B, shape.H, shape.S, shape.D)
     inputs = [(shape.B, shape.H, shape.T, shape.D), bank, bank]
-    return _build("read", shape, read_impls(shape, backends), inputs, device, dtype, mode)
+    sets = _input_sets(shape, inputs, device, dtype, mode)
+    return _build("read", shape, read_impls(shape, backends), sets, mode)
 
 
 def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[Case]:
@@ -105,7 +111,42 @@ def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[C
     impls["reference (eager)"] = reference.memory_write
     impls["torch.compile(reference)"] = _compiled(reference.memory_write)
     inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
-    return _build("write", shape, impls, inputs, device, dtype, mode)
+    sets = _input_sets(shape, inputs, device, dtype, mode)
+    cases = _build("write", shape, impls, sets, mode)
+    # the floor measured at this shape: the op's matmuls alone, on the same inputs
+    cases.append(Case(f"write_{mode}", shape, MATMULS_ALONE,
+                      [functools.partial(write_matmuls, *s, mode=mode) for s in sets],
+                      cases[0].flops, cases[0].bytes))
+    return cases
+
+
+MATMULS_ALONE = "its matmuls alone (torch.bmm)"
+SCORE_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 40}  # CPU: a chunk's scores stay in the L3
+
+
+@torch.no_grad()
+def write_matmuls(mem, q_slots, k_tok, v_tok, *gates, mode: str) -> list:
+    """The gated write's attention matmuls alone, with no softmax, mask or gate:
+    2 forward; 5 backward (the FlashAttention-2 recipe every backend runs,
+    which recomputes the scores rather than keep [S, T] per group). Timed
+    beside the write, it is the floor of that recipe on this machine's GEMM at
+    the op's own shapes (the square-matmul probe overstates what skinny
+    GEMMs reach). Groups go in chunks whose scores stay in the last-level
+    cache, as a fused kernel's tiles do."""
+    B, H, S, D = q_slots.shape
+    T, G = k_tok.shape[2], B * H
+    q, k, v = (x.detach().reshape(G, -1, D) for x in (q_slots, k_tok, v_tok))
+    dout = mem.detach().reshape(G, S, D)  # any [S, D] per group stands in for d(upd)
+    step = max(1, SCORE_CHUNK_BYTES[q.device.type] // (S * T * q.element_size()))
+    outs = []
+    for g0 in range(0, G, step):
+        qc, kc, vc, dc = (x[g0:g0 + step] for x in (q, k, v, dout))
+        if mode in ("fwd", "fwd_bwd"):
+            outs.append(torch.bmm(torch.bmm(qc, kc.mT), vc))
+        if mode in ("bwd", "fwd_bwd"):
+            p, dp = torch.bmm(qc, kc.mT), torch.bmm(dc, vc.mT)
+            outs += [torch.bmm(p.mT, dc), torch.bmm(dp, kc), torch.bmm(dp.mT, qc)]
+    return outs
 
 
 READ_ONCE = "its inputs' bytes read once (one torch.sum)"

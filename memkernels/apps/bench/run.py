@@ -10,7 +10,10 @@ time, achieved GB/s and GFLOP/s, the roofline floor
 (max of bytes / bandwidth and FLOPs / matmul rate, the limits measured in
 turns with the row's own group: the read-only stream bandwidth for reads,
 the copy bandwidth for writes, which store their bank) as a percentage, and
-each baseline's time over memkernels' time.
+each baseline's time over memkernels' time. The header also gives the
+first-touch rate of fresh memory: the allocating baselines (eager, compiled)
+pay it per new large tensor, so their times, and the ratios against them,
+move with it from one machine (or day) to the next.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import memkernels
 from memkernels.apps.bench import shapes as registry
 from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
-from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, matmul_probe, measure,
-                                          median_times, read_probe)
+from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_probe,
+                                          matmul_probe, measure, median_times, read_probe)
 from memkernels.ops import backend as _backend
 
 OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd",
@@ -140,11 +143,13 @@ def main(argv=None) -> int:
     # the machine's limits: measured once here for the header, then again in
     # turns with every group's implementations, so each row's floor is
     # measured in the same minutes as the row itself
-    probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype)]
-    copy_bw, bw, peak = (measure(p, device) for p in probes)
+    probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype),
+              first_touch_probe(device)]
+    copy_bw, bw, peak, touch = (measure(p, device) for p in probes)
     print(f"# {info.get('gpu', info['cpu'])} ({info.get('cpu_isa', '-')}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
-          f"matmul {peak / 1e12:.2f} TFLOP/s | backends {backends}")
+          f"matmul {peak / 1e12:.2f} TFLOP/s | first touch {touch / 1e9:.1f} GB/s | "
+          f"backends {backends}")
 
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
         ready = [(case, *got) for case, got in ready if got is not None]
         times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
                              min_time=args.min_time, rounds=args.rounds, warmup=0)
-        copy_bw, bw, peak = (p.work / t for p, t in zip(probes, times[len(ready):]))
+        copy_bw, bw, peak, touch = (p.work / t for p, t in zip(probes, times[len(ready):]))
         for (case, _, timing), t in zip(ready, times):
             # a read's bytes are almost all read once; a write also stores its bank
             stream = bw if case.op.startswith("read") else copy_bw
@@ -170,12 +175,14 @@ def main(argv=None) -> int:
             if out_file:
                 out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
                                            "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
-                                           "matmul_gflops": peak / 1e9, "rounds": args.rounds,
+                                           "matmul_gflops": peak / 1e9,
+                                           "first_touch_gbps": touch / 1e9, "rounds": args.rounds,
                                            "limits": "in turns with the row",
                                            "time": stamp, **info}) + "\n")
                 out_file.flush()
         print(f"  {group[0].op} {group[0].shape.name}: read stream {bw / 1e9:.1f} GB/s, "
-              f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s in its turns",
+              f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s, first touch "
+              f"{touch / 1e9:.1f} GB/s in its turns",
               file=sys.stderr)
         for case in group:
             del case.fns

@@ -109,6 +109,16 @@ def read_probe(device: torch.device, nbytes: int = 1 << 30) -> Probe:
     return Probe([functools.partial(torch.sum, x) for x in xs], xs[0].numel() * 4)
 
 
+def first_touch_probe(device: torch.device, nbytes: int = 64 << 20) -> Probe:
+    """A fresh allocation of a large temporary's size, written once: what an
+    allocating implementation (eager, compiled) pays per new tensor past the
+    cache. On the CPU the pages fault in on first touch; on a VM with slow
+    faults this is a fraction of the copy, and those baselines slow with it.
+    (On CUDA the caching allocator makes it a plain fill.) Its work: bytes."""
+    n = nbytes // 4
+    return Probe([lambda: torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)], nbytes)
+
+
 def matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Probe:
     """A large square matmul on random data in `dtype` (2048 on the CPU)."""
     if device.type == "cpu":
