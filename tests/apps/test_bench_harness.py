@@ -8,7 +8,7 @@ import torch
 from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
 from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, reader_cases,
-                                         write_cases, write_matmuls)
+                                         attention_matmuls, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
 
@@ -27,8 +27,8 @@ def test_cases_compute_the_same_function():
     shape = ReadShape("tiny", B=2, H=2, T=3, S=40, D=8)
     outs = {}
     for case in read_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd"):
-        if "compile" in case.impl:
-            continue  # compiling is slow here; test_api covers torch.compile
+        if "compile" in case.impl or case.impl == MATMULS_ALONE:
+            continue  # compiling is slow here (test_api covers it); the floor: its own test
         outs[case.impl] = case.fns[0]()
         assert median_time(case.fns, torch.device("cpu"), min_time=0.0, max_reps=5) > 0
     for impl, out in outs.items():
@@ -42,26 +42,41 @@ def test_cases_compute_the_same_function():
         w[0].fns[0]()  # runs
 
 
-def test_write_floor_is_its_matmuls_on_the_same_inputs(monkeypatch):
-    """The write's measured floor runs its 2 forward / 5 backward matmuls on
-    the very inputs the write gets, chunk by chunk (here one group a chunk),
-    and counts the write's FLOPs."""
-    shape = WriteShape("tiny", B=2, H=3, S=5, T=7, D=8)
+def test_matmul_floors_run_the_ops_matmuls_on_the_same_inputs(monkeypatch):
+    """The write's and the prefill read's measured floors run their 2 forward /
+    5 backward matmuls on the very inputs the op gets, counted with its FLOPs;
+    chunks of groups or of rows compute the same products."""
+    cpu = torch.device("cpu")
     for mode, n_out in (("fwd", 1), ("bwd", 3), ("fwd_bwd", 4)):
-        cases = {c.impl: c for c in write_cases(shape, torch.device("cpu"), torch.float32,
-                                                ["cpu"], mode)}
-        floor, fused = cases[MATMULS_ALONE], cases["memkernels[cpu]"]
-        assert (floor.op, floor.flops, len(floor.fns)) == (fused.op, fused.flops, len(fused.fns))
-        assert len(floor.fns[0]()) == n_out
-    mem, q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 5, 7, 7))
-    monkeypatch.setitem(cases_module.SCORE_CHUNK_BYTES, "cpu", 5 * 7 * 4)  # one group a chunk
-    outs = write_matmuls(mem, q, k, v, mode="fwd_bwd")
-    assert len(outs) == 4 * 6
-    g = 4  # the fifth group (batch 1, head 1): its forward, then dV, dQ, dK stand-ins
-    qg, kg, vg, dg = q[1, 1], k[1, 1], v[1, 1], mem[1, 1]
-    p, dp = qg @ kg.T, dg @ vg.T
-    for got, want in zip(outs[4 * g:4 * g + 4], (p @ vg, p.T @ dg, dp @ kg, dp.T @ qg)):
-        torch.testing.assert_close(got[0], want)
+        for cases in (write_cases(WriteShape("tiny", B=2, H=3, S=5, T=7, D=8), cpu,
+                                  torch.float32, ["cpu"], mode),
+                      read_cases(ReadShape("tiny", B=2, H=3, T=4, S=9, D=8), cpu,
+                                 torch.float32, ["cpu"], mode)):
+            by_impl = {c.impl: c for c in cases}
+            floor, fused = by_impl[MATMULS_ALONE], by_impl["memkernels[cpu]"]
+            assert (floor.op, floor.flops, len(floor.fns)) == (fused.op, fused.flops,
+                                                               len(fused.fns))
+            assert len(floor.fns[0]()) == n_out
+    decode = read_cases(ReadShape("tiny", B=2, H=3, T=1, S=9, D=8), cpu, torch.float32,
+                        ["cpu"], "fwd")
+    assert MATMULS_ALONE not in {c.impl for c in decode}  # bound by bytes, not matmuls
+    q, dout, k, v = (torch.randn(3, n, 8) for n in (5, 5, 7, 7))
+    p, dp = q @ k.mT, dout @ v.mT
+    want = (p @ v, p.mT @ dout, dp @ k, dp.mT @ q)  # out, dV, dQ, dK
+    # chunks of 2 groups: each product's pieces stack along the groups
+    monkeypatch.setitem(cases_module.SCORE_CHUNK_BYTES, "cpu", 2 * 5 * 7 * 4)
+    outs = attention_matmuls(q, k, v, dout, mode="fwd_bwd")
+    for i, w in enumerate(want):
+        torch.testing.assert_close(torch.cat(outs[i::4]), w)
+    # chunks of 2 rows of one group: out and dQ stack along the rows, dV and dK sum
+    monkeypatch.setitem(cases_module.SCORE_CHUNK_BYTES, "cpu", 2 * 7 * 4)
+    outs = attention_matmuls(q, k, v, dout, mode="fwd_bwd")
+    assert len(outs) == 3 * 3 * 4  # 3 groups x 3 row chunks (2, 2, 1 rows)
+    per_group = [outs[12 * g:12 * g + 12] for g in range(3)]
+    for i, w in enumerate(want):
+        pieces = [[chunk[i + 4 * c] for c in range(3)] for chunk in per_group]
+        got = [torch.cat(x, 1) if i in (0, 2) else sum(x) for x in pieces]
+        torch.testing.assert_close(torch.cat(got), w)
 
 
 def test_reader_cases_compute_the_reading_layer():

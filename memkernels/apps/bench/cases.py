@@ -101,7 +101,19 @@ def read_cases(shape: ReadShape, device, dtype, backends, mode: str) -> list[Cas
     bank = (shape.H, shape.S, shape.D) if shape.shared else (shape.B, shape.H, shape.S, shape.D)
     inputs = [(shape.B, shape.H, shape.T, shape.D), bank, bank]
     sets = _input_sets(shape, inputs, device, dtype, mode)
-    return _build("read", shape, read_impls(shape, backends), sets, mode)
+    cases = _build("read", shape, read_impls(shape, backends), sets, mode)
+    if shape.T == 1:  # a decode step is bound by the bank's bytes, not by its matmuls
+        return cases
+    B, H, T, S, D = shape.B, shape.H, shape.T, shape.S, shape.D
+    if shape.shared:  # the batch folded into the rows of each head, as the kernels do
+        def split(s):
+            q = s[0].transpose(0, 1).reshape(H, B * T, D)
+            return q, s[1], s[2], q
+    else:
+        def split(s):
+            q = s[0].reshape(B * H, T, D)
+            return q, s[1].reshape(B * H, S, D), s[2].reshape(B * H, S, D), q
+    return cases + [_matmuls_case("read", mode, shape, cases[0], sets, split)]
 
 
 def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[Case]:
@@ -113,39 +125,52 @@ def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[C
     inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
     sets = _input_sets(shape, inputs, device, dtype, mode)
     cases = _build("write", shape, impls, sets, mode)
-    # the floor measured at this shape: the op's matmuls alone, on the same inputs
-    cases.append(Case(f"write_{mode}", shape, MATMULS_ALONE,
-                      [functools.partial(write_matmuls, *s, mode=mode) for s in sets],
-                      cases[0].flops, cases[0].bytes))
-    return cases
+    # the slots are the queries, the tokens the keys; any [S, D] stands in for d(upd)
+    return cases + [_matmuls_case("write", mode, shape, cases[0], sets, lambda s: (
+        s[1].reshape(B * H, S, D), s[2].reshape(B * H, T, D), s[3].reshape(B * H, T, D),
+        s[0].reshape(B * H, S, D)))]
 
 
 MATMULS_ALONE = "its matmuls alone (torch.bmm)"
 SCORE_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 40}  # CPU: a chunk's scores stay in the L3
 
 
+def _matmuls_case(kind: str, mode: str, shape, like: Case, sets: list[list], split) -> Case:
+    """The floor measured at this shape: the op's attention matmuls alone on
+    the same input sets (split(set) -> q, k, v, dout as [G, M, D] / [G, N, D]),
+    counted with the op's FLOPs."""
+    return Case(f"{kind}_{mode}", shape, MATMULS_ALONE,
+                [functools.partial(attention_matmuls, *split(s), mode=mode) for s in sets],
+                like.flops, like.bytes)
+
+
 @torch.no_grad()
-def write_matmuls(mem, q_slots, k_tok, v_tok, *gates, mode: str) -> list:
-    """The gated write's attention matmuls alone, with no softmax, mask or gate:
-    2 forward; 5 backward (the FlashAttention-2 recipe every backend runs,
-    which recomputes the scores rather than keep [S, T] per group). Timed
-    beside the write, it is the floor of that recipe on this machine's GEMM at
-    the op's own shapes (the square-matmul probe overstates what skinny
-    GEMMs reach). Groups go in chunks whose scores stay in the last-level
-    cache, as a fused kernel's tiles do."""
-    B, H, S, D = q_slots.shape
-    T, G = k_tok.shape[2], B * H
-    q, k, v = (x.detach().reshape(G, -1, D) for x in (q_slots, k_tok, v_tok))
-    dout = mem.detach().reshape(G, S, D)  # any [S, D] per group stands in for d(upd)
-    step = max(1, SCORE_CHUNK_BYTES[q.device.type] // (S * T * q.element_size()))
+def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
+    """An attention's matmuls alone, with no softmax, mask or gate: 2 forward;
+    5 backward (the FlashAttention-2 recipe every backend runs, which
+    recomputes the scores rather than keep [M, N] per group). q, dout
+    [G, M, D]; k, v [G, N, D]. Timed beside the op, it is the floor of that
+    recipe on this machine's GEMM at the op's own shapes (the square-matmul
+    probe overstates what these skinny GEMMs reach). Groups and rows go in
+    chunks whose scores stay in the last-level cache, as a fused kernel's
+    tiles do; a chunk's dK / dV are not summed into the group's (those adds
+    are left out of the floor)."""
+    G, M, D = q.shape
+    N = k.shape[1]
+    budget = max(1, SCORE_CHUNK_BYTES[q.device.type] // q.element_size())
+    rows = max(1, min(M, budget // N))
+    groups = max(1, budget // (M * N)) if rows == M else 1
+    q, k, v, dout = (x.detach() for x in (q, k, v, dout))
     outs = []
-    for g0 in range(0, G, step):
-        qc, kc, vc, dc = (x[g0:g0 + step] for x in (q, k, v, dout))
-        if mode in ("fwd", "fwd_bwd"):
-            outs.append(torch.bmm(torch.bmm(qc, kc.mT), vc))
-        if mode in ("bwd", "fwd_bwd"):
-            p, dp = torch.bmm(qc, kc.mT), torch.bmm(dc, vc.mT)
-            outs += [torch.bmm(p.mT, dc), torch.bmm(dp, kc), torch.bmm(dp.mT, qc)]
+    for g0 in range(0, G, groups):
+        kc, vc = k[g0:g0 + groups], v[g0:g0 + groups]
+        for r0 in range(0, M, rows):
+            qc, dc = q[g0:g0 + groups, r0:r0 + rows], dout[g0:g0 + groups, r0:r0 + rows]
+            if mode in ("fwd", "fwd_bwd"):
+                outs.append(torch.bmm(torch.bmm(qc, kc.mT), vc))
+            if mode in ("bwd", "fwd_bwd"):
+                p, dp = torch.bmm(qc, kc.mT), torch.bmm(dc, vc.mT)
+                outs += [torch.bmm(p.mT, dc), torch.bmm(dp, kc), torch.bmm(dp.mT, qc)]
     return outs
 
 
