@@ -28,7 +28,7 @@ def test_cases_compute_the_same_function():
     outs = {}
     for case in read_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd"):
         if "compile" in case.impl or case.impl == MATMULS_ALONE:
-            continue  # compiling is slow here (test_api covers it); the floor: its own test
+            continue  # compiling is slow here (test_api covers it); the matmuls: their own test
         outs[case.impl] = case.fns[0]()
         assert median_time(case.fns, torch.device("cpu"), min_time=0.0, max_reps=5) > 0
     for impl, out in outs.items():
@@ -43,9 +43,9 @@ def test_cases_compute_the_same_function():
 
 
 def test_matmul_floors_run_the_ops_matmuls_on_the_same_inputs(monkeypatch):
-    """The write's and the prefill read's measured floors run their 2 forward /
-    5 backward matmuls on the very inputs the op gets, counted with its FLOPs;
-    chunks of groups or of rows compute the same products."""
+    """The write's and the prefill read's "matmuls alone" rows run their 2
+    forward / 5 backward matmuls on the very inputs the op gets, counted with
+    its FLOPs; chunks of groups or of rows compute the same products."""
     cpu = torch.device("cpu")
     for mode, n_out in (("fwd", 1), ("bwd", 3), ("fwd_bwd", 4)):
         for cases in (write_cases(WriteShape("tiny", B=2, H=3, S=5, T=7, D=8), cpu,

@@ -125,7 +125,8 @@ def write_cases(shape: WriteShape, device, dtype, backends, mode: str) -> list[C
     inputs = [(B, H, S, D), (B, H, S, D), (B, H, T, D), (B, H, T, D), (B, H, S, 1), (B, H, S, 1)]
     sets = _input_sets(shape, inputs, device, dtype, mode)
     cases = _build("write", shape, impls, sets, mode)
-    # the slots are the queries, the tokens the keys; any [S, D] stands in for d(upd)
+    # its matmuls alone: the slots are the queries, the tokens the keys; any
+    # [S, D] stands in for d(upd)
     return cases + [_matmuls_case("write", mode, shape, cases[0], sets, lambda s: (
         s[1].reshape(B * H, S, D), s[2].reshape(B * H, T, D), s[3].reshape(B * H, T, D),
         s[0].reshape(B * H, S, D)))]
@@ -136,9 +137,8 @@ SCORE_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 40}  # CPU: a chunk's scores s
 
 
 def _matmuls_case(kind: str, mode: str, shape, like: Case, sets: list[list], split) -> Case:
-    """The floor measured at this shape: the op's attention matmuls alone on
-    the same input sets (split(set) -> q, k, v, dout as [G, M, D] / [G, N, D]),
-    counted with the op's FLOPs."""
+    """The op's attention matmuls alone on the same input sets (split(set) ->
+    q, k, v, dout as [G, M, D] / [G, N, D]), counted with the op's FLOPs."""
     return Case(f"{kind}_{mode}", shape, MATMULS_ALONE,
                 [functools.partial(attention_matmuls, *split(s), mode=mode) for s in sets],
                 like.flops, like.bytes)
@@ -149,12 +149,12 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
     """An attention's matmuls alone, with no softmax, mask or gate: 2 forward;
     5 backward (the FlashAttention-2 recipe every backend runs, which
     recomputes the scores rather than keep [M, N] per group). q, dout
-    [G, M, D]; k, v [G, N, D]. Timed beside the op, it is the floor of that
-    recipe on this machine's GEMM at the op's own shapes (the square-matmul
-    probe overstates what these skinny GEMMs reach). Groups and rows go in
-    chunks whose scores stay in the last-level cache, as a fused kernel's
-    tiles do; a chunk's dK / dV are not summed into the group's (those adds
-    are left out of the floor)."""
+    [G, M, D]; k, v [G, N, D]. Timed beside the op, it says what the GEMM
+    library reaches on the op's own skinny shapes (the square-matmul probe is
+    the machine's limit; these shapes reach less). Not a floor: a kernel that
+    tiles for the cache can beat it. Groups and rows go in chunks whose
+    scores stay in the last-level cache; a chunk's dK / dV are not summed
+    into the group's (those adds are left out)."""
     G, M, D = q.shape
     N = k.shape[1]
     budget = max(1, SCORE_CHUNK_BYTES[q.device.type] // q.element_size())
