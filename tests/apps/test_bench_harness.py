@@ -42,7 +42,7 @@ def test_cases_compute_the_same_function():
         w[0].fns[0]()  # runs
 
 
-def test_matmul_floors_run_the_ops_matmuls_on_the_same_inputs(monkeypatch):
+def test_matmuls_alone_rows_run_the_ops_matmuls_on_the_same_inputs(monkeypatch):
     """The write's and the prefill read's "matmuls alone" rows run their 2
     forward / 5 backward matmuls on the very inputs the op gets, counted with
     its FLOPs; chunks of groups or of rows compute the same products."""
@@ -53,10 +53,10 @@ def test_matmul_floors_run_the_ops_matmuls_on_the_same_inputs(monkeypatch):
                       read_cases(ReadShape("tiny", B=2, H=3, T=4, S=9, D=8), cpu,
                                  torch.float32, ["cpu"], mode)):
             by_impl = {c.impl: c for c in cases}
-            floor, fused = by_impl[MATMULS_ALONE], by_impl["memkernels[cpu]"]
-            assert (floor.op, floor.flops, len(floor.fns)) == (fused.op, fused.flops,
+            alone, fused = by_impl[MATMULS_ALONE], by_impl["memkernels[cpu]"]
+            assert (alone.op, alone.flops, len(alone.fns)) == (fused.op, fused.flops,
                                                                len(fused.fns))
-            assert len(floor.fns[0]()) == n_out
+            assert len(alone.fns[0]()) == n_out
     decode = read_cases(ReadShape("tiny", B=2, H=3, T=1, S=9, D=8), cpu, torch.float32,
                         ["cpu"], "fwd")
     assert MATMULS_ALONE not in {c.impl for c in decode}  # bound by bytes, not matmuls
