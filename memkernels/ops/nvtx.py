@@ -10,7 +10,9 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _enabled() -> bool:
+def nvtx_enabled() -> bool:
+    """Whether nvtx_range pushes ranges (CUDA present, MEMKERNELS_NVTX not 0):
+    a hot path checks it to skip even the null context."""
     return os.environ.get("MEMKERNELS_NVTX", "1") != "0" and torch.cuda.is_available()
 
 
@@ -24,4 +26,4 @@ def _cuda_range(name: str):
 
 
 def nvtx_range(name: str):
-    return _cuda_range(name) if _enabled() else contextlib.nullcontext()
+    return _cuda_range(name) if nvtx_enabled() else contextlib.nullcontext()

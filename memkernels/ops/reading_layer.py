@@ -13,6 +13,7 @@ backward (training composes memory_read, which has one).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -21,11 +22,12 @@ from torch import Tensor
 from memkernels.ops import backend as _backend
 from memkernels.ops import reference
 from memkernels.ops.checks import _scale, check_reading_layer
-from memkernels.ops.nvtx import nvtx_range
+from memkernels.ops.nvtx import nvtx_enabled, nvtx_range
 
 # key/value dtypes the CPU kernel reads beside float32 hidden states (bf16, or
 # int8 with a float32 scale per slot)
 NARROW_KV_DTYPES = (torch.bfloat16, torch.int8)
+_INF = float("inf")
 
 
 def cpu_kernel(hidden: Tensor, kv_dtype: torch.dtype,
@@ -52,6 +54,13 @@ def _run(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scal
         return reference.reading_layer(*args)
 
 
+# The fast path's constants, read once: a Python-level step there costs ~1 us
+# on a cold cache (a decode step's other weights evict the interpreter's data).
+_READER_FWD = getattr(_backend.extension()[0], "reader_fwd", None)
+_FAST_BACKENDS = (None, "auto", "cpu")
+_HIDDEN_DTYPES = (torch.float32, torch.float64)
+
+
 def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale,
                       mlp_w, mlp_b, query_b, unit_queries, context, context_w, centroids,
                       cluster_starts, probes, backend) -> Optional[Tensor]:
@@ -60,20 +69,33 @@ def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scal
     cpu backend, no gradients), else None. The extension checks every
     argument itself before any kernel runs; when it refuses them, the Python
     checks run to raise their message naming the argument (and the
-    extension's error stands where they pass). Saves the checks' ~5-20 us
-    per call: a decode step's reading layer reads its bytes in ~100 us."""
-    if not (isinstance(hidden, Tensor) and isinstance(keys, Tensor) and keys.dim() >= 1
-            and backend in (None, "auto", "cpu") and type(eps) in (float, int) and eps >= 0):
+    extension's error stands where they pass). The same choice as
+    cpu_kernel(), in builtins and attribute reads only: through cpu_kernel,
+    the checks' helpers and a null context this wrapper took ~25 us a call
+    on a cold cache, next to the kernel's ~150 us (docs/performance.md)."""
+    if _READER_FWD is None or backend not in _FAST_BACKENDS or not isinstance(hidden, Tensor) \
+            or not isinstance(keys, Tensor) or type(eps) not in (float, int) or not eps >= 0:
         return None
-    kernel = cpu_kernel(hidden, keys.dtype, backend)
-    if kernel is None:
+    if backend is None:  # $MEMKERNELS_BACKEND, read on every call as resolve() does
+        named = os.environ.get(_backend.ENV_VAR)
+        if named is not None and named not in ("auto", "cpu"):
+            return None
+    hidden_dtype, kv_dtype = hidden.dtype, keys.dtype
+    if hidden.device.type != "cpu" or hidden_dtype not in _HIDDEN_DTYPES or not (
+            kv_dtype == hidden_dtype
+            or (kv_dtype in NARROW_KV_DTYPES and hidden_dtype == torch.float32)) \
+            or keys.dim() < 1:
         return None
-    scale = _scale(scale, keys.shape[-1])  # raises as the full checks would
+    if type(scale) is not float or not abs(scale) < _INF:  # None, an int, NaN, inf
+        scale = _scale(scale, keys.shape[-1])  # raises as the full checks would
+    args = (hidden, query_w, keys, values, out_w, float(eps), scale, key_scale, value_scale,
+            mlp_w, mlp_b, query_b, bool(unit_queries), context, context_w, centroids,
+            cluster_starts, probes)
     try:
-        with nvtx_range("memkernels.reading_layer[cpu]"):
-            return kernel(hidden, query_w, keys, values, out_w, float(eps), scale, key_scale,
-                          value_scale, mlp_w, mlp_b, query_b, bool(unit_queries), context,
-                          context_w, centroids, cluster_starts, probes)
+        if nvtx_enabled():
+            with nvtx_range("memkernels.reading_layer[cpu]"):
+                return _READER_FWD(*args)
+        return _READER_FWD(*args)
     except (RuntimeError, TypeError, ValueError) as refused:
         check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
                             value_scale, mlp_w, mlp_b, query_b, context, context_w, centroids,

@@ -4,6 +4,7 @@ on a grid of shapes, its argument checks, and the op under torch.compile."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -197,6 +198,50 @@ def _check_errors(hidden, kw, opts, args, no_grad):
             memkernels.reading_layer(hidden.requires_grad_(), *args[1:], **opts)
     with pytest.raises(ValueError, match="no triton kernel"):
         memkernels.reading_layer(hidden.detach(), *args[1:], backend="triton", **opts)
+
+
+def test_no_grad_fast_path_follows_the_backend_choice(monkeypatch):
+    """Without gradients the CPU kernel is called before any Python check; it
+    is taken exactly where the backend choice picks it: $MEMKERNELS_BACKEND
+    naming the reference (or nothing valid) keeps it out, an int or default
+    scale is resolved as the full checks do."""
+    cpu_extension()
+    layer_module = sys.modules["memkernels.ops.reading_layer"]
+    hidden, kw, opts = layer_inputs(B=2, T=1, Hk=2, per_kv=2, S=9, dtype=torch.float64,
+                                    shared=True, mlp=6)
+    args = (hidden, kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    calls = []
+    kernel = layer_module._READER_FWD
+
+    def counted(*a):
+        calls.append(a[6])  # the scale it was given
+        return kernel(*a)
+    monkeypatch.setattr(layer_module, "_READER_FWD", counted)
+    with torch.no_grad():
+        want = memkernels.reading_layer(*args, scale=0.5, backend="reference", **opts)
+        monkeypatch.setenv("MEMKERNELS_BACKEND", "reference")
+        got = memkernels.reading_layer(*args, scale=0.5, **opts)
+        assert calls == [] and torch.equal(got, want)
+        monkeypatch.setenv("MEMKERNELS_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="MEMKERNELS_BACKEND"):
+            memkernels.reading_layer(*args, **opts)
+        assert calls == []
+        for env in ("cpu", "auto", None):
+            if env is None:
+                monkeypatch.delenv("MEMKERNELS_BACKEND")
+            else:
+                monkeypatch.setenv("MEMKERNELS_BACKEND", env)
+            got = memkernels.reading_layer(*args, scale=0.5, **opts)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert calls == [0.5, 0.5, 0.5]
+        memkernels.reading_layer(*args, scale=2, **opts)
+        memkernels.reading_layer(*args, **opts)
+        assert calls[3:] == [2.0, kw["keys"].shape[-1] ** -0.5]
+        assert type(calls[3]) is float
+        for bad in (float("inf"), float("nan")):
+            with pytest.raises(ValueError, match="scale must be finite"):
+                memkernels.reading_layer(*args, scale=bad, **opts)
+        assert len(calls) == 5
 
 
 def test_reading_layer_is_one_op_under_torch_compile():
