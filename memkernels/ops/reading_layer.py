@@ -27,18 +27,23 @@ from memkernels.ops.nvtx import nvtx_enabled, nvtx_range
 # key/value dtypes the CPU kernel reads beside float32 hidden states (bf16, or
 # int8 with a float32 scale per slot)
 NARROW_KV_DTYPES = (torch.bfloat16, torch.int8)
+_HIDDEN_DTYPES = (torch.float32, torch.float64)
 _INF = float("inf")
+
+
+def reads_dtypes(hidden_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Whether the CPU kernel takes hidden states of hidden_dtype (float32 or
+    float64) with keys/values of kv_dtype (the same, or bf16/int8 for float32)."""
+    return hidden_dtype in _HIDDEN_DTYPES and (kv_dtype == hidden_dtype or (
+        kv_dtype in NARROW_KV_DTYPES and hidden_dtype == torch.float32))
 
 
 def cpu_kernel(hidden: Tensor, kv_dtype: torch.dtype,
                backend: Optional[str] = None) -> Optional[Callable[..., Tensor]]:
-    """memkernels._C.reader_fwd when it runs this layer: CPU tensors, float32
-    or float64 hidden states, keys/values of that dtype (or bf16/int8 for
-    float32), the cpu backend chosen, the extension built; else None."""
-    kv_ok = kv_dtype == hidden.dtype or (kv_dtype in NARROW_KV_DTYPES
-                                         and hidden.dtype == torch.float32)
-    if not (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
-            and kv_ok and _backend.resolve(backend, hidden.device) == "cpu"):
+    """memkernels._C.reader_fwd when it runs this layer: CPU tensors, dtypes
+    it reads (reads_dtypes), the cpu backend chosen, the extension built; else None."""
+    if not (hidden.device.type == "cpu" and reads_dtypes(hidden.dtype, kv_dtype)
+            and _backend.resolve(backend, hidden.device) == "cpu"):
         return None
     return getattr(_backend.extension()[0], "reader_fwd", None)
 
@@ -54,11 +59,11 @@ def _run(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scal
         return reference.reading_layer(*args)
 
 
-# The fast path's constants, read once: a Python-level step there costs ~1 us
-# on a cold cache (a decode step's other weights evict the interpreter's data).
+# The fast path's constants, read once (the extension is imported once, at
+# load: backend.extension()): each Python-level step of a decode step's call
+# counts, as the step's other weights evict the interpreter's data.
 _READER_FWD = getattr(_backend.extension()[0], "reader_fwd", None)
 _FAST_BACKENDS = (None, "auto", "cpu")
-_HIDDEN_DTYPES = (torch.float32, torch.float64)
 
 
 def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale,
@@ -70,9 +75,10 @@ def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scal
     argument itself before any kernel runs; when it refuses them, the Python
     checks run to raise their message naming the argument (and the
     extension's error stands where they pass). The same choice as
-    cpu_kernel(), in builtins and attribute reads only: through cpu_kernel,
-    the checks' helpers and a null context this wrapper took ~25 us a call
-    on a cold cache, next to the kernel's ~150 us (docs/performance.md)."""
+    cpu_kernel(), in builtins and attribute reads: through cpu_kernel (the
+    backend resolution and its messages), the checks' helpers and a null
+    context it took 16-27 us a call over the kernel's 150-300 with the inputs
+    coming from DRAM, now 10-12 (docs/log.md)."""
     if _READER_FWD is None or backend not in _FAST_BACKENDS or not isinstance(hidden, Tensor) \
             or not isinstance(keys, Tensor) or type(eps) not in (float, int) or not eps >= 0:
         return None
@@ -80,11 +86,7 @@ def _cpu_kernel_first(hidden, query_w, keys, values, out_w, eps, scale, key_scal
         named = os.environ.get(_backend.ENV_VAR)
         if named is not None and named not in ("auto", "cpu"):
             return None
-    hidden_dtype, kv_dtype = hidden.dtype, keys.dtype
-    if hidden.device.type != "cpu" or hidden_dtype not in _HIDDEN_DTYPES or not (
-            kv_dtype == hidden_dtype
-            or (kv_dtype in NARROW_KV_DTYPES and hidden_dtype == torch.float32)) \
-            or keys.dim() < 1:
+    if hidden.device.type != "cpu" or not reads_dtypes(hidden.dtype, keys.dtype) or keys.dim() < 1:
         return None
     if type(scale) is not float or not abs(scale) < _INF:  # None, an int, NaN, inf
         scale = _scale(scale, keys.shape[-1])  # raises as the full checks would
