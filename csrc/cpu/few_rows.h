@@ -124,7 +124,12 @@ inline bool few_rows_project(const float* x, int64_t M, const float* w, int64_t 
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t per = ((N + threads - 1) / threads + 3) & ~int64_t(3);
     const int64_t j0 = std::min(N, t * per), j1 = std::min(N, j0 + per);
-    if (j0 < j1) {
+    if (j0 < j1 && M <= rows_per_block(isa)) {  // one row block: the weights in order
+      if (isa == Isa::avx512)
+        isa_avx512::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
+      else
+        isa_avx2::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
+    } else if (j0 < j1) {  // more rows: 4 weight rows a step share each row's loads
       if (isa == Isa::avx512)
         isa_avx512::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
       else
@@ -138,23 +143,38 @@ inline bool few_rows_project(const float* x, int64_t M, const float* w, int64_t 
 #endif
 }
 
-// out[m] += x_m @ w: x [M, K], w [K, C], out [M, C], M <= kFewRowsMax.
+// out[m] += x_m @ w: x [M, K], w [K, C], out [M, C], M <= kFewRowsMax. Each
+// thread takes a contiguous range of w's rows (so its bytes stream in order)
+// into a partial sum; thread 0's is out itself, the others' are added after.
 inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int64_t K, int64_t C,
                                   float* out) {
 #ifdef MK_HAVE_SIMD_VEC
   const Isa isa = best_isa();
   const int64_t width = vector_width(isa);
   if (isa == Isa::generic || M < 1 || M > kFewRowsMax || C % width != 0 || K < 1) return false;
-#pragma omp parallel if (K * C >= kParallelWeights)
+  const bool split = K * C >= kParallelWeights;
+  const int64_t threads = split ? std::min<int64_t>(omp_get_max_threads(), (K + 3) / 4) : 1;
+  std::vector<float> partial((threads - 1) * M * C, 0.0f);
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t vecs = C / width, per = (vecs + threads - 1) / threads;
-    const int64_t c0 = std::min(vecs, t * per) * width, c1 = std::min(vecs, (t + 1) * per) * width;
-    if (c0 < c1) {
+    const int64_t used = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = ((K + used - 1) / used + 3) & ~int64_t(3);
+    const int64_t k0 = std::min(K, t * per), k1 = std::min(K, k0 + per);
+    float* dst = t == 0 ? out : partial.data() + (t - 1) * M * C;
+    if (k0 < k1) {
       if (isa == Isa::avx512)
-        isa_avx512::rows_times_weight(x, M, K, w, K, C, c0, c1, out, C);
+        isa_avx512::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
       else
-        isa_avx2::rows_times_weight(x, M, K, w, K, C, c0, c1, out, C);
+        isa_avx2::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
+    }
+    if (used > 1) {
+#pragma omp barrier
+      const int64_t n = M * C, share = (n + used - 1) / used;
+      const int64_t e0 = std::min(n, t * share), e1 = std::min(n, e0 + share);
+      for (int64_t s = 1; s < used; ++s) {
+        const float* from = partial.data() + (s - 1) * n;
+        for (int64_t e = e0; e < e1; ++e) out[e] += from[e];
+      }
     }
   }
   return true;
