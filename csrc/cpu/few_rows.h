@@ -158,7 +158,7 @@ inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int64_t used = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = ((K + used - 1) / used + 3) & ~int64_t(3);
+    const int64_t per = (K + used - 1) / used;
     const int64_t k0 = std::min(K, t * per), k1 = std::min(K, k0 + per);
     float* dst = t == 0 ? out : partial.data() + (t - 1) * M * C;
     if (k0 < k1) {
