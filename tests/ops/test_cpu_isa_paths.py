@@ -166,7 +166,8 @@ for C, M, H, Hk, D, B, T, S, shared in [
         (256, 0, 4, 1, 64, 3, 1, 5000, True),     # linear query, 3 rows
         (128, 64, 2, 2, 16, 2, 2, 700, False),    # per-row banks, 2 tokens each
         (256, 128, 6, 3, 32, 4, 1, 1, True),      # one slot
-        (64, 32, 2, 1, 32, 1, 1, 3, True)]:       # small: one thread
+        (64, 32, 2, 1, 32, 1, 1, 3, True),        # small: one thread
+        (560, 520, 3, 1, 40, 2, 1, 300, True)]:   # threaded projections on odd widths
     layer_case(C, M, H, Hk, D, B, T, S, shared)
 layer_case(256, 256, 4, 1, 64, 1, 1, 1029, True, context=True)
 layer_case(256, 128, 4, 1, 32, 3, 1, 2000, True, context=True, logit=50.0)
