@@ -153,7 +153,10 @@ inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int
   const int64_t width = vector_width(isa);
   if (isa == Isa::generic || M < 1 || M > kFewRowsMax || C % width != 0 || K < 1) return false;
   const bool split = K * C >= kParallelWeights;
-  const int64_t threads = split ? std::min<int64_t>(omp_get_max_threads(), (K + 3) / 4) : 1;
+  // at least 16 weight rows a row of x per thread: each extra thread's partial sum is
+  // written and read once (2 * M * C floats), at most 1/8 of the weights' bytes
+  const int64_t threads =
+      split ? std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), K / (16 * M))) : 1;
   std::vector<float> partial((threads - 1) * M * C, 0.0f);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
