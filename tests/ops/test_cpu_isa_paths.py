@@ -66,6 +66,28 @@ for B, T, S, D in [(3, 1, 70, 64), (4, 3, 1029, 32), (13, 1, 260, 16)]:
     out = memory_read(q, k, v, slot_mask=m, backend="cpu")
     assert (out[-1] == 0).all(), "a fully masked row reads zeros"
 
+# one row block a group (1-2 rows on AVX2, up to 4 on AVX-512: the one-pass body, 4 keys a
+# step): masks dense and sparse (most steps fully masked), a fully masked row, a NaN query,
+# a NaN key (every row of its head reads it)
+for B, S, D in [(1, 70, 64), (2, 1029, 32), (2, 6, 16), (4, 301, 32), (1, 2, 8)]:
+    q, k, v = torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    for density in (0.5, 0.05):
+        m = torch.rand(B, S) < density
+        m[-1] = False
+        check(q, k, v, m, what=f"one pass, mask [B, S] {density} B={B} S={S} D={D}")
+        out = memory_read(q, k, v, slot_mask=m, backend="cpu")
+        assert (out[-1] == 0).all(), "a fully masked row reads zeros"
+    qn = q.clone()
+    qn[0, 1, 0, 3] = float("nan")
+    out = memory_read(qn, k, v, backend="cpu")
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+    check(qn, k, v, what=f"one pass, NaN query B={B} S={S} D={D}")
+    kn = k.clone()
+    kn[0, S // 2, 0] = float("nan")
+    out = memory_read(q, kn, v, backend="cpu")
+    assert out[:, 0].isnan().all() and not out[:, 1].isnan().any()
+    check(q, kn, v, what=f"one pass, NaN key B={B} S={S} D={D}")
+
 # x50 logits: the online softmax's rescaling across chunks
 for B, S, D in [(8, 2000, 64), (3, 129, 48), (1, 5000, 16)]:
     q, k, v = 50 * torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
