@@ -70,7 +70,7 @@ phase() { echo "== $1 ($(date -u +%T))"; }
       grep -A 12 "cuda_gpu_kern_sum" "$RESULTS/nsys.txt" | head -n 16
     fi
     if command -v ncu >/dev/null; then
-      timeout 25 ncu --nvtx --nvtx-include "read_fwd_decode/" --section SpeedOfLight \
+      timeout 25 ncu --clock-control none --nvtx --nvtx-include "read_fwd_decode/" --section SpeedOfLight \
         --section Occupancy -c 4 /tmp/mk-build/memkernels_profile > "$RESULTS/ncu.txt" 2>&1 \
         || echo "ncu failed (see ncu.txt)"
       grep -E "^  [a-z_]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|ERR_" \
