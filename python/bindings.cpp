@@ -31,7 +31,7 @@ mk::AttentionProblem<T> read_problem(const ReadLayout& L, const Tensor& q, const
 std::tuple<Tensor, Tensor> read_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const OptTensor& slot_mask, double scale) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
-  TORCH_CHECK(q.device().is_cpu(), "memkernels._C.read_fwd: tensors must be on the CPU");
+  MK_CHECK(q.device().is_cpu(), "memkernels._C.read_fwd: tensors must be on the CPU");
   const auto ct = compute_type(q);
   if (L.empty()) return {at::empty_like(q), at::empty({L.B, L.H, L.T}, q.options().dtype(ct))};
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
                                             const Tensor& v, const Tensor& out, const Tensor& lse,
                                             const OptTensor& slot_mask, double scale) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
-  TORCH_CHECK(q.device().is_cpu(), "memkernels._C.read_bwd: tensors must be on the CPU");
+  MK_CHECK(q.device().is_cpu(), "memkernels._C.read_bwd: tensors must be on the CPU");
   check_saved(q, {{dout, "dout", q.sizes().vec()}, {out, "out", q.sizes().vec()},
                   {lse, "lse", {L.B, L.H, L.T}}});
   if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& mem, const Tensor& q_
                                              const Tensor& forget_logit, const Tensor& input_logit,
                                              const OptTensor& token_mask, double scale) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
-  TORCH_CHECK(mem.device().is_cpu(), "memkernels._C.write_fwd: tensors must be on the CPU");
+  MK_CHECK(mem.device().is_cpu(), "memkernels._C.write_fwd: tensors must be on the CPU");
   const auto ct = compute_type(mem);
   if (W.empty())
     return {at::empty_like(mem), at::empty_like(mem, mem.options().dtype(ct)),
@@ -107,7 +107,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
     const Tensor& v_tok, const Tensor& forget_logit, const Tensor& input_logit,
     const OptTensor& token_mask, const Tensor& upd, const Tensor& lse, double scale) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
-  TORCH_CHECK(mem.device().is_cpu(), "memkernels._C.write_bwd: tensors must be on the CPU");
+  MK_CHECK(mem.device().is_cpu(), "memkernels._C.write_bwd: tensors must be on the CPU");
   check_saved(mem, {{dnew, "dnew", mem.sizes().vec()}, {upd, "upd", mem.sizes().vec()},
                     {lse, "lse", {W.B, W.H, W.S}}});
   if (W.empty())
@@ -143,10 +143,10 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                   const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
                   bool unit_queries, const OptTensor& context, const OptTensor& context_w,
                   const OptTensor& centroids, const OptTensor& cluster_starts, int64_t probes) {
-  TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+  MK_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
+  MK_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.reader_fwd: hidden must be float32 or float64");
-  TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
+  MK_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
   check_same(query_w, hidden, "query_w");
   // Narrow key/value storage (with float32 hidden states): bf16, or int8 with
   // one float32 scale per slot in key_scale/value_scale.
@@ -154,20 +154,20 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                       (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kChar);
   if (!narrow) check_same(keys, hidden, "keys");
   check_same(values, keys, "values");
-  TORCH_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
+  MK_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
   check_same(out_w, hidden, "out_w");
   const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
-  TORCH_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
+  MK_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
               shape_str(keys.sizes()));
   const bool shared = keys.dim() == 3;
   const int64_t Hk = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
-  TORCH_CHECK(Hk > 0 && S > 0, "keys must hold at least one head and one slot, got ",
+  MK_CHECK(Hk > 0 && S > 0, "keys must hold at least one head and one slot, got ",
               shape_str(keys.sizes()));
   check_head_dim(D, "keys");
-  TORCH_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
+  MK_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
   if (!shared) check_shape(keys, "keys", {B, Hk, S, D});
   check_shape(values, "values", keys.sizes());
-  TORCH_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk * D) == 0,
+  MK_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk * D) == 0,
               "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
               "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
   const int64_t H = query_w.size(0) / D;
@@ -175,47 +175,47 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   if (mlp_w.has_value()) {
     check_same(*mlp_w, hidden, "mlp_w");
     check_shape(*mlp_w, "mlp_w", {M, C});
-    TORCH_CHECK(mlp_b.has_value(), "mlp_w needs mlp_b");
+    MK_CHECK(mlp_b.has_value(), "mlp_w needs mlp_b");
   } else {
-    TORCH_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
+    MK_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
   }
   if (mlp_b.has_value()) {
     check_same(*mlp_b, hidden, "mlp_b");
     check_shape(*mlp_b, "mlp_b", {M});
   }
   // the context beside the normed hidden state, into the MLP's first layer
-  TORCH_CHECK(context.has_value() == context_w.has_value(),
+  MK_CHECK(context.has_value() == context_w.has_value(),
               "context and context_w go together (the context and its first-layer columns)");
   if (context.has_value()) {
-    TORCH_CHECK(M > 0, "context goes only with mlp_w (an MLP query)");
+    MK_CHECK(M > 0, "context goes only with mlp_w (an MLP query)");
     check_same(*context, hidden, "context");
     check_shape(*context, "context", hidden.sizes());
     check_same(*context_w, hidden, "context_w");
     check_shape(*context_w, "context_w", {M, C});
   }
   // an inverted-file index of a shared bank: keys sorted by cluster per kv head
-  TORCH_CHECK(centroids.has_value() == cluster_starts.has_value() &&
+  MK_CHECK(centroids.has_value() == cluster_starts.has_value() &&
                   centroids.has_value() == (probes > 0),
               "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
               "probes = ", probes);
   if (centroids.has_value()) {
-    TORCH_CHECK(shared, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
+    MK_CHECK(shared, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
     check_same(*centroids, hidden, "centroids");
-    TORCH_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk && centroids->size(2) == D &&
+    MK_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk && centroids->size(2) == D &&
                     centroids->size(1) > 0,
                 "centroids must be [", Hk, ", clusters, ", D, "], got ",
                 shape_str(centroids->sizes()));
     const int64_t Cn = centroids->size(1);
-    TORCH_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
+    MK_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
                 "cluster_starts must be int64 on the CPU");
     check_shape(*cluster_starts, "cluster_starts", {Hk, Cn + 1});
     const Tensor starts = cluster_starts->contiguous();
     const int64_t* st = starts.data_ptr<int64_t>();
     for (int64_t g = 0; g < Hk; ++g) {  // ranges in order, covering [0, S): reads stay in the bank
-      TORCH_CHECK(st[g * (Cn + 1)] == 0 && st[g * (Cn + 1) + Cn] == S,
+      MK_CHECK(st[g * (Cn + 1)] == 0 && st[g * (Cn + 1) + Cn] == S,
                   "cluster_starts[", g, "] must run from 0 to the ", S, " slots");
       for (int64_t j = 0; j < Cn; ++j)
-        TORCH_CHECK(st[g * (Cn + 1) + j] <= st[g * (Cn + 1) + j + 1],
+        MK_CHECK(st[g * (Cn + 1) + j] <= st[g * (Cn + 1) + j + 1],
                     "cluster_starts[", g, "] must not decrease");
     }
   }
@@ -227,19 +227,19 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   check_shape(out_w, "out_w", {H * D, C});
   const bool int8_kv = keys.scalar_type() == at::kChar;
   if (int8_kv) {
-    TORCH_CHECK(key_scale.has_value() && value_scale.has_value(),
+    MK_CHECK(key_scale.has_value() && value_scale.has_value(),
                 "int8 keys/values need key_scale and value_scale (float32, one per slot)");
   } else {
-    TORCH_CHECK(!key_scale.has_value() && !value_scale.has_value(),
+    MK_CHECK(!key_scale.has_value() && !value_scale.has_value(),
                 "key_scale/value_scale go only with int8 keys/values");
   }
   Tensor ks, vs;
   if (int8_kv) {
     const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);
     auto check_scale = [&](const Tensor& t, const char* name) {
-      TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
+      MK_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
                   t.scalar_type());
-      TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+      MK_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
       check_shape(t, name, per_slot);
     };
     check_scale(*key_scale, "key_scale");
@@ -314,15 +314,15 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
 Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& read,
                     const Tensor& units, const Tensor& gate_w, double eps, double sharpness,
                     double gate_bias, double gate_confidence, const OptTensor& unit_scale) {
-  TORCH_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+  MK_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
+  MK_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "memkernels._C.copy_mix_fwd: hidden must be float32 or float64, got ",
               hidden.scalar_type());
-  TORCH_CHECK(hidden.device().is_cpu(), "memkernels._C.copy_mix_fwd: tensors must be on the CPU");
+  MK_CHECK(hidden.device().is_cpu(), "memkernels._C.copy_mix_fwd: tensors must be on the CPU");
   const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
-  TORCH_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
+  MK_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
   check_same(logits, hidden, "logits");
-  TORCH_CHECK(logits.dim() == 3 && logits.size(0) == B && logits.size(1) == T &&
+  MK_CHECK(logits.dim() == 3 && logits.size(0) == B && logits.size(1) == T &&
                   logits.size(2) > 0,
               "logits must be [B, T, V] = [", B, ", ", T, ", V >= 1], got ",
               shape_str(logits.sizes()));
@@ -337,14 +337,14 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
     check_same(*unit_scale, hidden, "unit_scale");
     check_shape(*unit_scale, "unit_scale", {V});
   }
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  MK_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
   // the scalars are cast to the tensors' dtype: finite there
   const double limit = hidden.scalar_type() == at::kFloat
                            ? static_cast<double>(std::numeric_limits<float>::max())
                            : std::numeric_limits<double>::max();
   for (const auto& [name, x] : {std::pair<const char*, double>{"eps", eps}, {"sharpness", sharpness},
                                 {"gate_bias", gate_bias}, {"gate_confidence", gate_confidence}})
-    TORCH_CHECK(std::isfinite(x) && std::abs(x) <= limit, name, " must be finite in ",
+    MK_CHECK(std::isfinite(x) && std::abs(x) <= limit, name, " must be finite in ",
                 hidden.scalar_type(), ", got ", x);
   Tensor out = at::empty({B, T, V}, hidden.options());
   if (B * T == 0) return out;
@@ -374,20 +374,20 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
        {std::tuple<const char*, const Tensor*, at::ScalarType>{"starts", &starts, at::kLong},
         {"post_text", &post_text, at::kLong}, {"post_score", &post_score, at::kDouble},
         {"terms", &terms, at::kLong}})
-    TORCH_CHECK(t->layout() == at::kStrided && t->dim() == 1 && t->scalar_type() == dtype &&
+    MK_CHECK(t->layout() == at::kStrided && t->dim() == 1 && t->scalar_type() == dtype &&
                     t->device().is_cpu(),
                 op, name, " must be a 1-d ", dtype, " CPU tensor, got ", t->scalar_type(), " ",
                 shape_str(t->sizes()), " on ", t->device());
-  TORCH_CHECK(starts.numel() >= 1, op, "starts must be [num_terms + 1], got an empty tensor");
-  TORCH_CHECK(post_score.numel() == post_text.numel(), op, "post_score must be [P] = [",
+  MK_CHECK(starts.numel() >= 1, op, "starts must be [num_terms + 1], got an empty tensor");
+  MK_CHECK(post_score.numel() == post_text.numel(), op, "post_score must be [P] = [",
               post_text.numel(), "] as post_text, got ", shape_str(post_score.sizes()));
   // the totals are one float64 per text, zeroed per call: a bound keeps a
   // bad count from asking for more memory than any bank could need
   constexpr int64_t kMaxTexts = int64_t(1) << 28;
-  TORCH_CHECK(num_texts >= 0 && num_texts <= kMaxTexts, op, "num_texts must be in [0, 2^28], got ",
+  MK_CHECK(num_texts >= 0 && num_texts <= kMaxTexts, op, "num_texts must be in [0, 2^28], got ",
               num_texts);
-  TORCH_CHECK(k >= 1, op, "k must be >= 1, got ", k);
-  TORCH_CHECK(std::isfinite(min_score_ratio) && min_score_ratio >= 0 && min_score_ratio <= 1,
+  MK_CHECK(k >= 1, op, "k must be >= 1, got ", k);
+  MK_CHECK(std::isfinite(min_score_ratio) && min_score_ratio >= 0 && min_score_ratio <= 1,
               op, "min_score_ratio must be in [0, 1], got ", min_score_ratio);
   // the GIL stays held: these tensors are Python's, and a thread writing them
   // mid-call must not meet a half-checked index
@@ -398,11 +398,11 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
                               pt.data_ptr<int64_t>(), ps.data_ptr<double>(),
                               q.data_ptr<int64_t>(), q.numel(), k, min_score_ratio};
   const int64_t n = mk::postings_top(p, out.data_ptr<int64_t>());
-  TORCH_CHECK(n != mk::kPostingsBadTerm, op, "terms must be term indices in [0, ", st.numel() - 1,
+  MK_CHECK(n != mk::kPostingsBadTerm, op, "terms must be term indices in [0, ", st.numel() - 1,
               "), got one outside");
-  TORCH_CHECK(n != mk::kPostingsBadRange, op, "starts must rise within [0, ", pt.numel(),
+  MK_CHECK(n != mk::kPostingsBadRange, op, "starts must rise within [0, ", pt.numel(),
               "] (the number of postings) at the query's terms");
-  TORCH_CHECK(n != mk::kPostingsBadText, op, "post_text must hold texts in [0, ", num_texts,
+  MK_CHECK(n != mk::kPostingsBadText, op, "post_text must hold texts in [0, ", num_texts,
               ") at the query's terms' postings");
   return out.narrow(0, 0, n).clone();
 }

@@ -22,17 +22,17 @@ mc::DType dtype_of(const Tensor& t) {
     case at::kDouble: return mc::DType::kFloat64;
     case at::kHalf: return mc::DType::kFloat16;
     case at::kBFloat16: return mc::DType::kBFloat16;
-    default: TORCH_CHECK(false, "memkernels CUDA kernels take float16, bfloat16, float32 or float64, got ",
+    default: MK_CHECK(false, "memkernels CUDA kernels take float16, bfloat16, float32 or float64, got ",
                          t.scalar_type());
   }
 }
 
 void check_launch(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "memkernels CUDA ", what, " failed: ", cudaGetErrorString(e));
+  MK_CHECK(e == cudaSuccess, "memkernels CUDA ", what, " failed: ", cudaGetErrorString(e));
 }
 
 void check_cuda_device(const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "memkernels._C.cuda: tensors must be on a CUDA device, got ", t.device());
+  MK_CHECK(t.is_cuda(), "memkernels._C.cuda: tensors must be on a CUDA device, got ", t.device());
 }
 
 OptTensor contiguous_mask(const OptTensor& m) {

@@ -4,9 +4,12 @@
 
 #include <torch/extension.h>
 
+#include <cstdio>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -17,9 +20,42 @@ namespace memkernels::binding {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Shapes are formatted here rather than through c10's operator<< for
-// IntArrayRef: on torch 2.11 that path crashed an extension on a GPU machine
-// while plain strings were fine.
+// Error messages are built here, numbers through std::to_string / snprintf,
+// and handed to TORCH_CHECK as one string: on torch 2.11 (the GPU image), an
+// integer or a shape formatted through c10::str crashed the process where
+// plain strings, dtypes and devices were fine. MK_CHECK is TORCH_CHECK with
+// that formatting; the bindings use it for every check.
+namespace detail {
+inline std::string number_str(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+template <typename T>
+void append(std::string& s, const T& x) {
+  if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    s += std::string_view(x);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    s += x ? "true" : "false";
+  } else if constexpr (std::is_integral_v<T>) {
+    s += std::to_string(x);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    s += number_str(double(x));
+  } else {  // dtypes, devices
+    s += c10::str(x);
+  }
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+#define MK_CHECK(cond, ...) TORCH_CHECK((cond), ::memkernels::binding::message(__VA_ARGS__))
+
 inline std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "[";
   for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
@@ -27,36 +63,36 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 }
 
 inline void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
+  MK_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
 }
 
 inline void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", shape_str(expected), ", got ",
+  MK_CHECK(t.sizes() == expected, name, " must have shape ", shape_str(expected), ", got ",
               shape_str(t.sizes()));
 }
 
 inline void check_same(const Tensor& t, const Tensor& ref, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
+  MK_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  MK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
 }
 
 inline void check_device(const Tensor& t, const Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+  MK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
 }
 
 // Head dims the kernels take (the public ops check the same range).
 constexpr int64_t kMaxHeadDim = 256;
 
 inline void check_head_dim(int64_t D, const char* name) {
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, name, " must have a head dim Dh in 1..", kMaxHeadDim,
+  MK_CHECK(D >= 1 && D <= kMaxHeadDim, name, " must have a head dim Dh in 1..", kMaxHeadDim,
               ", got ", std::to_string(D));
 }
 
 inline void check_mask(const OptTensor& m, const char* name, const Tensor& ref) {
   if (!m) return;
-  TORCH_CHECK(m->scalar_type() == at::kBool, name, " must be a bool tensor, got ", m->scalar_type());
-  TORCH_CHECK(m->device() == ref.device(), name, " must be on ", ref.device());
+  MK_CHECK(m->scalar_type() == at::kBool, name, " must be a bool tensor, got ", m->scalar_type());
+  MK_CHECK(m->device() == ref.device(), name, " must be on ", ref.device());
 }
 
 // The kernels compute in float or double; bf16/fp16 are upcast once.
@@ -105,21 +141,21 @@ struct ReadLayout {
 };
 
 inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask) {
-  TORCH_CHECK(q.dim() == 4, "q must be [B, H, T, Dh], got ", shape_str(q.sizes()));
+  MK_CHECK(q.dim() == 4, "q must be [B, H, T, Dh], got ", shape_str(q.sizes()));
   check_float(q, "q");
   check_same(k, q, "k");
   check_same(v, q, "v");
   ReadLayout L{q.size(0), q.size(1), q.size(2), 0, q.size(3), k.dim() == 3};
   check_head_dim(L.D, "q");
-  TORCH_CHECK(k.dim() == 3 || k.dim() == 4, "k must be [H, S, Dh] or [B, H, S, Dh], got ", shape_str(k.sizes()));
+  MK_CHECK(k.dim() == 3 || k.dim() == 4, "k must be [H, S, Dh] or [B, H, S, Dh], got ", shape_str(k.sizes()));
   L.S = k.size(-2);
-  TORCH_CHECK(L.S > 0, "k must have at least one slot");
+  MK_CHECK(L.S > 0, "k must have at least one slot");
   if (L.shared) check_shape(k, "k", {L.H, L.S, L.D});
   else check_shape(k, "k", {L.B, L.H, L.S, L.D});
   check_shape(v, "v", k.sizes());
   check_mask(mask, "slot_mask", q);
   if (mask) {
-    TORCH_CHECK((mask->dim() == 1 && mask->size(0) == L.S) ||
+    MK_CHECK((mask->dim() == 1 && mask->size(0) == L.S) ||
                 (mask->dim() == 2 && mask->size(0) == L.B && mask->size(1) == L.S),
                 "slot_mask must be [S] or [B, S] = ", shape_str({L.B, L.S}), ", got ",
                 shape_str(mask->sizes()));
@@ -148,19 +184,19 @@ struct WriteShape {
 
 inline WriteShape write_shape(const Tensor& mem, const Tensor& qs, const Tensor& k, const Tensor& v,
                        const Tensor& f, const Tensor& i, const OptTensor& token_mask) {
-  TORCH_CHECK(mem.dim() == 4, "mem must be [B, H, S, Dh], got ", shape_str(mem.sizes()));
+  MK_CHECK(mem.dim() == 4, "mem must be [B, H, S, Dh], got ", shape_str(mem.sizes()));
   check_float(mem, "mem");
   for (auto [t, n] : {std::pair{&qs, "q_slots"}, {&k, "k_tok"}, {&v, "v_tok"},
                       {&f, "forget_logit"}, {&i, "input_logit"}})
     check_same(*t, mem, n);
   WriteShape W{mem.size(0), mem.size(1), mem.size(2), k.dim() == 4 ? k.size(2) : -1, mem.size(3), 0};
-  TORCH_CHECK(W.S > 0, "mem must have at least one slot");
+  MK_CHECK(W.S > 0, "mem must have at least one slot");
   check_head_dim(W.D, "mem");
   check_shape(qs, "q_slots", mem.sizes());
-  TORCH_CHECK(k.dim() == 4 && W.T > 0, "k_tok must be [B, H, T, Dh] with T >= 1, got ", shape_str(k.sizes()));
+  MK_CHECK(k.dim() == 4 && W.T > 0, "k_tok must be [B, H, T, Dh] with T >= 1, got ", shape_str(k.sizes()));
   check_shape(k, "k_tok", {W.B, W.H, W.T, W.D});
   check_shape(v, "v_tok", k.sizes());
-  TORCH_CHECK(f.dim() == 4 && (f.size(3) == 1 || f.size(3) == W.D),
+  MK_CHECK(f.dim() == 4 && (f.size(3) == 1 || f.size(3) == W.D),
               "forget_logit must be [B, H, S, 1] or [B, H, S, Dh], got ", shape_str(f.sizes()));
   W.gate_dim = f.size(3);
   check_shape(f, "forget_logit", {W.B, W.H, W.S, W.gate_dim});

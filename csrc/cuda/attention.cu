@@ -242,7 +242,8 @@ attention_decode_kernel(Attention p, int64_t keys_per_split, OutT* out,
         for (int i = 0; i < VEC; ++i) acc[r][i] *= c;
         m[r] = s;
       }
-      const Acc prob = mk_exp(s - m[r]);
+      // a -inf score weighs 0 (exp(-inf - -inf) would be NaN while m is still -inf)
+      const Acc prob = s == neg_inf<Acc>() ? Acc(0) : mk_exp(s - m[r]);
       l[r] += prob;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[r][i] += prob * vv[i];
