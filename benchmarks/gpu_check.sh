@@ -5,7 +5,8 @@
 # on that driver when installed (PROFILE=0 skips them), and
 # writes one log, the results files and one per-test log. Each phase has a time
 # limit (overridable: BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT) so the whole
-# stays under 9 min: 41 s build + 130 + 75 + 170 + 70 + 2 x 25 s at most.
+# stays under 9.5 min: ~90 s build (sm_90 only) + 90 + 50 + 250 + 55 + 2 x 25 s at most.
+# On the H200 (2026-12-04) the phases took 88, 50, 35, 170+ (stopped at 61%), 41 and 6 s.
 #
 #   bash benchmarks/gpu_check.sh            # logs in benchmarks/results/gpu-latest/
 #   RESULTS=/some/dir bash benchmarks/gpu_check.sh
@@ -20,6 +21,9 @@ mkdir -p "$RESULTS"
 rm -f "$RESULTS/gpu_results.jsonl" "$RESULTS/gpu_results_tensor_cores.jsonl"  # this run's rows only
 LOG="$RESULTS/gpu_check.log"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# build for this GPU's architecture only (setup.py's default, sm_80 and sm_90, takes longer)
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-8.0;9.0}}
 status=0
 phase() { echo "== $1 ($(date -u +%T))"; }
 {
@@ -30,13 +34,13 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 || status=1
   python3 -c "import memkernels, torch; print('backends on cuda:', memkernels.available_backends('cuda'))"
   phase benchmarks
-  timeout "${BENCH_TIMEOUT:-130}" python3 -m memkernels.apps.bench --device cuda \
+  timeout "${BENCH_TIMEOUT:-90}" python3 -m memkernels.apps.bench --device cuda \
     --min-time "${BENCH_MIN_TIME:-0.3}" --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
   # every run's rows also go to the machine kind's file (ops-h100.jsonl, ops-h200.jsonl, ...)
   kind=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -oiE "[a-z][0-9]{2,4}" | head -n 1 | tr A-Z a-z)
   [ -f "$RESULTS/gpu_results.jsonl" ] && cat "$RESULTS/gpu_results.jsonl" >> "benchmarks/results/ops-${kind:-gpu}.jsonl"
   phase "benchmarks: the CUDA backend's tensor-core forward (opt-in)"
-  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_BENCH_TIMEOUT:-75}" python3 -m memkernels.apps.bench \
+  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_BENCH_TIMEOUT:-50}" python3 -m memkernels.apps.bench \
     --device cuda --backends cuda --ops read_fwd write_fwd --min-time "${BENCH_MIN_TIME:-0.3}" \
     --out "$RESULTS/gpu_results_tensor_cores.jsonl" || status=1
   phase tests
@@ -46,14 +50,14 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   # gpu_tests.log, so a run stopped at its limit still names its failures.
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-16}")
   per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
-  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests/ops tests/memory tests/hf tests/apps/test_bench_harness.py \
+  timeout "${TEST_TIMEOUT:-250}" python3 -m pytest tests/ops tests/memory tests/hf tests/apps/test_bench_harness.py \
     -k "${TEST_K:-not cpu}" -v -rfE --durations=10 \
     -p no:cacheprovider -p no:benchmark $xdist $per_test ${TEST_ARGS:-} > "$RESULTS/gpu_tests.log" 2>&1 \
     || status=1
   grep -E "FAILED|ERROR|Timeout|passed|failed" "$RESULTS/gpu_tests.log" | grep -v PASSED | tail -n 40
   phase "cmake build + profiling driver"
   if [ "${SKIP_CMAKE:-0}" != 1 ]; then
-    timeout 70 bash -c 'cmake -S . -B /tmp/mk-build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null &&
+    timeout 55 bash -c 'cmake -S . -B /tmp/mk-build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null &&
       cmake --build /tmp/mk-build -j "$MAX_JOBS" >/dev/null &&
       /tmp/mk-build/memkernels_check_cpu | tail -n 2 && /tmp/mk-build/memkernels_profile &&
       echo "with MEMKERNELS_CUDA_TENSOR_CORES=1:" &&

@@ -42,9 +42,12 @@ def _timed(fn, inputs, mode: str):
     if mode == "fwd":
         return functools.partial(torch.no_grad()(fn), *inputs)
     if mode == "fwd_bwd":
+        # autograd.grad, not .backward(): nothing accumulates into .grad, and no
+        # AccumulateGrad node kept alive by the "bwd" case's graph on the same
+        # inputs breaks the CUDA-graph capture (it did on torch 2.11)
         def fwd_bwd():
             out = fn(*inputs)
-            out.backward(torch.ones_like(out))
+            return torch.autograd.grad(out, inputs, torch.ones_like(out))
         return fwd_bwd
     out = fn(*inputs)
     grad = torch.ones_like(out)
