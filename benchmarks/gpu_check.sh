@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call proves the GPU: builds the CUDA extension, runs the benchmarks, the
 # GPU test suite (triton and cuda backends against the reference, the memory
-# model on CUDA), the standalone CMake build with its profiling driver, nsys/ncu
-# on that driver when installed (PROFILE=0 skips them), and
-# writes one log, the results files and one per-test log. Each phase has a time
-# limit (overridable: BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT) so the whole
-# stays under 9.5 min: ~90 s build (sm_90 only) + 90 + 50 + 250 + 55 + 2 x 25 s at most.
+# model on CUDA), the CPU kernels' AVX-512 body where the host CPU has it, the
+# standalone CMake build with its profiling driver, nsys/ncu on that driver when
+# installed (PROFILE=0 skips them), and writes one log, the results files and one
+# per-test log. Each phase has a time
+# limit (overridable: BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT, ISA_TIMEOUT) so the whole
+# stays under 10 min: ~90 s build (sm_90 only) + 90 + 50 + 250 + 45 + 55 + 2 x 25 s at most.
 # On the H200 (2026-12-04) the phases took 88, 50, 35, 170+ (stopped at 61%), 41 and 6 s.
 #
 #   bash benchmarks/gpu_check.sh            # logs in benchmarks/results/gpu-latest/
@@ -55,6 +56,15 @@ phase() { echo "== $1 ($(date -u +%T))"; }
     -p no:cacheprovider -p no:benchmark $xdist $per_test ${TEST_ARGS:-} > "$RESULTS/gpu_tests.log" 2>&1 \
     || status=1
   grep -E "FAILED|ERROR|Timeout|passed|failed" "$RESULTS/gpu_tests.log" | grep -v PASSED | tail -n 40
+  phase "the CPU kernels' AVX-512 body on this host's CPU (CI's hosts may have none)"
+  # The test filter above leaves out the files named for the CPU; this one checks the
+  # AVX-512 body of the few-row read and the reading layer against the reference.
+  if grep -q avx512f /proc/cpuinfo; then
+    timeout "${ISA_TIMEOUT:-45}" python3 -m pytest tests/ops/test_cpu_isa_paths.py -k avx512 -q \
+      -p no:cacheprovider -p no:benchmark 2>&1 | tail -n 15 || status=1
+  else
+    echo "no AVX-512 on this host"
+  fi
   phase "cmake build + profiling driver"
   if [ "${SKIP_CMAKE:-0}" != 1 ]; then
     timeout 55 bash -c 'cmake -S . -B /tmp/mk-build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null &&
