@@ -54,8 +54,9 @@ inline float host_exp(float x) {
   // round to nearest by adding and removing 1.5 * 2^23 (|c * log2 e| < 128):
   // plain adds vectorize under every ISA; std::nearbyint kept the AVX2 clone
   // of the loops scalar (seen on a Zen CPU: exp was 2x the read itself)
-  constexpr float kRoundShifter = 12582912.0f;
-  const float n = (c * kLog2e + kRoundShifter) - kRoundShifter;
+  constexpr float kRoundShifter = 12582912.0f;  // its bits: 0x4B400000
+  const float t = c * kLog2e + kRoundShifter;
+  const float n = t - kRoundShifter;
   const float r = (c - n * kLn2Hi) - n * kLn2Lo;
   float p = kP0;
   p = p * r + kP1;
@@ -64,7 +65,12 @@ inline float host_exp(float x) {
   p = p * r + kP4;
   p = p * r + kP5;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n: n is t's low mantissa bits, read as an unsigned integer; a cast of n
+  // to int would be undefined for a NaN x (this is NaN in, NaN out: p is NaN).
+  // Bit for bit the cast's result on every other float (checked exhaustively).
+  uint32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
+  const uint32_t bits = (t_bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < kMin ? 0.0f : p * scale;
