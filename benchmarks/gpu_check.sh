@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One call proves the GPU: builds the CUDA extension, runs the benchmarks, the
+# One call proves the GPU: builds the CUDA extension, checks its opt-in tensor-core
+# kernels against the reference, runs the benchmarks, the
 # GPU test suite (triton and cuda backends against the reference, the memory
 # model on CUDA), the CPU kernels' AVX-512 body where the host CPU has it, the
 # standalone CMake build with its profiling driver, nsys/ncu on that driver when
 # installed (PROFILE=0 skips them), and writes one log, the results files and one
 # per-test log. Each phase has a time
-# limit (overridable: BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT, ISA_TIMEOUT) so the whole
-# stays under 10 min: ~90 s build (sm_90 only) + 90 + 50 + 250 + 45 + 55 + 2 x 25 s at most.
+# limit (overridable: TC_TEST_TIMEOUT, BENCH_TIMEOUT, TC_BENCH_TIMEOUT, TEST_TIMEOUT,
+# ISA_TIMEOUT) so the whole stays under 10 min: ~90 s build (sm_90 only) + 45 + 90 + 50
+# + 230 + 45 + 55 + 2 x 25 s at most.
 # On the H200 (2026-12-04) the phases took 88, 50, 35, 170+ (stopped at 61%), 41 and 6 s.
 #
 #   bash benchmarks/gpu_check.sh            # logs in benchmarks/results/gpu-latest/
@@ -34,6 +36,12 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   phase build
   time python3 -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3 || status=1
   python3 -c "import memkernels, torch; print('backends on cuda:', memkernels.available_backends('cuda'))"
+  phase "the CUDA backend's tensor-core kernels (opt-in) against the reference"
+  # First, as they gate making the tensor-core kernels the default; the main test phase
+  # leaves out test_cuda_tensor_core_kernels_match_the_reference, which runs the same.
+  MEMKERNELS_CUDA_TENSOR_CORES=1 timeout "${TC_TEST_TIMEOUT:-45}" python3 -m pytest \
+    tests/ops/test_kernels.py -k "cuda and half_precision" -q -rfE -p no:cacheprovider \
+    -p no:benchmark 2>&1 | tail -n 15 || status=1
   phase benchmarks
   timeout "${BENCH_TIMEOUT:-90}" python3 -m memkernels.apps.bench --device cuda \
     --min-time "${BENCH_MIN_TIME:-0.3}" --out "$RESULTS/gpu_results.jsonl" ${BENCH_ARGS:-} || status=1
@@ -51,8 +59,8 @@ phase() { echo "== $1 ($(date -u +%T))"; }
   # gpu_tests.log, so a run stopped at its limit still names its failures.
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-16}")
   per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
-  timeout "${TEST_TIMEOUT:-250}" python3 -m pytest tests/ops tests/memory tests/hf tests/apps/test_bench_harness.py \
-    -k "${TEST_K:-not cpu}" -v -rfE --durations=10 \
+  timeout "${TEST_TIMEOUT:-230}" python3 -m pytest tests/ops tests/memory tests/hf tests/apps/test_bench_harness.py \
+    -k "${TEST_K:-not cpu and not tensor_core}" -v -rfE --durations=10 \
     -p no:cacheprovider -p no:benchmark $xdist $per_test ${TEST_ARGS:-} > "$RESULTS/gpu_tests.log" 2>&1 \
     || status=1
   grep -E "FAILED|ERROR|Timeout|passed|failed" "$RESULTS/gpu_tests.log" | grep -v PASSED | tail -n 40
