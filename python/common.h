@@ -42,6 +42,8 @@ void append(std::string& s, const T& x) {
   } else if constexpr (std::is_floating_point_v<T>) {
     s += number_str(double(x));
   } else {  // dtypes, devices
+    static_assert(!std::is_enum_v<T> || std::is_same_v<T, c10::ScalarType>,
+                  "MK_CHECK: pass this enum as a string (c10::str would format it as an integer)");
     s += c10::str(x);
   }
 }
