@@ -145,7 +145,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
                   const OptTensor& centroids, const OptTensor& cluster_starts, int64_t probes) {
   MK_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   MK_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-              "memkernels._C.reader_fwd: hidden must be float32 or float64");
+           "memkernels._C.reader_fwd: hidden must be float32 or float64");
   MK_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
   check_same(query_w, hidden, "query_w");
   // Narrow key/value storage (with float32 hidden states): bf16, or int8 with
@@ -158,18 +158,18 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   check_same(out_w, hidden, "out_w");
   const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
   MK_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
-              shape_str(keys.sizes()));
+           shape_str(keys.sizes()));
   const bool shared = keys.dim() == 3;
   const int64_t Hk = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
   MK_CHECK(Hk > 0 && S > 0, "keys must hold at least one head and one slot, got ",
-              shape_str(keys.sizes()));
+           shape_str(keys.sizes()));
   check_head_dim(D, "keys");
   MK_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
   if (!shared) check_shape(keys, "keys", {B, Hk, S, D});
   check_shape(values, "values", keys.sizes());
   MK_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk * D) == 0,
-              "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
-              "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
+           "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
+           "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
   const int64_t H = query_w.size(0) / D;
   const int64_t M = mlp_w.has_value() ? mlp_w->size(0) : 0;
   if (mlp_w.has_value()) {
@@ -185,7 +185,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   }
   // the context beside the normed hidden state, into the MLP's first layer
   MK_CHECK(context.has_value() == context_w.has_value(),
-              "context and context_w go together (the context and its first-layer columns)");
+           "context and context_w go together (the context and its first-layer columns)");
   if (context.has_value()) {
     MK_CHECK(M > 0, "context goes only with mlp_w (an MLP query)");
     check_same(*context, hidden, "context");
@@ -195,28 +195,28 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   }
   // an inverted-file index of a shared bank: keys sorted by cluster per kv head
   MK_CHECK(centroids.has_value() == cluster_starts.has_value() &&
-                  centroids.has_value() == (probes > 0),
-              "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
-              "probes = ", probes);
+               centroids.has_value() == (probes > 0),
+           "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
+           "probes = ", probes);
   if (centroids.has_value()) {
     MK_CHECK(shared, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
     check_same(*centroids, hidden, "centroids");
     MK_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk && centroids->size(2) == D &&
-                    centroids->size(1) > 0,
-                "centroids must be [", Hk, ", clusters, ", D, "], got ",
-                shape_str(centroids->sizes()));
+                 centroids->size(1) > 0,
+             "centroids must be [", Hk, ", clusters, ", D, "], got ",
+             shape_str(centroids->sizes()));
     const int64_t Cn = centroids->size(1);
     MK_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
-                "cluster_starts must be int64 on the CPU");
+             "cluster_starts must be int64 on the CPU");
     check_shape(*cluster_starts, "cluster_starts", {Hk, Cn + 1});
     const Tensor starts = cluster_starts->contiguous();
     const int64_t* st = starts.data_ptr<int64_t>();
     for (int64_t g = 0; g < Hk; ++g) {  // ranges in order, covering [0, S): reads stay in the bank
       MK_CHECK(st[g * (Cn + 1)] == 0 && st[g * (Cn + 1) + Cn] == S,
-                  "cluster_starts[", g, "] must run from 0 to the ", S, " slots");
+               "cluster_starts[", g, "] must run from 0 to the ", S, " slots");
       for (int64_t j = 0; j < Cn; ++j)
         MK_CHECK(st[g * (Cn + 1) + j] <= st[g * (Cn + 1) + j + 1],
-                    "cluster_starts[", g, "] must not decrease");
+                 "cluster_starts[", g, "] must not decrease");
     }
   }
   if (query_b.has_value()) {
@@ -228,17 +228,17 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   const bool int8_kv = keys.scalar_type() == at::kChar;
   if (int8_kv) {
     MK_CHECK(key_scale.has_value() && value_scale.has_value(),
-                "int8 keys/values need key_scale and value_scale (float32, one per slot)");
+             "int8 keys/values need key_scale and value_scale (float32, one per slot)");
   } else {
     MK_CHECK(!key_scale.has_value() && !value_scale.has_value(),
-                "key_scale/value_scale go only with int8 keys/values");
+             "key_scale/value_scale go only with int8 keys/values");
   }
   Tensor ks, vs;
   if (int8_kv) {
     const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);
     auto check_scale = [&](const Tensor& t, const char* name) {
       MK_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
-                  t.scalar_type());
+               t.scalar_type());
       MK_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
       check_shape(t, name, per_slot);
     };
@@ -316,16 +316,16 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
                     double gate_bias, double gate_confidence, const OptTensor& unit_scale) {
   MK_CHECK(hidden.dim() == 3, "hidden must be [B, T, C], got ", shape_str(hidden.sizes()));
   MK_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-              "memkernels._C.copy_mix_fwd: hidden must be float32 or float64, got ",
-              hidden.scalar_type());
+           "memkernels._C.copy_mix_fwd: hidden must be float32 or float64, got ",
+           hidden.scalar_type());
   MK_CHECK(hidden.device().is_cpu(), "memkernels._C.copy_mix_fwd: tensors must be on the CPU");
   const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
   MK_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
   check_same(logits, hidden, "logits");
   MK_CHECK(logits.dim() == 3 && logits.size(0) == B && logits.size(1) == T &&
-                  logits.size(2) > 0,
-              "logits must be [B, T, V] = [", B, ", ", T, ", V >= 1], got ",
-              shape_str(logits.sizes()));
+               logits.size(2) > 0,
+           "logits must be [B, T, V] = [", B, ", ", T, ", V >= 1], got ",
+           shape_str(logits.sizes()));
   const int64_t V = logits.size(2);
   check_same(read, hidden, "read");
   check_shape(read, "read", hidden.sizes());
@@ -345,7 +345,7 @@ Tensor copy_mix_fwd(const Tensor& hidden, const Tensor& logits, const Tensor& re
   for (const auto& [name, x] : {std::pair<const char*, double>{"eps", eps}, {"sharpness", sharpness},
                                 {"gate_bias", gate_bias}, {"gate_confidence", gate_confidence}})
     MK_CHECK(std::isfinite(x) && std::abs(x) <= limit, name, " must be finite in ",
-                hidden.scalar_type(), ", got ", x);
+             hidden.scalar_type(), ", got ", x);
   Tensor out = at::empty({B, T, V}, hidden.options());
   if (B * T == 0) return out;
   Tensor h = hidden.contiguous(), l = logits.contiguous(), r = read.contiguous();
@@ -375,20 +375,20 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
         {"post_text", &post_text, at::kLong}, {"post_score", &post_score, at::kDouble},
         {"terms", &terms, at::kLong}})
     MK_CHECK(t->layout() == at::kStrided && t->dim() == 1 && t->scalar_type() == dtype &&
-                    t->device().is_cpu(),
-                op, name, " must be a 1-d ", dtype, " CPU tensor, got ", t->scalar_type(), " ",
-                shape_str(t->sizes()), " on ", t->device());
+                 t->device().is_cpu(),
+             op, name, " must be a 1-d ", dtype, " CPU tensor, got ", t->scalar_type(), " ",
+             shape_str(t->sizes()), " on ", t->device());
   MK_CHECK(starts.numel() >= 1, op, "starts must be [num_terms + 1], got an empty tensor");
   MK_CHECK(post_score.numel() == post_text.numel(), op, "post_score must be [P] = [",
-              post_text.numel(), "] as post_text, got ", shape_str(post_score.sizes()));
+           post_text.numel(), "] as post_text, got ", shape_str(post_score.sizes()));
   // the totals are one float64 per text, zeroed per call: a bound keeps a
   // bad count from asking for more memory than any bank could need
   constexpr int64_t kMaxTexts = int64_t(1) << 28;
   MK_CHECK(num_texts >= 0 && num_texts <= kMaxTexts, op, "num_texts must be in [0, 2^28], got ",
-              num_texts);
+           num_texts);
   MK_CHECK(k >= 1, op, "k must be >= 1, got ", k);
   MK_CHECK(std::isfinite(min_score_ratio) && min_score_ratio >= 0 && min_score_ratio <= 1,
-              op, "min_score_ratio must be in [0, 1], got ", min_score_ratio);
+           op, "min_score_ratio must be in [0, 1], got ", min_score_ratio);
   // the GIL stays held: these tensors are Python's, and a thread writing them
   // mid-call must not meet a half-checked index
   Tensor st = starts.contiguous(), pt = post_text.contiguous(), ps = post_score.contiguous();
@@ -399,11 +399,11 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
                               q.data_ptr<int64_t>(), q.numel(), k, min_score_ratio};
   const int64_t n = mk::postings_top(p, out.data_ptr<int64_t>());
   MK_CHECK(n != mk::kPostingsBadTerm, op, "terms must be term indices in [0, ", st.numel() - 1,
-              "), got one outside");
+           "), got one outside");
   MK_CHECK(n != mk::kPostingsBadRange, op, "starts must rise within [0, ", pt.numel(),
-              "] (the number of postings) at the query's terms");
+           "] (the number of postings) at the query's terms");
   MK_CHECK(n != mk::kPostingsBadText, op, "post_text must hold texts in [0, ", num_texts,
-              ") at the query's terms' postings");
+           ") at the query's terms' postings");
   return out.narrow(0, 0, n).clone();
 }
 

@@ -23,7 +23,7 @@ mc::DType dtype_of(const Tensor& t) {
     case at::kHalf: return mc::DType::kFloat16;
     case at::kBFloat16: return mc::DType::kBFloat16;
     default: MK_CHECK(false, "memkernels CUDA kernels take float16, bfloat16, float32 or float64, got ",
-                         t.scalar_type());
+                      t.scalar_type());
   }
 }
 

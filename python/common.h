@@ -70,12 +70,12 @@ inline void check_float(const Tensor& t, const char* name) {
 
 inline void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
   MK_CHECK(t.sizes() == expected, name, " must have shape ", shape_str(expected), ", got ",
-              shape_str(t.sizes()));
+           shape_str(t.sizes()));
 }
 
 inline void check_same(const Tensor& t, const Tensor& ref, const char* name) {
   MK_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(),
-              ", got ", t.scalar_type());
+           ", got ", t.scalar_type());
   MK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
 }
 
@@ -88,7 +88,7 @@ constexpr int64_t kMaxHeadDim = 256;
 
 inline void check_head_dim(int64_t D, const char* name) {
   MK_CHECK(D >= 1 && D <= kMaxHeadDim, name, " must have a head dim Dh in 1..", kMaxHeadDim,
-              ", got ", std::to_string(D));
+           ", got ", D);
 }
 
 inline void check_mask(const OptTensor& m, const char* name, const Tensor& ref) {
@@ -158,9 +158,9 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
   check_mask(mask, "slot_mask", q);
   if (mask) {
     MK_CHECK((mask->dim() == 1 && mask->size(0) == L.S) ||
-                (mask->dim() == 2 && mask->size(0) == L.B && mask->size(1) == L.S),
-                "slot_mask must be [S] or [B, S] = ", shape_str({L.B, L.S}), ", got ",
-                shape_str(mask->sizes()));
+             (mask->dim() == 2 && mask->size(0) == L.B && mask->size(1) == L.S),
+             "slot_mask must be [S] or [B, S] = ", shape_str({L.B, L.S}), ", got ",
+             shape_str(mask->sizes()));
   }
   return L;
 }
@@ -199,7 +199,7 @@ inline WriteShape write_shape(const Tensor& mem, const Tensor& qs, const Tensor&
   check_shape(k, "k_tok", {W.B, W.H, W.T, W.D});
   check_shape(v, "v_tok", k.sizes());
   MK_CHECK(f.dim() == 4 && (f.size(3) == 1 || f.size(3) == W.D),
-              "forget_logit must be [B, H, S, 1] or [B, H, S, Dh], got ", shape_str(f.sizes()));
+           "forget_logit must be [B, H, S, 1] or [B, H, S, Dh], got ", shape_str(f.sizes()));
   W.gate_dim = f.size(3);
   check_shape(f, "forget_logit", {W.B, W.H, W.S, W.gate_dim});
   check_shape(i, "input_logit", f.sizes());
