@@ -246,6 +246,26 @@ for B, S, T, D, gate in [(2, 20, 33, 16, 1), (1, 300, 515, 64, 64), (2, 17, 1, 3
     check_grads(lambda *t: memory_write(*t, token_mask=tm, backend="cpu"),
                 lambda *t: reference.memory_write(*t, token_mask=tm), tensors,
                 f"write B={B} S={S} T={T} D={D}")
+# the softmax's exp across its whole range: one-hot values make the output the
+# probabilities themselves; scores from 0 down past -87 (where the vector exp
+# returns 0). Each probability within 1e-6 of float64's, relative: the exp is
+# ~2e-7, the row sum's and the output's roundings add a few 1e-8.
+S = 256
+scores = torch.cat([torch.zeros(1), -torch.rand(S - 9) * 87, -87 - torch.rand(8) * 10])
+k = torch.zeros(1, S, S)
+k[0, :, 0] = scores
+v = torch.eye(S).unsqueeze(0)
+for T in (1, 40):  # the few-row body and the tile path
+    q = torch.zeros(1, 1, T, S)
+    q[..., 0] = 1.0
+    got = memory_read(q, k, v, scale=1.0, backend="cpu")[0, 0].double()
+    want = torch.softmax(scores.double(), 0).expand(T, S)
+    big = want > 1e-30
+    rel = ((got - want).abs()[big] / want[big]).max().item()
+    assert rel < 1e-6, f"exp probe T={T}: max relative error {rel:.3g}"
+    assert (got[~big].abs() < 1e-30).all(), f"exp probe T={T}: scores below -87 not ~0"
+    checked += 1
+
 print("ok", checked)
 """
 
