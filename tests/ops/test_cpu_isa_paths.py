@@ -9,6 +9,8 @@ projections (GEMVs on the same blocks) on widths the vector bodies take
 (one kv head over many slots, context, NaN, x50, narrow banks). The ISA is chosen once
 per process (MEMKERNELS_CPU_ISA), hence a subprocess per ISA."""
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -295,3 +297,32 @@ def test_few_row_read_matches_the_reference_on_each_isa(isa):
     lines = done.stdout.split()
     assert lines[0] == isa, f"MEMKERNELS_CPU_ISA={isa} ran the {lines[0]} body"
     assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64",
+                    reason="needs g++ on x86-64")
+def test_vector_exp_on_both_bodies(tmp_path):
+    """The softmax rows' vector exp over ~1M floats spread along the line
+    (csrc/tools/exp_vec_check.cpp): the AVX2 body where the CPU has it and the
+    AVX-512 body's arithmetic emulated lane by lane, so CI checks it on CPUs
+    without AVX-512. Within 3e-7 of double exp on [-87, 88], 0 below -87, NaN
+    kept."""
+    exe = tmp_path / "exp_vec_check"
+    build = subprocess.run(["g++", "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc"),
+                            os.path.join(ROOT, "csrc", "tools", "exp_vec_check.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "4099"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = {}
+    for line in run.stdout.split("\n"):
+        if line.strip():
+            body, *fields = line.split()
+            found[body] = {k: float(v) for k, v in (f.split("=") for f in fields)}
+    bodies = {"avx512-emulated"} | ({"avx2"} if {"avx2", "fma"} <= _cpu_flags() else set())
+    assert set(found) == bodies, run.stdout
+    for body, e in found.items():
+        assert e["below0"] < 3e-7 and e["above0"] < 3e-7 and e["broken"] == 0, (body, e)

@@ -1,0 +1,98 @@
+// The softmax rows' vector exp (csrc/cpu/softmax_rows_body.inc: exp_vec)
+// against double exp over the float line, on the AVX2 body and on the AVX-512
+// body's arithmetic emulated lane by lane (vscalefps as p * 2^floor(n)), which
+// runs on any x86 CPU: CI hosts without AVX-512 never execute that body
+// (tests/ops/test_cpu_isa_paths.py builds and runs this check).
+//
+//   g++ -O2 -std=c++17 -Icsrc csrc/tools/exp_vec_check.cpp -o /tmp/exp_vec_check
+//   /tmp/exp_vec_check [stride]      (every stride-th float; default 16, ~2 min)
+//
+// Prints a line per body: its largest relative error on [kMin, 0] (below0,
+// the softmax's range) and on (0, kMax] (above0), and how many inputs break
+// the contract (not 0 below kMin, NaN not kept).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "slot_math.h"
+
+namespace memkernels::cpu {
+namespace emulated_avx512 {
+struct Vec {
+  struct R { float v[16]; };
+  static constexpr int kWidth = 16;
+  static R set1(float x) { R r; std::fill(r.v, r.v + 16, x); return r; }
+  static R zero() { return set1(0.0f); }
+  static R load(const float* x) { R r; std::memcpy(r.v, x, sizeof r.v); return r; }
+  static void store(float* x, R a) { std::memcpy(x, a.v, sizeof a.v); }
+#define MK_LANES(expr) R r; for (int i = 0; i < 16; ++i) r.v[i] = (expr); return r;
+  static R add(R a, R b) { MK_LANES(a.v[i] + b.v[i]) }
+  static R sub(R a, R b) { MK_LANES(a.v[i] - b.v[i]) }
+  static R mul(R a, R b) { MK_LANES(a.v[i] * b.v[i]) }
+  static R fma(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], c.v[i])) }
+  static R fms(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], -c.v[i])) }
+  static R clamp_above(R x, float hi) { MK_LANES(hi < x.v[i] ? hi : x.v[i]) }  // vminps(hi, x)
+  static float scalef(float p, float n) {
+    if (std::isnan(p) || std::isnan(n)) return NAN;
+    if (std::isinf(n)) return n > 0 ? p * INFINITY : (std::isinf(p) ? NAN : p * 0.0f);
+    return std::ldexp(p, static_cast<int>(std::floor(std::clamp(n, -1000.0f, 1000.0f))));
+  }
+  static R pow2_mul(R p, R /*t*/, R n) { MK_LANES(scalef(p.v[i], n.v[i])) }
+  static R zero_below(R v, R x, float lo) { MK_LANES(x.v[i] < lo ? 0.0f : v.v[i]) }
+  static float reduce1(R a) { float s = 0; for (float x : a.v) s += x; return s; }
+#undef MK_LANES
+};
+#include "cpu/softmax_rows_body.inc"
+}  // namespace emulated_avx512
+}  // namespace memkernels::cpu
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu/simd.h"
+namespace memkernels::cpu {
+MK_BEGIN_AVX2
+namespace isa_avx2 {
+#include "cpu/softmax_rows_body.inc"
+float exp1(float x) { return _mm256_cvtss_f32(exp_vec(Vec::set1(x))); }
+}  // namespace isa_avx2
+MK_END_ISA
+}  // namespace memkernels::cpu
+#define MK_CHECK_AVX2 1
+#endif
+
+struct Errors { double below0 = 0, above0 = 0; long long contract = 0; };
+
+template <typename Exp>
+Errors sweep(Exp exp1, uint64_t stride) {
+  using namespace memkernels::exp_poly;
+  Errors e;
+  for (uint64_t b = 0; b <= 0xFFFFFFFFull; b += stride) {
+    const uint32_t u = static_cast<uint32_t>(b);
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    const float y = exp1(x);
+    if (std::isnan(x)) { e.contract += !std::isnan(y); continue; }
+    if (x < kMin) { e.contract += y != 0.0f; continue; }
+    const double want = std::exp(static_cast<double>(std::min(x, kMax)));
+    const double rel = std::fabs(y - want) / want;
+    (x <= 0.0f ? e.below0 : e.above0) = std::max(x <= 0.0f ? e.below0 : e.above0, rel);
+  }
+  return e;
+}
+
+int main(int argc, char** argv) {
+  using namespace memkernels::cpu;
+  const uint64_t stride = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 16;
+  const auto report = [](const char* body, Errors e) {
+    std::printf("%s below0=%.3g above0=%.3g broken=%lld\n", body, e.below0, e.above0,
+                e.contract);
+  };
+  report("avx512-emulated", sweep([](float x) {
+    return emulated_avx512::exp_vec(emulated_avx512::Vec::set1(x)).v[0]; }, stride));
+#ifdef MK_CHECK_AVX2
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    report("avx2", sweep(isa_avx2::exp1, stride));
+#endif
+}
