@@ -34,7 +34,10 @@ struct Vec {
   static R mul(R a, R b) { MK_LANES(a.v[i] * b.v[i]) }
   static R fma(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], c.v[i])) }
   static R fms(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], -c.v[i])) }
-  static R clamp_above(R x, float hi) { MK_LANES(hi < x.v[i] ? hi : x.v[i]) }  // vminps(hi, x)
+  // vminps(hi, vmaxps(lo, x)): each returns its second operand (x) on NaN
+  static R clamp(R x, float lo, float hi) {
+    MK_LANES(hi < (lo > x.v[i] ? lo : x.v[i]) ? hi : (lo > x.v[i] ? lo : x.v[i]))
+  }
   static float scalef(float p, float n) {
     if (std::isnan(p) || std::isnan(n)) return NAN;
     if (std::isinf(n)) return n > 0 ? p * INFINITY : (std::isinf(p) ? NAN : p * 0.0f);
@@ -64,6 +67,21 @@ MK_END_ISA
 
 struct Errors { double below0 = 0, above0 = 0; long long contract = 0; };
 
+// One input: its relative error against double exp (exp(kMax) above kMax) on
+// [kMin, 0] or above 0; a result that is not a positive finite float there, not
+// exactly 0 below kMin, or not NaN for a NaN breaks the contract.
+inline void check(Errors& e, float x, float y) {
+  using namespace memkernels::exp_poly;
+  if (std::isnan(x)) { e.contract += !std::isnan(y); return; }
+  if (x < kMin) { e.contract += !(y == 0.0f && !std::signbit(y)); return; }
+  if (!(y > 0.0f) || !std::isfinite(y)) { ++e.contract; return; }
+  const double want = std::exp(static_cast<double>(std::min(x, kMax)));
+  const double rel = std::fabs(y - want) / want;
+  double& worst = x <= 0.0f ? e.below0 : e.above0;
+  worst = std::max(worst, rel);
+}
+
+// Every stride-th float, and the edges a stride would skip.
 template <typename Exp>
 Errors sweep(Exp exp1, uint64_t stride) {
   using namespace memkernels::exp_poly;
@@ -72,12 +90,18 @@ Errors sweep(Exp exp1, uint64_t stride) {
     const uint32_t u = static_cast<uint32_t>(b);
     float x;
     std::memcpy(&x, &u, sizeof x);
-    const float y = exp1(x);
-    if (std::isnan(x)) { e.contract += !std::isnan(y); continue; }
-    if (x < kMin) { e.contract += y != 0.0f; continue; }
-    const double want = std::exp(static_cast<double>(std::min(x, kMax)));
-    const double rel = std::fabs(y - want) / want;
-    (x <= 0.0f ? e.below0 : e.above0) = std::max(x <= 0.0f ? e.below0 : e.above0, rel);
+    check(e, x, exp1(x));
+  }
+  const float edges[] = {0.0f, -0.0f, kMin, kMax, std::nextafter(kMin, -1e9f),
+                         std::nextafter(kMin, 0.0f), std::nextafter(kMax, 0.0f),
+                         std::nextafter(kMax, 1e9f), -87.68f, -103.0f, -264.8f, -1e30f,
+                         1e30f, 3.4e38f, -3.4e38f, 1e-45f, -1e-45f, 1e-38f, -1e-38f,
+                         INFINITY, -INFINITY, -0.34657359f, 0.34657359f};
+  for (const float x : edges) check(e, x, exp1(x));
+  for (const uint32_t nan_bits : {0x7FC00000u, 0xFFC00000u, 0x7FC001FFu, 0x7F800001u, 0xFFFFFFFFu}) {
+    float x;
+    std::memcpy(&x, &nan_bits, sizeof x);
+    check(e, x, exp1(x));
   }
   return e;
 }
