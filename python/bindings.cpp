@@ -450,6 +450,15 @@ PYBIND11_MODULE(_C, m) {
     }
   }, "The ISA of the hand-blocked CPU kernels in this process: avx512, avx2 or generic "
      "(the CPU's widest, capped by MEMKERNELS_CPU_ISA=avx2|generic)");
+  m.def("cpu_tile_gemm", [] {
+    switch (mk::tile_gemm_width()) {
+      case 16: return "avx512";
+      case 8: return "avx2";
+      default: return mk::have_vendor_blas() ? "blas" : "loops";
+    }
+  }, "What runs the float tile GEMMs (prefill, backward, write) in this process: the "
+     "register-blocked kernel on avx512 or avx2, or the vendor blas (MEMKERNELS_CPU_GEMM=blas, "
+     "or no AVX2), or plain loops without a BLAS");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

@@ -16,6 +16,7 @@
 #include "../slot_math.h"
 #include "blas.h"
 #include "row_kernels.h"
+#include "tile_gemm.h"
 
 namespace memkernels::cpu {
 
@@ -194,6 +195,9 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
 }
 
 // Forward for rows [r0, r0 + mr) of group g: writes out[mr, D] and lse[mr].
+// Float tiles take the register-blocked GEMMs where they apply (tile_gemm.h):
+// K's block transposed (and scaled) once, so S = Q K^T and O += P V are both
+// plain row-major products; else the vendor BLAS.
 template <typename T, typename KV>
 void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
                             T* out, T* lse, std::vector<T>& scratch) {
@@ -202,10 +206,14 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   const KV* k = p.k + g * N * D;
   const KV* v = p.v + g * N * D;
   thread_local std::vector<T> k_tile, v_tile;  // used only when KV != T
-  scratch.resize(kBlockM * kBlockN + 2 * kBlockM);
+  bool own_gemm = false;
+  if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
+  const int64_t ld = own_gemm ? tile_gemm_ld(kBlockN) : kBlockN;  // the score tile's row stride
+  scratch.resize(kBlockM * ld + 2 * kBlockM + (own_gemm ? D * ld : 0));
   T* scores = scratch.data();
-  T* row_max = scores + kBlockM * kBlockN;
+  T* row_max = scores + kBlockM * ld;
   T* row_sum = row_max + kBlockM;
+  T* k_t = row_sum + kBlockM;  // [D, ld]: the key block transposed, times the scale
   std::fill(row_max, row_max + mr, neg_inf<T>());
   std::fill(row_sum, row_sum + mr, T(0));
   std::fill(out, out + mr * D, T(0));
@@ -213,9 +221,16 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
     const T* kb = tile_as(k + n0 * D, p.k_scale ? p.k_scale + g * N + n0 : nullptr, nb, D, k_tile);
-    gemm<T>(false, true, mr, nb, D, p.scale, q, D, kb, D, T(0), scores, nb);
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_gemm) {
+        const int64_t nbp = tile_gemm_ld(nb);
+        tile_transpose(kb, nb, D, p.scale, k_t, nbp);
+        tile_gemm(mr, nbp, D, q, D, 1, k_t, nbp, scores, ld, false);
+      }
+    }
+    if (!own_gemm) gemm<T>(false, true, mr, nb, D, p.scale, q, D, kb, D, T(0), scores, ld);
     for (int64_t r = 0; r < mr; ++r) {
-      T* s = scores + r * nb;
+      T* s = scores + r * ld;
       const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
       T correction;
       const T new_max = online_softmax_rescale(row_max[r], mask_and_max(s, valid, nb), &correction);
@@ -227,7 +242,10 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
       }
     }
     const T* vb = tile_as(v + n0 * D, p.v_scale ? p.v_scale + g * N + n0 : nullptr, nb, D, v_tile);
-    gemm<T>(false, false, mr, D, nb, T(1), scores, nb, vb, D, T(1), out, D);
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_gemm) tile_gemm(mr, D, nb, scores, ld, 1, vb, D, out, D, true);
+    }
+    if (!own_gemm) gemm<T>(false, false, mr, D, nb, T(1), scores, ld, vb, D, T(1), out, D);
   }
   for (int64_t r = 0; r < mr; ++r) {
     const T inv = safe_inverse(row_sum[r]);
@@ -239,6 +257,9 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 
 // Backward for a whole group g (FlashAttention-2 recipe, one thread owns the
 // group so dK/dV accumulate without atomics). dq/dk/dv are overwritten.
+// Float groups take the register-blocked GEMMs where they apply (tile_gemm.h):
+// K's and V's blocks transposed once per block (for all row tiles), the P^T and
+// dS^T products read the tiles through swapped strides; else the vendor BLAS.
 template <typename T>
 void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* out,
                               const T* dout, const T* lse, T* dq, T* dk, T* dv,
@@ -247,10 +268,15 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   const T* q = p.q + g * M * D;
   const T* k = p.k + g * N * D;
   const T* v = p.v + g * N * D;
-  scratch.resize(2 * kBlockM * kBlockN + M);
+  bool own_gemm = false;
+  if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
+  const int64_t ld = own_gemm ? tile_gemm_ld(kBlockN) : kBlockN;  // the tiles' row stride
+  scratch.resize(2 * kBlockM * ld + M + (own_gemm ? 2 * D * ld : 0));
   T* probs = scratch.data();
-  T* dprobs = probs + kBlockM * kBlockN;
-  T* delta = dprobs + kBlockM * kBlockN;  // rowsum(dO * O)
+  T* dprobs = probs + kBlockM * ld;
+  T* delta = dprobs + kBlockM * ld;  // rowsum(dO * O)
+  T* k_t = delta + M;                // [D, ld]: the key block transposed, times the scale
+  T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed
   for (int64_t r = 0; r < M; ++r) {
     T acc = 0;
     for (int64_t d = 0; d < D; ++d) acc += dout[r * D + d] * out[r * D + d];
@@ -262,23 +288,47 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
+    const int64_t nbp = own_gemm ? tile_gemm_ld(nb) : nb;
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_gemm) {
+        tile_transpose(k + n0 * D, nb, D, p.scale, k_t, nbp);
+        tile_transpose(v + n0 * D, nb, D, 1.0f, v_t, nbp);
+      }
+    }
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
-      gemm<T>(false, true, mr, nb, D, p.scale, q + r0 * D, D, k + n0 * D, D, T(0), probs, nb);
-      gemm<T>(false, true, mr, nb, D, T(1), dout + r0 * D, D, v + n0 * D, D, T(0), dprobs, nb);
+      if constexpr (std::is_same_v<T, float>) {
+        if (own_gemm) {
+          tile_gemm(mr, nbp, D, q + r0 * D, D, 1, k_t, nbp, probs, ld, false);
+          tile_gemm(mr, nbp, D, dout + r0 * D, D, 1, v_t, nbp, dprobs, ld, false);
+        }
+      }
+      if (!own_gemm) {
+        gemm<T>(false, true, mr, nb, D, p.scale, q + r0 * D, D, k + n0 * D, D, T(0), probs, ld);
+        gemm<T>(false, true, mr, nb, D, T(1), dout + r0 * D, D, v + n0 * D, D, T(0), dprobs, ld);
+      }
       for (int64_t r = 0; r < mr; ++r) {
         const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
-        T* pr = probs + r * nb;
-        T* dp = dprobs + r * nb;
+        T* pr = probs + r * ld;
+        T* dp = dprobs + r * ld;
         if (valid) {  // a masked score is -inf: its probability and gradient are 0
 #pragma omp simd
           for (int64_t j = 0; j < nb; ++j) pr[j] = valid[j] ? pr[j] : neg_inf<T>();
         }
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
-      gemm<T>(true, false, nb, D, mr, T(1), probs, nb, dout + r0 * D, D, T(1), dv + n0 * D, D);
-      gemm<T>(false, false, mr, D, nb, T(1), dprobs, nb, k + n0 * D, D, T(1), dq + r0 * D, D);
-      gemm<T>(true, false, nb, D, mr, T(1), dprobs, nb, q + r0 * D, D, T(1), dk + n0 * D, D);
+      if constexpr (std::is_same_v<T, float>) {
+        if (own_gemm) {  // dV += P^T dO, dQ += dS K, dK += dS^T Q
+          tile_gemm(nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, true);
+          tile_gemm(mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, true);
+          tile_gemm(nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, true);
+        }
+      }
+      if (!own_gemm) {
+        gemm<T>(true, false, nb, D, mr, T(1), probs, ld, dout + r0 * D, D, T(1), dv + n0 * D, D);
+        gemm<T>(false, false, mr, D, nb, T(1), dprobs, ld, k + n0 * D, D, T(1), dq + r0 * D, D);
+        gemm<T>(true, false, nb, D, mr, T(1), dprobs, ld, q + r0 * D, D, T(1), dk + n0 * D, D);
+      }
     }
   }
 }

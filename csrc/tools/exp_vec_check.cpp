@@ -1,7 +1,9 @@
 // The softmax rows' vector exp (csrc/cpu/softmax_rows_body.inc: exp_vec)
-// against double exp over the float line, on the AVX2 body and on the AVX-512
-// body's arithmetic emulated lane by lane (vscalefps as p * 2^floor(n)), which
-// runs on any x86 CPU: CI hosts without AVX-512 never execute that body
+// against double exp over the float line: on the AVX2 body and the AVX-512
+// body where the CPU runs them, and on the AVX-512 body's arithmetic emulated
+// lane by lane (vscalefps as p * 2^floor(n)), which runs on any x86 CPU, so CI
+// hosts without AVX-512 still check that body's math; where the CPU has
+// AVX-512 the native body must agree with the emulation bit for bit
 // (tests/ops/test_cpu_isa_paths.py builds and runs this check).
 //
 //   g++ -O2 -std=c++17 -Icsrc csrc/tools/exp_vec_check.cpp -o /tmp/exp_vec_check
@@ -9,7 +11,8 @@
 //
 // Prints a line per body: its largest relative error on [kMin, 0] (below0,
 // the softmax's range) and on (0, kMax] (above0), and how many inputs break
-// the contract (not 0 below kMin, NaN not kept).
+// the contract (not 0 below kMin, NaN not kept); the native AVX-512 body's
+// line also counts the inputs where it differs from the emulation (differ).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -61,11 +64,17 @@ namespace isa_avx2 {
 float exp1(float x) { return _mm256_cvtss_f32(exp_vec(Vec::set1(x))); }
 }  // namespace isa_avx2
 MK_END_ISA
+MK_BEGIN_AVX512
+namespace isa_avx512 {
+#include "cpu/softmax_rows_body.inc"
+float exp1(float x) { return _mm512_cvtss_f32(exp_vec(Vec::set1(x))); }
+}  // namespace isa_avx512
+MK_END_ISA
 }  // namespace memkernels::cpu
-#define MK_CHECK_AVX2 1
+#define MK_CHECK_NATIVE 1
 #endif
 
-struct Errors { double below0 = 0, above0 = 0; long long contract = 0; };
+struct Errors { double below0 = 0, above0 = 0; long long contract = 0, differ = 0; };
 
 // One input: its relative error against double exp (exp(kMax) above kMax) on
 // [kMin, 0] or above 0; a result that is not a positive finite float there, not
@@ -81,27 +90,44 @@ inline void check(Errors& e, float x, float y) {
   worst = std::max(worst, rel);
 }
 
-// Every stride-th float, and the edges a stride would skip.
+float emulated_exp1(float x) {
+  using namespace memkernels::cpu;
+  return emulated_avx512::exp_vec(emulated_avx512::Vec::set1(x)).v[0];
+}
+
+// The two results' bits differ (every NaN counts as one value).
+inline bool bits_differ(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) != std::isnan(b);
+  return std::memcmp(&a, &b, sizeof a) != 0;
+}
+
+// Every stride-th float, and the edges a stride would skip; with `twin`, the
+// inputs where exp1 and twin disagree are counted too.
 template <typename Exp>
-Errors sweep(Exp exp1, uint64_t stride) {
+Errors sweep(Exp exp1, uint64_t stride, float (*twin)(float) = nullptr) {
   using namespace memkernels::exp_poly;
   Errors e;
+  const auto one = [&](float x) {
+    const float y = exp1(x);
+    check(e, x, y);
+    if (twin != nullptr) e.differ += bits_differ(y, twin(x));
+  };
   for (uint64_t b = 0; b <= 0xFFFFFFFFull; b += stride) {
     const uint32_t u = static_cast<uint32_t>(b);
     float x;
     std::memcpy(&x, &u, sizeof x);
-    check(e, x, exp1(x));
+    one(x);
   }
   const float edges[] = {0.0f, -0.0f, kMin, kMax, std::nextafter(kMin, -1e9f),
                          std::nextafter(kMin, 0.0f), std::nextafter(kMax, 0.0f),
                          std::nextafter(kMax, 1e9f), -87.68f, -103.0f, -264.8f, -1e30f,
                          1e30f, 3.4e38f, -3.4e38f, 1e-45f, -1e-45f, 1e-38f, -1e-38f,
                          INFINITY, -INFINITY, -0.34657359f, 0.34657359f};
-  for (const float x : edges) check(e, x, exp1(x));
+  for (const float x : edges) one(x);
   for (const uint32_t nan_bits : {0x7FC00000u, 0xFFC00000u, 0x7FC001FFu, 0x7F800001u, 0xFFFFFFFFu}) {
     float x;
     std::memcpy(&x, &nan_bits, sizeof x);
-    check(e, x, exp1(x));
+    one(x);
   }
   return e;
 }
@@ -109,14 +135,19 @@ Errors sweep(Exp exp1, uint64_t stride) {
 int main(int argc, char** argv) {
   using namespace memkernels::cpu;
   const uint64_t stride = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 16;
-  const auto report = [](const char* body, Errors e) {
-    std::printf("%s below0=%.3g above0=%.3g broken=%lld\n", body, e.below0, e.above0,
-                e.contract);
+  const auto report = [](const char* body, Errors e, bool twin = false) {
+    std::printf("%s below0=%.3g above0=%.3g broken=%lld", body, e.below0, e.above0, e.contract);
+    if (twin) std::printf(" differ=%lld", e.differ);
+    std::printf("\n");
   };
-  report("avx512-emulated", sweep([](float x) {
-    return emulated_avx512::exp_vec(emulated_avx512::Vec::set1(x)).v[0]; }, stride));
-#ifdef MK_CHECK_AVX2
+  report("avx512-emulated", sweep(emulated_exp1, stride));
+#ifdef MK_CHECK_NATIVE
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     report("avx2", sweep(isa_avx2::exp1, stride));
+  // the set simd.h's best_isa() asks before it runs the AVX-512 bodies
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma"))
+    report("avx512", sweep(isa_avx512::exp1, stride, emulated_exp1), true);
 #endif
 }

@@ -1,13 +1,15 @@
 """The CPU's hand-blocked few-row read (csrc/cpu/few_rows.h: 1-16 query rows
-per group, the decode step) and the tile path's softmax rows
-(csrc/cpu/softmax_rows_body.inc: prefill, backward, write) on every ISA body
+per group, the decode step), the tile path's softmax rows
+(csrc/cpu/softmax_rows_body.inc: prefill, backward, write) and its GEMMs
+(csrc/cpu/tile_gemm_body.inc, and the vendor BLAS they replace) on every ISA body
 this CPU runs, against the float64 reference: the row and key grid across its block and chunk edges,
 head dims 1..256 (those not a multiple of the vector width take the
 portable loops), masks with all-masked rows, x50 logits, NaN queries, and
 bf16 / int8 banks through the fused reading layer, and that layer's
 projections (GEMVs on the same blocks) on widths the vector bodies take
-(one kv head over many slots, context, NaN, x50, narrow banks). The ISA is chosen once
-per process (MEMKERNELS_CPU_ISA), hence a subprocess per ISA."""
+(one kv head over many slots, context, NaN, x50, narrow banks). The ISA and the GEMM
+are chosen once per process (MEMKERNELS_CPU_ISA, MEMKERNELS_CPU_GEMM), hence a
+subprocess per case."""
 import os
 import platform
 import shutil
@@ -25,7 +27,7 @@ from memkernels import MemoryBank, MemoryConfig, MemoryModel, memory_read
 from memkernels.ops import reference
 import memkernels._C as C
 
-print(C.cpu_isa())
+print(C.cpu_isa(), C.cpu_tile_gemm())
 torch.manual_seed(0)
 checked = 0
 
@@ -234,6 +236,16 @@ for (B, T), S, D, logit in itertools.product([(1, 17), (2, 37), (1, 300)], [1, 1
                     f"tile read B={B} T={T} S={S} D={D} x{logit} mask={m is not None}",
                     # a score's float32 rounding grows with it; dK sums dS * q on top
                     tol=1e-4 * logit, out_tol=2e-5 if logit == 1.0 else 1e-4)
+# the tile GEMMs' column strips (4 vectors of 16 floats on AVX-512, 2 of 8 on
+# AVX2, then the rest) and row blocks (6 rows, then 1-5): head dims of 1 to 32
+# vectors, key counts that pad the score tile's rows to the vector width
+for D, (B, T), S in itertools.product([8, 24, 48, 80, 128, 256], [(1, 23), (2, 37)], [7, 530]):
+    q, k, v = torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    mask = torch.rand(B, S) > 0.4
+    mask[-1] = False
+    check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
+                lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
+                f"tile GEMMs B={B} T={T} S={S} D={D}")
 q, k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 700, 64), torch.randn(2, 700, 64)
 q[1, 0, 3, 7] = float("nan")
 out = memory_read(q, k, v, backend="cpu")
@@ -282,21 +294,30 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
-def test_few_row_read_matches_the_reference_on_each_isa(isa):
+# the CPU flags simd.h's best_isa() asks before it runs each ISA's bodies
+ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+             "avx2": {"avx2", "fma"}, "generic": set()}
+
+
+@pytest.mark.parametrize("isa,gemm", [("avx512", "avx512"), ("avx2", "avx2"), ("generic", "blas"),
+                                      ("avx512", "blas"), ("avx2", "blas")])
+def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm):
+    """Each ISA body, with the tile GEMMs on its register-blocked kernel and on
+    the vendor BLAS (MEMKERNELS_CPU_GEMM=blas)."""
     if _backend.extension()[0] is None:
         pytest.skip("needs memkernels._C")
-    flags = _cpu_flags()
-    needs = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
-             "avx2": {"avx2", "fma"}, "generic": set()}[isa]
-    if not needs <= flags:
+    if not ISA_NEEDS[isa] <= _cpu_flags():
         pytest.skip(f"this CPU has no {isa}")
     env = dict(os.environ, MEMKERNELS_CPU_ISA=isa)
+    env.pop("MEMKERNELS_CPU_GEMM", None)
+    if gemm == "blas":
+        env["MEMKERNELS_CPU_GEMM"] = "blas"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.split()
     assert lines[0] == isa, f"MEMKERNELS_CPU_ISA={isa} ran the {lines[0]} body"
+    assert lines[1] == gemm, f"the tile GEMMs ran on {lines[1]}, not {gemm}"
     assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
 
 
@@ -307,10 +328,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                     reason="needs g++ on x86-64")
 def test_vector_exp_on_both_bodies(tmp_path):
     """The softmax rows' vector exp over ~1M floats spread along the line
-    (csrc/tools/exp_vec_check.cpp): the AVX2 body where the CPU has it and the
-    AVX-512 body's arithmetic emulated lane by lane, so CI checks it on CPUs
-    without AVX-512. Within 3e-7 of double exp on [-87, 88], 0 below -87, NaN
-    kept."""
+    (csrc/tools/exp_vec_check.cpp): the AVX2 and AVX-512 bodies where the CPU
+    has them, and the AVX-512 body's arithmetic emulated lane by lane, so CI
+    checks it on CPUs without AVX-512 (where the CPU has it, the native body
+    must match the emulation bit for bit). Within 3e-7 of double exp on
+    [-87, 88], 0 below -87, NaN kept."""
     exe = tmp_path / "exp_vec_check"
     build = subprocess.run(["g++", "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc"),
                             os.path.join(ROOT, "csrc", "tools", "exp_vec_check.cpp"),
@@ -323,7 +345,10 @@ def test_vector_exp_on_both_bodies(tmp_path):
         if line.strip():
             body, *fields = line.split()
             found[body] = {k: float(v) for k, v in (f.split("=") for f in fields)}
-    bodies = {"avx512-emulated"} | ({"avx2"} if {"avx2", "fma"} <= _cpu_flags() else set())
+    flags = _cpu_flags()
+    bodies = {"avx512-emulated"} | {isa for isa in ("avx2", "avx512") if ISA_NEEDS[isa] <= flags}
     assert set(found) == bodies, run.stdout
     for body, e in found.items():
         assert e["below0"] < 3e-7 and e["above0"] < 3e-7 and e["broken"] == 0, (body, e)
+    if "avx512" in found:
+        assert found["avx512"]["differ"] == 0, found["avx512"]

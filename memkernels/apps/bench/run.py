@@ -51,6 +51,9 @@ def machine_info(device: torch.device) -> dict:
     ext = _backend.extension()[0]
     if ext is not None:  # the vector ISA the CPU kernels run here (MEMKERNELS_CPU_ISA caps it)
         info["cpu_isa"] = getattr(ext, "cpu_isa", lambda: "unknown (an older build)")()
+        # what runs the float tile GEMMs: the register-blocked kernel or the vendor BLAS
+        # (MEMKERNELS_CPU_GEMM=blas)
+        info["cpu_tile_gemm"] = getattr(ext, "cpu_tile_gemm", lambda: "blas (an older build)")()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -146,7 +149,10 @@ def main(argv=None) -> int:
     probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype),
               first_touch_probe(device)]
     copy_bw, bw, peak, touch = (measure(p, device) for p in probes)
-    print(f"# {info.get('gpu', info['cpu'])} ({info.get('cpu_isa', '-')}) | torch {info['torch']} | {dtype} | "
+    isa = info.get("cpu_isa", "-")
+    if "cpu_tile_gemm" in info:
+        isa += f", tile GEMMs: {info['cpu_tile_gemm']}"
+    print(f"# {info.get('gpu', info['cpu'])} ({isa}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
           f"matmul {peak / 1e12:.2f} TFLOP/s | first touch {touch / 1e9:.1f} GB/s | "
           f"backends {backends}")

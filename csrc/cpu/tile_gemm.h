@@ -1,0 +1,84 @@
+// The float attention tiles' GEMMs on this project's register-blocked kernel
+// (tile_gemm_body.inc, once per ISA) instead of the vendor BLAS. Why: the
+// BLAS that PyTorch's CPU wheels link (MKL) picks its kernels by CPU vendor,
+// and on AMD CPUs with AVX-512 it runs its AVX2 ones, at under half of what
+// the cores can do; the kernel here reaches the FMA units' rate on the tile
+// shapes (head dims of 16-256, tiles in L2) on either ISA, with no packing
+// and no call overhead per tile (docs/design.md, docs/log.md kernels v17).
+// MEMKERNELS_CPU_GEMM=blas keeps the vendor BLAS (an A/B switch; read once).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "simd.h"
+
+namespace memkernels::cpu {
+
+#define MK_ISA_BODY "tile_gemm_body.inc"
+#include "per_isa.h"
+
+inline bool tile_gemm_blas_from_env() {
+  const char* v = std::getenv("MEMKERNELS_CPU_GEMM");
+  return v != nullptr && std::strcmp(v, "blas") == 0;
+}
+
+// The vector width (floats) the tile GEMMs run at, or 0 where they do not run
+// (no AVX2, MEMKERNELS_CPU_ISA=generic, MEMKERNELS_CPU_GEMM=blas): then the
+// callers take the vendor BLAS.
+inline int64_t tile_gemm_width() {
+#ifdef MK_HAVE_SIMD_VEC
+  static const int64_t width = [] {
+    if (tile_gemm_blas_from_env()) return int64_t(0);
+    switch (best_isa()) {
+      case Isa::avx512: return int64_t(16);
+      case Isa::avx2: return int64_t(8);
+      default: return int64_t(0);
+    }
+  }();
+  return width;
+#else
+  return 0;
+#endif
+}
+
+// Whether a problem of head dim D takes the tile GEMMs (D a multiple of the width).
+inline bool tile_gemm_applies(int64_t D) {
+  const int64_t w = tile_gemm_width();
+  return w > 0 && D % w == 0;
+}
+
+// n rounded up to the tile GEMMs' width: the row stride of a score tile whose
+// columns come out of tile_gemm (the padding columns are written, never read).
+inline int64_t tile_gemm_ld(int64_t n) {
+  const int64_t w = tile_gemm_width();
+  return w > 0 ? (n + w - 1) / w * w : n;
+}
+
+// C[m, n] = (accumulate ? C : 0) + A B, A(i, p) = a[i * rs + p * cs] (m x k),
+// B [k, n] row-major (ldb); n a multiple of tile_gemm_width().
+inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
+                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#ifdef MK_HAVE_SIMD_VEC
+  if (tile_gemm_width() == 16)
+    isa_avx512::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+  else
+    isa_avx2::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+#else
+  (void)m, (void)n, (void)k, (void)a, (void)rs, (void)cs, (void)b, (void)ldb, (void)c, (void)ldc,
+      (void)accumulate;
+#endif
+}
+
+// y[d, j] = scale * x[j, d] (x [n, D]), 0 for j in [n, ld_y): K^T for a Q K^T tile.
+inline void tile_transpose(const float* x, int64_t n, int64_t D, float scale, float* y,
+                           int64_t ld_y) {
+#ifdef MK_HAVE_SIMD_VEC
+  isa_avx2::transpose_scaled(x, n, D, scale, y, ld_y);
+#else
+  (void)x, (void)n, (void)D, (void)scale, (void)y, (void)ld_y;
+#endif
+}
+
+}  // namespace memkernels::cpu
