@@ -459,6 +459,11 @@ PYBIND11_MODULE(_C, m) {
   }, "What runs the float tile GEMMs (prefill, backward, write) in this process: the "
      "register-blocked kernel on avx512 or avx2, or the vendor blas (MEMKERNELS_CPU_GEMM=blas, "
      "or no AVX2), or plain loops without a BLAS");
+  m.def("cpu_fma_burst", &mk::fma_burst_all_threads, py::arg("steps"),
+        "Independent vector FMAs on every OpenMP thread at the ISA the CPU kernels run (steps "
+        "x 12 each); returns the FLOPs done (0 without AVX2 or for steps <= 0). The bench's "
+        "FMA-peak probe.",
+        py::call_guard<py::gil_scoped_release>());
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

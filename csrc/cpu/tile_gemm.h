@@ -81,4 +81,26 @@ inline void tile_transpose(const float* x, int64_t n, int64_t D, float scale, fl
 #endif
 }
 
+// Runs fma_burst(steps) on every OpenMP thread at the ISA the kernels run
+// (best_isa(): MEMKERNELS_CPU_ISA caps it, MEMKERNELS_CPU_GEMM does not);
+// returns the FLOPs done (0 without AVX2, or for steps <= 0).
+inline double fma_burst_all_threads(int64_t steps) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  if (isa == Isa::generic || steps <= 0) return 0.0;
+  const int64_t width = isa == Isa::avx512 ? 16 : 8;
+  double flops = 0.0;
+  volatile float sink = 0.0f;
+#pragma omp parallel reduction(+ : flops)
+  {
+    sink = isa == Isa::avx512 ? isa_avx512::fma_burst(steps) : isa_avx2::fma_burst(steps);
+    flops += 2.0 * 12.0 * double(width) * double(steps);
+  }
+  return flops;
+#else
+  (void)steps;
+  return 0.0;
+#endif
+}
+
 }  // namespace memkernels::cpu

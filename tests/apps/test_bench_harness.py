@@ -11,6 +11,7 @@ from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, r
                                          attention_matmuls, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
+from memkernels.ops import backend
 
 
 def test_registry_covers_every_op():
@@ -138,7 +139,14 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     assert all(r["ms"] > 0 and r["pct_of_floor"] > 0 and r["rounds"] == 2 for r in rows)
     # the limits measured in the group's turns, the first-touch rate among them
     assert all(r["read_gbps"] > 0 and r["first_touch_gbps"] > 0 for r in rows)
-    assert "first touch" in capsys.readouterr().out
+    header = capsys.readouterr().out
+    assert "first touch" in header
+    # the FMA units' rate where the CPU kernels run vector bodies, and what ran the tile GEMMs
+    ext = backend.extension()[0]
+    if ext is not None and ext.cpu_isa() != "generic":
+        assert all(r["fma_gflops"] > 0 and r["cpu_tile_gemm"] == ext.cpu_tile_gemm()
+                   for r in rows)
+        assert "FMA peak" in header
     with pytest.raises(SystemExit):
         run.main(["--device", "cpu", "--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -13,7 +13,10 @@ the copy bandwidth for writes, which store their bank) as a percentage, and
 each baseline's time over memkernels' time. The header also gives the
 first-touch rate of fresh memory: the allocating baselines (eager, compiled)
 pay it per new large tensor, so their times, and the ratios against them,
-move with it from one machine (or day) to the next.
+move with it from one machine (or day) to the next. On the CPU the header
+and each record also carry the FMA units' rate (`fma_gflops`: independent
+vector FMAs on every thread), which the vendor BLAS behind the matmul probe
+may not reach (MKL runs its AVX2 code on AMD CPUs with AVX-512).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import memkernels
 from memkernels.apps.bench import shapes as registry
 from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
-from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_probe,
+from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_probe, fma_probe,
                                           matmul_probe, measure, median_times, read_probe)
 from memkernels.ops import backend as _backend
 
@@ -146,15 +149,19 @@ def main(argv=None) -> int:
     # the machine's limits: measured once here for the header, then again in
     # turns with every group's implementations, so each row's floor is
     # measured in the same minutes as the row itself
+    # (and on the CPU the FMA units' rate, which the BLAS behind the matmul probe may not reach)
     probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype),
               first_touch_probe(device)]
-    copy_bw, bw, peak, touch = (measure(p, device) for p in probes)
+    fma = fma_probe(device)
+    probes += [fma] if fma is not None else []
+    copy_bw, bw, peak, touch, *fma_peak = (measure(p, device) for p in probes)
+    fma_text = f" | FMA peak {fma_peak[0] / 1e12:.2f} TFLOP/s" if fma_peak else ""
     isa = info.get("cpu_isa", "-")
     if "cpu_tile_gemm" in info:
         isa += f", tile GEMMs: {info['cpu_tile_gemm']}"
     print(f"# {info.get('gpu', info['cpu'])} ({isa}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
-          f"matmul {peak / 1e12:.2f} TFLOP/s | first touch {touch / 1e9:.1f} GB/s | "
+          f"matmul {peak / 1e12:.2f} TFLOP/s{fma_text} | first touch {touch / 1e9:.1f} GB/s | "
           f"backends {backends}")
 
     rows = []
@@ -168,7 +175,9 @@ def main(argv=None) -> int:
         ready = [(case, *got) for case, got in ready if got is not None]
         times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
                              min_time=args.min_time, rounds=args.rounds, warmup=0)
-        copy_bw, bw, peak, touch = (p.work / t for p, t in zip(probes, times[len(ready):]))
+        copy_bw, bw, peak, touch, *fma_peak = (p.work / t
+                                               for p, t in zip(probes, times[len(ready):]))
+        fma_fields = (dict(fma_gflops=fma_peak[0] / 1e9) if fma_peak else {})
         for (case, _, timing), t in zip(ready, times):
             # a read's bytes are almost all read once; a write also stores its bank
             stream = bw if case.op.startswith("read") else copy_bw
@@ -182,12 +191,14 @@ def main(argv=None) -> int:
                 out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
                                            "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
                                            "matmul_gflops": peak / 1e9,
-                                           "first_touch_gbps": touch / 1e9, "rounds": args.rounds,
+                                           "first_touch_gbps": touch / 1e9, **fma_fields,
+                                           "rounds": args.rounds,
                                            "limits": "in turns with the row",
                                            "time": stamp, **info}) + "\n")
                 out_file.flush()
         print(f"  {group[0].op} {group[0].shape.name}: read stream {bw / 1e9:.1f} GB/s, "
-              f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s, first touch "
+              f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s"
+              f"{f', FMA peak {fma_peak[0] / 1e12:.2f} TFLOP/s' if fma_peak else ''}, first touch "
               f"{touch / 1e9:.1f} GB/s in its turns",
               file=sys.stderr)
         for case in group:

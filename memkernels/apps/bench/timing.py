@@ -6,7 +6,7 @@ import functools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -126,6 +126,23 @@ def matmul_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> Pro
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return Probe([lambda: a @ b], 2 * n ** 3)
+
+
+def fma_probe(device: torch.device, steps: int = 2_000_000) -> Optional[Probe]:
+    """On the CPU: independent vector FMAs on every thread at the ISA the
+    kernels run (memkernels._C.cpu_fma_burst), the rate the cores' FMA units reach. A
+    kernel can approach it where the vendor BLAS behind the matmul probe does
+    not (MKL runs its AVX2 code on AMD CPUs with AVX-512). None elsewhere, or
+    without the extension or AVX2."""
+    if device.type != "cpu":
+        return None
+    from memkernels.ops import backend
+    ext = backend.extension()[0]
+    burst = getattr(ext, "cpu_fma_burst", None)
+    if burst is None:
+        return None
+    flops = burst(1)  # per step, all threads
+    return Probe([lambda: burst(steps)], flops * steps) if flops > 0 else None
 
 
 def measure(probe: Probe, device: torch.device, min_time: float = 0.5) -> float:
