@@ -195,11 +195,13 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
 }
 
 // Forward for rows [r0, r0 + mr) of group g: writes out[mr, D] and lse[mr].
+// mr may span several [kBlockM]-row tiles: each key block is then prepared
+// once (widened, transposed) for all of them, and the tiles take it in turn.
 // Float tiles take the register-blocked GEMMs where they apply (tile_gemm.h):
 // K's block transposed (and scaled) once, so S = Q K^T and O += P V are both
 // plain row-major products; else the vendor BLAS.
 template <typename T, typename KV>
-void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
+void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
                             T* out, T* lse, std::vector<T>& scratch) {
   const int64_t D = p.dim, N = p.keys;
   const T* q = p.q + (g * p.rows + r0) * D;
@@ -209,43 +211,49 @@ void attention_forward_tile(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   bool own_gemm = false;
   if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
   const int64_t ld = own_gemm ? tile_gemm_ld(kBlockN) : kBlockN;  // the score tile's row stride
-  scratch.resize(kBlockM * ld + 2 * kBlockM + (own_gemm ? D * ld : 0));
+  scratch.resize(kBlockM * ld + 2 * mr + (own_gemm ? D * ld : 0));
   T* scores = scratch.data();
   T* row_max = scores + kBlockM * ld;
-  T* row_sum = row_max + kBlockM;
-  T* k_t = row_sum + kBlockM;  // [D, ld]: the key block transposed, times the scale
+  T* row_sum = row_max + mr;
+  T* k_t = row_sum + mr;  // [D, ld]: the key block transposed, times the scale
   std::fill(row_max, row_max + mr, neg_inf<T>());
   std::fill(row_sum, row_sum + mr, T(0));
   std::fill(out, out + mr * D, T(0));
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
+    const int64_t nbp = own_gemm ? tile_gemm_ld(nb) : nb;
     const T* kb = tile_as(k + n0 * D, p.k_scale ? p.k_scale + g * N + n0 : nullptr, nb, D, k_tile);
     if constexpr (std::is_same_v<T, float>) {
-      if (own_gemm) {
-        const int64_t nbp = tile_gemm_ld(nb);
-        tile_transpose(kb, nb, D, p.scale, k_t, nbp);
-        tile_gemm(mr, nbp, D, q, D, 1, k_t, nbp, scores, ld, false);
-      }
-    }
-    if (!own_gemm) gemm<T>(false, true, mr, nb, D, p.scale, q, D, kb, D, T(0), scores, ld);
-    for (int64_t r = 0; r < mr; ++r) {
-      T* s = scores + r * ld;
-      const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
-      T correction;
-      const T new_max = online_softmax_rescale(row_max[r], mask_and_max(s, valid, nb), &correction);
-      row_sum[r] = row_sum[r] * correction + exp_row(s, nb, new_max);
-      row_max[r] = new_max;
-      if (correction != T(1)) {
-        T* o = out + r * D;
-        for (int64_t d = 0; d < D; ++d) o[d] *= correction;
-      }
+      if (own_gemm) tile_transpose(kb, nb, D, p.scale, k_t, nbp);
     }
     const T* vb = tile_as(v + n0 * D, p.v_scale ? p.v_scale + g * N + n0 : nullptr, nb, D, v_tile);
-    if constexpr (std::is_same_v<T, float>) {
-      if (own_gemm) tile_gemm(mr, D, nb, scores, ld, 1, vb, D, out, D, true);
+    for (int64_t t0 = 0; t0 < mr; t0 += kBlockM) {
+      const int64_t tr = std::min(kBlockM, mr - t0);
+      const T* qt = q + t0 * D;
+      T* ot = out + t0 * D;
+      if constexpr (std::is_same_v<T, float>) {
+        if (own_gemm) tile_gemm(tr, nbp, D, qt, D, 1, k_t, nbp, scores, ld, false);
+      }
+      if (!own_gemm) gemm<T>(false, true, tr, nb, D, p.scale, qt, D, kb, D, T(0), scores, ld);
+      for (int64_t r = 0; r < tr; ++r) {
+        T* s = scores + r * ld;
+        const bool* valid = p.mask.mask ? p.mask.row(g, r0 + t0 + r) + n0 : nullptr;
+        T correction;
+        const T new_max =
+            online_softmax_rescale(row_max[t0 + r], mask_and_max(s, valid, nb), &correction);
+        row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
+        row_max[t0 + r] = new_max;
+        if (correction != T(1)) {
+          T* o = ot + r * D;
+          for (int64_t d = 0; d < D; ++d) o[d] *= correction;
+        }
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (own_gemm) tile_gemm(tr, D, nb, scores, ld, 1, vb, D, ot, D, true);
+      }
+      if (!own_gemm) gemm<T>(false, false, tr, D, nb, T(1), scores, ld, vb, D, T(1), ot, D);
     }
-    if (!own_gemm) gemm<T>(false, false, mr, D, nb, T(1), scores, ld, vb, D, T(1), out, D);
   }
   for (int64_t r = 0; r < mr; ++r) {
     const T inv = safe_inverse(row_sum[r]);

@@ -1,5 +1,8 @@
 #include "slot_bank_cpu.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -7,20 +10,30 @@ namespace memkernels::cpu {
 
 namespace {
 
-// Runs body(g, r0, mr, scratch) for every [kBlockM]-row tile of every group,
-// in parallel, one scratch buffer per thread.
+// Runs body(g, r0, mr, scratch) over every group's rows in spans of up to
+// kMaxTilesPerSpan [kBlockM]-row tiles, in parallel, one scratch buffer per
+// thread. A span prepares each key block once for all its tiles (the
+// transposed K of the tile GEMMs, widened bf16 / int8 blocks), so spans are
+// as long as still leaves ~4 per thread to balance the load.
+constexpr int64_t kMaxTilesPerSpan = 4;
+
 template <typename T, typename KV, typename Body>
-void for_each_row_tile(const AttentionProblem<T, KV>& p, Body body) {
+void for_each_row_span(const AttentionProblem<T, KV>& p, Body body) {
   const int64_t tiles_per_group = (p.rows + kBlockM - 1) / kBlockM;
-  const int64_t items = p.groups * tiles_per_group;
+  const int64_t threads = omp_get_max_threads();
+  const int64_t tiles_per_span = std::max<int64_t>(
+      1, std::min<int64_t>(kMaxTilesPerSpan, p.groups * tiles_per_group / (4 * threads)));
+  const int64_t span_rows = tiles_per_span * kBlockM;
+  const int64_t spans_per_group = (p.rows + span_rows - 1) / span_rows;
+  const int64_t items = p.groups * spans_per_group;
 #pragma omp parallel
   {
     std::vector<T> scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t g = item / tiles_per_group;
-      const int64_t r0 = (item % tiles_per_group) * kBlockM;
-      body(g, r0, std::min(kBlockM, p.rows - r0), scratch);
+      const int64_t g = item / spans_per_group;
+      const int64_t r0 = (item % spans_per_group) * span_rows;
+      body(g, r0, std::min(span_rows, p.rows - r0), scratch);
     }
   }
 }
@@ -58,9 +71,9 @@ void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse) {
     }, p.groups * p.keys * D);
     return;
   }
-  for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
+  for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * p.rows + r0;
-    attention_forward_tile(p, g, r0, mr, out + row * D, lse + row, scratch);
+    attention_forward_rows(p, g, r0, mr, out + row * D, lse + row, scratch);
   });
 }
 
@@ -78,10 +91,10 @@ template <typename T>
 void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse) {
   const auto& p = w.attn;
   const int64_t D = p.dim, gd = w.gate_dim;
-  for_each_row_tile(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
+  for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * p.rows + r0;
     T* upd_tile = upd + row * D;
-    attention_forward_tile(p, g, r0, mr, upd_tile, lse + row, scratch);
+    attention_forward_rows(p, g, r0, mr, upd_tile, lse + row, scratch);
     // Fused epilogue: blend the tile into the bank while it is still in cache.
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t e = (row + r) * D, ge = (row + r) * gd;

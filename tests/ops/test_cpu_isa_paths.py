@@ -246,12 +246,29 @@ for D, (B, T), S in itertools.product([8, 24, 48, 80, 128, 256], [(1, 23), (2, 3
     check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
                 lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
                 f"tile GEMMs B={B} T={T} S={S} D={D}")
+# spans of several row tiles (slot_bank_cpu.cpp: for_each_row_span; their
+# length follows the tile count per thread, so 1 and 2 threads give spans of
+# 1-4 tiles here), a span's last tile short, a group in more than one span
+from memkernels import memory_write
+threads_before = torch.get_num_threads()
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for B, H, T, S, D in [(2, 8, 300, 600, 32), (1, 4, 1100, 1029, 64)]:
+        q, k, v = torch.randn(B, H, T, D), torch.randn(H, S, D), torch.randn(H, S, D)
+        mask = torch.rand(B, S) > 0.3
+        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
+                    lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
+                    f"row spans, {threads} thread(s), B={B} H={H} T={T} S={S} D={D}")
+    tensors = [torch.randn(2, 2, 700, 32), torch.randn(2, 2, 700, 32), torch.randn(2, 2, 90, 32),
+               torch.randn(2, 2, 90, 32), torch.randn(2, 2, 700, 1), torch.randn(2, 2, 700, 1)]
+    check_grads(lambda *t: memory_write(*t, backend="cpu"), lambda *t: reference.memory_write(*t),
+                tensors, f"write row spans, {threads} thread(s)")
+torch.set_num_threads(threads_before)
 q, k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 700, 64), torch.randn(2, 700, 64)
 q[1, 0, 3, 7] = float("nan")
 out = memory_read(q, k, v, backend="cpu")
 assert out[1, 0, 3].isnan().all() and not out[1, 0, [0, 1, 2, 4]].isnan().any()
 check(q, k, v, what="tile NaN query")
-from memkernels import memory_write
 for B, S, T, D, gate in [(2, 20, 33, 16, 1), (1, 300, 515, 64, 64), (2, 17, 1, 33, 1)]:
     tensors = [torch.randn(B, 2, S, D), torch.randn(B, 2, S, D), torch.randn(B, 2, T, D),
                torch.randn(B, 2, T, D), torch.randn(B, 2, S, gate), torch.randn(B, 2, S, gate)]

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from memkernels.ops import backend
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -136,7 +138,6 @@ def fma_probe(device: torch.device, steps: int = 2_000_000) -> Optional[Probe]:
     without the extension or AVX2."""
     if device.type != "cpu":
         return None
-    from memkernels.ops import backend
     ext = backend.extension()[0]
     burst = getattr(ext, "cpu_fma_burst", None)
     if burst is None:
