@@ -43,11 +43,9 @@ inline int64_t tile_gemm_width() {
 #endif
 }
 
-// Whether a problem of head dim D takes the tile GEMMs (D a multiple of the width).
-inline bool tile_gemm_applies(int64_t D) {
-  const int64_t w = tile_gemm_width();
-  return w > 0 && D % w == 0;
-}
+// Whether a problem of head dim D takes the tile GEMMs: D a multiple of 8 (on
+// AVX-512, products whose n is not a multiple of 16 take the AVX2 kernel).
+inline bool tile_gemm_applies(int64_t D) { return tile_gemm_width() > 0 && D % 8 == 0; }
 
 // n rounded up to the tile GEMMs' width: the row stride of a score tile whose
 // columns come out of tile_gemm (the padding columns are written, never read).
@@ -57,11 +55,11 @@ inline int64_t tile_gemm_ld(int64_t n) {
 }
 
 // C[m, n] = (accumulate ? C : 0) + A B, A(i, p) = a[i * rs + p * cs] (m x k),
-// B [k, n] row-major (ldb); n a multiple of tile_gemm_width().
+// B [k, n] row-major (ldb); n a multiple of 8.
 inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #ifdef MK_HAVE_SIMD_VEC
-  if (tile_gemm_width() == 16)
+  if (tile_gemm_width() == 16 && n % 16 == 0)
     isa_avx512::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
   else
     isa_avx2::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
@@ -90,13 +88,14 @@ inline double fma_burst_all_threads(int64_t steps) {
   if (isa == Isa::generic || steps <= 0) return 0.0;
   const int64_t width = isa == Isa::avx512 ? 16 : 8;
   double flops = 0.0;
-  volatile float sink = 0.0f;
-#pragma omp parallel reduction(+ : flops)
+  float sums = 0.0f;
+#pragma omp parallel reduction(+ : flops, sums)
   {
-    sink = isa == Isa::avx512 ? isa_avx512::fma_burst(steps) : isa_avx2::fma_burst(steps);
+    sums += isa == Isa::avx512 ? isa_avx512::fma_burst(steps) : isa_avx2::fma_burst(steps);
     flops += 2.0 * 12.0 * double(width) * double(steps);
   }
-  return flops;
+  // the chains' sums stay ~1 (never -1); testing them keeps the FMAs from being optimized away
+  return sums == -1.0f ? flops + 1.0 : flops;
 #else
   (void)steps;
   return 0.0;

@@ -202,6 +202,13 @@ layer_case(256, 128, 4, 2, 32, 3, 1, 600, True, nan_row=0)
 for kv_dtype in (torch.bfloat16, torch.int8):
     layer_case(256, 256, 4, 1, 64, 2, 1, 1500, True, kv_dtype=kv_dtype)
     layer_case(128, 64, 4, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
+    # many rows a group: the tile path, each widened key and value block (with int8's row
+    # scales) taken by the row tiles of a span (one thread: 2 groups of 5 tiles give spans
+    # of 2), over three key blocks
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    layer_case(128, 0, 4, 2, 64, 2, 320, 1029, True, kv_dtype=kv_dtype)
+    torch.set_num_threads(threads_before)
 
 # the tile path (more than 16 rows a group: prefill, backward, the write), whose
 # softmax rows (exp, and p and dS in the backward) run on the same ISA body:
