@@ -74,9 +74,12 @@ cap() { local left=$(( ${BUDGET_S:-570} - SECONDS )); (( left < $1 )) && echo $(
   grep -E "FAILED|ERROR|Timeout|passed|failed" "$RESULTS/gpu_tests.log" | grep -v PASSED | tail -n 40
   phase "the CPU kernels' AVX-512 body on this host's CPU (CI's hosts may have none)"
   # The test filter above leaves out the files named for the CPU; this one checks the
-  # AVX-512 body of the few-row read and the reading layer against the reference.
+  # AVX-512 bodies (the few-row read, the reading layer, the tile path on the AVX-512 GEMM
+  # kernel and on the BLAS) against the reference, and the native AVX-512 exp against its
+  # emulation.
   if grep -q avx512f /proc/cpuinfo; then
-    timeout "$(cap "${ISA_TIMEOUT:-30}")" python3 -m pytest tests/ops/test_cpu_isa_paths.py -k avx512 -q \
+    timeout "$(cap "${ISA_TIMEOUT:-60}")" python3 -m pytest tests/ops/test_cpu_isa_paths.py \
+      -k "avx512 or vector_exp" -q \
       -p no:cacheprovider -p no:benchmark 2>&1 | tail -n 15 || status=1
   else
     echo "no AVX-512 on this host"
