@@ -194,6 +194,20 @@ void attention_forward_single_row(const AttentionProblem<T, KV>& p, int64_t g, T
   *lse = log_sum_exp(row_max, row_sum);
 }
 
+// C[m, n] = (accumulate ? C : 0) + A B for the tile products whose B is
+// row-major as stored: A(i, p) = a[i * rs + p * cs], a tile (cs = 1) or a
+// tile's transpose (rs = 1), on the tile GEMMs where `own`, else the vendor BLAS.
+template <typename T>
+void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t rs, int64_t cs,
+                  const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (own) return tile_gemm(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+  }
+  const bool trans_a = cs != 1;
+  gemm<T>(trans_a, false, m, n, k, T(1), a, trans_a ? cs : rs, b, ldb,
+          accumulate ? T(1) : T(0), c, ldc);
+}
+
 // Forward for rows [r0, r0 + mr) of group g: writes out[mr, D] and lse[mr].
 // mr may span several [kBlockM]-row tiles: each key block is then prepared
 // once (widened, transposed) for all of them, and the tiles take it in turn.
@@ -249,10 +263,7 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
           for (int64_t d = 0; d < D; ++d) o[d] *= correction;
         }
       }
-      if constexpr (std::is_same_v<T, float>) {
-        if (own_gemm) tile_gemm(tr, D, nb, scores, ld, 1, vb, D, ot, D, true);
-      }
-      if (!own_gemm) gemm<T>(false, false, tr, D, nb, T(1), scores, ld, vb, D, T(1), ot, D);
+      tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, true);
     }
   }
   for (int64_t r = 0; r < mr; ++r) {
@@ -325,18 +336,10 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         }
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
-      if constexpr (std::is_same_v<T, float>) {
-        if (own_gemm) {  // dV += P^T dO, dQ += dS K, dK += dS^T Q
-          tile_gemm(nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, true);
-          tile_gemm(mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, true);
-          tile_gemm(nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, true);
-        }
-      }
-      if (!own_gemm) {
-        gemm<T>(true, false, nb, D, mr, T(1), probs, ld, dout + r0 * D, D, T(1), dv + n0 * D, D);
-        gemm<T>(false, false, mr, D, nb, T(1), dprobs, ld, k + n0 * D, D, T(1), dq + r0 * D, D);
-        gemm<T>(true, false, nb, D, mr, T(1), dprobs, ld, q + r0 * D, D, T(1), dk + n0 * D, D);
-      }
+      // dV += P^T dO, dQ += dS K, dK += dS^T Q
+      tile_product(own_gemm, nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, true);
+      tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, true);
+      tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, true);
     }
   }
 }
