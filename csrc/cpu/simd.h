@@ -129,6 +129,22 @@ struct Vec {
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, e));
   }
   static float reduce1(R a) { return _mm512_reduce_add_ps(a); }
+  // v with its I-th group of 4 lanes set to x
+  template <int I>
+  static R insert4(R v, __m128 x) { return _mm512_insertf32x4(v, x, I); }
+  // x[0..3] in every group of 4 lanes
+  static R broadcast4(const float* x) { return _mm512_broadcast_f32x4(_mm_loadu_ps(x)); }
+  // v where the byte of `flags` (lane i: byte i of the 128 bits) is nonzero, else fill
+  static R keep_flagged(R v, __m128i flags, float fill) {
+    const __m512i f = _mm512_cvtepu8_epi32(flags);
+    return _mm512_mask_mov_ps(set1(fill), _mm512_test_epi32_mask(f, f), v);
+  }
+  // lane i of x in every lane
+  static R lane(R x, int i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), x); }
+  // whether any lane of x is NaN or !(x <= y)
+  static bool any_nan_or_above(R x, R y) {
+    return (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x, y, _CMP_NLE_UQ)) != 0;
+  }
 };
 }  // namespace isa_avx512
 MK_END_ISA
@@ -186,6 +202,19 @@ struct Vec {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 d = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+  template <int I>
+  static R insert4(R v, __m128 x) { return _mm256_insertf128_ps(v, x, I); }
+  static R broadcast4(const float* x) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x)); }
+  // lanes 0-7 from bytes 0-7 of flags
+  static R keep_flagged(R v, __m128i flags, float fill) {
+    const __m256i unset = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(flags), _mm256_setzero_si256());
+    return _mm256_blendv_ps(v, set1(fill), _mm256_castsi256_ps(unset));
+  }
+  static R lane(R x, int i) { return _mm256_permutevar8x32_ps(x, _mm256_set1_epi32(i)); }
+  static bool any_nan_or_above(R x, R y) {
+    const R bad = _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), _mm256_cmp_ps(x, y, _CMP_NLE_UQ));
+    return _mm256_movemask_ps(bad) != 0;
   }
 };
 }  // namespace isa_avx2
