@@ -141,10 +141,8 @@ struct Vec {
   }
   // lane i of x in every lane
   static R lane(R x, int i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(i), x); }
-  // whether any lane of x is NaN or !(x <= y)
-  static bool any_nan_or_above(R x, R y) {
-    return (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x, y, _CMP_NLE_UQ)) != 0;
-  }
+  // whether !(x <= y) in any lane: x above y, or either NaN
+  static bool any_nan_or_above(R x, R y) { return _mm512_cmp_ps_mask(x, y, _CMP_NLE_UQ) != 0; }
 };
 }  // namespace isa_avx512
 MK_END_ISA
@@ -205,7 +203,10 @@ struct Vec {
   }
   template <int I>
   static R insert4(R v, __m128 x) { return _mm256_insertf128_ps(v, x, I); }
-  static R broadcast4(const float* x) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x)); }
+  static R broadcast4(const float* x) {
+    const __m128 v = _mm_loadu_ps(x);
+    return _mm256_set_m128(v, v);
+  }
   // lanes 0-7 from bytes 0-7 of flags
   static R keep_flagged(R v, __m128i flags, float fill) {
     const __m256i unset = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(flags), _mm256_setzero_si256());
@@ -213,8 +214,7 @@ struct Vec {
   }
   static R lane(R x, int i) { return _mm256_permutevar8x32_ps(x, _mm256_set1_epi32(i)); }
   static bool any_nan_or_above(R x, R y) {
-    const R bad = _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), _mm256_cmp_ps(x, y, _CMP_NLE_UQ));
-    return _mm256_movemask_ps(bad) != 0;
+    return _mm256_movemask_ps(_mm256_cmp_ps(x, y, _CMP_NLE_UQ)) != 0;
   }
 };
 }  // namespace isa_avx2
