@@ -18,6 +18,7 @@
 
 #include "cpu/slot_bank_cpu.h"
 #include "cpu/few_rows.h"
+#include "few_rows_check.h"
 
 int main(int argc, char** argv) {
   using namespace memkernels::cpu;
@@ -47,26 +48,8 @@ int main(int argc, char** argv) {
     best = std::min(best, std::chrono::duration<double, std::nano>(
                               std::chrono::steady_clock::now() - t0).count());
   }
-  double max_err = 0;
-  auto note = [&](double err) {  // a NaN error is the worst
-    if (!(err <= max_err)) max_err = err;
-  };
-  for (int64_t r = 0; r < M; ++r) {
-    std::vector<double> s(S);
-    double m = -INFINITY, sum = 0;
-    for (int64_t j = 0; j < S; ++j) {
-      double a = 0;
-      for (int64_t d = 0; d < D; ++d) a += double(q[r * D + d]) * k[j * D + d];
-      m = std::max(m, s[j] = a * scale);
-    }
-    for (auto& x : s) sum += (x = std::exp(x - m));
-    note(std::abs(m + std::log(sum) - lse[r]) / std::max(1.0, std::abs(m)));
-    for (int64_t d = 0; d < D; ++d) {
-      double o = 0;
-      for (int64_t j = 0; j < S; ++j) o += s[j] * v[j * D + d];
-      note(std::abs(o / sum - out[r * D + d]));
-    }
-  }
+  const double max_err = few_rows_max_error(q.data(), k.data(), v.data(), out.data(), lse.data(),
+                                             M, S, D, scale);
   std::printf("few-row read rows=%ld keys=%ld dim=%ld (%s, one thread, hot): %.2f ns a key, "
               "%.1f GB/s of K and V; max |err| %.2e\n",
               long(M), long(S), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",

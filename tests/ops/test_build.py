@@ -63,6 +63,12 @@ def test_cmake_standalone_build(tmp_path):
     vector_body = ext is not None and ext.cpu_isa() != "generic"
     assert hot.returncode == (0 if vector_body else 2), hot.stdout + hot.stderr
     assert ("max |err|" in hot.stdout) == vector_body, hot.stdout
+    # its cold twin (the shared-bank decode from DRAM, in turns with a read of the same
+    # bytes), small: 8 rows (the chunked pass on either ISA) over 301 keys of 3 heads
+    cold = subprocess.run([str(build / "memkernels_few_rows_cold"), "8", "301", "3", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
+    assert ("of the read; max |err|" in cold.stdout) == vector_body, cold.stdout
 
 
 CUDA_INCLUDE = next((p for p in ("/usr/local/cuda/include",

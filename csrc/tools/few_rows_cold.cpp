@@ -1,0 +1,124 @@
+// The shared-bank decode step as the kernel meets it: `rows` query rows a head
+// over `heads` heads of `keys` keys (head dim 64), the heads split over the
+// OpenMP threads, each call on the next of several banks so that none is in
+// the caches (at the defaults each bank is 67 MB, the bench's decode shape;
+// one bank read again call after call is not cold: a part of it stays in the
+// L3, and on Zen 5 that read 1.4 ms where rotated banks read 1.9). Each call
+// is timed in turns with a read of another bank's bytes (a sum on the same
+// threads), so the two see the same minute of a machine whose memory speed
+// moves; prints both medians and the kernel's share of the read: what the
+// Python bench's decode row measures, without the dispatcher in the way, for
+// A/B runs of the few-row read from DRAM. Checks one group against float64 (a
+// NaN fails). MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body.
+//   ./memkernels_few_rows_cold [rows [keys [heads [reps]]]]
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cpu/slot_bank_cpu.h"
+#include "cpu/few_rows.h"
+#include "few_rows_check.h"
+
+namespace {
+
+double seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The sum of x[0, n): 64 independent sums (4 vectors of AVX-512), so the loop
+// streams; one clone per ISA, the widest the CPU runs picked at load time, as
+// the kernels pick theirs.
+__attribute__((target_clones("avx512f", "avx2", "default"))) double sum_of(const float* x,
+                                                                          int64_t n) {
+  float s[64] = {};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int u = 0; u < 64; ++u) s[u] += x[i + u];
+  double total = 0;
+  for (; i < n; ++i) total += x[i];
+  for (float v : s) total += v;
+  return total;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace memkernels::cpu;
+  const int64_t M = argc > 1 ? atoll(argv[1]) : 8, S = argc > 2 ? atoll(argv[2]) : 8192,
+                H = argc > 3 ? atoll(argv[3]) : 16, D = 64;
+  const int reps = argc > 4 ? atoi(argv[4]) : 41;
+  if (M < 1 || S < 1 || H < 1 || reps < 1) {
+    std::printf("rows, keys, heads and reps must be positive\n");
+    return 2;
+  }
+  // banks to rotate: 256 MB in all (several times any L3), at least 2, at most 16
+  const int64_t bank_bytes = 2 * H * S * D * int64_t(sizeof(float));
+  const int64_t banks = std::clamp<int64_t>((int64_t(256) << 20) / bank_bytes, 2, 16);
+  std::vector<float> q(H * M * D), out(H * M * D), lse(H * M);
+  std::vector<std::vector<float>> k(banks), v(banks);
+  for (int64_t i = 0; i < H * M * D; ++i) q[i] = float(std::sin(0.37 * double(i)));
+  for (int64_t b = 0; b < banks; ++b) {
+    k[b].resize(H * S * D), v[b].resize(H * S * D);
+#pragma omp parallel for schedule(static)  // first touch on the threads that read it
+    for (int64_t i = 0; i < H * S * D; ++i) {
+      k[b][i] = float(std::sin(0.011 * double(i + b)));
+      v[b][i] = float(std::cos(0.013 * double(i + b)));
+    }
+  }
+  const float scale = 1.0f / std::sqrt(float(D));
+  auto problem = [&](int64_t b) {
+    return AttentionProblem<float>{H, M, S, D, q.data(), k[b].data(), v[b].data(), {}, scale};
+  };
+  if (!few_rows_applies(problem(0))) {
+    std::printf("the few-row read does not apply to rows=%ld on this CPU\n", long(M));
+    return 2;
+  }
+  std::vector<double> kernel_s, read_s;
+  double sink = 0;
+  int64_t last = 0;
+  for (int r = 0; r <= reps; ++r) {  // the first turn warms up and is dropped
+    const int64_t b = r % banks, other = (r + banks / 2) % banks;
+    const AttentionProblem<float> p = problem(b);
+    const double t0 = seconds();
+#pragma omp parallel
+    {
+      std::vector<float> scratch;
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < H; ++g)
+        few_rows_read(p, g, out.data() + g * M * D, lse.data() + g * M, scratch);
+    }
+    const double t1 = seconds();
+    double s = 0;  // another bank's bytes, as cold as the kernel's
+#pragma omp parallel for reduction(+ : s) schedule(static)
+    for (int64_t g = 0; g < 2 * H; ++g)
+      s += sum_of((g < H ? k : v)[other].data() + (g % H) * S * D, S * D);
+    const double t2 = seconds();
+    sink += s;
+    last = b;
+    if (r > 0) kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1);
+  }
+  // group 0 of the last call
+  const double max_err = few_rows_max_error(q.data(), k[last].data(), v[last].data(), out.data(),
+                                             lse.data(), M, S, D, scale);
+  const double bytes = 2.0 * double(H * S * D) * sizeof(float);
+  const double tk = median(kernel_s), tr = median(read_s);
+  std::printf("few-row read rows=%ld keys=%ld heads=%ld dim=%ld (%s, %d threads, %ld banks "
+              "rotated): %.3f ms, %.1f GB/s; a read of as many bytes %.3f ms, %.1f GB/s; the "
+              "kernel at %.0f%% of the read; max |err| %.2e%s\n",
+              long(M), long(S), long(H), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
+              omp_get_max_threads(), long(banks), tk * 1e3, bytes / tk / 1e9, tr * 1e3,
+              bytes / tr / 1e9, 100.0 * tr / tk, max_err,
+              sink == 1.0 ? " " : "");  // uses the sums, so the reads are not optimized away
+  return max_err < 1e-4 ? 0 : 1;  // false for NaN
+}
