@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "cpu/slot_bank_cpu.h"
@@ -32,10 +33,9 @@ double seconds() {
 }
 
 // The sum of x[0, n): 64 independent sums (4 vectors of AVX-512), so the loop
-// streams; one clone per ISA, the widest the CPU runs picked at load time, as
-// the kernels pick theirs.
-__attribute__((target_clones("avx512f", "avx2", "default"))) double sum_of(const float* x,
-                                                                          int64_t n) {
+// streams; one clone per ISA, the widest the CPU runs picked at load time
+// (MEMKERNELS_CPU_ISA does not cap it: a read bound by DRAM reads the same).
+MK_CPU_CLONES double sum_of(const float* x, int64_t n) {
   float s[64] = {};
   int64_t i = 0;
   for (; i + 64 <= n; i += 64)
@@ -62,14 +62,15 @@ int main(int argc, char** argv) {
     std::printf("rows, keys, heads and reps must be positive\n");
     return 2;
   }
-  // banks to rotate: 256 MB in all (several times any L3), at least 2, at most 16
+  // banks to rotate: 256 MB in all (several times any L3), at least 4 (with the
+  // read half a rotation away, each bank is read again only after two others), at most 16
   const int64_t bank_bytes = 2 * H * S * D * int64_t(sizeof(float));
-  const int64_t banks = std::clamp<int64_t>((int64_t(256) << 20) / bank_bytes, 2, 16);
+  const int64_t banks = std::clamp<int64_t>((int64_t(256) << 20) / bank_bytes, 4, 16);
   std::vector<float> q(H * M * D), out(H * M * D), lse(H * M);
-  std::vector<std::vector<float>> k(banks), v(banks);
+  std::vector<std::unique_ptr<float[]>> k(banks), v(banks);
   for (int64_t i = 0; i < H * M * D; ++i) q[i] = float(std::sin(0.37 * double(i)));
   for (int64_t b = 0; b < banks; ++b) {
-    k[b].resize(H * S * D), v[b].resize(H * S * D);
+    k[b].reset(new float[H * S * D]), v[b].reset(new float[H * S * D]);  // not yet touched
 #pragma omp parallel for schedule(static)  // first touch on the threads that read it
     for (int64_t i = 0; i < H * S * D; ++i) {
       k[b][i] = float(std::sin(0.011 * double(i + b)));
@@ -78,7 +79,7 @@ int main(int argc, char** argv) {
   }
   const float scale = 1.0f / std::sqrt(float(D));
   auto problem = [&](int64_t b) {
-    return AttentionProblem<float>{H, M, S, D, q.data(), k[b].data(), v[b].data(), {}, scale};
+    return AttentionProblem<float>{H, M, S, D, q.data(), k[b].get(), v[b].get(), {}, scale};
   };
   if (!few_rows_applies(problem(0))) {
     std::printf("the few-row read does not apply to rows=%ld on this CPU\n", long(M));
@@ -102,14 +103,14 @@ int main(int argc, char** argv) {
     double s = 0;  // another bank's bytes, as cold as the kernel's
 #pragma omp parallel for reduction(+ : s) schedule(static)
     for (int64_t g = 0; g < 2 * H; ++g)
-      s += sum_of((g < H ? k : v)[other].data() + (g % H) * S * D, S * D);
+      s += sum_of((g < H ? k : v)[other].get() + (g % H) * S * D, S * D);
     const double t2 = seconds();
     sink += s;
     last = b;
     if (r > 0) kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1);
   }
   // group 0 of the last call
-  const double max_err = few_rows_max_error(q.data(), k[last].data(), v[last].data(), out.data(),
+  const double max_err = few_rows_max_error(q.data(), k[last].get(), v[last].get(), out.data(),
                                              lse.data(), M, S, D, scale);
   const double bytes = 2.0 * double(H * S * D) * sizeof(float);
   const double tk = median(kernel_s), tr = median(read_s);
