@@ -1,6 +1,9 @@
 """The benchmark harness itself: the registry, a case timed end to end on a
 tiny shape, and the report (markdown and PNG) from recorded results."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +153,30 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run.main(["--device", "cpu", "--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_cpu_isa_caps_the_peers_too(monkeypatch):
+    """--cpu-isa avx2 reruns the bench in a child with every library's cap set
+    (the kernels' and the peers'), the other arguments passed on; the cap the
+    peers read is the one the records name (aten_cpu_capability)."""
+    calls = []
+    monkeypatch.setattr(run.subprocess, "call",
+                        lambda cmd, env: calls.append((cmd, env)) or 0)
+    for key in run.CPU_ISA_CAPS["avx2"]:
+        monkeypatch.delenv(key, raising=False)
+    assert run.main(["--cpu-isa", "avx2", "--ops", "read_fwd", "--min-time", "0.01"]) == 0
+    (cmd, env), = calls
+    assert cmd == [sys.executable, "-m", "memkernels.apps.bench",
+                   "--cpu-isa", "avx2", "--ops", "read_fwd", "--min-time", "0.01"]
+    assert all(env[k] == v for k, v in run.CPU_ISA_CAPS["avx2"].items())
+    assert run.machine_info(torch.device("cpu"))["aten_cpu_capability"] == \
+        torch.backends.cpu.get_cpu_capability()
+    capped = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env={**os.environ, **run.CPU_ISA_CAPS["avx2"]}, capture_output=True, text=True,
+        check=True).stdout.strip()
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert capped == "AVX2"
 
 
 def test_report_renders_table_and_plot(tmp_path):

@@ -17,6 +17,14 @@ move with it from one machine (or day) to the next. On the CPU the header
 and each record also carry the FMA units' rate (`fma_gflops`: independent
 vector FMAs on every thread), which the vendor BLAS behind the matmul probe
 may not reach (MKL runs its AVX2 code on AMD CPUs with AVX-512).
+
+`--cpu-isa avx2` stands in for an AVX2-only CPU on one with AVX-512: it caps
+this project's kernels (MEMKERNELS_CPU_ISA) and the peers alike (ATen's
+vector kernels and torch.compile's generated code through
+ATEN_CPU_CAPABILITY, oneDNN and MKL through their own variables), in a child
+process, since each library reads its cap once. Capping only the kernels
+compares AVX2 code with peers that still run AVX-512. Every record names the
+ISA its peers ran (`aten_cpu_capability`).
 """
 from __future__ import annotations
 
@@ -39,6 +47,13 @@ from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_
                                           matmul_probe, measure, median_times, read_probe)
 from memkernels.ops import backend as _backend
 
+# What caps each library's vector ISA, read once per process: this project's
+# CPU kernels, ATen's vector kernels and torch.compile's C++ (inductor), oneDNN, MKL.
+CPU_ISA_CAPS = {
+    "avx2": {"MEMKERNELS_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
 OPS = ("read_fwd", "read_bwd", "read_fwd_bwd", "write_fwd", "write_bwd", "write_fwd_bwd",
        "reader_fwd")
 
@@ -57,6 +72,8 @@ def machine_info(device: torch.device) -> dict:
         # what runs the float tile GEMMs: the register-blocked kernel or the vendor BLAS
         # (MEMKERNELS_CPU_GEMM=blas)
         info["cpu_tile_gemm"] = getattr(ext, "cpu_tile_gemm", lambda: "blas (an older build)")()
+    if device.type == "cpu":  # the ISA the peers' vector code runs (SDPA, eager, compiled)
+        info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -137,9 +154,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--no-graphs", action="store_true",
                     help="on CUDA, time eager launches instead of CUDA-graph replays")
+    ap.add_argument("--cpu-isa", choices=sorted(CPU_ISA_CAPS), default=None,
+                    help="cap the CPU kernels and the peers alike at this ISA (run in a "
+                         "child process with the libraries' variables set)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.cpu_isa is not None:
+        caps = CPU_ISA_CAPS[args.cpu_isa]
+        if any(os.environ.get(k) != v for k, v in caps.items()):
+            rest = list(sys.argv[1:] if argv is None else argv)
+            return subprocess.call([sys.executable, "-m", "memkernels.apps.bench", *rest],
+                                   env={**os.environ, **caps})
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -159,6 +185,8 @@ def main(argv=None) -> int:
     isa = info.get("cpu_isa", "-")
     if "cpu_tile_gemm" in info:
         isa += f", tile GEMMs: {info['cpu_tile_gemm']}"
+    if "aten_cpu_capability" in info:
+        isa += f"; peers: {info['aten_cpu_capability']}"
     print(f"# {info.get('gpu', info['cpu'])} ({isa}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
           f"matmul {peak / 1e12:.2f} TFLOP/s{fma_text} | first touch {touch / 1e9:.1f} GB/s | "
