@@ -194,3 +194,38 @@ def test_report_renders_table_and_plot(tmp_path):
     assert "| read_fwd | decode | sdpa (batch folded) | eager | 3.000 |" in text
     assert text.rstrip().endswith("1.50 |")  # 3.0 ms over memkernels' 2.0 ms
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
+    """The #21 targets from one run's records: a ratio against the named peer,
+    a share of the stream, and the ceiling the run's own limits allow (the
+    peer's time over ours at the roofline of the stream and FMA rates)."""
+    from memkernels.apps.bench import targets
+
+    limits = dict(read_gbps=50.0, matmul_gflops=200.0, fma_gflops=500.0, time="t0",
+                  commit="abc", cpu_isa="avx512", aten_cpu_capability="AVX512")
+
+    def rec(op, shape, impl, ms, gbps, gflops):
+        return dict(op=op, shape=shape, impl=impl, ms=ms, gbps=gbps, gflops=gflops, **limits)
+
+    rows = [rec("read_fwd", "decode", "memkernels[cpu]", 2.0, 35.0, 100.0),  # 70% of 50 GB/s
+            rec("read_fwd", "decode", "sdpa (batch folded)", 3.0, 23.3, 66.7),
+            rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0),  # 30 GFLOP
+            rec("write_fwd_bwd", "write", "reference (eager)", 240.0, 0.3, 125.0)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (key, records), = targets.runs([str(path)]).items()
+    by_name = {t.name: targets.evaluate(t, records) for t in targets.TARGETS}
+    ratio = by_name["decode, shared bank: x SDPA batch-folded"]
+    assert ratio["value"] == pytest.approx(1.5) and not ratio["met"]
+    # the decode's 70 MB at 50 GB/s take 1.4 ms; its 0.2 GFLOP at 500 GFLOP/s 0.4 ms
+    assert ratio["ceiling"] == pytest.approx(3.0 / 1.4)
+    share = by_name["decode, shared bank: share of the read stream"]
+    assert share["value"] == pytest.approx(0.70) and share["met"]
+    eager = by_name["write forward+backward: x eager"]
+    assert eager["value"] == pytest.approx(3.0) and eager["met"]
+    assert eager["ceiling"] == pytest.approx(240.0 / 60.0)  # 30 GFLOP at 500 GFLOP/s
+    assert by_name["write forward+backward: x torch.compile"] is None  # not recorded
+    assert targets.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "commit abc" in out and "| write forward+backward: x eager | >= 3x | 3.00x" in out

@@ -1,0 +1,141 @@
+"""The CPU backend's targets (issue #21) read off recorded benchmark runs.
+
+    python -m memkernels.apps.bench.targets RESULTS.jsonl [MORE.jsonl ...] [--md targets.md]
+
+One table per run (the records one `memkernels.apps.bench` call wrote: same
+start time, commit and ISA), one row per target: the measured ratio or share,
+whether it is met, and the ceiling the run's own measured limits put on it
+(what a kernel at the read stream's bandwidth or at the FMA units' rate would
+reach against the same peer time). A target above its ceiling is beyond that
+machine in that run, whatever the kernel does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+
+OURS = "memkernels[cpu]"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    op: str
+    shape: str
+    peer: str | None  # the implementation the ratio is taken against; None: a share of a limit
+    goal: float        # ratio (peer / ours) at least, or share of the limit at least / at most
+    kind: str          # "ratio", "stream" (share of the read stream), "matmul" (of the matmul
+                       # rate), "floor" (ours over the bytes' time at the read stream, at most)
+
+
+TARGETS = [
+    Target("decode, shared bank: x SDPA batch-folded", "read_fwd", "decode",
+           "sdpa (batch folded)", 2.0, "ratio"),
+    Target("decode, shared bank: share of the read stream", "read_fwd", "decode", None, 0.70,
+           "stream"),
+    Target("prefill forward: x SDPA batch-folded", "read_fwd", "prefill", "sdpa (batch folded)",
+           1.0, "ratio"),
+    Target("prefill forward: share of the matmul rate", "read_fwd", "prefill", None, 0.80,
+           "matmul"),
+    Target("read forward+backward: x SDPA batch-folded", "read_fwd_bwd", "prefill",
+           "sdpa (batch folded)", 1.2, "ratio"),
+    Target("write forward+backward: x eager", "write_fwd_bwd", "write", "reference (eager)", 3.0,
+           "ratio"),
+    Target("write forward+backward: x torch.compile", "write_fwd_bwd", "write",
+           "torch.compile(reference)", 1.5, "ratio"),
+    Target("reader_fwd S=1,024: time over its bytes at the read stream", "reader_fwd",
+           "reader_s1024", None, 1.3, "floor"),
+    Target("reader_fwd S=4,096: time over its bytes at the read stream", "reader_fwd",
+           "reader_s4096", None, 1.3, "floor"),
+]
+
+
+def runs(paths: list[str]) -> "OrderedDict[tuple, dict]":
+    """{(start time, commit, ISA, peers' ISA): {(op, shape, impl): record}}, oldest first."""
+    out: OrderedDict = OrderedDict()
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    key = (r.get("time", ""), r.get("commit", "?"), r.get("cpu_isa", "?"),
+                           r.get("aten_cpu_capability", "uncapped (not recorded)"))
+                    out.setdefault(key, {})[(r["op"], r["shape"], r["impl"])] = r
+    return OrderedDict(sorted(out.items()))
+
+
+def _roofline_ms(r: dict) -> float:
+    """ms the row's work takes at the run's measured limits: the larger of its
+    bytes at the read stream and its FLOPs at the FMA units' rate (the matmul
+    rate where the record has no FMA probe)."""
+    rate = r.get("fma_gflops") or r["matmul_gflops"]
+    return max(r["gbps"] * r["ms"] / r["read_gbps"], r["gflops"] * r["ms"] / rate)
+
+
+def evaluate(t: Target, records: dict) -> dict | None:
+    """{value, met, ceiling, text} for one target in one run, or None if not recorded."""
+    ours = records.get((t.op, t.shape, OURS))
+    if ours is None:
+        return None
+    if t.kind == "ratio":
+        peer = records.get((t.op, t.shape, t.peer))
+        if peer is None:
+            return None
+        value = peer["ms"] / ours["ms"]
+        return dict(value=value, met=value >= t.goal, ceiling=peer["ms"] / _roofline_ms(ours),
+                    text=f"{value:.2f}x ({ours['ms']:.3g} / {peer['ms']:.3g} ms)")
+    stream_ms = ours["gbps"] * ours["ms"] / ours["read_gbps"]  # its bytes at the read stream
+    if t.kind == "stream":
+        value = ours["gbps"] / ours["read_gbps"]
+        return dict(value=value, met=value >= t.goal, ceiling=stream_ms / _roofline_ms(ours),
+                    text=f"{100 * value:.0f}% (stream {ours['read_gbps']:.0f} GB/s)")
+    if t.kind == "matmul":
+        value = ours["gflops"] / ours["matmul_gflops"]
+        fma = ours.get("fma_gflops")
+        return dict(value=value, met=value >= t.goal,
+                    ceiling=fma / ours["matmul_gflops"] if fma else None,
+                    text=f"{100 * value:.0f}% (matmul {ours['matmul_gflops']:.0f} GFLOP/s)")
+    value = ours["ms"] / stream_ms  # "floor": at most
+    return dict(value=value, met=value <= t.goal, ceiling=_roofline_ms(ours) / stream_ms,
+                text=f"{value:.2f}x ({1e3 * ours['ms']:.0f} us, stream "
+                     f"{ours['read_gbps']:.0f} GB/s)")
+
+
+def table(key: tuple, records: dict) -> str:
+    stamp, commit, isa, peers = key
+    lines = [f"**run {stamp}, commit {commit}, kernels {isa}, peers {peers}**", "",
+             "| target | asks | measured | met | ceiling in this run |", "|---|---|---|---|---|"]
+    for t in TARGETS:
+        got = evaluate(t, records)
+        if got is None:
+            continue
+        asks = {"ratio": f">= {t.goal:g}x", "stream": f">= {100 * t.goal:.0f}%",
+                "matmul": f">= {100 * t.goal:.0f}%", "floor": f"<= {t.goal:g}x"}[t.kind]
+        c = got["ceiling"]
+        ceiling = "-" if c is None else (f"{c:.2f}x" if t.kind in ("ratio", "floor")
+                                         else f"{100 * c:.0f}%")
+        lines.append(f"| {t.name} | {asks} | {got['text']} | {'yes' if got['met'] else 'no'} | "
+                     f"{ceiling} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="JSON-lines files written by memkernels.apps.bench --out")
+    ap.add_argument("--md", help="write the tables here (default: print them)")
+    args = ap.parse_args(argv)
+    text = "\n\n".join(table(k, recs) for k, recs in runs(args.results).items()
+                       if any(evaluate(t, recs) for t in TARGETS))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
