@@ -164,8 +164,9 @@ def main(argv=None) -> int:
         caps = CPU_ISA_CAPS[args.cpu_isa]
         if any(os.environ.get(k) != v for k, v in caps.items()):
             rest = list(sys.argv[1:] if argv is None else argv)
-            return subprocess.call([sys.executable, "-m", "memkernels.apps.bench", *rest],
+            code = subprocess.call([sys.executable, "-m", "memkernels.apps.bench", *rest],
                                    env={**os.environ, **caps})
+            return code if code >= 0 else 1  # a child killed by a signal: a failure
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
