@@ -84,8 +84,8 @@ def _roofline_ms(r: dict) -> float:
     """ms the row's work takes at the run's measured limits: the larger of its
     bytes' time and its FLOPs at the FMA units' rate. Records made before the
     FMA probe take the larger of the matmul rate and the rate the row reached:
-    a lower bound on the machine's, so their best-possible figures are lower
-    bounds too, never below what was measured."""
+    a lower bound on the machine's, so their best-possible figures are only
+    bounds (marked so in the table), never short of what was measured."""
     rate = r.get("fma_gflops") or max(r["matmul_gflops"], r["gflops"])
     return max(_bytes_ms(r), r["gflops"] * r["ms"] / rate)
 
@@ -105,7 +105,7 @@ def evaluate(t: Target, records: dict) -> dict | None:
         value = peer["ms"] / ours["ms"]
         return dict(value=value, met=value >= t.goal, best=peer["ms"] / at_roofline,
                     text=f"{value:.2f}x (ours {ours['ms']:.3g} ms, {t.peer} {peer['ms']:.3g})")
-    stream_ms = ours["gbps"] * ours["ms"] / ours["read_gbps"]  # its bytes at the read stream
+    stream_ms = _bytes_ms(ours)  # the stream and floor targets are reads: the read stream
     if t.kind == "stream":
         value = stream_ms / ours["ms"]
         return dict(value=value, met=value >= t.goal, best=stream_ms / at_roofline,
