@@ -212,8 +212,9 @@ void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // mr may span several [kBlockM]-row tiles: each key block is then prepared
 // once (widened, transposed) for all of them, and the tiles take it in turn.
 // Float tiles take the register-blocked GEMMs where they apply (tile_gemm.h):
-// K's block transposed (and scaled) once, so S = Q K^T and O += P V are both
-// plain row-major products; else the vendor BLAS.
+// K's block transposed (and scaled) once into panels, so S = Q K^T reads one
+// contiguous run per column strip, and O += P V is a plain row-major product;
+// else the vendor BLAS.
 template <typename T, typename KV>
 void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
                             T* out, T* lse, std::vector<T>& scratch) {
@@ -229,17 +230,18 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   T* scores = scratch.data();
   T* row_max = scores + kBlockM * ld;
   T* row_sum = row_max + mr;
-  T* k_t = row_sum + mr;  // [D, ld]: the key block transposed, times the scale
+  T* k_t = row_sum + mr;  // [D, ld]: the key block transposed, times the scale, in panels
   std::fill(row_max, row_max + mr, neg_inf<T>());
   std::fill(row_sum, row_sum + mr, T(0));
-  std::fill(out, out + mr * D, T(0));
+  // the first key block's product overwrites out (no zero fill to pay for); none to write with no keys
+  if (N == 0) std::fill(out, out + mr * D, T(0));
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
     const int64_t nbp = own_gemm ? tile_gemm_ld(nb) : nb;
     const T* kb = tile_as(k + n0 * D, p.k_scale ? p.k_scale + g * N + n0 : nullptr, nb, D, k_tile);
     if constexpr (std::is_same_v<T, float>) {
-      if (own_gemm) tile_transpose(kb, nb, D, p.scale, k_t, nbp);
+      if (own_gemm) tile_transpose_panels(kb, nb, D, p.scale, k_t, nbp);
     }
     const T* vb = tile_as(v + n0 * D, p.v_scale ? p.v_scale + g * N + n0 : nullptr, nb, D, v_tile);
     for (int64_t t0 = 0; t0 < mr; t0 += kBlockM) {
@@ -247,7 +249,7 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
       const T* qt = q + t0 * D;
       T* ot = out + t0 * D;
       if constexpr (std::is_same_v<T, float>) {
-        if (own_gemm) tile_gemm(tr, nbp, D, qt, D, 1, k_t, nbp, scores, ld, false);
+        if (own_gemm) tile_gemm_panels(tr, nbp, D, qt, D, 1, k_t, scores, ld, false);
       }
       if (!own_gemm) gemm<T>(false, true, tr, nb, D, p.scale, qt, D, kb, D, T(0), scores, ld);
       for (int64_t r = 0; r < tr; ++r) {
@@ -258,12 +260,12 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
             online_softmax_rescale(row_max[t0 + r], mask_and_max(s, valid, nb), &correction);
         row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
         row_max[t0 + r] = new_max;
-        if (correction != T(1)) {
+        if (n0 > 0 && correction != T(1)) {
           T* o = ot + r * D;
           for (int64_t d = 0; d < D; ++d) o[d] *= correction;
         }
       }
-      tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, true);
+      tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, n0 > 0);
     }
   }
   for (int64_t r = 0; r < mr; ++r) {
@@ -277,7 +279,7 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 // Backward for a whole group g (FlashAttention-2 recipe, one thread owns the
 // group so dK/dV accumulate without atomics). dq/dk/dv are overwritten.
 // Float groups take the register-blocked GEMMs where they apply (tile_gemm.h):
-// K's and V's blocks transposed once per block (for all row tiles), the P^T and
+// K's and V's blocks transposed into panels once per block (for all row tiles), the P^T and
 // dS^T products read the tiles through swapped strides; else the vendor BLAS.
 template <typename T>
 void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* out,
@@ -294,32 +296,36 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   T* probs = scratch.data();
   T* dprobs = probs + kBlockM * ld;
   T* delta = dprobs + kBlockM * ld;  // rowsum(dO * O)
-  T* k_t = delta + M;                // [D, ld]: the key block transposed, times the scale
-  T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed
+  T* k_t = delta + M;                // [D, ld]: the key block transposed, times the scale, in panels
+  T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed, in panels
   for (int64_t r = 0; r < M; ++r) {
     T acc = 0;
     for (int64_t d = 0; d < D; ++d) acc += dout[r * D + d] * out[r * D + d];
     delta[r] = acc;
   }
-  std::fill(dq, dq + M * D, T(0));
-  std::fill(dk, dk + N * D, T(0));
-  std::fill(dv, dv + N * D, T(0));
+  // The first row tile's products overwrite dK and dV, the first key block's dQ;
+  // a zero fill only where no product writes (no rows, or no keys).
+  if (N == 0) std::fill(dq, dq + M * D, T(0));
+  if (M == 0) {
+    std::fill(dk, dk + N * D, T(0));
+    std::fill(dv, dv + N * D, T(0));
+  }
 
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0);
     const int64_t nbp = own_gemm ? tile_gemm_ld(nb) : nb;
     if constexpr (std::is_same_v<T, float>) {
       if (own_gemm) {
-        tile_transpose(k + n0 * D, nb, D, p.scale, k_t, nbp);
-        tile_transpose(v + n0 * D, nb, D, 1.0f, v_t, nbp);
+        tile_transpose_panels(k + n0 * D, nb, D, p.scale, k_t, nbp);
+        tile_transpose_panels(v + n0 * D, nb, D, 1.0f, v_t, nbp);
       }
     }
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
       if constexpr (std::is_same_v<T, float>) {
         if (own_gemm) {
-          tile_gemm(mr, nbp, D, q + r0 * D, D, 1, k_t, nbp, probs, ld, false);
-          tile_gemm(mr, nbp, D, dout + r0 * D, D, 1, v_t, nbp, dprobs, ld, false);
+          tile_gemm_panels(mr, nbp, D, q + r0 * D, D, 1, k_t, probs, ld, false);
+          tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld, false);
         }
       }
       if (!own_gemm) {
@@ -337,9 +343,9 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
       // dV += P^T dO, dQ += dS K, dK += dS^T Q
-      tile_product(own_gemm, nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, true);
-      tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, true);
-      tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, true);
+      tile_product(own_gemm, nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
+      tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, n0 > 0);
+      tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, r0 > 0);
     }
   }
 }

@@ -54,12 +54,16 @@ inline int64_t tile_gemm_ld(int64_t n) {
   return w > 0 ? (n + w - 1) / w * w : n;
 }
 
+// Whether a product of n columns runs the AVX-512 body (else the AVX2 one):
+// one rule for the GEMMs and for the panels they read, whose width is the body's.
+inline bool tile_gemm_wide(int64_t n) { return tile_gemm_width() == 16 && n % 16 == 0; }
+
 // C[m, n] = (accumulate ? C : 0) + A B, A(i, p) = a[i * rs + p * cs] (m x k),
 // B [k, n] row-major (ldb); n a multiple of 8.
 inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #ifdef MK_HAVE_SIMD_VEC
-  if (tile_gemm_width() == 16 && n % 16 == 0)
+  if (tile_gemm_wide(n))
     isa_avx512::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
   else
     isa_avx2::gemm_strided(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
@@ -69,13 +73,32 @@ inline void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t r
 #endif
 }
 
-// y[d, j] = scale * x[j, d] (x [n, D]), 0 for j in [n, ld_y): K^T for a Q K^T tile.
-inline void tile_transpose(const float* x, int64_t n, int64_t D, float scale, float* y,
-                           int64_t ld_y) {
+// y = scale * x^T (x [n, D]) as the B of tile_gemm_panels over n_pad columns
+// (n_pad = tile_gemm_ld(n)): the right-hand side of a Q K^T tile product.
+inline void tile_transpose_panels(const float* x, int64_t n, int64_t D, float scale, float* y,
+                                  int64_t n_pad) {
 #ifdef MK_HAVE_SIMD_VEC
-  isa_avx2::transpose_scaled(x, n, D, scale, y, ld_y);
+  if (tile_gemm_wide(n_pad))
+    isa_avx512::transpose_to_panels(x, n, D, scale, y, n_pad);
+  else
+    isa_avx2::transpose_to_panels(x, n, D, scale, y, n_pad);
 #else
-  (void)x, (void)n, (void)D, (void)scale, (void)y, (void)ld_y;
+  (void)x, (void)n, (void)D, (void)scale, (void)y, (void)n_pad;
+#endif
+}
+
+// C[m, n] = (accumulate ? C : 0) + A B with B [k, n] as tile_transpose_panels
+// writes it (k = D, n = n_pad), A as for tile_gemm.
+inline void tile_gemm_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,
+                             int64_t cs, const float* b, float* c, int64_t ldc, bool accumulate) {
+#ifdef MK_HAVE_SIMD_VEC
+  if (tile_gemm_wide(n))
+    isa_avx512::gemm_panels(m, n, k, a, rs, cs, b, c, ldc, accumulate);
+  else
+    isa_avx2::gemm_panels(m, n, k, a, rs, cs, b, c, ldc, accumulate);
+#else
+  (void)m, (void)n, (void)k, (void)a, (void)rs, (void)cs, (void)b, (void)c, (void)ldc,
+      (void)accumulate;
 #endif
 }
 
