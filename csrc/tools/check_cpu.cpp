@@ -1,14 +1,49 @@
 // Standalone check of the CPU kernels (no Python): memory_read forward on
-// random data against a naive softmax-attention, and the wall time.
+// random data against a naive softmax-attention, and the wall time; then the
+// write's forward and backward into outputs poisoned with NaN against the
+// same calls into zeroed ones (the kernels overwrite their outputs, never
+// read them first: both must agree bit for bit, with no NaN).
 //   ./memkernels_check_cpu [B H T S D]
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "cpu/slot_bank_cpu.h"
+
+namespace {
+
+// The write forward + backward (every output of both) into buffers that start
+// as `fill`, concatenated; slots M per group over N tokens.
+std::vector<float> write_outputs(int64_t G, int64_t M, int64_t N, int64_t D,
+                                 const std::vector<float>& x, float fill) {
+  const float* q = x.data();
+  const float* mem = q + G * M * D;
+  const float* k = mem + G * M * D;
+  const float* v = k + G * N * D;
+  const float* f = v + G * N * D;
+  const float* i = f + G * M;
+  const float* dnew = i + G * M;
+  memkernels::cpu::WriteProblem<float> w{
+      {G, M, N, D, q, k, v, {}, 1.0f / std::sqrt(float(D))}, mem, f, i, 1};
+  const int64_t sizes[] = {G * M * D, G * M * D, G * M,  // new_mem, upd, lse
+                           G * M * D, G * M * D, G * N * D, G * N * D, G * M, G * M};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  std::vector<float> o(total, fill);
+  float* p[9];
+  p[0] = o.data();
+  for (int j = 1; j < 9; ++j) p[j] = p[j - 1] + sizes[j - 1];
+  memkernels::cpu::write_forward(w, p[0], p[1], p[2]);
+  memkernels::cpu::write_backward(w, p[1], p[2], dnew, p[3], p[4], p[5], p[6], p[7], p[8]);
+  return o;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const int64_t B = argc > 5 ? atoll(argv[1]) : 4, H = argc > 5 ? atoll(argv[2]) : 4,
@@ -47,5 +82,21 @@ int main(int argc, char** argv) {
   std::printf("read_forward B=%ld H=%ld T=%ld S=%ld D=%ld: %.3f ms, max |err| %.2e (vendor BLAS: %s)\n",
               long(B), long(H), long(T), long(S), long(D), ms, max_err,
               memkernels::cpu::have_vendor_blas() ? "yes" : "no");
-  return max_err < 1e-4 ? 0 : 1;
+  if (max_err >= 1e-4) return 1;
+
+  // 300 slots (two row tiles) over 1,100 tokens (three key blocks, the last
+  // a partial panel) in 3 groups
+  const int64_t G = 3, M = 300, N = 1100;
+  std::vector<float> x(2 * G * M * D + 2 * G * N * D + 2 * G * M + G * M * D);
+  for (auto& e : x) e = normal(rng);
+  const auto poisoned = write_outputs(G, M, N, D, x, std::numeric_limits<float>::quiet_NaN());
+  const auto zeroed = write_outputs(G, M, N, D, x, 0.0f);
+  int64_t nan = 0, differ = 0;
+  for (size_t j = 0; j < zeroed.size(); ++j) {
+    nan += std::isnan(poisoned[j]) || std::isnan(zeroed[j]);
+    differ += std::memcmp(&poisoned[j], &zeroed[j], sizeof(float)) != 0;
+  }
+  std::printf("write forward+backward into NaN-poisoned outputs: %ld NaN, %ld differ of %ld\n",
+              long(nan), long(differ), long(zeroed.size()));
+  return nan == 0 && differ == 0 ? 0 : 1;
 }

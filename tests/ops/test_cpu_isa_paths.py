@@ -245,8 +245,11 @@ for (B, T), S, D, logit in itertools.product([(1, 17), (2, 37), (1, 300)], [1, 1
                     tol=1e-4 * logit, out_tol=2e-5 if logit == 1.0 else 1e-4)
 # the tile GEMMs' column strips (4 vectors of 16 floats on AVX-512, 2 of 8 on
 # AVX2, then the rest) and row blocks (6 rows, then 1-5): head dims of 1 to 32
-# vectors, key counts that pad the score tile's rows to the vector width
-for D, (B, T), S in itertools.product([8, 24, 48, 80, 128, 256], [(1, 23), (2, 37)], [7, 530]):
+# vectors, key counts that pad the score tile's rows to the vector width; K^T's
+# panels (64 columns on AVX-512, 16 on AVX2) with a short last one (612 keys:
+# 9 full panels and 48 columns on AVX-512)
+for D, (B, T), S in itertools.product([8, 24, 48, 80, 128, 256], [(1, 23), (2, 37)],
+                                      [7, 530, 612]):
     q, k, v = torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
     mask = torch.rand(B, S) > 0.4
     mask[-1] = False
