@@ -232,6 +232,7 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
             rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0),  # 30 GFLOP
             rec("write_fwd_bwd", "write", "reference (eager)", 240.0, 0.3, 125.0),
             rec("reader_fwd", "reader_s1024", "memkernels[cpu]", 0.06, 40.0, 10.0),
+            rec("reader_fwd", "reader_s1024", READ_ONCE, 0.054, 44.4, 11.1),
             # an older run: no FMA probe, a kernel past the matmul rate
             rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0, time="t-1",
                 fma_gflops=None),
@@ -256,6 +257,9 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert eager["best"] == pytest.approx(240.0 / 60.0)  # 30 GFLOP at 500 GFLOP/s
     floor = by_name["reader_fwd S=1,024: time over its bytes at the read stream"]
     assert floor["value"] == pytest.approx(0.06 / (40.0 * 0.06 / 50.0)) and floor["met"]
+    # the bytes' own sum beside it: 0.054 ms over the 0.048 its bytes take at the stream
+    assert floor["short_read"] == pytest.approx(0.054 / 0.048)
+    assert "a sum of its bytes 1.12x, ours 1.11x that" in floor["text"]
     assert by_name["write forward+backward: x torch.compile"] is None  # not in this run
     compiled = next(t for t in targets.TARGETS if t.name.endswith("x torch.compile"))
     before_fma = targets.evaluate(compiled, old)
