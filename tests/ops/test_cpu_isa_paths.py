@@ -71,9 +71,11 @@ for B, T, S, D in [(3, 1, 70, 64), (4, 3, 1029, 32), (13, 1, 260, 16)]:
     assert (out[-1] == 0).all(), "a fully masked row reads zeros"
 
 # one row block a group (1-2 rows on AVX2, up to 4 on AVX-512: the one-pass body, 4 keys a
-# step): masks dense and sparse (most steps fully masked), a fully masked row, a NaN query,
-# a NaN key (every row of its head reads it)
-for B, S, D in [(1, 70, 64), (2, 1029, 32), (2, 6, 16), (4, 301, 32), (1, 2, 8)]:
+# step, each step's scores computed a step ahead: 4, 8 and 9 keys are one full step, two, two
+# and a partial one): masks dense and sparse (most steps fully masked), a fully masked row, a
+# NaN query, a NaN key (every row of its head reads it)
+for B, S, D in [(1, 70, 64), (2, 1029, 32), (2, 6, 16), (4, 301, 32), (1, 2, 8), (1, 4, 64),
+                (2, 8, 32), (3, 9, 16)]:
     q, k, v = torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
     for density in (0.5, 0.05):
         m = torch.rand(B, S) < density
