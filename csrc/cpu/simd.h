@@ -114,46 +114,24 @@ struct Vec {
   static R zero_below(R v, R x, float lo) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(lo), _CMP_NLT_UQ), v);
   }
-  // The horizontal sums of x[4g + u] in lane 4g + u, for G groups of 4
-  // vectors (lanes past 4G: unspecified): a score step's rows x 4 keys in one
-  // tree. In-lane shuffles first (each 128-bit block of group g's vector ends
-  // up holding the 4 sums over that block), the blocks summed across last: 6
-  // cross-block shuffles for 16 sums where one reduction per row took 28 (hot,
-  // 3-4 rows a block read 7-15% faster, 1, 2 and 8 rows the same; log.md, v24).
-  template <int G>
-  static R reduce_groups(const R* x) {
-    static_assert(G >= 1 && G <= 4, "1 to 4 groups of 4 vectors");
-    R s[4];
-    for (int g = 0; g < G; ++g) {
-      const R* a = x + 4 * g;
-      const R p = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-      const R q = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-      s[g] = _mm512_add_ps(_mm512_shuffle_ps(p, q, 0x44), _mm512_shuffle_ps(p, q, 0xEE));
-    }
-    if constexpr (G == 1) {
-      const R t = _mm512_add_ps(s[0], _mm512_shuffle_f32x4(s[0], s[0], 0x4E));
-      return _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
-    } else {
-      const R u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x44),
-                                 _mm512_shuffle_f32x4(s[0], s[1], 0xEE));
-      R u1 = u0;
-      if constexpr (G > 2) {
-        const R s3 = G > 3 ? s[3] : s[2];
-        u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s3, 0x44), _mm512_shuffle_f32x4(s[2], s3, 0xEE));
-      }
-      return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
-    }
-  }
-  // lanes 4I .. 4I + 3 of v
-  template <int I>
-  static __m128 extract4(R v) { return _mm512_extractf32x4_ps(v, I); }
-  // v in the lanes of its first G groups of 4, fill past them
-  template <int G>
-  static R keep_groups(R v, float fill) {
-    if constexpr (G == 4) return v;
-    return _mm512_mask_mov_ps(set1(fill), __mmask16((1u << (4 * G)) - 1), v);
+  // The horizontal sums of a0..a3 as the 4 lanes of an __m128; the shuffles
+  // are shared by the four.
+  static __m128 reduce4(R a0, R a1, R a2, R a3) {
+    const R b01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44),
+                                _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const R b23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44),
+                                _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    const R c = _mm512_add_ps(_mm512_shuffle_f32x4(b01, b23, 0x88),
+                              _mm512_shuffle_f32x4(b01, b23, 0xDD));
+    const R d = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));
+    const R e = _mm512_add_ps(d, _mm512_permute_ps(d, 0x4E));
+    const __m512i lanes = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, e));
   }
   static float reduce1(R a) { return _mm512_reduce_add_ps(a); }
+  // v with its I-th group of 4 lanes set to x
+  template <int I>
+  static R insert4(R v, __m128 x) { return _mm512_insertf32x4(v, x, I); }
   // x[0..3] in every group of 4 lanes
   static R broadcast4(const float* x) { return _mm512_broadcast_f32x4(_mm_loadu_ps(x)); }
   // v where the byte of `flags` (lane i: byte i of the 128 bits) is nonzero, else fill
@@ -213,36 +191,18 @@ struct Vec {
   static R zero_below(R v, R x, float lo) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(lo), _CMP_LT_OQ), v);
   }
-  // As the AVX-512 Vec's: lane 4g + u the sum of x[4g + u], G <= 2 groups.
-  template <int G>
-  static R reduce_groups(const R* x) {
-    static_assert(G >= 1 && G <= 2, "1 or 2 groups of 4 vectors");
-    R s[2];
-    for (int g = 0; g < G; ++g) {
-      const R* a = x + 4 * g;
-      const R p = _mm256_add_ps(_mm256_unpacklo_ps(a[0], a[1]), _mm256_unpackhi_ps(a[0], a[1]));
-      const R q = _mm256_add_ps(_mm256_unpacklo_ps(a[2], a[3]), _mm256_unpackhi_ps(a[2], a[3]));
-      s[g] = _mm256_add_ps(_mm256_shuffle_ps(p, q, 0x44), _mm256_shuffle_ps(p, q, 0xEE));
-    }
-    if constexpr (G == 1) return _mm256_add_ps(s[0], _mm256_permute2f128_ps(s[0], s[0], 0x01));
-    return _mm256_add_ps(_mm256_permute2f128_ps(s[0], s[1], 0x20),
-                         _mm256_permute2f128_ps(s[0], s[1], 0x31));
-  }
-  template <int I>
-  static __m128 extract4(R v) {
-    if constexpr (I == 0) return _mm256_castps256_ps128(v);
-    return _mm256_extractf128_ps(v, 1);
-  }
-  template <int G>
-  static R keep_groups(R v, float fill) {
-    if constexpr (G == 2) return v;
-    return _mm256_blend_ps(v, set1(fill), 0xF0);
+  static __m128 reduce4(R a0, R a1, R a2, R a3) {
+    // per 128-bit half: [sum a0, sum a1, sum a2, sum a3] over that half's lanes
+    const R s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   }
   static float reduce1(R a) {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 d = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
   }
+  template <int I>
+  static R insert4(R v, __m128 x) { return _mm256_insertf128_ps(v, x, I); }
   static R broadcast4(const float* x) {
     const __m128 v = _mm_loadu_ps(x);
     return _mm256_set_m128(v, v);
