@@ -272,3 +272,32 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "commit abc" in out and "| write forward+backward: x eager | >= 3x | 3.00x" in out
+
+
+def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
+    """--summary: one table per kernel ISA over its runs, each target's count
+    of runs that met it, the median and range of its values."""
+    from memkernels.apps.bench import targets
+
+    def rec(time, impl, ms, isa="avx512"):
+        return dict(op="write_fwd_bwd", shape="write", impl=impl, ms=ms, gbps=1.0,
+                    gflops=30e3 / ms, read_gbps=50.0, copy_gbps=40.0, matmul_gflops=200.0,
+                    fma_gflops=500.0, time=time, commit="abc", cpu_isa=isa,
+                    aten_cpu_capability="AVX512")
+
+    rows = [rec("t1", "memkernels[cpu]", 80.0), rec("t1", "reference (eager)", 200.0),   # 2.5x
+            rec("t2", "memkernels[cpu]", 80.0), rec("t2", "reference (eager)", 320.0),   # 4.0x
+            rec("t3", "memkernels[cpu]", 100.0), rec("t3", "reference (eager)", 300.0),  # 3.0x
+            rec("t4", "memkernels[cpu]", 150.0, "avx2"),
+            rec("t4", "reference (eager)", 300.0, "avx2")]                               # 2.0x
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = tmp_path / "s.md"
+    assert targets.main([str(path), "--summary", "--md", str(md)]) == 0
+    text = md.read_text()
+    avx512, avx2 = text.split("\n\n**")
+    assert avx512.startswith("**3 runs, kernels avx512, peers AVX512 (t1 to t3)**")
+    # met in t2 and t3; median 3.00x; the median best: eager over 60 ms (30 GFLOP at 500)
+    assert "| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | 5.00x |" \
+        in avx512
+    assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2

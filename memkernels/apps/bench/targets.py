@@ -1,6 +1,7 @@
 """The CPU backend's targets (issue #21) read off recorded benchmark runs.
 
     python -m memkernels.apps.bench.targets RESULTS.jsonl [MORE.jsonl ...] [--md targets.md]
+    python -m memkernels.apps.bench.targets RESULTS.jsonl [...] --summary
 
 One table per run (the records one `memkernels.apps.bench` call wrote: same
 start time, commit and ISA), one row per target: the measured ratio or share,
@@ -8,12 +9,19 @@ whether it is met, and the best the run's own measured limits allow (what a
 kernel at its roofline, its bytes at the stream's bandwidth and its FLOPs at
 the FMA units' rate, would reach against the same peer time). A target past
 that best is beyond that machine in that run, whatever the kernel does.
+
+--summary: one table per kernel ISA and peers' ISA over all the runs given,
+one row per target: in how many runs it was met, the median and range of the
+measured values, and the median of the runs' best possible. On a machine whose
+limits move from one minute to the next, a single run says little; this is the
+figure to quote.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -138,10 +146,8 @@ def table(key: tuple, records: dict) -> str:
         got = evaluate(t, records)
         if got is None:
             continue
-        asks = {"ratio": f">= {t.goal:g}x", "stream": f">= {100 * t.goal:.0f}%",
-                "matmul": f">= {100 * t.goal:.0f}%", "floor": f"<= {t.goal:g}x"}[t.kind]
-        best = got["best"]
-        best = f"{best:.2f}x" if t.kind in ("ratio", "floor") else f"{100 * best:.0f}%"
+        asks = _asks(t)
+        best = _fmt(t, got["best"])
         if not records[(t.op, t.shape, OURS)].get("fma_gflops"):
             # the rate the run reached stood in for the FMA rate: a bound, not the value
             best = f"{'<=' if t.kind == 'floor' else '>='} {best} (no FMA probe)"
@@ -150,13 +156,56 @@ def table(key: tuple, records: dict) -> str:
     return "\n".join(lines)
 
 
+def _asks(t: Target) -> str:
+    return {"ratio": f">= {t.goal:g}x", "stream": f">= {100 * t.goal:.0f}%",
+            "matmul": f">= {100 * t.goal:.0f}%", "floor": f"<= {t.goal:g}x"}[t.kind]
+
+
+def _fmt(t: Target, x: float) -> str:
+    return f"{x:.2f}x" if t.kind in ("ratio", "floor") else f"{100 * x:.0f}%"
+
+
+def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
+    """One table per (kernels' ISA, peers' ISA) over its runs: per target, the
+    runs that met it, the median and range of the measured values and the
+    median best possible."""
+    groups: OrderedDict = OrderedDict()
+    for key, records in all_runs.items():
+        groups.setdefault((key[2], key[3]), []).append((key, records))
+    out = []
+    for (isa, peers), members in groups.items():
+        stamps = [k[0] for k, _ in members]
+        n = len(members)
+        lines = [f"**{n} run{'s' if n != 1 else ''}, kernels {isa}, peers {peers} "
+                 f"({min(stamps)} to {max(stamps)})**", "",
+                 "| target | asks | met in | median | range | best possible (median) |",
+                 "|---|---|---|---|---|---|"]
+        for t in TARGETS:
+            got = [g for g in (evaluate(t, recs) for _, recs in members) if g is not None]
+            if not got:
+                continue
+            values = [g["value"] for g in got]
+            lines.append(
+                f"| {t.name} | {_asks(t)} | {sum(g['met'] for g in got)} of {len(got)} | "
+                f"{_fmt(t, statistics.median(values))} | {_fmt(t, min(values))} to "
+                f"{_fmt(t, max(values))} | {_fmt(t, statistics.median(g['best'] for g in got))} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="JSON-lines files written by memkernels.apps.bench --out")
     ap.add_argument("--md", help="write the tables here (default: print them)")
+    ap.add_argument("--summary", action="store_true",
+                    help="one table per kernel ISA over all the runs, not one per run")
     args = ap.parse_args(argv)
-    text = "\n\n".join(table(k, recs) for k, recs in runs(args.results).items()
-                       if any(evaluate(t, recs) for t in TARGETS))
+    found = OrderedDict((k, recs) for k, recs in runs(args.results).items()
+                        if any(evaluate(t, recs) for t in TARGETS))
+    if args.summary:
+        text = summary(found)
+    else:
+        text = "\n\n".join(table(k, recs) for k, recs in found.items())
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
