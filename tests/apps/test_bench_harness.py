@@ -294,9 +294,10 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = tmp_path / "s.md"
     assert targets.main([str(path), "--summary", "--md", str(md)]) == 0
-    text = md.read_text()
-    avx512, avx2 = text.split("\n\n**")
-    assert avx512.startswith("**3 runs, kernels avx512, peers AVX512 (t1 to t3)**")
+    header, avx512, avx2 = md.read_text().split("\n\n**")
+    command = f"python -m memkernels.apps.bench.targets {path} --summary --md {md}"
+    assert header == f"Written by `{command}`."
+    assert avx512.startswith("3 runs, kernels avx512, peers AVX512 (t1 to t3)**")
     # met in t2 and t3; median 3.00x; the median best: eager over 60 ms (30 GFLOP at 500)
     assert "| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | 5.00x |" \
         in avx512

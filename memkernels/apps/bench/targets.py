@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shlex
 import statistics
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -206,9 +207,11 @@ def main(argv=None) -> int:
         text = summary(found)
     else:
         text = "\n\n".join(table(k, recs) for k, recs in found.items())
-    if args.md:
+    if args.md:  # the command that wrote it first, so the file says how to remake it
+        given = sys.argv[1:] if argv is None else list(argv)
         with open(args.md, "w") as f:
-            f.write(text + "\n")
+            f.write(f"Written by `python -m memkernels.apps.bench.targets "
+                    f"{' '.join(shlex.quote(a) for a in given)}`.\n\n{text}\n")
     else:
         print(text)
     return 0
