@@ -300,7 +300,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed, in panels
   for (int64_t r = 0; r < M; ++r) {
     T acc = 0;
-#pragma omp simd reduction(+ : acc)  // a vector sum: the compiler keeps a float sum's order
+#pragma omp simd reduction(+ : acc)  // may reorder the sum: without it, a scalar chain
     for (int64_t d = 0; d < D; ++d) acc += dout[r * D + d] * out[r * D + d];
     delta[r] = acc;
   }

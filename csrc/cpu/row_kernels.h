@@ -155,7 +155,7 @@ inline void gelu_row(double* x, int64_t n) {
 template <typename T>
 MK_CPU_CLONES inline void gate_blend_row(T* new_mem, const T* mem, const T* upd, const T* forget,
                                          const T* input, int64_t D, int64_t gate_dim) {
-  if (gate_dim == 1) {  // the row's two gates once, not once a channel (new_mem may alias them)
+  if (gate_dim == 1) {  // the row's two gates once, not once a channel
     const T sf = sigmoid(forget[0]), si = sigmoid(input[0]);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) new_mem[d] = sf * mem[d] + si * mk_tanh(upd[d]);

@@ -186,10 +186,15 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
             if not got:
                 continue
             values = [g["value"] for g in got]
+            best = _fmt(t, statistics.median(g["best"] for g in got))
+            unprobed = sum(1 for _, recs in members if (t.op, t.shape, OURS) in recs
+                           and not recs[(t.op, t.shape, OURS)].get("fma_gflops"))
+            if unprobed:  # their best is only a bound (table(): "no FMA probe")
+                best += f" ({unprobed} run{'s' if unprobed != 1 else ''} without an FMA probe)"
             lines.append(
                 f"| {t.name} | {_asks(t)} | {sum(g['met'] for g in got)} of {len(got)} | "
                 f"{_fmt(t, statistics.median(values))} | {_fmt(t, min(values))} to "
-                f"{_fmt(t, max(values))} | {_fmt(t, statistics.median(g['best'] for g in got))} |")
+                f"{_fmt(t, max(values))} | {best} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
