@@ -135,6 +135,19 @@ MK_HD T online_softmax_rescale(T old_max, T block_max, T* correction) {
   return new_max;
 }
 
+// The same where the max rarely rises (a row's blocks after its first few):
+// no exp on the row's chain unless it does. A row with no valid key yet
+// (both -inf) keeps factor 1 where the above gives 0: its sum and output are
+// 0 either way, and a NaN in them stays NaN.
+template <typename T>
+MK_HD T online_softmax_rescale_if_risen(T old_max, T block_max, T* correction) {
+  if (block_max <= old_max) {
+    *correction = T(1);
+    return old_max;
+  }
+  return online_softmax_rescale(old_max, block_max, correction);  // a new max, or NaN
+}
+
 // Final normalisation: a row that saw no valid key (sum 0) gets 0 and lse =
 // -inf; a NaN sum stays NaN (as the reference: a NaN score is never "empty").
 template <typename T>

@@ -256,8 +256,8 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
         T* s = scores + r * ld;
         const bool* valid = p.mask.mask ? p.mask.row(g, r0 + t0 + r) + n0 : nullptr;
         T correction;
-        const T new_max =
-            online_softmax_rescale(row_max[t0 + r], mask_and_max(s, valid, nb), &correction);
+        const T new_max = online_softmax_rescale_if_risen(row_max[t0 + r],
+                                                          mask_and_max(s, valid, nb), &correction);
         row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
         row_max[t0 + r] = new_max;
         if (n0 > 0 && correction != T(1)) {
