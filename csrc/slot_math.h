@@ -136,16 +136,18 @@ MK_HD T online_softmax_rescale(T old_max, T block_max, T* correction) {
 }
 
 // The same where the max rarely rises (a row's blocks after its first few):
-// no exp on the row's chain unless it does. A row with no valid key yet
-// (both -inf) keeps factor 1 where the above gives 0: its sum and output are
-// 0 either way, and a NaN in them stays NaN.
+// no exp on the row's chain unless it does. Where the factor differs from the
+// above's, nothing it scales changes: a row with no valid key yet (both -inf;
+// 1 here, 0 above) holds sum 0 and output 0 (or NaN, which stays NaN); a row
+// whose max is already +inf (1 here, NaN above) is NaN already. (The CPU
+// one-pass read tests the same inline: it skips its rescale altogether.)
 template <typename T>
 MK_HD T online_softmax_rescale_if_risen(T old_max, T block_max, T* correction) {
   if (block_max <= old_max) {
     *correction = T(1);
     return old_max;
   }
-  return online_softmax_rescale(old_max, block_max, correction);  // a new max, or NaN
+  return online_softmax_rescale(old_max, block_max, correction);  // a new max, or a NaN max
 }
 
 // Final normalisation: a row that saw no valid key (sum 0) gets 0 and lse =
