@@ -169,10 +169,17 @@ MK_HD T prob_from_lse(T score, T lse) {
 template <typename T>
 MK_HD T sigmoid(T x) { return T(1) / (T(1) + mk_exp(-x)); }
 
-// LM2/NTM gated write: new = sigmoid(f) * mem + sigmoid(i) * tanh(upd).
+// LM2/NTM gated write: new = sigmoid(f) * mem + sigmoid(i) * tanh(upd);
+// the _gated forms take the gates sf = sigmoid(f), si = sigmoid(i) already
+// computed (one per row when gate_dim is 1).
+template <typename T>
+MK_HD T gate_blend_gated(T mem, T upd, T sf, T si) {
+  return sf * mem + si * mk_tanh(upd);
+}
+
 template <typename T>
 MK_HD T gate_blend(T mem, T upd, T forget_logit, T input_logit) {
-  return sigmoid(forget_logit) * mem + sigmoid(input_logit) * mk_tanh(upd);
+  return gate_blend_gated(mem, upd, sigmoid(forget_logit), sigmoid(input_logit));
 }
 
 // Gradients of gate_blend given d(new) = g.
@@ -180,14 +187,19 @@ template <typename T>
 struct GateGrads { T d_mem, d_upd, d_forget, d_input; };
 
 template <typename T>
-MK_HD GateGrads<T> gate_blend_backward(T g, T mem, T upd, T forget_logit, T input_logit) {
-  const T sf = sigmoid(forget_logit), si = sigmoid(input_logit), u = mk_tanh(upd);
+MK_HD GateGrads<T> gate_blend_backward_gated(T g, T mem, T upd, T sf, T si) {
+  const T u = mk_tanh(upd);
   GateGrads<T> r;
   r.d_mem = g * sf;
   r.d_upd = g * si * (T(1) - u * u);
   r.d_forget = g * mem * sf * (T(1) - sf);
   r.d_input = g * u * si * (T(1) - si);
   return r;
+}
+
+template <typename T>
+MK_HD GateGrads<T> gate_blend_backward(T g, T mem, T upd, T forget_logit, T input_logit) {
+  return gate_blend_backward_gated(g, mem, upd, sigmoid(forget_logit), sigmoid(input_logit));
 }
 
 }  // namespace memkernels

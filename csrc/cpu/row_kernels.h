@@ -158,7 +158,7 @@ MK_CPU_CLONES inline void gate_blend_row(T* new_mem, const T* mem, const T* upd,
   if (gate_dim == 1) {  // the row's two gates once, not once a channel
     const T sf = sigmoid(forget[0]), si = sigmoid(input[0]);
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) new_mem[d] = sf * mem[d] + si * mk_tanh(upd[d]);
+    for (int64_t d = 0; d < D; ++d) new_mem[d] = gate_blend_gated(mem[d], upd[d], sf, si);
   } else {
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) new_mem[d] = gate_blend(mem[d], upd[d], forget[d], input[d]);
@@ -172,19 +172,19 @@ MK_CPU_CLONES inline void gate_blend_backward_row(const T* dnew, const T* mem, c
                                                   const T* forget, const T* input, int64_t D,
                                                   int64_t gate_dim, T* dmem, T* dupd, T* dforget,
                                                   T* dinput) {
-  if (gate_dim == 1) {  // gate_blend_backward with the row's gates and their slopes taken once
+  if (gate_dim == 1) {  // the row's two gates once, not once a channel
     const T sf = sigmoid(forget[0]), si = sigmoid(input[0]);
-    T g_mem = 0, g_u = 0;  // sum_d g * mem, sum_d g * tanh(upd)
-#pragma omp simd reduction(+ : g_mem, g_u)
+    T df = 0, di = 0;
+#pragma omp simd reduction(+ : df, di)
     for (int64_t d = 0; d < D; ++d) {
-      const T g = dnew[d], u = mk_tanh(upd[d]);
-      dmem[d] = g * sf;
-      dupd[d] = g * si * (T(1) - u * u);
-      g_mem += g * mem[d];
-      g_u += g * u;
+      const GateGrads<T> g = gate_blend_backward_gated(dnew[d], mem[d], upd[d], sf, si);
+      dmem[d] = g.d_mem;
+      dupd[d] = g.d_upd;
+      df += g.d_forget;
+      di += g.d_input;
     }
-    dforget[0] = g_mem * (sf * (T(1) - sf));
-    dinput[0] = g_u * (si * (T(1) - si));
+    dforget[0] = df;
+    dinput[0] = di;
   } else {
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) {
