@@ -103,11 +103,12 @@ struct Vec {
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R fms(R a, R b, R c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c
-  // min(x, hi); NaN stays NaN (min returns its second operand on NaN)
-  static R at_most(R x, float hi) { return _mm512_min_ps(set1(hi), x); }
-  // p * 2^n for integral n = t - kRoundShifter, in [-126, 127] wherever the
-  // result is kept (exp_vec zeroes it below kMin): one instruction on AVX-512,
-  // which takes n itself (t is for AVX2's bit arithmetic)
+  // x clamped to [lo, hi]; NaN stays NaN (max/min return their second operand on NaN)
+  static R clamp(R x, float lo, float hi) {
+    return _mm512_min_ps(set1(hi), _mm512_max_ps(set1(lo), x));
+  }
+  // p * 2^n for integral n = t - kRoundShifter in [-126, 127]: one instruction
+  // on AVX-512, which takes n itself (t is for AVX2's bit arithmetic)
   static R pow2_mul(R p, R /*t*/, R n) { return _mm512_scalef_ps(p, n); }
   // v where x >= lo (or x is NaN), else 0
   static R zero_below(R v, R x, float lo) {
@@ -176,11 +177,12 @@ struct Vec {
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R fms(R a, R b, R c) { return _mm256_fmsub_ps(a, b, c); }  // a * b - c
-  static R at_most(R x, float hi) { return _mm256_min_ps(set1(hi), x); }
-  // p * 2^n for integral n = t - kRoundShifter, in [-126, 127] wherever the
-  // result is kept: t's low 9 bits are n's, so shifting them into the exponent
-  // field and adding the bias builds 2^n in two integer operations. A NaN p
-  // stays NaN.
+  static R clamp(R x, float lo, float hi) {
+    return _mm256_min_ps(set1(hi), _mm256_max_ps(set1(lo), x));
+  }
+  // p * 2^n for integral n = t - kRoundShifter in [-126, 127]: t's low 9 bits
+  // are n's, so shifting them into the exponent field and adding the bias
+  // builds 2^n in two integer operations. A NaN p stays NaN.
   static R pow2_mul(R p, R t, R /*n*/) {
     const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
                                        _mm256_set1_epi32(127 << 23));

@@ -37,8 +37,10 @@ struct Vec {
   static R mul(R a, R b) { MK_LANES(a.v[i] * b.v[i]) }
   static R fma(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], c.v[i])) }
   static R fms(R a, R b, R c) { MK_LANES(std::fma(a.v[i], b.v[i], -c.v[i])) }
-  // vminps(hi, x): returns its second operand (x) on NaN
-  static R at_most(R x, float hi) { MK_LANES(hi < x.v[i] ? hi : x.v[i]) }
+  // vminps(hi, vmaxps(lo, x)): each returns its second operand (x) on NaN
+  static R clamp(R x, float lo, float hi) {
+    MK_LANES(hi < (lo > x.v[i] ? lo : x.v[i]) ? hi : (lo > x.v[i] ? lo : x.v[i]))
+  }
   static float scalef(float p, float n) {
     if (std::isnan(p) || std::isnan(n)) return NAN;
     if (std::isinf(n)) return n > 0 ? p * INFINITY : (std::isinf(p) ? NAN : p * 0.0f);
