@@ -1,6 +1,7 @@
 """The benchmark harness itself: the registry, a case timed end to end on a
 tiny shape, and the report (markdown and PNG) from recorded results."""
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from memkernels.apps.bench import report, run
 from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, reader_cases,
                                          attention_matmuls, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
-from memkernels.apps.bench.timing import median_time, median_times
+from memkernels.apps.bench.timing import median_time, median_times, minor_faults
 from memkernels.ops import backend
 
 
@@ -125,6 +126,27 @@ def test_median_times_take_turns():
         median_times([fast], torch.device("cpu"), rounds=0)
 
 
+@pytest.mark.skipif(minor_faults() is None, reason="the OS does not count page faults")
+def test_median_times_count_each_entrys_page_faults():
+    """faults: per entry, the minor page faults a timed call (first touches of
+    fresh pages, counted over the entry's own turns): an entry that writes a
+    fresh mapping each call pays one a page; one over memory it keeps, ~none."""
+    pages = 256  # 1 MiB (under a huge page): a fresh anonymous mapping each call, whatever
+    kept = torch.ones(pages * 1024)  # the allocator's thresholds
+
+    def fresh():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for p in range(pages):
+                m[p * mmap.PAGESIZE] = 1
+
+    faults = []
+    median_times([[fresh], [lambda: kept.fill_(2.0)]], torch.device("cpu"), min_time=0.0,
+                 rounds=2, warmup=2, max_reps=20, faults=faults)
+    fresh_faults, kept_faults = faults
+    assert fresh_faults >= pages * 0.9, faults
+    assert kept_faults < pages / 8, faults
+
+
 def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     """The CLI end to end on a tiny registry: one row per implementation, each
     with its measured floor and the machine's limits, the rounds recorded; a
@@ -142,6 +164,8 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     assert all(r["ms"] > 0 and r["pct_of_floor"] > 0 and r["rounds"] == 2 for r in rows)
     # the limits measured in the group's turns, the first-touch rate among them
     assert all(r["read_gbps"] > 0 and r["first_touch_gbps"] > 0 for r in rows)
+    if minor_faults() is not None:  # each implementation's page faults a call, counted
+        assert all(r["faults_per_call"] >= 0 for r in rows)
     header = capsys.readouterr().out
     assert "first touch" in header
     # the FMA units' rate where the CPU kernels run vector bodies, and what ran the tile GEMMs
@@ -229,8 +253,10 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     rows = [rec("read_fwd", "decode", "memkernels[cpu]", 2.0, 35.0, 100.0),  # 70% of 50 GB/s
             rec("read_fwd", "decode", "sdpa (batch folded)", 3.0, 23.3, 66.7),
             rec("read_fwd", "prefill", "memkernels[cpu]", 50.0, 0.1, 300.0),  # 150% of matmul
-            rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0),  # 30 GFLOP
-            rec("write_fwd_bwd", "write", "reference (eager)", 240.0, 0.3, 125.0),
+            rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0,  # 30 GFLOP
+                faults_per_call=12.0),
+            rec("write_fwd_bwd", "write", "reference (eager)", 240.0, 0.3, 125.0,
+                faults_per_call=65536.0),
             rec("reader_fwd", "reader_s1024", "memkernels[cpu]", 0.06, 40.0, 10.0),
             rec("reader_fwd", "reader_s1024", READ_ONCE, 0.054, 44.4, 11.1),
             # an older run: no FMA probe, a kernel past the matmul rate
@@ -255,6 +281,9 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     eager = by_name["write forward+backward: x eager"]
     assert eager["value"] == pytest.approx(3.0) and eager["met"]
     assert eager["best"] == pytest.approx(240.0 / 60.0)  # 30 GFLOP at 500 GFLOP/s
+    # where both rows counted their page faults, the ratio's text gives them
+    assert "page faults a call: ours 12, peer 65,536" in eager["text"]
+    assert "page faults" not in ratio["text"]  # the decode rows did not count them
     floor = by_name["reader_fwd S=1,024: time over its bytes at the read stream"]
     assert floor["value"] == pytest.approx(0.06 / (40.0 * 0.06 / 50.0)) and floor["met"]
     # the bytes' own sum beside it: 0.054 ms over the 0.048 its bytes take at the stream

@@ -202,12 +202,14 @@ def main(argv=None) -> int:
         ready = [(case, prepared(case, device, device.type == "cuda" and not args.no_graphs))
                  for case in group]
         ready = [(case, *got) for case, got in ready if got is not None]
+        faults: list = []
         times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
-                             min_time=args.min_time, rounds=args.rounds, warmup=0)
+                             min_time=args.min_time, rounds=args.rounds, warmup=0,
+                             faults=faults)
         copy_bw, bw, peak, touch, *fma_peak = (p.work / t
                                                for p, t in zip(probes, times[len(ready):]))
         fma_fields = (dict(fma_gflops=fma_peak[0] / 1e9) if fma_peak else {})
-        for (case, _, timing), t in zip(ready, times):
+        for (case, _, timing), t, per_call in zip(ready, times, faults):
             # a read's bytes are almost all read once; a write also stores its bank
             stream = bw if case.op.startswith("read") else copy_bw
             floor = max(case.bytes / stream, case.flops / peak)
@@ -221,6 +223,8 @@ def main(argv=None) -> int:
                                            "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
                                            "matmul_gflops": peak / 1e9,
                                            "first_touch_gbps": touch / 1e9, **fma_fields,
+                                           **({} if per_call is None
+                                              else dict(faults_per_call=per_call)),
                                            "rounds": args.rounds,
                                            "limits": "in turns with the row",
                                            "time": stamp, **info}) + "\n")

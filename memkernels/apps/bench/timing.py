@@ -12,6 +12,19 @@ import torch
 
 from memkernels.ops import backend
 
+try:  # Unix: the process's page-fault count
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (all its threads), or None
+    where the OS does not count them. On the CPU each fault is a first touch
+    of a fresh page: a call that allocates large temporaries the allocator
+    has handed back to the OS pays one per 4 KiB page."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -62,12 +75,17 @@ def _time_calls(fns: Sequence[Callable[[], object]], device: torch.device, secon
 
 def median_times(fn_lists: Sequence[Sequence[Callable[[], object]]], device: torch.device, *,
                  min_time: float = 1.0, rounds: int = 1, warmup: int = 2,
-                 max_reps: int = 200) -> list[float]:
+                 max_reps: int = 200, faults: Optional[list] = None) -> list[float]:
     """Median seconds per call of each entry of `fn_lists` (each entry: the
     same computation on rotating input sets, so repeated calls do not just
     hit the cache). The entries take turns, `rounds` times, each turn
     min_time / rounds seconds: a slow minute on a shared machine then lands
-    on every entry alike, and their ratios hold."""
+    on every entry alike, and their ratios hold.
+
+    faults: a list to receive, per entry, the process's minor page faults a
+    timed call on the CPU (minor_faults over the entry's turns; None on a GPU
+    or where the OS does not count them): what part of a time went to first
+    touches of memory the allocator had given back."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for fns in fn_lists:
@@ -75,10 +93,16 @@ def median_times(fn_lists: Sequence[Sequence[Callable[[], object]]], device: tor
             fns[i % len(fns)]()
     sync(device)
     samples: list[list[float]] = [[] for _ in fn_lists]
+    counted = device.type == "cpu" and minor_faults() is not None
+    touched = [0] * len(fn_lists)
     min_calls, max_calls = -(-5 // rounds), max(1, max_reps // rounds)
     for _ in range(rounds):
-        for fns, got in zip(fn_lists, samples):
+        for e, (fns, got) in enumerate(zip(fn_lists, samples)):
+            before = minor_faults() if counted else 0
             got += _time_calls(fns, device, min_time / rounds, min_calls, max_calls, len(got))
+            touched[e] += (minor_faults() - before) if counted else 0
+    if faults is not None:
+        faults[:] = [n / len(got) if counted else None for n, got in zip(touched, samples)]
     return [statistics.median(got) for got in samples]
 
 
