@@ -3,6 +3,7 @@ so ratios survive a noisy shared machine."""
 from __future__ import annotations
 
 import functools
+import resource  # getrusage: page faults (the project builds on Unix only)
 import statistics
 import time
 from dataclasses import dataclass
@@ -12,18 +13,12 @@ import torch
 
 from memkernels.ops import backend
 
-try:  # Unix: the process's page-fault count
-    import resource
-except ImportError:  # pragma: no cover - Windows
-    resource = None
 
-
-def minor_faults() -> Optional[int]:
-    """Minor page faults of this process so far (all its threads), or None
-    where the OS does not count them. On the CPU each fault is a first touch
-    of a fresh page: a call that allocates large temporaries the allocator
-    has handed back to the OS pays one per 4 KiB page."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all its threads). On the CPU
+    each is a first touch of a fresh page: a call that allocates large
+    temporaries the allocator has handed back to the OS pays one per 4 KiB page."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def sync(device: torch.device) -> None:
@@ -83,9 +78,9 @@ def median_times(fn_lists: Sequence[Sequence[Callable[[], object]]], device: tor
     on every entry alike, and their ratios hold.
 
     faults: a list to receive, per entry, the process's minor page faults a
-    timed call on the CPU (minor_faults over the entry's turns; None on a GPU
-    or where the OS does not count them): what part of a time went to first
-    touches of memory the allocator had given back."""
+    timed call on the CPU (minor_faults over the entry's turns; None on a
+    GPU): what part of a time went to first touches of memory the allocator
+    had given back."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for fns in fn_lists:
@@ -93,7 +88,7 @@ def median_times(fn_lists: Sequence[Sequence[Callable[[], object]]], device: tor
             fns[i % len(fns)]()
     sync(device)
     samples: list[list[float]] = [[] for _ in fn_lists]
-    counted = device.type == "cpu" and minor_faults() is not None
+    counted = device.type == "cpu"
     touched = [0] * len(fn_lists)
     min_calls, max_calls = -(-5 // rounds), max(1, max_reps // rounds)
     for _ in range(rounds):
