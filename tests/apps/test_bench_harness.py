@@ -130,8 +130,10 @@ def test_median_times_count_each_entrys_page_faults():
     """faults: per entry, the minor page faults a timed call (first touches of
     fresh pages, counted over the entry's own turns): an entry that writes a
     fresh mapping each call pays one a page; one over memory it keeps, ~none."""
-    pages = 256  # 1 MiB (under a huge page): a fresh anonymous mapping each call, whatever
-    kept = torch.ones(pages * 1024)  # the allocator's thresholds
+    # 1 MiB, under a huge page: a fresh anonymous mapping each call, whatever the
+    # allocator's thresholds
+    pages = 256
+    kept = torch.ones(pages * 1024)
 
     def fresh():
         with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
