@@ -14,7 +14,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -23,35 +22,12 @@
 
 #include "cpu/slot_bank_cpu.h"
 #include "cpu/few_rows.h"
+#include "cold_read.h"
 #include "few_rows_check.h"
 
-namespace {
-
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// The sum of x[0, n): 64 independent sums (4 vectors of AVX-512), so the loop
-// streams; one clone per ISA, the widest the CPU runs picked at load time
-// (MEMKERNELS_CPU_ISA does not cap it: a read bound by DRAM reads the same).
-MK_CPU_CLONES double sum_of(const float* x, int64_t n) {
-  float s[64] = {};
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64)
-    for (int u = 0; u < 64; ++u) s[u] += x[i + u];
-  double total = 0;
-  for (; i < n; ++i) total += x[i];
-  for (float v : s) total += v;
-  return total;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using cold_read::median;
+using cold_read::seconds;
+using cold_read::sum_of;
 
 int main(int argc, char** argv) {
   using namespace memkernels::cpu;

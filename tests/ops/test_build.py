@@ -73,6 +73,12 @@ def test_cmake_standalone_build(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
     assert ("of the read; max |err|" in cold.stdout) == vector_body, cold.stdout
+    # the reading layer's cold tool, small (77 slots, 2 timed calls), on any ISA: its last
+    # call against the layer's float64 build
+    reader = subprocess.run([str(build / "memkernels_reader_cold"), "77", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert reader.returncode == 0, reader.stdout + reader.stderr
+    assert "the sum's time; max |err| against float64" in reader.stdout, reader.stdout
 
 
 CUDA_INCLUDE = next((p for p in ("/usr/local/cuda/include",
