@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import memkernels
 from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
 from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, reader_cases,
@@ -333,3 +334,22 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     assert ("| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | "
             "5.00x (1 run without an FMA probe) |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
+
+
+def test_faults_times_both_writes_in_turns_with_their_page_faults(capsys):
+    """apps.bench.faults: the write's training step (forward + autograd.grad),
+    ours and the eager reference, each rep a median time and a fault count a
+    call for each; the gradients of both sides agree."""
+    from memkernels.apps.bench import faults
+    tiny = WriteShape("tiny", B=1, H=2, S=9, T=5, D=8)
+    got = faults.measure(tiny, reps=2, calls=2)
+    assert set(got) == {"memkernels", "reference (eager)"}
+    assert all(len(r) == 2 and all(ms > 0 and n >= 0 for ms, n in r) for r in got.values())
+    inputs = faults.write_inputs(tiny, sets=1)[0]
+    ours = faults.step(lambda *x: memkernels.memory_write(*x, backend="cpu"), inputs)
+    eager = faults.step(faults.reference.memory_write, inputs)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit):
+        faults.main(["--reps", "0"])
+    assert "--reps and --calls must be >= 1" in capsys.readouterr().err
