@@ -12,6 +12,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../csrc/cpu/read_probe.h"
 #include "../csrc/cpu/slot_bank_cpu.h"
 #include "common.h"
 #include "cuda_entry.h"
@@ -407,6 +408,25 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
   return out.narrow(0, 0, n).clone();
 }
 
+// The bench's floor for a chain of dependent reads: each tensor's bytes
+// summed on every thread, one tensor after another (read_probe.h).
+double cpu_sum_in_turn(const std::vector<Tensor>& arrays) {
+  std::vector<const float*> data;
+  std::vector<int64_t> sizes;
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const Tensor& t = arrays[i];
+    const std::string name = "arrays[" + std::to_string(i) + "]";
+    MK_CHECK(t.defined(), name, " must be a tensor, got None");
+    MK_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+    MK_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    MK_CHECK(t.is_contiguous(), name, " must be contiguous");
+    data.push_back(t.data_ptr<float>());
+    sizes.push_back(t.numel());
+  }
+  py::gil_scoped_release released;  // `arrays` holds the tensors until the sums return
+  return mk::sum_in_turn(data.data(), sizes.data(), int64_t(data.size()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -464,6 +484,10 @@ PYBIND11_MODULE(_C, m) {
         "x 12 each); returns the FLOPs done (0 without AVX2 or for steps <= 0). The bench's "
         "FMA-peak probe.",
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_sum_in_turn", &cpu_sum_in_turn, py::arg("arrays"),
+        "The sum of each float32 CPU tensor's elements on every OpenMP thread, one tensor "
+        "after another; returns the total. The bench's floor for a chain of dependent reads "
+        "(the reading layer's four steps).");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

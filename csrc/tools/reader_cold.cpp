@@ -3,10 +3,13 @@
 // 512-wide hidden state, an MLP query of width 512, 8 query heads of 32 over 4
 // kv heads of `slots` slots (the bench's reader shape), its weights and bank
 // on the next of several input sets so that none is in the caches. Each call
-// is timed in turns with a sum of another set's bytes on the same threads (the
-// two see the same minute of a machine whose memory speed moves); prints both
-// medians and the kernel's time over the sum's. What the bench's row adds to
-// the kernel is then the call: the Python path, the binding, the output.
+// is timed in turns with two plain reads of other sets on the same threads
+// (the three see the same minute of a machine whose memory speed moves): a
+// sum of as many bytes in one pass, and a sum of each of the layer's four
+// steps' bytes in turn (read_probe.h: the steps wait for each other, so the
+// layer cannot stream its bytes as one pass does). Prints the medians and the
+// kernel's time over each. What the bench's row adds to the kernel is then
+// the call: the Python path, the binding, the output.
 // Checks the last call against the float64 build of the same layer (the
 // portable path: the float build runs the vector bodies).
 //   ./memkernels_reader_cold [slots [reps]]
@@ -27,7 +30,8 @@ namespace {
 
 using cold_read::median;
 using cold_read::seconds;
-using cold_read::sum_of;
+using cold_read::sum_on_all_threads;
+using memkernels::cpu::sum_in_turn;
 
 constexpr int64_t kHidden = 512, kMlp = 512, kHeads = 8, kKvHeads = 4, kDim = 32;
 
@@ -40,8 +44,14 @@ struct Layout {
                               kKvHeads * S * kDim, kKvHeads * S * kDim};
     at[0] = 0;
     for (int i = 0; i < 7; ++i) at[i + 1] = at[i] + (sizes[i] + 15) / 16 * 16;
+    const int64_t steps[4] = {at[3] - at[1], at[4] - at[3], at[7] - at[5], at[5] - at[4]};
+    std::copy(steps, steps + 4, step_sizes);
   }
   int64_t total() const { return at[7]; }
+  // the layer's steps in the order they run, each the bytes it streams: the
+  // MLP (mlp_w, mlp_b), the query projection, the read (keys, values), the
+  // output projection
+  int64_t step_sizes[4];
 };
 
 template <typename T>
@@ -79,26 +89,23 @@ int main(int argc, char** argv) {
       x[i] = 0.05f * float(std::sin(0.011 * double(i) + 0.7 * double(s)));
   }
   std::vector<float> out(kHidden);
-  std::vector<double> kernel_s, read_s;
+  std::vector<double> kernel_s, read_s, steps_s;
   double sink = 0;
   int64_t last = 0;
   for (int r = 0; r <= reps; ++r) {  // the first turn warms up and is dropped
-    const int64_t s = r % sets, other = (r + sets / 2) % sets;
+    const int64_t s = r % sets, other = (r + sets / 3) % sets, third = (r + 2 * sets / 3) % sets;
     const double t0 = seconds();
     reader_forward(problem<float>(data[s].get(), l, S), out.data());
     const double t1 = seconds();
-    double sum = 0;  // another set's bytes, as cold as the kernel's
-    const float* x = data[other].get();
-    const int64_t pieces = 64, per = (l.total() + pieces - 1) / pieces;
-#pragma omp parallel for reduction(+ : sum) schedule(static)
-    for (int64_t p = 0; p < pieces; ++p) {
-      const int64_t i0 = std::min(l.total(), p * per), i1 = std::min(l.total(), i0 + per);
-      sum += sum_of(x + i0, i1 - i0);
-    }
+    sink += sum_on_all_threads(data[other].get(), l.total());  // as cold as the kernel's
     const double t2 = seconds();
-    sink += sum;
+    const float* y = data[third].get();
+    const float* steps[4] = {y + l.at[1], y + l.at[3], y + l.at[5], y + l.at[4]};
+    sink += sum_in_turn(steps, l.step_sizes, 4);
+    const double t3 = seconds();
     last = s;
-    if (r > 0) kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1);
+    if (r > 0)
+      kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1), steps_s.push_back(t3 - t2);
   }
   // the last call against the float64 build of the same layer on the same inputs
   std::vector<double> wide(l.total()), expect(kHidden);
@@ -109,12 +116,13 @@ int main(int argc, char** argv) {
     const double e = std::abs(double(out[c]) - expect[c]);
     max_err = e > max_err || e != e ? e : max_err;
   }
-  const double tk = median(kernel_s), tr = median(read_s);
+  const double tk = median(kernel_s), tr = median(read_s), ts = median(steps_s);
   std::printf("reading layer slots=%ld (%s, %d threads, %ld sets of %.2f MB rotated): %.1f us; a "
-              "sum of as many bytes %.1f us, %.1f GB/s; the kernel at %.2fx the sum's time; max "
-              "|err| against float64 %.2e%s\n",
+              "sum of as many bytes %.1f us, %.1f GB/s; the layer's four steps' bytes summed in "
+              "turn %.1f us; the kernel at %.2fx the sum's time, %.2fx the steps'; max |err| "
+              "against float64 %.2e%s\n",
               long(S), best_isa() == Isa::avx512 ? "avx512" : "avx2", omp_get_max_threads(),
-              long(sets), set_bytes / 1e6, tk * 1e6, tr * 1e6, set_bytes / tr / 1e9, tk / tr,
-              max_err, sink == 1.0 ? " " : "");  // uses the sums, so the reads stay
+              long(sets), set_bytes / 1e6, tk * 1e6, tr * 1e6, set_bytes / tr / 1e9, ts * 1e6,
+              tk / tr, tk / ts, max_err, sink == 1.0 ? " " : "");  // uses the sums: reads stay
   return max_err < 1e-4 ? 0 : 1;  // false for NaN
 }

@@ -12,7 +12,8 @@ import torch
 import memkernels
 from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, read_cases, reader_cases,
+from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, STEPS_IN_TURN, read_cases,
+                                         reader_cases,
                                          attention_matmuls, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
@@ -93,7 +94,7 @@ def test_reader_cases_compute_the_reading_layer():
     cases = {c.impl: c for c in reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"],
                                              "fwd")}
     assert set(cases) == {"memkernels[cpu]", "reference (eager)", "torch.compile(reference)",
-                          READ_ONCE}
+                          READ_ONCE, STEPS_IN_TURN}
     assert all(c.op == "reader_fwd" for c in cases.values())
     fused, eager = cases["memkernels[cpu]"], cases["reference (eager)"]
     assert len(fused.fns) == len(eager.fns) > 8  # small: more sets rotate past the cache
@@ -106,8 +107,35 @@ def test_reader_cases_compute_the_reading_layer():
     assert floor.bytes == fused.bytes and len(floor.fns) == len(fused.fns)
     inputs = fused.fns[0].args
     torch.testing.assert_close(floor.fns[0](), sum(t.sum() for t in inputs), rtol=1e-4, atol=1e-3)
+    # the chain's floor: the same bytes in four passes, the layer's steps in the order they run
+    chain = cases[STEPS_IN_TURN]
+    assert chain.bytes == fused.bytes and len(chain.fns) == len(fused.fns)
+    hidden, mlp_w, mlp_b, query_w, out_w, keys, values = inputs
+    assert [t.numel() for t in chain.fns[0].args[0]] == [
+        hidden.numel() + mlp_w.numel() + mlp_b.numel(), query_w.numel(),
+        keys.numel() + values.numel(), out_w.numel()]
+    assert chain.fns[0]() == pytest.approx(float(sum(t.double().sum() for t in inputs)),
+                                           rel=1e-4, abs=1e-3)
     with pytest.raises(ValueError, match="inference only"):
         reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"], "fwd_bwd")
+
+
+def test_sum_in_turn_sums_each_array_and_names_a_bad_one():
+    """memkernels._C.cpu_sum_in_turn, the chain's floor in the bench: the total
+    of every array's elements (sizes across the 64-float step, an empty array
+    and an empty list included); an array it cannot read is named by its place
+    in the list, before any is read."""
+    from helpers import cpu_extension
+    ext = cpu_extension()
+    arrays = [torch.randn(n) for n in (1, 63, 64, 65, 4099, 0)] + [torch.randn(3, 77)]
+    expected = float(sum(a.double().sum() for a in arrays))
+    assert ext.cpu_sum_in_turn(arrays) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    assert ext.cpu_sum_in_turn([]) == 0.0
+    for bad, message in ((torch.randn(3, 4).t(), r"arrays\[1\] must be contiguous"),
+                         (torch.randn(3).double(), r"arrays\[1\] must be float32, got Double"),
+                         (torch.empty(3, device="meta"), r"arrays\[1\] must be a CPU tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            ext.cpu_sum_in_turn([torch.randn(2), bad])
 
 
 def test_median_times_take_turns():
@@ -260,6 +288,7 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
                 faults_per_call=65536.0),
             rec("reader_fwd", "reader_s1024", "memkernels[cpu]", 0.06, 40.0, 10.0),
             rec("reader_fwd", "reader_s1024", READ_ONCE, 0.054, 44.4, 11.1),
+            rec("reader_fwd", "reader_s1024", STEPS_IN_TURN, 0.066, 36.4, 9.1),
             # an older run: no FMA probe, a kernel past the matmul rate
             rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0, time="t-1",
                 fma_gflops=None),
@@ -290,6 +319,9 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     # the bytes' own sum beside it: 0.054 ms over the 0.048 its bytes take at the stream
     assert floor["short_read"] == pytest.approx(0.054 / 0.048)
     assert "a sum of its bytes 1.12x, ours 1.11x that" in floor["text"]
+    # and in four passes, one per step of the layer: 0.066 ms over the same 0.048
+    assert floor["chain"] == pytest.approx(0.066 / 0.048)
+    assert "its steps' bytes in turn 1.38x, ours 0.91x that" in floor["text"]
     assert by_name["write forward+backward: x torch.compile"] is None  # not in this run
     compiled = next(t for t in targets.TARGETS if t.name.endswith("x torch.compile"))
     before_fma = targets.evaluate(compiled, old)
@@ -334,6 +366,36 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     assert ("| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | "
             "5.00x (1 run without an FMA probe) |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
+    assert "floor target" not in md.read_text()  # no reader rows: no plain reads table
+
+
+def test_targets_summary_gives_the_plain_reads_beside_the_reader(tmp_path):
+    """--summary, for the reader's floor targets: the plain reads timed beside
+    ours over the runs (one sum of its bytes; a sum per step in turn, where
+    recorded), each one's median over the stream and the runs where it is
+    itself within the goal, and ours over the steps in turn."""
+    from memkernels.apps.bench import targets
+
+    def rec(time, impl, ms):  # 3.15 MB: 0.063 ms at 50 GB/s
+        return dict(op="reader_fwd", shape="reader_s1024", impl=impl, ms=ms, gbps=3.15 / ms,
+                    gflops=1.0, read_gbps=50.0, copy_gbps=40.0, matmul_gflops=200.0,
+                    fma_gflops=500.0, time=time, commit="abc", cpu_isa="avx512",
+                    aten_cpu_capability="AVX512")
+
+    rows = [rec("t1", "memkernels[cpu]", 0.0945), rec("t1", READ_ONCE, 0.0756),  # 1.5x, 1.2x
+            rec("t1", STEPS_IN_TURN, 0.0945),                                     # 1.5x
+            rec("t2", "memkernels[cpu]", 0.0756), rec("t2", READ_ONCE, 0.0630),  # 1.2x, 1.0x
+            rec("t2", STEPS_IN_TURN, 0.0788),                                     # 1.25x
+            rec("t3", "memkernels[cpu]", 0.1008), rec("t3", READ_ONCE, 0.0882)]  # 1.6x, 1.4x
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = targets.summary(targets.runs([str(path)]))
+    assert ("| reader_fwd S=1,024: time over its bytes at the read stream | <= 1.3x | 1 of 3 | "
+            "1.50x | 1.20x to 1.60x |") in text
+    # one sum: 1.2x, 1.0x, 1.4x; in turn: 1.5x, 1.25x (t3 did not record it); ours over
+    # the steps in turn: 1.0x and 1.2 / 1.25
+    assert ("| reader_fwd S=1,024: time over its bytes at the read stream | 1.20x, 2 of 3 | "
+            "1.38x, 1 of 2 | 0.98x, 0.96x to 1.00x |") in text
 
 
 def test_faults_times_both_writes_in_turns_with_their_page_faults(capsys):

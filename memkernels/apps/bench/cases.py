@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import memkernels
+from memkernels.ops import backend as _backend
 from memkernels.ops import reference
 from memkernels.apps.bench.shapes import BACKWARD_FLOP_FACTOR, ReaderShape, ReadShape, WriteShape
 
@@ -178,6 +179,7 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
 
 
 READ_ONCE = "its inputs' bytes read once (one torch.sum)"
+STEPS_IN_TURN = "its steps' bytes read in turn (a sum each)"
 
 
 def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list[Case]:
@@ -215,4 +217,16 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
     flat = [torch.cat([t.reshape(-1) for t in s]) for s in sets]
     cases.append(Case("reader_fwd", shape, READ_ONCE, [_timed(torch.sum, [f], "fwd") for f in flat],
                       shape.flops(), shape.bytes(elt)))
+    # the floor of the layer's chain: its four steps (MLP, query projection,
+    # read, output projection) each wait for the one before, so each streams
+    # its bytes in a pass of its own; the same bytes summed pass after pass
+    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between
+    in_turn = getattr(_backend.extension()[0], "cpu_sum_in_turn", None)
+    if in_turn is not None and device.type == "cpu" and dtype == torch.float32:
+        steps = [[torch.cat([hidden.reshape(-1), mlp_w.reshape(-1), mlp_b]), query_w.reshape(-1),
+                  torch.cat([keys.reshape(-1), values.reshape(-1)]), out_w.reshape(-1)]
+                 for hidden, mlp_w, mlp_b, query_w, out_w, keys, values in sets]
+        cases.append(Case("reader_fwd", shape, STEPS_IN_TURN,
+                          [functools.partial(in_turn, s) for s in steps], shape.flops(),
+                          shape.bytes(elt)))
     return cases

@@ -26,7 +26,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .cases import READ_ONCE
+from .cases import READ_ONCE, STEPS_IN_TURN
 
 OURS = "memkernels[cpu]"
 
@@ -137,11 +137,16 @@ def evaluate(t: Target, records: dict) -> dict | None:
     # this few MB reaches against a large stream's bandwidth in this run
     summed = records.get((t.op, t.shape, READ_ONCE))
     short_read = summed["ms"] / stream_ms if summed is not None else None
+    # and in as many passes as the layer has dependent steps: the chain's floor
+    in_turn = records.get((t.op, t.shape, STEPS_IN_TURN))
+    chain = in_turn["ms"] / stream_ms if in_turn is not None else None
     text = f"{value:.2f}x ({1e3 * ours['ms']:.0f} us, stream {ours['read_gbps']:.0f} GB/s"
     if short_read is not None:
         text += f"; a sum of its bytes {short_read:.2f}x, ours {value / short_read:.2f}x that"
+    if chain is not None:
+        text += f"; its steps' bytes in turn {chain:.2f}x, ours {value / chain:.2f}x that"
     return dict(value=value, met=value <= t.goal, best=at_roofline / stream_ms,
-                short_read=short_read, text=text + ")")
+                short_read=short_read, chain=chain, text=text + ")")
 
 
 def table(key: tuple, records: dict) -> str:
@@ -201,8 +206,40 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
                 f"| {t.name} | {_asks(t)} | {sum(g['met'] for g in got)} of {len(got)} | "
                 f"{_fmt(t, statistics.median(values))} | {_fmt(t, min(values))} to "
                 f"{_fmt(t, max(values))} | {best} |")
-        out.append("\n".join(lines))
+        out.append("\n".join(lines + _plain_reads(members)))
     return "\n\n".join(out)
+
+
+def _plain_reads(members: list) -> list[str]:
+    """For the floor targets, the plain reads timed beside ours in the same
+    runs, over the same stream: a sum of its bytes in one pass, and one pass
+    per dependent step of the layer (the chain's floor); the runs where each
+    is itself within the goal, and ours over the chain."""
+    lines = []
+    for t in TARGETS:
+        if t.kind != "floor":
+            continue
+        got = [g for g in (evaluate(t, recs) for _, recs in members) if g is not None]
+        one = [g["short_read"] for g in got if g["short_read"] is not None]
+        chain = [g for g in got if g["chain"] is not None]
+        if not one and not chain:
+            continue
+        if not lines:
+            lines = ["", "| floor target | a sum of its bytes: median, within the goal in | "
+                     "its steps' bytes in turn: median, within the goal in | ours over the "
+                     "steps in turn: median, range |", "|---|---|---|---|"]
+
+        def share(xs):
+            if not xs:
+                return "not recorded"
+            return (f"{statistics.median(xs):.2f}x, {sum(x <= t.goal for x in xs)} of "
+                    f"{len(xs)}")
+        ratios = [g["value"] / g["chain"] for g in chain]
+        over = (f"{statistics.median(ratios):.2f}x, {min(ratios):.2f}x to {max(ratios):.2f}x"
+                if ratios else "not recorded")
+        lines.append(f"| {t.name} | {share(one)} | {share([g['chain'] for g in chain])} | "
+                     f"{over} |")
+    return lines
 
 
 def main(argv=None) -> int:

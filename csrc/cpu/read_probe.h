@@ -1,0 +1,52 @@
+// Plain reads the benchmarks time the kernels beside: a sum of an array's
+// bytes on every thread, and a chain of such sums, one array after another.
+// A reading layer's four steps (MLP, query projection, the read, the output
+// projection) each wait for the one before, so each streams its own bytes in
+// its own pass; sum_in_turn reads the same bytes in the same passes with no
+// arithmetic between them, the floor of that chain on this machine.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "row_kernels.h"  // MK_CPU_CLONES
+
+namespace memkernels::cpu {
+
+// The sum of x[0, n): 64 independent sums (4 vectors of AVX-512), so the loop
+// streams; one clone per ISA, the widest the CPU runs picked at load time
+// (MEMKERNELS_CPU_ISA does not cap it: a read bound by DRAM reads the same).
+MK_CPU_CLONES static double sum_of(const float* x, int64_t n) {
+  float s[64] = {};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int u = 0; u < 64; ++u) s[u] += x[i + u];
+  double total = 0;
+  for (; i < n; ++i) total += x[i];
+  for (float v : s) total += v;
+  return total;
+}
+
+// x[0, n) summed on every thread, each a contiguous share in order.
+inline double sum_on_all_threads(const float* x, int64_t n) {
+  constexpr int64_t kPieces = 64;
+  const int64_t per = (n + kPieces - 1) / kPieces;
+  double total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+  for (int64_t p = 0; p < kPieces; ++p) {
+    const int64_t i0 = std::min(n, p * per), i1 = std::min(n, i0 + per);
+    total += sum_of(x + i0, i1 - i0);
+  }
+  return total;
+}
+
+// arrays[a][0, sizes[a]) summed on every thread, one array after another.
+inline double sum_in_turn(const float* const* arrays, const int64_t* sizes, int64_t count) {
+  double total = 0;
+  for (int64_t a = 0; a < count; ++a) total += sum_on_all_threads(arrays[a], sizes[a]);
+  return total;
+}
+
+}  // namespace memkernels::cpu
