@@ -416,7 +416,6 @@ double cpu_sum_in_turn(const std::vector<Tensor>& arrays) {
   for (size_t i = 0; i < arrays.size(); ++i) {
     const Tensor& t = arrays[i];
     const std::string name = "arrays[" + std::to_string(i) + "]";
-    MK_CHECK(t.defined(), name, " must be a tensor, got None");
     MK_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
     MK_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
     MK_CHECK(t.is_contiguous(), name, " must be contiguous");

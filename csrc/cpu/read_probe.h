@@ -18,7 +18,7 @@ namespace memkernels::cpu {
 // The sum of x[0, n): 64 independent sums (4 vectors of AVX-512), so the loop
 // streams; one clone per ISA, the widest the CPU runs picked at load time
 // (MEMKERNELS_CPU_ISA does not cap it: a read bound by DRAM reads the same).
-MK_CPU_CLONES static double sum_of(const float* x, int64_t n) {
+MK_CPU_CLONES inline double sum_of(const float* x, int64_t n) {
   float s[64] = {};
   int64_t i = 0;
   for (; i + 64 <= n; i += 64)

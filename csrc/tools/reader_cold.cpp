@@ -44,13 +44,14 @@ struct Layout {
                               kKvHeads * S * kDim, kKvHeads * S * kDim};
     at[0] = 0;
     for (int i = 0; i < 7; ++i) at[i + 1] = at[i] + (sizes[i] + 15) / 16 * 16;
-    const int64_t steps[4] = {at[3] - at[1], at[4] - at[3], at[7] - at[5], at[5] - at[4]};
+    const int64_t steps[4] = {at[3] - at[0], at[4] - at[3], at[7] - at[5], at[5] - at[4]};
     std::copy(steps, steps + 4, step_sizes);
   }
   int64_t total() const { return at[7]; }
   // the layer's steps in the order they run, each the bytes it streams: the
-  // MLP (mlp_w, mlp_b), the query projection, the read (keys, values), the
-  // output projection
+  // norm and the MLP (hidden, mlp_w, mlp_b), the query projection, the read
+  // (keys, values), the output projection; as the bench's STEPS_IN_TURN row
+  // (memkernels/apps/bench/cases.py)
   int64_t step_sizes[4];
 };
 
@@ -100,7 +101,7 @@ int main(int argc, char** argv) {
     sink += sum_on_all_threads(data[other].get(), l.total());  // as cold as the kernel's
     const double t2 = seconds();
     const float* y = data[third].get();
-    const float* steps[4] = {y + l.at[1], y + l.at[3], y + l.at[5], y + l.at[4]};
+    const float* steps[4] = {y + l.at[0], y + l.at[3], y + l.at[5], y + l.at[4]};
     sink += sum_in_turn(steps, l.step_sizes, 4);
     const double t3 = seconds();
     last = s;

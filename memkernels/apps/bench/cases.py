@@ -220,7 +220,8 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
     # the floor of the layer's chain: its four steps (MLP, query projection,
     # read, output projection) each wait for the one before, so each streams
     # its bytes in a pass of its own; the same bytes summed pass after pass
-    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between
+    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between;
+    # the same steps as memkernels_reader_cold (csrc/tools/reader_cold.cpp)
     in_turn = getattr(_backend.extension()[0], "cpu_sum_in_turn", None)
     if in_turn is not None and device.type == "cpu" and dtype == torch.float32:
         steps = [[torch.cat([hidden.reshape(-1), mlp_w.reshape(-1), mlp_b]), query_w.reshape(-1),

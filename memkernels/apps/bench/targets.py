@@ -104,7 +104,9 @@ def _roofline_ms(r: dict) -> float:
 def evaluate(t: Target, records: dict) -> dict | None:
     """{value, met, best, text} for one target in one run (best: the value a
     kernel at the run's roofline would reach against the same peer time), or
-    None if the run did not record it."""
+    None if the run did not record it. Floor targets also give short_read and
+    chain: the plain reads timed beside ours (one sum of its bytes, a sum per
+    step in turn) over the same stream floor, None where not recorded."""
     ours = records.get((t.op, t.shape, OURS))
     if ours is None:
         return None
@@ -180,7 +182,8 @@ def _fmt(t: Target, x: float) -> str:
 def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
     """One table per (kernels' ISA, peers' ISA) over its runs: per target, the
     runs that met it, the median and range of the measured values and the
-    median best possible."""
+    median best possible; under it, for the floor targets, the plain reads
+    timed beside ours (_plain_reads)."""
     groups: OrderedDict = OrderedDict()
     for key, records in all_runs.items():
         groups.setdefault((key[2], key[3]), []).append((key, records))
