@@ -212,22 +212,25 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
              for d in dims] for _ in range(_n_sets(shape.bytes(elt), device, most=64))]
     cases = [Case("reader_fwd", shape, name, [_timed(fn, s, "fwd") for s in sets],
                   shape.flops(), shape.bytes(elt)) for name, fn in impls.items()]
+    # each set's bytes in one tensor, in the order the layer's steps read them
+    # (hidden and MLP, query projection, keys and values, output projection)
+    order = (0, 1, 2, 3, 5, 6, 4)
+    flat = [torch.cat([s[i].reshape(-1) for i in order]) for s in sets]
     # the floor measured at this size: a few MB read once, cold, in one sum (a
     # stream this short does not reach a large stream's bandwidth)
-    flat = [torch.cat([t.reshape(-1) for t in s]) for s in sets]
     cases.append(Case("reader_fwd", shape, READ_ONCE, [_timed(torch.sum, [f], "fwd") for f in flat],
                       shape.flops(), shape.bytes(elt)))
     # the floor of the layer's chain: its four steps (MLP, query projection,
     # read, output projection) each wait for the one before, so each streams
     # its bytes in a pass of its own; the same bytes summed pass after pass
-    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between;
-    # the same steps as memkernels_reader_cold (csrc/tools/reader_cold.cpp)
+    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between,
+    # over views of the same tensors; the same steps as memkernels_reader_cold
+    # (csrc/tools/reader_cold.cpp)
     in_turn = getattr(_backend.extension()[0], "cpu_sum_in_turn", None)
     if in_turn is not None and device.type == "cpu" and dtype == torch.float32:
-        steps = [[torch.cat([hidden.reshape(-1), mlp_w.reshape(-1), mlp_b]), query_w.reshape(-1),
-                  torch.cat([keys.reshape(-1), values.reshape(-1)]), out_w.reshape(-1)]
-                 for hidden, mlp_w, mlp_b, query_w, out_w, keys, values in sets]
+        sizes = [sets[0][i].numel() for i in order]
+        bounds = [sum(sizes[:3]), sizes[3], sizes[4] + sizes[5], sizes[6]]
         cases.append(Case("reader_fwd", shape, STEPS_IN_TURN,
-                          [functools.partial(in_turn, s) for s in steps], shape.flops(),
-                          shape.bytes(elt)))
+                          [functools.partial(in_turn, list(f.split(bounds))) for f in flat],
+                          shape.flops(), shape.bytes(elt)))
     return cases
