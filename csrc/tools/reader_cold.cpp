@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cold_read.h"
+#include "reader_sets.h"
 #include "cpu/simd.h"
 #include "cpu/slot_bank_cpu.h"
 
@@ -33,27 +34,7 @@ using cold_read::seconds;
 using cold_read::sum_on_all_threads;
 using memkernels::cpu::sum_in_turn;
 
-constexpr int64_t kHidden = 512, kMlp = 512, kHeads = 8, kKvHeads = 4, kDim = 32;
-
-// One input set's arrays, back to back: hidden, mlp_w, mlp_b, query_w, out_w, keys, values.
-struct Layout {
-  int64_t at[8];
-  explicit Layout(int64_t S) {
-    const int64_t W = kHeads * kDim;
-    const int64_t sizes[7] = {kHidden, kMlp * kHidden, kMlp, W * kMlp, W * kHidden,
-                              kKvHeads * S * kDim, kKvHeads * S * kDim};
-    at[0] = 0;
-    for (int i = 0; i < 7; ++i) at[i + 1] = at[i] + (sizes[i] + 15) / 16 * 16;
-    const int64_t steps[4] = {at[3] - at[0], at[4] - at[3], at[7] - at[5], at[5] - at[4]};
-    std::copy(steps, steps + 4, step_sizes);
-  }
-  int64_t total() const { return at[7]; }
-  // the layer's steps in the order they run, each the bytes it streams: the
-  // norm and the MLP (hidden, mlp_w, mlp_b), the query projection, the read
-  // (keys, values), the output projection; as the bench's STEPS_IN_TURN row
-  // (memkernels/apps/bench/cases.py)
-  int64_t step_sizes[4];
-};
+using namespace reader_sets;
 
 template <typename T>
 memkernels::cpu::ReaderProblem<T> problem(const T* set, const Layout& l, int64_t S) {
@@ -71,24 +52,13 @@ memkernels::cpu::ReaderProblem<T> problem(const T* set, const Layout& l, int64_t
 
 int main(int argc, char** argv) {
   using namespace memkernels::cpu;
-  const int64_t S = argc > 1 ? atoll(argv[1]) : 1024;
-  const int reps = argc > 2 ? atoi(argv[2]) : 401;
-  if (S < 1 || reps < 1) {
-    std::printf("slots and reps must be positive\n");
-    return 2;
-  }
+  int64_t S;
+  int reps;
+  if (!reader_sets::parse_args(argc, argv, 401, &S, &reps)) return 2;
   const Layout l(S);
-  // sets to rotate: 256 MB in all, at least 4, at most 64 (the bench's count)
   const int64_t set_bytes = l.total() * int64_t(sizeof(float));
-  const int64_t sets = std::clamp<int64_t>((int64_t(256) << 20) / set_bytes, 4, 64);
-  std::vector<std::unique_ptr<float[]>> data(sets);
-  for (int64_t s = 0; s < sets; ++s) {
-    data[s].reset(new float[l.total()]);  // not yet touched
-    float* x = data[s].get();
-#pragma omp parallel for schedule(static)  // first touch on the threads that read it
-    for (int64_t i = 0; i < l.total(); ++i)
-      x[i] = 0.05f * float(std::sin(0.011 * double(i) + 0.7 * double(s)));
-  }
+  const auto data = reader_sets::make_sets(l);
+  const int64_t sets = int64_t(data.size());
   std::vector<float> out(kHidden);
   std::vector<double> kernel_s, read_s, steps_s;
   double sink = 0;
@@ -101,7 +71,8 @@ int main(int argc, char** argv) {
     sink += sum_on_all_threads(data[other].get(), l.total());  // as cold as the kernel's
     const double t2 = seconds();
     const float* y = data[third].get();
-    const float* steps[4] = {y + l.at[0], y + l.at[3], y + l.at[5], y + l.at[4]};
+    const float* steps[4] = {y + l.step_starts[0], y + l.step_starts[1], y + l.step_starts[2],
+                             y + l.step_starts[3]};
     sink += sum_in_turn(steps, l.step_sizes, 4);
     const double t3 = seconds();
     last = s;

@@ -79,6 +79,13 @@ def test_cmake_standalone_build(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert reader.returncode == 0, reader.stdout + reader.stderr
     assert "the steps'; max |err| against float64" in reader.stdout, reader.stdout
+    # the plain reads of the layer's bytes it is timed against, and the ways a kernel could
+    # overlap them: every way sums every byte of a set to the one pass's total
+    chain = subprocess.run([str(build / "memkernels_chain_reads"), "77", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert chain.returncode == 0, chain.stdout + chain.stderr
+    assert "the first step warming the rest" in chain.stdout, chain.stdout
+    assert chain.stdout.rstrip().endswith("sums agree"), chain.stdout
 
 
 CUDA_INCLUDE = next((p for p in ("/usr/local/cuda/include",
