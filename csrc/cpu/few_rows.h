@@ -110,82 +110,117 @@ bool few_rows_read(const AttentionProblem<float, KV>& p, int64_t g, float* out, 
 // threads once the weights are large enough to be worth a hand-off (a cold
 // 512 x 512 projection is DRAM-bound: one thread streams ~half the bytes/s
 // that two do). False where no body applies (then the caller's GEMV runs).
+// Each comes as a share, thread t of `threads` (called inside a parallel
+// region: the fused reading layer runs its steps in one), and as a call that
+// opens its own region.
 constexpr int64_t kParallelWeights = 1 << 16;  // weight elements
 
-// y[m * N + j] = <x_m, w_j>: x [M, D], w [N, D], y [M, N], M <= kFewRowsMax.
-inline bool few_rows_project(const float* x, int64_t M, const float* w, int64_t N, int64_t D,
-                             float* y) {
+// Whether the few-row projections take x [M, D] (either direction: D is the
+// inner width of few_rows_project, the output width of few_rows_times_weight).
+inline bool few_rows_projects(int64_t M, int64_t D) {
 #ifdef MK_HAVE_SIMD_VEC
   const Isa isa = best_isa();
-  if (isa == Isa::generic || M < 1 || M > kFewRowsMax || D % vector_width(isa) != 0 || N < 1)
-    return false;
-  const int64_t chunk = few_rows_chunk<float>(D, M <= rows_per_block(isa));
-#pragma omp parallel if (N * D >= kParallelWeights)
-  {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = ((N + threads - 1) / threads + 3) & ~int64_t(3);
-    const int64_t j0 = std::min(N, t * per), j1 = std::min(N, j0 + per);
-    if (j0 < j1 && M <= rows_per_block(isa)) {  // one row block: the weights in order
-      if (isa == Isa::avx512)
-        isa_avx512::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
-      else
-        isa_avx2::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
-    } else if (j0 < j1) {  // more rows: 4 weight rows a step share each row's loads
-      if (isa == Isa::avx512)
-        isa_avx512::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
-      else
-        isa_avx2::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
-    }
-  }
-  return true;
+  return isa != Isa::generic && M >= 1 && M <= kFewRowsMax && D % vector_width(isa) == 0;
 #else
-  (void)x, (void)M, (void)w, (void)N, (void)D, (void)y;
+  (void)M, (void)D;
   return false;
 #endif
 }
 
-// out[m] += x_m @ w: x [M, K], w [K, C], out [M, C], M <= kFewRowsMax. Each
-// thread takes a contiguous range of w's rows (so its bytes stream in order)
-// into a partial sum; thread 0's is out itself, the others' are added after.
-inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int64_t K, int64_t C,
-                                  float* out) {
+// Thread t's output columns [*j0, *j1) of a projection to N columns.
+inline void few_rows_project_columns(int64_t N, int64_t t, int64_t threads, int64_t* j0,
+                                     int64_t* j1) {
+  const int64_t per = ((N + threads - 1) / threads + 3) & ~int64_t(3);
+  *j0 = std::min(N, t * per);
+  *j1 = std::min(N, *j0 + per);
+}
+
+// Thread t's share of y[m * N + j] = <x_m, w_j>: the columns few_rows_project_columns gives it.
+// Requires few_rows_projects(M, D).
+inline void few_rows_project_share(const float* x, int64_t M, const float* w, int64_t N,
+                                   int64_t D, float* y, int64_t t, int64_t threads) {
 #ifdef MK_HAVE_SIMD_VEC
   const Isa isa = best_isa();
-  const int64_t width = vector_width(isa);
-  if (isa == Isa::generic || M < 1 || M > kFewRowsMax || C % width != 0 || K < 1) return false;
-  const bool split = K * C >= kParallelWeights;
-  // at least 16 weight rows a row of x per thread: each extra thread's partial sum is
-  // written and read once (2 * M * C floats), at most 1/8 of the weights' bytes
-  const int64_t threads =
-      split ? std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), K / (16 * M))) : 1;
-  std::vector<float> partial((threads - 1) * M * C, 0.0f);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    const int64_t used = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (K + used - 1) / used;
-    const int64_t k0 = std::min(K, t * per), k1 = std::min(K, k0 + per);
-    float* dst = t == 0 ? out : partial.data() + (t - 1) * M * C;
-    if (k0 < k1) {
-      if (isa == Isa::avx512)
-        isa_avx512::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
-      else
-        isa_avx2::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
-    }
-    if (used > 1) {
+  int64_t j0, j1;
+  few_rows_project_columns(N, t, threads, &j0, &j1);
+  if (j0 >= j1) return;
+  if (M <= rows_per_block(isa)) {  // one row block: the weights in order
+    if (isa == Isa::avx512)
+      isa_avx512::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
+    else
+      isa_avx2::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
+  } else {  // more rows: 4 weight rows a step share each row's loads
+    const int64_t chunk = few_rows_chunk<float>(D, false);
+    if (isa == Isa::avx512)
+      isa_avx512::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
+    else
+      isa_avx2::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
+  }
+#else
+  (void)x, (void)M, (void)w, (void)N, (void)D, (void)y, (void)t, (void)threads;
+#endif
+}
+
+// y[m * N + j] = <x_m, w_j>: x [M, D], w [N, D], y [M, N], M <= kFewRowsMax.
+inline bool few_rows_project(const float* x, int64_t M, const float* w, int64_t N, int64_t D,
+                             float* y) {
+  if (!few_rows_projects(M, D) || N < 1) return false;
+#pragma omp parallel if (N * D >= kParallelWeights)
+  few_rows_project_share(x, M, w, N, D, y, omp_get_thread_num(), omp_get_num_threads());
+  return true;
+}
+
+// Threads that few_rows_times_weight splits w [K, C] over for M rows: at least 16 weight
+// rows a row of x per thread, as each extra thread's partial sum is written and read once
+// (2 * M * C floats), at most 1/8 of the weights' bytes.
+inline int64_t few_rows_times_weight_threads(int64_t M, int64_t K, int64_t C, int64_t most) {
+  if (K * C < kParallelWeights) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(most, K / (16 * M)));
+}
+
+// Thread t's share of out[m] += x_m @ w (few_rows_times_weight), `threads` taking part, each
+// a contiguous range of w's rows into a partial sum: thread 0's is out itself, thread s's
+// partial + (s - 1) * M * C (zeroed, (threads - 1) * M * C floats). With several threads,
+// every one must call it: a barrier, then each adds the partials into its share of out.
+// Requires few_rows_projects(M, C).
+inline void few_rows_times_weight_share(const float* x, int64_t M, const float* w, int64_t K,
+                                        int64_t C, float* out, float* partial, int64_t t,
+                                        int64_t threads) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  const int64_t per = (K + threads - 1) / threads;
+  const int64_t k0 = std::min(K, t * per), k1 = std::min(K, k0 + per);
+  float* dst = t == 0 ? out : partial + (t - 1) * M * C;
+  if (k0 < k1) {
+    if (isa == Isa::avx512)
+      isa_avx512::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
+    else
+      isa_avx2::rows_times_weight_rows(x, M, K, w, k0, k1, C, dst, C);
+  }
+  if (threads > 1) {
 #pragma omp barrier
-      const int64_t n = M * C, share = (n + used - 1) / used;
-      const int64_t e0 = std::min(n, t * share), e1 = std::min(n, e0 + share);
-      for (int64_t s = 1; s < used; ++s) {
-        const float* from = partial.data() + (s - 1) * n;
-        for (int64_t e = e0; e < e1; ++e) out[e] += from[e];
-      }
+    const int64_t n = M * C, share = (n + threads - 1) / threads;
+    const int64_t e0 = std::min(n, t * share), e1 = std::min(n, e0 + share);
+    for (int64_t s = 1; s < threads; ++s) {
+      const float* from = partial + (s - 1) * n;
+      for (int64_t e = e0; e < e1; ++e) out[e] += from[e];
     }
   }
-  return true;
 #else
-  (void)x, (void)M, (void)w, (void)K, (void)C, (void)out;
-  return false;
+  (void)x, (void)M, (void)w, (void)K, (void)C, (void)out, (void)partial, (void)t, (void)threads;
 #endif
+}
+
+// out[m] += x_m @ w: x [M, K], w [K, C], out [M, C], M <= kFewRowsMax.
+inline bool few_rows_times_weight(const float* x, int64_t M, const float* w, int64_t K, int64_t C,
+                                  float* out) {
+  if (!few_rows_projects(M, C) || K < 1) return false;
+  const int64_t threads = few_rows_times_weight_threads(M, K, C, omp_get_max_threads());
+  std::vector<float> partial((threads - 1) * M * C, 0.0f);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  few_rows_times_weight_share(x, M, w, K, C, out, partial.data(), omp_get_thread_num(),
+                              omp_get_num_threads());
+  return true;
 }
 
 }  // namespace memkernels::cpu

@@ -6,6 +6,8 @@
 // folded into the first projection and the gate into Wo by the caller.
 // One call instead of ~10 small ATen ops: per decode token, the fixed cost of
 // those ops was as large as the read of a small bank.
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -45,6 +47,18 @@ void project(const T* x, const T* w, const T* bias, int64_t N, int64_t width_out
   }
   if (bias != nullptr)
     for (int64_t n = 0; n < N; ++n) add_rows(y + n * width_out, bias, width_out);
+}
+
+// xn[n] = x[n] / rms(x[n]) for N rows of C: rms_norm without weight (folded into the next layer).
+template <typename T>
+void rms_norm_rows(const T* x, int64_t N, int64_t C, T eps, T* xn) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = x + n * C;
+    T ss = 0;
+    for (int64_t c = 0; c < C; ++c) ss += row[c] * row[c];
+    const T inv = T(1) / std::sqrt(ss / T(C) + eps);
+    for (int64_t c = 0; c < C; ++c) xn[n * C + c] = row[c] * inv;
+  }
 }
 
 template <typename T>
@@ -96,6 +110,92 @@ void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T*
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
+// The float decode step (at most kGemvRows rows, no index, no context) in one
+// parallel region: norm + MLP, query projection, the read, the output
+// projection, with a barrier between steps instead of a region each. Each step
+// must wait for the one before, so the layer streams its bytes in four passes;
+// a region a step also paid libgomp's hand-off between them (a plain read of
+// the layer's bytes in four regions against one with barriers,
+// memkernels_chain_reads: 0.83-0.98x the time at S=1,024; docs/log.md). False
+// (nothing written) where a step would not split over the threads: then the
+// steps run one call each.
+template <typename KV>
+bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
+  const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
+  const int64_t W = H * D, M = r.mlp_hidden, width_in = M > 0 ? M : C;
+  const int64_t Hk = r.kv_heads > 0 ? r.kv_heads : H, per_kv = H / Hk;
+  const int64_t groups = r.shared ? Hk : r.batch * Hk, rows = r.shared ? N : r.tokens;
+  const int64_t R = per_kv * rows;  // rows per group
+  const int64_t threads = omp_get_max_threads();
+  if (threads < 2 || N > kGemvRows || r.probes > 0 || r.context != nullptr) return false;
+  if (!few_rows_projects(N, C) || (M > 0 && !few_rows_projects(N, M))) return false;
+  // every step splits: the projections' weights, the groups, the output projection's rows
+  if ((M > 0 && M * C < kParallelWeights) || W * width_in < kParallelWeights || groups < threads ||
+      few_rows_times_weight_threads(N, W, C, threads) < threads)
+    return false;
+  std::vector<float> qg(groups * R * D);  // the groups' query rows, then their outputs
+  const AttentionProblem<float, KV> p{groups, R, r.slots, D, qg.data(), r.keys, r.values,
+                                      MaskIndex{}, r.scale, r.key_scale, r.value_scale};
+  if (!few_rows_applies(p)) return false;
+  std::vector<float> xn(N * C), hid(M > 0 ? N * M : 0), q(N * W), lse(groups * R);
+  std::vector<float> partial((threads - 1) * N * C, 0.0f);
+  auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
+    const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
+    return grp * R + c * rows + (r.shared ? n : n % r.tokens);
+  };
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    if (t == 0) {  // the norm (a few rows of C: one thread), and out = hidden for the last step
+      rms_norm_rows(r.hidden_states, N, C, r.eps, xn.data());
+      std::copy(r.hidden_states, r.hidden_states + N * C, out);
+    }
+#pragma omp barrier
+    int64_t j0, j1;
+    if (M > 0) {  // hid = gelu(xn @ mlp_w^T + mlp_b), this thread's columns
+      few_rows_project_share(xn.data(), N, r.mlp_w, M, C, hid.data(), t, T);
+      few_rows_project_columns(M, t, T, &j0, &j1);
+      for (int64_t n = 0; n < N && j0 < j1; ++n) {
+        float* h = hid.data() + n * M;
+        if (r.mlp_b != nullptr) add_rows(h + j0, r.mlp_b + j0, j1 - j0);
+        gelu_row(h + j0, j1 - j0);
+      }
+#pragma omp barrier
+    }
+    few_rows_project_share(M > 0 ? hid.data() : xn.data(), N, r.query_w, W, width_in, q.data(),
+                           t, T);
+    few_rows_project_columns(W, t, T, &j0, &j1);
+    if (r.query_b != nullptr)
+      for (int64_t n = 0; n < N && j0 < j1; ++n)
+        add_rows(q.data() + n * W + j0, r.query_b + j0, j1 - j0);
+#pragma omp barrier
+    // the read: this thread's groups, each gathering its heads' query rows (unit length where
+    // asked) and putting its output rows back in their place in q
+    std::vector<float> scratch;
+    for (int64_t g = t; g < groups; g += T) {
+      const int64_t kv = r.shared ? g : g % Hk;
+      for (int64_t c = 0; c < per_kv; ++c)
+        for (int64_t n = 0; n < N; ++n) {
+          if (!r.shared && n / r.tokens != g / Hk) continue;
+          float* row = qg.data() + at(n, kv, c) * D;
+          const float* src = q.data() + n * W + (c * Hk + kv) * D;
+          std::copy(src, src + D, row);
+          if (r.unit_queries) unit_rows(row, 1, D);
+        }
+      few_rows_read(p, g, qg.data() + g * R * D, lse.data() + g * R, scratch);
+      for (int64_t c = 0; c < per_kv; ++c)
+        for (int64_t n = 0; n < N; ++n) {
+          if (!r.shared && n / r.tokens != g / Hk) continue;
+          const float* row = qg.data() + at(n, kv, c) * D;
+          std::copy(row, row + D, q.data() + n * W + (c * Hk + kv) * D);
+        }
+    }
+#pragma omp barrier
+    few_rows_times_weight_share(q.data(), N, r.out_w, W, C, out, partial.data(), t, T);
+  }
+  return true;
+}
+
 }  // namespace
 
 template <typename T, typename KV>
@@ -103,15 +203,12 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
   const int64_t W = H * D, M = r.mlp_hidden;
   const int64_t Hk = r.kv_heads > 0 ? r.kv_heads : H, per_kv = H / Hk;
+  if constexpr (std::is_same_v<T, float>) {
+    if (reader_forward_one_region(r, out)) return;
+  }
   std::vector<T> xn(N * C), hid(N * M), q(N * W);
   std::vector<T> from_context(r.context != nullptr ? N * M : 0);
-  for (int64_t n = 0; n < N; ++n) {  // rms_norm without weight (folded into Wq)
-    const T* x = r.hidden_states + n * C;
-    T ss = 0;
-    for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
-    const T inv = T(1) / std::sqrt(ss / T(C) + r.eps);
-    for (int64_t c = 0; c < C; ++c) xn[n * C + c] = x[c] * inv;
-  }
+  rms_norm_rows(r.hidden_states, N, C, r.eps, xn.data());
   if (M > 0) {
     project<T>(xn.data(), r.mlp_w, r.mlp_b, N, M, C, hid.data());
     if (r.context != nullptr) {  // the first layer's columns for the context

@@ -18,7 +18,10 @@
 //   ./memkernels_chain_reads [slots [reps]]
 #include <omp.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -43,7 +46,8 @@ MK_CPU_CLONES double sum_warming(const float* x, int64_t n, const char* warm, in
   const int64_t steps = std::max<int64_t>(1, n / 64), lines = (warm_bytes + 63) / 64;
   int64_t due = 0, line = 0, i = 0;
   for (; i + 64 <= n; i += 64) {
-    for (due += lines; due >= steps; due -= steps, line += 64) __builtin_prefetch(warm + line, 0, 2);
+    for (due += lines; due >= steps; due -= steps, line += 64)
+      __builtin_prefetch(warm + line, 0, 2);  // prefetcht1: into L2
     for (int u = 0; u < 64; ++u) s[u] += x[i + u];
   }
   for (; line < warm_bytes; line += 64) __builtin_prefetch(warm + line, 0, 2);  // a short x
@@ -60,8 +64,9 @@ void share(int64_t n, int t, int T, int64_t* lo, int64_t* hi) {
   *hi = t == T - 1 ? n : std::min(n, *lo + per);
 }
 
-enum Way { kOnePass, kInTurn, kOneRegion, kWarmingNext, kWarmingAll, kWays };
+enum Way { kOnePass, kInTurn, kOneRegion, kOneRegionSpin, kWarmingNext, kWarmingAll, kWays };
 const char* const kNames[kWays] = {"one pass", "in turn", "in turn, one region",
+                                   "in turn, one region, spinning barriers",
                                    "in turn, each step warming the next",
                                    "in turn, the first step warming the rest"};
 
@@ -74,7 +79,8 @@ double read_set(Way way, const float* x, const Layout& l) {
     return sum_in_turn(steps, size, 4);
   }
   double total = 0;
-  if (way == kOneRegion) {
+  if (way == kOneRegion || way == kOneRegionSpin) {
+    std::atomic<int64_t> arrived{0};
 #pragma omp parallel reduction(+ : total)
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -82,7 +88,12 @@ double read_set(Way way, const float* x, const Layout& l) {
         int64_t lo, hi;
         share(size[k], t, T, &lo, &hi);
         total += memkernels::cpu::sum_of(x + start[k] + lo, hi - lo);
+        if (way == kOneRegion) {
 #pragma omp barrier
+        } else {  // a counter each thread spins on: no futex wake-up
+          arrived.fetch_add(1, std::memory_order_acq_rel);
+          while (arrived.load(std::memory_order_acquire) < int64_t(k + 1) * T) _mm_pause();
+        }
       }
     }
     return total;

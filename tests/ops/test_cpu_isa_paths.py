@@ -201,6 +201,19 @@ layer_case(256, 256, 4, 1, 64, 1, 1, 1029, True, context=True)
 layer_case(256, 128, 4, 1, 32, 3, 1, 2000, True, context=True, logit=50.0)
 layer_case(256, 128, 4, 1, 32, 4, 1, 2000, True, nan_row=2)
 layer_case(256, 128, 4, 2, 32, 3, 1, 600, True, nan_row=0)
+# the decode step in one parallel region (every step splits over the threads: weights of
+# >= 64K elements, >= 2 groups): shared and per-row banks, 1-4 rows, a linear query, x50
+# logits, a NaN row, bf16 / int8 banks
+for C, M, H, Hk, D, B, T, S, shared in [
+        (256, 256, 8, 2, 32, 3, 1, 777, True),    # 3 rows, 4 query heads a kv head
+        (256, 256, 8, 4, 32, 2, 2, 333, False),   # per-row banks, 2 tokens each
+        (256, 0, 8, 2, 32, 4, 1, 901, True)]:     # linear query, 4 rows
+    layer_case(C, M, H, Hk, D, B, T, S, shared)
+layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, logit=50.0)
+layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, nan_row=1)
+for kv_dtype in (torch.bfloat16, torch.int8):
+    layer_case(256, 256, 8, 2, 32, 2, 1, 700, True, kv_dtype=kv_dtype)
+    layer_case(256, 256, 8, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
 for kv_dtype in (torch.bfloat16, torch.int8):
     layer_case(256, 256, 4, 1, 64, 2, 1, 1500, True, kv_dtype=kv_dtype)
     layer_case(128, 64, 4, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
