@@ -1,18 +1,19 @@
 // Can a reading layer read its bytes faster than as a chain of four passes?
 // Its steps (MLP, query projection, the read, the output projection) each wait
 // for the one before, so the bench's floor for the layer is its steps' bytes
-// summed one pass after another (read_probe.h, sum_in_turn). A kernel could
-// still warm a later step's bytes while an earlier step streams its own, or
-// run the four steps in one parallel region. This tool times those plain reads
+// summed one pass after another (read_probe.h, sum_in_turn: one parallel
+// region, a barrier between steps). A kernel could still warm a later step's
+// bytes while an earlier step streams its own. This tool times plain reads
 // call by call, each on the next of several input sets laid out as the bench's
 // (reader_sets.h), so that all see the same minute of a machine whose memory
 // speed moves:
-//   one pass:        all the set's bytes in one sum on every thread
-//   in turn:         sum_in_turn, a parallel region a step
-//   one region:      the four steps in one region, a barrier between steps
-//   warming next:    in turn, each thread warming into its L2 its share of the
-//                    next step's bytes, paced over its share of the step
-//   warming all:     in turn, the first step warming every later step's bytes
+//   one pass:         all the set's bytes in one sum on every thread
+//   a region a step:  the four steps' sums, a parallel region each
+//   in turn:          sum_in_turn (the bench's floor for the layer)
+//   spinning:         in turn, with a counter spun on instead of libgomp's barrier
+//   warming next:     in turn, each thread warming into its L2 its share of the
+//                     next step's bytes, paced over its share of the step
+//   warming all:      in turn, the first step warming every later step's bytes
 // Prints the medians and each over the in-turn time; exits 1 if any way of
 // reading a set sums to another total than the one pass (a read skipped).
 //   ./memkernels_chain_reads [slots [reps]]
@@ -26,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "cold_read.h"
@@ -57,76 +59,79 @@ MK_CPU_CLONES double sum_warming(const float* x, int64_t n, const char* warm, in
   return total;
 }
 
-// Thread t's contiguous share [lo, hi) of n floats among T threads (16-float aligned).
+// Thread t's contiguous share [lo, hi) of n floats among T threads, as sum_in_turn splits.
 void share(int64_t n, int t, int T, int64_t* lo, int64_t* hi) {
-  const int64_t per = (n / T + 15) / 16 * 16;
+  const int64_t per = ((n + T - 1) / T + 15) / 16 * 16;
   *lo = std::min(n, t * per);
-  *hi = t == T - 1 ? n : std::min(n, *lo + per);
+  *hi = std::min(n, *lo + per);
 }
 
-enum Way { kOnePass, kInTurn, kOneRegion, kOneRegionSpin, kWarmingNext, kWarmingAll, kWays };
-const char* const kNames[kWays] = {"one pass", "in turn", "in turn, one region",
-                                   "in turn, one region, spinning barriers",
+enum Way { kOnePass, kRegionEach, kInTurn, kSpinning, kWarmingNext, kWarmingAll, kWays };
+const char* const kNames[kWays] = {"one pass", "a region a step", "in turn (one region)",
+                                   "in turn, spinning barriers",
                                    "in turn, each step warming the next",
                                    "in turn, the first step warming the rest"};
 
-double read_set(Way way, const float* x, const Layout& l) {
+// Thread t's share of step k, warming per `way` (kWarmingNext: its share of step k + 1;
+// kWarmingAll, in step 0: its share of every later step, one after another, each over a part
+// of step 0 in proportion to its bytes).
+double step_share(Way way, const float* x, const Layout& l, int k, int t, int T) {
   const int64_t* start = l.step_starts;
   const int64_t* size = l.step_sizes;
+  int64_t lo, hi;
+  share(size[k], t, T, &lo, &hi);
+  const float* mine = x + start[k] + lo;
+  auto warmed = [&](int j) {  // this thread's share of step j, as bytes to warm
+    int64_t wlo, whi;
+    share(size[j], t, T, &wlo, &whi);
+    return std::pair{reinterpret_cast<const char*>(x + start[j] + wlo),
+                     (whi - wlo) * int64_t(sizeof(float))};
+  };
+  if (way == kWarmingNext && k < 3) {
+    const auto [warm, bytes] = warmed(k + 1);
+    return sum_warming(mine, hi - lo, warm, bytes);
+  }
+  if (way == kWarmingAll && k == 0) {
+    double part = 0;
+    const int64_t n0 = hi - lo, warm_total = size[1] + size[2] + size[3];
+    int64_t done = 0, before = 0;  // floats of this share summed; later steps' floats passed
+    for (int j = 1; j < 4; ++j) {
+      before += size[j];
+      const int64_t upto = j == 3 ? n0 : n0 * before / warm_total / 16 * 16;
+      const int64_t take = std::max<int64_t>(0, upto - done);
+      const auto [warm, bytes] = warmed(j);
+      part += sum_warming(mine + done, take, warm, bytes);
+      done += take;
+    }
+    return part;
+  }
+  return memkernels::cpu::sum_of(mine, hi - lo);
+}
+
+double read_set(Way way, const float* x, const Layout& l) {
   if (way == kOnePass) return sum_on_all_threads(x, l.total());
-  if (way == kInTurn) {
-    const float* steps[4] = {x + start[0], x + start[1], x + start[2], x + start[3]};
-    return sum_in_turn(steps, size, 4);
+  if (way == kInTurn) {  // the bench's floor for the layer
+    const float* steps[4] = {x + l.step_starts[0], x + l.step_starts[1], x + l.step_starts[2],
+                             x + l.step_starts[3]};
+    return sum_in_turn(steps, l.step_sizes, 4);
   }
   double total = 0;
-  if (way == kOneRegion || way == kOneRegionSpin) {
-    std::atomic<int64_t> arrived{0};
-#pragma omp parallel reduction(+ : total)
-    {
-      const int t = omp_get_thread_num(), T = omp_get_num_threads();
-      for (int k = 0; k < 4; ++k) {
-        int64_t lo, hi;
-        share(size[k], t, T, &lo, &hi);
-        total += memkernels::cpu::sum_of(x + start[k] + lo, hi - lo);
-        if (way == kOneRegion) {
-#pragma omp barrier
-        } else {  // a counter each thread spins on: no futex wake-up
-          arrived.fetch_add(1, std::memory_order_acq_rel);
-          while (arrived.load(std::memory_order_acquire) < int64_t(k + 1) * T) _mm_pause();
-        }
-      }
-    }
+  if (way == kRegionEach) {
+    for (int k = 0; k < 4; ++k)
+      total += sum_on_all_threads(x + l.step_starts[k], l.step_sizes[k]);
     return total;
   }
-  for (int k = 0; k < 4; ++k) {
+  std::atomic<int64_t> arrived{0};
 #pragma omp parallel reduction(+ : total)
-    {
-      const int t = omp_get_thread_num(), T = omp_get_num_threads();
-      int64_t lo, hi;
-      share(size[k], t, T, &lo, &hi);
-      const float* mine = x + start[k] + lo;
-      if (way == kWarmingNext && k < 3) {  // this thread's share of the next step
-        int64_t wlo, whi;
-        share(size[k + 1], t, T, &wlo, &whi);
-        total += sum_warming(mine, hi - lo, reinterpret_cast<const char*>(x + start[k + 1] + wlo),
-                             (whi - wlo) * int64_t(sizeof(float)));
-      } else if (way == kWarmingAll && k == 0) {  // its share of each later step, one by one
-        double part = 0;
-        const int64_t n0 = hi - lo, warm_total = size[1] + size[2] + size[3];
-        int64_t done = 0, before = 0;  // floats of this share summed; later steps' floats passed
-        for (int j = 1; j < 4; ++j) {  // the share in parts in proportion to each step's bytes
-          before += size[j];
-          const int64_t upto = j == 3 ? n0 : n0 * before / warm_total / 16 * 16;
-          const int64_t take = std::max<int64_t>(0, upto - done);
-          int64_t wlo, whi;
-          share(size[j], t, T, &wlo, &whi);
-          part += sum_warming(mine + done, take, reinterpret_cast<const char*>(x + start[j] + wlo),
-                              (whi - wlo) * int64_t(sizeof(float)));
-          done += take;
-        }
-        total += part;
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    for (int k = 0; k < 4; ++k) {
+      total += step_share(way, x, l, k, t, T);
+      if (way == kSpinning) {  // a counter each thread spins on: no futex wake-up
+        arrived.fetch_add(1, std::memory_order_acq_rel);
+        while (arrived.load(std::memory_order_acquire) < int64_t(k + 1) * T) _mm_pause();
       } else {
-        total += memkernels::cpu::sum_of(mine, hi - lo);
+#pragma omp barrier
       }
     }
   }

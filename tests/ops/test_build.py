@@ -79,6 +79,14 @@ def test_cmake_standalone_build(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert reader.returncode == 0, reader.stdout + reader.stderr
     assert "the steps'; max |err| against float64" in reader.stdout, reader.stdout
+    # the read backward's phases, small (37 rows over 600 keys, one timed call): run as the
+    # kernel runs them, their dQ, dK, dV against read_backward's; on the tile GEMMs (AVX2 or
+    # AVX-512), else it exits 2
+    phases = subprocess.run([str(build / "memkernels_backward_phases"), "37", "600", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert phases.returncode == (0 if vector_body else 2), phases.stdout + phases.stderr
+    assert ("against read_backward's: max |difference|" in phases.stdout) == vector_body, \
+        phases.stdout
     # the plain reads of the layer's bytes it is timed against, and the ways a kernel could
     # overlap them: every way sums every byte of a set to the one pass's total
     chain = subprocess.run([str(build / "memkernels_chain_reads"), "77", "2"],

@@ -1,0 +1,142 @@
+// Where the read backward's time goes on this CPU: one group of the bench's
+// prefill shape (1,024 query rows, the batch folded, over 4,096 keys of Dh
+// 64), hot, on one thread, each phase of attention_backward_group timed on
+// its own (TSC ticks): the K and V blocks into panels, the five products
+// (S = Q K^T, dP = dO V^T, dV += P^T dO, dQ += dS K, dK += dS^T Q) and the
+// softmax gradient rows. Each product's FLOPs a tick beside the FMA units'
+// rate measured in the same run (fma_burst, the same ISA), so the products'
+// share of that rate needs no clock speed. The phases are run as the kernel
+// runs them, and their dQ, dK, dV checked against read_backward's.
+//   ./memkernels_backward_phases [rows [keys [reps]]]
+#include <omp.h>
+#include <x86intrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "cpu/slot_bank_cpu.h"
+
+namespace {
+
+using namespace memkernels::cpu;
+
+constexpr int64_t kDim = 64;
+
+enum Phase { kPanels, kScores, kDProbs, kSoftmaxGrad, kDV, kDQ, kDK, kPhases };
+const char* const kNames[kPhases] = {"K, V blocks into panels", "S = Q K^T", "dP = dO V^T",
+                                     "softmax gradient rows", "dV += P^T dO", "dQ += dS K",
+                                     "dK += dS^T Q"};
+bool is_product(int p) { return p != kPanels && p != kSoftmaxGrad; }
+
+// The loop of attention_backward_group (attention_cpu.h) on its tile GEMMs,
+// with TSC ticks added into ticks[phase].
+void backward_phases(const AttentionProblem<float>& p, const float* dout, const float* lse,
+                     const float* delta, float* dq, float* dk, float* dv, double* ticks) {
+  const int64_t M = p.rows, N = p.keys, D = p.dim, ld = tile_gemm_ld(kBlockN);
+  std::vector<float> probs(kBlockM * ld), dprobs(kBlockM * ld), k_t(D * ld), v_t(D * ld);
+  for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
+    const int64_t nb = std::min(kBlockN, N - n0), nbp = tile_gemm_ld(nb);
+    uint64_t t0 = __rdtsc();
+    tile_transpose_panels(p.k + n0 * D, nb, D, p.scale, k_t.data(), nbp);
+    tile_transpose_panels(p.v + n0 * D, nb, D, 1.0f, v_t.data(), nbp);
+    ticks[kPanels] += double(__rdtsc() - t0);
+    for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
+      const int64_t mr = std::min(kBlockM, M - r0);
+      uint64_t t[kPhases];
+      t[0] = __rdtsc();
+      tile_gemm_panels(mr, nbp, D, p.q + r0 * D, D, 1, k_t.data(), probs.data(), ld, false);
+      t[1] = __rdtsc();
+      tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t.data(), dprobs.data(), ld, false);
+      t[2] = __rdtsc();
+      for (int64_t r = 0; r < mr; ++r)
+        softmax_grad_row(probs.data() + r * ld, dprobs.data() + r * ld, nb, lse[r0 + r],
+                         delta[r0 + r], p.scale);
+      t[3] = __rdtsc();
+      tile_product(true, nb, D, mr, probs.data(), 1, ld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
+      t[4] = __rdtsc();
+      tile_product(true, mr, D, nb, dprobs.data(), ld, 1, p.k + n0 * D, D, dq + r0 * D, D, n0 > 0);
+      t[5] = __rdtsc();
+      tile_product(true, nb, D, mr, dprobs.data(), 1, ld, p.q + r0 * D, D, dk + n0 * D, D, r0 > 0);
+      t[6] = __rdtsc();
+      for (int i = 0; i < 6; ++i) ticks[kScores + i] += double(t[i + 1] - t[i]);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t M = argc > 1 ? atoll(argv[1]) : 1024, N = argc > 2 ? atoll(argv[2]) : 4096;
+  const int reps = argc > 3 ? atoi(argv[3]) : 5;
+  if (M < 1 || N < 1 || reps < 1) {
+    std::printf("rows, keys and reps must be positive\n");
+    return 2;
+  }
+  if (!tile_gemm_applies(kDim)) {  // the phases are the tile GEMMs' (no AVX2, or the BLAS asked)
+    std::printf("the tile GEMMs do not run here (no AVX2, or MEMKERNELS_CPU_GEMM=blas)\n");
+    return 2;
+  }
+  omp_set_num_threads(1);
+  const int64_t D = kDim;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> q(M * D), k(N * D), v(N * D), dout(M * D);
+  for (auto* x : {&q, &k, &v, &dout})
+    for (float& e : *x) e = normal(rng);
+  const AttentionProblem<float> p{1, M, N, D, q.data(), k.data(), v.data(), memkernels::MaskIndex{},
+                                  1.0f / std::sqrt(float(D))};
+  std::vector<float> out(M * D), lse(M), delta(M);
+  read_forward(p, out.data(), lse.data());
+  for (int64_t r = 0; r < M; ++r) {  // rowsum(dO * O), as the kernel (which may reorder it)
+    float acc = 0;
+    for (int64_t d = 0; d < D; ++d) acc += dout[r * D + d] * out[r * D + d];
+    delta[r] = acc;
+  }
+  std::vector<float> dq(M * D), dk(N * D), dv(N * D);
+  double ticks[kPhases] = {};
+  for (int rep = 0; rep <= reps; ++rep) {  // the first warms up and is dropped
+    double t[kPhases] = {};
+    backward_phases(p, dout.data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), t);
+    if (rep > 0)
+      for (int i = 0; i < kPhases; ++i) ticks[i] += t[i] / reps;
+  }
+  // the FMA units' rate on this thread, in FLOPs a TSC tick, at the kernels' ISA
+  double fma_rate = 0;
+  for (int i = 0; i < 5; ++i) {
+    const uint64_t t0 = __rdtsc();
+    const double flops = fma_burst_all_threads(int64_t(1) << 22);
+    fma_rate = std::max(fma_rate, flops / double(__rdtsc() - t0));
+  }
+  // the kernel's own backward on the same inputs
+  std::vector<float> want_dq(M * D), want_dk(N * D), want_dv(N * D);
+  read_backward(p, out.data(), dout.data(), lse.data(), want_dq.data(), want_dk.data(),
+                want_dv.data());
+  double max_diff = 0;
+  for (auto [got, want] : {std::pair{&dq, &want_dq}, {&dk, &want_dk}, {&dv, &want_dv}})
+    for (size_t i = 0; i < got->size(); ++i) {
+      const double e = std::abs(double((*got)[i]) - (*want)[i]) / (1.0 + std::abs((*want)[i]));
+      max_diff = e > max_diff || e != e ? e : max_diff;
+    }
+  double total = 0;
+  for (double t : ticks) total += t;
+  const double product_flops = 2.0 * double(M) * double(N) * double(D);
+  std::printf("read backward, one group of %ld rows over %ld keys, Dh %ld (%s, one thread, hot): "
+              "%.2f M TSC ticks; FMA units %.1f FLOPs a tick\n",
+              long(M), long(N), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
+              total / 1e6, fma_rate);
+  for (int i = 0; i < kPhases; ++i) {
+    std::printf("  %-24s %5.1f%% of the time", kNames[i], 100.0 * ticks[i] / total);
+    if (is_product(i))
+      std::printf(", %.1f FLOPs a tick, %.0f%% of the FMA rate", product_flops / ticks[i],
+                  100.0 * product_flops / ticks[i] / fma_rate);
+    std::printf("\n");
+  }
+  std::printf("dQ, dK, dV against read_backward's: max |difference| / (1 + |theirs|) %.2e\n",
+              max_diff);
+  return max_diff <= 1e-4 ? 0 : 1;  // false for NaN
+}
