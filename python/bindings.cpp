@@ -485,8 +485,8 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_sum_in_turn", &cpu_sum_in_turn, py::arg("arrays"),
         "The sum of each float32 CPU tensor's elements on every OpenMP thread, one tensor "
-        "after another; returns the total. The bench's floor for a chain of dependent reads "
-        "(the reading layer's four steps).");
+        "after another (one parallel region, a barrier between tensors); returns the total. "
+        "The bench's floor for a chain of dependent reads (the reading layer's four steps).");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

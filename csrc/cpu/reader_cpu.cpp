@@ -116,9 +116,9 @@ void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T*
 // must wait for the one before, so the layer streams its bytes in four passes;
 // a region a step also paid libgomp's hand-off between them (a plain read of
 // the layer's bytes in four regions against one with barriers,
-// memkernels_chain_reads: 0.83-0.98x the time at S=1,024; docs/log.md). False
-// (nothing written) where a step would not split over the threads: then the
-// steps run one call each.
+// memkernels_chain_reads; docs/log.md). False (nothing written) where a
+// projection would not split over the threads: then the steps run one call
+// each.
 template <typename KV>
 bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
@@ -130,15 +130,20 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   if (threads < 2 || N > kGemvRows || r.probes > 0 || r.context != nullptr) return false;
   if (!few_rows_projects(N, C) || (M > 0 && !few_rows_projects(N, M))) return false;
   // every step splits: the projections' weights, the groups, the output projection's rows
-  if ((M > 0 && M * C < kParallelWeights) || W * width_in < kParallelWeights || groups < threads ||
+  // (threads past the groups' count wait out the read at its barrier)
+  if ((M > 0 && M * C < kParallelWeights) || W * width_in < kParallelWeights ||
       few_rows_times_weight_threads(N, W, C, threads) < threads)
     return false;
-  std::vector<float> qg(groups * R * D);  // the groups' query rows, then their outputs
+  std::vector<float> qg(groups * R * D), og(groups * R * D);  // the groups' query rows, outputs
   const AttentionProblem<float, KV> p{groups, R, r.slots, D, qg.data(), r.keys, r.values,
                                       MaskIndex{}, r.scale, r.key_scale, r.value_scale};
   if (!few_rows_applies(p)) return false;
   std::vector<float> xn(N * C), hid(M > 0 ? N * M : 0), q(N * W), lse(groups * R);
   std::vector<float> partial((threads - 1) * N * C, 0.0f);
+  // each thread's scratch for the read, sized here (at most 1,024 keys a pass) so that
+  // nothing in the region allocates
+  std::vector<std::vector<float>> scratch(threads,
+                                          std::vector<float>(few_rows_scratch(R, D, 1024)));
   auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
     const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
     return grp * R + c * rows + (r.shared ? n : n % r.tokens);
@@ -171,7 +176,6 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
 #pragma omp barrier
     // the read: this thread's groups, each gathering its heads' query rows (unit length where
     // asked) and putting its output rows back in their place in q
-    std::vector<float> scratch;
     for (int64_t g = t; g < groups; g += T) {
       const int64_t kv = r.shared ? g : g % Hk;
       for (int64_t c = 0; c < per_kv; ++c)
@@ -182,11 +186,11 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
           std::copy(src, src + D, row);
           if (r.unit_queries) unit_rows(row, 1, D);
         }
-      few_rows_read(p, g, qg.data() + g * R * D, lse.data() + g * R, scratch);
+      few_rows_read(p, g, og.data() + g * R * D, lse.data() + g * R, scratch[t]);
       for (int64_t c = 0; c < per_kv; ++c)
         for (int64_t n = 0; n < N; ++n) {
           if (!r.shared && n / r.tokens != g / Hk) continue;
-          const float* row = qg.data() + at(n, kv, c) * D;
+          const float* row = og.data() + at(n, kv, c) * D;
           std::copy(row, row + D, q.data() + n * W + (c * Hk + kv) * D);
         }
     }

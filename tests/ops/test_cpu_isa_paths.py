@@ -149,14 +149,16 @@ for C, M, H, Hk, D, B, T, shared in [(40, 0, 2, 2, 16, 1, 1, True), (64, 48, 4, 
 # projections and the read on the vector bodies): one kv head over many slots,
 # the context and biases, x50 logits, a NaN row, per-row banks, bf16 / int8 banks
 def layer_case(C, M, H, Hk, D, B, T, S, shared, context=False, logit=1.0, nan_row=None,
-               kv_dtype=torch.float32):
+               kv_dtype=torch.float32, query_bias=True):
     global checked
     W = H * D
     hidden = torch.randn(B, T, C)
     if nan_row is not None:
         hidden.view(B * T, C)[nan_row, 3] = float("nan")
-    qw, ow, qb = torch.randn(W, M or C) / 8, torch.randn(W, C) / 8, torch.randn(W)
-    mlp_w, mlp_b = (torch.randn(M, C) / 8, torch.randn(M)) if M else (None, None)
+    qw, ow = torch.randn(W, M or C) / 8, torch.randn(W, C) / 8
+    qb = torch.randn(W) if query_bias else None
+    mlp_w = torch.randn(M, C) / 8 if M else None
+    mlp_b = torch.randn(M) if M else None  # an MLP query always has its bias
     ctx, ctx_w = (torch.randn(B, T, C), torch.randn(M, C) / 8) if context else (None, None)
     bank = (Hk, S, D) if shared else (B, Hk, S, D)
     keys, values = torch.randn(bank), torch.randn(bank)
@@ -176,7 +178,7 @@ def layer_case(C, M, H, Hk, D, B, T, S, shared, context=False, logit=1.0, nan_ro
     dbl = lambda t: None if t is None else t.double()
     want = reference.reading_layer(*(t.double() for t in (hidden, qw, keys, values, ow)), kw["eps"],
                                    kw["scale"], mlp_w=dbl(mlp_w), mlp_b=dbl(mlp_b),
-                                   query_b=qb.double(), unit_queries=kw["unit_queries"],
+                                   query_b=dbl(qb), unit_queries=kw["unit_queries"],
                                    context=dbl(ctx), context_w=dbl(ctx_w))
     tol = 5e-5 * logit
     torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol, equal_nan=True,
@@ -201,19 +203,25 @@ layer_case(256, 256, 4, 1, 64, 1, 1, 1029, True, context=True)
 layer_case(256, 128, 4, 1, 32, 3, 1, 2000, True, context=True, logit=50.0)
 layer_case(256, 128, 4, 1, 32, 4, 1, 2000, True, nan_row=2)
 layer_case(256, 128, 4, 2, 32, 3, 1, 600, True, nan_row=0)
-# the decode step in one parallel region (every step splits over the threads: weights of
-# >= 64K elements, >= 2 groups): shared and per-row banks, 1-4 rows, a linear query, x50
-# logits, a NaN row, bf16 / int8 banks
-for C, M, H, Hk, D, B, T, S, shared in [
-        (256, 256, 8, 2, 32, 3, 1, 777, True),    # 3 rows, 4 query heads a kv head
-        (256, 256, 8, 4, 32, 2, 2, 333, False),   # per-row banks, 2 tokens each
-        (256, 0, 8, 2, 32, 4, 1, 901, True)]:     # linear query, 4 rows
-    layer_case(C, M, H, Hk, D, B, T, S, shared)
-layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, logit=50.0)
-layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, nan_row=1)
-for kv_dtype in (torch.bfloat16, torch.int8):
-    layer_case(256, 256, 8, 2, 32, 2, 1, 700, True, kv_dtype=kv_dtype)
-    layer_case(256, 256, 8, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
+# the decode step in one parallel region (more than one thread, and every projection split
+# over them: weights of >= 64K elements): shared and per-row banks, 1-4 rows, a linear query,
+# x50 logits, a NaN row, bf16 / int8 banks; on 2 threads, and on 3 (uneven column shares, a
+# thread with no group of its own to read)
+threads_before = torch.get_num_threads()
+for threads in (2, 3):
+    torch.set_num_threads(threads)
+    for C, M, H, Hk, D, B, T, S, shared in [
+            (256, 256, 8, 2, 32, 3, 1, 777, True),    # 3 rows, 4 query heads a kv head
+            (256, 256, 8, 4, 32, 2, 2, 333, False),   # per-row banks, 2 tokens each
+            (256, 0, 8, 2, 32, 4, 1, 901, True)]:     # linear query, 4 rows
+        layer_case(C, M, H, Hk, D, B, T, S, shared)
+    layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, logit=50.0)
+    layer_case(256, 256, 8, 2, 32, 4, 1, 500, True, nan_row=1)
+    layer_case(256, 256, 8, 2, 32, 1, 1, 400, True, query_bias=False)
+    for kv_dtype in (torch.bfloat16, torch.int8):
+        layer_case(256, 256, 8, 2, 32, 2, 1, 700, True, kv_dtype=kv_dtype)
+        layer_case(256, 256, 8, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
+torch.set_num_threads(threads_before)
 for kv_dtype in (torch.bfloat16, torch.int8):
     layer_case(256, 256, 4, 1, 64, 2, 1, 1500, True, kv_dtype=kv_dtype)
     layer_case(128, 64, 4, 2, 32, 2, 1, 300, False, kv_dtype=kv_dtype)
