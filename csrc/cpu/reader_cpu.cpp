@@ -140,10 +140,6 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   if (!few_rows_applies(p)) return false;
   std::vector<float> xn(N * C), hid(M > 0 ? N * M : 0), q(N * W), lse(groups * R);
   std::vector<float> partial((threads - 1) * N * C, 0.0f);
-  // each thread's scratch for the read, sized here (at most 1,024 keys a pass) so that
-  // nothing in the region allocates
-  std::vector<std::vector<float>> scratch(threads,
-                                          std::vector<float>(few_rows_scratch(R, D, 1024)));
   auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
     const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
     return grp * R + c * rows + (r.shared ? n : n % r.tokens);
@@ -176,6 +172,10 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
 #pragma omp barrier
     // the read: this thread's groups, each gathering its heads' query rows (unit length where
     // asked) and putting its output rows back in their place in q
+    // each thread's scratch allocated by that thread, as for_each_group does: buffers made
+    // side by side before the region read ~10% slower (memkernels_reader_cold; likely
+    // cache lines shared by the two threads' row statistics, not measured)
+    std::vector<float> scratch;
     for (int64_t g = t; g < groups; g += T) {
       const int64_t kv = r.shared ? g : g % Hk;
       for (int64_t c = 0; c < per_kv; ++c)
@@ -186,7 +186,7 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
           std::copy(src, src + D, row);
           if (r.unit_queries) unit_rows(row, 1, D);
         }
-      few_rows_read(p, g, og.data() + g * R * D, lse.data() + g * R, scratch[t]);
+      few_rows_read(p, g, og.data() + g * R * D, lse.data() + g * R, scratch);
       for (int64_t c = 0; c < per_kv; ++c)
         for (int64_t n = 0; n < N; ++n) {
           if (!r.shared && n / r.tokens != g / Hk) continue;
