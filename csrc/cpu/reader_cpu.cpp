@@ -110,6 +110,17 @@ void clustered_read_row(const ReaderProblem<T, KV>& r, int64_t g, const T* q, T*
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
+// The read's row of (token n, kv head g, copy c of that head's query heads): the groups are
+// the kv heads (a shared bank) or the (batch row, kv head) pairs, R rows each; query head
+// h = c * Hk + g reads kv head g, as row c * rows + n of its group, rows tokens a copy.
+template <typename T, typename KV>
+int64_t group_row(const ReaderProblem<T, KV>& r, int64_t Hk, int64_t R, int64_t n, int64_t g,
+                  int64_t c) {
+  const int64_t rows = r.shared ? r.batch * r.tokens : r.tokens;
+  const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
+  return grp * R + c * rows + (r.shared ? n : n % r.tokens);
+}
+
 // The float decode step (at most kGemvRows rows, no index, no context) in one
 // parallel region: norm + MLP, query projection, the read, the output
 // projection, with a barrier between steps instead of a region each. Each step
@@ -140,10 +151,7 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   if (!few_rows_applies(p)) return false;
   std::vector<float> xn(N * C), hid(M > 0 ? N * M : 0), q(N * W), lse(groups * R);
   std::vector<float> partial((threads - 1) * N * C, 0.0f);
-  auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
-    const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
-    return grp * R + c * rows + (r.shared ? n : n % r.tokens);
-  };
+  auto at = [&](int64_t n, int64_t g, int64_t c) { return group_row(r, Hk, R, n, g, c); };
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -243,11 +251,7 @@ void reader_forward(const ReaderProblem<T, KV>& r, T* out) {
   } else {  // every slot; a kv head's query heads are rows of one group
     const int64_t R = per_kv * rows;  // rows per group
     std::vector<T> qg(groups * R * D), og(groups * R * D), lse(groups * R);
-    auto at = [&](int64_t n, int64_t g, int64_t c) {  // row of (token n, kv head g, copy c)
-      const int64_t grp = r.shared ? g : (n / r.tokens) * Hk + g;
-      const int64_t in = r.shared ? n : n % r.tokens;
-      return grp * R + c * rows + in;
-    };
+    auto at = [&](int64_t n, int64_t g, int64_t c) { return group_row(r, Hk, R, n, g, c); };
     for (int64_t c = 0; c < per_kv; ++c)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t g = 0; g < Hk; ++g) {

@@ -39,6 +39,7 @@ using cold_read::median;
 using cold_read::seconds;
 using memkernels::cpu::sum_in_turn;
 using memkernels::cpu::sum_on_all_threads;
+using memkernels::cpu::thread_share;
 using reader_sets::Layout;
 
 // x[0, n) summed as sum_of does, with `warm_bytes` bytes from `warm`
@@ -59,13 +60,6 @@ MK_CPU_CLONES double sum_warming(const float* x, int64_t n, const char* warm, in
   return total;
 }
 
-// Thread t's contiguous share [lo, hi) of n floats among T threads, as sum_in_turn splits.
-void share(int64_t n, int t, int T, int64_t* lo, int64_t* hi) {
-  const int64_t per = ((n + T - 1) / T + 15) / 16 * 16;
-  *lo = std::min(n, t * per);
-  *hi = std::min(n, *lo + per);
-}
-
 enum Way { kOnePass, kRegionEach, kInTurn, kSpinning, kWarmingNext, kWarmingAll, kWays };
 const char* const kNames[kWays] = {"one pass", "a region a step", "in turn (one region)",
                                    "in turn, spinning barriers",
@@ -79,11 +73,11 @@ double step_share(Way way, const float* x, const Layout& l, int k, int t, int T)
   const int64_t* start = l.step_starts;
   const int64_t* size = l.step_sizes;
   int64_t lo, hi;
-  share(size[k], t, T, &lo, &hi);
+  thread_share(size[k], t, T, &lo, &hi);
   const float* mine = x + start[k] + lo;
   auto warmed = [&](int j) {  // this thread's share of step j, as bytes to warm
     int64_t wlo, whi;
-    share(size[j], t, T, &wlo, &whi);
+    thread_share(size[j], t, T, &wlo, &whi);
     return std::pair{reinterpret_cast<const char*>(x + start[j] + wlo),
                      (whi - wlo) * int64_t(sizeof(float))};
   };
