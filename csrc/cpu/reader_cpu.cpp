@@ -140,8 +140,8 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   const int64_t threads = omp_get_max_threads();
   if (threads < 2 || N > kGemvRows || r.probes > 0 || r.context != nullptr) return false;
   if (!few_rows_projects(N, C) || (M > 0 && !few_rows_projects(N, M))) return false;
-  // every step splits: the projections' weights, the groups, the output projection's rows
-  // (threads past the groups' count wait out the read at its barrier)
+  // the projections split over all the threads (threads past the groups' count wait out the
+  // read at its barrier)
   if ((M > 0 && M * C < kParallelWeights) || W * width_in < kParallelWeights ||
       few_rows_times_weight_threads(N, W, C, threads) < threads)
     return false;
@@ -179,10 +179,10 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
         add_rows(q.data() + n * W + j0, r.query_b + j0, j1 - j0);
 #pragma omp barrier
     // the read: this thread's groups, each gathering its heads' query rows (unit length where
-    // asked) and putting its output rows back in their place in q
-    // each thread's scratch allocated by that thread, as for_each_group does: buffers made
-    // side by side before the region read ~10% slower (memkernels_reader_cold; likely
-    // cache lines shared by the two threads' row statistics, not measured)
+    // asked) and putting its output rows back in their place in q. The scratch is allocated
+    // by the thread that uses it, as for_each_group does: buffers made side by side before
+    // the region read ~10% slower (memkernels_reader_cold; likely cache lines shared by the
+    // two threads' row statistics, not measured).
     std::vector<float> scratch;
     for (int64_t g = t; g < groups; g += T) {
       const int64_t kv = r.shared ? g : g % Hk;
