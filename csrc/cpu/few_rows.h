@@ -67,17 +67,23 @@ inline int64_t rows_per_block(Isa isa) {
 }
 #endif
 
+// Whether the few-row bodies take M rows of width D on this CPU: a vector body runs, 1 to
+// kFewRowsMax rows, D a multiple of its vector width (the read's head dim; the inner width of
+// few_rows_project, the output width of few_rows_times_weight).
+inline bool few_rows_projects(int64_t M, int64_t D) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  return isa != Isa::generic && M >= 1 && M <= kFewRowsMax && D % vector_width(isa) == 0;
+#else
+  (void)M, (void)D;
+  return false;
+#endif
+}
+
 // Whether few_rows_read applies to p: the CPU, the row count and the head dim allow it.
 template <typename KV>
 bool few_rows_applies(const AttentionProblem<float, KV>& p) {
-#ifdef MK_HAVE_SIMD_VEC
-  const Isa isa = best_isa();
-  return isa != Isa::generic && p.rows >= 1 && p.rows <= kFewRowsMax &&
-         p.dim % vector_width(isa) == 0 && p.keys >= 1;
-#else
-  (void)p;
-  return false;
-#endif
+  return few_rows_projects(p.rows, p.dim) && p.keys >= 1;
 }
 
 // Group g's rows of p through the few-row body; false (nothing written) when
@@ -114,18 +120,6 @@ bool few_rows_read(const AttentionProblem<float, KV>& p, int64_t g, float* out, 
 // region: the fused reading layer runs its steps in one), and as a call that
 // opens its own region.
 constexpr int64_t kParallelWeights = 1 << 16;  // weight elements
-
-// Whether the few-row projections take x [M, D] (either direction: D is the
-// inner width of few_rows_project, the output width of few_rows_times_weight).
-inline bool few_rows_projects(int64_t M, int64_t D) {
-#ifdef MK_HAVE_SIMD_VEC
-  const Isa isa = best_isa();
-  return isa != Isa::generic && M >= 1 && M <= kFewRowsMax && D % vector_width(isa) == 0;
-#else
-  (void)M, (void)D;
-  return false;
-#endif
-}
 
 // Thread t's output columns [*j0, *j1) of a projection to N columns.
 inline void few_rows_project_columns(int64_t N, int64_t t, int64_t threads, int64_t* j0,
