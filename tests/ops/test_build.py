@@ -88,6 +88,16 @@ def test_cmake_standalone_build(tmp_path):
     assert phases.returncode == (0 if tile_gemms else 2), phases.stdout + phases.stderr
     assert ("against read_backward's: max |difference|" in phases.stdout) == tile_gemms, \
         phases.stdout
+    # the few-row read's chunked pass step by step (8 rows over 301 keys of Dh 32: three
+    # chunks, the last ending in a partial 4-key step), its output against few_rows_read's,
+    # on each body the CPU runs; exits 2 where no vector body applies
+    for caps in ({}, {"MEMKERNELS_CPU_ISA": "avx2"}):
+        steps = subprocess.run([str(build / "memkernels_few_rows_phases"), "8", "301", "32", "2"],
+                               capture_output=True, text=True, timeout=300,
+                               env={**os.environ, **caps})
+        assert steps.returncode == (0 if vector_body else 2), steps.stdout + steps.stderr
+        assert ("against few_rows_read's: max |difference|" in steps.stdout) == vector_body, \
+            steps.stdout
     # the plain reads of the layer's bytes it is timed against, and the ways a kernel could
     # overlap them: every way sums every byte of a set to the one pass's total
     chain = subprocess.run([str(build / "memkernels_chain_reads"), "77", "2"],

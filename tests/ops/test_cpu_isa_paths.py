@@ -106,8 +106,21 @@ out = memory_read(q, k, v, backend="cpu")
 assert out[2, 1].isnan().all() and not out[[0, 1, 3, 4, 5]].isnan().any()
 check(q, k, v, what="NaN query")
 
+# a NaN key where the rows take more than one row block (the chunked pass, whose score pass
+# also takes each row's max, NaN skipped, for the softmax): the exp still meets the NaN, so
+# every row of its head reads NaN; in a full 4-key step, in the last partial one, and in a
+# chunk's first key
+for B, S, D, at in [(8, 300, 64, 150), (6, 301, 32, 300), (16, 1029, 16, 1028), (5, 70, 64, 3),
+                    (9, 600, 64, 256)]:
+    q, k, v = torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
+    k[0, at, 0] = float("nan")
+    out = memory_read(q, k, v, backend="cpu")
+    assert out[:, 0].isnan().all() and not out[:, 1].isnan().any(), f"NaN key B={B} at {at}"
+    check(q, k, v, what=f"chunked pass, NaN key B={B} S={S} D={D} at {at}")
+
 # bf16 and int8 banks, through the fused reading layer (its read is the few-row kernel)
-for D, S, B, T in [(16, 6, 3, 1), (32, 1003, 5, 1), (64, 129, 3, 4), (64, 2050, 1, 1)]:
+for D, S, B, T in [(16, 6, 3, 1), (32, 1003, 5, 1), (64, 129, 3, 4), (64, 2050, 1, 1),
+                   (64, 301, 2, 6)]:  # 6 rows a bank: the chunked pass on either ISA
     memory = MemoryModel(MemoryConfig(hidden_size=40, num_layers=2, num_heads=2, head_dim=D,
                                       num_slots=S, gate_init=0.5))
     bank, hidden = MemoryBank(memory, torch.randn(B, 2, S, D)), torch.randn(B, T, 40)
