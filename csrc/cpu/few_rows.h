@@ -42,12 +42,12 @@ struct FewRowsArgs {
   float* scratch;  // few_rows_scratch() floats
 };
 
-// Keys per pass. Several row blocks re-read a chunk: then a chunk of K and
-// one of V stay in L1 (16 KiB each). One row block reads it once: then a
-// longer chunk spreads the per-chunk softmax bookkeeping over more keys.
+// Keys per pass of the read: 16 KiB of K (and as much of V) where the
+// chunk should stay in L1 (below), else 64 KiB, which spreads each row's
+// per-chunk softmax bookkeeping over more keys.
 template <typename KV>
-inline int64_t few_rows_chunk(int64_t D, bool one_row_block) {
-  const int64_t bytes = one_row_block ? 65536 : 16384;
+inline int64_t few_rows_chunk(int64_t D, bool in_l1) {
+  const int64_t bytes = in_l1 ? 16384 : 65536;
   const int64_t keys = (bytes / (D * int64_t(sizeof(KV)))) & ~int64_t(3);
   return keys < 16 ? 16 : keys > 1024 ? 1024 : keys;
 }
@@ -64,6 +64,16 @@ inline int64_t few_rows_scratch(int64_t rows, int64_t D, int64_t chunk) {
 inline int64_t vector_width(Isa isa) { return isa == Isa::avx512 ? 16 : 8; }
 inline int64_t rows_per_block(Isa isa) {
   return isa == Isa::avx512 ? isa_avx512::Vec::kRows : isa_avx2::Vec::kRows;
+}
+
+// Whether the read's chunk should stay in L1: several row blocks of M rows
+// re-read it, and each block's loads are many a FMA cycle. Not so for one
+// row block, nor for AVX-512 on 256-bit units, where the 8-row read ran 7%
+// faster hot and ~9% faster from DRAM with 64 KiB chunks read from L2; there
+// the AVX2 body (2-row blocks) ran 13-16% slower with them (docs/log.md,
+// kernels v30). Full-width AVX-512 (Zen 5) was not measured with them.
+inline bool few_rows_chunk_in_l1(Isa isa, int64_t M) {
+  return M > rows_per_block(isa) && !(isa == Isa::avx512 && avx512_on_half_width_units());
 }
 #endif
 
@@ -95,7 +105,7 @@ bool few_rows_read(const AttentionProblem<float, KV>& p, int64_t g, float* out, 
   if (!few_rows_applies(p)) return false;
   const Isa isa = best_isa();
   const int64_t D = p.dim, M = p.rows, N = p.keys;
-  const int64_t chunk = few_rows_chunk<KV>(D, M <= rows_per_block(isa));
+  const int64_t chunk = few_rows_chunk<KV>(D, few_rows_chunk_in_l1(isa, M));
   scratch.resize(few_rows_scratch(M, D, chunk));
   const FewRowsArgs<KV> a{M, N, D, chunk, p.q + g * M * D, p.k + g * N * D, p.v + g * N * D,
                           p.k_scale ? p.k_scale + g * N : nullptr,
@@ -144,7 +154,8 @@ inline void few_rows_project_share(const float* x, int64_t M, const float* w, in
     else
       isa_avx2::rows_dot_weight_rows_in_order(x, M, w, j0, j1, D, y, N);
   } else {  // more rows: 4 weight rows a step share each row's loads
-    const int64_t chunk = few_rows_chunk<float>(D, false);
+    // 16 KiB of weight rows a pass: in L1 while each row block reads them
+    const int64_t chunk = few_rows_chunk<float>(D, true);
     if (isa == Isa::avx512)
       isa_avx512::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
     else

@@ -14,6 +14,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
 #define MK_HAVE_SIMD_VEC 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -57,6 +58,27 @@ inline Isa best_isa() {
     return Isa::generic;
   }();
   return isa;
+#endif
+}
+
+// Whether this CPU runs AVX-512 on 256-bit units: AMD family 0x19 with
+// AVX-512 (Zen 4; Zen 3, the same family, has none). There a 512-bit FMA or
+// load issues as two halves, so an AVX-512 body's loads come half as fast a
+// FMA as on full-width cores (Zen 5, Intel's server cores), and L2 keeps up
+// with reads that elsewhere want L1 (few_rows.h, the read's chunk).
+inline bool avx512_on_half_width_units() {
+#ifndef MK_HAVE_SIMD_VEC
+  return false;
+#else
+  static const bool half = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    const bool amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned family = ((a >> 8) & 0xF) + ((a >> 20) & 0xFF);
+    return family == 0x19 && __builtin_cpu_supports("avx512f");
+  }();
+  return half;
 #endif
 }
 

@@ -36,7 +36,7 @@ const char* const kNames[kSteps] = {"scores S = Q K^T", "softmax rows", "values 
 template <bool kWide>
 void chunked_pass(const float* q, const float* k, const float* v, int64_t M, int64_t N,
                   int64_t D, float scale, float* out, double* ticks) {
-  const int64_t kc = few_rows_chunk<float>(D, false);
+  const int64_t kc = few_rows_chunk<float>(D, few_rows_chunk_in_l1(best_isa(), M));
   std::vector<float> qs(M * D), s(M * kc), row_max(M, -INFINITY), row_sum(M, 0.0f), chunk_max(M);
   for (int64_t e = 0; e < M * D; ++e) qs[e] = q[e] * scale, out[e] = 0.0f;
   for (int64_t n0 = 0; n0 < N; n0 += kc) {
