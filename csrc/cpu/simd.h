@@ -62,10 +62,11 @@ inline Isa best_isa() {
 }
 
 // Whether this CPU runs AVX-512 on 256-bit units: AMD family 0x19 with
-// AVX-512 (Zen 4; Zen 3, the same family, has none). There a 512-bit FMA or
-// load issues as two halves, so an AVX-512 body's loads come half as fast a
-// FMA as on full-width cores (Zen 5, Intel's server cores), and L2 keeps up
-// with reads that elsewhere want L1 (few_rows.h, the read's chunk).
+// AVX-512 (Zen 4; Zen 3, the same family, has none). There a 512-bit FMA
+// issues as two halves, so an AVX-512 body at the FMA rate asks half the
+// bytes a cycle that it asks of a full-width core (Zen 5, Intel's server
+// cores), and L2 keeps up with reads that elsewhere want L1 (few_rows.h, the
+// read's chunk).
 inline bool avx512_on_half_width_units() {
 #ifndef MK_HAVE_SIMD_VEC
   return false;
