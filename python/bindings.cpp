@@ -469,6 +469,16 @@ PYBIND11_MODULE(_C, m) {
     }
   }, "The ISA of the hand-blocked CPU kernels in this process: avx512, avx2 or generic "
      "(the CPU's widest, capped by MEMKERNELS_CPU_ISA=avx2|generic)");
+  m.def("cpu_few_rows_chunk", [](int64_t rows, int64_t dim) -> int64_t {
+#ifdef MK_HAVE_SIMD_VEC
+    if (mk::few_rows_projects(rows, dim)) return mk::few_rows_chunk_keys(rows, dim);
+#endif
+    (void)rows, (void)dim;
+    return 0;
+  }, "Keys a pass of the few-row read (the decode read) for `rows` query rows a group of head "
+     "dim `dim`, float banks, in this process; 0 where no vector body takes them "
+     "(MEMKERNELS_CPU_CHUNK=l1|l2 forces the short or the long chunk)",
+     py::arg("rows"), py::arg("dim"));
   m.def("cpu_tile_gemm", [] {
     switch (mk::tile_gemm_width()) {
       case 16: return "avx512";

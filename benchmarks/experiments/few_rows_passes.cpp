@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
   std::vector<float> q(M * D), k(N * D), v(N * D), kt(D * N), out(M * D), lse(M);
   for (auto& x : q) x = nd(g); for (auto& x : k) x = nd(g); for (auto& x : v) x = nd(g);
   for (int64_t j = 0; j < N; ++j) for (int64_t d = 0; d < D; ++d) kt[d * N + j] = k[j * D + d];
-  const int64_t kc = argc > 2 ? atoi(argv[2]) : few_rows_chunk<float>(D, false);
+  const int64_t kc = argc > 2 ? atoi(argv[2]) : few_rows_chunk<float>(D, true);
   std::vector<float> scratch(few_rows_scratch(M, D, kc));
   FewRowsArgs<float> a{M, N, D, kc, q.data(), k.data(), v.data(), nullptr, nullptr, 0.125f, MaskIndex{}, 0, out.data(), lse.data(), scratch.data()};
   printf("one thread's read stream: %.1f GB/s\n", isa_avx2::read_stream_gbs());

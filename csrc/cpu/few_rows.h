@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -69,11 +70,23 @@ inline int64_t rows_per_block(Isa isa) {
 // Whether the read's chunk should stay in L1: several row blocks of M rows
 // re-read it, and each block's loads are many a FMA cycle. Not so for one
 // row block, nor for AVX-512 on 256-bit units, where the 8-row read ran 7%
-// faster hot and ~9% faster from DRAM with 64 KiB chunks read from L2; there
+// faster hot and 6% faster from DRAM with 64 KiB chunks read from L2; there
 // the AVX2 body (2-row blocks) ran 13-16% slower with them (docs/log.md,
-// kernels v30). Full-width AVX-512 (Zen 5) was not measured with them.
+// kernels v31). Full-width AVX-512 (Zen 5) was not measured with them.
+// MEMKERNELS_CPU_CHUNK=l1|l2 forces either (tests run both chunks on any CPU).
 inline bool few_rows_chunk_in_l1(Isa isa, int64_t M) {
+  static const int forced = [] {  // 1: L1, 2: L2, 0: as above (read once)
+    const char* v = std::getenv("MEMKERNELS_CPU_CHUNK");
+    if (v == nullptr) return 0;
+    return std::strcmp(v, "l1") == 0 ? 1 : std::strcmp(v, "l2") == 0 ? 2 : 0;
+  }();
+  if (forced != 0) return forced == 1;
   return M > rows_per_block(isa) && !(isa == Isa::avx512 && avx512_on_half_width_units());
+}
+
+// Keys a pass of the read for M rows of head dim D (float K and V) on this CPU.
+inline int64_t few_rows_chunk_keys(int64_t M, int64_t D) {
+  return few_rows_chunk<float>(D, few_rows_chunk_in_l1(best_isa(), M));
 }
 #endif
 

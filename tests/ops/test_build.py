@@ -88,11 +88,11 @@ def test_cmake_standalone_build(tmp_path):
     assert phases.returncode == (0 if tile_gemms else 2), phases.stdout + phases.stderr
     assert ("against read_backward's: max |difference|" in phases.stdout) == tile_gemms, \
         phases.stdout
-    # the few-row read's chunked pass step by step (8 rows over 301 keys of Dh 32: three
-    # chunks, the last ending in a partial 4-key step), its output against few_rows_read's,
-    # on each body the CPU runs; exits 2 where no vector body applies
+    # the few-row read's chunked pass step by step (8 rows over 1,201 keys of Dh 32: three
+    # chunks of 512 keys or ten of 128, the last ending in a partial 4-key step), its output
+    # against few_rows_read's, on each body the CPU runs; exits 2 where no vector body applies
     for caps in ({}, {"MEMKERNELS_CPU_ISA": "avx2"}):
-        steps = subprocess.run([str(build / "memkernels_few_rows_phases"), "8", "301", "32", "2"],
+        steps = subprocess.run([str(build / "memkernels_few_rows_phases"), "8", "1201", "32", "2"],
                                capture_output=True, text=True, timeout=300,
                                env={**os.environ, **caps})
         assert steps.returncode == (0 if vector_body else 2), steps.stdout + steps.stderr

@@ -27,7 +27,7 @@ from memkernels import MemoryBank, MemoryConfig, MemoryModel, memory_read
 from memkernels.ops import reference
 import memkernels._C as C
 
-print(C.cpu_isa(), C.cpu_tile_gemm())
+print(C.cpu_isa(), C.cpu_tile_gemm(), C.cpu_few_rows_chunk(8, 64))
 torch.manual_seed(0)
 checked = 0
 
@@ -43,7 +43,7 @@ def check(q, k, v, mask=None, what=""):
     checked += 1
 
 # rows per group 1..16 (shared bank: B*T rows; own banks: T rows) across the
-# row blocks (4 or 2 rows) and the key chunks (64-1024 keys at Dh 64)
+# row blocks (4 or 2 rows) and the key chunks (64 or 256 keys at Dh 64, 256 or 1024 at Dh 16)
 for (B, T), S, D in itertools.product(
         [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (1, 7), (4, 4), (16, 1), (3, 5)],
         [1, 3, 5, 63, 65, 257, 1029],
@@ -366,21 +366,28 @@ ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
                                       ("avx512", "blas"), ("avx2", "blas")])
 def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm):
     """Each ISA body, with the tile GEMMs on its register-blocked kernel and on
-    the vendor BLAS (MEMKERNELS_CPU_GEMM=blas)."""
+    the vendor BLAS (MEMKERNELS_CPU_GEMM=blas). The BLAS runs also force the
+    few-row read's long chunk (MEMKERNELS_CPU_CHUNK=l2: 64 KiB of K, which
+    only AVX-512 on 256-bit units takes by itself for more rows than a
+    register block), so both chunks run on every CPU."""
     if _backend.extension()[0] is None:
         pytest.skip("needs memkernels._C")
     if not ISA_NEEDS[isa] <= _cpu_flags():
         pytest.skip(f"this CPU has no {isa}")
     env = dict(os.environ, MEMKERNELS_CPU_ISA=isa)
     env.pop("MEMKERNELS_CPU_GEMM", None)
+    env.pop("MEMKERNELS_CPU_CHUNK", None)
     if gemm == "blas":
         env["MEMKERNELS_CPU_GEMM"] = "blas"
+        env["MEMKERNELS_CPU_CHUNK"] = "l2"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.split()
     assert lines[0] == isa, f"MEMKERNELS_CPU_ISA={isa} ran the {lines[0]} body"
     assert lines[1] == gemm, f"the tile GEMMs ran on {lines[1]}, not {gemm}"
+    if gemm == "blas" and isa != "generic":  # 8 rows of Dh 64: 256 keys a pass
+        assert lines[2] == "256", f"MEMKERNELS_CPU_CHUNK=l2 read {lines[2]} keys a pass"
     assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
 
 
