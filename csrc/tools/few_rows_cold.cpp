@@ -8,12 +8,18 @@
 // threads), so the two see the same minute of a machine whose memory speed
 // moves; prints both medians and the kernel's share of the read: what the
 // Python bench's decode row measures, without the dispatcher in the way, for
-// A/B runs of the few-row read from DRAM. Checks one group against float64 (a
-// NaN fails). MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body.
-//   ./memkernels_few_rows_cold [rows [keys [heads [reps]]]]
+// A/B runs of the few-row read from DRAM. A third turn reads a third bank's
+// bytes under the kernel's FMAs with nothing else between them (fma_stream: no
+// reduction, no softmax; `ahead` bytes of software prefetch, 0 none): the
+// time this machine needs for the kernel's bytes and arithmetic together, the
+// ceiling the kernel's overlap of the two is put beside. Checks one group
+// against float64 (a NaN fails).
+// MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body (and the ceiling's ISA).
+//   ./memkernels_few_rows_cold [rows [keys [heads [reps [ahead]]]]]
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -29,17 +35,45 @@ using cold_read::median;
 using cold_read::seconds;
 using cold_read::sum_of;
 
+namespace memkernels::cpu {
+#define MK_ISA_BODY "tools/fma_stream_body.inc"
+#include "cpu/per_isa.h"
+}  // namespace memkernels::cpu
+
+namespace {
+
+using Stream = float (*)(const float*, int64_t, int64_t);
+
+// fma_stream<rows> for rows 1..16 at the ISA the kernel runs (none without a
+// vector body: then the kernel does not apply either and the tool exits first)
+template <int... I>
+Stream stream_for(memkernels::cpu::Isa isa, int64_t rows, std::integer_sequence<int, I...>) {
+#ifdef MK_HAVE_SIMD_VEC
+  using namespace memkernels::cpu;
+  constexpr std::array<Stream, sizeof...(I)> wide{&isa_avx512::fma_stream<I + 1>...};
+  constexpr std::array<Stream, sizeof...(I)> narrow{&isa_avx2::fma_stream<I + 1>...};
+  return (isa == Isa::avx512 ? wide : narrow)[rows - 1];
+#else
+  (void)isa, (void)rows;
+  return nullptr;
+#endif
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace memkernels::cpu;
   const int64_t M = argc > 1 ? atoll(argv[1]) : 8, S = argc > 2 ? atoll(argv[2]) : 8192,
                 H = argc > 3 ? atoll(argv[3]) : 16, D = 64;
   const int reps = argc > 4 ? atoi(argv[4]) : 41;
-  if (M < 1 || S < 1 || H < 1 || reps < 1) {
-    std::printf("rows, keys, heads and reps must be positive\n");
+  const int64_t ahead = argc > 5 ? atoll(argv[5]) : 0;
+  if (M < 1 || S < 1 || H < 1 || reps < 1 || ahead < 0) {
+    std::printf("rows, keys, heads and reps must be positive, ahead not negative\n");
     return 2;
   }
-  // banks to rotate: 256 MB in all (several times any L3), at least 4 (with the
-  // read half a rotation away, each bank is read again only after two others), at most 16
+  // banks to rotate: 256 MB in all (several times any L3), at least 4 (the
+  // three turns of a call read the next three banks in turn, so each bank is
+  // read again only after three others), at most 16
   const int64_t bank_bytes = 2 * H * S * D * int64_t(sizeof(float));
   const int64_t banks = std::clamp<int64_t>((int64_t(256) << 20) / bank_bytes, 4, 16);
   std::vector<float> q(H * M * D), out(H * M * D), lse(H * M);
@@ -57,15 +91,16 @@ int main(int argc, char** argv) {
   auto problem = [&](int64_t b) {
     return AttentionProblem<float>{H, M, S, D, q.data(), k[b].get(), v[b].get(), {}, scale};
   };
-  if (!few_rows_applies(problem(0))) {
+  if (!few_rows_applies(problem(0)) || M > 16) {
     std::printf("the few-row read does not apply to rows=%ld on this CPU\n", long(M));
     return 2;
   }
-  std::vector<double> kernel_s, read_s;
+  const Stream stream = stream_for(best_isa(), M, std::make_integer_sequence<int, 16>{});
+  std::vector<double> kernel_s, read_s, ceiling_s;
   double sink = 0;
   int64_t last = 0;
   for (int r = 0; r <= reps; ++r) {  // the first turn warms up and is dropped
-    const int64_t b = r % banks, other = (r + banks / 2) % banks;
+    const int64_t b = (3 * r) % banks, other = (3 * r + 1) % banks, third = (3 * r + 2) % banks;
     const AttentionProblem<float> p = problem(b);
     const double t0 = seconds();
 #pragma omp parallel
@@ -81,21 +116,29 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < 2 * H; ++g)
       s += sum_of((g < H ? k : v)[other].get() + (g % H) * S * D, S * D);
     const double t2 = seconds();
-    sink += s;
+    float f = 0;  // a third bank's bytes with the kernel's FMAs on them
+#pragma omp parallel for reduction(+ : f) schedule(static)
+    for (int64_t g = 0; g < 2 * H; ++g)
+      f += stream((g < H ? k : v)[third].get() + (g % H) * S * D, S * D, ahead);
+    const double t3 = seconds();
+    sink += s + f;
     last = b;
-    if (r > 0) kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1);
+    if (r > 0)
+      kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1), ceiling_s.push_back(t3 - t2);
   }
   // group 0 of the last call
   const double max_err = few_rows_max_error(q.data(), k[last].get(), v[last].get(), out.data(),
                                              lse.data(), M, S, D, scale);
   const double bytes = 2.0 * double(H * S * D) * sizeof(float);
-  const double tk = median(kernel_s), tr = median(read_s);
+  const double tk = median(kernel_s), tr = median(read_s), tc = median(ceiling_s);
   std::printf("few-row read rows=%ld keys=%ld heads=%ld dim=%ld (%s, %d threads, %ld banks "
               "rotated): %.3f ms, %.1f GB/s; a read of as many bytes %.3f ms, %.1f GB/s; the "
-              "kernel at %.0f%% of the read; max |err| %.2e%s\n",
+              "same bytes and FMAs alone (prefetch %ld B ahead) %.3f ms, %.0f%% of the read; the "
+              "kernel at %.0f%% of the read, %.0f%% of the FMA stream; max |err| %.2e%s\n",
               long(M), long(S), long(H), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
               omp_get_max_threads(), long(banks), tk * 1e3, bytes / tk / 1e9, tr * 1e3,
-              bytes / tr / 1e9, 100.0 * tr / tk, max_err,
+              bytes / tr / 1e9, long(ahead), tc * 1e3, 100.0 * tr / tc, 100.0 * tr / tk,
+              100.0 * tc / tk, max_err,
               sink == 1.0 ? " " : "");  // uses the sums, so the reads are not optimized away
   return max_err < 1e-4 ? 0 : 1;  // false for NaN
 }

@@ -68,11 +68,12 @@ def test_cmake_standalone_build(tmp_path):
     assert hot.returncode == (0 if vector_body else 2), hot.stdout + hot.stderr
     assert ("max |err|" in hot.stdout) == vector_body, hot.stdout
     # its cold twin (the shared-bank decode from DRAM, in turns with a read of the same
-    # bytes), small: 8 rows (the chunked pass on either ISA) over 301 keys of 3 heads
+    # bytes and with those bytes under the kernel's FMAs alone), small: 8 rows (the chunked
+    # pass on either ISA) over 301 keys of 3 heads
     cold = subprocess.run([str(build / "memkernels_few_rows_cold"), "8", "301", "3", "2"],
                           capture_output=True, text=True, timeout=300)
     assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
-    assert ("of the read; max |err|" in cold.stdout) == vector_body, cold.stdout
+    assert ("of the FMA stream; max |err|" in cold.stdout) == vector_body, cold.stdout
     # the reading layer's cold tool, small (77 slots, 2 timed calls), on any ISA: its last
     # call against the layer's float64 build
     reader = subprocess.run([str(build / "memkernels_reader_cold"), "77", "2"],
