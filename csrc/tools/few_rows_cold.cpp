@@ -12,8 +12,10 @@
 // bytes under the kernel's FMAs with nothing else between them (fma_stream: no
 // reduction, no softmax; `ahead` bytes of software prefetch, 0 none): the
 // time this machine needs for the kernel's bytes and arithmetic together, the
-// ceiling the kernel's overlap of the two is put beside. Checks one group
-// against float64 (a NaN fails).
+// ceiling the kernel's overlap of the two is put beside. Where the rows take
+// the chunked pass, a fourth turn runs the same FMAs in that pass's order of
+// reads and prefetches (fma_chunked): what the order costs apart from the
+// kernel's own arithmetic. Checks one group against float64 (a NaN fails).
 // MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body (and the ceiling's ISA).
 //   ./memkernels_few_rows_cold [rows [keys [heads [reps [ahead]]]]]
 #include <omp.h>
@@ -72,8 +74,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   // banks to rotate: 256 MB in all (several times any L3), at least 4 (the
-  // three turns of a call read the next three banks in turn, so each bank is
-  // read again only after three others), at most 16
+  // turns of a call read the next banks in turn, so each bank is read again
+  // only after three others), at most 16
   const int64_t bank_bytes = 2 * H * S * D * int64_t(sizeof(float));
   const int64_t banks = std::clamp<int64_t>((int64_t(256) << 20) / bank_bytes, 4, 16);
   std::vector<float> q(H * M * D), out(H * M * D), lse(H * M);
@@ -95,12 +97,17 @@ int main(int argc, char** argv) {
     std::printf("the few-row read does not apply to rows=%ld on this CPU\n", long(M));
     return 2;
   }
-  const Stream stream = stream_for(best_isa(), M, std::make_integer_sequence<int, 16>{});
-  std::vector<double> kernel_s, read_s, ceiling_s;
+  const Isa isa = best_isa();
+  const Stream stream = stream_for(isa, M, std::make_integer_sequence<int, 16>{});
+  // the chunked pass's order, where the rows take it (more than one row block)
+  const bool chunked = M > rows_per_block(isa);
+  const int64_t chunk = few_rows_chunk_keys(M, D), turns = chunked ? 4 : 3;
+  std::vector<double> kernel_s, read_s, ceiling_s, order_s;
   double sink = 0;
   int64_t last = 0;
   for (int r = 0; r <= reps; ++r) {  // the first turn warms up and is dropped
-    const int64_t b = (3 * r) % banks, other = (3 * r + 1) % banks, third = (3 * r + 2) % banks;
+    const int64_t b = (turns * r) % banks, other = (turns * r + 1) % banks,
+                  third = (turns * r + 2) % banks, fourth = (turns * r + 3) % banks;
     const AttentionProblem<float> p = problem(b);
     const double t0 = seconds();
 #pragma omp parallel
@@ -121,23 +128,39 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < 2 * H; ++g)
       f += stream((g < H ? k : v)[third].get() + (g % H) * S * D, S * D, ahead);
     const double t3 = seconds();
-    sink += s + f;
+    float o = 0;  // a fourth bank's, the same FMAs in the chunked pass's order
+    if (chunked) {
+#pragma omp parallel for reduction(+ : o) schedule(static)
+      for (int64_t g = 0; g < H; ++g) {
+        const float *kg = k[fourth].get() + g * S * D, *vg = v[fourth].get() + g * S * D;
+        o += isa == Isa::avx512 ? isa_avx512::fma_chunked(kg, vg, S, D, M, chunk)
+                                : isa_avx2::fma_chunked(kg, vg, S, D, M, chunk);
+      }
+    }
+    const double t4 = seconds();
+    sink += s + f + o;
     last = b;
-    if (r > 0)
+    if (r > 0) {
       kernel_s.push_back(t1 - t0), read_s.push_back(t2 - t1), ceiling_s.push_back(t3 - t2);
+      order_s.push_back(t4 - t3);
+    }
   }
   // group 0 of the last call
   const double max_err = few_rows_max_error(q.data(), k[last].get(), v[last].get(), out.data(),
                                              lse.data(), M, S, D, scale);
   const double bytes = 2.0 * double(H * S * D) * sizeof(float);
   const double tk = median(kernel_s), tr = median(read_s), tc = median(ceiling_s);
+  char order[160] = "";
+  if (chunked)
+    std::snprintf(order, sizeof order, "; in the chunked pass's order (%ld keys a chunk) %.3f ms",
+                  long(chunk), median(order_s) * 1e3);
   std::printf("few-row read rows=%ld keys=%ld heads=%ld dim=%ld (%s, %d threads, %ld banks "
               "rotated): %.3f ms, %.1f GB/s; a read of as many bytes %.3f ms, %.1f GB/s; the "
-              "same bytes and FMAs alone (prefetch %ld B ahead) %.3f ms, %.0f%% of the read; the "
-              "kernel at %.0f%% of the read, %.0f%% of the FMA stream; max |err| %.2e%s\n",
-              long(M), long(S), long(H), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
+              "same bytes and FMAs alone (prefetch %ld B ahead) %.3f ms, %.0f%% of the read%s; "
+              "the kernel at %.0f%% of the read, %.0f%% of the FMA stream; max |err| %.2e%s\n",
+              long(M), long(S), long(H), long(D), isa == Isa::avx512 ? "avx512" : "avx2",
               omp_get_max_threads(), long(banks), tk * 1e3, bytes / tk / 1e9, tr * 1e3,
-              bytes / tr / 1e9, long(ahead), tc * 1e3, 100.0 * tr / tc, 100.0 * tr / tk,
+              bytes / tr / 1e9, long(ahead), tc * 1e3, 100.0 * tr / tc, order, 100.0 * tr / tk,
               100.0 * tc / tk, max_err,
               sink == 1.0 ? " " : "");  // uses the sums, so the reads are not optimized away
   return max_err < 1e-4 ? 0 : 1;  // false for NaN

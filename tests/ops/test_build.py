@@ -74,6 +74,8 @@ def test_cmake_standalone_build(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
     assert ("of the FMA stream; max |err|" in cold.stdout) == vector_body, cold.stdout
+    # 8 rows take more than one row block on either ISA: the chunked pass's order is timed too
+    assert ("in the chunked pass's order" in cold.stdout) == vector_body, cold.stdout
     # the reading layer's cold tool, small (77 slots, 2 timed calls), on any ISA: its last
     # call against the layer's float64 build
     reader = subprocess.run([str(build / "memkernels_reader_cold"), "77", "2"],
