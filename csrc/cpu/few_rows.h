@@ -48,8 +48,9 @@ struct FewRowsArgs {
 // per-chunk softmax bookkeeping over more keys.
 template <typename KV>
 inline int64_t few_rows_chunk(int64_t D, bool in_l1) {
-  const int64_t bytes = in_l1 ? 16384 : 65536;
-  const int64_t keys = (bytes / (D * int64_t(sizeof(KV)))) & ~int64_t(3);
+  const int64_t bytes = in_l1 ? 16384 : 65536;  // D >= 1 (few_rows_projects); divided, not
+                                                 // multiplied, so no width overflows it
+  const int64_t keys = (bytes / int64_t(sizeof(KV)) / D) & ~int64_t(3);
   return keys < 16 ? 16 : keys > 1024 ? 1024 : keys;
 }
 
@@ -96,7 +97,8 @@ inline int64_t few_rows_chunk_keys(int64_t M, int64_t D) {
 inline bool few_rows_projects(int64_t M, int64_t D) {
 #ifdef MK_HAVE_SIMD_VEC
   const Isa isa = best_isa();
-  return isa != Isa::generic && M >= 1 && M <= kFewRowsMax && D % vector_width(isa) == 0;
+  return isa != Isa::generic && M >= 1 && M <= kFewRowsMax && D >= vector_width(isa) &&
+         D % vector_width(isa) == 0;
 #else
   (void)M, (void)D;
   return false;

@@ -3,6 +3,7 @@ crashes the process, empty problems give empty results, NaN and Inf
 propagate as in the reference, on every backend."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,29 @@ def test_direct_extension_calls_raise_instead_of_crashing(case):
                           timeout=120)
     assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
     assert proc.stdout.startswith("raised"), proc.stdout + proc.stderr
+
+
+def test_the_probe_bindings_take_any_integer_without_crashing():
+    # cpu_few_rows_chunk(rows, 0) divided by zero (SIGFPE) before it checked the width; a
+    # width near 2^62 overflowed the chunk's byte count the same way. Each answer: 0 where no
+    # vector body takes the rows, else a positive multiple of 4 keys.
+    cpu_extension()
+    script = textwrap.dedent('''
+        from memkernels import _C
+        sizes = [-(2 ** 62), -64, -1, 0, 1, 8, 15, 16, 17, 64, 4096, 2 ** 62]
+        chunks = [_C.cpu_few_rows_chunk(r, d) for r in sizes for d in sizes]
+        bursts = [_C.cpu_fma_burst(s) for s in (-(2 ** 62), -5, 0)]
+        print((chunks.count(0), len(chunks), sorted(set(chunks) - {0}), bursts))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    zeros, total, chunks, bursts = ast.literal_eval(proc.stdout.strip())
+    assert total == 144 and all(c > 0 and c % 4 == 0 for c in chunks), proc.stdout
+    assert bursts == [0, 0, 0], proc.stdout
+    if _backend.extension()[0].cpu_isa() != "generic":
+        # rows 1, 8, 15, 16 over widths 16, 64, 4096, 2^62 (and 8 on AVX2) take a body
+        assert zeros < total and 16 in chunks, proc.stdout  # 2^62 wide: the 16-key floor
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 3, 8), (2, 2, 0, 8), (2, 0, 3, 8)],
