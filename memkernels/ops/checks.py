@@ -88,6 +88,28 @@ def check_read(q, k, v, scale, slot_mask) -> float:
     return _scale(scale, D)
 
 
+def _like(x, name: str, ref: Tensor, ref_name: str, shape: tuple[int, ...], layout: str) -> None:
+    """x: a floating tensor on ref's device, of `shape` (any float dtype: the backward casts)."""
+    _tensor(x, name)
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+    _shape(x, name, shape, layout)
+
+
+def check_read_grads(dout, q, out, lse) -> None:
+    """Validates read_bwd's incoming gradient and saved forward outputs (after check_read)."""
+    _like(dout, "dout", q, "q", tuple(q.shape), "the shape of q [B, H, T, Dh]")
+    _like(out, "out", q, "q", tuple(q.shape), "the shape of q [B, H, T, Dh]")
+    _like(lse, "lse", q, "q", tuple(q.shape[:3]), "q's [B, H, T]")
+
+
+def check_write_grads(dnew, mem, upd, lse) -> None:
+    """Validates write_bwd's incoming gradient and saved forward outputs (after check_write)."""
+    _like(dnew, "dnew", mem, "mem", tuple(mem.shape), "the shape of mem [B, H, S, Dh]")
+    _like(upd, "upd", mem, "mem", tuple(mem.shape), "the shape of mem [B, H, S, Dh]")
+    _like(lse, "lse", mem, "mem", tuple(mem.shape[:3]), "mem's [B, H, S]")
+
+
 def check_write(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, scale,
                 token_mask) -> float:
     """Validates memory_write's arguments; returns the resolved scale."""

@@ -113,6 +113,13 @@ def reading_layer_op(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tens
                      context: Optional[Tensor], context_w: Optional[Tensor],
                      centroids: Optional[Tensor], cluster_starts: Optional[Tensor], probes: int,
                      backend: str) -> Tensor:
+    # checked here too, so a direct torch.ops.memkernels call gets reading_layer's errors
+    scale = check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
+                                value_scale, mlp_w, mlp_b, query_b, context, context_w,
+                                centroids, cluster_starts, probes)
+    if backend not in ("cpu", "reference"):
+        raise ValueError(f"the reading_layer op runs on backend 'cpu' or 'reference', got "
+                         f"{backend!r}")
     return _run(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w,
                 mlp_b, query_b, unit_queries, context, context_w, centroids, cluster_starts,
                 probes, backend)

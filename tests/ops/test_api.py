@@ -1,5 +1,6 @@
 """gradcheck on the fused kernels, property-based tests, torch.compile,
 backend selection and bad-input errors."""
+import re
 import subprocess
 import sys
 
@@ -280,6 +281,71 @@ def test_direct_extension_calls_check_their_inputs(call, kernels):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"process died ({proc.returncode}): {proc.stderr[-2000:]}"
     assert "RAISED" in proc.stdout and pattern in proc.stdout, proc.stdout + proc.stderr
+
+
+def _op_call(op: str, **over):
+    """A valid direct call of torch.ops.memkernels.<op> (backend last), with `over` swapped in."""
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(3, 5, 8)
+    m, t, g = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 1)
+    out, lse = reference.memory_read(q, k, k, scale=0.5, return_lse=True)
+    new, upd, wlse = torch.ops.memkernels.write_fwd(m, m, t, t, g, g, None, 0.5, "reference")
+    h, w = torch.randn(1, 1, 8), torch.randn(4, 8)
+    args = {
+        "read_fwd": dict(q=q, k=k, v=k, slot_mask=None, scale=0.5),
+        "read_bwd": dict(dout=q, q=q, k=k, v=k, out=out, lse=lse, slot_mask=None, scale=0.5),
+        "write_fwd": dict(mem=m, q_slots=m, k_tok=t, v_tok=t, forget_logit=g, input_logit=g,
+                          token_mask=None, scale=0.5),
+        "write_bwd": dict(dnew=m, mem=m, q_slots=m, k_tok=t, v_tok=t, forget_logit=g,
+                          input_logit=g, token_mask=None, upd=upd, lse=wlse, scale=0.5),
+        "reading_layer": dict(hidden=h, query_w=w, keys=torch.randn(1, 5, 4),
+                              values=torch.randn(1, 5, 4), out_w=w, eps=1e-6, scale=0.5,
+                              key_scale=None, value_scale=None, mlp_w=None, mlp_b=None,
+                              query_b=None, unit_queries=False, context=None, context_w=None,
+                              centroids=None, cluster_starts=None, probes=0),
+    }[op]
+    args.update(over)
+    return list(args.values())
+
+
+# Direct torch.ops.memkernels calls with bad arguments: the ops check them as the
+# public functions do, on every backend (before, the reference backend raised
+# AttributeError / IndexError / ZeroDivisionError from deep inside).
+_OP_CALLS = {
+    "read_fwd q None": ("read_fwd", dict(q=None), TypeError, "q must be a torch.Tensor"),
+    "read_fwd k 0-d": ("read_fwd", dict(k=torch.tensor(1.0)), ValueError, "k must be"),
+    "read_fwd no slots": ("read_fwd", dict(k=torch.randn(3, 0, 8), v=torch.randn(3, 0, 8)),
+                          ValueError, "k must hold at least one slot"),
+    "read_fwd NaN scale": ("read_fwd", dict(scale=float("nan")), ValueError, "scale must be finite"),
+    "read_bwd dout None": ("read_bwd", dict(dout=None), TypeError, "dout must be a torch.Tensor"),
+    "read_bwd lse shape": ("read_bwd", dict(lse=torch.zeros(2, 3, 5)), ValueError, "lse must be"),
+    "read_bwd out shape": ("read_bwd", dict(out=torch.zeros(2, 3, 4, 7)), ValueError, "out must be"),
+    "write_fwd k_tok 0-d": ("write_fwd", dict(k_tok=torch.tensor(1.0)), ValueError, "k_tok must be"),
+    "write_fwd gate shape": ("write_fwd", dict(forget_logit=torch.randn(2, 3, 5, 3)), ValueError,
+                             "forget_logit must be"),
+    "write_bwd dnew shape": ("write_bwd", dict(dnew=torch.randn(2, 3, 6, 8)), ValueError,
+                             "dnew must be"),
+    "write_bwd upd None": ("write_bwd", dict(upd=None), TypeError, "upd must be a torch.Tensor"),
+    "reading_layer hidden None": ("reading_layer", dict(hidden=None), TypeError,
+                                  "hidden must be a torch.Tensor"),
+    "reading_layer Dh 0": ("reading_layer", dict(keys=torch.randn(1, 5, 0),
+                                                 values=torch.randn(1, 5, 0)),
+                           ValueError, "keys head dim must be in 1..256"),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", list(_OP_CALLS), ids=list(_OP_CALLS))
+def test_direct_op_calls_check_their_arguments(case, backend):
+    if backend == "cpu" and _backend.extension()[0] is None:
+        pytest.skip("memkernels._C is not built")
+    op, over, exc, pattern = _OP_CALLS[case]
+    with pytest.raises(exc, match=re.escape(pattern)):
+        getattr(torch.ops.memkernels, op)(*_op_call(op, **over), backend)
+
+
+def test_the_reading_layer_op_names_its_backends():
+    with pytest.raises(ValueError, match="backend 'cpu' or 'reference', got 'triton'"):
+        torch.ops.memkernels.reading_layer(*_op_call("reading_layer"), "triton")
 
 
 def test_bf16_on_cpu_accumulates_in_float32():
