@@ -85,6 +85,13 @@ inline bool few_rows_chunk_in_l1(Isa isa, int64_t M) {
   return M > rows_per_block(isa) && !(isa == Isa::avx512 && avx512_on_half_width_units());
 }
 
+// Whether the read of M rows of head dim D takes the chunked pass on this
+// CPU's body (else the one-pass body: one row block that fits the registers).
+inline bool few_rows_chunked(int64_t M, int64_t D) {
+  return best_isa() == Isa::avx512 ? !isa_avx512::one_pass_takes(M, D)
+                                   : !isa_avx2::one_pass_takes(M, D);
+}
+
 // Keys a pass of the read for M rows of head dim D (float K and V) on this CPU.
 inline int64_t few_rows_chunk_keys(int64_t M, int64_t D) {
   return few_rows_chunk<float>(D, few_rows_chunk_in_l1(best_isa(), M));

@@ -37,6 +37,7 @@ using cold_read::median;
 using cold_read::seconds;
 using cold_read::sum_of;
 
+#ifdef MK_HAVE_SIMD_VEC
 namespace memkernels::cpu {
 #define MK_ISA_BODY "tools/fma_stream_body.inc"
 #include "cpu/per_isa.h"
@@ -46,19 +47,13 @@ namespace {
 
 using Stream = float (*)(const float*, int64_t, int64_t);
 
-// fma_stream<rows> for rows 1..16 at the ISA the kernel runs (none without a
-// vector body: then the kernel does not apply either and the tool exits first)
+// fma_stream<rows> for rows 1..16 at the ISA the kernel runs
 template <int... I>
 Stream stream_for(memkernels::cpu::Isa isa, int64_t rows, std::integer_sequence<int, I...>) {
-#ifdef MK_HAVE_SIMD_VEC
   using namespace memkernels::cpu;
   constexpr std::array<Stream, sizeof...(I)> wide{&isa_avx512::fma_stream<I + 1>...};
   constexpr std::array<Stream, sizeof...(I)> narrow{&isa_avx2::fma_stream<I + 1>...};
   return (isa == Isa::avx512 ? wide : narrow)[rows - 1];
-#else
-  (void)isa, (void)rows;
-  return nullptr;
-#endif
 }
 
 }  // namespace
@@ -71,6 +66,10 @@ int main(int argc, char** argv) {
   const int64_t ahead = argc > 5 ? atoll(argv[5]) : 0;
   if (M < 1 || S < 1 || H < 1 || reps < 1 || ahead < 0) {
     std::printf("rows, keys, heads and reps must be positive, ahead not negative\n");
+    return 2;
+  }
+  if (S > (int64_t(1) << 40) / (H * D)) {  // 2 * H * S * D floats a bank: below 8 TB
+    std::printf("keys x heads too large\n");
     return 2;
   }
   // banks to rotate: 256 MB in all (several times any L3), at least 4 (the
@@ -99,8 +98,8 @@ int main(int argc, char** argv) {
   }
   const Isa isa = best_isa();
   const Stream stream = stream_for(isa, M, std::make_integer_sequence<int, 16>{});
-  // the chunked pass's order, where the rows take it (more than one row block)
-  const bool chunked = M > rows_per_block(isa);
+  // the chunked pass's order, where the rows take it (not one row block that fits the registers)
+  const bool chunked = few_rows_chunked(M, D);
   const int64_t chunk = few_rows_chunk_keys(M, D), turns = chunked ? 4 : 3;
   std::vector<double> kernel_s, read_s, ceiling_s, order_s;
   double sink = 0;
@@ -126,7 +125,8 @@ int main(int argc, char** argv) {
     float f = 0;  // a third bank's bytes with the kernel's FMAs on them
 #pragma omp parallel for reduction(+ : f) schedule(static)
     for (int64_t g = 0; g < 2 * H; ++g)
-      f += stream((g < H ? k : v)[third].get() + (g % H) * S * D, S * D, ahead);
+      f += stream((g < H ? k : v)[third].get() + (g % H) * S * D, S * D,
+                  std::min<int64_t>(ahead, S * D * int64_t(sizeof(float))));
     const double t3 = seconds();
     float o = 0;  // a fourth bank's, the same FMAs in the chunked pass's order
     if (chunked) {
@@ -165,3 +165,9 @@ int main(int argc, char** argv) {
               sink == 1.0 ? " " : "");  // uses the sums, so the reads are not optimized away
   return max_err < 1e-4 ? 0 : 1;  // false for NaN
 }
+#else
+int main() {
+  std::printf("the few-row read does not apply on this CPU (no vector body in this build)\n");
+  return 2;
+}
+#endif

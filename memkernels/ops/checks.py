@@ -151,8 +151,10 @@ def _optional(x, name: str, expected: tuple[int, ...], layout: str, ref: Tensor)
 
 def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale,
                         mlp_w, mlp_b, query_b, context, context_w, centroids, cluster_starts,
-                        probes) -> float:
-    """Validates reading_layer's arguments; returns the resolved scale."""
+                        probes, check_values: bool = True) -> float:
+    """Validates reading_layer's arguments; returns the resolved scale. With
+    check_values=False, shapes and types only: not cluster_starts' values,
+    whose check reads them to the host (a sync on a GPU)."""
     hidden = _tensor(hidden, "hidden")
     _rank(hidden, "hidden", (3,), "[B, T, C]")
     B, T, C = hidden.shape
@@ -225,9 +227,10 @@ def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_sc
                 or tuple(cluster_starts.shape) != (Hk, clusters + 1)):
             raise ValueError(f"cluster_starts must be int64 [Hk, clusters + 1] = "
                              f"{(Hk, clusters + 1)}")
-        starts = cluster_starts.cpu()
-        if (bool((starts[:, 0] != 0).any()) or bool((starts[:, -1] != S).any())
-                or bool((starts.diff(dim=1) < 0).any())):
+        starts = cluster_starts.cpu() if check_values else None
+        if starts is not None and (bool((starts[:, 0] != 0).any())
+                                   or bool((starts[:, -1] != S).any())
+                                   or bool((starts.diff(dim=1) < 0).any())):
             raise ValueError(f"cluster_starts must rise from 0 to the {S} slots in each row")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")

@@ -114,9 +114,12 @@ def reading_layer_op(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tens
                      centroids: Optional[Tensor], cluster_starts: Optional[Tensor], probes: int,
                      backend: str) -> Tensor:
     # checked here too, so a direct torch.ops.memkernels call gets reading_layer's errors
+    # (on a GPU without reading the index's cluster starts back: no sync in a compiled graph)
     scale = check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
                                 value_scale, mlp_w, mlp_b, query_b, context, context_w,
-                                centroids, cluster_starts, probes)
+                                centroids, cluster_starts, probes,
+                                check_values=getattr(hidden, "device", None) is None
+                                or hidden.device.type == "cpu")
     if backend not in ("cpu", "reference"):
         raise ValueError(f"the reading_layer op runs on backend 'cpu' or 'reference', got "
                          f"{backend!r}")

@@ -68,14 +68,19 @@ def test_cmake_standalone_build(tmp_path):
     assert hot.returncode == (0 if vector_body else 2), hot.stdout + hot.stderr
     assert ("max |err|" in hot.stdout) == vector_body, hot.stdout
     # its cold twin (the shared-bank decode from DRAM, in turns with a read of the same
-    # bytes and with those bytes under the kernel's FMAs alone), small: 8 rows (the chunked
-    # pass on either ISA) over 301 keys of 3 heads
-    cold = subprocess.run([str(build / "memkernels_few_rows_cold"), "8", "301", "3", "2"],
-                          capture_output=True, text=True, timeout=300)
-    assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
-    assert ("of the FMA stream; max |err|" in cold.stdout) == vector_body, cold.stdout
-    # 8 rows take more than one row block on either ISA: the chunked pass's order is timed too
-    assert ("in the chunked pass's order" in cold.stdout) == vector_body, cold.stdout
+    # bytes and with those bytes under the kernel's FMAs alone), small: 301 keys of 3 heads on
+    # each body; 8 rows take the chunked pass on either ISA (then the same FMAs are also timed
+    # in its order of reads), 2 rows of Dh 64 only on AVX2 (on AVX-512 the one-pass body)
+    for caps in ({}, {"MEMKERNELS_CPU_ISA": "avx2"}):
+        isa = ("avx2" if caps else ext.cpu_isa()) if vector_body else "generic"
+        for rows in ("8", "2"):
+            cold = subprocess.run([str(build / "memkernels_few_rows_cold"), rows, "301", "3", "2"],
+                                  capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, **caps})
+            assert cold.returncode == (0 if vector_body else 2), cold.stdout + cold.stderr
+            assert ("of the FMA stream; max |err|" in cold.stdout) == vector_body, cold.stdout
+            chunked = vector_body and (rows == "8" or isa == "avx2")
+            assert ("in the chunked pass's order" in cold.stdout) == chunked, (caps, cold.stdout)
     # the reading layer's cold tool, small (77 slots, 2 timed calls), on any ISA: its last
     # call against the layer's float64 build
     reader = subprocess.run([str(build / "memkernels_reader_cold"), "77", "2"],
