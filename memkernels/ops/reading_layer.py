@@ -118,7 +118,7 @@ def reading_layer_op(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tens
     scale = check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
                                 value_scale, mlp_w, mlp_b, query_b, context, context_w,
                                 centroids, cluster_starts, probes,
-                                check_values=getattr(hidden, "device", None) is None
+                                check_values=not isinstance(hidden, Tensor)
                                 or hidden.device.type == "cpu")
     if backend not in ("cpu", "reference"):
         raise ValueError(f"the reading_layer op runs on backend 'cpu' or 'reference', got "
