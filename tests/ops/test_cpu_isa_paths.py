@@ -43,11 +43,12 @@ def check(q, k, v, mask=None, what=""):
     checked += 1
 
 # rows per group 1..16 (shared bank: B*T rows; own banks: T rows) across the
-# row blocks (4 or 2 rows) and the key chunks (64 or 256 keys at Dh 64, 256 or 1024 at Dh 16)
+# row blocks (4 or 2 rows) and the key chunks (64 or 256 keys at Dh 64, 256 or 1024 at Dh 16),
+# the value pass's column slices of 1, 2 and 4 vectors (Dh 16 and 32 on AVX-512, 16 on AVX2)
 for (B, T), S, D in itertools.product(
         [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (1, 7), (4, 4), (16, 1), (3, 5)],
         [1, 3, 5, 63, 65, 257, 1029],
-        [16, 64, 128]):
+        [16, 32, 64, 128]):
     q = torch.randn(B, 2, T, D)
     k, v = torch.randn(2, S, D), torch.randn(2, S, D)
     check(q, k, v, what=f"shared B={B} T={T} S={S} D={D}")
