@@ -80,9 +80,9 @@ void chunked_pass(const float* q, const float* k, const float* v, int64_t M, int
                                   {});
     };
     if constexpr (kWide)
-      isa_avx512::for_row_blocks(M, values);
+      isa_avx512::for_row_blocks<isa_avx512::kValueRows>(M, values);
     else
-      isa_avx2::for_row_blocks(M, values);
+      isa_avx2::for_row_blocks<isa_avx2::kValueRows>(M, values);
     const uint64_t t3 = __rdtsc();
     ticks[kScores] += double(t1 - t0), ticks[kSoftmax] += double(t2 - t1);
     ticks[kValues] += double(t3 - t2);
