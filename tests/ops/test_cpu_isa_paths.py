@@ -71,7 +71,7 @@ for B, T, S, D in [(3, 1, 70, 64), (4, 3, 1029, 32), (13, 1, 260, 16)]:
     out = memory_read(q, k, v, slot_mask=m, backend="cpu")
     assert (out[-1] == 0).all(), "a fully masked row reads zeros"
 
-# one row block a group (1-2 rows on AVX2, up to 4 on AVX-512: the one-pass body, 4 keys a
+# one row block a group (1-2 rows: the one-pass body, 3-4 on AVX-512 the chunked pass's one block; 4 keys a
 # step, each step's scores computed a step ahead: 4, 8 and 9 keys are one full step, two, two
 # and a partial one): masks dense and sparse (most steps fully masked), a fully masked row, a
 # NaN query, a NaN key (every row of its head reads it)
