@@ -247,6 +247,21 @@ def test_cpu_isa_caps_the_peers_too(monkeypatch):
     assert capped in ("DEFAULT", "AVX2")
 
 
+def test_records_name_the_checkout_they_ran_from_whatever_the_directory(tmp_path, monkeypatch):
+    """The commit a record names is that of the checkout memkernels is imported
+    from, not of the working directory's repository (run from elsewhere, the
+    bench recorded no commit, or another repository's)."""
+    source = os.path.dirname(os.path.dirname(os.path.abspath(memkernels.__file__)))
+    want = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source,
+                          capture_output=True, text=True)
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    info = run.machine_info(torch.device("cpu"))
+    if want.returncode != 0:  # an installed wheel: nothing to name
+        assert "commit" not in info
+    else:
+        assert info["commit"].removesuffix("-dirty") == want.stdout.strip()
+
+
 def test_report_renders_table_and_plot(tmp_path):
     rows = [dict(op="read_fwd", shape="decode", impl=impl, ms=ms, gbps=1.0, gflops=2.0,
                  pct_of_floor=pct, bound="memory", timing="eager", dtype="torch.float32",

@@ -84,15 +84,18 @@ def machine_info(device: torch.device) -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    # the commit of the checkout memkernels is imported from (an editable install), whatever
+    # the working directory: run from elsewhere, git read that directory's repository or none
+    source = os.path.dirname(os.path.dirname(os.path.abspath(memkernels.__file__)))
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
+                                        text=True, check=True, cwd=source).stdout.strip()
         # tracked files changed since that commit: the figures are not that commit's
         if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                          capture_output=True, text=True, check=True).stdout.strip():
+                          capture_output=True, text=True, check=True, cwd=source).stdout.strip():
             info["commit"] += "-dirty"
     except (OSError, subprocess.CalledProcessError):
-        pass
+        pass  # not a git checkout (an installed wheel): no commit to name
     return info
 
 
