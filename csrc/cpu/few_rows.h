@@ -73,7 +73,8 @@ inline int64_t rows_per_block(Isa isa) {
 // row block, nor for AVX-512 on 256-bit units, where the 8-row read ran 7%
 // faster hot and 6% faster from DRAM with 64 KiB chunks read from L2; there
 // the AVX2 body (2-row blocks) ran 13-16% slower with them (docs/log.md,
-// kernels v31). Full-width AVX-512 (Zen 5) was not measured with them.
+// kernels v31). Full-width AVX-512 (Zen 5) was not measured with them, nor
+// with 3-4 rows through the chunked pass (kernels v34) at either chunk.
 // MEMKERNELS_CPU_CHUNK=l1|l2 forces either (tests run both chunks on any CPU).
 inline bool few_rows_chunk_in_l1(Isa isa, int64_t M) {
   static const int forced = [] {  // 1: L1, 2: L2, 0: as above (read once)
@@ -86,7 +87,7 @@ inline bool few_rows_chunk_in_l1(Isa isa, int64_t M) {
 }
 
 // Whether the read of M rows of head dim D takes the chunked pass on this
-// CPU's body (else the one-pass body: one row block that fits the registers).
+// CPU's body (else the one-pass body: 1-2 rows that fit the registers).
 inline bool few_rows_chunked(int64_t M, int64_t D) {
   return best_isa() == Isa::avx512 ? !isa_avx512::one_pass_takes(M, D)
                                    : !isa_avx2::one_pass_takes(M, D);

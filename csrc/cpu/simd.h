@@ -102,7 +102,7 @@ struct Vec {
   using R = __m512;
   static constexpr int kWidth = 16;
   static constexpr int kRows = 4;
-  static constexpr int kRegisters = 32;
+  static constexpr int kRegisters = 32;  // vector registers: what a register block may hold
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float x) { return _mm512_set1_ps(x); }
   static R load(const float* x) { return _mm512_loadu_ps(x); }
@@ -201,7 +201,7 @@ struct Vec {
   using R = __m256;
   static constexpr int kWidth = 8;
   static constexpr int kRows = 2;
-  static constexpr int kRegisters = 16;
+  static constexpr int kRegisters = 16;  // vector registers: what a register block may hold
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(float x) { return _mm256_set1_ps(x); }
   static R load(const float* x) { return _mm256_loadu_ps(x); }

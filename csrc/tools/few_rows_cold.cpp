@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
   }
   const Isa isa = best_isa();
   const Stream stream = stream_for(isa, M, std::make_integer_sequence<int, 16>{});
-  // the chunked pass's order, where the rows take it (not one row block that fits the registers)
+  // the chunked pass's order, where the rows take it (not the one pass's 1-2 rows)
   const bool chunked = few_rows_chunked(M, D);
   const int64_t chunk = few_rows_chunk_keys(M, D), turns = chunked ? 4 : 3;
   std::vector<double> kernel_s, read_s, ceiling_s, order_s;

@@ -1,8 +1,9 @@
-// Where the few-row read's time goes when its rows take more than one row
-// block (the shared-bank decode's 8 rows a head): its chunked pass, hot, on
-// one thread, each step of a chunk timed on its own (TSC ticks): the score
-// pass (S = Q K^T for each row block, and each row's max), the softmax rows
-// (rescale, exp) and the value pass (O += P V). The score and value passes' FLOPs a tick sit
+// Where the few-row read's time goes when its rows take the chunked pass
+// (the shared-bank decode's 8 rows a head; any group past the one pass's
+// kOnePassRows): that pass, hot, on one thread, each step of a chunk timed on
+// its own (TSC ticks): the score pass (S = Q K^T for each row block, and each
+// row's max), the softmax rows (rescale, exp) and the value pass (O += P V).
+// The score and value passes' FLOPs a tick sit
 // beside the FMA units' rate measured in the same run (fma_burst, the same
 // ISA), so their share of that rate needs no clock speed. The steps run as
 // few_rows_forward runs them (no mask, float K and V, no prefetching: the
@@ -124,7 +125,7 @@ int main(int argc, char** argv) {
     if (rep > 0)
       for (int i = 0; i < kSteps; ++i) best[i] = std::min(best[i], t[i]);
   }
-  // the whole kernel, as the library runs it (for M <= a row block: the one-pass body)
+  // the whole kernel, as the library runs it (for rows the one pass takes: that body)
   AttentionProblem<float> p{1, M, N, D, q.data(), k.data(), v.data(), {}, scale};
   std::vector<float> want(M * D), lse(M), scratch;
   double kernel = 1e300;

@@ -251,15 +251,24 @@ def test_records_name_the_checkout_they_ran_from_whatever_the_directory(tmp_path
     """The commit a record names is that of the checkout memkernels is imported
     from, not of the working directory's repository (run from elsewhere, the
     bench recorded no commit, or another repository's)."""
-    source = os.path.dirname(os.path.dirname(os.path.abspath(memkernels.__file__)))
+    source = os.path.dirname(os.path.dirname(os.path.realpath(memkernels.__file__)))
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=source,
+                         capture_output=True, text=True)
     want = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source,
                           capture_output=True, text=True)
     monkeypatch.chdir(tmp_path)  # not a git repository
     info = run.machine_info(torch.device("cpu"))
-    if want.returncode != 0:  # an installed wheel: nothing to name
-        assert "commit" not in info
+    if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != source:
+        assert "commit" not in info  # an installed package: no checkout of its own to name
     else:
         assert info["commit"].removesuffix("-dirty") == want.stdout.strip()
+
+    # installed inside some other repository's tree: that repository's commit is not named
+    other = tmp_path / "other"
+    (other / "site" / "memkernels").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    monkeypatch.setattr(memkernels, "__file__", str(other / "site" / "memkernels" / "__init__.py"))
+    assert "commit" not in run.machine_info(torch.device("cpu"))
 
 
 def test_report_renders_table_and_plot(tmp_path):

@@ -44,7 +44,8 @@ def check(q, k, v, mask=None, what=""):
 
 # rows per group 1..16 (shared bank: B*T rows; own banks: T rows) across the
 # row blocks (4 or 2 rows) and the key chunks (64 or 256 keys at Dh 64, 256 or 1024 at Dh 16),
-# the value pass's column slices of 1, 2 and 4 vectors (Dh 16 and 32 on AVX-512, 16 on AVX2)
+# the value pass's column slices (AVX-512: Dh 16 one vector, 32 two, 64 and 128 four; AVX2:
+# Dh 16 two, 32 two and two, 64 and 128 slices of three in blocks of 3-4 rows)
 for (B, T), S, D in itertools.product(
         [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (1, 7), (4, 4), (16, 1), (3, 5)],
         [1, 3, 5, 63, 65, 257, 1029],
@@ -71,29 +72,30 @@ for B, T, S, D in [(3, 1, 70, 64), (4, 3, 1029, 32), (13, 1, 260, 16)]:
     out = memory_read(q, k, v, slot_mask=m, backend="cpu")
     assert (out[-1] == 0).all(), "a fully masked row reads zeros"
 
-# one row block a group (1-2 rows: the one-pass body, 3-4 on AVX-512 the chunked pass's one block; 4 keys a
-# step, each step's scores computed a step ahead: 4, 8 and 9 keys are one full step, two, two
-# and a partial one): masks dense and sparse (most steps fully masked), a fully masked row, a
-# NaN query, a NaN key (every row of its head reads it)
+# one row block a group: 1-2 rows take the one-pass body (4 keys a step, each step's scores
+# computed a step ahead: 4, 8 and 9 keys are one full step, two, two and a partial one), 3-4
+# rows the chunked pass's one block: masks dense and sparse (most steps fully masked), a fully
+# masked row, a NaN query, a NaN key (every row of its head reads it)
 for B, S, D in [(1, 70, 64), (2, 1029, 32), (2, 6, 16), (4, 301, 32), (1, 2, 8), (1, 4, 64),
-                (2, 8, 32), (3, 9, 16)]:
+                (2, 8, 32), (2, 9, 16), (3, 9, 16)]:
+    body = "one pass" if B <= 2 else "one block"
     q, k, v = torch.randn(B, 2, 1, D), torch.randn(2, S, D), torch.randn(2, S, D)
     for density in (0.5, 0.05):
         m = torch.rand(B, S) < density
         m[-1] = False
-        check(q, k, v, m, what=f"one pass, mask [B, S] {density} B={B} S={S} D={D}")
+        check(q, k, v, m, what=f"{body}, mask [B, S] {density} B={B} S={S} D={D}")
         out = memory_read(q, k, v, slot_mask=m, backend="cpu")
         assert (out[-1] == 0).all(), "a fully masked row reads zeros"
     qn = q.clone()
     qn[0, 1, 0, 3] = float("nan")
     out = memory_read(qn, k, v, backend="cpu")
     assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
-    check(qn, k, v, what=f"one pass, NaN query B={B} S={S} D={D}")
+    check(qn, k, v, what=f"{body}, NaN query B={B} S={S} D={D}")
     kn = k.clone()
     kn[0, S // 2, 0] = float("nan")
     out = memory_read(q, kn, v, backend="cpu")
     assert out[:, 0].isnan().all() and not out[:, 1].isnan().any()
-    check(q, kn, v, what=f"one pass, NaN key B={B} S={S} D={D}")
+    check(q, kn, v, what=f"{body}, NaN key B={B} S={S} D={D}")
 
 # x50 logits: the online softmax's rescaling across chunks
 for B, S, D in [(8, 2000, 64), (3, 129, 48), (1, 5000, 16)]:

@@ -85,9 +85,14 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         pass
     # the commit of the checkout memkernels is imported from (an editable install), whatever
-    # the working directory: run from elsewhere, git read that directory's repository or none
-    source = os.path.dirname(os.path.dirname(os.path.abspath(memkernels.__file__)))
+    # the working directory: run from elsewhere, git read that directory's repository or none;
+    # a package installed into a tree that is some other repository names no commit
+    source = os.path.dirname(os.path.dirname(os.path.realpath(memkernels.__file__)))
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True, cwd=source).stdout.strip()
+        if os.path.realpath(top) != source:
+            raise OSError(f"{source} is not the top of a checkout")
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                         text=True, check=True, cwd=source).stdout.strip()
         # tracked files changed since that commit: the figures are not that commit's
