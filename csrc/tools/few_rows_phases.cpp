@@ -3,9 +3,9 @@
 // kOnePassRows): that pass, hot, on one thread, each step of a chunk timed on
 // its own (TSC ticks): the score pass (S = Q K^T for each row block, and each
 // row's max), the softmax rows (rescale, exp) and the value pass (O += P V).
-// The score and value passes' FLOPs a tick sit
-// beside the FMA units' rate measured in the same run (fma_burst, the same
-// ISA), so their share of that rate needs no clock speed. The steps run as
+// The score and value passes' FLOPs a tick sit beside the FMA units' rate
+// measured in the same run (fma_burst, the same ISA), so their share of that
+// rate needs no clock speed. The steps run as
 // few_rows_forward runs them (no mask, float K and V, no prefetching: the
 // bank is hot), and the output is checked against few_rows_read's.
 // MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body.
