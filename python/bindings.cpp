@@ -408,9 +408,11 @@ Tensor postings_top(const Tensor& starts, const Tensor& post_text, const Tensor&
   return out.narrow(0, 0, n).clone();
 }
 
-// The bench's floor for a chain of dependent reads: each tensor's bytes
-// summed on every thread, one tensor after another (read_probe.h).
-double cpu_sum_in_turn(const std::vector<Tensor>& arrays) {
+// The bench's floor for a chain of dependent reads: each step's tensors
+// summed on every thread, one step after another (read_probe.h); a step is
+// the next steps[s] tensors (one tensor a step where steps is None).
+double cpu_sum_in_turn(const std::vector<Tensor>& arrays,
+                       const std::optional<std::vector<int64_t>>& steps) {
   std::vector<const float*> data;
   std::vector<int64_t> sizes;
   for (size_t i = 0; i < arrays.size(); ++i) {
@@ -422,8 +424,22 @@ double cpu_sum_in_turn(const std::vector<Tensor>& arrays) {
     data.push_back(t.data_ptr<float>());
     sizes.push_back(t.numel());
   }
+  int64_t count = int64_t(arrays.size());
+  const int64_t* per_step = nullptr;
+  if (steps.has_value()) {
+    int64_t total = 0;
+    for (size_t s = 0; s < steps->size(); ++s) {
+      MK_CHECK((*steps)[s] >= 1, "steps[", s, "] must be a positive count of arrays, got ",
+               (*steps)[s]);
+      total += (*steps)[s];
+      MK_CHECK(total <= count, "steps must add up to len(arrays) (", count, "), got more");
+    }
+    MK_CHECK(total == count, "steps must add up to len(arrays) (", count, "), got ", total);
+    count = int64_t(steps->size());
+    per_step = steps->data();
+  }
   py::gil_scoped_release released;  // `arrays` holds the tensors until the sums return
-  return mk::sum_in_turn(data.data(), sizes.data(), int64_t(data.size()));
+  return mk::sum_in_turn(data.data(), sizes.data(), count, per_step);
 }
 
 }  // namespace
@@ -493,10 +509,12 @@ PYBIND11_MODULE(_C, m) {
         "x 12 each); returns the FLOPs done (0 without AVX2 or for steps <= 0). The bench's "
         "FMA-peak probe.",
         py::call_guard<py::gil_scoped_release>());
-  m.def("cpu_sum_in_turn", &cpu_sum_in_turn, py::arg("arrays"),
-        "The sum of each float32 CPU tensor's elements on every OpenMP thread, one tensor "
-        "after another (one parallel region, a barrier between tensors); returns the total. "
-        "The bench's floor for a chain of dependent reads (the reading layer's four steps).");
+  m.def("cpu_sum_in_turn", &cpu_sum_in_turn, py::arg("arrays"), py::arg("steps") = py::none(),
+        "The sum of the float32 CPU tensors' elements on every OpenMP thread, step after step "
+        "(one parallel region, a barrier between steps; each thread a share of each tensor); "
+        "a step is the next steps[s] tensors, or one tensor where steps is None. Returns the "
+        "total. The bench's floor for a chain of dependent reads (the reading layer's four "
+        "steps).");
   m.attr("with_cuda") = py::bool_(memkernels::with_cuda());
   memkernels::register_cuda_bindings(m);
 }

@@ -49,20 +49,26 @@ inline void thread_share(int64_t n, int64_t t, int64_t threads, int64_t* lo, int
   *hi = std::min(n, *lo + per);
 }
 
-// arrays[a][0, sizes[a]) summed on every thread, one array after another: in
-// one parallel region, each thread a contiguous share of each array, a barrier
-// between arrays (a region an array read 2-17% slower on the Zen 4 host,
-// memkernels_chain_reads; docs/log.md).
-inline double sum_in_turn(const float* const* arrays, const int64_t* sizes, int64_t count) {
+// arrays[a][0, sizes[a]) summed on every thread, step after step: step s
+// the next per_step[s] arrays (one each where per_step is null), each thread
+// a contiguous share of each of them in order, a barrier between steps. One
+// parallel region (a region a step read 2-17% slower on the Zen 4 host,
+// memkernels_chain_reads; docs/log.md). `steps` counts the steps.
+inline double sum_in_turn(const float* const* arrays, const int64_t* sizes, int64_t steps,
+                          const int64_t* per_step = nullptr) {
   double total = 0;
 #pragma omp parallel reduction(+ : total)
   {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
-    for (int64_t a = 0; a < count; ++a) {
-      int64_t i0, i1;
-      thread_share(sizes[a], t, threads, &i0, &i1);
-      total += sum_of(arrays[a] + i0, i1 - i0);
-      if (a + 1 < count) {
+    int64_t a = 0;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t end = a + (per_step != nullptr ? per_step[s] : 1);
+      for (; a < end; ++a) {
+        int64_t i0, i1;
+        thread_share(sizes[a], t, threads, &i0, &i1);
+        total += sum_of(arrays[a] + i0, i1 - i0);
+      }
+      if (s + 1 < steps) {
 #pragma omp barrier
       }
     }

@@ -107,13 +107,18 @@ def test_reader_cases_compute_the_reading_layer():
     assert floor.bytes == fused.bytes and len(floor.fns) == len(fused.fns)
     inputs = fused.fns[0].args
     torch.testing.assert_close(floor.fns[0](), sum(t.sum() for t in inputs), rtol=1e-4, atol=1e-3)
-    # the chain's floor: the same bytes in four passes, the layer's steps in the order they run
+    # the chain's floor: the layer's own tensors (not a copy) in four passes, its steps in the
+    # order they run
     chain = cases[STEPS_IN_TURN]
     assert chain.bytes == fused.bytes and len(chain.fns) == len(fused.fns)
-    hidden, mlp_w, mlp_b, query_w, out_w, keys, values = inputs
-    assert [t.numel() for t in chain.fns[0].args[0]] == [
-        hidden.numel() + mlp_w.numel() + mlp_b.numel(), query_w.numel(),
-        keys.numel() + values.numel(), out_w.numel()]
+    for f, c in zip(fused.fns, chain.fns):
+        hidden, mlp_w, mlp_b, query_w, out_w, keys, values = f.args
+        arrays, steps = c.args
+        assert [a.data_ptr() for a in arrays] == [t.data_ptr() for t in (
+            hidden, mlp_w, mlp_b, query_w, keys, values, out_w)]
+        assert [a.numel() for a in arrays] == [t.numel() for t in (
+            hidden, mlp_w, mlp_b, query_w, keys, values, out_w)]
+        assert steps == [3, 1, 2, 1]
     assert chain.fns[0]() == pytest.approx(float(sum(t.double().sum() for t in inputs)),
                                            rel=1e-4, abs=1e-3)
     with pytest.raises(ValueError, match="inference only"):
@@ -123,14 +128,24 @@ def test_reader_cases_compute_the_reading_layer():
 def test_sum_in_turn_sums_each_array_and_names_a_bad_one():
     """memkernels._C.cpu_sum_in_turn, the chain's floor in the bench: the total
     of every array's elements (sizes across the 64-float step, an empty array
-    and an empty list included); an array it cannot read is named by its place
-    in the list, before any is read."""
+    and an empty list included), one array a step or several; an array it
+    cannot read is named by its place in the list, before any is read, and
+    steps that do not count the arrays are refused."""
     from helpers import cpu_extension
     ext = cpu_extension()
     arrays = [torch.randn(n) for n in (1, 63, 64, 65, 4099, 0)] + [torch.randn(3, 77)]
     expected = float(sum(a.double().sum() for a in arrays))
     assert ext.cpu_sum_in_turn(arrays) == pytest.approx(expected, rel=1e-5, abs=1e-4)
     assert ext.cpu_sum_in_turn([]) == 0.0
+    # several arrays a step: the same total whatever the steps
+    for steps in ([1] * 7, [3, 1, 2, 1], [7], [1, 6]):
+        assert ext.cpu_sum_in_turn(arrays, steps) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    for steps, message in (([3, 0, 4], r"steps\[1\] must be a positive count"),
+                           ([3, 3], r"must add up to len\(arrays\) \(7\), got 6"),
+                           ([5, 5], r"must add up to len\(arrays\) \(7\), got more"),
+                           ([-1, 8], r"steps\[0\] must be a positive count")):
+        with pytest.raises(RuntimeError, match=message):
+            ext.cpu_sum_in_turn(arrays, steps)
     for bad, message in ((torch.randn(3, 4).t(), r"arrays\[1\] must be contiguous"),
                          (torch.randn(3).double(), r"arrays\[1\] must be float32, got Double"),
                          (torch.empty(3, device="meta"), r"arrays\[1\] must be a CPU tensor")):

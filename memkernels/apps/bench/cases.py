@@ -179,7 +179,9 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
 
 
 READ_ONCE = "its inputs' bytes read once (one torch.sum)"
-STEPS_IN_TURN = "its steps' bytes read in turn (a sum each)"
+STEPS_IN_TURN = "its steps' own tensors read in turn (a sum each)"
+# the same row until session 53, over a contiguous copy of the inputs (older results files)
+STEPS_IN_TURN_COPY = "its steps' bytes read in turn (a sum each)"
 
 
 def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list[Case]:
@@ -222,15 +224,16 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
                       shape.flops(), shape.bytes(elt)))
     # the floor of the layer's chain: its four steps (MLP, query projection,
     # read, output projection) each wait for the one before, so each streams
-    # its bytes in a pass of its own; the same bytes summed pass after pass
-    # in one extension call (memkernels._C.cpu_sum_in_turn), nothing between,
-    # over views of the same tensors; the same steps as memkernels_reader_cold
-    # (csrc/tools/reader_cold.cpp)
+    # its bytes in a pass of its own; the same tensors the layer reads, summed
+    # step after step in one extension call (memkernels._C.cpu_sum_in_turn),
+    # nothing between; the same steps as memkernels_reader_cold
+    # (csrc/tools/reader_cold.cpp). Its own tensors, not a copy: where the
+    # allocator put them moved both the layer and a sum of them by up to 10%
+    # from one process to the next (docs/log.md, session 53)
     in_turn = getattr(_backend.extension()[0], "cpu_sum_in_turn", None)
     if in_turn is not None and device.type == "cpu" and dtype == torch.float32:
-        sizes = [sets[0][i].numel() for i in order]
-        bounds = [sum(sizes[:3]), sizes[3], sizes[4] + sizes[5], sizes[6]]
+        steps = [3, 1, 2, 1]  # (hidden, mlp_w, mlp_b), query_w, (keys, values), out_w
         cases.append(Case("reader_fwd", shape, STEPS_IN_TURN,
-                          [functools.partial(in_turn, list(f.split(bounds))) for f in flat],
-                          shape.flops(), shape.bytes(elt)))
+                          [functools.partial(in_turn, [s[i].reshape(-1) for i in order], steps)
+                           for s in sets], shape.flops(), shape.bytes(elt)))
     return cases

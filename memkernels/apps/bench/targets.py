@@ -26,7 +26,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .cases import READ_ONCE, STEPS_IN_TURN
+from .cases import READ_ONCE, STEPS_IN_TURN, STEPS_IN_TURN_COPY
 
 OURS = "memkernels[cpu]"
 
@@ -140,7 +140,8 @@ def evaluate(t: Target, records: dict) -> dict | None:
     summed = records.get((t.op, t.shape, READ_ONCE))
     short_read = summed["ms"] / stream_ms if summed is not None else None
     # and in as many passes as the layer has dependent steps: the chain's floor
-    in_turn = records.get((t.op, t.shape, STEPS_IN_TURN))
+    in_turn = (records.get((t.op, t.shape, STEPS_IN_TURN))
+               or records.get((t.op, t.shape, STEPS_IN_TURN_COPY)))
     chain = in_turn["ms"] / stream_ms if in_turn is not None else None
     text = f"{value:.2f}x ({1e3 * ours['ms']:.0f} us, stream {ours['read_gbps']:.0f} GB/s"
     if short_read is not None:
