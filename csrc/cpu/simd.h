@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)  // GCC's target pragmas
 #define MK_HAVE_SIMD_VEC 1
@@ -281,5 +282,9 @@ struct Vec {
 MK_END_ISA
 
 #endif  // MK_HAVE_SIMD_VEC
+
+// for_index<N>(f), in each ISA's namespace
+#define MK_ISA_BODY "for_index_body.inc"
+#include "per_isa.h"
 
 }  // namespace memkernels::cpu
