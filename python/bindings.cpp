@@ -429,10 +429,11 @@ double cpu_sum_in_turn(const std::vector<Tensor>& arrays,
   if (steps.has_value()) {
     int64_t total = 0;
     for (size_t s = 0; s < steps->size(); ++s) {
-      MK_CHECK((*steps)[s] >= 1, "steps[", s, "] must be a positive count of arrays, got ",
-               (*steps)[s]);
-      total += (*steps)[s];
-      MK_CHECK(total <= count, "steps must add up to len(arrays) (", count, "), got more");
+      const int64_t n = (*steps)[s];
+      MK_CHECK(n >= 1, "steps[", s, "] must be a positive count of arrays, got ", n);
+      // compared before the add: no count, however large, overflows the total
+      MK_CHECK(n <= count - total, "steps must add up to len(arrays) (", count, "), got more");
+      total += n;
     }
     MK_CHECK(total == count, "steps must add up to len(arrays) (", count, "), got ", total);
     count = int64_t(steps->size());

@@ -1,5 +1,6 @@
 // Plain reads the benchmarks time the kernels beside: a sum of an array's
-// bytes on every thread, and a chain of such sums, one array after another.
+// bytes on every thread, and a chain of such sums, step after step (a step
+// one array or several).
 // A reading layer's four steps (MLP, query projection, the read, the output
 // projection) each wait for the one before, so each streams its own bytes in
 // its own pass; sum_in_turn reads the same bytes in the same passes with no

@@ -12,9 +12,9 @@ import torch
 import memkernels
 from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, STEPS_IN_TURN, read_cases,
-                                         reader_cases,
-                                         attention_matmuls, write_cases)
+from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, STEPS_IN_TURN,
+                                         STEPS_IN_TURN_COPY, attention_matmuls, read_cases,
+                                         reader_cases, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
 from memkernels.apps.bench.timing import median_time, median_times
 from memkernels.ops import backend
@@ -137,13 +137,17 @@ def test_sum_in_turn_sums_each_array_and_names_a_bad_one():
     expected = float(sum(a.double().sum() for a in arrays))
     assert ext.cpu_sum_in_turn(arrays) == pytest.approx(expected, rel=1e-5, abs=1e-4)
     assert ext.cpu_sum_in_turn([]) == 0.0
-    # several arrays a step: the same total whatever the steps
+    # several arrays a step: each array read once whatever the steps (the grouping only
+    # moves the barriers, which a total cannot see)
     for steps in ([1] * 7, [3, 1, 2, 1], [7], [1, 6]):
         assert ext.cpu_sum_in_turn(arrays, steps) == pytest.approx(expected, rel=1e-5, abs=1e-4)
     for steps, message in (([3, 0, 4], r"steps\[1\] must be a positive count"),
                            ([3, 3], r"must add up to len\(arrays\) \(7\), got 6"),
                            ([5, 5], r"must add up to len\(arrays\) \(7\), got more"),
-                           ([-1, 8], r"steps\[0\] must be a positive count")):
+                           ([-1, 8], r"steps\[0\] must be a positive count"),
+                           ([], r"must add up to len\(arrays\) \(7\), got 0"),
+                           # counts whose int64 sum wraps around to 7
+                           ([1, 2**63 - 1, 2**63 - 1, 7], r"got more")):
         with pytest.raises(RuntimeError, match=message):
             ext.cpu_sum_in_turn(arrays, steps)
     for bad, message in ((torch.randn(3, 4).t(), r"arrays\[1\] must be contiguous"),
@@ -361,6 +365,12 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     # and in four passes, one per step of the layer: 0.067 ms over the same 0.048
     assert floor["chain"] == pytest.approx(0.067 / 0.048)
     assert "its steps' bytes in turn 1.40x, ours 0.90x that" in floor["text"]
+    # a file from before session 53 names that row as it was (over a contiguous copy): read alike
+    older = {(op, shape, STEPS_IN_TURN_COPY if impl == STEPS_IN_TURN else impl): r
+             for (op, shape, impl), r in records.items()}
+    assert STEPS_IN_TURN_COPY in {impl for _, _, impl in older}
+    floor_target = next(t for t in targets.TARGETS if t.name.startswith("reader_fwd S=1,024"))
+    assert targets.evaluate(floor_target, older)["chain"] == pytest.approx(0.067 / 0.048)
     assert by_name["write forward+backward: x torch.compile"] is None  # not in this run
     compiled = next(t for t in targets.TARGETS if t.name.endswith("x torch.compile"))
     before_fma = targets.evaluate(compiled, old)
