@@ -365,7 +365,7 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     # and in four passes, one per step of the layer: 0.067 ms over the same 0.048
     assert floor["chain"] == pytest.approx(0.067 / 0.048)
     assert "its steps' bytes in turn 1.40x, ours 0.90x that" in floor["text"]
-    # a file from before session 53 names that row as it was (over a contiguous copy): read alike
+    # an older file names that row as it was (over a contiguous copy): read alike
     older = {(op, shape, STEPS_IN_TURN_COPY if impl == STEPS_IN_TURN else impl): r
              for (op, shape, impl), r in records.items()}
     assert STEPS_IN_TURN_COPY in {impl for _, _, impl in older}

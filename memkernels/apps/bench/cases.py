@@ -180,7 +180,8 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
 
 READ_ONCE = "its inputs' bytes read once (one torch.sum)"
 STEPS_IN_TURN = "its steps' own tensors read in turn (a sum each)"
-# the same row until session 53, over a contiguous copy of the inputs (older results files)
+# the same row before it read the layer's own tensors: over a contiguous copy of the inputs
+# (in older results files)
 STEPS_IN_TURN_COPY = "its steps' bytes read in turn (a sum each)"
 
 
@@ -229,7 +230,8 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
     # nothing between; the same steps as memkernels_reader_cold
     # (csrc/tools/reader_cold.cpp). Its own tensors, not a copy: where the
     # allocator put them moved both the layer and a sum of them by up to 10%
-    # from one process to the next (docs/log.md, session 53)
+    # from one process to the next (docs/log.md, "The chain's floor read a
+    # copy")
     in_turn = getattr(_backend.extension()[0], "cpu_sum_in_turn", None)
     if in_turn is not None and device.type == "cpu" and dtype == torch.float32:
         steps = [3, 1, 2, 1]  # (hidden, mlp_w, mlp_b), query_w, (keys, values), out_w
