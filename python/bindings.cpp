@@ -15,6 +15,7 @@
 #include "../csrc/cpu/read_probe.h"
 #include "../csrc/cpu/slot_bank_cpu.h"
 #include "common.h"
+#include "host_buffer_pool.h"
 #include "cuda_entry.h"
 
 namespace mk = memkernels::cpu;
@@ -80,16 +81,26 @@ mk::WriteProblem<T> write_problem(const WriteShape& W, const Tensor& mem, const 
   return {p, mem.data_ptr<T>(), f.data_ptr<T>(), i.data_ptr<T>(), W.gate_dim};
 }
 
-std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& mem, const Tensor& q_slots,
-                                             const Tensor& k_tok, const Tensor& v_tok,
-                                             const Tensor& forget_logit, const Tensor& input_logit,
-                                             const OptTensor& token_mask, double scale) {
+// The saved probabilities' shape, [B, H, S, saved_probs_ld(T)], where the
+// write keeps them (one key block); an empty shape where it does not.
+std::vector<int64_t> saved_probs_shape(const WriteShape& W) {
+  if (W.empty() || !mk::write_probs_savable(W.T)) return {0};
+  return {W.B, W.H, W.S, mk::saved_probs_ld(W.T)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> write_fwd(
+    const Tensor& mem, const Tensor& q_slots, const Tensor& k_tok, const Tensor& v_tok,
+    const Tensor& forget_logit, const Tensor& input_logit, const OptTensor& token_mask,
+    double scale, bool save_probs) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   MK_CHECK(mem.device().is_cpu(), "memkernels._C.write_fwd: tensors must be on the CPU");
   const auto ct = compute_type(mem);
+  const auto probs_shape = save_probs ? saved_probs_shape(W) : std::vector<int64_t>{0};
+  Tensor probs = probs_shape.size() > 1 ? HostBufferPool::instance().empty(probs_shape, ct)
+                                        : at::empty({0}, mem.options().dtype(ct));
   if (W.empty())
     return {at::empty_like(mem), at::empty_like(mem, mem.options().dtype(ct)),
-            at::empty({W.B, W.H, W.S}, mem.options().dtype(ct))};
+            at::empty({W.B, W.H, W.S}, mem.options().dtype(ct)), probs};
   const OptTensor mask = token_mask ? OptTensor(token_mask->contiguous()) : std::nullopt;
   Tensor m = prep(mem, ct), qs = prep(q_slots, ct), k = prep(k_tok, ct), v = prep(v_tok, ct);
   Tensor f = prep(forget_logit, ct), i = prep(input_logit, ct);
@@ -98,19 +109,34 @@ std::tuple<Tensor, Tensor, Tensor> write_fwd(const Tensor& mem, const Tensor& q_
   AT_DISPATCH_FLOATING_TYPES(ct, "write_fwd", [&] {
     mk::write_forward<scalar_t>(write_problem<scalar_t>(W, m, qs, k, v, f, i, mask, scale),
                                 new_mem.data_ptr<scalar_t>(), upd.data_ptr<scalar_t>(),
-                                lse.data_ptr<scalar_t>());
+                                lse.data_ptr<scalar_t>(),
+                                probs.numel() ? probs.data_ptr<scalar_t>() : nullptr);
   });
-  return {new_mem.to(mem.scalar_type()), upd, lse};  // upd, lse: compute type, saved for backward
+  // upd, lse, probs: compute type, saved for backward
+  return {new_mem.to(mem.scalar_type()), upd, lse, probs};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
     const Tensor& dnew, const Tensor& mem, const Tensor& q_slots, const Tensor& k_tok,
     const Tensor& v_tok, const Tensor& forget_logit, const Tensor& input_logit,
-    const OptTensor& token_mask, const Tensor& upd, const Tensor& lse, double scale) {
+    const OptTensor& token_mask, const Tensor& upd, const Tensor& lse, double scale,
+    const OptTensor& probs) {
   const WriteShape W = write_shape(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask);
   MK_CHECK(mem.device().is_cpu(), "memkernels._C.write_bwd: tensors must be on the CPU");
   check_saved(mem, {{dnew, "dnew", mem.sizes().vec()}, {upd, "upd", mem.sizes().vec()},
                     {lse, "lse", {W.B, W.H, W.S}}});
+  // probs: write_fwd's, or None / empty to recompute them
+  const bool saved = probs && probs->numel() > 0;
+  if (saved) {
+    const auto want = saved_probs_shape(W);
+    MK_CHECK(want.size() > 1, "probs must be empty for T = ", W.T, " tokens (write_fwd keeps ",
+             "no probabilities past ", mk::kBlockN, "), got shape ", shape_str(probs->sizes()));
+    MK_CHECK(probs->sizes() == at::IntArrayRef(want), "probs must have shape ", shape_str(want),
+             " (write_fwd's), got ", shape_str(probs->sizes()));
+    MK_CHECK(probs->scalar_type() == compute_type(mem), "probs must have dtype ",
+             compute_type(mem), " (write_fwd's), got ", probs->scalar_type());
+    MK_CHECK(probs->device().is_cpu(), "probs must be on the CPU, got ", probs->device());
+  }
   if (W.empty())
     return {at::zeros_like(mem), at::zeros_like(q_slots), at::zeros_like(k_tok),
             at::zeros_like(v_tok), at::zeros_like(forget_logit), at::zeros_like(input_logit)};
@@ -119,6 +145,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   Tensor m = prep(mem, ct), qs = prep(q_slots, ct), k = prep(k_tok, ct), v = prep(v_tok, ct);
   Tensor f = prep(forget_logit, ct), i = prep(input_logit, ct);
   Tensor g = prep(dnew, ct), u = prep(upd, ct), l = prep(lse, ct);
+  Tensor pr = saved ? probs->contiguous() : Tensor();
   Tensor dmem = at::empty_like(m), dqs = at::empty_like(qs), dk = at::empty_like(k),
          dv = at::empty_like(v), df = at::empty_like(f), di = at::empty_like(i);
   AT_DISPATCH_FLOATING_TYPES(ct, "write_bwd", [&] {
@@ -127,7 +154,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
                                  g.data_ptr<scalar_t>(), dmem.data_ptr<scalar_t>(),
                                  dqs.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                  dv.data_ptr<scalar_t>(), df.data_ptr<scalar_t>(),
-                                 di.data_ptr<scalar_t>());
+                                 di.data_ptr<scalar_t>(),
+                                 saved ? pr.data_ptr<scalar_t>() : nullptr);
   });
   const auto dt = mem.scalar_type();
   return {dmem.to(dt), dqs.to(dt), dk.to(dt), dv.to(dt), df.to(dt), di.to(dt)};
@@ -450,8 +478,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("read_fwd", &read_fwd, "memory_read forward (CPU) -> (out, lse)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("slot_mask"), py::arg("scale"));
   m.def("read_bwd", &read_bwd, "memory_read backward (CPU) -> (dq, dk, dv)");
-  m.def("write_fwd", &write_fwd, "memory_write forward (CPU) -> (new_mem, upd, lse)");
-  m.def("write_bwd", &write_bwd, "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di)");
+  m.def("write_fwd", &write_fwd,
+        "memory_write forward (CPU) -> (new_mem, upd, lse, probs); probs are the attention "
+        "probabilities kept for write_bwd when save_probs and T <= 512, else empty",
+        py::arg("mem"), py::arg("q_slots"), py::arg("k_tok"), py::arg("v_tok"),
+        py::arg("forget_logit"), py::arg("input_logit"), py::arg("token_mask"), py::arg("scale"),
+        py::arg("save_probs") = false);
+  m.def("write_bwd", &write_bwd,
+        "memory_write backward (CPU) -> (dmem, dq, dk, dv, df, di); probs: write_fwd's, or "
+        "None to recompute them",
+        py::arg("dnew"), py::arg("mem"), py::arg("q_slots"), py::arg("k_tok"), py::arg("v_tok"),
+        py::arg("forget_logit"), py::arg("input_logit"), py::arg("token_mask"), py::arg("upd"),
+        py::arg("lse"), py::arg("scale"), py::arg("probs") = py::none());
+  m.def("write_probs_columns", [](int64_t tokens) -> int64_t {
+          MK_CHECK(tokens >= 0, "tokens must be >= 0, got ", tokens);
+          return mk::write_probs_savable(tokens) ? mk::saved_probs_ld(tokens) : 0;
+        },
+        "columns of write_fwd's saved probabilities for T tokens (0: none kept)",
+        py::arg("tokens"));
+  m.def("cpu_empty_cache", [] { return HostBufferPool::instance().empty_cache(); },
+        "unmaps the cached host buffers (the write's saved probabilities); returns the bytes");
+  m.def("cpu_cached_bytes", [] { return HostBufferPool::instance().cached_bytes(); },
+        "bytes of host buffers cached for reuse");
   m.def("reader_fwd", &reader_fwd,
         "one reading layer at inference: hidden + read(query(rms_norm(hidden))) @ out_w, "
         "query(x) = x @ query_w^T, or with mlp_w gelu(x @ mlp_w^T + mlp_b "

@@ -215,9 +215,14 @@ void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // K's block transposed (and scaled) once into panels, so S = Q K^T reads one
 // contiguous run per column strip, and O += P V is a plain row-major product;
 // else the vendor BLAS.
+// probs (nullable; only with N <= kBlockN, one key block, so a tile's
+// probabilities are final): each tile's probabilities are also streamed there,
+// rows [mr, probs_ld] (probs_ld a multiple of 16, probs aligned to 64 bytes),
+// for a backward that then skips S = Q K^T and its exp (saved_probs_ld).
 template <typename T, typename KV>
 void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
-                            T* out, T* lse, std::vector<T>& scratch) {
+                            T* out, T* lse, std::vector<T>& scratch, T* probs = nullptr,
+                            int64_t probs_ld = 0) {
   const int64_t D = p.dim, N = p.keys;
   const T* q = p.q + (g * p.rows + r0) * D;
   const KV* k = p.k + g * N * D;
@@ -266,6 +271,12 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
         }
       }
       tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, n0 > 0);
+      if (probs) {  // the one key block: its row sums are final
+        const int64_t cols = (nb + 15) / 16 * 16;  // <= probs_ld and <= ld
+        for (int64_t r = 0; r < tr; ++r)
+          scaled_row_streamed(scores + r * ld, probs + (t0 + r) * probs_ld, cols,
+                              safe_inverse(row_sum[t0 + r]));
+      }
     }
   }
   for (int64_t r = 0; r < mr; ++r) {
@@ -278,13 +289,16 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 
 // Backward for a whole group g (FlashAttention-2 recipe, one thread owns the
 // group so dK/dV accumulate without atomics). dq/dk/dv are overwritten.
+// probs (nullable): the forward's probabilities, rows [M, probs_ld] (N <= kBlockN):
+// read in place of recomputing S = Q K^T and its exp, one product of five.
 // Float groups take the register-blocked GEMMs where they apply (tile_gemm.h):
 // K's and V's blocks transposed into panels once per block (for all row tiles), the P^T and
 // dS^T products read the tiles through swapped strides; else the vendor BLAS.
 template <typename T>
 void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* out,
                               const T* dout, const T* lse, T* dq, T* dk, T* dv,
-                              std::vector<T>& scratch) {
+                              std::vector<T>& scratch, const T* probs_saved = nullptr,
+                              int64_t probs_ld = 0) {
   const int64_t D = p.dim, N = p.keys, M = p.rows;
   const T* q = p.q + g * M * D;
   const T* k = p.k + g * N * D;
@@ -317,7 +331,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
     const int64_t nbp = own_gemm ? tile_gemm_ld(nb) : nb;
     if constexpr (std::is_same_v<T, float>) {
       if (own_gemm) {
-        tile_transpose_panels(k + n0 * D, nb, D, p.scale, k_t, nbp);
+        if (!probs_saved) tile_transpose_panels(k + n0 * D, nb, D, p.scale, k_t, nbp);
         tile_transpose_panels(v + n0 * D, nb, D, 1.0f, v_t, nbp);
       }
     }
@@ -325,18 +339,26 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       const int64_t mr = std::min(kBlockM, M - r0);
       if constexpr (std::is_same_v<T, float>) {
         if (own_gemm) {
-          tile_gemm_panels(mr, nbp, D, q + r0 * D, D, 1, k_t, probs, ld, false);
+          if (!probs_saved) tile_gemm_panels(mr, nbp, D, q + r0 * D, D, 1, k_t, probs, ld, false);
           tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld, false);
         }
       }
       if (!own_gemm) {
-        gemm<T>(false, true, mr, nb, D, p.scale, q + r0 * D, D, k + n0 * D, D, T(0), probs, ld);
+        if (!probs_saved)
+          gemm<T>(false, true, mr, nb, D, p.scale, q + r0 * D, D, k + n0 * D, D, T(0), probs, ld);
         gemm<T>(false, true, mr, nb, D, T(1), dout + r0 * D, D, v + n0 * D, D, T(0), dprobs, ld);
       }
+      // P: the forward's (its masked keys already 0), else recomputed here
+      const T* pt = probs_saved ? probs_saved + r0 * probs_ld : probs;
+      const int64_t pld = probs_saved ? probs_ld : ld;
       for (int64_t r = 0; r < mr; ++r) {
+        T* dp = dprobs + r * ld;
+        if (probs_saved) {
+          saved_probs_grad_row(pt + r * pld, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);
+          continue;
+        }
         const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;
         T* pr = probs + r * ld;
-        T* dp = dprobs + r * ld;
         if (valid) {  // a masked score is -inf: its probability and gradient are 0
 #pragma omp simd
           for (int64_t j = 0; j < nb; ++j) pr[j] = valid[j] ? pr[j] : neg_inf<T>();
@@ -344,7 +366,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
       // dV += P^T dO, dQ += dS K, dK += dS^T Q
-      tile_product(own_gemm, nb, D, mr, probs, 1, ld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
+      tile_product(own_gemm, nb, D, mr, pt, 1, pld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
       tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, n0 > 0);
       tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, r0 > 0);
     }

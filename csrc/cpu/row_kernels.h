@@ -115,6 +115,38 @@ inline void softmax_grad_row(double* p, double* dp, int64_t n, double lse, doubl
   }
 }
 
+// Backward from the forward's saved probabilities p (no exp to redo):
+// ds = p * (dp - delta) * scale in place of dp; 0 for a row with no valid key
+// (lse = -inf), as softmax_grad_row. Compiled per ISA by its clones.
+template <typename T>
+MK_CPU_CLONES inline void saved_probs_grad_row(const T* p, T* dp, int64_t n, T lse, T delta,
+                                               T scale) {
+  if (lse == neg_inf<T>()) {
+    for (int64_t j = 0; j < n; ++j) dp[j] = T(0);
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
+}
+
+// dst[j] = s[j] * f for j < n, n a multiple of 16 and dst aligned to 64
+// bytes: streamed past the caches where the ISA allows (the write's saved
+// probabilities, next read in the backward).
+inline void scaled_row_streamed(const float* s, float* dst, int64_t n, float f) {
+#ifdef MK_HAVE_SIMD_VEC
+  switch (best_isa()) {
+    case Isa::avx512: return isa_avx512::scaled_row_streamed(s, dst, n, f);
+    case Isa::avx2: return isa_avx2::scaled_row_streamed(s, dst, n, f);
+    default: break;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = s[j] * f;
+}
+
+inline void scaled_row_streamed(const double* s, double* dst, int64_t n, double f) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = s[j] * f;
+}
+
 // erf in float32 as a rational function of x on [-4, 4] (Eigen's float erf
 // coefficients; erf(+-4) rounds to +-1 in float32), branch-free so that a loop
 // of it vectorizes: libm's erff is a scalar call, and a reading layer's 512

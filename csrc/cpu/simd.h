@@ -123,6 +123,9 @@ struct Vec {
     return x;
   }
   static void store(float* x, R a) { _mm512_storeu_ps(x, a); }
+  // past the caches; x aligned to a vector; stream_fence() before another thread reads
+  static void stream(float* x, R a) { _mm512_stream_ps(x, a); }
+  static void stream_fence() { _mm_sfence(); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
@@ -222,6 +225,8 @@ struct Vec {
     return x;
   }
   static void store(float* x, R a) { _mm256_storeu_ps(x, a); }
+  static void stream(float* x, R a) { _mm256_stream_ps(x, a); }
+  static void stream_fence() { _mm_sfence(); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }

@@ -88,13 +88,14 @@ void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, co
 }
 
 template <typename T>
-void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse) {
+void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse, T* probs) {
   const auto& p = w.attn;
-  const int64_t D = p.dim, gd = w.gate_dim;
+  const int64_t D = p.dim, gd = w.gate_dim, pld = saved_probs_ld(p.keys);
   for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * p.rows + r0;
     T* upd_tile = upd + row * D;
-    attention_forward_rows(p, g, r0, mr, upd_tile, lse + row, scratch);
+    attention_forward_rows(p, g, r0, mr, upd_tile, lse + row, scratch,
+                           probs ? probs + row * pld : nullptr, pld);
     // Fused epilogue: blend the tile into the bank while it is still in cache.
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t e = (row + r) * D, ge = (row + r) * gd;
@@ -106,9 +107,9 @@ void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse) {
 
 template <typename T>
 void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const T* dnew,
-                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput) {
+                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput, const T* probs) {
   const auto& p = w.attn;
-  const int64_t M = p.rows, N = p.keys, D = p.dim, gd = w.gate_dim;
+  const int64_t M = p.rows, N = p.keys, D = p.dim, gd = w.gate_dim, pld = saved_probs_ld(N);
   for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>& dupd) {
     // Prologue: gate gradients and d(upd), fused with the attention backward.
     dupd.resize(M * D);
@@ -119,7 +120,8 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
                               dforget + ge, dinput + ge);
     }
     attention_backward_group(p, g, upd + g * M * D, dupd.data(), lse + g * M,
-                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch);
+                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch,
+                             probs ? probs + g * M * pld : nullptr, pld);
   });
 }
 
@@ -127,9 +129,9 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
   template void read_forward<T>(const AttentionProblem<T>&, T*, T*);                        \
   template void read_backward<T>(const AttentionProblem<T>&, const T*, const T*, const T*, \
                                  T*, T*, T*);                                               \
-  template void write_forward<T>(const WriteProblem<T>&, T*, T*, T*);                       \
+  template void write_forward<T>(const WriteProblem<T>&, T*, T*, T*, T*);                   \
   template void write_backward<T>(const WriteProblem<T>&, const T*, const T*, const T*, T*, \
-                                  T*, T*, T*, T*, T*);
+                                  T*, T*, T*, T*, T*, const T*);
 MK_INSTANTIATE(float)
 MK_INSTANTIATE(double)
 #undef MK_INSTANTIATE

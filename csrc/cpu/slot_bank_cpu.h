@@ -30,12 +30,21 @@ struct WriteProblem {
   int64_t gate_dim;
 };
 
+// probs (nullable, only where write_probs_savable(N)): the forward also leaves
+// its attention probabilities there, [G, M, saved_probs_ld(N)] (the columns
+// past N are scratch), and the backward given them skips recomputing S = Q K^T
+// and its exp: one product of seven in a training step, for G M N floats kept
+// between the passes (docs/design.md, "The write keeps its probabilities").
+inline bool write_probs_savable(int64_t keys) { return keys <= kBlockN; }
+inline int64_t saved_probs_ld(int64_t keys) { return (keys + 15) / 16 * 16; }
+
 template <typename T>
-void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse);
+void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse, T* probs = nullptr);
 
 template <typename T>
 void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const T* dnew,
-                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput);
+                    T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput,
+                    const T* probs = nullptr);
 
 // One reading layer at inference (see reader_cpu.cpp): hidden [B*T, C],
 // query_w [H*Dh, C] (norm weight folded in), keys/values [Hk, S, Dh] (shared)

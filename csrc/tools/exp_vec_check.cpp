@@ -31,6 +31,8 @@ struct Vec {
   static R zero() { return set1(0.0f); }
   static R load(const float* x) { R r; std::memcpy(r.v, x, sizeof r.v); return r; }
   static void store(float* x, R a) { std::memcpy(x, a.v, sizeof a.v); }
+  static void stream(float* x, R a) { store(x, a); }
+  static void stream_fence() {}
 #define MK_LANES(expr) R r; for (int i = 0; i < 16; ++i) r.v[i] = (expr); return r;
   static R add(R a, R b) { MK_LANES(a.v[i] + b.v[i]) }
   static R sub(R a, R b) { MK_LANES(a.v[i] - b.v[i]) }

@@ -67,45 +67,70 @@ def _(dout, q, k, v, out, lse, slot_mask, scale, backend):
 
 def _write_fwd(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor, forget_logit: Tensor,
                input_logit: Tensor, token_mask: Optional[Tensor], scale: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               backend: str, save_probs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(new_mem, upd, lse, probs): probs are the attention probabilities the CPU
+    kernels keep for their backward when save_probs (see saved_probs_shape), else empty."""
     with nvtx_range(f"memkernels.write_fwd[{backend}]"):
         kernels = _backend.kernels(backend, mem.dtype)
-        return kernels.write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit,
-                                 token_mask, scale)
+        args = (mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale)
+        if backend == "cpu":
+            return kernels.write_fwd(*args, save_probs)
+        return (*kernels.write_fwd(*args), _no_probs(mem))
+
+
+def _no_probs(mem: Tensor) -> Tensor:
+    return mem.new_empty((0,), dtype=_stat_dtype(mem))
+
+
+def saved_probs_shape(mem: Tensor, k_tok: Tensor, backend: str, save_probs: bool) -> tuple:
+    """The shape of write_fwd's saved probabilities: [B, H, S, columns] on the
+    CPU backend when save_probs and T <= 512 (one key block: the forward's
+    probabilities are final there; the columns are T rounded up to 16, those past
+    T scratch), else (0,). docs/design.md, "The write keeps its probabilities"."""
+    if not save_probs or backend != "cpu":
+        return (0,)
+    columns = _backend.extension()[0].write_probs_columns(k_tok.shape[2])
+    return (*mem.shape[:3], columns) if columns and mem.numel() and k_tok.numel() else (0,)
 
 
 @torch.library.custom_op("memkernels::write_fwd", mutates_args=())
 def write_fwd(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor, forget_logit: Tensor,
               input_logit: Tensor, token_mask: Optional[Tensor], scale: float,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              backend: str, save_probs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     scale = check_write(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, scale, token_mask)
     return _write_fwd(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale,
-                      backend)
+                      backend, save_probs)
 
 
 @write_fwd.register_fake
-def _(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend):
+def _(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend,
+      save_probs=False):
     stat = _stat_dtype(mem)
     return (torch.empty_like(mem), torch.empty_like(mem, dtype=stat),
-            mem.new_empty(mem.shape[:3], dtype=stat))
+            mem.new_empty(mem.shape[:3], dtype=stat),
+            mem.new_empty(saved_probs_shape(mem, k_tok, backend, save_probs), dtype=stat))
 
 
 @torch.library.custom_op("memkernels::write_bwd", mutates_args=())
 def write_bwd(dnew: Tensor, mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor,
               forget_logit: Tensor, input_logit: Tensor, token_mask: Optional[Tensor],
               upd: Tensor, lse: Tensor, scale: float,
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              backend: str, probs: Optional[Tensor] = None,
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale = check_write(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, scale, token_mask)
     check_write_grads(dnew, mem, upd, lse)
     with nvtx_range(f"memkernels.write_bwd[{backend}]"):
         kernels = _backend.kernels(backend, mem.dtype)
-        return kernels.write_bwd(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit,
-                                 token_mask, upd, lse, scale)
+        args = (dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, upd,
+                lse, scale)
+        if backend == "cpu":
+            return kernels.write_bwd(*args, probs)
+        return kernels.write_bwd(*args)
 
 
 @write_bwd.register_fake
 def _(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, upd, lse, scale,
-      backend):
+      backend, probs=None):
     return tuple(torch.empty_like(x) for x in (mem, q_slots, k_tok, v_tok, forget_logit,
                                                input_logit))
 
@@ -140,29 +165,31 @@ class MemoryReadFunction(torch.autograd.Function):
 
 class MemoryWriteFunction(torch.autograd.Function):
     """Drop-in autograd.Function: apply(mem, q_slots, k_tok, v_tok,
-    forget_logit, input_logit, token_mask=None, scale=None, backend="auto")
-    -> (new_mem, upd, lse), the defaults of memory_write; upd and lse are not
-    differentiable. Its custom ops check the arguments, with memory_write's errors."""
+    forget_logit, input_logit, token_mask=None, scale=None, backend="auto",
+    save_probs=True) -> (new_mem, upd, lse), the defaults of memory_write; upd
+    and lse are not differentiable. Its custom ops check the arguments, with
+    memory_write's errors. In ctx style (forward takes ctx): it keeps the
+    kernel's saved probabilities for the backward without returning them."""
 
     @staticmethod
-    def forward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask=None,
-                scale=None, backend="auto"):
-        return torch.ops.memkernels.write_fwd(
-            mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask,
-            default_scale(scale, mem), _backend.resolve(backend, mem.device))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        mem, q_slots, k_tok, v_tok, f, i, token_mask, scale, backend = inputs
-        _, upd, lse = output
-        ctx.save_for_backward(mem, q_slots, k_tok, v_tok, f, i, token_mask, upd, lse)
-        ctx.scale, ctx.backend = default_scale(scale, mem), _backend.resolve(backend, mem.device)
+    def forward(ctx, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask=None,
+                scale=None, backend="auto", save_probs=True):
+        scale, backend = default_scale(scale, mem), _backend.resolve(backend, mem.device)
+        new_mem, upd, lse, probs = torch.ops.memkernels.write_fwd(
+            mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend,
+            bool(save_probs))
+        ctx.save_for_backward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask,
+                              upd, lse, probs)
+        ctx.scale, ctx.backend = scale, backend
         ctx.mark_non_differentiable(upd, lse)
+        return new_mem, upd, lse
 
     @staticmethod
     def backward(ctx, dnew, _dupd, _dlse):
-        grads = torch.ops.memkernels.write_bwd(dnew, *ctx.saved_tensors, ctx.scale, ctx.backend)
-        return (*grads, None, None, None)
+        *saved, probs = ctx.saved_tensors
+        grads = torch.ops.memkernels.write_bwd(dnew, *saved, ctx.scale, ctx.backend,
+                                               probs if probs.numel() else None)
+        return (*grads, None, None, None, None)
 
 
 # --- public API -------------------------------------------------------------
@@ -208,7 +235,8 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
 
 def memory_write(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor,
                  forget_logit: Tensor, input_logit: Tensor, *, scale: Optional[float] = None,
-                 token_mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                 token_mask: Optional[Tensor] = None, backend: Optional[str] = None,
+                 save_probs: bool = True) -> Tensor:
     """Slots attend over new tokens; the result is blended into the bank.
 
     upd = softmax_t(scale * q_slots . k_tok) v_tok
@@ -220,6 +248,10 @@ def memory_write(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor,
         token_mask: bool [B, T], True marks a real token; a row with none
             leaves upd = 0 for its slots.
         backend: as for memory_read.
+        save_probs: when a gradient will be asked for, let the CPU backend keep
+            the attention probabilities for the backward (T <= 512; B*H*S*T
+            floats, as eager autograd keeps) instead of recomputing them there,
+            one product of seven in a training step. False saves that memory.
     Returns a new bank; `mem` is never modified.
     """
     scale = check_write(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, scale, token_mask)
@@ -230,5 +262,5 @@ def memory_write(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor,
     args = (mem, q_slots, k_tok, v_tok, forget_logit, input_logit)
     if _inference_only(*args):
         return _write_fwd(*args, token_mask, scale, name)[0]
-    new_mem, _, _ = MemoryWriteFunction.apply(*args, token_mask, scale, name)
+    new_mem, _, _ = MemoryWriteFunction.apply(*args, token_mask, scale, name, save_probs)
     return new_mem

@@ -288,7 +288,7 @@ def _op_call(op: str, **over):
     q, k = torch.randn(2, 3, 4, 8), torch.randn(3, 5, 8)
     m, t, g = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 1)
     out, lse = reference.memory_read(q, k, k, scale=0.5, return_lse=True)
-    new, upd, wlse = torch.ops.memkernels.write_fwd(m, m, t, t, g, g, None, 0.5, "reference")
+    new, upd, wlse, _ = torch.ops.memkernels.write_fwd(m, m, t, t, g, g, None, 0.5, "reference")
     h, w = torch.randn(1, 1, 8), torch.randn(4, 8)
     args = {
         "read_fwd": dict(q=q, k=k, v=k, slot_mask=None, scale=0.5),

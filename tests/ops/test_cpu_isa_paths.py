@@ -310,22 +310,26 @@ for threads in (1, 2):
                     f"row spans, {threads} thread(s), B={B} H={H} T={T} S={S} D={D}")
     tensors = [torch.randn(2, 2, 700, 32), torch.randn(2, 2, 700, 32), torch.randn(2, 2, 90, 32),
                torch.randn(2, 2, 90, 32), torch.randn(2, 2, 700, 1), torch.randn(2, 2, 700, 1)]
-    check_grads(lambda *t: memory_write(*t, backend="cpu"), lambda *t: reference.memory_write(*t),
-                tensors, f"write row spans, {threads} thread(s)")
+    for save in (True, False):  # the forward's probabilities kept for the backward, or recomputed
+        check_grads(lambda *t: memory_write(*t, backend="cpu", save_probs=save),
+                    lambda *t: reference.memory_write(*t), tensors,
+                    f"write row spans, {threads} thread(s), save_probs={save}")
 torch.set_num_threads(threads_before)
 q, k, v = torch.randn(2, 2, 40, 64), torch.randn(2, 700, 64), torch.randn(2, 700, 64)
 q[1, 0, 3, 7] = float("nan")
 out = memory_read(q, k, v, backend="cpu")
 assert out[1, 0, 3].isnan().all() and not out[1, 0, [0, 1, 2, 4]].isnan().any()
 check(q, k, v, what="tile NaN query")
-for B, S, T, D, gate in [(2, 20, 33, 16, 1), (1, 300, 515, 64, 64), (2, 17, 1, 33, 1)]:
+for (B, S, T, D, gate), save in itertools.product(
+        [(2, 20, 33, 16, 1), (1, 300, 515, 64, 64), (2, 17, 1, 33, 1), (2, 70, 512, 32, 1),
+         (1, 40, 9, 64, 64)], (True, False)):
     tensors = [torch.randn(B, 2, S, D), torch.randn(B, 2, S, D), torch.randn(B, 2, T, D),
                torch.randn(B, 2, T, D), torch.randn(B, 2, S, gate), torch.randn(B, 2, S, gate)]
     tm = torch.rand(B, T) > 0.3
     tm[0] = False
-    check_grads(lambda *t: memory_write(*t, token_mask=tm, backend="cpu"),
+    check_grads(lambda *t: memory_write(*t, token_mask=tm, backend="cpu", save_probs=save),
                 lambda *t: reference.memory_write(*t, token_mask=tm), tensors,
-                f"write B={B} S={S} T={T} D={D}")
+                f"write B={B} S={S} T={T} D={D} save_probs={save}")
 # the softmax's exp across its whole range: one-hot values make the output the
 # probabilities themselves; scores from 0 down past -87, where the vector exp
 # returns exactly 0. Within 1e-6 of float64's, relative (the exp is ~2e-7; the

@@ -128,7 +128,8 @@ def test_read_lse(backend, device):
     torch.testing.assert_close(lse[1:].cpu().double(), ref[1:], atol=1e-5, rtol=1e-5)
 
 
-def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, noncontig=False):
+def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, noncontig=False,
+              save_probs=True):
     B, H, S, T, D = shape
     interpreter_skips(backend, B * H * T * S, dtype)
     gate_dim = D if gate_dim == "D" else 1
@@ -136,7 +137,8 @@ def run_write(backend, device, shape, gate_dim, mask, dtype, logit_scale=1.0, no
                                       device=device, logit_scale=logit_scale, noncontig=noncontig)
     mem_before = inputs[0].detach().clone()
     out, grads, g = outputs_and_grads(
-        lambda *a: memory_write(*a, token_mask=token_mask, backend=backend), inputs)
+        lambda *a: memory_write(*a, token_mask=token_mask, backend=backend, save_probs=save_probs),
+        inputs)
     assert torch.equal(inputs[0].detach(), mem_before), "memory_write modified mem in place"
     m64 = None if token_mask is None else token_mask.cpu()
     ref_out, ref_grads, _ = outputs_and_grads(reference_write(m64), upcast(inputs), g.double().cpu())
@@ -164,6 +166,13 @@ def test_write_float64(backend, device, shape, gate_dim, mask):
 @pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_write_float32(backend, device, shape, mask):
     run_write(backend, device, shape, 1, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", WRITE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_write_recomputing_its_probabilities(backend, device, shape, dtype):
+    """save_probs=False: the CPU backward recomputes P (the others always do)."""
+    run_write(backend, device, shape, "D", True, dtype, save_probs=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

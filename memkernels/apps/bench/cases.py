@@ -151,14 +151,13 @@ def _matmuls_case(kind: str, mode: str, shape, like: Case, sets: list[list], spl
 @torch.no_grad()
 def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
     """An attention's matmuls alone, with no softmax, mask or gate: 2 forward;
-    5 backward (the FlashAttention-2 recipe every backend runs, which
-    recomputes the scores rather than keep [M, N] per group). q, dout
-    [G, M, D]; k, v [G, N, D]. Timed beside the op, it says what the GEMM
-    library reaches on the op's own skinny shapes (the square-matmul probe is
-    the machine's limit; these shapes reach less). Not a floor: a kernel that
-    tiles for the cache can beat it. Groups and rows go in chunks whose
-    scores stay in the last-level cache; a chunk's dK / dV are not summed
-    into the group's (those adds are left out)."""
+    4 backward, after the forward's scores where it ran (fwd_bwd), else after
+    recomputing them (bwd: 5). q, dout [G, M, D]; k, v [G, N, D]. Timed beside
+    the op, it says what the GEMM library reaches on the op's own skinny shapes
+    (the square-matmul probe is the machine's limit; these shapes reach less).
+    Not a floor: a kernel that tiles for the cache can beat it. Groups and rows
+    go in chunks whose scores stay in the last-level cache; a chunk's dK / dV
+    are not summed into the group's (those adds are left out)."""
     G, M, D = q.shape
     N = k.shape[1]
     budget = max(1, SCORE_CHUNK_BYTES[q.device.type] // q.element_size())
@@ -170,10 +169,11 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
         kc, vc = k[g0:g0 + groups], v[g0:g0 + groups]
         for r0 in range(0, M, rows):
             qc, dc = q[g0:g0 + groups, r0:r0 + rows], dout[g0:g0 + groups, r0:r0 + rows]
+            p = torch.bmm(qc, kc.mT)
             if mode in ("fwd", "fwd_bwd"):
-                outs.append(torch.bmm(torch.bmm(qc, kc.mT), vc))
+                outs.append(torch.bmm(p, vc))
             if mode in ("bwd", "fwd_bwd"):
-                p, dp = torch.bmm(qc, kc.mT), torch.bmm(dc, vc.mT)
+                dp = torch.bmm(dc, vc.mT)
                 outs += [torch.bmm(p.mT, dc), torch.bmm(dp, kc), torch.bmm(dp.mT, qc)]
     return outs
 

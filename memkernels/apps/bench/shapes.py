@@ -69,8 +69,12 @@ class ReaderShape:
         return elt * (weights + 2 * self.Hk * self.S * self.D + 2 * self.B * self.T * self.C)
 
 
-# Backward of an attention does 2.5x the forward's matmul FLOPs (5 GEMMs vs 2).
-BACKWARD_FLOP_FACTOR = 2.5
+# The FLOPs an attention's backward needs: 2x the forward's matmuls (4 GEMMs,
+# dV, dP, dQ, dK, against 2). A kernel that recomputes the scores there (the
+# FlashAttention recipe) runs a fifth; the CPU write keeps its probabilities and
+# does not (docs/design.md, "The write keeps its probabilities"). Records made
+# before 2026-12-06 counted 2.5x: their fwd_bwd FLOPs are 7/6 of these, bwd 5/4.
+BACKWARD_FLOP_FACTOR = 2.0
 
 # One decode step of the LLM integration (a small Llama-style model: 8 heads of
 # 64 reading a bank of 4096 slots, one bank per batch row).

@@ -1,0 +1,165 @@
+"""The CPU write keeps its attention probabilities for the backward (T <= 512,
+save_probs=True, the default): the kept probabilities are softmax's own, the
+backward from them matches the recomputing one and the reference, the fake
+(torch.compile) shapes match the real ones, bad saved tensors are refused by
+name, and the host buffers they live on are reused and released."""
+import pytest
+import torch
+
+from helpers import cpu_extension
+from memkernels import memory_write
+from memkernels.ops import reference
+from memkernels.ops.api import saved_probs_shape
+
+
+def inputs(B, H, S, T, D, gate=1, dtype=torch.float64, logit_scale=1.0, masked_row=True):
+    tensors = [torch.randn(B, H, S, D, dtype=dtype), logit_scale * torch.randn(B, H, S, D, dtype=dtype),
+               torch.randn(B, H, T, D, dtype=dtype), torch.randn(B, H, T, D, dtype=dtype),
+               torch.randn(B, H, S, gate, dtype=dtype), torch.randn(B, H, S, gate, dtype=dtype)]
+    mask = torch.rand(B, T) > 0.3
+    mask[:, T // 2] = True
+    if masked_row and B > 1:
+        mask[0] = False  # a batch row with no token: upd = 0, zero attention gradients
+    return [t.requires_grad_() for t in tensors], mask
+
+
+def grads(tensors, mask, **kw):
+    out = memory_write(*tensors, token_mask=mask, **kw)
+    g = torch.Generator().manual_seed(1)
+    seed = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    return [out, *torch.autograd.grad(out, tensors, seed)]
+
+
+# T across the saved tile's column padding (16) and the 512-key limit (513: recomputed)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 1, 3), (1, 2, 37, 15, 64), (2, 1, 70, 16, 32),
+                                   (2, 2, 300, 17, 64), (1, 1, 260, 512, 16),
+                                   (2, 1, 9, 513, 8), (1, 2, 40, 33, 256)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("gate", [1, "D"])
+def test_kept_and_recomputed_probabilities_give_the_reference_gradients(shape, gate):
+    cpu_extension()
+    torch.manual_seed(0)
+    B, H, S, T, D = shape
+    tensors, mask = inputs(B, H, S, T, D, gate=D if gate == "D" else 1)
+    kept = grads(tensors, mask, backend="cpu", save_probs=True)
+    recomputed = grads(tensors, mask, backend="cpu", save_probs=False)
+    want = grads(tensors, mask, backend="reference")
+    for name, a, b, r in zip(["new_mem", "dmem", "dq", "dk", "dv", "df", "di"], kept, recomputed,
+                             want):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} kept: {m}")
+        torch.testing.assert_close(b, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 50.0])
+def test_float32_kept_probabilities_match_float64(logit_scale):
+    cpu_extension()
+    torch.manual_seed(2)
+    tensors, mask = inputs(2, 2, 300, 200, 64, dtype=torch.float32, logit_scale=logit_scale)
+    got = grads(tensors, mask, backend="cpu")
+    want = grads([t.detach().double().requires_grad_() for t in tensors], mask,
+                 backend="reference")
+    # x50 logits: |scores| ~ 300, so float32's rounding of a score moves its
+    # probability by up to ~2e-5 relative, as on the recomputing path
+    tol = 2e-4 if logit_scale > 1 else 2e-5
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+
+
+def test_nan_in_a_slot_query_stays_in_its_row():
+    cpu_extension()
+    tensors, mask = inputs(2, 2, 20, 30, 16, dtype=torch.float32, masked_row=False)
+    with torch.no_grad():
+        tensors[1][1, 0, 3, 5] = float("nan")
+    out, dmem, dq, dk, dv, df, di = grads(tensors, mask, backend="cpu")
+    assert out[1, 0, 3].isnan().all() and not out[1, 0, [0, 1, 2, 4]].isnan().any()
+    assert dq[1, 0, 3].isnan().all() and not dq[1, 0, [0, 1, 2, 4]].isnan().any()
+    assert not dq[0].isnan().any() and not dk[0].isnan().any()
+
+
+def test_the_kept_probabilities_are_the_softmax():
+    C = cpu_extension()
+    torch.manual_seed(3)
+    for T in (1, 16, 100, 512):
+        (m, qs, k, v, f, i), mask = inputs(2, 3, 40, T, 32, dtype=torch.float32)
+        scale = 32 ** -0.5
+        new, upd, lse, probs = C.write_fwd(m, qs, k, v, f, i, mask, scale, save_probs=True)
+        cols = (T + 15) // 16 * 16
+        assert probs.shape == (2, 3, 40, cols) and probs.dtype == torch.float32
+        scores = scale * qs.double() @ k.double().transpose(-1, -2)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        want = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no token: all 0
+        torch.testing.assert_close(probs[..., :T].double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.isneginf(lse[0]).all()
+
+
+def test_probabilities_are_kept_only_where_asked_and_within_one_key_block():
+    C = cpu_extension()
+    (m, qs, k, v, f, i), _ = inputs(1, 2, 8, 513, 16)
+    assert C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3].numel() == 0
+    (m, qs, k, v, f, i), _ = inputs(1, 2, 8, 40, 16)
+    assert C.write_fwd(m, qs, k, v, f, i, None, 0.25)[3].numel() == 0
+    assert C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3].shape == (1, 2, 8, 48)
+    assert C.write_probs_columns(512) == 512 and C.write_probs_columns(513) == 0
+    # memory_write at inference keeps nothing, and no backend but the CPU's keeps any
+    before = C.cpu_cached_bytes()
+    with torch.no_grad():
+        memory_write(m, qs, k, v, f, i, backend="cpu")
+    assert C.cpu_cached_bytes() == before
+
+
+@pytest.mark.parametrize("T", [1, 16, 17, 512, 513])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_fake_shapes_match_the_real_ones(T, dtype):
+    cpu_extension()
+    (m, qs, k, v, f, i), _ = inputs(2, 1, 6, T, 8, dtype=dtype)
+    for backend in ("cpu", "reference"):
+        for save in (True, False):
+            real = torch.ops.memkernels.write_fwd(m, qs, k, v, f, i, None, 0.3, backend, save)
+            assert tuple(real[3].shape) == saved_probs_shape(m, k, backend, save)
+            stat = torch.float64 if dtype == torch.float64 else torch.float32
+            assert real[3].dtype == stat
+
+
+def test_bad_saved_probabilities_are_refused_by_name():
+    C = cpu_extension()
+    (m, qs, k, v, f, i), _ = inputs(1, 2, 8, 40, 16, dtype=torch.float32)
+    new, upd, lse, probs = C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)
+    args = (torch.ones_like(m), m, qs, k, v, f, i, None, upd, lse, 0.25)
+    with pytest.raises(RuntimeError, match=r"probs must have shape \[1, 2, 8, 48\]"):
+        C.write_bwd(*args, probs[..., :40].contiguous())
+    with pytest.raises(RuntimeError, match="probs must have dtype Float"):
+        C.write_bwd(*args, probs.double())
+    (m2, qs2, k2, v2, f2, i2), _ = inputs(1, 2, 8, 600, 16, dtype=torch.float32)
+    _, upd2, lse2, _ = C.write_fwd(m2, qs2, k2, v2, f2, i2, None, 0.25)
+    with pytest.raises(RuntimeError, match="probs must be empty for T = 600"):
+        C.write_bwd(torch.ones_like(m2), m2, qs2, k2, v2, f2, i2, None, upd2, lse2, 0.25,
+                    torch.zeros(1, 2, 8, 608))
+    # None, or an empty tensor: recomputed, the same gradients
+    a = C.write_bwd(*args, probs)
+    for b in (C.write_bwd(*args), C.write_bwd(*args, torch.empty(0))):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_a_kept_graph_runs_its_backward_twice():
+    cpu_extension()
+    tensors, mask = inputs(2, 2, 50, 30, 16)
+    out = memory_write(*tensors, token_mask=mask, backend="cpu")
+    first = torch.autograd.grad(out.sum(), tensors, retain_graph=True)
+    second = torch.autograd.grad(out.sum(), tensors)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_the_host_buffers_are_reused_then_released():
+    C = cpu_extension()
+    C.cpu_empty_cache()
+    (m, qs, k, v, f, i), _ = inputs(2, 2, 64, 100, 16, dtype=torch.float32)
+    probs = C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3]
+    where = probs.data_ptr()
+    del probs  # back to the pool
+    assert C.cpu_cached_bytes() >= 2 * 2 * 64 * 112 * 4
+    again = C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3]
+    assert again.data_ptr() == where and C.cpu_cached_bytes() == 0
+    del again
+    assert C.cpu_empty_cache() > 0 and C.cpu_cached_bytes() == 0
