@@ -265,20 +265,19 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
                                                           mask_and_max(s, valid, nb), &correction);
         row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
         row_max[t0 + r] = new_max;
+        if (probs) {  // the one key block: the row's sum is final; stored under the P V below
+          scaled_row_streamed(s, probs + (t0 + r) * probs_ld, (nb + 15) / 16 * 16,
+                              safe_inverse(row_sum[t0 + r]));
+        }
         if (n0 > 0 && correction != T(1)) {
           T* o = ot + r * D;
           for (int64_t d = 0; d < D; ++d) o[d] *= correction;
         }
       }
       tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, n0 > 0);
-      if (probs) {  // the one key block: its row sums are final
-        const int64_t cols = (nb + 15) / 16 * 16;  // <= probs_ld and <= ld
-        for (int64_t r = 0; r < tr; ++r)
-          scaled_row_streamed(scores + r * ld, probs + (t0 + r) * probs_ld, cols,
-                              safe_inverse(row_sum[t0 + r]));
-      }
     }
   }
+  if (probs) stream_fence();
   for (int64_t r = 0; r < mr; ++r) {
     const T inv = safe_inverse(row_sum[r]);
     T* o = out + r * D;

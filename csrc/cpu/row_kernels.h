@@ -131,7 +131,9 @@ MK_CPU_CLONES inline void saved_probs_grad_row(const T* p, T* dp, int64_t n, T l
 
 // dst[j] = s[j] * f for j < n, n a multiple of 16 and dst aligned to 64
 // bytes: streamed past the caches where the ISA allows (the write's saved
-// probabilities, next read in the backward).
+// probabilities, next read in the backward). stream_fence() after the last
+// row orders them before any later store (a thread that reads them after
+// a barrier then sees them).
 inline void scaled_row_streamed(const float* s, float* dst, int64_t n, float f) {
 #ifdef MK_HAVE_SIMD_VEC
   switch (best_isa()) {
@@ -145,6 +147,16 @@ inline void scaled_row_streamed(const float* s, float* dst, int64_t n, float f) 
 
 inline void scaled_row_streamed(const double* s, double* dst, int64_t n, double f) {
   for (int64_t j = 0; j < n; ++j) dst[j] = s[j] * f;
+}
+
+inline void stream_fence() {
+#ifdef MK_HAVE_SIMD_VEC
+  switch (best_isa()) {
+    case Isa::avx512: return isa_avx512::stream_fence();
+    case Isa::avx2: return isa_avx2::stream_fence();
+    default: break;
+  }
+#endif
 }
 
 // erf in float32 as a rational function of x on [-4, 4] (Eigen's float erf
