@@ -129,6 +129,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   const bool saved = probs && probs->numel() > 0;
   if (saved) {
     const auto want = saved_probs_shape(W);
+    MK_CHECK(!W.empty(), "probs must be empty for a write of no slot (B * H = 0), got shape ",
+             shape_str(probs->sizes()));
     MK_CHECK(want.size() > 1, "probs must be empty for T = ", W.T, " tokens (write_fwd keeps ",
              "no probabilities past ", mk::kBlockN, "), got shape ", shape_str(probs->sizes()));
     MK_CHECK(probs->sizes() == at::IntArrayRef(want), "probs must have shape ", shape_str(want),
@@ -490,12 +492,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dnew"), py::arg("mem"), py::arg("q_slots"), py::arg("k_tok"), py::arg("v_tok"),
         py::arg("forget_logit"), py::arg("input_logit"), py::arg("token_mask"), py::arg("upd"),
         py::arg("lse"), py::arg("scale"), py::arg("probs") = py::none());
-  m.def("write_probs_columns", [](int64_t tokens) -> int64_t {
-          MK_CHECK(tokens >= 0, "tokens must be >= 0, got ", tokens);
-          return mk::write_probs_savable(tokens) ? mk::saved_probs_ld(tokens) : 0;
-        },
-        "columns of write_fwd's saved probabilities for T tokens (0: none kept)",
-        py::arg("tokens"));
+  m.attr("WRITE_PROBS_MAX_TOKENS") = mk::kBlockN;
+  m.attr("WRITE_PROBS_COLUMN_MULTIPLE") = mk::kSavedProbsColumnMultiple;
   m.def("cpu_empty_cache", [] { return HostBufferPool::instance().empty_cache(); },
         "unmaps the cached host buffers (the write's saved probabilities); returns the bytes");
   m.def("cpu_cached_bytes", [] { return HostBufferPool::instance().cached_bytes(); },

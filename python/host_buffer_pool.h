@@ -3,16 +3,19 @@
 // on buffers kept for reuse. A fresh buffer of that size is a fresh mapping
 // (above glibc's mmap threshold), and its first touch takes a page fault per
 // 4 KiB page: more time than the backward product the buffer saves
-// (docs/design.md, "The write keeps its probabilities"). These are mapped on
-// 2 MiB pages where the kernel allows it (MADV_HUGEPAGE), and go back to the
-// pool when the last tensor viewing one dies: at most kMaxCachedBuffers,
-// kMaxCachedBytes in all, stay mapped; cpu_empty_cache() unmaps them.
+// (docs/design.md, "The write keeps its probabilities"). From kMinPooledBytes
+// up, these are mapped at 2 MiB boundaries on 2 MiB pages where the kernel
+// allows it (MADV_HUGEPAGE), and go back to the pool when the last tensor
+// viewing one dies: at most kMaxCachedBuffers, kMaxCachedBytes in all, stay
+// mapped (the oldest unmapped first); cpu_empty_cache() unmaps them. Smaller
+// ones are plain at::empty tensors.
 #pragma once
 #include <torch/extension.h>
 
 #include <sys/mman.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <vector>
 
@@ -23,6 +26,9 @@ namespace memkernels::binding {
 class HostBufferPool {
  public:
   static constexpr size_t kPage = size_t(2) << 20;
+  // Below this, the allocator's own heap recycles freed memory (glibc keeps
+  // chunks up to its dynamic mmap threshold, at most 32 MiB, off fresh mappings).
+  static constexpr size_t kMinPooledBytes = size_t(32) << 20;
   static constexpr size_t kMaxCachedBuffers = 4;
   static constexpr size_t kMaxCachedBytes = size_t(2) << 30;
 
@@ -32,16 +38,16 @@ class HostBufferPool {
     return *pool;
   }
 
-  // An uninitialized contiguous CPU tensor on a pooled buffer.
+  // An uninitialized contiguous CPU tensor, 64-byte aligned; on a pooled
+  // buffer from kMinPooledBytes up.
   at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
     size_t bytes = c10::elementSize(dtype);
     for (const int64_t s : sizes) bytes *= static_cast<size_t>(s);
-    if (bytes == 0) return at::empty(sizes, at::TensorOptions().dtype(dtype));
-    const size_t mapped = (bytes + kPage - 1) / kPage * kPage;
-    void* data = take(mapped);
+    const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+    if (bytes < kMinPooledBytes) return at::empty(sizes, options);
+    const Buffer b = take((bytes + kPage - 1) / kPage * kPage);
     return torch::from_blob(
-        data, sizes, [mapped](void* p) { instance().give_back(p, mapped); },
-        at::TensorOptions().dtype(dtype).device(at::kCPU));
+        b.data, sizes, [b](void*) { instance().give_back(b); }, options);
   }
 
   // Unmaps every cached buffer; returns the bytes released.
@@ -50,11 +56,12 @@ class HostBufferPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       drop.swap(free_);
+      free_.reserve(kMaxCachedBuffers + 1);
       cached_ = 0;
     }
     size_t bytes = 0;
     for (const Buffer& b : drop) {
-      munmap(b.data, b.bytes);
+      unmap(b);
       bytes += b.bytes;
     }
     return bytes;
@@ -67,48 +74,84 @@ class HostBufferPool {
 
  private:
   struct Buffer {
-    void* data;
-    size_t bytes;
+    void* data;    // kPage-aligned
+    size_t bytes;  // a multiple of kPage
   };
 
-  void* take(size_t bytes) {
+  // Reserved up front, so that giving a buffer back (in a tensor's deleter)
+  // never allocates.
+  HostBufferPool() { free_.reserve(kMaxCachedBuffers + 1); }
+
+  // The smallest cached buffer that holds `bytes` and is at most twice that,
+  // else a new mapping.
+  Buffer take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (size_t i = 0; i < free_.size(); ++i) {
-        if (free_[i].bytes != bytes) continue;
-        void* data = free_[i].data;
-        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
-        cached_ -= bytes;
-        return data;
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].bytes >= bytes && free_[i].bytes <= 2 * bytes &&
+            (best == free_.size() || free_[i].bytes < free_[best].bytes))
+          best = i;
+      if (best < free_.size()) {
+        const Buffer b = free_[best];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        cached_ -= b.bytes;
+        return b;
       }
     }
-    void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (data == MAP_FAILED) {
+    void* data = map_aligned(bytes);
+    if (data == nullptr) {
       empty_cache();  // the cached buffers of other sizes may be what is missing
-      data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      data = map_aligned(bytes);
     }
-    MK_CHECK(data != MAP_FAILED, "memkernels: out of memory mapping a ", bytes,
-             "-byte host buffer");
+    MK_CHECK(data != nullptr, "memkernels: out of memory mapping a ", bytes, "-byte host buffer");
+    return {data, bytes};
+  }
+
+  // A mapping of `bytes` at a kPage boundary, so that all of it can take
+  // 2 MiB pages (MADV_HUGEPAGE: advice, 4 KiB pages where refused).
+  static void* map_aligned(size_t bytes) {
+    void* raw = mmap(nullptr, bytes + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (start + kPage - 1) / kPage * kPage;
+    if (aligned > start) munmap(raw, aligned - start);
+    const size_t tail = kPage - (aligned - start);
+    if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+    void* data = reinterpret_cast<void*>(aligned);
 #ifdef MADV_HUGEPAGE
-    madvise(data, bytes, MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+    madvise(data, bytes, MADV_HUGEPAGE);
 #endif
     return data;
   }
 
-  void give_back(void* data, size_t bytes) {
+  static void unmap(const Buffer& b) { munmap(b.data, b.bytes); }
+
+  // Cached for reuse, the least recently returned buffer unmapped first when
+  // the pool is full. Runs in a tensor's deleter: allocates nothing.
+  void give_back(const Buffer& b) {
+    Buffer drop[kMaxCachedBuffers + 1];
+    size_t dropped = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (free_.size() < kMaxCachedBuffers && cached_ + bytes <= kMaxCachedBytes) {
-        free_.push_back({data, bytes});
-        cached_ += bytes;
-        return;
+      if (b.bytes > kMaxCachedBytes) {
+        drop[dropped++] = b;
+      } else {
+        free_.push_back(b);  // within the capacity reserved: no allocation
+        cached_ += b.bytes;
+        while (free_.size() > kMaxCachedBuffers || cached_ > kMaxCachedBytes) {
+          drop[dropped++] = free_.front();
+          cached_ -= free_.front().bytes;
+          free_.erase(free_.begin());
+        }
       }
     }
-    munmap(data, bytes);
+    for (size_t i = 0; i < dropped; ++i) unmap(drop[i]);
   }
 
   std::mutex mutex_;
-  std::vector<Buffer> free_;
+  std::vector<Buffer> free_;  // oldest first
   size_t cached_ = 0;
 };
 

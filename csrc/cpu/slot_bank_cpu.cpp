@@ -91,6 +91,7 @@ template <typename T>
 void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse, T* probs) {
   const auto& p = w.attn;
   const int64_t D = p.dim, gd = w.gate_dim, pld = saved_probs_ld(p.keys);
+  if (!write_probs_savable(p.keys)) probs = nullptr;  // a tile's P is final in one key block only
   for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * p.rows + r0;
     T* upd_tile = upd + row * D;
@@ -110,6 +111,7 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
                     T* dmem, T* dq, T* dk, T* dv, T* dforget, T* dinput, const T* probs) {
   const auto& p = w.attn;
   const int64_t M = p.rows, N = p.keys, D = p.dim, gd = w.gate_dim, pld = saved_probs_ld(N);
+  if (!write_probs_savable(N)) probs = nullptr;
   for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>& dupd) {
     // Prologue: gate gradients and d(upd), fused with the attention backward.
     dupd.resize(M * D);

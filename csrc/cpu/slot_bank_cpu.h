@@ -30,13 +30,16 @@ struct WriteProblem {
   int64_t gate_dim;
 };
 
-// probs (nullable, only where write_probs_savable(N)): the forward also leaves
+// probs (nullable; ignored unless write_probs_savable(N)): the forward also leaves
 // its attention probabilities there, [G, M, saved_probs_ld(N)] (the columns
 // past N are scratch), and the backward given them skips recomputing S = Q K^T
 // and its exp: one product of seven in a training step, for G M N floats kept
 // between the passes (docs/design.md, "The write keeps its probabilities").
+constexpr int64_t kSavedProbsColumnMultiple = 16;  // rows stay 64-byte aligned for the streamed stores
 inline bool write_probs_savable(int64_t keys) { return keys <= kBlockN; }
-inline int64_t saved_probs_ld(int64_t keys) { return (keys + 15) / 16 * 16; }
+inline int64_t saved_probs_ld(int64_t keys) {
+  return (keys + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple * kSavedProbsColumnMultiple;
+}
 
 template <typename T>
 void write_forward(const WriteProblem<T>& w, T* new_mem, T* upd, T* lse, T* probs = nullptr);

@@ -84,13 +84,18 @@ def _no_probs(mem: Tensor) -> Tensor:
 
 def saved_probs_shape(mem: Tensor, k_tok: Tensor, backend: str, save_probs: bool) -> tuple:
     """The shape of write_fwd's saved probabilities: [B, H, S, columns] on the
-    CPU backend when save_probs and T <= 512 (one key block: the forward's
-    probabilities are final there; the columns are T rounded up to 16, those past
-    T scratch), else (0,). docs/design.md, "The write keeps its probabilities"."""
-    if not save_probs or backend != "cpu":
+    CPU backend when save_probs and T <= _C.WRITE_PROBS_MAX_TOKENS (one key
+    block: the forward's probabilities are final there; the columns are T
+    rounded up to _C.WRITE_PROBS_COLUMN_MULTIPLE, those past T scratch), else
+    (0,). Plain arithmetic on the sizes, so torch.compile keeps T symbolic.
+    docs/design.md, "The write keeps its probabilities"."""
+    B, H, S = mem.shape[:3]
+    T = k_tok.shape[2]
+    ext = _backend.extension()[0]
+    if not save_probs or backend != "cpu" or B * H == 0 or T > ext.WRITE_PROBS_MAX_TOKENS:
         return (0,)
-    columns = _backend.extension()[0].write_probs_columns(k_tok.shape[2])
-    return (*mem.shape[:3], columns) if columns and mem.numel() and k_tok.numel() else (0,)
+    multiple = ext.WRITE_PROBS_COLUMN_MULTIPLE
+    return (B, H, S, (T + multiple - 1) // multiple * multiple)
 
 
 @torch.library.custom_op("memkernels::write_fwd", mutates_args=())
@@ -163,33 +168,71 @@ class MemoryReadFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _save_write(ctx, inputs, upd, lse, probs=None):
+    mem, q_slots, k_tok, v_tok, f, i, token_mask, scale, backend = inputs[:9]
+    ctx.save_for_backward(mem, q_slots, k_tok, v_tok, f, i, token_mask, upd, lse, probs)
+    ctx.scale, ctx.backend = default_scale(scale, mem), _backend.resolve(backend, mem.device)
+    # the outputs other than new_mem take no gradient: unmaterialized, their
+    # zero gradients cost no fresh [B, H, S, Dh] and [B, H, S, T] tensors a step
+    ctx.set_materialize_grads(False)
+
+
+def _write_grads(ctx, dnew) -> tuple:
+    *saved, probs = ctx.saved_tensors
+    if dnew is None:  # new_mem took no part in what is differentiated
+        dnew = torch.zeros_like(saved[0])
+    kept = probs if probs is not None and probs.numel() else None
+    return torch.ops.memkernels.write_bwd(dnew, *saved, ctx.scale, ctx.backend, kept)
+
+
 class MemoryWriteFunction(torch.autograd.Function):
     """Drop-in autograd.Function: apply(mem, q_slots, k_tok, v_tok,
-    forget_logit, input_logit, token_mask=None, scale=None, backend="auto",
-    save_probs=True) -> (new_mem, upd, lse), the defaults of memory_write; upd
-    and lse are not differentiable. Its custom ops check the arguments, with
-    memory_write's errors. In ctx style (forward takes ctx): it keeps the
-    kernel's saved probabilities for the backward without returning them."""
+    forget_logit, input_logit, token_mask=None, scale=None, backend="auto")
+    -> (new_mem, upd, lse), the defaults of memory_write; upd and lse are not
+    differentiable. Its custom ops check the arguments, with memory_write's
+    errors. Its backward recomputes the probabilities (memory_write keeps them
+    on the CPU, through _WriteKeepingProbs)."""
 
     @staticmethod
-    def forward(ctx, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask=None,
-                scale=None, backend="auto", save_probs=True):
-        scale, backend = default_scale(scale, mem), _backend.resolve(backend, mem.device)
-        new_mem, upd, lse, probs = torch.ops.memkernels.write_fwd(
-            mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend,
-            bool(save_probs))
-        ctx.save_for_backward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask,
-                              upd, lse, probs)
-        ctx.scale, ctx.backend = scale, backend
+    def forward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask=None,
+                scale=None, backend="auto"):
+        return torch.ops.memkernels.write_fwd(
+            mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask,
+            default_scale(scale, mem), _backend.resolve(backend, mem.device), False)[:3]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, upd, lse = output
+        _save_write(ctx, inputs, upd, lse)
         ctx.mark_non_differentiable(upd, lse)
-        return new_mem, upd, lse
 
     @staticmethod
     def backward(ctx, dnew, _dupd, _dlse):
-        *saved, probs = ctx.saved_tensors
-        grads = torch.ops.memkernels.write_bwd(dnew, *saved, ctx.scale, ctx.backend,
-                                               probs if probs.numel() else None)
-        return (*grads, None, None, None, None)
+        return (*_write_grads(ctx, dnew), None, None, None)
+
+
+class _WriteKeepingProbs(torch.autograd.Function):
+    """memory_write's training path: apply(mem, q_slots, k_tok, v_tok,
+    forget_logit, input_logit, token_mask, scale, backend) -> (new_mem, upd,
+    lse, probs), probs the attention probabilities the CPU kernels keep for the
+    backward (empty elsewhere; docs/design.md, "The write keeps its
+    probabilities"). A fourth output, not differentiable, so the probabilities
+    reach setup_context (torch.func needs that form)."""
+
+    @staticmethod
+    def forward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend):
+        return torch.ops.memkernels.write_fwd(mem, q_slots, k_tok, v_tok, forget_logit,
+                                              input_logit, token_mask, scale, backend, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, upd, lse, probs = output
+        _save_write(ctx, inputs, upd, lse, probs)
+        ctx.mark_non_differentiable(upd, lse, probs)
+
+    @staticmethod
+    def backward(ctx, dnew, _dupd, _dlse, _dprobs):
+        return (*_write_grads(ctx, dnew), None, None, None)
 
 
 # --- public API -------------------------------------------------------------
@@ -262,5 +305,6 @@ def memory_write(mem: Tensor, q_slots: Tensor, k_tok: Tensor, v_tok: Tensor,
     args = (mem, q_slots, k_tok, v_tok, forget_logit, input_logit)
     if _inference_only(*args):
         return _write_fwd(*args, token_mask, scale, name)[0]
-    new_mem, _, _ = MemoryWriteFunction.apply(*args, token_mask, scale, name, save_probs)
-    return new_mem
+    if save_probs and torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return _WriteKeepingProbs.apply(*args, token_mask, scale, name)[0]
+    return MemoryWriteFunction.apply(*args, token_mask, scale, name)[0]

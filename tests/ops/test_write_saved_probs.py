@@ -99,7 +99,7 @@ def test_probabilities_are_kept_only_where_asked_and_within_one_key_block():
     (m, qs, k, v, f, i), _ = inputs(1, 2, 8, 40, 16)
     assert C.write_fwd(m, qs, k, v, f, i, None, 0.25)[3].numel() == 0
     assert C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3].shape == (1, 2, 8, 48)
-    assert C.write_probs_columns(512) == 512 and C.write_probs_columns(513) == 0
+    assert C.WRITE_PROBS_MAX_TOKENS == 512 and C.WRITE_PROBS_COLUMN_MULTIPLE == 16
     # memory_write at inference keeps nothing, and no backend but the CPU's keeps any
     before = C.cpu_cached_bytes()
     with torch.no_grad():
@@ -152,14 +152,49 @@ def test_a_kept_graph_runs_its_backward_twice():
 
 
 def test_the_host_buffers_are_reused_then_released():
+    """From 32 MiB the probabilities live on pooled mappings: handed back when
+    the tensor dies, reused by the next request that fits (up to twice its
+    size), unmapped by cpu_empty_cache. Smaller ones are plain tensors."""
     C = cpu_extension()
     C.cpu_empty_cache()
-    (m, qs, k, v, f, i), _ = inputs(2, 2, 64, 100, 16, dtype=torch.float32)
-    probs = C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3]
+    (m, qs, k, v, f, i), _ = inputs(1, 32, 1024, 512, 4, dtype=torch.float32)
+    probs = C.write_fwd(m, qs, k, v, f, i, None, 0.5, save_probs=True)[3]  # 64 MiB
+    assert probs.data_ptr() % (2 << 20) == 0
     where = probs.data_ptr()
     del probs  # back to the pool
-    assert C.cpu_cached_bytes() >= 2 * 2 * 64 * 112 * 4
-    again = C.write_fwd(m, qs, k, v, f, i, None, 0.25, save_probs=True)[3]
+    assert C.cpu_cached_bytes() == 64 << 20
+    again = C.write_fwd(m, qs, k, v, f, i, None, 0.5, save_probs=True)[3]
     assert again.data_ptr() == where and C.cpu_cached_bytes() == 0
     del again
-    assert C.cpu_empty_cache() > 0 and C.cpu_cached_bytes() == 0
+    (m2, qs2, k2, v2, f2, i2), _ = inputs(1, 32, 1024, 300, 4, dtype=torch.float32)
+    smaller = C.write_fwd(m2, qs2, k2, v2, f2, i2, None, 0.5, save_probs=True)[3]  # 38 MiB
+    assert smaller.data_ptr() == where and C.cpu_cached_bytes() == 0
+    del smaller
+    (m3, qs3, k3, v3, f3, i3), _ = inputs(1, 2, 64, 100, 4, dtype=torch.float32)
+    small = C.write_fwd(m3, qs3, k3, v3, f3, i3, None, 0.5, save_probs=True)[3]  # 56 KiB
+    assert small.shape == (1, 2, 64, 112) and small.data_ptr() % 64 == 0
+    del small
+    assert C.cpu_cached_bytes() == 64 << 20
+    assert C.cpu_empty_cache() == 64 << 20 and C.cpu_cached_bytes() == 0
+
+
+def test_nothing_is_kept_without_a_gradient_or_when_asked_not_to():
+    """No P without a gradient to take (no_grad, inputs without requires_grad,
+    under torch.compile too) or with save_probs=False: the pool stays as it was."""
+    C = cpu_extension()
+    C.cpu_empty_cache()
+    tensors, _ = inputs(1, 32, 1024, 512, 4, dtype=torch.float32)  # 64 MiB of P if kept
+    plain = [t.detach() for t in tensors]
+    with torch.no_grad():
+        memory_write(*tensors, backend="cpu")
+    memory_write(*plain, backend="cpu")
+    memory_write(*tensors, backend="cpu", save_probs=False).sum().backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: memory_write(*t, backend="cpu"), fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad():
+        compiled(*tensors)
+    assert C.cpu_cached_bytes() == 0
+    memory_write(*tensors, backend="cpu").sum().backward()  # kept, then handed back
+    assert C.cpu_cached_bytes() == 64 << 20
+    C.cpu_empty_cache()

@@ -73,7 +73,8 @@ class ReaderShape:
 # dV, dP, dQ, dK, against 2). A kernel that recomputes the scores there (the
 # FlashAttention recipe) runs a fifth; the CPU write keeps its probabilities and
 # does not (docs/design.md, "The write keeps its probabilities"). Records made
-# before 2026-12-06 counted 2.5x: their fwd_bwd FLOPs are 7/6 of these, bwd 5/4.
+# before kernels v37 (9aef358) counted 2.5x: their fwd_bwd FLOPs are 7/6 of these,
+# bwd 5/4.
 BACKWARD_FLOP_FACTOR = 2.0
 
 # One decode step of the LLM integration (a small Llama-style model: 8 heads of
