@@ -22,6 +22,9 @@ namespace memkernels::cpu {
 
 constexpr int64_t kBlockM = 256;  // query rows per tile
 constexpr int64_t kBlockN = 512;  // keys per tile: K/V tile (64 KiB at D=64) stays in L2
+// The write's saved probabilities: rows padded to this many columns, so that each
+// row of a 64-byte-aligned buffer starts 64-byte aligned (the streamed stores).
+constexpr int64_t kSavedProbsColumnMultiple = 16;
 
 // Keys/values stored in bfloat16 (the raw 16 bits): a decode step streams the
 // cached bank once, so halving its bytes halves the read's floor. Widening
@@ -217,7 +220,8 @@ void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // else the vendor BLAS.
 // probs (nullable; only with N <= kBlockN, one key block, so a tile's
 // probabilities are final): each tile's probabilities are also streamed there,
-// rows [mr, probs_ld] (probs_ld a multiple of 16, probs aligned to 64 bytes),
+// rows [mr, probs_ld] (probs_ld a multiple of kSavedProbsColumnMultiple, probs
+// aligned to 64 bytes),
 // for a backward that then skips S = Q K^T and its exp (saved_probs_ld).
 template <typename T, typename KV>
 void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
@@ -266,8 +270,9 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
         row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
         row_max[t0 + r] = new_max;
         if (probs) {  // the one key block: the row's sum is final; stored under the P V below
-          scaled_row_streamed(s, probs + (t0 + r) * probs_ld, (nb + 15) / 16 * 16,
-                              safe_inverse(row_sum[t0 + r]));
+          const int64_t cols = (nb + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple *
+                               kSavedProbsColumnMultiple;  // <= probs_ld and <= ld
+          scaled_row_streamed(s, probs + (t0 + r) * probs_ld, cols, safe_inverse(row_sum[t0 + r]));
         }
         if (n0 > 0 && correction != T(1)) {
           T* o = ot + r * D;

@@ -35,7 +35,6 @@ struct WriteProblem {
 // past N are scratch), and the backward given them skips recomputing S = Q K^T
 // and its exp: one product of seven in a training step, for G M N floats kept
 // between the passes (docs/design.md, "The write keeps its probabilities").
-constexpr int64_t kSavedProbsColumnMultiple = 16;  // rows stay 64-byte aligned for the streamed stores
 inline bool write_probs_savable(int64_t keys) { return keys <= kBlockN; }
 inline int64_t saved_probs_ld(int64_t keys) {
   return (keys + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple * kSavedProbsColumnMultiple;
