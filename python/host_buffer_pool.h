@@ -9,9 +9,14 @@
 // viewing one dies: at most kMaxCachedBuffers, kMaxCachedBytes in all, stay
 // mapped (the oldest unmapped first); cpu_empty_cache() unmaps them. Smaller
 // ones are plain at::empty tensors.
+// fork(): the pool's lock is held across it (pthread_atfork), so a child
+// never inherits it locked by a thread that does not exist there (a tensor
+// freed on another thread at that moment); the child keeps the cached
+// buffers, copy-on-write like the rest of the process.
 #pragma once
 #include <torch/extension.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstddef>
@@ -80,7 +85,11 @@ class HostBufferPool {
 
   // Reserved up front, so that giving a buffer back (in a tensor's deleter)
   // never allocates.
-  HostBufferPool() { free_.reserve(kMaxCachedBuffers + 1); }
+  HostBufferPool() {
+    free_.reserve(kMaxCachedBuffers + 1);
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+  }
 
   // The smallest cached buffer that holds `bytes` and is at most twice that,
   // else a new mapping.

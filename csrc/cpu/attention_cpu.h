@@ -344,7 +344,11 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       if constexpr (std::is_same_v<T, float>) {
         if (own_gemm) {
           if (!probs_saved) tile_gemm_panels(mr, nbp, D, q + r0 * D, D, 1, k_t, probs, ld, false);
-          tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld, false);
+          if (probs_saved)  // dS in the product's epilogue (ProbsGradEpilogue)
+            tile_gemm_panels_probs_grad(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld,
+                                        {probs_saved + r0 * probs_ld, probs_ld, delta + r0, p.scale});
+          else
+            tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld, false);
         }
       }
       if (!own_gemm) {
@@ -358,7 +362,10 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       for (int64_t r = 0; r < mr; ++r) {
         T* dp = dprobs + r * ld;
         if (probs_saved) {
-          saved_probs_grad_row(pt + r * pld, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);
+          if (!own_gemm)
+            saved_probs_grad_row(pt + r * pld, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);
+          else if (lse[r0 + r] == neg_inf<T>())  // a row with no key: dS 0, as saved_probs_grad_row
+            std::fill(dp, dp + nb, T(0));
           continue;
         }
         const bool* valid = p.mask.mask ? p.mask.row(g, r0 + r) + n0 : nullptr;

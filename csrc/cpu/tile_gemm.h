@@ -17,6 +17,18 @@
 
 namespace memkernels::cpu {
 
+// The epilogue of the backward's dP = dO V^T product when the forward's
+// probabilities P were saved (the write): each register block is stored as
+// dS = P * (dP - delta[row]) * scale, the softmax gradient, while P's next
+// block is fetched from memory under this one's FMAs; not a pass of its own
+// over the dP tile after a P read that waited on DRAM.
+struct ProbsGradEpilogue {
+  const float* p = nullptr;      // P at the product's row 0, column 0
+  int64_t ld = 0;                // P's row stride
+  const float* delta = nullptr;  // rowsum(dO * O) at row 0
+  float scale = 0.0f;
+};
+
 #define MK_ISA_BODY "tile_gemm_body.inc"
 #include "per_isa.h"
 
@@ -100,6 +112,21 @@ inline void tile_gemm_panels(int64_t m, int64_t n, int64_t k, const float* a, in
 #else
   (void)m, (void)n, (void)k, (void)a, (void)rs, (void)cs, (void)b, (void)c, (void)ldc,
       (void)accumulate;
+#endif
+}
+
+// C[m, n] = P * (A B - delta[row]) * scale (ProbsGradEpilogue pg), B in panels
+// as for tile_gemm_panels; P's columns [0, n) readable in each row.
+inline void tile_gemm_panels_probs_grad(int64_t m, int64_t n, int64_t k, const float* a,
+                                        int64_t rs, int64_t cs, const float* b, float* c,
+                                        int64_t ldc, const ProbsGradEpilogue& pg) {
+#ifdef MK_HAVE_SIMD_VEC
+  if (tile_gemm_wide(n))
+    isa_avx512::gemm_panels<true>(m, n, k, a, rs, cs, b, c, ldc, false, pg);
+  else
+    isa_avx2::gemm_panels<true>(m, n, k, a, rs, cs, b, c, ldc, false, pg);
+#else
+  (void)m, (void)n, (void)k, (void)a, (void)rs, (void)cs, (void)b, (void)c, (void)ldc, (void)pg;
 #endif
 }
 

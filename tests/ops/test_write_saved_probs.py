@@ -3,6 +3,10 @@ save_probs=True, the default): the kept probabilities are softmax's own, the
 backward from them matches the recomputing one and the reference, the fake
 (torch.compile) shapes match the real ones, bad saved tensors are refused by
 name, and the host buffers they live on are reused and released."""
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -63,6 +67,29 @@ def test_float32_kept_probabilities_match_float64(logit_scale):
     tol = 2e-4 if logit_scale > 1 else 2e-5
     for a, r in zip(got, want):
         torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol)
+
+
+# float32 kept probabilities take dS in the dP product's epilogue (tile_gemm.h,
+# ProbsGradEpilogue): its column strips (T across 16-float vectors and 64-column
+# panels), row blocks (S of 6 and the rest, two row tiles at 263), head dims of
+# 1-16 vectors, a batch row with no token (its lse -inf, dS zeroed)
+@pytest.mark.parametrize("D", [8, 24, 48, 80, 256])
+@pytest.mark.parametrize("S,T", [(5, 7), (263, 40), (13, 100), (7, 512)])
+def test_float32_kept_probabilities_across_the_epilogue_blocks(D, S, T):
+    cpu_extension()
+    torch.manual_seed(D + S + T)
+    tensors, mask = inputs(2, 1, S, T, D, dtype=torch.float32)
+    kept = grads(tensors, mask, backend="cpu", save_probs=True)
+    recomputed = grads(tensors, mask, backend="cpu", save_probs=False)
+    want = grads([t.detach().double().requires_grad_() for t in tensors], mask,
+                 backend="reference")
+    for name, a, b, r in zip(["new_mem", "dmem", "dq", "dk", "dv", "df", "di"], kept, recomputed,
+                             want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name} kept: {m}")
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5,
+                                   msg=lambda m: f"{name} kept vs recomputed: {m}")
+    assert (kept[3][0] == 0).all() and (kept[4][0] == 0).all()  # no token: no key gradient
 
 
 def test_nan_in_a_slot_query_stays_in_its_row():
@@ -176,6 +203,42 @@ def test_the_host_buffers_are_reused_then_released():
     del small
     assert C.cpu_cached_bytes() == 64 << 20
     assert C.cpu_empty_cache() == 64 << 20 and C.cpu_cached_bytes() == 0
+
+
+def test_a_forked_child_keeps_using_the_host_buffers():
+    """A child forked after the pool cached a buffer takes it, hands it back
+    and unmaps it (the pool's lock is held across fork(): pthread_atfork)."""
+    C = cpu_extension()
+    C.cpu_empty_cache()
+    (m, qs, k, v, f, i), _ = inputs(1, 32, 1024, 512, 4, dtype=torch.float32)
+    probs = C.write_fwd(m, qs, k, v, f, i, None, 0.5, save_probs=True)[3]  # 64 MiB
+    del probs  # cached
+    assert C.cpu_cached_bytes() == 64 << 20
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit leaves it (no pytest teardown here)
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            probs = C.write_fwd(m, qs, k, v, f, i, None, 0.5, save_probs=True)[3]
+            ok = C.cpu_cached_bytes() == 0
+            del probs
+            ok = ok and C.cpu_cached_bytes() == 64 << 20 and C.cpu_empty_cache() == 64 << 20
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung using the host buffer pool")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert C.cpu_cached_bytes() == 64 << 20  # the parent's cache is its own
+    C.cpu_empty_cache()
 
 
 def test_nothing_is_kept_without_a_gradient_or_when_asked_not_to():
