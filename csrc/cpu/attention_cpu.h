@@ -101,6 +101,16 @@ MK_CPU_CLONES inline void scale_row(float* s, const float* scale, int64_t n) {
 
 constexpr int64_t kPrefetchBytes = 8192;
 
+// The score tiles' row stride for n keys: one key block's columns rounded up to
+// kSavedProbsColumnMultiple (a multiple of the tile GEMMs' width, and within it a
+// saved-probability row's padded columns), so that a small problem's tiles, and the
+// scratch zero-filled for them on each call, are small (512 KiB a tile at 512 keys).
+inline int64_t score_tile_ld(int64_t n) {
+  const int64_t cols = std::max<int64_t>(1, std::min(kBlockN, n));
+  return (cols + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple *
+         kSavedProbsColumnMultiple;
+}
+
 }  // namespace memkernels::cpu
 
 #include "few_rows.h"  // needs bf16, scale_row and AttentionProblem above
@@ -234,10 +244,11 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   thread_local std::vector<T> k_tile, v_tile;  // used only when KV != T
   bool own_gemm = false;
   if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
-  const int64_t ld = own_gemm ? tile_gemm_ld(kBlockN) : kBlockN;  // the score tile's row stride
-  scratch.resize(kBlockM * ld + 2 * mr + (own_gemm ? D * ld : 0));
+  const int64_t ld = score_tile_ld(N);                // the score tile's row stride
+  const int64_t tile_rows = std::min(kBlockM, mr);
+  scratch.resize(tile_rows * ld + 2 * mr + (own_gemm ? D * ld : 0));
   T* scores = scratch.data();
-  T* row_max = scores + kBlockM * ld;
+  T* row_max = scores + tile_rows * ld;
   T* row_sum = row_max + mr;
   T* k_t = row_sum + mr;  // [D, ld]: the key block transposed, times the scale, in panels
   std::fill(row_max, row_max + mr, neg_inf<T>());
@@ -309,11 +320,12 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   const T* v = p.v + g * N * D;
   bool own_gemm = false;
   if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
-  const int64_t ld = own_gemm ? tile_gemm_ld(kBlockN) : kBlockN;  // the tiles' row stride
-  scratch.resize(2 * kBlockM * ld + M + (own_gemm ? 2 * D * ld : 0));
+  const int64_t ld = score_tile_ld(N);  // the tiles' row stride
+  const int64_t tile_rows = std::min(kBlockM, M);
+  scratch.resize(2 * tile_rows * ld + M + (own_gemm ? 2 * D * ld : 0));
   T* probs = scratch.data();
-  T* dprobs = probs + kBlockM * ld;
-  T* delta = dprobs + kBlockM * ld;  // rowsum(dO * O)
+  T* dprobs = probs + tile_rows * ld;
+  T* delta = dprobs + tile_rows * ld;  // rowsum(dO * O)
   T* k_t = delta + M;                // [D, ld]: the key block transposed, times the scale, in panels
   T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed, in panels
   for (int64_t r = 0; r < M; ++r) {

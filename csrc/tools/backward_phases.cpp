@@ -37,7 +37,7 @@ bool is_product(int p) { return p != kPanels && p != kSoftmaxGrad; }
 // with TSC ticks added into ticks[phase].
 void backward_phases(const AttentionProblem<float>& p, const float* dout, const float* lse,
                      const float* delta, float* dq, float* dk, float* dv, double* ticks) {
-  const int64_t M = p.rows, N = p.keys, D = p.dim, ld = tile_gemm_ld(kBlockN);
+  const int64_t M = p.rows, N = p.keys, D = p.dim, ld = score_tile_ld(N);
   std::vector<float> probs(kBlockM * ld), dprobs(kBlockM * ld), k_t(D * ld), v_t(D * ld);
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0), nbp = tile_gemm_ld(nb);
