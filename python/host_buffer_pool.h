@@ -12,7 +12,9 @@
 // fork(): the pool's lock is held across it (pthread_atfork), so a child
 // never inherits it locked by a thread that does not exist there (a tensor
 // freed on another thread at that moment); the child keeps the cached
-// buffers, copy-on-write like the rest of the process.
+// buffers, copy-on-write like the rest of the process. Nothing allocates
+// while holding the lock, so a fork handler that takes the allocator's lock
+// cannot wait on it in turn.
 #pragma once
 #include <torch/extension.h>
 
@@ -57,11 +59,12 @@ class HostBufferPool {
 
   // Unmaps every cached buffer; returns the bytes released.
   size_t empty_cache() {
-    std::vector<Buffer> drop;
+    std::vector<Buffer> drop, fresh;
+    fresh.reserve(kMaxCachedBuffers + 1);  // allocated outside the lock (see fork() above)
     {
       std::lock_guard<std::mutex> lock(mutex_);
       drop.swap(free_);
-      free_.reserve(kMaxCachedBuffers + 1);
+      free_.swap(fresh);
       cached_ = 0;
     }
     size_t bytes = 0;

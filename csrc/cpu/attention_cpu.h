@@ -283,6 +283,7 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
         if (probs) {  // the one key block: the row's sum is final; stored under the P V below
           const int64_t cols = (nb + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple *
                                kSavedProbsColumnMultiple;  // <= probs_ld and <= ld
+          std::fill(s + nb, s + cols, T(0));  // the padding: 0, not what the scratch held
           scaled_row_streamed(s, probs + (t0 + r) * probs_ld, cols, safe_inverse(row_sum[t0 + r]));
         }
         if (n0 > 0 && correction != T(1)) {

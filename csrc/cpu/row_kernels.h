@@ -109,6 +109,10 @@ inline void softmax_grad_row(float* p, float* dp, int64_t n, float lse, float de
 
 inline void softmax_grad_row(double* p, double* dp, int64_t n, double lse, double delta,
                              double scale) {
+  if (lse == neg_inf<double>()) {  // no valid key: dS 0 whatever dp holds (NaN, inf), as float's
+    for (int64_t j = 0; j < n; ++j) p[j] = dp[j] = 0.0;
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     p[j] = prob_from_lse(p[j], lse);
     dp[j] = p[j] * (dp[j] - delta) * scale;

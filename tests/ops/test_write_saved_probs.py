@@ -71,10 +71,11 @@ def test_float32_kept_probabilities_match_float64(logit_scale):
 
 # float32 kept probabilities take dS in the dP product's epilogue (tile_gemm.h,
 # ProbsGradEpilogue): its column strips (T across 16-float vectors and 64-column
-# panels), row blocks (S of 6 and the rest, two row tiles at 263), head dims of
-# 1-16 vectors, a batch row with no token (its lse -inf, dS zeroed)
+# panels), row blocks (S of 6 and remainders of 1-5 rows, two row tiles at 263),
+# the product's depth D (how many k-steps a block has to prefetch the next one's
+# P in: fewer than its lines at D < 48), a batch row with no token (lse -inf)
 @pytest.mark.parametrize("D", [8, 24, 48, 80, 256])
-@pytest.mark.parametrize("S,T", [(5, 7), (263, 40), (13, 100), (7, 512)])
+@pytest.mark.parametrize("S,T", [(5, 7), (263, 40), (13, 100), (7, 512), (9, 33), (16, 64)])
 def test_float32_kept_probabilities_across_the_epilogue_blocks(D, S, T):
     cpu_extension()
     torch.manual_seed(D + S + T)
@@ -101,6 +102,41 @@ def test_nan_in_a_slot_query_stays_in_its_row():
     assert out[1, 0, 3].isnan().all() and not out[1, 0, [0, 1, 2, 4]].isnan().any()
     assert dq[1, 0, 3].isnan().all() and not dq[1, 0, [0, 1, 2, 4]].isnan().any()
     assert not dq[0].isnan().any() and not dk[0].isnan().any()
+
+
+def test_a_nan_gradient_on_a_row_with_no_token_gives_no_nan_query_or_key_gradient():
+    """A batch row with no token has lse -inf: its dS is 0 whatever reaches
+    it (as the recomputing path's softmax gradient gives), so a NaN or inf in
+    its incoming gradient does not reach dq or dk."""
+    cpu_extension()
+    torch.manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        tensors, mask = inputs(2, 2, 20, 30, 16, dtype=dtype)  # batch row 0: no token
+        results = []
+        for save in (True, False):
+            out = memory_write(*tensors, token_mask=mask, backend="cpu", save_probs=save)
+            seed = torch.ones_like(out)
+            seed[0, 0, 3, 2] = float("nan")
+            seed[0, 1, 7, 0] = float("inf")
+            results.append(torch.autograd.grad(out, tensors, seed))
+        kept, recomputed = results
+        for name, a, b in zip(["dmem", "dq", "dk", "dv", "df", "di"], kept, recomputed):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"{name} ({dtype}): {m}")
+        assert kept[1].isfinite().all() and kept[2].isfinite().all()
+
+
+def test_the_kept_probabilities_padding_is_zero():
+    """The columns past T (up to the next multiple of 16) are 0, not what the
+    score tile's scratch held before (a row with no token included)."""
+    C = cpu_extension()
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        for S, T in ((300, 17), (20, 3), (300, 17)):  # twice: the second reuses the scratch
+            (m, qs, k, v, f, i), mask = inputs(2, 3, S, T, 8, dtype=dtype)
+            probs = C.write_fwd(m, qs, k, v, f, i, mask, 0.3, save_probs=True)[3]
+            assert probs.shape[-1] == (T + 15) // 16 * 16
+            assert (probs[..., T:] == 0).all()
 
 
 def test_the_kept_probabilities_are_the_softmax():
