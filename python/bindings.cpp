@@ -23,6 +23,13 @@ using namespace memkernels::binding;
 
 namespace {
 
+// A tensor the CPU kernels write all of: on the host buffer pool from its
+// threshold up (host_buffer_pool.h), so a training step's outputs are not
+// fresh pages each step.
+Tensor kernel_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return HostBufferPool::instance().empty(sizes, dtype);
+}
+
 template <typename T>
 mk::AttentionProblem<T> read_problem(const ReadLayout& L, const Tensor& q, const Tensor& k,
                                      const Tensor& v, const OptTensor& mask, double scale) {
@@ -38,8 +45,8 @@ std::tuple<Tensor, Tensor> read_fwd(const Tensor& q, const Tensor& k, const Tens
   if (L.empty()) return {at::empty_like(q), at::empty({L.B, L.H, L.T}, q.options().dtype(ct))};
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
   Tensor qg = L.to_groups(q.to(ct)), kg = L.bank_groups(prep(k, ct)), vg = L.bank_groups(prep(v, ct));
-  Tensor out = at::empty({L.groups(), L.rows(), L.D}, qg.options());
-  Tensor lse = at::empty({L.groups(), L.rows()}, qg.options());
+  Tensor out = kernel_output({L.groups(), L.rows(), L.D}, ct);
+  Tensor lse = kernel_output({L.groups(), L.rows()}, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "read_fwd", [&] {
     mk::read_forward<scalar_t>(read_problem<scalar_t>(L, qg, kg, vg, mask, scale),
                                out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
@@ -60,7 +67,8 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
   Tensor qg = L.to_groups(q.to(ct)), kg = L.bank_groups(prep(k, ct)), vg = L.bank_groups(prep(v, ct));
   Tensor og = L.to_groups(out.to(ct)), dog = L.to_groups(dout.to(ct)), lg = L.to_groups(lse.to(ct));
-  Tensor dq = at::empty_like(qg), dk = at::empty_like(kg), dv = at::empty_like(vg);
+  Tensor dq = kernel_output(qg.sizes(), ct), dk = kernel_output(kg.sizes(), ct),
+         dv = kernel_output(vg.sizes(), ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "read_bwd", [&] {
     mk::read_backward<scalar_t>(read_problem<scalar_t>(L, qg, kg, vg, mask, scale),
                                 og.data_ptr<scalar_t>(), dog.data_ptr<scalar_t>(),
@@ -96,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> write_fwd(
   MK_CHECK(mem.device().is_cpu(), "memkernels._C.write_fwd: tensors must be on the CPU");
   const auto ct = compute_type(mem);
   const auto probs_shape = save_probs ? saved_probs_shape(W) : std::vector<int64_t>{0};
-  Tensor probs = probs_shape.size() > 1 ? HostBufferPool::instance().empty(probs_shape, ct)
+  Tensor probs = probs_shape.size() > 1 ? kernel_output(probs_shape, ct)
                                         : at::empty({0}, mem.options().dtype(ct));
   if (W.empty())
     return {at::empty_like(mem), at::empty_like(mem, mem.options().dtype(ct)),
@@ -104,8 +112,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> write_fwd(
   const OptTensor mask = token_mask ? OptTensor(token_mask->contiguous()) : std::nullopt;
   Tensor m = prep(mem, ct), qs = prep(q_slots, ct), k = prep(k_tok, ct), v = prep(v_tok, ct);
   Tensor f = prep(forget_logit, ct), i = prep(input_logit, ct);
-  Tensor new_mem = at::empty_like(m), upd = at::empty_like(m);
-  Tensor lse = at::empty({W.B, W.H, W.S}, m.options());
+  Tensor new_mem = kernel_output(m.sizes(), ct), upd = kernel_output(m.sizes(), ct);
+  Tensor lse = kernel_output({W.B, W.H, W.S}, ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "write_fwd", [&] {
     mk::write_forward<scalar_t>(write_problem<scalar_t>(W, m, qs, k, v, f, i, mask, scale),
                                 new_mem.data_ptr<scalar_t>(), upd.data_ptr<scalar_t>(),
@@ -148,8 +156,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   Tensor f = prep(forget_logit, ct), i = prep(input_logit, ct);
   Tensor g = prep(dnew, ct), u = prep(upd, ct), l = prep(lse, ct);
   Tensor pr = saved ? probs->contiguous() : Tensor();
-  Tensor dmem = at::empty_like(m), dqs = at::empty_like(qs), dk = at::empty_like(k),
-         dv = at::empty_like(v), df = at::empty_like(f), di = at::empty_like(i);
+  Tensor dmem = kernel_output(m.sizes(), ct), dqs = kernel_output(qs.sizes(), ct),
+         dk = kernel_output(k.sizes(), ct), dv = kernel_output(v.sizes(), ct),
+         df = kernel_output(f.sizes(), ct), di = kernel_output(i.sizes(), ct);
   AT_DISPATCH_FLOATING_TYPES(ct, "write_bwd", [&] {
     mk::write_backward<scalar_t>(write_problem<scalar_t>(W, m, qs, k, v, f, i, mask, scale),
                                  u.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
@@ -495,7 +504,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("WRITE_PROBS_MAX_TOKENS") = mk::kBlockN;
   m.attr("WRITE_PROBS_COLUMN_MULTIPLE") = mk::kSavedProbsColumnMultiple;
   m.def("cpu_empty_cache", [] { return HostBufferPool::instance().empty_cache(); },
-        "unmaps the cached host buffers (the write's saved probabilities); returns the bytes");
+        "unmaps the cached host buffers (the CPU ops' outputs and the write's saved "
+        "probabilities, from 4 MiB); returns the bytes");
   m.def("cpu_cached_bytes", [] { return HostBufferPool::instance().cached_bytes(); },
         "bytes of host buffers cached for reuse");
   m.def("reader_fwd", &reader_fwd,

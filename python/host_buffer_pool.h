@@ -1,14 +1,18 @@
-// Host tensors that a CPU training step makes and drops at the same size every
-// step (the write's saved probabilities: 8x the bank's bytes at T = 512, Dh 64),
-// on buffers kept for reuse. A fresh buffer of that size is a fresh mapping
-// (above glibc's mmap threshold), and its first touch takes a page fault per
-// 4 KiB page: more time than the backward product the buffer saves
-// (docs/design.md, "The write keeps its probabilities"). From kMinPooledBytes
-// up, these are mapped at 2 MiB boundaries on 2 MiB pages where the kernel
-// allows it (MADV_HUGEPAGE), and go back to the pool when the last tensor
-// viewing one dies: at most kMaxCachedBuffers, kMaxCachedBytes in all, stay
-// mapped (the oldest unmapped first); cpu_empty_cache() unmaps them. Smaller
-// ones are plain at::empty tensors.
+// Host tensors that a CPU training step makes and drops at the same sizes every
+// step: the write's saved probabilities (8x the bank's bytes at T = 512, Dh 64)
+// and the read's and write's outputs and gradients, on buffers kept for reuse.
+// PyTorch's CPU allocator caches nothing: glibc hands a freed block over its
+// mmap threshold back to the OS, and trims its heap's top when a step frees
+// tens of MB, so the next step's outputs are fresh pages again, a fault per
+// 4 KiB page on first touch (1-19 thousand a write's training step at the
+// bench's shape, 2-30 ms of its ~140; docs/performance.md, "Training on the
+// CPU"). From kMinPooledBytes up, buffers are mapped at 2 MiB boundaries on
+// 2 MiB pages where the kernel allows it (MADV_HUGEPAGE), and go back to the
+// pool when the last tensor viewing one dies: at most kMaxCachedBuffers,
+// kMaxCachedBytes in all, stay mapped (the oldest unmapped first);
+// cpu_empty_cache() unmaps them. Smaller ones are plain at::empty tensors.
+// Like at::empty, a buffer's contents are undefined: every caller overwrites
+// all of it. Its storage cannot grow (resize_ to more elements raises).
 // fork(): the pool's lock is held across it (pthread_atfork), so a child
 // never inherits it locked by a thread that does not exist there (a tensor
 // freed on another thread at that moment); the child keeps the cached
@@ -33,10 +37,12 @@ namespace memkernels::binding {
 class HostBufferPool {
  public:
   static constexpr size_t kPage = size_t(2) << 20;
-  // Below this, the allocator's own heap recycles freed memory (glibc keeps
-  // chunks up to its dynamic mmap threshold, at most 32 MiB, off fresh mappings).
-  static constexpr size_t kMinPooledBytes = size_t(32) << 20;
-  static constexpr size_t kMaxCachedBuffers = 4;
+  // Below this, a tensor's pages are few and a 2 MiB-rounded mapping would
+  // waste up to half of itself.
+  static constexpr size_t kMinPooledBytes = size_t(4) << 20;
+  // A write's training step at the bench's shape frees 7 (P, its two outputs,
+  // four gradients); room for two such steps' sizes.
+  static constexpr size_t kMaxCachedBuffers = 16;
   static constexpr size_t kMaxCachedBytes = size_t(2) << 30;
 
   // Never destroyed: a tensor may outlive static destruction at exit.

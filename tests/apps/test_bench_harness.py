@@ -464,3 +464,18 @@ def test_faults_times_both_writes_in_turns_with_their_page_faults(capsys):
     with pytest.raises(SystemExit):
         faults.main(["--reps", "0"])
     assert "--reps and --calls must be >= 1" in capsys.readouterr().err
+    alone = faults.measure(tiny, reps=1, calls=1, sides=("memkernels",))
+    assert set(alone) == {"memkernels"} and len(alone["memkernels"]) == 1
+
+
+def test_faults_appends_a_line_a_side_and_rep(tmp_path, monkeypatch, capsys):
+    from memkernels.apps.bench import faults
+    monkeypatch.setattr(faults, "CPU_WRITE", [WriteShape("tiny", B=1, H=2, S=9, T=5, D=8)])
+    out = tmp_path / "steps.jsonl"
+    assert faults.main(["--reps", "2", "--calls", "1", "--sides", "memkernels", "--out",
+                        str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["impl"], r["rep"]) for r in rows] == [("memkernels", 0), ("memkernels", 1)]
+    assert all(r["op"] == "write_step" and r["ms"] > 0 and r["faults_per_call"] >= 0
+               and r["shape"] == "tiny" and "cpu" in r and "time" in r for r in rows)
+    assert "memkernels" in capsys.readouterr().out
