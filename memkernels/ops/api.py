@@ -140,12 +140,71 @@ def _(dnew, mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, u
                                                input_logit))
 
 
+def _vmap_by_instance(op) -> None:
+    """Registers a vmap rule for a custom op that runs its kernel once per
+    vmapped instance and stacks the results (torch.func.vmap, jacrev,
+    per-sample gradients). The kernels take plain tensors only; folding the
+    vmapped dimension into the batch would be faster where the layouts allow,
+    but a shared bank differentiated per instance is not one read of the
+    folded batch, so the loop is the rule that is right for every layout."""
+    def rule(info, in_dims, *args, **kwargs):
+        results = []
+        for i in range(info.batch_size):
+            picked = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+            results.append(op(*picked, **kwargs))
+        stacked = tuple(torch.stack(parts) for parts in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+    op.register_vmap(rule)
+
+
+for _op in (read_fwd, read_bwd, write_fwd, write_bwd):
+    _vmap_by_instance(_op)
+
+
 # --- autograd ---------------------------------------------------------------
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """apply(public, n, *grads_then_sources) -> the n gradients unchanged, tied
+    to the tensors they were computed from, with a backward that refuses: a
+    second derivative through a kernel (a grad of a grad, create_graph=True
+    then another backward, torch.func.grad of a grad) fails by name, not silently."""
+
+    generate_vmap_rule = True  # views only: vmap runs the forward as it is
+
+    @staticmethod
+    def forward(public, n, *tensors):
+        return tuple(g.view_as(g) if g is not None else None for g in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.public = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"memkernels: {ctx.public}'s kernels have no second derivative (a grad of a grad, "
+            "create_graph=True followed by another backward); "
+            f"{ctx.public}(..., backend='reference') differentiates twice")
+
+
+def _first_order(public: str, grads: tuple, *sources) -> tuple:
+    """A backward's gradients, computed by a kernel under no_grad. Where the
+    backward is itself being differentiated (grad mode on in it: create_graph,
+    torch.func.grad, which differentiates the backward's own ops, needing each
+    autograd.Function's setup_context, which the custom ops' generated one
+    lacks), tied to their sources through _NoSecondDerivative."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        return _NoSecondDerivative.apply(public, len(grads), *grads, *sources)
+    return grads
+
 
 class MemoryReadFunction(torch.autograd.Function):
     """Drop-in autograd.Function: apply(q, k, v, slot_mask=None, scale=None,
     backend="auto") -> (out, lse), the defaults of memory_read. lse is not
     differentiable. Its custom ops check the arguments, with memory_read's errors."""
+
+    generate_vmap_rule = True  # the custom ops' rules (_vmap_by_instance)
 
     @staticmethod
     def forward(q, k, v, slot_mask=None, scale=None, backend="auto"):
@@ -163,9 +222,10 @@ class MemoryReadFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, slot_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.memkernels.read_bwd(dout, q, k, v, out, lse, slot_mask,
-                                                   ctx.scale, ctx.backend)
-        return dq, dk, dv, None, None, None
+        with torch.no_grad():
+            grads = torch.ops.memkernels.read_bwd(dout, q, k, v, out, lse, slot_mask,
+                                                  ctx.scale, ctx.backend)
+        return (*_first_order("memory_read", grads, q, k, v, dout), None, None, None)
 
 
 def _save_write(ctx, inputs, upd, lse, probs=None):
@@ -182,7 +242,9 @@ def _write_grads(ctx, dnew) -> tuple:
     if dnew is None:  # new_mem took no part in what is differentiated
         dnew = torch.zeros_like(saved[0])
     kept = probs if probs is not None and probs.numel() else None
-    return torch.ops.memkernels.write_bwd(dnew, *saved, ctx.scale, ctx.backend, kept)
+    with torch.no_grad():
+        grads = torch.ops.memkernels.write_bwd(dnew, *saved, ctx.scale, ctx.backend, kept)
+    return _first_order("memory_write", grads, *saved[:6], dnew)
 
 
 class MemoryWriteFunction(torch.autograd.Function):
@@ -192,6 +254,8 @@ class MemoryWriteFunction(torch.autograd.Function):
     differentiable. Its custom ops check the arguments, with memory_write's
     errors. Its backward recomputes the probabilities (memory_write keeps them
     on the CPU, through _WriteKeepingProbs)."""
+
+    generate_vmap_rule = True  # the custom ops' rules (_vmap_by_instance)
 
     @staticmethod
     def forward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask=None,
@@ -219,6 +283,8 @@ class _WriteKeepingProbs(torch.autograd.Function):
     probabilities"). A fourth output, not differentiable, so the probabilities
     reach setup_context (torch.func needs that form)."""
 
+    generate_vmap_rule = True  # the custom ops' rules (_vmap_by_instance)
+
     @staticmethod
     def forward(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, token_mask, scale, backend):
         return torch.ops.memkernels.write_fwd(mem, q_slots, k_tok, v_tok, forget_logit,
@@ -242,8 +308,8 @@ def _inference_only(*tensors: Tensor) -> bool:
     then called directly, skipping autograd.Function.apply and the custom-op
     dispatcher (about 110 us per call on the CPU, more than a decode-step
     read of a small bank). torch.compile still sees the custom ops."""
-    if torch.compiler.is_compiling():
-        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False  # the custom ops: torch.func's tensors reach no kernel directly
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
