@@ -40,9 +40,11 @@ class HostBufferPool {
   // Below this, a tensor's pages are few and a 2 MiB-rounded mapping would
   // waste up to half of itself.
   static constexpr size_t kMinPooledBytes = size_t(4) << 20;
-  // A write's training step at the bench's shape frees 7 (P, its two outputs,
-  // four gradients); room for two such steps' sizes.
-  static constexpr size_t kMaxCachedBuffers = 16;
+  // A write's training step frees up to 7 (P, its two outputs, four
+  // gradients): room for a model of several memory layers, whose steps
+  // would otherwise unmap and map again the oldest each step. The bytes'
+  // cap bounds the pool; the count only bounds its search.
+  static constexpr size_t kMaxCachedBuffers = 64;
   static constexpr size_t kMaxCachedBytes = size_t(2) << 30;
 
   // Never destroyed: a tensor may outlive static destruction at exit.

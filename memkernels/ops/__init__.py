@@ -12,16 +12,18 @@
   next-token distributions (a decode step's as one CPU kernel call).
 - postings_top (postings): the texts of highest summed posting score over
   an inverted index (the lexical index's selection as one CPU kernel call).
+- cpu_cached_bytes / empty_cpu_cache (backend): the host buffers the CPU
+  kernels keep for reuse between training steps, and their release.
 - reference: the ground truth of all five.
 Nothing here knows about memories, banks or LLMs.
 """
 from memkernels.ops import reference
 from memkernels.ops.api import MemoryReadFunction, MemoryWriteFunction, memory_read, memory_write
-from memkernels.ops.backend import BACKENDS, available_backends
+from memkernels.ops.backend import BACKENDS, available_backends, cpu_cached_bytes, empty_cpu_cache
 from memkernels.ops.copy_mix import copy_mix
 from memkernels.ops.postings import postings_top
 from memkernels.ops.reading_layer import reading_layer
 
 __all__ = ["memory_read", "memory_write", "reading_layer", "copy_mix", "postings_top",
            "MemoryReadFunction", "MemoryWriteFunction", "reference", "BACKENDS",
-           "available_backends"]
+           "available_backends", "cpu_cached_bytes", "empty_cpu_cache"]

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from memkernels.ops import backend as _backend
 from memkernels.ops import reference
@@ -148,6 +149,14 @@ def _vmap_by_instance(op) -> None:
     but a shared bank differentiated per instance is not one read of the
     folded batch, so the loop is the rule that is right for every layout."""
     def rule(info, in_dims, *args, **kwargs):
+        if info.batch_size == 0:  # no instance to run: one's shapes, from the fake op on meta
+            one = [a if d is None else torch.empty(a.shape[:d] + a.shape[d + 1:], dtype=a.dtype)
+                   for a, d in zip(args, in_dims)]
+            meta = [a.to("meta") if isinstance(a, Tensor) else a for a in one]
+            device = next(a.device for a in args if isinstance(a, Tensor))
+            shapes = op(*meta, **kwargs)
+            return (tuple(torch.empty((0, *r.shape), dtype=r.dtype, device=device) for r in shapes),
+                    (0,) * len(shapes))
         results = []
         for i in range(info.batch_size):
             picked = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
@@ -170,11 +179,13 @@ class _NoSecondDerivative(torch.autograd.Function):
     second derivative through a kernel (a grad of a grad, create_graph=True
     then another backward, torch.func.grad of a grad) fails by name, not silently."""
 
-    generate_vmap_rule = True  # views only: vmap runs the forward as it is
+    generate_vmap_rule = True  # copies only: vmap runs the forward as it is
 
     @staticmethod
     def forward(public, n, *tensors):
-        return tuple(g.view_as(g) if g is not None else None for g in tensors[:n])
+        # copies, not views: a caller (a hook, a clip) may change a gradient in place;
+        # only create_graph and torch.func pay for them
+        return tuple(g.clone() if g is not None else None for g in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -308,8 +319,11 @@ def _inference_only(*tensors: Tensor) -> bool:
     then called directly, skipping autograd.Function.apply and the custom-op
     dispatcher (about 110 us per call on the CPU, more than a decode-step
     read of a small bank). torch.compile still sees the custom ops."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False  # the custom ops: torch.func's tensors reach no kernel directly
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0):
+        # the custom ops: torch.func's tensors reach no kernel directly, and a dual
+        # tensor's tangent must meet the Function's refusal, not be dropped
+        return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 

@@ -41,6 +41,22 @@ def extension() -> tuple[Optional[types.ModuleType], str]:
     return _EXTENSION
 
 
+def cpu_cached_bytes() -> int:
+    """Bytes of host memory the CPU kernels keep mapped for reuse: freed
+    outputs, gradients and saved probabilities of 4 MiB and more, at most
+    2 GiB (docs/design.md, "The write keeps its probabilities"). Outside
+    PyTorch's memory accounting. 0 without the extension."""
+    ext = _EXTENSION[0]
+    return int(ext.cpu_cached_bytes()) if ext is not None else 0
+
+
+def empty_cpu_cache() -> int:
+    """Unmaps the host buffers the CPU kernels keep for reuse (those no tensor
+    holds); returns the bytes released. 0 without the extension."""
+    ext = _EXTENSION[0]
+    return int(ext.cpu_empty_cache()) if ext is not None else 0
+
+
 def triton_available() -> bool:
     return _TRITON[0] is not None
 

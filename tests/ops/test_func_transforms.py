@@ -5,6 +5,7 @@ refused.
 Float64 on the CPU backend, against the reference differentiated the same way."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from helpers import cpu_extension
@@ -97,6 +98,19 @@ def test_vmap_runs_a_read_per_instance():
           [jacrev(lambda q: memory_read(q, k, v, backend="reference").sum(-1))(rows)])
 
 
+def test_vmap_over_no_instance():
+    cpu_extension()
+    q, k, v, mask = read_inputs(shared=True)
+    none = torch.empty(0, *q.shape, dtype=q.dtype)
+    for b in ("cpu", "reference"):
+        out = vmap(lambda q: memory_read(q, k, v, slot_mask=mask, backend=b))(none)
+        assert out.shape == (0, *q.shape) and out.dtype == q.dtype
+    tensors, wmask = write_inputs()
+    out = vmap(lambda m: memory_write(m, *tensors[1:], token_mask=wmask, backend="cpu"))(
+        torch.empty(0, *tensors[0].shape, dtype=torch.float64))
+    assert out.shape == (0, *tensors[0].shape)
+
+
 def test_per_sample_gradients_of_a_write():
     cpu_extension()
     tensors, mask = write_inputs()
@@ -136,6 +150,20 @@ def test_a_second_derivative_fails_by_name():
     hessian(lambda q: memory_read(q, k, v, backend="reference").pow(2).sum())(q[:1, :, :1])
 
 
+def test_a_differentiable_gradient_may_be_changed_in_place():
+    """create_graph=True: the gradients are the tensors' own (not views), so a
+    hook or a clip may scale them in place."""
+    cpu_extension()
+    q, k, v, mask = read_inputs(shared=True)
+    q = q.requires_grad_()
+    x = q * 1
+    x.register_hook(lambda g: g.mul_(2))
+    (got,) = torch.autograd.grad(memory_read(x, k, v, slot_mask=mask, backend="cpu").sum(), q,
+                                 create_graph=True)
+    (want,) = torch.autograd.grad(memory_read(q, k, v, slot_mask=mask, backend="cpu").sum(), q)
+    torch.testing.assert_close(got, 2 * want, rtol=1e-12, atol=1e-12)
+
+
 def test_forward_mode_is_refused():
     """No jvp (torch.compile does not trace an autograd.Function that has one):
     PyTorch's own error names the missing jvp."""
@@ -145,6 +173,10 @@ def test_forward_mode_is_refused():
         jvp(lambda q: memory_read(q, k, v, backend="cpu"), (q,), (torch.ones_like(q),))
     with pytest.raises(RuntimeError, match="jvp"):
         hessian(lambda q: memory_read(q, k, v, backend="cpu").pow(2).sum())(q)
+    with fwAD.dual_level():  # a dual tensor needing no gradient: refused, not its tangent dropped
+        dual = fwAD.make_dual(q, torch.ones_like(q))
+        with pytest.raises(RuntimeError, match="jvp"):
+            memory_read(dual, k, v, backend="cpu")
 
 
 def test_a_plain_training_step_takes_no_extra_node():

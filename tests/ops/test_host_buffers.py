@@ -65,13 +65,22 @@ def test_a_write_step_on_reused_buffers_gives_the_reference_results(S, T):
     C.cpu_empty_cache()
 
 
+# (B, H, T, S): the tile path; few query rows a group (the decode's kernel, the batch folded
+# on a shared bank) over a small bank, with many heads so that the output is pooled
+READ_SHAPES = [(2, 16, 512, 1024), (32, 64, 8, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", READ_SHAPES, ids=["tile path", "few rows"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-row bank", "shared bank"])
-def test_a_read_step_on_reused_buffers_gives_the_reference_results(shared):
+def test_a_read_step_on_reused_buffers_gives_the_reference_results(shared, shape, dtype):
     C = cpu_extension()
     C.cpu_empty_cache()
-    B, H, T, S, D = 2, 16, 512, 1024, 64
+    B, H, T, S = shape
+    D = 64
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
 
-    def step(seed, backend, dtype=torch.float32):
+    def step(seed, backend, dtype=dtype):
         g = torch.Generator().manual_seed(seed)
         bank = (H, S, D) if shared else (B, H, S, D)
         q = torch.randn(B, H, T, D, generator=g)
@@ -86,12 +95,31 @@ def test_a_read_step_on_reused_buffers_gives_the_reference_results(shared):
     ptrs = poisoned(step(0, "cpu"))
     assert C.cpu_cached_bytes() >= POOLED
     got = step(1, "cpu")
-    assert ptrs & {t.data_ptr() for t in got}, "no output took a reused buffer"
+    # a shared bank's out and dq are copies out of the kernel's layout (its own buffers,
+    # reused unseen): only its dk and dv come back pooled, where they are large enough
+    if not shared or H * S * D * torch.finfo(dtype).bits // 8 >= POOLED:
+        assert ptrs & {t.data_ptr() for t in got}, "no output took a reused buffer"
     want = step(1, "reference", torch.float64)
     for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
         assert not a.isnan().any(), name
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     C.cpu_empty_cache()
+
+
+def test_the_cache_is_bounded_and_released_on_request():
+    """At inference too freed outputs stay for the next call (the write's upd
+    and lse, dropped by memory_write, included): cpu_cached_bytes says how
+    much, empty_cpu_cache gives it back."""
+    from memkernels.ops import cpu_cached_bytes, empty_cpu_cache
+    cpu_extension()
+    empty_cpu_cache()
+    tensors, mask = write_inputs(2, 16, 1024, 64, 64, seed=4)
+    with torch.no_grad():
+        for _ in range(3):
+            memory_write(*tensors, token_mask=mask, backend="cpu")
+    held = cpu_cached_bytes()
+    assert POOLED <= held <= 2 << 30
+    assert empty_cpu_cache() == held and cpu_cached_bytes() == 0
 
 
 def test_a_pooled_output_is_an_ordinary_tensor():

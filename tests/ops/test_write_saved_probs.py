@@ -215,7 +215,7 @@ def test_a_kept_graph_runs_its_backward_twice():
 
 
 def test_the_host_buffers_are_reused_then_released():
-    """From 32 MiB the probabilities live on pooled mappings: handed back when
+    """From 4 MiB the probabilities live on pooled mappings: handed back when
     the tensor dies, reused by the next request that fits (up to twice its
     size), unmapped by cpu_empty_cache. Smaller ones are plain tensors."""
     C = cpu_extension()
