@@ -226,8 +226,9 @@ void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // once (widened, transposed) for all of them, and the tiles take it in turn.
 // Float tiles take the register-blocked GEMMs where they apply (tile_gemm.h):
 // K's block transposed (and scaled) once into panels, so S = Q K^T reads one
-// contiguous run per column strip, and O += P V is a plain row-major product;
-// else the vendor BLAS.
+// contiguous run per column strip, and O += P V reads V's block as stored, or
+// copied into panels where it is wider than one (tile_gemm_wants_panels: AVX2
+// at Dh 64); else the vendor BLAS.
 // probs (nullable; only with N <= kBlockN, one key block, so a tile's
 // probabilities are final): each tile's probabilities are also streamed there,
 // rows [mr, probs_ld] (probs_ld a multiple of kSavedProbsColumnMultiple, probs
@@ -246,11 +247,16 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
   if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
   const int64_t ld = score_tile_ld(N);                // the score tile's row stride
   const int64_t tile_rows = std::min(kBlockM, mr);
-  scratch.resize(tile_rows * ld + 2 * mr + (own_gemm ? D * ld : 0));
+  bool v_in_panels = false;  // V's block copied into panels for O += P V (tile_gemm_wants_panels)
+  if constexpr (std::is_same_v<T, float>) v_in_panels = own_gemm && tile_gemm_wants_panels(D);
+  const int64_t block_keys = std::min(kBlockN, N);
+  scratch.resize(tile_rows * ld + 2 * mr + (own_gemm ? D * ld : 0) +
+                 (v_in_panels ? block_keys * D : 0));
   T* scores = scratch.data();
   T* row_max = scores + tile_rows * ld;
   T* row_sum = row_max + mr;
   T* k_t = row_sum + mr;  // [D, ld]: the key block transposed, times the scale, in panels
+  T* v_panels = k_t + (own_gemm ? D * ld : 0);  // [nb, D] in panels, where v_in_panels
   std::fill(row_max, row_max + mr, neg_inf<T>());
   std::fill(row_sum, row_sum + mr, T(0));
   // the first key block's product overwrites out (no zero fill to pay for); none to write with no keys
@@ -264,6 +270,9 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
       if (own_gemm) tile_transpose_panels(kb, nb, D, p.scale, k_t, nbp);
     }
     const T* vb = tile_as(v + n0 * D, p.v_scale ? p.v_scale + g * N + n0 : nullptr, nb, D, v_tile);
+    if constexpr (std::is_same_v<T, float>) {
+      if (v_in_panels) tile_to_panels(vb, nb, D, D, v_panels);
+    }
     for (int64_t t0 = 0; t0 < mr; t0 += kBlockM) {
       const int64_t tr = std::min(kBlockM, mr - t0);
       const T* qt = q + t0 * D;
@@ -291,6 +300,12 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
           for (int64_t d = 0; d < D; ++d) o[d] *= correction;
         }
       }
+      if constexpr (std::is_same_v<T, float>) {
+        if (v_in_panels) {
+          tile_gemm_panels(tr, D, nb, scores, ld, 1, v_panels, ot, D, n0 > 0);
+          continue;
+        }
+      }
       tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, n0 > 0);
     }
   }
@@ -309,7 +324,8 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 // read in place of recomputing S = Q K^T and its exp, one product of five.
 // Float groups take the register-blocked GEMMs where they apply (tile_gemm.h):
 // K's and V's blocks transposed into panels once per block (for all row tiles), the P^T and
-// dS^T products read the tiles through swapped strides; else the vendor BLAS.
+// dS^T products read the tiles through swapped strides, and the right-hand sides read as
+// stored (K, dO, Q) are copied into panels where wider than one; else the vendor BLAS.
 template <typename T>
 void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* out,
                               const T* dout, const T* lse, T* dq, T* dk, T* dv,
@@ -323,12 +339,21 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   if constexpr (std::is_same_v<T, float>) own_gemm = tile_gemm_applies(D);
   const int64_t ld = score_tile_ld(N);  // the tiles' row stride
   const int64_t tile_rows = std::min(kBlockM, M);
-  scratch.resize(2 * tile_rows * ld + M + (own_gemm ? 2 * D * ld : 0));
+  // the row-major right-hand sides of dQ += dS K, dV += P^T dO and dK += dS^T Q copied into
+  // panels where a product of D columns reads them faster so (tile_gemm_wants_panels)
+  bool in_panels = false;
+  if constexpr (std::is_same_v<T, float>) in_panels = own_gemm && tile_gemm_wants_panels(D);
+  const int64_t block_keys = std::min(kBlockN, N);
+  scratch.resize(2 * tile_rows * ld + M + (own_gemm ? 2 * D * ld : 0) +
+                 (in_panels ? (block_keys + 2 * tile_rows) * D : 0));
   T* probs = scratch.data();
   T* dprobs = probs + tile_rows * ld;
   T* delta = dprobs + tile_rows * ld;  // rowsum(dO * O)
   T* k_t = delta + M;                // [D, ld]: the key block transposed, times the scale, in panels
   T* v_t = k_t + D * ld;             // [D, ld]: the value block transposed, in panels
+  T* k_panels = k_t + (own_gemm ? 2 * D * ld : 0);  // where in_panels: K's block [nb, D],
+  T* dout_panels = k_panels + block_keys * D;        // the tile's dO [mr, D]
+  T* q_panels = dout_panels + tile_rows * D;         // and its Q [mr, D], in panels
   for (int64_t r = 0; r < M; ++r) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)  // may reorder the sum: without it, a scalar chain
@@ -350,6 +375,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       if (own_gemm) {
         if (!probs_saved) tile_transpose_panels(k + n0 * D, nb, D, p.scale, k_t, nbp);
         tile_transpose_panels(v + n0 * D, nb, D, 1.0f, v_t, nbp);
+        if (in_panels) tile_to_panels(k + n0 * D, nb, D, D, k_panels);
       }
     }
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
@@ -390,6 +416,16 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         softmax_grad_row(pr, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);  // dp <- dScore
       }
       // dV += P^T dO, dQ += dS K, dK += dS^T Q
+      if constexpr (std::is_same_v<T, float>) {
+        if (in_panels) {
+          tile_to_panels(dout + r0 * D, mr, D, D, dout_panels);
+          tile_to_panels(q + r0 * D, mr, D, D, q_panels);
+          tile_gemm_panels(nb, D, mr, pt, 1, pld, dout_panels, dv + n0 * D, D, r0 > 0);
+          tile_gemm_panels(mr, D, nb, dprobs, ld, 1, k_panels, dq + r0 * D, D, n0 > 0);
+          tile_gemm_panels(nb, D, mr, dprobs, 1, ld, q_panels, dk + n0 * D, D, r0 > 0);
+          continue;
+        }
+      }
       tile_product(own_gemm, nb, D, mr, pt, 1, pld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
       tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, n0 > 0);
       tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, r0 > 0);

@@ -100,6 +100,32 @@ inline void tile_transpose_panels(const float* x, int64_t n, int64_t D, float sc
 #endif
 }
 
+// Whether a product of n columns reads its B faster from panels than as a
+// row-major [k, n]: more than one panel (tile_gemm_body.inc, to_panels); at
+// one panel the row-major B is already its panel.
+inline bool tile_gemm_wants_panels(int64_t n) {
+#ifdef MK_HAVE_SIMD_VEC
+  return tile_gemm_width() > 0 &&
+         n > (tile_gemm_wide(n) ? isa_avx512::kPanelWidth : isa_avx2::kPanelWidth);
+#else
+  (void)n;
+  return false;
+#endif
+}
+
+// y = x [k, n] (row stride ld_x) in panels, as tile_gemm_panels reads a B of n
+// columns (k * n floats).
+inline void tile_to_panels(const float* x, int64_t k, int64_t n, int64_t ld_x, float* y) {
+#ifdef MK_HAVE_SIMD_VEC
+  if (tile_gemm_wide(n))
+    isa_avx512::to_panels(x, k, n, ld_x, y);
+  else
+    isa_avx2::to_panels(x, k, n, ld_x, y);
+#else
+  (void)x, (void)k, (void)n, (void)ld_x, (void)y;
+#endif
+}
+
 // C[m, n] = (accumulate ? C : 0) + A B with B [k, n] as tile_transpose_panels
 // writes it (k = D, n = n_pad), A as for tile_gemm.
 inline void tile_gemm_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,

@@ -1,13 +1,16 @@
 // Where the read backward's time goes on this CPU: one group of the bench's
 // prefill shape (1,024 query rows, the batch folded, over 4,096 keys of Dh
-// 64), hot, on one thread, each phase of attention_backward_group timed on
-// its own (TSC ticks): the K and V blocks into panels, the five products
-// (S = Q K^T, dP = dO V^T, dV += P^T dO, dQ += dS K, dK += dS^T Q) and the
-// softmax gradient rows. Each product's FLOPs a tick beside the FMA units'
-// rate measured in the same run (fma_burst, the same ISA), so the products'
-// share of that rate needs no clock speed. The phases are run as the kernel
-// runs them, and their dQ, dK, dV checked against read_backward's.
-//   ./memkernels_backward_phases [rows [keys [reps]]]
+// 64; rows, keys and head dim are arguments), hot, on one thread, each phase
+// of attention_backward_group timed on its own (TSC ticks): the K and V
+// blocks into panels, the five products (S = Q K^T, dP = dO V^T, dV += P^T
+// dO, dQ += dS K, dK += dS^T Q) and the softmax gradient rows (and, where the
+// kernel copies the row-major right-hand sides of dV, dQ and dK into panels,
+// those copies with the K and V blocks'). Each product's FLOPs a tick beside
+// the FMA units' rate measured in the same run (fma_burst, the same ISA), so
+// the products' share of that rate needs no clock speed. The phases are run
+// as the kernel runs them, and their dQ, dK, dV checked against
+// read_backward's.
+//   ./memkernels_backward_phases [rows [keys [reps [head_dim]]]]
 #include <omp.h>
 #include <x86intrin.h>
 
@@ -25,8 +28,6 @@ namespace {
 
 using namespace memkernels::cpu;
 
-constexpr int64_t kDim = 64;
-
 enum Phase { kPanels, kScores, kDProbs, kSoftmaxGrad, kDV, kDQ, kDK, kPhases };
 const char* const kNames[kPhases] = {"K, V blocks into panels", "S = Q K^T", "dP = dO V^T",
                                      "softmax gradient rows", "dV += P^T dO", "dQ += dS K",
@@ -39,11 +40,14 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
                      const float* delta, float* dq, float* dk, float* dv, double* ticks) {
   const int64_t M = p.rows, N = p.keys, D = p.dim, ld = score_tile_ld(N);
   std::vector<float> probs(kBlockM * ld), dprobs(kBlockM * ld), k_t(D * ld), v_t(D * ld);
+  const bool in_panels = tile_gemm_wants_panels(D);
+  std::vector<float> k_panels(kBlockN * D), dout_panels(kBlockM * D), q_panels(kBlockM * D);
   for (int64_t n0 = 0; n0 < N; n0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, N - n0), nbp = tile_gemm_ld(nb);
     uint64_t t0 = __rdtsc();
     tile_transpose_panels(p.k + n0 * D, nb, D, p.scale, k_t.data(), nbp);
     tile_transpose_panels(p.v + n0 * D, nb, D, 1.0f, v_t.data(), nbp);
+    if (in_panels) tile_to_panels(p.k + n0 * D, nb, D, D, k_panels.data());
     ticks[kPanels] += double(__rdtsc() - t0);
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
@@ -56,12 +60,33 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
       for (int64_t r = 0; r < mr; ++r)
         softmax_grad_row(probs.data() + r * ld, dprobs.data() + r * ld, nb, lse[r0 + r],
                          delta[r0 + r], p.scale);
+      if (in_panels) {
+        const uint64_t c0 = __rdtsc();
+        tile_to_panels(dout + r0 * D, mr, D, D, dout_panels.data());
+        tile_to_panels(p.q + r0 * D, mr, D, D, q_panels.data());
+        ticks[kPanels] += double(__rdtsc() - c0);
+      }
       t[3] = __rdtsc();
-      tile_product(true, nb, D, mr, probs.data(), 1, ld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
+      if (in_panels)
+        tile_gemm_panels(nb, D, mr, probs.data(), 1, ld, dout_panels.data(), dv + n0 * D, D,
+                         r0 > 0);
+      else
+        tile_product(true, nb, D, mr, probs.data(), 1, ld, dout + r0 * D, D, dv + n0 * D, D,
+                     r0 > 0);
       t[4] = __rdtsc();
-      tile_product(true, mr, D, nb, dprobs.data(), ld, 1, p.k + n0 * D, D, dq + r0 * D, D, n0 > 0);
+      if (in_panels)
+        tile_gemm_panels(mr, D, nb, dprobs.data(), ld, 1, k_panels.data(), dq + r0 * D, D,
+                         n0 > 0);
+      else
+        tile_product(true, mr, D, nb, dprobs.data(), ld, 1, p.k + n0 * D, D, dq + r0 * D, D,
+                     n0 > 0);
       t[5] = __rdtsc();
-      tile_product(true, nb, D, mr, dprobs.data(), 1, ld, p.q + r0 * D, D, dk + n0 * D, D, r0 > 0);
+      if (in_panels)
+        tile_gemm_panels(nb, D, mr, dprobs.data(), 1, ld, q_panels.data(), dk + n0 * D, D,
+                         r0 > 0);
+      else
+        tile_product(true, nb, D, mr, dprobs.data(), 1, ld, p.q + r0 * D, D, dk + n0 * D, D,
+                     r0 > 0);
       t[6] = __rdtsc();
       for (int i = 0; i < 6; ++i) ticks[kScores + i] += double(t[i + 1] - t[i]);
     }
@@ -73,16 +98,17 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
 int main(int argc, char** argv) {
   const int64_t M = argc > 1 ? atoll(argv[1]) : 1024, N = argc > 2 ? atoll(argv[2]) : 4096;
   const int reps = argc > 3 ? atoi(argv[3]) : 5;
-  if (M < 1 || N < 1 || reps < 1) {
-    std::printf("rows, keys and reps must be positive\n");
+  const int64_t D = argc > 4 ? atoll(argv[4]) : 64;
+  if (M < 1 || N < 1 || reps < 1 || D < 1) {
+    std::printf("rows, keys, reps and head_dim must be positive\n");
     return 2;
   }
-  if (!tile_gemm_applies(kDim)) {  // the phases are the tile GEMMs' (no AVX2, or the BLAS asked)
-    std::printf("the tile GEMMs do not run here (no AVX2, or MEMKERNELS_CPU_GEMM=blas)\n");
+  if (!tile_gemm_applies(D)) {  // the phases are the tile GEMMs' (no AVX2, or the BLAS asked)
+    std::printf("the tile GEMMs do not run here (no AVX2, MEMKERNELS_CPU_GEMM=blas, "
+                "or a head_dim not a multiple of 8)\n");
     return 2;
   }
   omp_set_num_threads(1);
-  const int64_t D = kDim;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
   std::vector<float> q(M * D), k(N * D), v(N * D), dout(M * D);
