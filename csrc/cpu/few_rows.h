@@ -54,8 +54,10 @@ inline int64_t few_rows_chunk(int64_t D, bool in_l1) {
   return keys < 16 ? 16 : keys > 1024 ? 1024 : keys;
 }
 
+// The key-major pass (few_rows_body.inc) pads its rows to 8 or 16 lanes.
 inline int64_t few_rows_scratch(int64_t rows, int64_t D, int64_t chunk) {
-  return rows * D + rows * chunk + 2 * rows;
+  const int64_t lanes = std::max<int64_t>(rows, 16);
+  return lanes * D + lanes * chunk + 2 * lanes;
 }
 
 #define MK_ISA_BODY "few_rows_body.inc"

@@ -7,8 +7,10 @@
 // measured in the same run (fma_burst, the same ISA), so their share of that
 // rate needs no clock speed. The steps run as
 // few_rows_forward runs them (no mask, float K and V, no prefetching: the
-// bank is hot), and the output is checked against few_rows_read's.
-// MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body.
+// bank is hot), in the pass it takes for these rows (the key-major pass where
+// it applies: key_major_vectors), and the output is checked against
+// few_rows_read's. MEMKERNELS_CPU_ISA=avx2 picks the AVX2 body,
+// MEMKERNELS_CPU_KEY_MAJOR=0|1 the layout.
 //   ./memkernels_few_rows_phases [rows [keys [dim [reps]]]]
 #include <omp.h>
 #include <x86intrin.h>
@@ -74,10 +76,10 @@ void chunked_pass(const float* q, const float* k, const float* v, int64_t M, int
     const auto values = [&](auto rb, int64_t r0) {
       constexpr int RB = decltype(rb)::value;
       if constexpr (kWide)
-        isa_avx512::value_block<RB>(s.data() + r0 * kc, kc, v + n0 * D, D, nb, D, out + r0 * D,
+        isa_avx512::value_block<RB>(s.data() + r0 * kc, kc, 1, v + n0 * D, D, nb, D, out + r0 * D,
                                     D, {});
       else
-        isa_avx2::value_block<RB>(s.data() + r0 * kc, kc, v + n0 * D, D, nb, D, out + r0 * D, D,
+        isa_avx2::value_block<RB>(s.data() + r0 * kc, kc, 1, v + n0 * D, D, nb, D, out + r0 * D, D,
                                   {});
     };
     if constexpr (kWide)
@@ -87,6 +89,46 @@ void chunked_pass(const float* q, const float* k, const float* v, int64_t M, int
     const uint64_t t3 = __rdtsc();
     ticks[kScores] += double(t1 - t0), ticks[kSoftmax] += double(t2 - t1);
     ticks[kValues] += double(t3 - t2);
+  }
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] /= row_sum[r];
+}
+
+// few_rows_forward's key-major pass (few_rows_body.inc), timed the same way.
+template <bool kWide, int RV>
+void key_major_pass(const float* q, const float* k, const float* v, int64_t M, int64_t N,
+                    int64_t D, float scale, float* out, double* ticks) {
+  constexpr int LW = RV * (kWide ? 16 : 8);
+  const int64_t kc = few_rows_chunk_keys(M, D);
+  std::vector<float> qt(D * LW, 0.0f), st(kc * LW), row_max(LW, -INFINITY), row_sum(LW, 0.0f);
+  alignas(64) float lane_max[LW];
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = 0; r < M; ++r) qt[d * LW + r] = q[r * D + d] * scale;
+  for (int64_t e = 0; e < M * D; ++e) out[e] = 0.0f;
+  for (int64_t n0 = 0; n0 < N; n0 += kc) {
+    const int64_t nb = std::min(kc, N - n0);
+    const uint64_t t0 = __rdtsc();
+    if constexpr (kWide)
+      isa_avx512::key_major_scores_chunk<RV>(qt.data(), k + n0 * D, nb, D, st.data(), lane_max,
+                                             {});
+    else
+      isa_avx2::key_major_scores_chunk<RV>(qt.data(), k + n0 * D, nb, D, st.data(), lane_max, {});
+    const uint64_t t1 = __rdtsc();
+    if constexpr (kWide)
+      isa_avx512::key_major_softmax_chunk<RV>(st.data(), nb, M, D, lane_max, row_max.data(),
+                                              row_sum.data(), out);
+    else
+      isa_avx2::key_major_softmax_chunk<RV>(st.data(), nb, M, D, lane_max, row_max.data(),
+                                            row_sum.data(), out);
+    const uint64_t t2 = __rdtsc();
+    if constexpr (kWide)
+      isa_avx512::key_major_values_chunk<RV, float>(st.data(), nb, M, v + n0 * D, D, out,
+                                                    nullptr, nullptr, 0);
+    else
+      isa_avx2::key_major_values_chunk<RV, float>(st.data(), nb, M, v + n0 * D, D, out, nullptr,
+                                                  nullptr, 0);
+    ticks[kScores] += double(t1 - t0), ticks[kSoftmax] += double(t2 - t1);
+    ticks[kValues] += double(__rdtsc() - t2);
   }
   for (int64_t r = 0; r < M; ++r)
     for (int64_t d = 0; d < D; ++d) out[r * D + d] /= row_sum[r];
@@ -114,12 +156,21 @@ int main(int argc, char** argv) {
   for (auto* x : {&q, &k, &v})
     for (auto& e : *x) e = normal(rng);
   const float scale = 1.0f / std::sqrt(float(D));
+  // the key-major pass's vectors a key (0: the row-major chunked pass)
+  const int key_major = isa == Isa::avx512 ? isa_avx512::key_major_vectors(M)
+                                           : isa_avx2::key_major_vectors(M);
   double best[kSteps];
   std::fill(best, best + kSteps, 1e300);
   for (int rep = 0; rep <= reps; ++rep) {  // the first warms up and is dropped
     double t[kSteps] = {};
-    if (isa == Isa::avx512)
+    if (isa == Isa::avx512 && key_major == 1)
+      key_major_pass<true, 1>(q.data(), k.data(), v.data(), M, N, D, scale, out.data(), t);
+    else if (isa == Isa::avx512)
       chunked_pass<true>(q.data(), k.data(), v.data(), M, N, D, scale, out.data(), t);
+    else if (key_major == 1)
+      key_major_pass<false, 1>(q.data(), k.data(), v.data(), M, N, D, scale, out.data(), t);
+    else if (key_major == 2)
+      key_major_pass<false, 2>(q.data(), k.data(), v.data(), M, N, D, scale, out.data(), t);
     else
       chunked_pass<false>(q.data(), k.data(), v.data(), M, N, D, scale, out.data(), t);
     if (rep > 0)
@@ -148,10 +199,11 @@ int main(int argc, char** argv) {
   double total = 0;
   for (double t : best) total += t;
   const double pass_flops = 2.0 * double(M) * double(N) * double(D);
-  std::printf("few-row read, chunked pass, rows=%ld keys=%ld dim=%ld (%s, one thread, hot, best "
+  std::printf("few-row read, %s pass, rows=%ld keys=%ld dim=%ld (%s, one thread, hot, best "
               "of %d): %.1f TSC ticks a key (the kernel as run: %.1f); FMA units %.1f FLOPs a "
               "tick\n",
-              long(M), long(N), long(D), isa == Isa::avx512 ? "avx512" : "avx2", reps,
+              key_major > 0 ? "key-major" : "chunked", long(M), long(N), long(D),
+              isa == Isa::avx512 ? "avx512" : "avx2", reps,
               total / N, kernel / N, fma_rate);
   for (int i = 0; i < kSteps; ++i) {
     std::printf("  %-18s %6.1f ticks a key", kNames[i], best[i] / N);
