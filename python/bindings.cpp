@@ -552,6 +552,17 @@ PYBIND11_MODULE(_C, m) {
      "dim `dim`, float banks, in this process; 0 where no vector body takes them "
      "(MEMKERNELS_CPU_CHUNK=l1|l2 forces the short or the long chunk)",
      py::arg("rows"), py::arg("dim"));
+  m.def("cpu_few_rows_key_major", [](int64_t rows, int64_t dim) -> int64_t {
+#ifdef MK_HAVE_SIMD_VEC
+    if (mk::few_rows_projects(rows, dim)) return mk::few_rows_key_major_vectors(rows, dim);
+#endif
+    (void)rows, (void)dim;
+    return 0;
+  }, "Vectors a key's scores take in the few-row read's key-major pass for `rows` query rows "
+     "a group of head dim `dim` (float banks, no mask) in this process; 0 where the row-major "
+     "pass, the one-pass body or no vector body takes them (MEMKERNELS_CPU_KEY_MAJOR=0|1 forces "
+     "the layout)",
+     py::arg("rows"), py::arg("dim"));
   m.def("cpu_tile_gemm", [] {
     switch (mk::tile_gemm_width()) {
       case 16: return "avx512";

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -98,6 +99,15 @@ inline bool few_rows_chunked(int64_t M, int64_t D) {
 // Keys a pass of the read for M rows of head dim D (float K and V) on this CPU.
 inline int64_t few_rows_chunk_keys(int64_t M, int64_t D) {
   return few_rows_chunk<float>(D, few_rows_chunk_in_l1(best_isa(), M));
+}
+
+// The vectors a key's scores take where the chunked pass of M rows of head dim
+// D (float K and V, no mask) is key-major on this CPU; 0 where it is row-major
+// or the one-pass body runs. Requires few_rows_projects(M, D).
+inline int few_rows_key_major_vectors(int64_t M, int64_t D) {
+  if (!few_rows_chunked(M, D)) return 0;
+  return best_isa() == Isa::avx512 ? isa_avx512::key_major_vectors(M)
+                                   : isa_avx2::key_major_vectors(M);
 }
 #endif
 

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "slot_math.h"
 
@@ -53,6 +54,7 @@ struct Vec {
   static float reduce1(R a) { float s = 0; for (float x : a.v) s += x; return s; }
 #undef MK_LANES
 };
+#include "cpu/for_index_body.inc"  // softmax_rows_body.inc's exp_vecs indexes through it
 #include "cpu/softmax_rows_body.inc"
 }  // namespace emulated_avx512
 }  // namespace memkernels::cpu

@@ -71,6 +71,8 @@ def test_the_probe_bindings_take_any_integer_without_crashing():
         from memkernels import _C
         sizes = [-(2 ** 62), -64, -1, 0, 1, 8, 15, 16, 17, 64, 4096, 2 ** 62]
         chunks = [_C.cpu_few_rows_chunk(r, d) for r in sizes for d in sizes]
+        layouts = {_C.cpu_few_rows_key_major(r, d) for r in sizes for d in sizes}
+        assert layouts <= {0, 1, 2}, layouts
         bursts = [_C.cpu_fma_burst(s) for s in (-(2 ** 62), -5, 0)]
         print((chunks.count(0), len(chunks), sorted(set(chunks) - {0}), bursts))
     ''')

@@ -27,7 +27,8 @@ from memkernels import MemoryBank, MemoryConfig, MemoryModel, memory_read
 from memkernels.ops import reference
 import memkernels._C as C
 
-print(C.cpu_isa(), C.cpu_tile_gemm(), C.cpu_few_rows_chunk(8, 64))
+print(C.cpu_isa(), C.cpu_tile_gemm(), C.cpu_few_rows_chunk(8, 64),
+      C.cpu_few_rows_key_major(8, 64), C.cpu_few_rows_key_major(16, 64))
 torch.manual_seed(0)
 checked = 0
 
@@ -370,20 +371,22 @@ ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
 
 
 # layout: the few-row chunked pass's score layout, "auto" (as the CPU picks:
-# key-major where the rows fill 7/8 of a vector, few_rows_body.inc), or forced
-# for every group it can take ("key-major") or none ("row-major"), so each
-# ISA body runs both on any CPU
+# key-major where the rows fill 7/8 of one vector or 3/4 of two,
+# few_rows_body.inc), or forced for every group it can take ("key-major") or
+# none ("row-major"), so each ISA body runs both on any CPU
 @pytest.mark.parametrize("isa,gemm,layout", [
     ("avx512", "avx512", "auto"), ("avx2", "avx2", "auto"), ("generic", "blas", "auto"),
     ("avx512", "blas", "key-major"), ("avx2", "blas", "key-major"),
-    ("avx512", "blas", "row-major"), ("avx2", "blas", "row-major")])
+    ("avx512", "blas", "row-major"), ("avx2", "blas", "row-major"),
+    ("avx512", "avx512", "key-major")])
 def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm, layout):
     """Each ISA body, with the tile GEMMs on its register-blocked kernel and on
     the vendor BLAS (MEMKERNELS_CPU_GEMM=blas). The BLAS runs also force the
     few-row read's long chunk (MEMKERNELS_CPU_CHUNK=l2: 64 KiB of K, which
     only AVX-512 on 256-bit units takes by itself for more rows than a
     register block), so both chunks run on every CPU, and one score layout
-    (MEMKERNELS_CPU_KEY_MAJOR)."""
+    (MEMKERNELS_CPU_KEY_MAJOR); a layout forced beside the ISA's own GEMM takes
+    the short chunk (l1), which AVX-512 on 256-bit units never picks itself."""
     if _backend.extension()[0] is None:
         pytest.skip("needs memkernels._C")
     if not ISA_NEEDS[isa] <= _cpu_flags():
@@ -396,6 +399,8 @@ def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm, layout):
         env["MEMKERNELS_CPU_CHUNK"] = "l2"
     if layout != "auto":
         env["MEMKERNELS_CPU_KEY_MAJOR"] = "1" if layout == "key-major" else "0"
+        if gemm != "blas":
+            env["MEMKERNELS_CPU_CHUNK"] = "l1"
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -404,4 +409,44 @@ def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm, layout):
     assert lines[1] == gemm, f"the tile GEMMs ran on {lines[1]}, not {gemm}"
     if gemm == "blas" and isa != "generic":  # 8 rows of Dh 64: 256 keys a pass
         assert lines[2] == "256", f"MEMKERNELS_CPU_CHUNK=l2 read {lines[2]} keys a pass"
+    if gemm != "blas" and layout != "auto":  # 64 keys a pass
+        assert lines[2] == "64", f"MEMKERNELS_CPU_CHUNK=l1 read {lines[2]} keys a pass"
+    # the vectors a key's scores take for 8 and 16 rows of Dh 64 (0: row-major)
+    want = {"auto": {"avx512": "0 1", "avx2": "1 2", "generic": "0 0"},
+            "key-major": {"avx512": "1 1", "avx2": "1 2"},
+            "row-major": {"avx512": "0 0", "avx2": "0 0"}}[layout][isa]
+    assert " ".join(lines[3:5]) == want, f"layout {layout} on {isa}: {lines[3:5]}, not {want}"
     assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64",
+                    reason="needs g++ on x86-64")
+def test_vector_exp_on_both_bodies(tmp_path):
+    """The softmax rows' vector exp over ~1M floats spread along the line
+    (csrc/tools/exp_vec_check.cpp): the AVX2 and AVX-512 bodies where the CPU
+    has them, and the AVX-512 body's arithmetic emulated lane by lane, so CI
+    checks it on CPUs without AVX-512 (where the CPU has it, the native body
+    must match the emulation bit for bit). Within 3e-7 of double exp on
+    [-87, 88], 0 below -87, NaN kept."""
+    exe = tmp_path / "exp_vec_check"
+    build = subprocess.run(["g++", "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc"),
+                            os.path.join(ROOT, "csrc", "tools", "exp_vec_check.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "4099"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = {}
+    for line in run.stdout.split("\n"):
+        if line.strip():
+            body, *fields = line.split()
+            found[body] = {k: float(v) for k, v in (f.split("=") for f in fields)}
+    flags = _cpu_flags()
+    bodies = {"avx512-emulated"} | {isa for isa in ("avx2", "avx512") if ISA_NEEDS[isa] <= flags}
+    assert set(found) == bodies, run.stdout
+    for body, e in found.items():
+        assert e["below0"] < 3e-7 and e["above0"] < 3e-7 and e["broken"] == 0, (body, e)
+    if "avx512" in found:
+        assert found["avx512"]["differ"] == 0, found["avx512"]
