@@ -9,6 +9,7 @@
 // MEMKERNELS_CPU_GEMM=blas keeps the vendor BLAS (an A/B switch; read once).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>

@@ -96,6 +96,13 @@ def test_cmake_standalone_build(tmp_path):
     assert phases.returncode == (0 if tile_gemms else 2), phases.stdout + phases.stderr
     assert ("against read_backward's: max |difference|" in phases.stdout) == tile_gemms, \
         phases.stdout
+    # the tile GEMM's hot rate, small and odd (37 x 48 over 301), A row-major and transposed:
+    # its product against float64; exits 2 where no tile GEMM body applies
+    for transposed in ("0", "1"):
+        gemm = subprocess.run([str(build / "memkernels_gemm_hot"), "37", "48", "301", transposed,
+                               "2"], capture_output=True, text=True, timeout=300)
+        assert gemm.returncode == (0 if tile_gemms else 2), gemm.stdout + gemm.stderr
+        assert ("against float64: max |difference|" in gemm.stdout) == tile_gemms, gemm.stdout
     # the few-row read's chunked pass step by step (8 rows over 1,201 keys of Dh 32: three
     # chunks of 512 keys or ten of 128, the last ending in a partial 4-key step), its output
     # against few_rows_read's, on each body the CPU runs; exits 2 where no vector body applies
