@@ -10,7 +10,15 @@
 // the products' share of that rate needs no clock speed. The phases are run
 // as the kernel runs them, and their dQ, dK, dV checked against
 // read_backward's.
-//   ./memkernels_backward_phases [rows [keys [reps [head_dim]]]]
+// With `kept` 1 the same backward also runs as it would with the forward's
+// probabilities kept for any number of key blocks (the write keeps them for one
+// block only), in turns with the recomputing one: P = exp(S - lse) read from a
+// copy laid out a key block at a time ([keys / 512][rows][512]: each tile one
+// run, as the write's kept P is), one of four rotated so that it comes from
+// memory as a training step's would, dS in the dP product's epilogue, no S =
+// Q K^T and no softmax gradient rows. What keeping P in the read would save,
+// before building it.
+//   ./memkernels_backward_phases [rows [keys [reps [head_dim [kept]]]]]
 #include <omp.h>
 #include <x86intrin.h>
 
@@ -35,9 +43,12 @@ const char* const kNames[kPhases] = {"K, V blocks into panels", "S = Q K^T", "dP
 bool is_product(int p) { return p != kPanels && p != kSoftmaxGrad; }
 
 // The loop of attention_backward_group (attention_cpu.h) on its tile GEMMs,
-// with TSC ticks added into ticks[phase].
+// with TSC ticks added into ticks[phase]. kept (nullable): P a key block at a time,
+// [ceil(N / kBlockN)][M][kept_ld], read in place of S = Q K^T and the softmax
+// gradient rows, as the write's kept P is.
 void backward_phases(const AttentionProblem<float>& p, const float* dout, const float* lse,
-                     const float* delta, float* dq, float* dk, float* dv, double* ticks) {
+                     const float* delta, float* dq, float* dk, float* dv, double* ticks,
+                     const float* kept = nullptr, int64_t kept_ld = 0) {
   const int64_t M = p.rows, N = p.keys, D = p.dim, ld = score_tile_ld(N);
   std::vector<float> probs(kBlockM * ld), dprobs(kBlockM * ld), k_t(D * ld), v_t(D * ld);
   const bool in_panels = tile_gemm_wants_panels(D);
@@ -52,14 +63,23 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
       uint64_t t[kPhases];
+      // P: the kept one's tile in place, else this block's, recomputed
+      const float* pt = kept ? kept + (n0 / kBlockN * M + r0) * kept_ld : probs.data();
+      const int64_t pld = kept ? kept_ld : ld;
       t[0] = __rdtsc();
-      tile_gemm_panels(mr, nbp, D, p.q + r0 * D, D, 1, k_t.data(), probs.data(), ld, false);
+      if (!kept)
+        tile_gemm_panels(mr, nbp, D, p.q + r0 * D, D, 1, k_t.data(), probs.data(), ld, false);
       t[1] = __rdtsc();
-      tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t.data(), dprobs.data(), ld, false);
+      if (kept)
+        tile_gemm_panels_probs_grad(mr, nbp, D, dout + r0 * D, D, 1, v_t.data(), dprobs.data(),
+                                    ld, {pt, pld, delta + r0, p.scale});
+      else
+        tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t.data(), dprobs.data(), ld, false);
       t[2] = __rdtsc();
-      for (int64_t r = 0; r < mr; ++r)
-        softmax_grad_row(probs.data() + r * ld, dprobs.data() + r * ld, nb, lse[r0 + r],
-                         delta[r0 + r], p.scale);
+      if (!kept)
+        for (int64_t r = 0; r < mr; ++r)
+          softmax_grad_row(probs.data() + r * ld, dprobs.data() + r * ld, nb, lse[r0 + r],
+                           delta[r0 + r], p.scale);
       if (in_panels) {
         const uint64_t c0 = __rdtsc();
         tile_to_panels(dout + r0 * D, mr, D, D, dout_panels.data());
@@ -68,11 +88,9 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
       }
       t[3] = __rdtsc();
       if (in_panels)
-        tile_gemm_panels(nb, D, mr, probs.data(), 1, ld, dout_panels.data(), dv + n0 * D, D,
-                         r0 > 0);
+        tile_gemm_panels(nb, D, mr, pt, 1, pld, dout_panels.data(), dv + n0 * D, D, r0 > 0);
       else
-        tile_product(true, nb, D, mr, probs.data(), 1, ld, dout + r0 * D, D, dv + n0 * D, D,
-                     r0 > 0);
+        tile_product(true, nb, D, mr, pt, 1, pld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
       t[4] = __rdtsc();
       if (in_panels)
         tile_gemm_panels(mr, D, nb, dprobs.data(), ld, 1, k_panels.data(), dq + r0 * D, D,
@@ -88,7 +106,11 @@ void backward_phases(const AttentionProblem<float>& p, const float* dout, const 
         tile_product(true, nb, D, mr, dprobs.data(), 1, ld, p.q + r0 * D, D, dk + n0 * D, D,
                      r0 > 0);
       t[6] = __rdtsc();
-      for (int i = 0; i < 6; ++i) ticks[kScores + i] += double(t[i + 1] - t[i]);
+      for (int i = 0; i < 6; ++i) {
+        const int phase = kScores + i;
+        if (kept && (phase == kScores || phase == kSoftmaxGrad)) continue;  // not run
+        ticks[phase] += double(t[i + 1] - t[i]);
+      }
     }
   }
 }
@@ -99,6 +121,7 @@ int main(int argc, char** argv) {
   const int64_t M = argc > 1 ? atoll(argv[1]) : 1024, N = argc > 2 ? atoll(argv[2]) : 4096;
   const int reps = argc > 3 ? atoi(argv[3]) : 5;
   const int64_t D = argc > 4 ? atoll(argv[4]) : 64;
+  const bool with_kept = argc > 5 && atoi(argv[5]) != 0;
   if (M < 1 || N < 1 || reps < 1 || D < 1) {
     std::printf("rows, keys, reps and head_dim must be positive\n");
     return 2;
@@ -123,13 +146,37 @@ int main(int argc, char** argv) {
     for (int64_t d = 0; d < D; ++d) acc += dout[r * D + d] * out[r * D + d];
     delta[r] = acc;
   }
+  // the kept P: exp(scale q.k - lse) a key block at a time, its padding columns 0, four
+  // copies rotated
+  constexpr int kCopies = 4;
+  const int64_t kept_ld = saved_probs_ld(std::min(N, kBlockN));
+  const int64_t blocks = (N + kBlockN - 1) / kBlockN;
+  std::vector<std::vector<float>> kept(with_kept ? kCopies : 0);
+  if (with_kept) {
+    kept[0].assign(blocks * M * kept_ld, 0.0f);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < N; ++j) {
+        double s = 0;
+        for (int64_t d = 0; d < D; ++d) s += double(q[r * D + d]) * double(k[j * D + d]);
+        kept[0][(j / kBlockN * M + r) * kept_ld + j % kBlockN] =
+            float(std::exp(double(p.scale) * s - double(lse[r])));
+      }
+    for (int c = 1; c < kCopies; ++c) kept[c] = kept[0];  // only where they live differs
+  }
   std::vector<float> dq(M * D), dk(N * D), dv(N * D);
-  double ticks[kPhases] = {};
-  for (int rep = 0; rep <= reps; ++rep) {  // the first warms up and is dropped
+  std::vector<float> kept_dq(M * D), kept_dk(N * D), kept_dv(N * D);
+  double ticks[kPhases] = {}, kept_ticks[kPhases] = {};
+  for (int rep = 0; rep <= reps; ++rep) {  // the first warms up and is dropped; kept in turns
     double t[kPhases] = {};
     backward_phases(p, dout.data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), t);
     if (rep > 0)
       for (int i = 0; i < kPhases; ++i) ticks[i] += t[i] / reps;
+    if (!with_kept) continue;
+    double tk[kPhases] = {};
+    backward_phases(p, dout.data(), lse.data(), delta.data(), kept_dq.data(), kept_dk.data(),
+                    kept_dv.data(), tk, kept[rep % kCopies].data(), kept_ld);
+    if (rep > 0)
+      for (int i = 0; i < kPhases; ++i) kept_ticks[i] += tk[i] / reps;
   }
   // the FMA units' rate on this thread, in FLOPs a TSC tick, at the kernels' ISA
   double fma_rate = 0;
@@ -142,27 +189,44 @@ int main(int argc, char** argv) {
   std::vector<float> want_dq(M * D), want_dk(N * D), want_dv(N * D);
   read_backward(p, out.data(), dout.data(), lse.data(), want_dq.data(), want_dk.data(),
                 want_dv.data());
-  double max_diff = 0;
-  for (auto [got, want] : {std::pair{&dq, &want_dq}, {&dk, &want_dk}, {&dv, &want_dv}})
-    for (size_t i = 0; i < got->size(); ++i) {
-      const double e = std::abs(double((*got)[i]) - (*want)[i]) / (1.0 + std::abs((*want)[i]));
-      max_diff = e > max_diff || e != e ? e : max_diff;
-    }
-  double total = 0;
-  for (double t : ticks) total += t;
+  const auto max_diff = [&](const std::vector<float>& gq, const std::vector<float>& gk,
+                            const std::vector<float>& gv) {
+    double worst = 0;
+    for (auto [got, want] : {std::pair{&gq, &want_dq}, {&gk, &want_dk}, {&gv, &want_dv}})
+      for (size_t i = 0; i < got->size(); ++i) {
+        const double e = std::abs(double((*got)[i]) - (*want)[i]) / (1.0 + std::abs((*want)[i]));
+        worst = e > worst || e != e ? e : worst;
+      }
+    return worst;
+  };
   const double product_flops = 2.0 * double(M) * double(N) * double(D);
-  std::printf("read backward, one group of %ld rows over %ld keys, Dh %ld (%s, one thread, hot): "
-              "%.2f M TSC ticks; FMA units %.1f FLOPs a tick\n",
-              long(M), long(N), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
-              total / 1e6, fma_rate);
-  for (int i = 0; i < kPhases; ++i) {
-    std::printf("  %-24s %5.1f%% of the time", kNames[i], 100.0 * ticks[i] / total);
-    if (is_product(i))
-      std::printf(", %.1f FLOPs a tick, %.0f%% of the FMA rate", product_flops / ticks[i],
-                  100.0 * product_flops / ticks[i] / fma_rate);
-    std::printf("\n");
-  }
+  const auto report = [&](const char* what, const double* tk) {
+    double total = 0;
+    for (int i = 0; i < kPhases; ++i) total += tk[i];
+    std::printf("read backward%s, one group of %ld rows over %ld keys, Dh %ld (%s, one thread, "
+                "hot): %.2f M TSC ticks; FMA units %.1f FLOPs a tick\n",
+                what, long(M), long(N), long(D), best_isa() == Isa::avx512 ? "avx512" : "avx2",
+                total / 1e6, fma_rate);
+    for (int i = 0; i < kPhases; ++i) {
+      if (tk[i] == 0.0) continue;  // a phase the kept P skips
+      std::printf("  %-24s %5.1f%% of the time", kNames[i], 100.0 * tk[i] / total);
+      if (is_product(i))
+        std::printf(", %.1f FLOPs a tick, %.0f%% of the FMA rate", product_flops / tk[i],
+                    100.0 * product_flops / tk[i] / fma_rate);
+      std::printf("\n");
+    }
+    return total;
+  };
+  const double recomputing = report("", ticks);
+  const double diff = max_diff(dq, dk, dv);
   std::printf("dQ, dK, dV against read_backward's: max |difference| / (1 + |theirs|) %.2e\n",
-              max_diff);
-  return max_diff <= 1e-4 ? 0 : 1;  // false for NaN
+              diff);
+  if (!with_kept) return diff <= 1e-4 ? 0 : 1;  // false for NaN
+  const double keeping = report(" with P kept (in turns with the above; P from memory)",
+                                kept_ticks);
+  const double kept_diff = max_diff(kept_dq, kept_dk, kept_dv);
+  std::printf("with P kept: dQ, dK, dV against read_backward's: max |difference| / "
+              "(1 + |theirs|) %.2e; %.3fx the recomputing backward's ticks\n",
+              kept_diff, keeping / recomputing);
+  return diff <= 1e-4 && kept_diff <= 1e-4 ? 0 : 1;
 }

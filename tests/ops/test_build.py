@@ -96,13 +96,25 @@ def test_cmake_standalone_build(tmp_path):
     assert phases.returncode == (0 if tile_gemms else 2), phases.stdout + phases.stderr
     assert ("against read_backward's: max |difference|" in phases.stdout) == tile_gemms, \
         phases.stdout
-    # the tile GEMM's hot rate, small and odd (37 x 48 over 301), A row-major and transposed:
-    # its product against float64; exits 2 where no tile GEMM body applies
-    for transposed in ("0", "1"):
-        gemm = subprocess.run([str(build / "memkernels_gemm_hot"), "37", "48", "301", transposed,
-                               "2"], capture_output=True, text=True, timeout=300)
-        assert gemm.returncode == (0 if tile_gemms else 2), gemm.stdout + gemm.stderr
-        assert ("against float64: max |difference|" in gemm.stdout) == tile_gemms, gemm.stdout
+    # and in turns with the backward as it would run with P kept over two key blocks (600 keys:
+    # the second partial), both checked against read_backward's
+    kept = subprocess.run([str(build / "memkernels_backward_phases"), "37", "600", "1", "64", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert kept.returncode == (0 if tile_gemms else 2), kept.stdout + kept.stderr
+    assert ("with P kept: dQ, dK, dV against read_backward's" in kept.stdout) == tile_gemms, \
+        kept.stdout
+    # the tile GEMM's hot rate, small and odd (37 rows, 48 columns), A row-major and
+    # transposed, its product against float64, on each body the CPU runs: over 301 steps (no
+    # prefetching steps), and A row-major over 5, 20 and 64 (the next rows warmed: all steps,
+    # 12 of 20 and 24 of 64 in the prefetching loop); exits 2 where no tile GEMM body applies
+    for caps in ({}, {"MEMKERNELS_CPU_ISA": "avx2"}):
+        for k, transposed in (("301", "0"), ("301", "1"), ("5", "0"), ("20", "0"), ("64", "0")):
+            gemm = subprocess.run([str(build / "memkernels_gemm_hot"), "37", "48", k, transposed,
+                                   "2"], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, **caps})
+            assert gemm.returncode == (0 if tile_gemms else 2), gemm.stdout + gemm.stderr
+            assert ("against float64: max |difference|" in gemm.stdout) == tile_gemms, \
+                (caps, k, transposed, gemm.stdout)
     # the few-row read's chunked pass step by step (8 rows over 1,201 keys of Dh 32: three
     # chunks of 512 keys or ten of 128, the last ending in a partial 4-key step), its output
     # against few_rows_read's, on each body the CPU runs; exits 2 where no vector body applies
