@@ -55,13 +55,73 @@ std::tuple<Tensor, Tensor> read_fwd(const Tensor& q, const Tensor& k, const Tens
   return {L.from_groups(out).to(q.scalar_type()), L.from_groups(lse)};
 }
 
+// The read's kept probabilities' shapes, [G, blocks, M, ld] and [G, blocks, M]
+// (G, M: the kernels' groups and rows, ReadLayout); empty where there is no query
+// or no slot.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> read_probs_shapes(const ReadLayout& L) {
+  if (L.empty() || L.S == 0) return {{0}, {0}};
+  const int64_t blocks = mk::read_probs_blocks(L.S);
+  return {{L.groups(), blocks, L.rows(), mk::read_probs_ld(L.S)}, {L.groups(), blocks, L.rows()}};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> read_fwd_keeping_probs(
+    const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& slot_mask, double scale) {
+  const ReadLayout L = read_layout(q, k, v, slot_mask);
+  MK_CHECK(q.device().is_cpu(), "memkernels._C.read_fwd_keeping_probs: tensors must be on the CPU");
+  const auto ct = compute_type(q);
+  const auto shapes = read_probs_shapes(L);
+  const bool keeps = shapes.first.size() > 1;
+  const auto none = [&] { return at::empty({0}, q.options().dtype(ct)); };
+  Tensor probs = keeps ? kernel_output(shapes.first, ct) : none();
+  Tensor probs_max = keeps ? kernel_output(shapes.second, ct) : none();
+  if (L.empty())
+    return {at::empty_like(q), at::empty({L.B, L.H, L.T}, q.options().dtype(ct)), probs, probs_max};
+  const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
+  Tensor qg = L.to_groups(q.to(ct)), kg = L.bank_groups(prep(k, ct)), vg = L.bank_groups(prep(v, ct));
+  Tensor out = kernel_output({L.groups(), L.rows(), L.D}, ct);
+  Tensor lse = kernel_output({L.groups(), L.rows()}, ct);
+  AT_DISPATCH_FLOATING_TYPES(ct, "read_fwd_keeping_probs", [&] {
+    mk::read_forward_keeping_probs<scalar_t>(
+        read_problem<scalar_t>(L, qg, kg, vg, mask, scale), out.data_ptr<scalar_t>(),
+        lse.data_ptr<scalar_t>(), keeps ? probs.data_ptr<scalar_t>() : nullptr,
+        keeps ? probs_max.data_ptr<scalar_t>() : nullptr);
+  });
+  return {L.from_groups(out).to(q.scalar_type()), L.from_groups(lse), probs, probs_max};
+}
+
+// probs / probs_max: read_fwd_keeping_probs's (both, of its shapes, dtype and device), or
+// both None / empty to recompute the probabilities.
+bool check_read_probs(const ReadLayout& L, const Tensor& q, const OptTensor& probs,
+                      const OptTensor& probs_max) {
+  const bool has_p = probs && probs->numel() > 0, has_m = probs_max && probs_max->numel() > 0;
+  MK_CHECK(has_p == has_m, "probs and probs_max must be given together (read_fwd_keeping_probs's "
+           "third and fourth outputs), got ", has_p ? "probs only" : "probs_max only");
+  if (!has_p) return false;
+  const auto shapes = read_probs_shapes(L);
+  MK_CHECK(shapes.first.size() > 1, "probs must be empty for a read of no query or no slot, got "
+           "shape ", shape_str(probs->sizes()));
+  const std::tuple<const Tensor*, const char*, const std::vector<int64_t>*> kept[] = {
+      {&*probs, "probs", &shapes.first}, {&*probs_max, "probs_max", &shapes.second}};
+  for (const auto& [t, name, want_shape] : kept) {
+    const auto& want = *want_shape;
+    MK_CHECK(t->sizes() == at::IntArrayRef(want), name, " must have shape ", shape_str(want),
+             " (read_fwd_keeping_probs's), got ", shape_str(t->sizes()));
+    MK_CHECK(t->scalar_type() == compute_type(q), name, " must have dtype ", compute_type(q),
+             " (read_fwd_keeping_probs's), got ", t->scalar_type());
+    MK_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                             const Tensor& v, const Tensor& out, const Tensor& lse,
-                                            const OptTensor& slot_mask, double scale) {
+                                            const OptTensor& slot_mask, double scale,
+                                            const OptTensor& probs, const OptTensor& probs_max) {
   const ReadLayout L = read_layout(q, k, v, slot_mask);
   MK_CHECK(q.device().is_cpu(), "memkernels._C.read_bwd: tensors must be on the CPU");
   check_saved(q, {{dout, "dout", q.sizes().vec()}, {out, "out", q.sizes().vec()},
                   {lse, "lse", {L.B, L.H, L.T}}});
+  const bool kept = check_read_probs(L, q, probs, probs_max);
   if (L.empty()) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const auto ct = compute_type(q);
   const OptTensor mask = slot_mask ? OptTensor(slot_mask->contiguous()) : std::nullopt;
@@ -69,11 +129,14 @@ std::tuple<Tensor, Tensor, Tensor> read_bwd(const Tensor& dout, const Tensor& q,
   Tensor og = L.to_groups(out.to(ct)), dog = L.to_groups(dout.to(ct)), lg = L.to_groups(lse.to(ct));
   Tensor dq = kernel_output(qg.sizes(), ct), dk = kernel_output(kg.sizes(), ct),
          dv = kernel_output(vg.sizes(), ct);
+  Tensor pr = kept ? probs->contiguous() : Tensor(), pm = kept ? probs_max->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(ct, "read_bwd", [&] {
     mk::read_backward<scalar_t>(read_problem<scalar_t>(L, qg, kg, vg, mask, scale),
                                 og.data_ptr<scalar_t>(), dog.data_ptr<scalar_t>(),
                                 lg.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                                dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+                                dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                                kept ? pr.data_ptr<scalar_t>() : nullptr,
+                                kept ? pm.data_ptr<scalar_t>() : nullptr);
   });
   const auto dt = q.scalar_type();
   return {L.from_groups(dq).to(dt), dk.reshape(k.sizes()).to(dt), dv.reshape(v.sizes()).to(dt)};
@@ -488,7 +551,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "memkernels fused slot-bank kernels (CPU; CUDA when built with it)";
   m.def("read_fwd", &read_fwd, "memory_read forward (CPU) -> (out, lse)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("slot_mask"), py::arg("scale"));
-  m.def("read_bwd", &read_bwd, "memory_read backward (CPU) -> (dq, dk, dv)");
+  m.def("read_fwd_keeping_probs", &read_fwd_keeping_probs,
+        "memory_read forward (CPU) for training -> (out, lse, probs, probs_max): also each key "
+        "block's unnormalized attention probabilities and the rows' running max after it, for "
+        "read_bwd (empty with no query or no slot)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("slot_mask"), py::arg("scale"));
+  m.def("read_bwd", &read_bwd,
+        "memory_read backward (CPU) -> (dq, dk, dv); probs, probs_max: read_fwd_keeping_probs's, "
+        "or None to recompute the probabilities",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("slot_mask"), py::arg("scale"), py::arg("probs") = py::none(),
+        py::arg("probs_max") = py::none());
   m.def("write_fwd", &write_fwd,
         "memory_write forward (CPU) -> (new_mem, upd, lse, probs); probs are the attention "
         "probabilities kept for write_bwd when save_probs and T <= 512, else empty",
@@ -503,6 +576,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lse"), py::arg("scale"), py::arg("probs") = py::none());
   m.attr("WRITE_PROBS_MAX_TOKENS") = mk::kBlockN;
   m.attr("WRITE_PROBS_COLUMN_MULTIPLE") = mk::kSavedProbsColumnMultiple;
+  m.attr("READ_PROBS_BLOCK_KEYS") = mk::kBlockN;
   m.def("cpu_empty_cache", [] { return HostBufferPool::instance().empty_cache(); },
         "unmaps the cached host buffers (the CPU ops' outputs and the write's saved "
         "probabilities, from 4 MiB); returns the bytes");

@@ -4,6 +4,7 @@ ISA gets a process of its own: run it from each build's tree, in turns).
 
     MEMKERNELS_CPU_ISA=avx2 PYTHONPATH=. python benchmarks/experiments/train_step_ab.py write
     python benchmarks/experiments/train_step_ab.py read --calls 10
+    python benchmarks/experiments/train_step_ab.py read --no-save-probs  # P recomputed
 
 write: memkernels.memory_write at the bench's shape (B=4 H=16 S=1,024 T=512 Dh 64);
 read: memkernels.memory_read of B=4 H=16 T=256 rows over a shared bank of S=4,096
@@ -23,8 +24,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("op", choices=("write", "read"))
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--no-save-probs", action="store_true",
+                    help="save_probs=False: the backward recomputes the probabilities")
     args = ap.parse_args()
     torch.manual_seed(0)
+    keep = not args.no_save_probs
 
     def leaf(*shape):
         return torch.randn(*shape, requires_grad=True)
@@ -35,13 +39,13 @@ def main() -> None:
                   leaf(B, H, S, 1), leaf(B, H, S, 1)]
 
         def forward():
-            return memkernels.memory_write(*inputs, backend="cpu")
+            return memkernels.memory_write(*inputs, backend="cpu", save_probs=keep)
     else:
         B, H, T, S, D = 4, 16, 256, 4096, 64
         inputs = [leaf(B, H, T, D), leaf(H, S, D), leaf(H, S, D)]
 
         def forward():
-            return memkernels.memory_read(*inputs, backend="cpu")
+            return memkernels.memory_read(*inputs, backend="cpu", save_probs=keep)
 
     grad = None
     fwd, step = [], []

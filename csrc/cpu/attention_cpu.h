@@ -61,6 +61,20 @@ struct AttentionProblem {
   const float* v_scale = nullptr;
 };
 
+// The read's kept probabilities for one group (or a span of its rows), written by
+// the forward and read by the backward (T, or const T): per key block b, the
+// rows' exp(S - m_b) at probs [blocks, rows, ld] and m_b, their running max after
+// block b, at block_max [blocks, rows]. The true probabilities are those times
+// exp(m_b - lse), a factor per row and block the backward folds into dO and delta
+// (docs/design.md, "The read keeps its probabilities"). ld: a key block's columns
+// rounded up to kSavedProbsColumnMultiple; rows: the group's rows (block stride).
+template <typename P>
+struct KeptProbs {
+  P* probs = nullptr;
+  P* block_max = nullptr;
+  int64_t ld = 0, rows = 0;
+};
+
 // A tile of `rows` keys or values [rows, D] as T: the pointer itself, or
 // (bf16, int8) widened into buf, which stays in L2 (kBlockN x D floats);
 // row_scale (int8 only) scales each row.
@@ -234,10 +248,12 @@ void tile_product(bool own, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // rows [mr, probs_ld] (probs_ld a multiple of kSavedProbsColumnMultiple, probs
 // aligned to 64 bytes),
 // for a backward that then skips S = Q K^T and its exp (saved_probs_ld).
+// kept (the read's, any number of key blocks): each block's exp(S - m) and m, the
+// rows' running max after the block (KeptProbs), unnormalized: the backward rescales.
 template <typename T, typename KV>
 void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t r0, int64_t mr,
                             T* out, T* lse, std::vector<T>& scratch, T* probs = nullptr,
-                            int64_t probs_ld = 0) {
+                            int64_t probs_ld = 0, const KeptProbs<T>& kept = {}) {
   const int64_t D = p.dim, N = p.keys;
   const T* q = p.q + (g * p.rows + r0) * D;
   const KV* k = p.k + g * N * D;
@@ -289,6 +305,14 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
                                                           mask_and_max(s, valid, nb), &correction);
         row_sum[t0 + r] = row_sum[t0 + r] * correction + exp_row(s, nb, new_max);
         row_max[t0 + r] = new_max;
+        if (kept.probs) {  // this block's exp(S - new_max), its padding 0, and new_max
+          const int64_t cols = (nb + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple *
+                               kSavedProbsColumnMultiple;  // <= kept.ld and <= ld
+          std::fill(s + nb, s + cols, T(0));
+          const int64_t at = (n0 / kBlockN) * kept.rows + t0 + r;
+          scaled_row_streamed(s, kept.probs + at * kept.ld, cols, T(1));
+          kept.block_max[at] = new_max;
+        }
         if (probs) {  // the one key block: the row's sum is final; stored under the P V below
           const int64_t cols = (nb + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple *
                                kSavedProbsColumnMultiple;  // <= probs_ld and <= ld
@@ -309,7 +333,7 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
       tile_product(own_gemm, tr, D, nb, scores, ld, 1, vb, D, ot, D, n0 > 0);
     }
   }
-  if (probs) stream_fence();
+  if (probs || kept.probs) stream_fence();
   for (int64_t r = 0; r < mr; ++r) {
     const T inv = safe_inverse(row_sum[r]);
     T* o = out + r * D;
@@ -322,6 +346,9 @@ void attention_forward_rows(const AttentionProblem<T, KV>& p, int64_t g, int64_t
 // group so dK/dV accumulate without atomics). dq/dk/dv are overwritten.
 // probs (nullable): the forward's probabilities, rows [M, probs_ld] (N <= kBlockN):
 // read in place of recomputing S = Q K^T and its exp, one product of five.
+// kept (the read's, any N; in place of probs): each key block's exp(S - m_b), whose
+// factor c = exp(m_b - lse) per row is folded into the tile's dO and delta:
+// dS = P_b (c dO V^T - c delta) scale and dV += P_b^T (c dO), the same products.
 // Float groups take the register-blocked GEMMs where they apply (tile_gemm.h):
 // K's and V's blocks transposed into panels once per block (for all row tiles), the P^T and
 // dS^T products read the tiles through swapped strides, and the right-hand sides read as
@@ -330,7 +357,7 @@ template <typename T>
 void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* out,
                               const T* dout, const T* lse, T* dq, T* dk, T* dv,
                               std::vector<T>& scratch, const T* probs_saved = nullptr,
-                              int64_t probs_ld = 0) {
+                              int64_t probs_ld = 0, const KeptProbs<const T>& kept = {}) {
   const int64_t D = p.dim, N = p.keys, M = p.rows;
   const T* q = p.q + g * M * D;
   const T* k = p.k + g * N * D;
@@ -344,8 +371,13 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   bool in_panels = false;
   if constexpr (std::is_same_v<T, float>) in_panels = own_gemm && tile_gemm_wants_panels(D);
   const int64_t block_keys = std::min(kBlockN, N);
+  if (kept.probs) {
+    probs_saved = kept.probs;
+    probs_ld = kept.ld;
+  }
   scratch.resize(2 * tile_rows * ld + M + (own_gemm ? 2 * D * ld : 0) +
-                 (in_panels ? (block_keys + 2 * tile_rows) * D : 0));
+                 (in_panels ? (block_keys + 2 * tile_rows) * D : 0) +
+                 (kept.probs ? tile_rows * (D + 1) : 0));
   T* probs = scratch.data();
   T* dprobs = probs + tile_rows * ld;
   T* delta = dprobs + tile_rows * ld;  // rowsum(dO * O)
@@ -354,6 +386,8 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
   T* k_panels = k_t + (own_gemm ? 2 * D * ld : 0);  // where in_panels: K's block [nb, D],
   T* dout_panels = k_panels + block_keys * D;        // the tile's dO [mr, D]
   T* q_panels = dout_panels + tile_rows * D;         // and its Q [mr, D], in panels
+  T* dout_scaled = k_panels + (in_panels ? (block_keys + 2 * tile_rows) * D : 0);  // kept: c dO
+  T* delta_scaled = dout_scaled + tile_rows * D;                 // and c delta [mr]
   for (int64_t r = 0; r < M; ++r) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)  // may reorder the sum: without it, a scalar chain
@@ -378,31 +412,46 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
         if (in_panels) tile_to_panels(k + n0 * D, nb, D, D, k_panels);
       }
     }
+    // the kept probabilities' block (the write's one block: probs_saved itself)
+    const T* block_probs = probs_saved ? probs_saved + (n0 / kBlockN) * M * probs_ld : nullptr;
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
+      const T* dout_t = dout + r0 * D;  // the tile's dO and delta, times c where kept
+      const T* delta_t = delta + r0;
+      if (kept.probs) {
+        const T* m_b = kept.block_max + (n0 / kBlockN) * M + r0;
+        for (int64_t r = 0; r < mr; ++r) {  // c = 0 for a row with no key (lse -inf)
+          const T l = lse[r0 + r];
+          const T c = l == neg_inf<T>() ? T(0) : mk_exp(m_b[r] - l);
+          for (int64_t d = 0; d < D; ++d) dout_scaled[r * D + d] = c * dout_t[r * D + d];
+          delta_scaled[r] = c * delta_t[r];
+        }
+        dout_t = dout_scaled;
+        delta_t = delta_scaled;
+      }
       if constexpr (std::is_same_v<T, float>) {
         if (own_gemm) {
           if (!probs_saved) tile_gemm_panels(mr, nbp, D, q + r0 * D, D, 1, k_t, probs, ld, false);
           if (probs_saved)  // dS in the product's epilogue (ProbsGradEpilogue)
-            tile_gemm_panels_probs_grad(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld,
-                                        {probs_saved + r0 * probs_ld, probs_ld, delta + r0, p.scale});
+            tile_gemm_panels_probs_grad(mr, nbp, D, dout_t, D, 1, v_t, dprobs, ld,
+                                        {block_probs + r0 * probs_ld, probs_ld, delta_t, p.scale});
           else
-            tile_gemm_panels(mr, nbp, D, dout + r0 * D, D, 1, v_t, dprobs, ld, false);
+            tile_gemm_panels(mr, nbp, D, dout_t, D, 1, v_t, dprobs, ld, false);
         }
       }
       if (!own_gemm) {
         if (!probs_saved)
           gemm<T>(false, true, mr, nb, D, p.scale, q + r0 * D, D, k + n0 * D, D, T(0), probs, ld);
-        gemm<T>(false, true, mr, nb, D, T(1), dout + r0 * D, D, v + n0 * D, D, T(0), dprobs, ld);
+        gemm<T>(false, true, mr, nb, D, T(1), dout_t, D, v + n0 * D, D, T(0), dprobs, ld);
       }
       // P: the forward's (its masked keys already 0), else recomputed here
-      const T* pt = probs_saved ? probs_saved + r0 * probs_ld : probs;
+      const T* pt = probs_saved ? block_probs + r0 * probs_ld : probs;
       const int64_t pld = probs_saved ? probs_ld : ld;
       for (int64_t r = 0; r < mr; ++r) {
         T* dp = dprobs + r * ld;
         if (probs_saved) {
           if (!own_gemm)
-            saved_probs_grad_row(pt + r * pld, dp, nb, lse[r0 + r], delta[r0 + r], p.scale);
+            saved_probs_grad_row(pt + r * pld, dp, nb, lse[r0 + r], delta_t[r], p.scale);
           else if (lse[r0 + r] == neg_inf<T>())  // a row with no key: dS 0, as saved_probs_grad_row
             std::fill(dp, dp + nb, T(0));
           continue;
@@ -418,7 +467,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       // dV += P^T dO, dQ += dS K, dK += dS^T Q
       if constexpr (std::is_same_v<T, float>) {
         if (in_panels) {
-          tile_to_panels(dout + r0 * D, mr, D, D, dout_panels);
+          tile_to_panels(dout_t, mr, D, D, dout_panels);
           tile_to_panels(q + r0 * D, mr, D, D, q_panels);
           tile_gemm_panels(nb, D, mr, pt, 1, pld, dout_panels, dv + n0 * D, D, r0 > 0);
           tile_gemm_panels(mr, D, nb, dprobs, ld, 1, k_panels, dq + r0 * D, D, n0 > 0);
@@ -426,7 +475,7 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
           continue;
         }
       }
-      tile_product(own_gemm, nb, D, mr, pt, 1, pld, dout + r0 * D, D, dv + n0 * D, D, r0 > 0);
+      tile_product(own_gemm, nb, D, mr, pt, 1, pld, dout_t, D, dv + n0 * D, D, r0 > 0);
       tile_product(own_gemm, mr, D, nb, dprobs, ld, 1, k + n0 * D, D, dq + r0 * D, D, n0 > 0);
       tile_product(own_gemm, nb, D, mr, dprobs, 1, ld, q + r0 * D, D, dk + n0 * D, D, r0 > 0);
     }

@@ -78,12 +78,31 @@ void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse) {
 }
 
 template <typename T>
+void read_forward_keeping_probs(const AttentionProblem<T>& p, T* out, T* lse, T* probs,
+                                T* probs_max) {
+  const int64_t D = p.dim, M = p.rows, blocks = read_probs_blocks(p.keys);
+  const int64_t ld = read_probs_ld(p.keys);
+  for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
+    const int64_t row = g * M + r0;
+    const KeptProbs<T> kept{probs + (g * blocks * M + r0) * ld, probs_max + g * blocks * M + r0,
+                            ld, M};
+    attention_forward_rows(p, g, r0, mr, out + row * D, lse + row, scratch,
+                           static_cast<T*>(nullptr), 0, kept);
+  });
+}
+
+template <typename T>
 void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, const T* lse,
-                   T* dq, T* dk, T* dv) {
-  const int64_t M = p.rows, N = p.keys, D = p.dim;
+                   T* dq, T* dk, T* dv, const T* probs, const T* probs_max) {
+  const int64_t M = p.rows, N = p.keys, D = p.dim, blocks = read_probs_blocks(N);
+  const int64_t ld = read_probs_ld(N);
+  if (probs_max == nullptr) probs = nullptr;
   for_each_group<T>(p.groups, [&](int64_t g, std::vector<T>& scratch, std::vector<T>&) {
+    const KeptProbs<const T> kept{probs ? probs + g * blocks * M * ld : nullptr,
+                                  probs ? probs_max + g * blocks * M : nullptr, ld, M};
     attention_backward_group(p, g, out + g * M * D, dout + g * M * D, lse + g * M,
-                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch);
+                             dq + g * M * D, dk + g * N * D, dv + g * N * D, scratch,
+                             static_cast<const T*>(nullptr), 0, kept);
   });
 }
 
@@ -129,8 +148,9 @@ void write_backward(const WriteProblem<T>& w, const T* upd, const T* lse, const 
 
 #define MK_INSTANTIATE(T)                                                                   \
   template void read_forward<T>(const AttentionProblem<T>&, T*, T*);                        \
+  template void read_forward_keeping_probs<T>(const AttentionProblem<T>&, T*, T*, T*, T*);   \
   template void read_backward<T>(const AttentionProblem<T>&, const T*, const T*, const T*, \
-                                 T*, T*, T*);                                               \
+                                 T*, T*, T*, const T*, const T*);                           \
   template void write_forward<T>(const WriteProblem<T>&, T*, T*, T*, T*);                   \
   template void write_backward<T>(const WriteProblem<T>&, const T*, const T*, const T*, T*, \
                                   T*, T*, T*, T*, T*, const T*);

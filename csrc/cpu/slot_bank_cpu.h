@@ -14,9 +14,20 @@ namespace memkernels::cpu {
 template <typename T, typename KV = T>
 void read_forward(const AttentionProblem<T, KV>& p, T* out, T* lse);
 
+// The read that keeps its probabilities for the backward (training): out and
+// lse as read_forward, and per group each key block's unnormalized
+// probabilities, probs [G, read_probs_blocks(N), M, read_probs_ld(N)], with the
+// rows' running max after each block, probs_max [G, blocks, M] (KeptProbs,
+// attention_cpu.h). No decode fast path: the row tiles for every shape.
+template <typename T>
+void read_forward_keeping_probs(const AttentionProblem<T>& p, T* out, T* lse, T* probs,
+                                T* probs_max);
+
+// probs/probs_max (nullable, both or neither): read_forward_keeping_probs's, read
+// in place of recomputing S = Q K^T and its exp.
 template <typename T>
 void read_backward(const AttentionProblem<T>& p, const T* out, const T* dout, const T* lse,
-                   T* dq, T* dk, T* dv);
+                   T* dq, T* dk, T* dv, const T* probs = nullptr, const T* probs_max = nullptr);
 
 // memory_write: slots (queries, M = S) attend over tokens (keys, N = T), then
 // new = sigmoid(f) * mem + sigmoid(i) * tanh(upd). Gates are [G, M, gate_dim]
@@ -38,6 +49,11 @@ struct WriteProblem {
 inline bool write_probs_savable(int64_t keys) { return keys <= kBlockN; }
 inline int64_t saved_probs_ld(int64_t keys) {
   return (keys + kSavedProbsColumnMultiple - 1) / kSavedProbsColumnMultiple * kSavedProbsColumnMultiple;
+}
+// The read's kept probabilities (read_forward_keeping_probs): key blocks and row stride.
+inline int64_t read_probs_blocks(int64_t keys) { return (keys + kBlockN - 1) / kBlockN; }
+inline int64_t read_probs_ld(int64_t keys) {
+  return saved_probs_ld(keys < kBlockN ? keys : kBlockN);
 }
 
 template <typename T>

@@ -50,19 +50,76 @@ def _(q, k, v, slot_mask, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
 
 
+# The read's kept probabilities are capped: past this many bytes the backward
+# recomputes them (a large bank's B*H*T*S floats would outweigh the ~5-10% of
+# a training step they save; docs/design.md, "The read keeps its probabilities").
+READ_PROBS_MAX_BYTES = 1 << 30
+
+
+def read_probs_shapes(q: Tensor, k: Tensor, backend: str, save_probs: bool) -> tuple:
+    """The shapes of read_fwd_keeping_probs's probs and probs_max: [G, blocks,
+    M, columns] and [G, blocks, M] on the CPU backend when save_probs and they
+    fit READ_PROBS_MAX_BYTES, else ((0,), (0,)). G, M: the kernels' groups and
+    rows (H and B*T for a shared bank [H, S, Dh], B*H and T for one a batch
+    row); blocks: S over _C.READ_PROBS_BLOCK_KEYS keys a block, rounded up;
+    columns: a block's keys rounded up to _C.WRITE_PROBS_COLUMN_MULTIPLE. Plain
+    arithmetic on the sizes, so torch.compile keeps them symbolic."""
+    B, H, T = q.shape[:3]
+    S = k.shape[-2]
+    shared = k.dim() == 3
+    G, M = (H, B * T) if shared else (B * H, T)
+    if not save_probs or backend != "cpu" or G * M * S == 0:
+        return (0,), (0,)
+    ext = _backend.extension()[0]
+    block, multiple = ext.READ_PROBS_BLOCK_KEYS, ext.WRITE_PROBS_COLUMN_MULTIPLE
+    blocks = (S + block - 1) // block
+    columns = (min(S, block) + multiple - 1) // multiple * multiple
+    elt = 8 if _stat_dtype(q) == torch.float64 else 4
+    if G * blocks * M * columns * elt > READ_PROBS_MAX_BYTES:
+        return (0,), (0,)
+    return (G, blocks, M, columns), (G, blocks, M)
+
+
+@torch.library.custom_op("memkernels::read_fwd_keeping_probs", mutates_args=())
+def read_fwd_keeping_probs(q: Tensor, k: Tensor, v: Tensor, slot_mask: Optional[Tensor],
+                           scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """read_fwd that also returns what the CPU backward reads in place of
+    recomputing the probabilities (probs, probs_max: read_probs_shapes); on
+    other backends, or past READ_PROBS_MAX_BYTES, those are empty."""
+    scale = check_read(q, k, v, scale, slot_mask)
+    if read_probs_shapes(q, k, backend, True)[0] == (0,):
+        out, lse = _read_fwd(q, k, v, slot_mask, scale, backend)
+        empty = q.new_empty((0,), dtype=_stat_dtype(q))
+        return out, lse, empty, empty.clone()
+    with nvtx_range("memkernels.read_fwd_keeping_probs[cpu]"):
+        return _backend.extension()[0].read_fwd_keeping_probs(q, k, v, slot_mask, scale)
+
+
+@read_fwd_keeping_probs.register_fake
+def _(q, k, v, slot_mask, scale, backend):
+    probs, probs_max = read_probs_shapes(q, k, backend, True)
+    stat = _stat_dtype(q)
+    return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=stat),
+            q.new_empty(probs, dtype=stat), q.new_empty(probs_max, dtype=stat))
+
+
 @torch.library.custom_op("memkernels::read_bwd", mutates_args=())
 def read_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              slot_mask: Optional[Tensor], scale: float,
-             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+             backend: str, probs: Optional[Tensor] = None, probs_max: Optional[Tensor] = None,
+             ) -> tuple[Tensor, Tensor, Tensor]:
     scale = check_read(q, k, v, scale, slot_mask)
     check_read_grads(dout, q, out, lse)
     with nvtx_range(f"memkernels.read_bwd[{backend}]"):
-        return _backend.kernels(backend, q.dtype).read_bwd(dout, q, k, v, out, lse, slot_mask,
-                                                           scale)
+        kernels = _backend.kernels(backend, q.dtype)
+        args = (dout, q, k, v, out, lse, slot_mask, scale)
+        if backend == "cpu":
+            return kernels.read_bwd(*args, probs, probs_max)
+        return kernels.read_bwd(*args)
 
 
 @read_bwd.register_fake
-def _(dout, q, k, v, out, lse, slot_mask, scale, backend):
+def _(dout, q, k, v, out, lse, slot_mask, scale, backend, probs=None, probs_max=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -167,7 +224,7 @@ def _vmap_by_instance(op) -> None:
     op.register_vmap(rule)
 
 
-for _op in (read_fwd, read_bwd, write_fwd, write_bwd):
+for _op in (read_fwd, read_fwd_keeping_probs, read_bwd, write_fwd, write_bwd):
     _vmap_by_instance(_op)
 
 
@@ -224,19 +281,56 @@ class MemoryReadFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, slot_mask, scale, backend = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, slot_mask)
-        ctx.scale, ctx.backend = default_scale(scale, q), _backend.resolve(backend, q.device)
+        _save_read(ctx, inputs, out, lse)
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, slot_mask = ctx.saved_tensors
-        with torch.no_grad():
-            grads = torch.ops.memkernels.read_bwd(dout, q, k, v, out, lse, slot_mask,
-                                                  ctx.scale, ctx.backend)
-        return (*_first_order("memory_read", grads, q, k, v, dout), None, None, None)
+        return (*_read_grads(ctx, dout), None, None, None)
+
+
+def _save_read(ctx, inputs, out, lse, probs=None, probs_max=None):
+    q, k, v, slot_mask, scale, backend = inputs[:6]
+    ctx.save_for_backward(q, k, v, out, lse, slot_mask, probs, probs_max)
+    ctx.scale, ctx.backend = default_scale(scale, q), _backend.resolve(backend, q.device)
+
+
+def _read_grads(ctx, dout) -> tuple:
+    q, k, v, out, lse, slot_mask, probs, probs_max = ctx.saved_tensors
+    if dout is None:  # out took no part in what is differentiated
+        dout = torch.zeros_like(out)
+    kept = probs is not None and probs.numel() > 0
+    with torch.no_grad():
+        grads = torch.ops.memkernels.read_bwd(dout, q, k, v, out, lse, slot_mask, ctx.scale,
+                                              ctx.backend, probs if kept else None,
+                                              probs_max if kept else None)
+    return _first_order("memory_read", grads, q, k, v, dout)
+
+
+class _ReadKeepingProbs(torch.autograd.Function):
+    """memory_read's training path on the CPU: apply(q, k, v, slot_mask, scale,
+    backend) -> (out, lse, probs, probs_max), the last two what the backward
+    reads in place of recomputing the probabilities (read_probs_shapes; docs/
+    design.md, "The read keeps its probabilities"). Outputs, not
+    differentiable, so they reach setup_context (torch.func needs that form)."""
+
+    generate_vmap_rule = True  # the custom ops' rules (_vmap_by_instance)
+
+    @staticmethod
+    def forward(q, k, v, slot_mask, scale, backend):
+        return torch.ops.memkernels.read_fwd_keeping_probs(q, k, v, slot_mask, scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        out, lse, probs, probs_max = output
+        _save_read(ctx, inputs, out, lse, probs, probs_max)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse, probs, probs_max)
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dprobs, _dprobs_max):
+        return (*_read_grads(ctx, dout), None, None, None)
 
 
 def _save_write(ctx, inputs, upd, lse, probs=None):
@@ -329,7 +423,7 @@ def _inference_only(*tensors: Tensor) -> bool:
 
 def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                 slot_mask: Optional[Tensor] = None, return_lse: bool = False,
-                backend: Optional[str] = None):
+                backend: Optional[str] = None, save_probs: bool = True):
     """Token queries attend over a slot bank.
 
     out[b,h,t] = sum_s softmax_s(scale * q[b,h,t] . k[h,s]) * v[h,s]
@@ -344,6 +438,10 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
             (float32; float64 for float64 inputs), not differentiable.
         backend: 'auto' (default, or $MEMKERNELS_BACKEND), 'reference',
             'cpu', 'triton' or 'cuda'.
+        save_probs: when a gradient will be asked for, let the CPU backend keep
+            the attention probabilities for the backward (B*H*T*S floats, as
+            eager autograd keeps, up to READ_PROBS_MAX_BYTES = 1 GiB a call)
+            instead of recomputing them there. False saves that memory.
     """
     scale = check_read(q, k, v, scale, slot_mask)
     name = _backend.resolve(backend, q.device)
@@ -351,6 +449,10 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
         out, lse = reference.memory_read(q, k, v, scale=scale, slot_mask=slot_mask, return_lse=True)
     elif _inference_only(q, k, v):
         out, lse = _read_fwd(q, k, v, slot_mask, scale, name)
+    elif (save_probs and name == "cpu" and torch.is_grad_enabled()
+          and any(t.requires_grad for t in (q, k, v))
+          and read_probs_shapes(q, k, name, True)[0] != (0,)):
+        out, lse = _ReadKeepingProbs.apply(q, k, v, slot_mask, scale, name)[:2]
     else:
         out, lse = MemoryReadFunction.apply(q, k, v, slot_mask, scale, name)
     return (out, lse) if return_lse else out

@@ -277,10 +277,14 @@ for (B, T), S, D, logit in itertools.product([(1, 17), (2, 37), (1, 300)], [1, 1
     q, k, v = logit * torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
     mask = torch.rand(B, S) > 0.4
     mask[-1] = False
-    for m in (None, mask):
-        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=m, backend="cpu"),
+    # the backward from the kept probabilities (save_probs, rescaled a key block at a
+    # time: x50 logits move the rows' running max from block to block) and recomputing them
+    for m, save in itertools.product((None, mask), (True, False)):
+        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=m, backend="cpu",
+                                                save_probs=save),
                     lambda q, k, v: reference.memory_read(q, k, v, slot_mask=m), [q, k, v],
-                    f"tile read B={B} T={T} S={S} D={D} x{logit} mask={m is not None}",
+                    f"tile read B={B} T={T} S={S} D={D} x{logit} mask={m is not None} "
+                    f"save_probs={save}",
                     # a score's float32 rounding grows with it; dK sums dS * q on top
                     tol=1e-4 * logit, out_tol=2e-5 if logit == 1.0 else 1e-4)
 # the tile GEMMs' column strips (4 vectors of 16 floats on AVX-512, 2 of 8 on
@@ -293,9 +297,11 @@ for D, (B, T), S in itertools.product([8, 24, 48, 80, 128, 256], [(1, 23), (2, 3
     q, k, v = torch.randn(B, 2, T, D), torch.randn(2, S, D), torch.randn(2, S, D)
     mask = torch.rand(B, S) > 0.4
     mask[-1] = False
-    check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
-                lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
-                f"tile GEMMs B={B} T={T} S={S} D={D}")
+    for save in (True, False):
+        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu",
+                                                save_probs=save),
+                    lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
+                    f"tile GEMMs B={B} T={T} S={S} D={D} save_probs={save}")
 # spans of several row tiles (slot_bank_cpu.cpp: for_each_row_span; their
 # length follows the tile count per thread, so 1 and 2 threads give spans of
 # 1-4 tiles here), a span's last tile short, a group in more than one span
@@ -306,9 +312,12 @@ for threads in (1, 2):
     for B, H, T, S, D in [(2, 8, 300, 600, 32), (1, 4, 1100, 1029, 64)]:
         q, k, v = torch.randn(B, H, T, D), torch.randn(H, S, D), torch.randn(H, S, D)
         mask = torch.rand(B, S) > 0.3
-        check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
-                    lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask), [q, k, v],
-                    f"row spans, {threads} thread(s), B={B} H={H} T={T} S={S} D={D}")
+        for save in (True, False):
+            check_grads(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu",
+                                                    save_probs=save),
+                        lambda q, k, v: reference.memory_read(q, k, v, slot_mask=mask),
+                        [q, k, v], f"row spans, {threads} thread(s), B={B} H={H} T={T} S={S} "
+                        f"D={D} save_probs={save}")
     tensors = [torch.randn(2, 2, 700, 32), torch.randn(2, 2, 700, 32), torch.randn(2, 2, 90, 32),
                torch.randn(2, 2, 90, 32), torch.randn(2, 2, 700, 1), torch.randn(2, 2, 700, 1)]
     for save in (True, False):  # the forward's probabilities kept for the backward, or recomputed
