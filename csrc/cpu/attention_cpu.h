@@ -413,13 +413,15 @@ void attention_backward_group(const AttentionProblem<T>& p, int64_t g, const T* 
       }
     }
     // the kept probabilities' block (the write's one block: probs_saved itself)
-    const T* block_probs = probs_saved ? probs_saved + (n0 / kBlockN) * M * probs_ld : nullptr;
+    const int64_t block_rows = kept.probs ? kept.rows : M;  // the kept blocks' row count
+    const T* block_probs =
+        probs_saved ? probs_saved + (n0 / kBlockN) * block_rows * probs_ld : nullptr;
     for (int64_t r0 = 0; r0 < M; r0 += kBlockM) {
       const int64_t mr = std::min(kBlockM, M - r0);
       const T* dout_t = dout + r0 * D;  // the tile's dO and delta, times c where kept
       const T* delta_t = delta + r0;
       if (kept.probs) {
-        const T* m_b = kept.block_max + (n0 / kBlockN) * M + r0;
+        const T* m_b = kept.block_max + (n0 / kBlockN) * kept.rows + r0;
         for (int64_t r = 0; r < mr; ++r) {  // c = 0 for a row with no key (lse -inf)
           const T l = lse[r0 + r];
           const T c = l == neg_inf<T>() ? T(0) : mk_exp(m_b[r] - l);

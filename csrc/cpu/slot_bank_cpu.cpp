@@ -82,10 +82,11 @@ void read_forward_keeping_probs(const AttentionProblem<T>& p, T* out, T* lse, T*
                                 T* probs_max) {
   const int64_t D = p.dim, M = p.rows, blocks = read_probs_blocks(p.keys);
   const int64_t ld = read_probs_ld(p.keys);
+  if (probs_max == nullptr) probs = nullptr;  // nothing to keep (no slot): a plain read
   for_each_row_span(p, [&](int64_t g, int64_t r0, int64_t mr, std::vector<T>& scratch) {
     const int64_t row = g * M + r0;
-    const KeptProbs<T> kept{probs + (g * blocks * M + r0) * ld, probs_max + g * blocks * M + r0,
-                            ld, M};
+    const KeptProbs<T> kept{probs ? probs + (g * blocks * M + r0) * ld : nullptr,
+                            probs ? probs_max + g * blocks * M + r0 : nullptr, ld, M};
     attention_forward_rows(p, g, r0, mr, out + row * D, lse + row, scratch,
                            static_cast<T*>(nullptr), 0, kept);
   });

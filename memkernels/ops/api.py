@@ -421,6 +421,16 @@ def _inference_only(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _keeps_read_probs(q: Tensor, k: Tensor, v: Tensor, backend: str, save_probs: bool) -> bool:
+    """Whether memory_read takes _ReadKeepingProbs: save_probs on the CPU backend, a
+    gradient to be asked for, P within READ_PROBS_MAX_BYTES, and no torch.func
+    transform (vmap would keep a P per instance, the cap's bytes times the batch)."""
+    return (save_probs and backend == "cpu" and torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and any(t.requires_grad for t in (q, k, v))
+            and read_probs_shapes(q, k, backend, True)[0] != (0,))
+
+
 def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                 slot_mask: Optional[Tensor] = None, return_lse: bool = False,
                 backend: Optional[str] = None, save_probs: bool = True):
@@ -440,8 +450,9 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
             'cpu', 'triton' or 'cuda'.
         save_probs: when a gradient will be asked for, let the CPU backend keep
             the attention probabilities for the backward (B*H*T*S floats, as
-            eager autograd keeps, up to READ_PROBS_MAX_BYTES = 1 GiB a call)
-            instead of recomputing them there. False saves that memory.
+            eager autograd keeps, up to READ_PROBS_MAX_BYTES = 1 GiB a call; not
+            under torch.func transforms) instead of recomputing them there. False
+            saves that memory.
     """
     scale = check_read(q, k, v, scale, slot_mask)
     name = _backend.resolve(backend, q.device)
@@ -449,9 +460,7 @@ def memory_read(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
         out, lse = reference.memory_read(q, k, v, scale=scale, slot_mask=slot_mask, return_lse=True)
     elif _inference_only(q, k, v):
         out, lse = _read_fwd(q, k, v, slot_mask, scale, name)
-    elif (save_probs and name == "cpu" and torch.is_grad_enabled()
-          and any(t.requires_grad for t in (q, k, v))
-          and read_probs_shapes(q, k, name, True)[0] != (0,)):
+    elif _keeps_read_probs(q, k, v, name, save_probs):
         out, lse = _ReadKeepingProbs.apply(q, k, v, slot_mask, scale, name)[:2]
     else:
         out, lse = MemoryReadFunction.apply(q, k, v, slot_mask, scale, name)

@@ -8,6 +8,7 @@ tensors are what they claim, the fake (torch.compile) shapes match the real
 ones, and bad kept tensors are refused by name."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from helpers import cpu_extension
 from memkernels import memory_read
@@ -36,6 +37,21 @@ def grads(tensors, mask, **kw):
 NAMES = ["out", "dq", "dk", "dv"]
 
 
+@pytest.fixture
+def kept_calls(monkeypatch):
+    """The calls that reached the extension's keeping forward (a list that grows
+    by one a call): where the kept path ran, not only where its results agree."""
+    ext = cpu_extension()
+    calls, real = [], ext.read_fwd_keeping_probs
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(ext, "read_fwd_keeping_probs", spy)
+    return calls
+
+
 # S across the 512-key blocks (1, 511, 512, 513, 1100: a short last block) and
 # the 16-column padding; T across the 256-row tiles; Dh 1 to 256
 @pytest.mark.parametrize("shape", [(2, 3, 5, 1, 3), (1, 2, 37, 511, 64), (2, 1, 70, 512, 32),
@@ -43,30 +59,53 @@ NAMES = ["out", "dq", "dk", "dv"]
                                    (2, 1, 1, 1537, 1), (1, 2, 40, 33, 256)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("shared", [True, False], ids=["shared bank", "a bank a row"])
-def test_kept_and_recomputed_probabilities_give_the_reference_gradients(shape, shared):
-    cpu_extension()
+def test_kept_and_recomputed_probabilities_give_the_reference_gradients(shape, shared,
+                                                                        kept_calls):
     torch.manual_seed(0)
     tensors, mask = inputs(*shape, shared=shared)
     kept = grads(tensors, mask, backend="cpu", save_probs=True)
+    assert len(kept_calls) == 1
     recomputed = grads(tensors, mask, backend="cpu", save_probs=False)
+    assert len(kept_calls) == 1
     want = grads(tensors, mask, backend="reference")
     for name, a, b, r in zip(NAMES, kept, recomputed, want):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} kept: {m}")
         torch.testing.assert_close(b, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    assert (kept[1][0] == 0).all() or not shared or shape[0] == 1  # no slot: no query gradient
+    if shape[0] > 1:  # batch row 0 has no slot: no query gradient
+        assert (kept[1][0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_whose_first_or_last_key_blocks_are_all_masked(dtype, kept_calls):
+    """A row's running max -inf over its first blocks, then finite (their kept
+    values 0, their factor exp(-inf - lse) = 0), and a row whose later blocks
+    are all masked (their running max the earlier blocks')."""
+    torch.manual_seed(7)
+    tensors, mask = inputs(3, 2, 40, 1300, 16, dtype=dtype, masked_row=False)
+    mask[0, :1024] = False  # blocks 0 and 1 masked, block 2 partly valid
+    mask[1, 600:] = False   # blocks 1 and 2 masked
+    mask[2, 512:1024] = False  # the middle block masked
+    mask[0, 1200] = True
+    kept = grads(tensors, mask, backend="cpu")
+    assert len(kept_calls) == 1
+    want = grads([t.detach().double().requires_grad_() for t in tensors], mask,
+                 backend="reference")
+    tol = 1e-10 if dtype == torch.float64 else 5e-5
+    for name, a, r in zip(NAMES, kept, want):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("logit_scale", [1.0, 50.0])
 @pytest.mark.parametrize("D", [8, 24, 64, 80])
-def test_float32_kept_probabilities_match_float64(logit_scale, D):
+def test_float32_kept_probabilities_match_float64(logit_scale, D, kept_calls):
     """float32 takes dS in the dP product's epilogue (ProbsGradEpilogue) over
     the rescaled dO; x50 logits move a row's running max by hundreds from one
     key block to the next, so an early block's factor exp(m - lse) underflows
     to 0 where its probabilities do."""
-    cpu_extension()
     torch.manual_seed(D)
     tensors, mask = inputs(2, 2, 263, 1100, D, dtype=torch.float32, logit_scale=logit_scale)
     kept = grads(tensors, mask, backend="cpu")
+    assert len(kept_calls) == 1
     recomputed = grads(tensors, mask, backend="cpu", save_probs=False)
     want = grads([t.detach().double().requires_grad_() for t in tensors], mask,
                  backend="reference")
@@ -166,6 +205,11 @@ def test_the_fake_shapes_match_the_real_ones(dtype, B, S):
         out, lse = torch.ops.memkernels.read_fwd(q, k, v, None, 0.3, backend)
         torch.testing.assert_close(real[0], out)
         torch.testing.assert_close(real[1], lse)
+        with FakeTensorMode() as mode:  # the fake implementation, as torch.compile traces it
+            fake = torch.ops.memkernels.read_fwd_keeping_probs(
+                *(mode.from_tensor(t) for t in (q, k, v)), None, 0.3, backend)
+        assert [(tuple(f.shape), f.dtype) for f in fake] == [(tuple(r.shape), r.dtype)
+                                                             for r in real]
 
 
 def test_bad_kept_probabilities_are_refused_by_name():
@@ -225,18 +269,32 @@ def test_probabilities_are_kept_only_with_a_gradient_and_within_the_cap(monkeypa
     C.cpu_empty_cache()
 
 
-def test_a_compiled_training_step_keeps_the_probabilities():
-    cpu_extension()
+def test_a_compiled_training_step_keeps_the_probabilities(kept_calls):
     torch._dynamo.reset()
     tensors, mask = inputs(2, 2, 30, 600, 16, dtype=torch.float32)
     fn = torch.compile(lambda q, k, v: memory_read(q, k, v, slot_mask=mask, backend="cpu"),
                        fullgraph=True, backend="aot_eager")
-    got = grads(tensors, None, backend="cpu")  # eager, for the comparison below
     out = fn(*tensors)
+    assert len(kept_calls) == 1
     g = torch.Generator().manual_seed(1)
     seed = torch.randn(out.shape, generator=g, dtype=torch.float64).float()
     compiled = [out, *torch.autograd.grad(out, tensors, seed)]
     want = grads(tensors, mask, backend="cpu", save_probs=False)
     for name, a, b in zip(NAMES, compiled, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert got[0].shape == out.shape
+
+
+def test_nothing_is_kept_under_vmap(kept_calls):
+    """torch.func transforms recompute: vmap would keep a P per instance."""
+    tensors, _ = inputs(3, 2, 20, 600, 8, dtype=torch.float32)
+    q, k, v = (t.detach() for t in tensors)
+
+    def loss(q1, k1, v1):
+        return memory_read(q1[None], k1, v1, backend="cpu").square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None))(q, k, v)
+    assert kept_calls == []
+    for i in range(3):
+        qi = q[i:i + 1].clone().requires_grad_()
+        want, = torch.autograd.grad(memory_read(qi, k, v, backend="cpu").square().sum(), qi)
+        torch.testing.assert_close(per_sample[i], want[0], rtol=1e-5, atol=1e-6)
