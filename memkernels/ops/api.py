@@ -51,8 +51,8 @@ def _(q, k, v, slot_mask, scale, backend):
 
 
 # The read's kept probabilities are capped: past this many bytes the backward
-# recomputes them (a large bank's B*H*T*S floats would outweigh the ~5-10% of
-# a training step they save; docs/design.md, "The read keeps its probabilities").
+# recomputes them (a large bank's B*H*T*S floats would outweigh the ~20% of a
+# read's training step they save; docs/design.md, "The read keeps its probabilities").
 READ_PROBS_MAX_BYTES = 1 << 30
 
 
