@@ -43,6 +43,10 @@ MK_HD T neg_inf() { return static_cast<T>(-HUGE_VAL); }  // usable in device cod
 // in [kMin, 0]). Below kMin: exactly 0.
 namespace exp_poly {
 constexpr float kMin = -87.0f, kMax = 88.0f;
+// The vector exp's lower clamp (softmax_rows_body.inc): round(kMinVec log2 e) =
+// -127, whose 2^n its pow2 step builds as 0, so it is 0 below ~-87.68 (where
+// exp's float is subnormal) with no compare and mask; host_exp is 0 below kMin.
+constexpr float kMinVec = -88.0f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLog2eLo = 1.925963033500011e-08f;  // log2 e - kLog2e
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;

@@ -135,12 +135,11 @@ struct Vec {
   static R clamp(R x, float lo, float hi) {
     return _mm512_min_ps(set1(hi), _mm512_max_ps(set1(lo), x));
   }
-  // p * 2^n for integral n = t - kRoundShifter in [-126, 127]: one instruction
-  // on AVX-512, which takes n itself (t is for AVX2's bit arithmetic)
-  static R pow2_mul(R p, R /*t*/, R n) { return _mm512_scalef_ps(p, n); }
-  // v where x >= lo (or x is NaN), else 0
-  static R zero_below(R v, R x, float lo) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(lo), _CMP_NLT_UQ), v);
+  // p * 2^n for integral n = t - kRoundShifter in [-126, 127], 0 for n = -127:
+  // AVX-512 takes n itself (t is for AVX2's bit arithmetic)
+  // The same, and 0 where n = -127 (exp_vecs' lower clamp): a masked vscalefps. NaN stays NaN.
+  static R pow2_mul_or_zero(R p, R /*t*/, R n) {
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(n, set1(-126.5f), _CMP_NLT_UQ), p, n);
   }
   // The horizontal sums of a0..a3 as the 4 lanes of an __m128; the shuffles
   // are shared by the four.
@@ -235,16 +234,14 @@ struct Vec {
   static R clamp(R x, float lo, float hi) {
     return _mm256_min_ps(set1(hi), _mm256_max_ps(set1(lo), x));
   }
-  // p * 2^n for integral n = t - kRoundShifter in [-126, 127]: t's low 9 bits
-  // are n's, so shifting them into the exponent field and adding the bias
-  // builds 2^n in two integer operations. A NaN p stays NaN.
-  static R pow2_mul(R p, R t, R /*n*/) {
+  // p * 2^n for integral n = t - kRoundShifter in [-126, 127], 0 for n = -127:
+  // t's low 9 bits are n's, so shifting them into the exponent field and
+  // adding the bias builds 2^n in two integer operations, and for n = -127
+  // the sum carries out of the 32 bits and leaves +0.0's. A NaN p stays NaN.
+  static R pow2_mul_or_zero(R p, R t, R /*n*/) {
     const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
                                        _mm256_set1_epi32(127 << 23));
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  }
-  static R zero_below(R v, R x, float lo) {
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(lo), _CMP_LT_OQ), v);
   }
   static __m128 reduce4(R a0, R a1, R a2, R a3) {
     // per 128-bit half: [sum a0, sum a1, sum a2, sum a3] over that half's lanes
