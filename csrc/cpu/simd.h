@@ -136,10 +136,14 @@ struct Vec {
     return _mm512_min_ps(set1(hi), _mm512_max_ps(set1(lo), x));
   }
   // p * 2^n for integral n = t - kRoundShifter in [-126, 127], 0 for n = -127:
-  // AVX-512 takes n itself (t is for AVX2's bit arithmetic)
-  // The same, and 0 where n = -127 (exp_vecs' lower clamp): a masked vscalefps. NaN stays NaN.
-  static R pow2_mul_or_zero(R p, R /*t*/, R n) {
-    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(n, set1(-126.5f), _CMP_NLT_UQ), p, n);
+  // 2^n built from t's low bits as on AVX2 (the bias's sum leaves +0.0's bits
+  // for n = -127), not vscalefps, which would make 2^-127 p a subnormal in
+  // every masked (-inf) score's lane (a microcode assist on some Intel cores).
+  // A NaN p stays NaN.
+  static R pow2_mul_or_zero(R p, R t, R /*n*/) {
+    const __m512i e = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
+                                       _mm512_set1_epi32(127 << 23));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
   }
   // The horizontal sums of a0..a3 as the 4 lanes of an __m128; the shuffles
   // are shared by the four.

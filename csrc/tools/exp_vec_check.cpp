@@ -1,7 +1,7 @@
 // The softmax rows' vector exp (csrc/cpu/softmax_rows_body.inc: exp_vec)
 // against double exp over the float line: on the AVX2 body and the AVX-512
 // body where the CPU runs them, and on the AVX-512 body's arithmetic emulated
-// lane by lane (vscalefps as p * 2^floor(n)), which runs on any x86 CPU, so CI
+// lane by lane (its 2^n product as p * 2^n), which runs on any x86 CPU, so CI
 // hosts without AVX-512 still check that body's math; where the CPU has
 // AVX-512 the native body must agree with the emulation bit for bit
 // (tests/ops/test_cpu_isa_paths.py builds and runs this check).
@@ -50,7 +50,8 @@ struct Vec {
     if (std::isinf(n)) return n > 0 ? p * INFINITY : (std::isinf(p) ? NAN : p * 0.0f);
     return std::ldexp(p, static_cast<int>(std::floor(std::clamp(n, -1000.0f, 1000.0f))));
   }
-  // vmaskz_scalefps under vcmpps(n, -126.5, NLT_UQ): 0 where n < -126.5, NaN kept
+  // p * 2^n for n >= -126 (the native body's product with 2^n exact: one
+  // rounding, as vscalefps's), 0 for n = -127, NaN kept
   static R pow2_mul_or_zero(R p, R /*t*/, R n) {
     MK_LANES(n.v[i] < -126.5f ? 0.0f : scalef(p.v[i], n.v[i]))
   }
