@@ -40,7 +40,8 @@ MK_HD T neg_inf() { return static_cast<T>(-HUGE_VAL); }  // usable in device cod
 // 2^(x log2 e) = 2^n * 2^f, f = x log2 e - n in [-1/2, 1/2] (log2 e split in a
 // float and its remainder), 2^f = 1 + f q(f) with q of degree 4, a minimax fit
 // (relative error ~9e-8 on the interval, ~1.9e-7 measured over every float
-// in [kMin, 0]). Below kMin: exactly 0.
+// in [kMin, 0]). Below kMin host_exp is exactly 0; the vector exp is 0 below
+// ~-87.68 (kMinVec).
 namespace exp_poly {
 constexpr float kMin = -87.0f, kMax = 88.0f;
 // The vector exp's lower clamp (softmax_rows_body.inc): round(kMinVec log2 e) =

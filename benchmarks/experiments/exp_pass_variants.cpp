@@ -3,7 +3,7 @@
 // (512 KiB: the tile as the score product leaves it, in L2 or just past it),
 // with the exp in several forms, AVX2, one thread: TSC ticks a vector of 8,
 // the best of 400 passes each, three rounds. Not a test: the record of what
-// kernels v46 chose (docs/log.md, "session 61").
+// kernels v46 chose (docs/log.md, kernels v46).
 //
 //   g++ -O3 -mavx2 -mfma -fopenmp-simd -o /tmp/exp_pass_variants
 //       benchmarks/experiments/exp_pass_variants.cpp && /tmp/exp_pass_variants
