@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../slot_math.h"
+#include "block_stealer.h"
 #include "simd.h"
 
 namespace memkernels::cpu {
@@ -174,14 +175,11 @@ inline void few_rows_project_columns(int64_t N, int64_t t, int64_t threads, int6
   *j1 = std::min(N, *j0 + per);
 }
 
-// Thread t's share of y[m * N + j] = <x_m, w_j>: the columns few_rows_project_columns gives it.
-// Requires few_rows_projects(M, D).
-inline void few_rows_project_share(const float* x, int64_t M, const float* w, int64_t N,
-                                   int64_t D, float* y, int64_t t, int64_t threads) {
+// y[m * N + j] = <x_m, w_j> for the columns j in [j0, j1). Requires few_rows_projects(M, D).
+inline void few_rows_project_range(const float* x, int64_t M, const float* w, int64_t N,
+                                   int64_t D, float* y, int64_t j0, int64_t j1) {
 #ifdef MK_HAVE_SIMD_VEC
   const Isa isa = best_isa();
-  int64_t j0, j1;
-  few_rows_project_columns(N, t, threads, &j0, &j1);
   if (j0 >= j1) return;
   if (M <= rows_per_block(isa)) {  // one row block: the weights in order
     if (isa == Isa::avx512)
@@ -197,8 +195,39 @@ inline void few_rows_project_share(const float* x, int64_t M, const float* w, in
       isa_avx2::rows_dot_weight_rows(x, M, w, j0, j1, D, y, N, chunk);
   }
 #else
-  (void)x, (void)M, (void)w, (void)N, (void)D, (void)y, (void)t, (void)threads;
+  (void)x, (void)M, (void)w, (void)N, (void)D, (void)y, (void)j0, (void)j1;
 #endif
+}
+
+// Thread t's share of y[m * N + j] = <x_m, w_j>: the columns few_rows_project_columns gives it.
+// Requires few_rows_projects(M, D).
+inline void few_rows_project_share(const float* x, int64_t M, const float* w, int64_t N,
+                                   int64_t D, float* y, int64_t t, int64_t threads) {
+  int64_t j0, j1;
+  few_rows_project_columns(N, t, threads, &j0, &j1);
+  few_rows_project_range(x, M, w, N, D, y, j0, j1);
+}
+
+// Columns a block of a projection whose weight rows are D wide, shared out by
+// a BlockStealer: 16 KiB of weights, a multiple of 4 rows (at least 4).
+inline int64_t few_rows_project_block_columns(int64_t D) {
+  return std::max<int64_t>(4, (4096 / std::max<int64_t>(D, 1)) & ~int64_t(3));
+}
+
+// The blocks of y[m * N + j] = <x_m, w_j> that thread t takes from `blocks`
+// (reset to ceil(N / few_rows_project_block_columns(D)) blocks before the
+// region); after_block(j0, j1) runs on each block's columns once they are
+// written. Each column is one thread's whole dot product, so y is the same
+// whichever thread takes it. Requires few_rows_projects(M, D).
+template <typename F>
+void few_rows_project_blocks(const float* x, int64_t M, const float* w, int64_t N, int64_t D,
+                             float* y, BlockStealer& blocks, int64_t t, F&& after_block) {
+  const int64_t per = few_rows_project_block_columns(D);
+  for (int64_t b; (b = blocks.next(t)) >= 0;) {
+    const int64_t j0 = b * per, j1 = std::min(N, j0 + per);
+    few_rows_project_range(x, M, w, N, D, y, j0, j1);
+    after_block(j0, j1);
+  }
 }
 
 // y[m * N + j] = <x_m, w_j>: x [M, D], w [N, D], y [M, N], M <= kFewRowsMax.

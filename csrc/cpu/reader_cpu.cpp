@@ -121,15 +121,28 @@ int64_t group_row(const ReaderProblem<T, KV>& r, int64_t Hk, int64_t R, int64_t 
   return grp * R + c * rows + (r.shared ? n : n % r.tokens);
 }
 
+// The one-region step's buffers, kept from call to call by the thread that
+// calls the layer (a decode loop calls it again and again: no allocation and
+// no zeroing a call), and the blocks its projections share out.
+struct OneRegionBuffers {
+  std::vector<float> qg, og, xn, hid, q, lse, partial;
+  BlockStealer mlp_blocks, query_blocks;
+};
+thread_local OneRegionBuffers one_region_buffers;
+thread_local std::vector<float> read_scratch;  // each thread's, for its groups' reads
+
 // The float decode step (at most kGemvRows rows, no index, no context) in one
 // parallel region: norm + MLP, query projection, the read, the output
 // projection, with a barrier between steps instead of a region each. Each step
 // must wait for the one before, so the layer streams its bytes in four passes;
 // a region a step also paid libgomp's hand-off between them (a plain read of
 // the layer's bytes in four regions against one with barriers,
-// memkernels_chain_reads; docs/log.md). False (nothing written) where a
-// projection would not split over the threads: then the steps run one call
-// each.
+// memkernels_chain_reads; docs/log.md). The MLP and query projections share
+// their weight rows out in blocks (BlockStealer), so neither thread waits out
+// the other's slower stream; the output projection splits its weight rows
+// statically (its partial sums add in a fixed order: the same output from
+// call to call). False (nothing written) where a projection would not split
+// over the threads: then the steps run one call each.
 template <typename KV>
 bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   const int64_t N = r.batch * r.tokens, C = r.hidden, H = r.heads, D = r.head_dim;
@@ -145,65 +158,75 @@ bool reader_forward_one_region(const ReaderProblem<float, KV>& r, float* out) {
   if ((M > 0 && M * C < kParallelWeights) || W * width_in < kParallelWeights ||
       few_rows_times_weight_threads(N, W, C, threads) < threads)
     return false;
-  std::vector<float> qg(groups * R * D), og(groups * R * D);  // the groups' query rows, outputs
-  const AttentionProblem<float, KV> p{groups, R, r.slots, D, qg.data(), r.keys, r.values,
+  OneRegionBuffers& b = one_region_buffers;
+  b.qg.resize(groups * R * D), b.og.resize(groups * R * D);  // the groups' query rows, outputs
+  const AttentionProblem<float, KV> p{groups, R, r.slots, D, b.qg.data(), r.keys, r.values,
                                       MaskIndex{}, r.scale, r.key_scale, r.value_scale};
   if (!few_rows_applies(p)) return false;
-  std::vector<float> xn(N * C), hid(M > 0 ? N * M : 0), q(N * W), lse(groups * R);
-  std::vector<float> partial((threads - 1) * N * C, 0.0f);
+  b.xn.resize(threads * N * C), b.hid.resize(M > 0 ? N * M : 0), b.q.resize(N * W);
+  b.lse.resize(groups * R);
+  b.partial.assign((threads - 1) * N * C, 0.0f);
+  const auto blocks_of = [](int64_t cols, int64_t d) {
+    const int64_t per = few_rows_project_block_columns(d);
+    return (cols + per - 1) / per;
+  };
+  if (M > 0) b.mlp_blocks.reset(blocks_of(M, C), threads);
+  b.query_blocks.reset(blocks_of(W, width_in), threads);
+  float *const qg = b.qg.data(), *const og = b.og.data(), *const hid = b.hid.data();
+  float *const q = b.q.data(), *const lse = b.lse.data(), *const partial = b.partial.data();
   auto at = [&](int64_t n, int64_t g, int64_t c) { return group_row(r, Hk, R, n, g, c); };
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    if (t == 0) {  // the norm (a few rows of C: one thread), and out = hidden for the last step
-      rms_norm_rows(r.hidden_states, N, C, r.eps, xn.data());
-      std::copy(r.hidden_states, r.hidden_states + N * C, out);
-    }
+    // the norm (a few rows of C) on every thread, into its own copy: no barrier after it
+    float* const xn = b.xn.data() + t * N * C;
+    rms_norm_rows(r.hidden_states, N, C, r.eps, xn);
+    if (t == 0) std::copy(r.hidden_states, r.hidden_states + N * C, out);  // for the last step
+    if (M > 0) {  // hid = gelu(xn @ mlp_w^T + mlp_b)
+      few_rows_project_blocks(xn, N, r.mlp_w, M, C, hid, b.mlp_blocks, t,
+                              [&](int64_t j0, int64_t j1) {
+                                for (int64_t n = 0; n < N; ++n) {
+                                  float* h = hid + n * M;
+                                  if (r.mlp_b != nullptr) add_rows(h + j0, r.mlp_b + j0, j1 - j0);
+                                  gelu_row(h + j0, j1 - j0);
+                                }
+                              });
 #pragma omp barrier
-    int64_t j0, j1;
-    if (M > 0) {  // hid = gelu(xn @ mlp_w^T + mlp_b), this thread's columns
-      few_rows_project_share(xn.data(), N, r.mlp_w, M, C, hid.data(), t, T);
-      few_rows_project_columns(M, t, T, &j0, &j1);
-      for (int64_t n = 0; n < N && j0 < j1; ++n) {
-        float* h = hid.data() + n * M;
-        if (r.mlp_b != nullptr) add_rows(h + j0, r.mlp_b + j0, j1 - j0);
-        gelu_row(h + j0, j1 - j0);
-      }
-#pragma omp barrier
     }
-    few_rows_project_share(M > 0 ? hid.data() : xn.data(), N, r.query_w, W, width_in, q.data(),
-                           t, T);
-    few_rows_project_columns(W, t, T, &j0, &j1);
-    if (r.query_b != nullptr)
-      for (int64_t n = 0; n < N && j0 < j1; ++n)
-        add_rows(q.data() + n * W + j0, r.query_b + j0, j1 - j0);
+    few_rows_project_blocks(M > 0 ? hid : xn, N, r.query_w, W, width_in, q, b.query_blocks, t,
+                            [&](int64_t j0, int64_t j1) {
+                              if (r.query_b != nullptr)
+                                for (int64_t n = 0; n < N; ++n)
+                                  add_rows(q + n * W + j0, r.query_b + j0, j1 - j0);
+                            });
 #pragma omp barrier
     // the read: this thread's groups, each gathering its heads' query rows (unit length where
-    // asked) and putting its output rows back in their place in q. The scratch is allocated
-    // by the thread that uses it, as for_each_group does: buffers made side by side before
-    // the region read ~10% slower (memkernels_reader_cold; likely cache lines shared by the
-    // two threads' row statistics, not measured).
-    std::vector<float> scratch;
+    // asked) and putting its output rows back in their place in q. The scratch is the
+    // thread's own (thread_local), as for_each_group allocates it on the thread that uses
+    // it: buffers made side by side before the region read ~10% slower
+    // (memkernels_reader_cold; likely cache lines shared by the two threads' row
+    // statistics, not measured).
+    std::vector<float>& scratch = read_scratch;
     for (int64_t g = t; g < groups; g += T) {
       const int64_t kv = r.shared ? g : g % Hk;
       for (int64_t c = 0; c < per_kv; ++c)
         for (int64_t n = 0; n < N; ++n) {
           if (!r.shared && n / r.tokens != g / Hk) continue;
-          float* row = qg.data() + at(n, kv, c) * D;
-          const float* src = q.data() + n * W + (c * Hk + kv) * D;
+          float* row = qg + at(n, kv, c) * D;
+          const float* src = q + n * W + (c * Hk + kv) * D;
           std::copy(src, src + D, row);
           if (r.unit_queries) unit_rows(row, 1, D);
         }
-      few_rows_read(p, g, og.data() + g * R * D, lse.data() + g * R, scratch);
+      few_rows_read(p, g, og + g * R * D, lse + g * R, scratch);
       for (int64_t c = 0; c < per_kv; ++c)
         for (int64_t n = 0; n < N; ++n) {
           if (!r.shared && n / r.tokens != g / Hk) continue;
-          const float* row = og.data() + at(n, kv, c) * D;
-          std::copy(row, row + D, q.data() + n * W + (c * Hk + kv) * D);
+          const float* row = og + at(n, kv, c) * D;
+          std::copy(row, row + D, q + n * W + (c * Hk + kv) * D);
         }
     }
 #pragma omp barrier
-    few_rows_times_weight_share(q.data(), N, r.out_w, W, C, out, partial.data(), t, T);
+    few_rows_times_weight_share(q, N, r.out_w, W, C, out, partial, t, T);
   }
   return true;
 }

@@ -13,9 +13,42 @@
 #include <random>
 #include <vector>
 
+#include <omp.h>
+
+#include <atomic>
+#include <thread>
+
+#include "cpu/block_stealer.h"
 #include "cpu/slot_bank_cpu.h"
 
 namespace {
+
+// BlockStealer hands every block out exactly once: n blocks over `ranges`
+// ranges, taken by a region of `threads` threads (fewer, as many or more than
+// the ranges), thread 0 slowed so that the others steal from its range.
+bool block_stealer_takes_each_block_once(int64_t* cases) {
+  memkernels::cpu::BlockStealer blocks;
+  bool ok = true;
+  for (int64_t ranges : {1, 2, 3, 5})
+    for (int threads : {1, 2, 3})
+      for (int64_t n : {0, 1, 2, 7, 64, 1000}) {
+        std::vector<std::atomic<int>> taken(n);
+        for (auto& t : taken) t = 0;
+        blocks.reset(n, ranges);
+#pragma omp parallel num_threads(threads)
+        {
+          const int t = omp_get_thread_num();
+          for (int64_t b; (b = blocks.next(t)) >= 0;) {
+            if (b < n) taken[b].fetch_add(1);
+            else ok = false;
+            if (t == 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
+          }
+        }
+        for (auto& t : taken) ok = ok && t.load() == 1;
+        ++*cases;
+      }
+  return ok;
+}
 
 // The write forward + backward (every output of both) into buffers that start
 // as `fill`, concatenated; slots M per group over N tokens.
@@ -98,5 +131,9 @@ int main(int argc, char** argv) {
   }
   std::printf("write forward+backward into NaN-poisoned outputs: %ld NaN, %ld differ of %ld\n",
               long(nan), long(differ), long(zeroed.size()));
-  return nan == 0 && differ == 0 ? 0 : 1;
+  int64_t cases = 0;
+  const bool stealer_ok = block_stealer_takes_each_block_once(&cases);
+  std::printf("block stealer: %ld cases, %s\n", long(cases),
+              stealer_ok ? "every block taken once" : "A BLOCK TAKEN TWICE OR NEVER");
+  return nan == 0 && differ == 0 && stealer_ok ? 0 : 1;
 }

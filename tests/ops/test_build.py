@@ -52,12 +52,13 @@ def test_cmake_standalone_build(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the read against a naive one, and the write's outputs NaN-poisoned against zeroed: on the
     # best ISA, capped at AVX2, and on the GEMM fallback (the vendor BLAS where CMake found one,
-    # else the loop nest)
+    # else the loop nest); and the reading layer's BlockStealer handing out every block once
     for caps in ({}, {"MEMKERNELS_CPU_ISA": "avx2"}, {"MEMKERNELS_CPU_GEMM": "blas"}):
         check = subprocess.run([str(build / "memkernels_check_cpu")], capture_output=True,
                                text=True, timeout=300, env={**os.environ, **caps})
         assert check.returncode == 0, f"{caps}: {check.stdout + check.stderr}"
         assert "max |err|" in check.stdout and "0 NaN, 0 differ" in check.stdout, check.stdout
+        assert "every block taken once" in check.stdout, check.stdout
     # the few-row read's hot-rate tool: checked against float64 where the CPU runs the body
     # (2 rows over 301 keys: the one-pass body on either ISA, a partial last step); it picks
     # the ISA as the extension does, and exits 2 only where no vector body applies
