@@ -3,9 +3,9 @@
 // stream, as a static split reads); a thread whose range runs out takes blocks
 // from the back of another's. A decode step's projections stream their
 // weights from DRAM, which serves two threads unevenly: with an even static
-// split one thread's half of a 1 MB projection took up to 14 us longer than
+// split one thread's half of a 1 MB projection took up to 8 us longer than
 // the other's, and the faster thread waited that long at the barrier
-// (memkernels_reader_cold; docs/log.md, kernels v47).
+// (memkernels_reader_cold, step by step; docs/log.md, kernels v47).
 #pragma once
 
 #include <atomic>
