@@ -354,6 +354,12 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     eager = by_name["write forward+backward: x eager"]
     assert eager["value"] == pytest.approx(3.0) and eager["met"]
     assert eager["best"] == pytest.approx(240.0 / 60.0)  # 30 GFLOP at 500 GFLOP/s
+    # at the matmul probe's rate instead: 30 GFLOP at 200 GFLOP/s take 150 ms
+    assert eager["best_matmul"] == pytest.approx(240.0 / 150.0)
+    # the decode stays bound by its bytes there (0.2 GFLOP: 1.0 ms against 1.4)
+    assert ratio["best_matmul"] == pytest.approx(3.0 / 1.4)
+    # a kernel past the vendor GEMM's rate passes that best: it is a reference, not a bound
+    assert matmul["best_matmul"] == pytest.approx(1.0) and matmul["value"] > 1.0
     # where both rows counted their page faults, the ratio's text gives them
     assert "page faults a call: ours 12, peer 65,536" in eager["text"]
     assert "page faults" not in ratio["text"]  # the decode rows did not count them
@@ -383,6 +389,10 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "commit abc" in out and "| write forward+backward: x eager | >= 3x | 3.00x" in out
+    assert "| at the matmul probe's rate |" in out
+    eager_row = next(line for line in out.splitlines()
+                     if line.startswith("| write forward+backward: x eager"))
+    assert eager_row.endswith("| 4.00x | 1.60x |")
 
 
 def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
@@ -412,8 +422,10 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     assert header == f"Written by `{command}`."
     assert avx512.startswith("3 runs, kernels avx512, peers AVX512 (t1 to t3)**")
     # met in t2 and t3; median 3.00x; the median best (2.5, 5.33, 5.0): eager over 60 ms
+    # at the matmul probe's 200 GFLOP/s the write's 30 GFLOP take 150 ms: 200 / 150, 320 / 150,
+    # 300 / 150, median 2.0x
     assert ("| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | "
-            "5.00x (1 run without an FMA probe) |") in avx512
+            "5.00x (1 run without an FMA probe) | 2.00x |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
     assert "floor target" not in md.read_text()  # no reader rows: no plain reads table
 
