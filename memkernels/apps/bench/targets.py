@@ -20,9 +20,8 @@ CPUs).
 --summary: one table per kernel ISA and peers' ISA over all the runs given,
 one row per target: in how many runs it was met, the median and range of the
 measured values, and the medians of the runs' best possible (at the FMA rate
-and at the matmul probe's). On a machine whose
-limits move from one minute to the next, a single run says little; this is the
-figure to quote.
+and at the matmul probe's). On a machine whose limits move from one minute to
+the next, a single run says little; this is the figure to quote.
 """
 from __future__ import annotations
 
