@@ -47,6 +47,17 @@ def want_cuda() -> tuple[bool, str]:
 # never read FP exception flags) lets GCC if-convert the clamps in the exp and
 # gate loops: without it the AVX2 clones of those loops stayed scalar.
 cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+link_flags = ["-fopenmp"]
+# MEMKERNELS_SANITIZE=address,undefined (either or both): the CPU kernels built with GCC's
+# sanitizers at -O1 with frame pointers, for scripts/sanitize.sh; never a build to time.
+sanitize = os.environ.get("MEMKERNELS_SANITIZE", "")
+if sanitize:
+    unknown = set(sanitize.split(",")) - {"address", "undefined"}
+    if unknown:
+        sys.exit(f"MEMKERNELS_SANITIZE takes address and/or undefined, got {sorted(unknown)}")
+    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+                 "-fno-sanitize-recover=all", "-fopenmp", "-fno-trapping-math"]
+    link_flags = ["-fopenmp", f"-fsanitize={sanitize}"]
 sources = rel("python/bindings.cpp") + rel("csrc/cpu/*.cpp")
 with_cuda, why_not = want_cuda()
 if with_cuda:
@@ -58,13 +69,13 @@ if with_cuda:
         extra_compile_args={"cxx": cxx_flags + ["-DMEMKERNELS_WITH_CUDA"],
                             "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                      "-DMEMKERNELS_WITH_CUDA"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
     print("memkernels: building the CPU and CUDA kernels "
           f"(TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
 else:
     ext = CppExtension("memkernels._C", sources, extra_compile_args=cxx_flags,
-                       extra_link_args=["-fopenmp"])
+                       extra_link_args=link_flags)
     print(f"memkernels: building the CPU kernels only, not the CUDA ones ({why_not})")
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

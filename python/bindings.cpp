@@ -274,6 +274,8 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
            "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
            "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
   const int64_t H = query_w.size(0) / D;
+  MK_CHECK(!mlp_w.has_value() || (mlp_w->dim() == 2 && mlp_w->size(0) > 0),
+           "mlp_w must be [M, C] with M >= 1, got ", shape_str(mlp_w->sizes()));
   const int64_t M = mlp_w.has_value() ? mlp_w->size(0) : 0;
   if (mlp_w.has_value()) {
     check_same(*mlp_w, hidden, "mlp_w");

@@ -165,7 +165,9 @@ inline ReadLayout read_layout(const Tensor& q, const Tensor& k, const Tensor& v,
   return L;
 }
 
-// The saved forward results a backward takes: each shaped and placed as the forward made it.
+// The saved forward results and the gradient a backward takes: each floating-point (it is
+// converted to the compute type; an integer or complex tensor is a caller's mistake), shaped and
+// placed as the forward made it.
 struct Saved {
   const Tensor& t;
   const char* name;
@@ -173,6 +175,7 @@ struct Saved {
 };
 inline void check_saved(const Tensor& like, std::initializer_list<Saved> saved) {
   for (const Saved& s : saved) {
+    check_float(s.t, s.name);
     check_shape(s.t, s.name, s.shape);
     check_device(s.t, like, s.name);
   }

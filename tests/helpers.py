@@ -120,3 +120,17 @@ def cpu_extension():
     if ext is None:
         pytest.skip("memkernels._C is not built")
     return ext
+
+
+def sorted_index(keys, clusters):
+    """Keys sorted into `clusters` contiguous ranges per head (an index as
+    MemoryBank.build_index makes one): (keys, centroids, cluster_starts)."""
+    Hk, S, _ = keys.shape
+    assign = torch.randint(0, clusters, (Hk, S))
+    order = torch.argsort(assign, dim=1, stable=True)
+    keys = torch.gather(keys, 1, order[..., None].expand_as(keys))
+    counts = torch.zeros(Hk, clusters, dtype=torch.long).scatter_add_(1, assign,
+                                                                       torch.ones_like(assign))
+    starts = torch.cat([counts.new_zeros(Hk, 1), counts.cumsum(1)], 1)
+    return keys, torch.nn.functional.normalize(torch.randn(Hk, clusters, keys.shape[-1],
+                                                           dtype=keys.dtype), dim=-1), starts

@@ -252,6 +252,12 @@ _DIRECT_CALLS = {
     "token mask": ("_C.write_fwd(m, m, t, t, g, g, torch.ones(2, 9, dtype=torch.bool), 1.0)",
                    "token_mask must have shape"),
     "int dtype": ("_C.read_fwd(q.long(), k.long(), v.long(), None, 1.0)", "floating-point"),
+    # a backward's gradient and saved results are converted to the compute type: an integer
+    # or complex tensor there is refused, not truncated
+    "int dout": ("_C.read_bwd(q.long(), q, k, v, q, torch.zeros(2, 3, 4), None, 1.0)",
+                 "dout must be a floating-point"),
+    "complex lse": ("_C.write_bwd(m, m, m, t, t, g, g, None, m, torch.zeros(2, 3, 5, "
+                    "dtype=torch.complex64), 1.0)", "lse must be a floating-point"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 import memkernels
 from memkernels.memory.bank import Int8Rows
 
-from helpers import cpu_extension
+from helpers import cpu_extension, sorted_index
 
 C, D = 21, 8  # odd hidden size; Dh 8
 
@@ -110,20 +110,6 @@ def test_narrow_key_value_caches_match_the_reference(kv_dtype, shared, T):
         kw["keys"], kw["values"] = kw["keys"].to(kv_dtype), kw["values"].to(kv_dtype)
     got, want = both(hidden, kw, scale=0.4, **opts)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-
-
-def sorted_index(keys, clusters):
-    """Keys sorted into `clusters` contiguous ranges per head (an index as
-    MemoryBank.build_index makes one): (keys, centroids, cluster_starts)."""
-    Hk, S, _ = keys.shape
-    assign = torch.randint(0, clusters, (Hk, S))
-    order = torch.argsort(assign, dim=1, stable=True)
-    keys = torch.gather(keys, 1, order[..., None].expand_as(keys))
-    counts = torch.zeros(Hk, clusters, dtype=torch.long).scatter_add_(1, assign,
-                                                                       torch.ones_like(assign))
-    starts = torch.cat([counts.new_zeros(Hk, 1), counts.cumsum(1)], 1)
-    return keys, torch.nn.functional.normalize(torch.randn(Hk, clusters, keys.shape[-1],
-                                                           dtype=keys.dtype), dim=-1), starts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -314,6 +300,9 @@ def test_fused_cpu_reader_rejects_a_bad_mlp_query():
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_b=b1)
     with pytest.raises(RuntimeError, match="mlp_w must have shape"):
         ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=w1[:, :8], mlp_b=b1)
+    for bad in (torch.tensor(1.0), w1[:0], w1[0]):  # 0-d, no hidden unit, one dim
+        with pytest.raises(RuntimeError, match=r"mlp_w must be \[M, C\] with M >= 1"):
+            ext.reader_fwd(h, w2, k, k, wo, 1e-6, 0.5, mlp_w=bad, mlp_b=b1)
     with pytest.raises(RuntimeError, match="query_w must have shape"):  # [H * Dh, M] after an MLP
         ext.reader_fwd(h, w2[:, :8], k, k, wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1)
     with pytest.raises(RuntimeError, match="H a multiple of the keys' 2 heads"):
