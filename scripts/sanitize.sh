@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The CPU extension's tests under GCC's AddressSanitizer and UndefinedBehaviorSanitizer:
-# memkernels._C built with MEMKERNELS_SANITIZE=address,undefined (setup.py) in a scratch
-# worktree of HEAD (commit first: uncommitted changes are not in it), then the tests that
-# call it (tests/ops without the GPU and Triton ones, whose kernels are not instrumented),
-# each child process of theirs included, under the sanitizers; the first report stops the
-# run. The build takes ~4 minutes on 2 cores and the tests ~25. Needs a CPU torch and a GCC
-# with libasan (Debian/Ubuntu: gcc). Extra arguments go to pytest.
+# The CPU kernels under GCC's AddressSanitizer and UndefinedBehaviorSanitizer, in a scratch
+# worktree of HEAD (commit first: uncommitted changes are not in it): memkernels._C built with
+# MEMKERNELS_SANITIZE=address,undefined (setup.py) and the tests that call it (tests/ops
+# without the GPU, Triton and nvcc ones), each child process of theirs included; then the
+# standalone checks (memkernels_check_cpu, CMake) built with the same sanitizers. The first
+# report stops the run. On 2 cores: ~5 minutes to build the extension, ~7 of tests, ~5 to
+# build the checks. Needs a CPU torch, cmake and a GCC with libasan (Debian/Ubuntu: gcc).
+# Extra arguments go to pytest.
 #   bash scripts/sanitize.sh                 # all of it
 #   bash scripts/sanitize.sh -k extension_fuzz
 set -euo pipefail
@@ -24,3 +25,10 @@ stdcxx=$(g++ -print-file-name=libstdc++.so.6)
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 LD_PRELOAD="$asan $stdcxx" python3 -m pytest tests/ops -q -p no:cacheprovider \
   --ignore=tests/ops/test_build.py -k "not triton and not cuda" "$@"
+# the standalone checks: a plain executable, instrumented whole, nothing to preload
+flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+cmake -S . -B build-sanitized -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" \
+  > cmake.log 2>&1 || { tail -30 cmake.log; exit 1; }
+cmake --build build-sanitized -j2 --target memkernels_check_cpu >> cmake.log 2>&1 ||
+  { tail -30 cmake.log; exit 1; }
+./build-sanitized/memkernels_check_cpu
