@@ -17,6 +17,18 @@ from helpers import cpu_extension
 CHILD = os.path.join(os.path.dirname(__file__), "extension_fuzz_child.py")
 BINDINGS = ["read_fwd", "read_fwd_keeping_probs", "read_bwd", "write_fwd", "write_bwd",
             "reader_fwd", "copy_mix_fwd", "postings_top", "cpu_sum_in_turn"]
+# the bindings that take no tensor: the CPU's probes and the host buffer pool's controls
+# (test_adversarial.py gives the probes any integer)
+NO_TENSORS = {"cpu_cached_bytes", "cpu_empty_cache", "cpu_few_rows_chunk",
+              "cpu_few_rows_key_major", "cpu_fma_burst", "cpu_isa", "cpu_tile_gemm",
+              "has_vendor_blas"}
+
+
+def test_every_binding_is_fuzzed():
+    ext = cpu_extension()
+    names = {n for n in dir(ext) if not n.startswith("_") and callable(getattr(ext, n))}
+    assert names - NO_TENSORS - set(BINDINGS) == set(), "a new binding: add it to BINDINGS " \
+        "and a valid call of it to extension_fuzz_child.valid_calls"
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
