@@ -279,6 +279,15 @@ struct Vec {
     return _mm256_blendv_ps(v, set1(fill), _mm256_castsi256_ps(unset));
   }
   static R lane(R x, int i) { return _mm256_permutevar8x32_ps(x, _mm256_set1_epi32(i)); }
+  // [x[0], x[1]] in every lane pair: one 8-byte broadcast load
+  static R broadcast2(const float* x) {
+    return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(x)));
+  }
+  // lanes 0-3: a's lane pairs summed (a0 + a1, ..., a6 + a7); lanes 4-7: b's
+  static R add_pairs(R a, R b) {
+    const __m256d s = _mm256_castps_pd(_mm256_hadd_ps(a, b));  // a01 a23 b01 b23 | a45 ...
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(s, 0xD8));
+  }
   static R max_skip_nan(R x, R m) { return _mm256_max_ps(x, m); }
   static bool any_nan_or_above(R x, R y) {
     return _mm256_movemask_ps(_mm256_cmp_ps(x, y, _CMP_NLE_UQ)) != 0;

@@ -102,8 +102,10 @@ void key_major_pass(const float* q, const float* k, const float* v, int64_t M, i
   const int64_t kc = few_rows_chunk_keys(M, D);
   std::vector<float> qt(D * LW, 0.0f), st(kc * LW), row_max(LW, -INFINITY), row_sum(LW, 0.0f);
   alignas(64) float lane_max[LW];
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t r = 0; r < M; ++r) qt[d * LW + r] = q[r * D + d] * scale;
+  if constexpr (kWide)
+    isa_avx512::key_major_queries<RV>(q, M, D, scale, qt.data());
+  else
+    isa_avx2::key_major_queries<RV>(q, M, D, scale, qt.data());
   for (int64_t e = 0; e < M * D; ++e) out[e] = 0.0f;
   for (int64_t n0 = 0; n0 < N; n0 += kc) {
     const int64_t nb = std::min(kc, N - n0);
