@@ -110,6 +110,20 @@ out = memory_read(q, k, v, backend="cpu")
 assert out[2, 1].isnan().all() and not out[[0, 1, 3, 4, 5]].isnan().any()
 check(q, k, v, what="NaN query")
 
+# 7-8 rows a head (the key-major pass, its dims in pairs on AVX2: rows 0-3 and 4-7 in two
+# vectors): a NaN query in each half, at an even and an odd dim, poisons its own row only;
+# head dims whose pairs are not a whole number of prefetch steps
+for B, row, dim in [(8, 5, 4), (8, 7, 63), (7, 1, 0), (8, 3, 30)]:
+    q, k, v = torch.randn(B, 2, 1, 64), torch.randn(2, 301, 64), torch.randn(2, 301, 64)
+    q[row, 0, 0, dim] = float("nan")
+    out = memory_read(q, k, v, backend="cpu")
+    others = [b for b in range(B) if b != row]
+    assert out[row, 0].isnan().all() and not out[others].isnan().any(), f"NaN row {row} dim {dim}"
+    check(q, k, v, what=f"NaN query B={B} row {row} dim {dim}")
+for B, D in [(7, 24), (8, 40), (7, 200)]:
+    check(torch.randn(B, 2, 1, D), torch.randn(2, 517, D), torch.randn(2, 517, D),
+          what=f"7-8 rows B={B} D={D}")
+
 # a NaN key where the rows take more than one row block (the chunked pass, whose score pass
 # also takes each row's max, NaN skipped, for the softmax): the exp still meets the NaN, so
 # every row of its head reads NaN; in a full 4-key step, in the last partial one, and in a
