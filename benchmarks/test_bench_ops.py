@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import memkernels
+from memkernels.apps.bench.cases import forward_only
 from memkernels.apps.bench.run import OPS, cases_for, shapes_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,4 +39,5 @@ def test_bench(benchmark, op, shape, impl):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(flops=cases[0].flops, bytes=cases[0].bytes, dtype=str(DTYPE))
-    benchmark.pedantic(run, warmup_rounds=2, rounds=10, iterations=1)
+    with torch.no_grad() if forward_only(op) else torch.enable_grad():  # as the runner times it
+        benchmark.pedantic(run, warmup_rounds=2, rounds=10, iterations=1)

@@ -227,6 +227,35 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
+def test_bench_cli_times_forward_rows_with_gradients_off(monkeypatch):
+    """A forward row's calls (and their warm-up) run inside one no-grad block, as
+    a decode loop runs them, with no grad mode set per call; a training row's
+    with gradients on."""
+    tiny = ReadShape("tiny", B=1, H=2, T=2, S=16, D=8)
+    monkeypatch.setattr(run.registry, "CPU_READ", [tiny])
+    seen = {}
+
+    def spy_cases(shape, device, dtype, backends, mode):
+        def spy(*inputs):
+            seen.setdefault(mode, set()).add(torch.is_grad_enabled())
+            return inputs[0].sum()
+        dims = [(1, 2, 2, 8)] * 3
+        sets = [[torch.randn(*d).requires_grad_(mode != "fwd") for d in dims]]
+        return [cases_module.Case(f"read_{mode}", shape, "spy", [cases_module._timed(spy, s, mode) for s in sets],
+                     1.0, 1.0)]
+
+    monkeypatch.setattr(run, "read_cases", spy_cases)
+    assert run.main(["--device", "cpu", "--ops", "read_fwd", "read_fwd_bwd", "--min-time",
+                     "0.01"]) == 0
+    assert seen == {"fwd": {False}, "fwd_bwd": {True}}
+    assert cases_module.forward_only("reader_fwd") and not cases_module.forward_only("write_fwd_bwd")
+    # called outside the runner, a forward case keeps the caller's grad mode
+    fn = cases_module._timed(lambda x: torch.is_grad_enabled(), [torch.zeros(1)], "fwd")
+    assert fn() is True
+    with torch.no_grad():
+        assert fn() is False
+
+
 def test_cpu_isa_caps_the_peers_too(monkeypatch):
     """--cpu-isa avx2 reruns the bench in a child with every library's cap set
     (the kernels' and the peers'), the other arguments passed on; in the child

@@ -37,11 +37,19 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def forward_only(op: str) -> bool:
+    """Whether a row's op (read_fwd, reader_fwd, write_fwd_bwd, ...) is a forward
+    alone: the runner times such a row with gradients off."""
+    return op.endswith("_fwd")
+
+
 def _timed(fn, inputs, mode: str):
     """The callable that `mode` times: forward, backward alone (over a graph
     built once, kept between calls) or forward + backward."""
     if mode == "fwd":
-        return functools.partial(torch.no_grad()(fn), *inputs)
+        # no grad mode set here: the runner times a forward row inside one
+        # torch.no_grad() block (forward_only), as a decode loop runs its steps
+        return functools.partial(fn, *inputs)
     if mode == "fwd_bwd":
         # autograd.grad, not .backward(): nothing accumulates into .grad, and no
         # AccumulateGrad node kept alive by the "bwd" case's graph on the same

@@ -29,6 +29,7 @@ ISA its peers ran (`aten_cpu_capability`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 import memkernels
 from memkernels.apps.bench import shapes as registry
-from memkernels.apps.bench.cases import read_cases, reader_cases, write_cases
+from memkernels.apps.bench.cases import forward_only, read_cases, reader_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
 from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_probe, fma_probe,
                                           matmul_probe, measure, median_times, read_probe)
@@ -206,14 +207,18 @@ def main(argv=None) -> int:
     out_file = open(args.out, "a") if args.out else None  # one line per row, as measured
     groups = list(collect_cases(device, dtype, backends, args.ops))
     for group in tqdm(groups, desc="benchmarks", file=sys.stderr):
-        # every implementation of the op on this shape and the limits' probes, in turns
-        ready = [(case, prepared(case, device, device.type == "cuda" and not args.no_graphs))
-                 for case in group]
-        ready = [(case, *got) for case, got in ready if got is not None]
-        faults: list = []
-        times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
-                             min_time=args.min_time, rounds=args.rounds, warmup=0,
-                             faults=faults)
+        # every implementation of the op on this shape and the limits' probes, in turns; a
+        # forward row (and its torch.compile warm-up) inside one no-grad block, as a decode
+        # loop runs its steps, not a no_grad entered and left by every call
+        grad_mode = torch.no_grad() if forward_only(group[0].op) else contextlib.nullcontext()
+        with grad_mode:
+            ready = [(case, prepared(case, device, device.type == "cuda" and not args.no_graphs))
+                     for case in group]
+            ready = [(case, *got) for case, got in ready if got is not None]
+            faults: list = []
+            times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
+                                 min_time=args.min_time, rounds=args.rounds, warmup=0,
+                                 faults=faults)
         copy_bw, bw, peak, touch, *fma_peak = (p.work / t
                                                for p, t in zip(probes, times[len(ready):]))
         fma_fields = (dict(fma_gflops=fma_peak[0] / 1e9) if fma_peak else {})
