@@ -1,0 +1,83 @@
+"""What the reading layer's call costs around its kernel when the caches are cold, as in a
+decode step whose other weights evict everything between two reads.
+
+At the bench's reading-layer shape (hidden 512, MLP 512, 8 query heads of 32 over 4 kv heads,
+S 1,024), inside one no-grad block, in turns each round, each timed call after an untimed sum
+of a 64 MB buffer (past the 32 MB L3: the interpreter's, torch's and the binding's code and
+data evicted, as the bench's 64 rotated sets evict them), or with none (hot):
+
+  empty layer       memkernels.reading_layer on a batch of 0 rows: the Python fast path, the
+                    binding's argument conversion and every check, no kernel
+  empty _C          memkernels._C.reader_fwd on the same: the binding alone
+  layer             memkernels.reading_layer on one of 64 rotated sets (the bench's call)
+  _C                memkernels._C.reader_fwd on the same sets
+
+Prints each round's medians (us) and their medians over the rounds.
+
+    PYTHONPATH=. python benchmarks/experiments/reader_call_cold.py [ROUNDS]
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+import memkernels
+from memkernels.ops import backend
+
+B, T, C, M, H, Hk, D, S = 1, 1, 512, 512, 8, 4, 32, 1024
+SETS, CALLS = 64, 64
+
+
+def main(rounds: int) -> None:
+    torch.manual_seed(0)
+    ext = backend.extension()[0]
+    in_turn = ext.cpu_sum_in_turn
+    dims = [(B, T, C), (M, C), (M,), (H * D, M), (H * D, C), (Hk, S, D), (Hk, S, D)]
+    sets = [[torch.randn(*d) / (d[-1] ** 0.5 if len(d) > 1 else 1) for d in dims]
+            for _ in range(SETS)]
+    empty = [torch.randn(0, T, C), *sets[0][1:]]
+    evict = [torch.randn(16 << 20)]  # 64 MB
+
+    def layer(h, mw, mb, qw, ow, k, v):
+        return memkernels.reading_layer(h, qw, k, v, ow, eps=1e-6, scale=20.0, mlp_w=mw,
+                                        mlp_b=mb, unit_queries=True, backend="cpu")
+
+    def kernel(h, mw, mb, qw, ow, k, v):
+        return ext.reader_fwd(h, qw, k, v, ow, 1e-6, 20.0, None, None, mw, mb, None, True,
+                              None, None, None, None, 0)
+
+    measures = {
+        "empty layer, cold": (layer, True, True), "empty _C, cold": (kernel, True, True),
+        "empty layer, hot": (layer, True, False), "empty _C, hot": (kernel, True, False),
+        "layer, cold": (layer, False, True), "_C, cold": (kernel, False, True),
+    }
+    with torch.no_grad():
+        got = layer(*sets[0])
+        want = memkernels.reading_layer(*[sets[0][i] for i in (0, 3, 5, 6, 4)], eps=1e-6,
+                                        scale=20.0, mlp_w=sets[0][1], mlp_b=sets[0][2],
+                                        unit_queries=True, backend="reference")
+        print(f"max |cpu - reference| on one set: {(got - want).abs().max().item():.2e}")
+        medians = {name: [] for name in measures}
+        for r in range(rounds):
+            names = list(measures)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                fn, is_empty, cold = measures[name]
+                times = []
+                for c in range(CALLS):
+                    args = empty if is_empty else sets[c % SETS]
+                    if cold:
+                        in_turn(evict, [1])
+                    t0 = time.perf_counter()
+                    fn(*args)
+                    times.append(time.perf_counter() - t0)
+                medians[name].append(statistics.median(times) * 1e6)
+            print(f"round {r}: " + "; ".join(f"{n} {medians[n][-1]:.1f}" for n in measures),
+                  flush=True)
+    print(f"medians over {rounds} rounds (us): " + "; ".join(
+        f"{n} {statistics.median(v):.1f}" for n, v in medians.items()))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 8)
