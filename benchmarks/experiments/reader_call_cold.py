@@ -24,6 +24,7 @@ import torch
 
 import memkernels
 from memkernels.ops import backend
+from reader_call_overhead import kernel, layer  # the bench's call and its kernel's (beside)
 
 B, T, C, M, H, Hk, D, S = 1, 1, 512, 512, 8, 4, 32, 1024
 SETS, CALLS = 64, 64
@@ -31,21 +32,12 @@ SETS, CALLS = 64, 64
 
 def main(rounds: int) -> None:
     torch.manual_seed(0)
-    ext = backend.extension()[0]
-    in_turn = ext.cpu_sum_in_turn
+    in_turn = backend.extension()[0].cpu_sum_in_turn
     dims = [(B, T, C), (M, C), (M,), (H * D, M), (H * D, C), (Hk, S, D), (Hk, S, D)]
     sets = [[torch.randn(*d) / (d[-1] ** 0.5 if len(d) > 1 else 1) for d in dims]
             for _ in range(SETS)]
     empty = [torch.randn(0, T, C), *sets[0][1:]]
     evict = [torch.randn(16 << 20)]  # 64 MB
-
-    def layer(h, mw, mb, qw, ow, k, v):
-        return memkernels.reading_layer(h, qw, k, v, ow, eps=1e-6, scale=20.0, mlp_w=mw,
-                                        mlp_b=mb, unit_queries=True, backend="cpu")
-
-    def kernel(h, mw, mb, qw, ow, k, v):
-        return ext.reader_fwd(h, qw, k, v, ow, 1e-6, 20.0, None, None, mw, mb, None, True,
-                              None, None, None, None, 0)
 
     measures = {
         "empty layer, cold": (layer, True, True), "empty _C, cold": (kernel, True, True),

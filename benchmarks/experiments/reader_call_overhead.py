@@ -15,21 +15,24 @@ import memkernels
 from memkernels.ops import backend as _backend
 
 
+def layer(h, mw, mb, qw, ow, k, v):
+    """The bench's reading-layer call on one input set (hidden, MLP, query, output, bank)."""
+    return memkernels.reading_layer(h, qw, k, v, ow, eps=1e-6, scale=20.0, mlp_w=mw, mlp_b=mb,
+                                    unit_queries=True, backend="cpu")
+
+
+def kernel(h, mw, mb, qw, ow, k, v):
+    """The same call's kernel, memkernels._C.reader_fwd called directly."""
+    return _backend.extension()[0].reader_fwd(h, qw, k, v, ow, 1e-6, 20.0, None, None, mw, mb,
+                                              None, True, None, None, None, None, 0)
+
+
 def main() -> None:
-    ext = _backend.extension()[0]
     torch.manual_seed(0)
     B, T, C, M, H, Hk, D = 1, 1, 512, 512, 8, 4, 32
     for S in (1024, 4096):
         dims = [(B, T, C), (M, C), (M,), (H * D, M), (H * D, C), (Hk, S, D), (Hk, S, D)]
         sets = [[torch.randn(*d) for d in dims] for _ in range(64)]
-
-        def layer(h, mw, mb, qw, ow, k, v):
-            return memkernels.reading_layer(h, qw, k, v, ow, eps=1e-6, scale=20.0, mlp_w=mw,
-                                            mlp_b=mb, unit_queries=True, backend="cpu")
-
-        def kernel(h, mw, mb, qw, ow, k, v):
-            return ext.reader_fwd(h, qw, k, v, ow, 1e-6, 20.0, None, None, mw, mb, None, True,
-                                  None, None, None, None, 0)
 
         medians = {}
         with torch.no_grad():
