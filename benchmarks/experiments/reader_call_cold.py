@@ -4,7 +4,8 @@ decode step whose other weights evict everything between two reads.
 At the bench's reading-layer shape (hidden 512, MLP 512, 8 query heads of 32 over 4 kv heads,
 S 1,024), inside one no-grad block, in turns each round, each timed call after an untimed sum
 of a 64 MB buffer (past the 32 MB L3: the interpreter's, torch's and the binding's code and
-data evicted, as the bench's 64 rotated sets evict them), or with none (hot):
+data evicted, as a decode step's other weights evict them; the bench's rotated sets, 3.15 MB a
+call, leave them in the L3), or with none (hot):
 
   empty layer       memkernels.reading_layer on a batch of 0 rows: the Python fast path, the
                     binding's argument conversion and every check, no kernel
