@@ -352,7 +352,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
     ks = key_scale->contiguous();
     vs = value_scale->contiguous();
   }
-  if (B * T == 0) return at::empty_like(hidden);  // no row to read for
+  if (B * T == 0) return kernel_output(hidden.sizes(), hidden.scalar_type());  // no row to read
   Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
          v = values.contiguous(), ow = out_w.contiguous();
   Tensor w1 = mlp_w.has_value() ? mlp_w->contiguous() : Tensor(),
@@ -362,7 +362,7 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
          wc = context_w.has_value() ? context_w->contiguous() : Tensor(),
          cent = centroids.has_value() ? centroids->contiguous() : Tensor(),
          starts = cluster_starts.has_value() ? cluster_starts->contiguous() : Tensor();
-  Tensor out = at::empty_like(h);
+  Tensor out = kernel_output(h.sizes(), h.scalar_type());
   // the options beside the blend reader's: kv heads, the MLP query, unit queries
   auto set_options = [&](auto& r, auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

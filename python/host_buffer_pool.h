@@ -10,7 +10,10 @@
 // 2 MiB pages where the kernel allows it (MADV_HUGEPAGE), and go back to the
 // pool when the last tensor viewing one dies: at most kMaxCachedBuffers,
 // kMaxCachedBytes in all, stay mapped (the oldest unmapped first);
-// cpu_empty_cache() unmaps them. Smaller ones are plain at::empty tensors.
+// cpu_empty_cache() unmaps them. Smaller ones are plain CPU tensors, made by
+// at::detail::empty_cpu, not through the dispatcher: at a decode step, whose
+// other weights have evicted the dispatcher's tables, at::empty cost ~10-15 us
+// a call more (docs/log.md, "The output's allocation, cold").
 // Like at::empty, a buffer's contents are undefined: every caller overwrites
 // all of it. Its storage cannot grow (resize_ to more elements raises).
 // fork(): the pool's lock is held across it (pthread_atfork), so a child
@@ -20,6 +23,7 @@
 // while holding the lock, so a fork handler that takes the allocator's lock
 // cannot wait on it in turn.
 #pragma once
+#include <ATen/EmptyTensor.h>
 #include <torch/extension.h>
 
 #include <pthread.h>
@@ -59,7 +63,7 @@ class HostBufferPool {
     size_t bytes = c10::elementSize(dtype);
     for (const int64_t s : sizes) bytes *= static_cast<size_t>(s);
     const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-    if (bytes < kMinPooledBytes) return at::empty(sizes, options);
+    if (bytes < kMinPooledBytes) return at::Tensor(at::detail::empty_cpu(sizes, dtype));
     const Buffer b = take((bytes + kPage - 1) / kPage * kPage);
     return torch::from_blob(
         b.data, sizes, [b](void*) { instance().give_back(b); }, options);
