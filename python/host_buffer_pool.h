@@ -12,7 +12,7 @@
 // kMaxCachedBytes in all, stay mapped (the oldest unmapped first);
 // cpu_empty_cache() unmaps them. Smaller ones are plain CPU tensors, made by
 // at::detail::empty_cpu, not through the dispatcher: at a decode step, whose
-// other weights have evicted the dispatcher's tables, at::empty cost ~10-15 us
+// other weights have evicted the dispatcher's tables, at::empty cost ~4-13 us
 // a call more (docs/log.md, "The output's allocation, cold").
 // Like at::empty, a buffer's contents are undefined: every caller overwrites
 // all of it. Its storage cannot grow (resize_ to more elements raises).
