@@ -13,12 +13,13 @@ from memkernels.hf import MemoryHandle, attach, find_decoder_layers, store
 from memkernels.memory import (AppendMemory, AppendOptions, BlendMemory, BlendOptions, Int8Rows,
                                MemoryBank, MemoryConfig, MemoryModel)
 from memkernels.ops import (BACKENDS, MemoryReadFunction, MemoryWriteFunction, available_backends,
-                            memory_read, memory_write, reading_layer, reference)
+                            memory_read, memory_write, reading_layer, reading_layer_plan,
+                            reference)
 
 __version__ = "0.1.0"
 
-__all__ = ["memory_read", "memory_write", "reading_layer", "MemoryReadFunction",
-           "MemoryWriteFunction", "reference", "available_backends", "BACKENDS",
-           "MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel", "BlendMemory",
+__all__ = ["memory_read", "memory_write", "reading_layer", "reading_layer_plan",
+           "MemoryReadFunction", "MemoryWriteFunction", "reference", "available_backends",
+           "BACKENDS", "MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel", "BlendMemory",
            "AppendMemory", "MemoryBank", "Int8Rows", "attach", "store", "MemoryHandle",
            "find_decoder_layers", "__version__"]

@@ -236,10 +236,238 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
 }
 
 // One reading layer at inference, fused (memkernels.reading_layer: the blend rule's BlendReader,
-// and with mlp_w the append rule's AppendReader).
+// and with mlp_w the append rule's AppendReader), as a plan: every operand but the hidden
+// state (and its context) checked and made contiguous once, so a decode loop's call converts
+// and checks one or two tensors, not eighteen (memkernels.reading_layer_plan; docs/design.md,
+// "The decode hot path"). reader_fwd is a plan built and called once.
 // keys/values may be bfloat16, or int8 with a float32 scale per slot, with
 // float32 hidden states (the decode cache). Query heads (query_w rows / Dh)
 // may be a multiple of the kv heads: head h reads kv head h % Hk.
+class ReaderPlan {
+ public:
+  ReaderPlan(const Tensor& query_w, const Tensor& keys, const Tensor& values, const Tensor& out_w,
+             double eps, double scale, const OptTensor& key_scale, const OptTensor& value_scale,
+             const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
+             bool unit_queries, const OptTensor& context_w, const OptTensor& centroids,
+             const OptTensor& cluster_starts, int64_t probes)
+      : eps_(eps), scale_(scale), unit_queries_(unit_queries) {
+    MK_CHECK(query_w.scalar_type() == at::kFloat || query_w.scalar_type() == at::kDouble,
+             "query_w must be float32 or float64 (the hidden states' dtype), got ",
+             query_w.scalar_type());
+    MK_CHECK(query_w.device().is_cpu(), "query_w must be on the CPU, got ", query_w.device());
+    dtype_ = query_w.scalar_type();
+    // Narrow key/value storage (with float32 hidden states): bf16, or int8 with
+    // one float32 scale per slot in key_scale/value_scale.
+    narrow_ = dtype_ == at::kFloat &&
+              (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kChar);
+    if (!narrow_) check_same(keys, query_w, "keys");
+    check_same(values, keys, "values");
+    MK_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
+    check_same(out_w, query_w, "out_w");
+    MK_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
+             shape_str(keys.sizes()));
+    shared_ = keys.dim() == 3;
+    bank_rows_ = shared_ ? 0 : keys.size(0);
+    Hk_ = keys.size(-3), S_ = keys.size(-2), D_ = keys.size(-1);
+    MK_CHECK(Hk_ > 0 && S_ > 0, "keys must hold at least one head and one slot, got ",
+             shape_str(keys.sizes()));
+    check_head_dim(D_, "keys");
+    check_shape(values, "values", keys.sizes());
+    MK_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk_ * D_) == 0,
+             "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
+             "the keys' ", Hk_, " heads of Dh = ", D_, ", got ", shape_str(query_w.sizes()));
+    H_ = query_w.size(0) / D_;
+    MK_CHECK(out_w.dim() == 2 && out_w.size(0) == H_ * D_ && out_w.size(1) > 0,
+             "out_w must be [H * Dh, C] = [", H_ * D_, ", C >= 1], got ",
+             shape_str(out_w.sizes()));
+    C_ = out_w.size(1);
+    MK_CHECK(!mlp_w.has_value() || (mlp_w->dim() == 2 && mlp_w->size(0) > 0),
+             "mlp_w must be [M, C] with M >= 1, got ", shape_str(mlp_w->sizes()));
+    M_ = mlp_w.has_value() ? mlp_w->size(0) : 0;
+    if (mlp_w.has_value()) {
+      check_same(*mlp_w, query_w, "mlp_w");
+      check_shape(*mlp_w, "mlp_w", {M_, C_});
+      MK_CHECK(mlp_b.has_value(), "mlp_w needs mlp_b");
+    } else {
+      MK_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
+    }
+    if (mlp_b.has_value()) {
+      check_same(*mlp_b, query_w, "mlp_b");
+      check_shape(*mlp_b, "mlp_b", {M_});
+    }
+    // a context beside the normed hidden state, into the MLP's first layer: its columns here,
+    // the context itself with each call
+    if (context_w.has_value()) {
+      MK_CHECK(M_ > 0, "context goes only with mlp_w (an MLP query): context_w given without it");
+      check_same(*context_w, query_w, "context_w");
+      check_shape(*context_w, "context_w", {M_, C_});
+    }
+    // an inverted-file index of a shared bank: keys sorted by cluster per kv head
+    MK_CHECK(centroids.has_value() == cluster_starts.has_value() &&
+                 centroids.has_value() == (probes > 0),
+             "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
+             "probes = ", probes);
+    if (centroids.has_value()) {
+      MK_CHECK(shared_, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
+      check_same(*centroids, query_w, "centroids");
+      MK_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk_ &&
+                   centroids->size(2) == D_ && centroids->size(1) > 0,
+               "centroids must be [", Hk_, ", clusters, ", D_, "], got ",
+               shape_str(centroids->sizes()));
+      clusters_ = centroids->size(1);
+      probes_ = probes;
+      MK_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
+               "cluster_starts must be int64 on the CPU");
+      check_shape(*cluster_starts, "cluster_starts", {Hk_, clusters_ + 1});
+      // a copy: the ranges checked here are the ranges read, whatever the caller's tensor
+      // holds later (a range past the bank would read outside it)
+      starts_ = cluster_starts->clone(at::MemoryFormat::Contiguous);
+      const int64_t* st = starts_.data_ptr<int64_t>();
+      const int64_t n = clusters_ + 1;
+      for (int64_t g = 0; g < Hk_; ++g) {  // ranges in order, covering [0, S)
+        MK_CHECK(st[g * n] == 0 && st[g * n + clusters_] == S_, "cluster_starts[", g,
+                 "] must run from 0 to the ", S_, " slots");
+        for (int64_t j = 0; j < clusters_; ++j)
+          MK_CHECK(st[g * n + j] <= st[g * n + j + 1], "cluster_starts[", g,
+                   "] must not decrease");
+      }
+    }
+    if (query_b.has_value()) {
+      check_same(*query_b, query_w, "query_b");
+      check_shape(*query_b, "query_b", {H_ * D_});
+    }
+    check_shape(query_w, "query_w", {H_ * D_, M_ > 0 ? M_ : C_});
+    int8_kv_ = keys.scalar_type() == at::kChar;
+    if (int8_kv_) {
+      MK_CHECK(key_scale.has_value() && value_scale.has_value(),
+               "int8 keys/values need key_scale and value_scale (float32, one per slot)");
+      const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);
+      auto check_scale = [&](const Tensor& t, const char* name) {
+        MK_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
+                 t.scalar_type());
+        MK_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+        check_shape(t, name, per_slot);
+      };
+      check_scale(*key_scale, "key_scale");
+      check_scale(*value_scale, "value_scale");
+    } else {
+      MK_CHECK(!key_scale.has_value() && !value_scale.has_value(),
+               "key_scale/value_scale go only with int8 keys/values");
+    }
+    requires_grad_ = false;
+    for (const OptTensor& t : {OptTensor(query_w), OptTensor(keys), OptTensor(values),
+                               OptTensor(out_w), mlp_w, mlp_b, query_b, context_w, centroids})
+      requires_grad_ = requires_grad_ || (t.has_value() && t->requires_grad());
+    // Detached and contiguous: the plan's own handles on the caller's storage, so an in-place
+    // update shows in the next call and a `.data =` or `set_` on the caller's tensor does not
+    // reach them (a non-contiguous operand is copied once, here).
+    auto hold = [](const OptTensor& t) {
+      return t.has_value() ? t->detach().contiguous() : Tensor();
+    };
+    qw_ = hold(query_w), k_ = hold(keys), v_ = hold(values), ow_ = hold(out_w);
+    ks_ = hold(key_scale), vs_ = hold(value_scale), w1_ = hold(mlp_w), b1_ = hold(mlp_b);
+    bq_ = hold(query_b), wc_ = hold(context_w), cent_ = hold(centroids);
+  }
+
+  std::string describe() const {
+    return message("memkernels._C.ReaderPlan(", dtype_, ", C=", C_, ", M=", M_, ", H=", H_,
+                   ", Dh=", D_, ", kv heads=", Hk_, ", slots=", S_,
+                   shared_ ? ", shared bank" : ", a bank per row",
+                   int8_kv_ ? ", int8 kv" : (narrow_ ? ", bf16 kv" : ""),
+                   probes_ > 0 ? ", indexed" : "", wc_.defined() ? ", context" : "", ")");
+  }
+
+  // hidden [B, T, C] (B = the bank's rows for a bank per row) + the layer's read, [B, T, C]
+  Tensor operator()(const Tensor& hidden, const OptTensor& context) const {
+    MK_CHECK(hidden.dim() == 3 && hidden.size(2) == C_, "hidden must be [B, T, C] with C = ", C_,
+             " (out_w's columns), got ", shape_str(hidden.sizes()));
+    MK_CHECK(hidden.scalar_type() == dtype_, "hidden must have dtype ", dtype_,
+             " (query_w's), got ", hidden.scalar_type());
+    MK_CHECK(hidden.device().is_cpu(), "hidden must be on the CPU, got ", hidden.device());
+    const int64_t B = hidden.size(0), T = hidden.size(1);
+    MK_CHECK(shared_ || B == bank_rows_, "keys must have shape [", B, ", ", Hk_, ", ", S_, ", ",
+             D_, "] (a bank per row of hidden's batch of ", B, "), got [", bank_rows_, ", ", Hk_,
+             ", ", S_, ", ", D_, "]");
+    MK_CHECK(context.has_value() == wc_.defined(),
+             "context and context_w go together (the context and its first-layer columns)");
+    if (context.has_value()) {
+      check_same(*context, hidden, "context");
+      check_shape(*context, "context", hidden.sizes());
+    }
+    MK_CHECK(!at::GradMode::is_enabled() ||
+                 !(requires_grad_ || hidden.requires_grad() ||
+                   (context.has_value() && context->requires_grad())),
+             "the reading layer is inference only (no backward): call it under "
+             "torch.no_grad(), or compose memory_read for training");
+    check_storages();
+    if (B * T == 0) return kernel_output(hidden.sizes(), dtype_);  // no row to read
+    const Tensor h = hidden.contiguous();
+    const Tensor ctx = context.has_value() ? context->contiguous() : Tensor();
+    Tensor out = kernel_output(h.sizes(), dtype_);
+    if (narrow_) {
+      static_assert(sizeof(mk::bf16) == sizeof(at::BFloat16), "bf16 must be 16 bits");
+      if (int8_kv_) run<float, int8_t>(B, T, h, ctx, out);
+      else run<float, mk::bf16>(B, T, h, ctx, out);
+    } else if (dtype_ == at::kFloat) {
+      run<float, float>(B, T, h, ctx, out);
+    } else {
+      run<double, double>(B, T, h, ctx, out);
+    }
+    return out;
+  }
+
+ private:
+  template <typename T, typename KV>
+  void run(int64_t B, int64_t rows, const Tensor& h, const Tensor& ctx, Tensor& out) const {
+    mk::ReaderProblem<T, KV> r{B, rows, C_, H_, D_, S_, shared_, h.data_ptr<T>(),
+                               qw_.data_ptr<T>(), static_cast<const KV*>(k_.data_ptr()),
+                               static_cast<const KV*>(v_.data_ptr()), ow_.data_ptr<T>(),
+                               static_cast<T>(eps_), static_cast<T>(scale_)};
+    if (int8_kv_) {
+      r.key_scale = ks_.data_ptr<float>();
+      r.value_scale = vs_.data_ptr<float>();
+    }
+    r.kv_heads = Hk_;
+    r.mlp_hidden = M_;
+    r.mlp_w = M_ > 0 ? w1_.data_ptr<T>() : nullptr;
+    r.mlp_b = M_ > 0 ? b1_.data_ptr<T>() : nullptr;
+    r.query_b = bq_.defined() ? bq_.data_ptr<T>() : nullptr;
+    r.context = ctx.defined() ? ctx.data_ptr<T>() : nullptr;
+    r.context_w = wc_.defined() ? wc_.data_ptr<T>() : nullptr;
+    if (cent_.defined()) {
+      r.centroids = cent_.data_ptr<T>();
+      r.cluster_starts = starts_.data_ptr<int64_t>();
+      r.clusters = clusters_;
+      r.probes = probes_;
+    }
+    r.unit_queries = unit_queries_;
+    mk::reader_forward<T, KV>(r, out.data_ptr<T>());
+  }
+
+  // A storage shrunk under the plan (untyped_storage().resize_(0), as sharded training frees
+  // its parameters) would leave it reading freed memory: refused instead.
+  void check_storages() const {
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"query_w", &qw_},
+                                  {"keys", &k_}, {"values", &v_}, {"out_w", &ow_},
+                                  {"key_scale", &ks_}, {"value_scale", &vs_}, {"mlp_w", &w1_},
+                                  {"mlp_b", &b1_}, {"query_b", &bq_}, {"context_w", &wc_},
+                                  {"centroids", &cent_}}) {
+      if (!t->defined()) continue;
+      const size_t need = size_t(t->storage_offset() + t->numel()) * t->element_size();
+      MK_CHECK(t->storage().nbytes() >= need, "this reading-layer plan's ", name,
+               " lost its storage (resized to ", int64_t(t->storage().nbytes()),
+               " bytes): build a new plan");
+    }
+  }
+
+  double eps_, scale_;
+  bool unit_queries_, narrow_ = false, int8_kv_ = false, shared_ = true, requires_grad_ = false;
+  at::ScalarType dtype_;
+  int64_t bank_rows_ = 0, Hk_ = 0, S_ = 0, D_ = 0, H_ = 0, C_ = 0, M_ = 0;
+  int64_t clusters_ = 0, probes_ = 0;
+  Tensor qw_, k_, v_, ow_, ks_, vs_, w1_, b1_, bq_, wc_, cent_, starts_;
+};
+
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
                   const Tensor& values, const Tensor& out_w, double eps, double scale,
                   const OptTensor& key_scale, const OptTensor& value_scale,
@@ -251,167 +479,11 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
            "memkernels._C.reader_fwd: hidden must be float32 or float64");
   MK_CHECK(hidden.device().is_cpu(), "memkernels._C.reader_fwd: tensors must be on the CPU");
   check_same(query_w, hidden, "query_w");
-  // Narrow key/value storage (with float32 hidden states): bf16, or int8 with
-  // one float32 scale per slot in key_scale/value_scale.
-  const bool narrow = hidden.scalar_type() == at::kFloat &&
-                      (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kChar);
-  if (!narrow) check_same(keys, hidden, "keys");
-  check_same(values, keys, "values");
-  MK_CHECK(keys.device().is_cpu(), "keys must be on the CPU, got ", keys.device());
-  check_same(out_w, hidden, "out_w");
-  const int64_t B = hidden.size(0), T = hidden.size(1), C = hidden.size(2);
-  MK_CHECK(keys.dim() == 3 || keys.dim() == 4, "keys must be [H, S, Dh] or [B, H, S, Dh], got ",
-           shape_str(keys.sizes()));
-  const bool shared = keys.dim() == 3;
-  const int64_t Hk = keys.size(-3), S = keys.size(-2), D = keys.size(-1);
-  MK_CHECK(Hk > 0 && S > 0, "keys must hold at least one head and one slot, got ",
-           shape_str(keys.sizes()));
-  check_head_dim(D, "keys");
-  MK_CHECK(C > 0, "hidden must have a hidden size C >= 1, got ", shape_str(hidden.sizes()));
-  if (!shared) check_shape(keys, "keys", {B, Hk, S, D});
-  check_shape(values, "values", keys.sizes());
-  MK_CHECK(query_w.dim() == 2 && query_w.size(0) > 0 && query_w.size(0) % (Hk * D) == 0,
-           "query_w must be [H * Dh, C] (or [H * Dh, M] after an MLP) with H a multiple of "
-           "the keys' ", Hk, " heads of Dh = ", D, ", got ", shape_str(query_w.sizes()));
-  const int64_t H = query_w.size(0) / D;
-  MK_CHECK(!mlp_w.has_value() || (mlp_w->dim() == 2 && mlp_w->size(0) > 0),
-           "mlp_w must be [M, C] with M >= 1, got ", shape_str(mlp_w->sizes()));
-  const int64_t M = mlp_w.has_value() ? mlp_w->size(0) : 0;
-  if (mlp_w.has_value()) {
-    check_same(*mlp_w, hidden, "mlp_w");
-    check_shape(*mlp_w, "mlp_w", {M, C});
-    MK_CHECK(mlp_b.has_value(), "mlp_w needs mlp_b");
-  } else {
-    MK_CHECK(!mlp_b.has_value(), "mlp_b goes only with mlp_w");
-  }
-  if (mlp_b.has_value()) {
-    check_same(*mlp_b, hidden, "mlp_b");
-    check_shape(*mlp_b, "mlp_b", {M});
-  }
-  // the context beside the normed hidden state, into the MLP's first layer
   MK_CHECK(context.has_value() == context_w.has_value(),
            "context and context_w go together (the context and its first-layer columns)");
-  if (context.has_value()) {
-    MK_CHECK(M > 0, "context goes only with mlp_w (an MLP query)");
-    check_same(*context, hidden, "context");
-    check_shape(*context, "context", hidden.sizes());
-    check_same(*context_w, hidden, "context_w");
-    check_shape(*context_w, "context_w", {M, C});
-  }
-  // an inverted-file index of a shared bank: keys sorted by cluster per kv head
-  MK_CHECK(centroids.has_value() == cluster_starts.has_value() &&
-               centroids.has_value() == (probes > 0),
-           "centroids, cluster_starts and probes > 0 go together (an index of the bank), got "
-           "probes = ", probes);
-  if (centroids.has_value()) {
-    MK_CHECK(shared, "an index (centroids) needs a bank shared by the batch: keys [H, S, Dh]");
-    check_same(*centroids, hidden, "centroids");
-    MK_CHECK(centroids->dim() == 3 && centroids->size(0) == Hk && centroids->size(2) == D &&
-                 centroids->size(1) > 0,
-             "centroids must be [", Hk, ", clusters, ", D, "], got ",
-             shape_str(centroids->sizes()));
-    const int64_t Cn = centroids->size(1);
-    MK_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
-             "cluster_starts must be int64 on the CPU");
-    check_shape(*cluster_starts, "cluster_starts", {Hk, Cn + 1});
-    const Tensor starts = cluster_starts->contiguous();
-    const int64_t* st = starts.data_ptr<int64_t>();
-    for (int64_t g = 0; g < Hk; ++g) {  // ranges in order, covering [0, S): reads stay in the bank
-      MK_CHECK(st[g * (Cn + 1)] == 0 && st[g * (Cn + 1) + Cn] == S,
-               "cluster_starts[", g, "] must run from 0 to the ", S, " slots");
-      for (int64_t j = 0; j < Cn; ++j)
-        MK_CHECK(st[g * (Cn + 1) + j] <= st[g * (Cn + 1) + j + 1],
-                 "cluster_starts[", g, "] must not decrease");
-    }
-  }
-  if (query_b.has_value()) {
-    check_same(*query_b, hidden, "query_b");
-    check_shape(*query_b, "query_b", {H * D});
-  }
-  check_shape(query_w, "query_w", {H * D, M > 0 ? M : C});
-  check_shape(out_w, "out_w", {H * D, C});
-  const bool int8_kv = keys.scalar_type() == at::kChar;
-  if (int8_kv) {
-    MK_CHECK(key_scale.has_value() && value_scale.has_value(),
-             "int8 keys/values need key_scale and value_scale (float32, one per slot)");
-  } else {
-    MK_CHECK(!key_scale.has_value() && !value_scale.has_value(),
-             "key_scale/value_scale go only with int8 keys/values");
-  }
-  Tensor ks, vs;
-  if (int8_kv) {
-    const at::IntArrayRef per_slot = keys.sizes().slice(0, keys.dim() - 1);
-    auto check_scale = [&](const Tensor& t, const char* name) {
-      MK_CHECK(t.scalar_type() == at::kFloat, name, " must have dtype Float, got ",
-               t.scalar_type());
-      MK_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-      check_shape(t, name, per_slot);
-    };
-    check_scale(*key_scale, "key_scale");
-    check_scale(*value_scale, "value_scale");
-    ks = key_scale->contiguous();
-    vs = value_scale->contiguous();
-  }
-  if (B * T == 0) return kernel_output(hidden.sizes(), hidden.scalar_type());  // no row to read
-  Tensor h = hidden.contiguous(), qw = query_w.contiguous(), k = keys.contiguous(),
-         v = values.contiguous(), ow = out_w.contiguous();
-  Tensor w1 = mlp_w.has_value() ? mlp_w->contiguous() : Tensor(),
-         b1 = mlp_b.has_value() ? mlp_b->contiguous() : Tensor(),
-         bq = query_b.has_value() ? query_b->contiguous() : Tensor(),
-         ctx = context.has_value() ? context->contiguous() : Tensor(),
-         wc = context_w.has_value() ? context_w->contiguous() : Tensor(),
-         cent = centroids.has_value() ? centroids->contiguous() : Tensor(),
-         starts = cluster_starts.has_value() ? cluster_starts->contiguous() : Tensor();
-  Tensor out = kernel_output(h.sizes(), h.scalar_type());
-  // the options beside the blend reader's: kv heads, the MLP query, unit queries
-  auto set_options = [&](auto& r, auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    r.kv_heads = Hk;
-    r.mlp_hidden = M;
-    r.mlp_w = M > 0 ? w1.data_ptr<T>() : nullptr;
-    r.mlp_b = M > 0 ? b1.data_ptr<T>() : nullptr;
-    r.query_b = bq.defined() ? bq.data_ptr<T>() : nullptr;
-    r.context = ctx.defined() ? ctx.data_ptr<T>() : nullptr;
-    r.context_w = wc.defined() ? wc.data_ptr<T>() : nullptr;
-    if (cent.defined()) {
-      r.centroids = cent.data_ptr<T>();
-      r.cluster_starts = starts.data_ptr<int64_t>();
-      r.clusters = cent.size(1);
-      r.probes = probes;
-    }
-    r.unit_queries = unit_queries;
-  };
-  auto run_narrow = [&](auto kv_tag) {
-    using KV = decltype(kv_tag);
-    mk::ReaderProblem<float, KV> r{B, T, C, H, D, S, shared, h.data_ptr<float>(),
-                                   qw.data_ptr<float>(),
-                                   static_cast<const KV*>(k.data_ptr()),
-                                   static_cast<const KV*>(v.data_ptr()),
-                                   ow.data_ptr<float>(), static_cast<float>(eps),
-                                   static_cast<float>(scale)};
-    if (int8_kv) {
-      r.key_scale = ks.data_ptr<float>();
-      r.value_scale = vs.data_ptr<float>();
-    }
-    set_options(r, static_cast<float*>(nullptr));
-    mk::reader_forward<float, KV>(r, out.data_ptr<float>());
-  };
-  if (narrow) {
-    static_assert(sizeof(mk::bf16) == sizeof(at::BFloat16), "bf16 must be 16 bits");
-    if (int8_kv) run_narrow(int8_t{});
-    else run_narrow(mk::bf16{});
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "reader_fwd", [&] {
-    mk::ReaderProblem<scalar_t> r{B, T, C, H, D, S, shared,
-                                  h.data_ptr<scalar_t>(), qw.data_ptr<scalar_t>(),
-                                  k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                  ow.data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
-                                  static_cast<scalar_t>(scale)};
-    set_options(r, static_cast<scalar_t*>(nullptr));
-    mk::reader_forward<scalar_t>(r, out.data_ptr<scalar_t>());
-  });
-  return out;
+  return ReaderPlan(query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w,
+                    mlp_b, query_b, unit_queries, context_w, centroids, cluster_starts,
+                    probes)(hidden, context);
 }
 
 // The copy rule's mixture at inference, fused (memkernels.ops.copy_mix): log p
@@ -597,6 +669,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("unit_queries") = false, py::arg("context") = py::none(),
         py::arg("context_w") = py::none(), py::arg("centroids") = py::none(),
         py::arg("cluster_starts") = py::none(), py::arg("probes") = 0);
+  py::class_<ReaderPlan>(m, "ReaderPlan",
+                         "reader_fwd's operands but the hidden state (and its context) checked "
+                         "and held once: plan(hidden, context=None) is reader_fwd(hidden, ...) "
+                         "with them. It holds the tensors themselves (a non-contiguous one as a "
+                         "contiguous copy made once): an in-place update shows in the next "
+                         "call; the index's cluster_starts is copied. memkernels."
+                         "reading_layer_plan builds one.")
+      .def(py::init<const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
+                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                    const OptTensor&, bool, const OptTensor&, const OptTensor&, const OptTensor&,
+                    int64_t>(),
+           py::arg("query_w"), py::arg("keys"), py::arg("values"), py::arg("out_w"),
+           py::arg("eps"), py::arg("scale"), py::arg("key_scale") = py::none(),
+           py::arg("value_scale") = py::none(), py::arg("mlp_w") = py::none(),
+           py::arg("mlp_b") = py::none(), py::arg("query_b") = py::none(),
+           py::arg("unit_queries") = false, py::arg("context_w") = py::none(),
+           py::arg("centroids") = py::none(), py::arg("cluster_starts") = py::none(),
+           py::arg("probes") = 0)
+      .def("__call__", &ReaderPlan::operator(), py::arg("hidden"),
+           py::arg("context") = py::none(),
+           "hidden [B, T, C] + the layer's read of it (with context [B, T, C] where the plan "
+           "has context_w)")
+      .def("__repr__", &ReaderPlan::describe);
   m.def("copy_mix_fwd", &copy_mix_fwd,
         "the copy rule's mixture at inference: logaddexp(logsigmoid(g) + log_softmax(sharpness "
         "* (read @ units^T) * unit_scale), logsigmoid(-g) + log_softmax(logits)), g = gate_bias "

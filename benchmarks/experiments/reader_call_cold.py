@@ -12,6 +12,9 @@ call, leave them in the L3), or with none (hot):
   empty _C          memkernels._C.reader_fwd on the same: the binding alone
   layer             memkernels.reading_layer on one of 64 rotated sets (the bench's call)
   _C                memkernels._C.reader_fwd on the same sets
+  empty plan        a set's memkernels.reading_layer_plan (built once, before the rounds)
+                    called on a batch of 0 rows: the plan's call, no kernel
+  plan              each set's plan on its hidden state (the memory's decode path)
 
 Prints each round's medians (us) and their medians over the rounds.
 
@@ -39,27 +42,35 @@ def main(rounds: int) -> None:
             for _ in range(SETS)]
     empty = [torch.randn(0, T, C), *sets[0][1:]]
     evict = [torch.randn(16 << 20)]  # 64 MB
-
-    measures = {
-        "empty layer, cold": (layer, True, True), "empty _C, cold": (kernel, True, True),
-        "empty layer, hot": (layer, True, False), "empty _C, hot": (kernel, True, False),
-        "layer, cold": (layer, False, True), "_C, cold": (kernel, False, True),
-    }
+    plans = [memkernels.reading_layer_plan(qw, k, v, ow, eps=1e-6, scale=20.0, mlp_w=mw,
+                                           mlp_b=mb, unit_queries=True, backend="cpu")
+             for _, mw, mb, qw, ow, k, v in sets]
+    # each measure's (callable, arguments) for call c: nothing but the call in the timing
+    calls = {"layer": lambda c: (layer, sets[c % SETS]), "_C": lambda c: (kernel, sets[c % SETS]),
+             "plan": lambda c: (plans[c % SETS], sets[c % SETS][:1]),
+             "empty layer": lambda c: (layer, empty), "empty _C": lambda c: (kernel, empty),
+             "empty plan": lambda c: (plans[0], empty[:1])}
+    measures = {f"{what}, {heat}": (what, heat == "cold")
+                for what, heat in [("empty layer", "cold"), ("empty _C", "cold"),
+                                   ("empty plan", "cold"), ("empty layer", "hot"),
+                                   ("empty _C", "hot"), ("empty plan", "hot"), ("layer", "cold"),
+                                   ("_C", "cold"), ("plan", "cold")]}
     with torch.no_grad():
         got = layer(*sets[0])
         want = memkernels.reading_layer(*[sets[0][i] for i in (0, 3, 5, 6, 4)], eps=1e-6,
                                         scale=20.0, mlp_w=sets[0][1], mlp_b=sets[0][2],
                                         unit_queries=True, backend="reference")
         print(f"max |cpu - reference| on one set: {(got - want).abs().max().item():.2e}")
+        assert torch.equal(plans[0](sets[0][0]), got)
         medians = {name: [] for name in measures}
         for r in range(rounds):
             names = list(measures)
             names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
-                fn, is_empty, cold = measures[name]
+                what, cold = measures[name]
                 times = []
                 for c in range(CALLS):
-                    args = empty if is_empty else sets[c % SETS]
+                    fn, args = calls[what](c)
                     if cold:
                         in_turn(evict, [1])
                     t0 = time.perf_counter()

@@ -1,10 +1,11 @@
 """The CPU fast path of a memory read at inference, and its memo.
 
 A read without gradients on the CPU backend is one call of the fused reading
-layer (memkernels.ops.reading_layer's CPU kernel) with the reader's folded
-weights and the bank's cached keys/values. Its operands are memoised per
-bank and reader, so a decode step pays one call and a check in builtins
-(docs/design.md, "The decode hot path"). This module is the only place that
+layer's plan (memkernels.ops.reading_layer_plan over the CPU kernel) holding
+the reader's folded weights and the bank's cached keys/values. The plan is
+memoised per bank and reader, so a decode step pays a check in builtins and
+one C++ call that converts the hidden state alone (docs/design.md, "The
+decode hot path"). This module is the only place that
 decides whether the fast path applies; every other read goes through
 memory_read (ATen ops around the read kernel).
 
@@ -25,7 +26,7 @@ from memkernels.memory.cache import Versioned
 from memkernels.ops.nvtx import nvtx_range
 from memkernels.ops.copy_mix import KERNEL_MAX_ROWS as COPY_MIX_MAX_ROWS
 from memkernels.ops.copy_mix import cpu_kernel as copy_mix_kernel
-from memkernels.ops.reading_layer import cpu_kernel
+from memkernels.ops.reading_layer import cpu_kernel, reading_layer_plan
 
 # parameter/submodule (re)assignments on modules of a memory that a memo was
 # built for (modules carry _OWNED once a memo of their memory exists)
@@ -81,11 +82,8 @@ def read(memory, bank, reader_index: int, hidden: Tensor, kv_dtype: Optional[tor
             bank.fused_plans.pop(reader_index, None)
             return None
         bank.fused_plans[reader_index] = plan = Versioned(plan[0], plan[1], key)
-    kernel, args, kwargs = plan.value
-    if context is not None:
-        kwargs = {**kwargs, "context": context}
     with nvtx_range("memkernels.reading_layer[cpu]"):
-        return kernel(hidden, *args, **kwargs)
+        return plan.value(hidden, context)
 
 
 def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tensor,
@@ -104,20 +102,18 @@ def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tens
         if built is None:
             bank.fused_plans.pop(_MIX, None)
             return None
-        (kernel, args, kwargs), sources = built
+        layer, sources = built
         reader = memory.readers[0]
         mix_kernel = copy_mix_kernel(hidden.dtype, hidden.device, reader.backend) \
             if head_weight.dtype == hidden.dtype else None
         mix_args = (reader.norm.eps, *reader.mix_operands(head_weight))
         # the plan holds head_weight among its sources: its id is not reused while it lives
-        plan = Versioned((kernel, args, kwargs, mix_kernel, mix_args), (
+        plan = Versioned((layer, mix_kernel, mix_args), (
             *sources, *reader.mix_sources(head_weight)), key)
         bank.fused_plans[_MIX] = plan
-    kernel, args, kwargs, mix_kernel, mix_args = plan.value
-    if context is not None:
-        kwargs = {**kwargs, "context": context}
+    layer, mix_kernel, mix_args = plan.value
     with nvtx_range("memkernels.reading_layer[cpu]"):
-        read = kernel(hidden, *args, **kwargs) - hidden  # the identity output projection
+        read = layer(hidden, context) - hidden  # the identity output projection
     if mix_kernel is None or logits.dtype != hidden.dtype or \
             hidden.shape[0] * hidden.shape[1] > COPY_MIX_MAX_ROWS:
         return read, None
@@ -129,14 +125,13 @@ def read_and_mix(memory, bank, hidden: Tensor, logits: Tensor, head_weight: Tens
 
 def _build(memory, bank, reader_index: int, hidden: Tensor,
            kv_dtype: Optional[torch.dtype]) -> Optional[tuple]:
-    """((kernel, args, kwargs), sources) of a fused read, or None."""
+    """(the reading layer's plan, the tensors it derives from) of a fused read, or None."""
     if torch.compiler.is_compiling() or not memory.fused_read_applies(bank):
         return None
     reader = memory.readers[reader_index]
     keys, values = bank.keys_values(kv_dtype)
     kv = keys.data if isinstance(keys, Int8Rows) else keys
-    kernel = cpu_kernel(hidden, kv.dtype, reader.backend)
-    if kernel is None:
+    if cpu_kernel(hidden, kv.dtype, reader.backend) is None:
         return None
     _own(memory)
     args, kwargs = reader.reading_layer_arguments(*kernel_operands(keys, values))
@@ -144,4 +139,8 @@ def _build(memory, bank, reader_index: int, hidden: Tensor,
     if index is not None:  # the keys are sorted by cluster: each row reads its nearest
         centroids, starts, probes = index
         kwargs.update(centroids=centroids.to(hidden.dtype), cluster_starts=starts, probes=probes)
-    return (kernel, args, kwargs), (*bank.projection_sources(), *reader.weight_sources())
+    query_w, keys, values, out_w, eps, scale, key_scale, value_scale = args
+    layer = reading_layer_plan(query_w, keys, values, out_w, eps=eps, scale=scale,
+                               key_scale=key_scale, value_scale=value_scale, backend="cpu",
+                               **kwargs)
+    return layer, (*bank.projection_sources(), *reader.weight_sources())

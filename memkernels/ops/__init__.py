@@ -7,7 +7,8 @@
   MemoryWriteFunction), behind a public function that checks its arguments
   (checks) and picks a backend (backend: reference, cpu, triton, cuda).
 - reading_layer (reading_layer): one memory reading layer at inference as
-  one op (the decode hot path); CPU kernel and reference.
+  one op (the decode hot path); CPU kernel and reference. reading_layer_plan
+  binds its operands once for a decode loop.
 - copy_mix (copy_mix): the copy rule's mixture of the memory's and the LM's
   next-token distributions (a decode step's as one CPU kernel call).
 - postings_top (postings): the texts of highest summed posting score over
@@ -22,8 +23,8 @@ from memkernels.ops.api import MemoryReadFunction, MemoryWriteFunction, memory_r
 from memkernels.ops.backend import BACKENDS, available_backends, cpu_cached_bytes, empty_cpu_cache
 from memkernels.ops.copy_mix import copy_mix
 from memkernels.ops.postings import postings_top
-from memkernels.ops.reading_layer import reading_layer
+from memkernels.ops.reading_layer import reading_layer, reading_layer_plan
 
-__all__ = ["memory_read", "memory_write", "reading_layer", "copy_mix", "postings_top",
-           "MemoryReadFunction", "MemoryWriteFunction", "reference", "BACKENDS",
+__all__ = ["memory_read", "memory_write", "reading_layer", "reading_layer_plan", "copy_mix",
+           "postings_top", "MemoryReadFunction", "MemoryWriteFunction", "reference", "BACKENDS",
            "available_backends", "cpu_cached_bytes", "empty_cpu_cache"]

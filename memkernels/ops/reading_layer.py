@@ -10,6 +10,11 @@ extension checks its arguments itself, and the Python checks run only to
 name what it refused). The math is reference.reading_layer; the CPU kernel is
 memkernels._C.reader_fwd (csrc/cpu/reader_cpu.cpp). Inference only: no
 backward (training composes memory_read, which has one).
+
+reading_layer_plan() binds every operand but the hidden state once, for a
+decode loop: on the CPU kernel it is memkernels._C.ReaderPlan, whose call
+converts and checks one or two tensors where reading_layer's converts
+eighteen arguments and checks them all (docs/design.md, "The decode hot path").
 """
 from __future__ import annotations
 
@@ -133,6 +138,23 @@ def _(hidden, *args):
     return torch.empty_like(hidden)
 
 
+def _layer_backend(hidden: Tensor, kv_dtype: torch.dtype, backend: Optional[str]) -> str:
+    """'cpu' or 'reference': what runs the layer on hidden states like `hidden`
+    with keys of kv_dtype. Raises for a GPU backend named, or 'cpu' named where
+    its kernel does not read these dtypes."""
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"reading_layer has no {backend} kernel: backend must be 'auto', 'cpu' "
+                         f"or 'reference' (on a GPU, compose memory_read)")
+    name = _backend.resolve(backend, hidden.device)
+    if name == "cpu" and cpu_kernel(hidden, kv_dtype, "cpu") is not None:
+        return "cpu"
+    if name == "cpu" and backend is not None and backend != "auto":
+        raise ValueError(f"the cpu reading_layer kernel takes float32/float64 hidden states "
+                         f"with keys of their dtype (or bf16/int8 for float32), got hidden "
+                         f"{hidden.dtype}, keys {kv_dtype}")
+    return "reference"  # auto on a GPU too: the reference composes there
+
+
 def reading_layer(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor, out_w: Tensor, *,
                   eps: float = 1e-6, scale: Optional[float] = None,
                   key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
@@ -161,26 +183,74 @@ def reading_layer(hidden: Tensor, query_w: Tensor, keys: Tensor, values: Tensor,
     scale = check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale,
                                 value_scale, mlp_w, mlp_b, query_b, context, context_w,
                                 centroids, cluster_starts, probes)
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"reading_layer has no {backend} kernel: backend must be 'auto', 'cpu' "
-                         f"or 'reference' (on a GPU, compose memory_read)")
-    name = _backend.resolve(backend, hidden.device)
+    name = _layer_backend(hidden, keys.dtype, backend)
     tensors = [t for t in (hidden, query_w, keys, values, out_w, mlp_w, mlp_b, query_b, context,
                            context_w) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise ValueError("reading_layer is inference only (no backward): call it under "
                          "torch.no_grad(), or compose memory_read for training")
-    if name in ("triton", "cuda"):  # auto on a GPU: the reference composes there
-        name = "reference"
-    if name == "cpu" and cpu_kernel(hidden, keys.dtype, "cpu") is None:
-        if backend is not None and backend != "auto":
-            raise ValueError(f"the cpu reading_layer kernel takes float32/float64 hidden states "
-                             f"with keys of their dtype (or bf16/int8 for float32), got hidden "
-                             f"{hidden.dtype}, keys {keys.dtype}")
-        name = "reference"
     args = (hidden, query_w, keys, values, out_w, float(eps), scale, key_scale, value_scale,
             mlp_w, mlp_b, query_b, bool(unit_queries), context, context_w, centroids,
             cluster_starts, int(probes), name)
     if torch.compiler.is_compiling():
         return torch.ops.memkernels.reading_layer(*args)
     return _run(*args)  # eager: skip the dispatcher (~100 us, more than a small read)
+
+
+class _ComposedPlan:
+    """reading_layer_plan where the CPU kernel does not run the layer: reading_layer
+    with the bound operands (checked at each call, as reading_layer checks them)."""
+
+    def __init__(self, args: tuple, options: dict):
+        self._args, self._options = args, options
+
+    def __call__(self, hidden: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        return reading_layer(hidden, *self._args, context=context, **self._options)
+
+    def __repr__(self) -> str:
+        return f"memkernels reading-layer plan (backend {self._options['backend']!r})"
+
+
+def reading_layer_plan(query_w: Tensor, keys: Tensor, values: Tensor, out_w: Tensor, *,
+                       eps: float = 1e-6, scale: Optional[float] = None,
+                       key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+                       mlp_w: Optional[Tensor] = None, mlp_b: Optional[Tensor] = None,
+                       query_b: Optional[Tensor] = None, unit_queries: bool = False,
+                       context_w: Optional[Tensor] = None, centroids: Optional[Tensor] = None,
+                       cluster_starts: Optional[Tensor] = None, probes: int = 0,
+                       backend: Optional[str] = None) -> Callable[..., Tensor]:
+    """reading_layer with every operand but the hidden state bound once:
+    plan(hidden, context=None) equals reading_layer(hidden, query_w, keys,
+    values, out_w, ..., context=context) (the same arguments, checked here
+    with reading_layer's messages; a context goes with each call where
+    context_w is given).
+
+    For a decode loop, which calls one layer on a new hidden state per token:
+    on the CPU kernel (CPU tensors of a dtype it reads, backend 'auto' or
+    'cpu') the plan is memkernels._C.ReaderPlan, its call one C++ call that
+    checks the hidden state (and context) alone and raises RuntimeError
+    naming it. The plan holds the tensors themselves: an in-place update (a
+    bank written in place, an optimizer step) shows in its next call; a
+    non-contiguous operand is copied once here, and cluster_starts always,
+    so a change to those needs a new plan. Elsewhere it calls reading_layer
+    (the reference). Inference only, as reading_layer; under torch.compile
+    call reading_layer, which is one op there."""
+    if not isinstance(out_w, Tensor) or out_w.dim() != 2 or not isinstance(query_w, Tensor):
+        raise ValueError(f"out_w must be a [H * Dh, C] tensor (and query_w a tensor), got "
+                         f"{tuple(out_w.shape) if isinstance(out_w, Tensor) else type(out_w)}")
+    rows = keys.shape[0] if isinstance(keys, Tensor) and keys.dim() == 4 else 1
+    # a batch of no tokens stands for the hidden states to come: every check but theirs
+    stand_in = torch.empty(rows, 0, out_w.shape[1], dtype=query_w.dtype, device=query_w.device)
+    context = stand_in if context_w is not None else None
+    scale = check_reading_layer(stand_in, query_w, keys, values, out_w, eps, scale, key_scale,
+                                value_scale, mlp_w, mlp_b, query_b, context, context_w,
+                                centroids, cluster_starts, probes)
+    name = _layer_backend(stand_in, keys.dtype, backend)
+    options = dict(eps=float(eps), scale=scale, key_scale=key_scale, value_scale=value_scale,
+                   mlp_w=mlp_w, mlp_b=mlp_b, query_b=query_b, unit_queries=bool(unit_queries),
+                   context_w=context_w, centroids=centroids, cluster_starts=cluster_starts,
+                   probes=int(probes))
+    if name != "cpu":
+        return _ComposedPlan((query_w, keys, values, out_w),
+                             {**options, "backend": "reference"})
+    return _backend.extension()[0].ReaderPlan(query_w, keys, values, out_w, **options)

@@ -12,7 +12,7 @@ import torch
 import memkernels
 from memkernels.apps.bench import cases as cases_module
 from memkernels.apps.bench import report, run
-from memkernels.apps.bench.cases import (MATMULS_ALONE, READ_ONCE, STEPS_IN_TURN,
+from memkernels.apps.bench.cases import (MATMULS_ALONE, PLAN, READ_ONCE, STEPS_IN_TURN,
                                          STEPS_IN_TURN_COPY, attention_matmuls, read_cases,
                                          reader_cases, write_cases)
 from memkernels.apps.bench.shapes import ReaderShape, ReadShape, WriteShape
@@ -93,13 +93,18 @@ def test_reader_cases_compute_the_reading_layer():
     shape = ReaderShape("tiny", B=2, T=3, C=24, M=20, H=4, Hk=2, S=37, D=8)
     cases = {c.impl: c for c in reader_cases(shape, torch.device("cpu"), torch.float32, ["cpu"],
                                              "fwd")}
-    assert set(cases) == {"memkernels[cpu]", "reference (eager)", "torch.compile(reference)",
-                          READ_ONCE, STEPS_IN_TURN}
+    assert set(cases) == {"memkernels[cpu]", PLAN, "reference (eager)",
+                          "torch.compile(reference)", READ_ONCE, STEPS_IN_TURN}
     assert all(c.op == "reader_fwd" for c in cases.values())
-    fused, eager = cases["memkernels[cpu]"], cases["reference (eager)"]
-    assert len(fused.fns) == len(eager.fns) > 8  # small: more sets rotate past the cache
-    for f, e in zip(fused.fns[:3], eager.fns[:3]):
-        torch.testing.assert_close(f(), e(), atol=1e-5, rtol=1e-5)
+    fused, eager, plan = cases["memkernels[cpu]"], cases["reference (eager)"], cases[PLAN]
+    assert len(fused.fns) == len(eager.fns) == len(plan.fns) > 8  # more sets than the cache
+    assert plan.bytes == fused.bytes and plan.flops == fused.flops
+    with torch.no_grad():
+        for f, e, p in zip(fused.fns[:3], eager.fns[:3], plan.fns[:3]):
+            torch.testing.assert_close(f(), e(), atol=1e-5, rtol=1e-5)
+            # each set's own plan, called with that set's hidden state alone
+            assert p.args[0] is f.args[0] and len(p.args) == 1
+            assert torch.equal(p(), f())
     weights = 20 * 24 + 20 + 32 * 20 + 32 * 24
     assert fused.bytes == 4 * (weights + 2 * 2 * 37 * 8 + 2 * 2 * 3 * 24)
     # the measured floor sums one tensor of the inputs' bytes
@@ -406,6 +411,11 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert STEPS_IN_TURN_COPY in {impl for _, _, impl in older}
     floor_target = next(t for t in targets.TARGETS if t.name.startswith("reader_fwd S=1,024"))
     assert targets.evaluate(floor_target, older)["chain"] == pytest.approx(0.067 / 0.048)
+    # where the run timed the layer's plan too, the floor target reads the plan's row
+    with_plan = {**records, ("reader_fwd", "reader_s1024", PLAN): rec(
+        "reader_fwd", "reader_s1024", PLAN, 0.05, 48.0, 12.0)}
+    planned = targets.evaluate(floor_target, with_plan)
+    assert planned["value"] == pytest.approx(0.05 / 0.048) and PLAN in planned["text"]
     assert by_name["write forward+backward: x torch.compile"] is None  # not in this run
     compiled = next(t for t in targets.TARGETS if t.name.endswith("x torch.compile"))
     before_fma = targets.evaluate(compiled, old)

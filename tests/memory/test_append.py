@@ -290,9 +290,9 @@ def test_read_matches_plain_pytorch_forward_and_backward(rows):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 5])  # the fused layer's GEMV path (<= 4 rows) and GEMM path
 def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, tokens):
-    """A read without gradients of a one-row bank on the CPU backend goes
-    through memkernels._C.reader_fwd (MLP query, unit queries, 2 query heads
-    per bank pair) and matches the plain PyTorch read."""
+    """A read without gradients of a one-row bank on the CPU backend is one
+    call of a memkernels._C.ReaderPlan (MLP query, unit queries, 2 query heads
+    per bank pair), built once per reader, and matches the plain PyTorch read."""
     if fused.cpu_kernel(torch.zeros(1, dtype=dtype), dtype) is None:
         pytest.skip("memkernels._C is not built")
     torch.manual_seed(8)
@@ -301,20 +301,26 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
                           [torch.randn(40, HIDDEN, dtype=dtype) * 2 - 1 for _ in memory.readers])
     bank = MemoryBank(memory, memory.write(memory.fresh_mem(1), torch.randn(1, 9, HIDDEN,
                                                                             dtype=dtype)).detach())
-    calls = []
-    real = fused.cpu_kernel
+    calls, built = [], []
+    real = fused.reading_layer_plan
 
-    def spy(*args):
-        kernel = real(*args)
-        return None if kernel is None else (lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    monkeypatch.setattr(fused, "cpu_kernel", spy)  # the one place reads look it up
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        assert type(plan).__name__ == "ReaderPlan"  # the C++ plan, not the composed fallback
+        built.append(1)
+        return lambda *a: calls.append(1) or plan(*a)
+    monkeypatch.setattr(fused, "reading_layer_plan", spy)  # the one place reads build it
     hidden = torch.randn(2, tokens, HIDDEN, dtype=dtype) * 4
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    first = []
     for i, reader in enumerate(memory.readers):
         with torch.no_grad():
-            got = memory.read(i, hidden, bank)
-        torch.testing.assert_close(got, plain_read(memory, reader, hidden, bank.mem), **tol)
-    assert len(calls) == 2
+            first.append(memory.read(i, hidden, bank))
+        torch.testing.assert_close(first[-1], plain_read(memory, reader, hidden, bank.mem), **tol)
+    assert len(calls) == 2 and len(built) == 2
+    with torch.no_grad():  # memoised: a second read calls the same plan, to the same output
+        assert torch.equal(memory.read(0, hidden, bank), first[0])
+    assert len(calls) == 3 and len(built) == 2
     if dtype == torch.float32:  # the narrow caches, read in place
         with torch.no_grad():
             exact = memory.read(0, hidden, bank)
@@ -323,7 +329,7 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
             monkeypatch.setattr(fused, "enabled", False)
             # the reader layer itself, unfused: dequantized, then read
             int8_unfused = memory.readers[0](hidden, *bank.keys_values(torch.int8), None)
-        assert len(calls) == 5
+        assert len(calls) == 6
         torch.testing.assert_close(int8, int8_unfused, rtol=1e-5, atol=1e-5)
         # (the unfused bf16 read rounds the queries to bf16 too: compared to exact)
         torch.testing.assert_close(bf16, exact, atol=0.05, rtol=0)

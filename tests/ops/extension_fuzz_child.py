@@ -8,6 +8,9 @@ kills the process is named by the last line. An outcome is "returned", or "raise
 with one of the exceptions a bad argument may raise; any other exception ends the
 run with a traceback. "DONE" ends a run that survived every call.
 
+ReaderPlan, a class, is fuzzed through reader_fwd's arguments: built from all but the
+hidden state and its context, then called with them.
+
 usage: python extension_fuzz_child.py BINDING [CASE]"""
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def valid_calls(name: str) -> dict[str, tuple[list, dict]]:
             return {"saving": (args + [0.4], {"save_probs": True})}
         new, upd, lse, probs = _C.write_fwd(*args, 0.4, save_probs=True)
         return {"saved": ([r(*new.shape)] + args + [upd, lse, 0.4], {"probs": probs})}
-    if name == "reader_fwd":
+    if name in ("reader_fwd", "ReaderPlan"):  # the plan: reader_fwd's arguments, see main
         C, M, H, Hk, D, S = 16, 12, 4, 2, 8, 23
         keys, cent, starts = sorted_index(r(Hk, S, D), 3)
         values = r(Hk, S, D)
@@ -150,8 +153,16 @@ def mutations(x):
     return scalar_mutations(x)
 
 
+def _plan_built_and_called(hidden, *args, context=None, **kw):
+    """ReaderPlan fuzzed through reader_fwd's arguments: built from all but the hidden
+    state and context, then called twice with them."""
+    plan = _C.ReaderPlan(*args, **kw)
+    plan(hidden, context)
+    return plan(hidden, context=context)
+
+
 def main(name: str, only: str | None) -> None:
-    fn = getattr(_C, name)
+    fn = _plan_built_and_called if name == "ReaderPlan" else getattr(_C, name)
     n = 0
     for case, (args, kw) in valid_calls(name).items():
         if only is not None and case != only:

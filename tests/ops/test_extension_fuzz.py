@@ -16,7 +16,7 @@ from helpers import cpu_extension
 
 CHILD = os.path.join(os.path.dirname(__file__), "extension_fuzz_child.py")
 BINDINGS = ["read_fwd", "read_fwd_keeping_probs", "read_bwd", "write_fwd", "write_bwd",
-            "reader_fwd", "copy_mix_fwd", "postings_top", "cpu_sum_in_turn"]
+            "reader_fwd", "ReaderPlan", "copy_mix_fwd", "postings_top", "cpu_sum_in_turn"]
 # the bindings that take no tensor: the CPU's probes and the host buffer pool's controls
 # (test_adversarial.py gives the probes any integer)
 NO_TENSORS = {"cpu_cached_bytes", "cpu_empty_cache", "cpu_few_rows_chunk",

@@ -348,3 +348,164 @@ def test_reader_fwd_checks_the_index():
     with pytest.raises(RuntimeError, match="shared by the batch"):
         ext.reader_fwd(h, w2, k[None], k[None], wo, 1e-6, 0.5, mlp_w=w1, mlp_b=b1,
                        centroids=cent, cluster_starts=starts, probes=1)
+
+
+# --- the plan (memkernels.reading_layer_plan, memkernels._C.ReaderPlan) -------------------
+
+def _plan_and_layer(kw, opts, **extra):
+    """(the plan of kw/opts, reading_layer with them on the reference) for a hidden state."""
+    options = {k: v for k, v in opts.items() if k != "context"}
+    plan = memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"],
+                                         **options, **extra)
+
+    def reference(hidden, context=None):
+        return memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], kw["values"],
+                                        kw["out_w"], context=context, backend="reference",
+                                        **options, **extra)
+    return plan, reference
+
+
+@GRID
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("query", ["linear", "mlp-context"])
+def test_plan_matches_the_reference_call_after_call(B, T, Hk, per_kv, S, shared, dtype, query):
+    """The C++ plan, built once, gives the reference's output for fresh hidden
+    states (and contexts) call after call."""
+    ext = cpu_extension()
+    mlp = 9 if query != "linear" else 0
+    hidden, kw, opts = layer_inputs(B=B, T=T, Hk=Hk, per_kv=per_kv, S=S, dtype=dtype,
+                                    shared=shared, mlp=mlp, context=bool(mlp), query_b=bool(mlp))
+    plan, reference = _plan_and_layer(kw, opts, unit_queries=bool(mlp), scale=0.7)
+    assert isinstance(plan, ext.ReaderPlan)
+    with torch.no_grad():
+        for _ in range(3):
+            h = torch.randn_like(hidden) * 2
+            ctx = torch.randn_like(hidden) if mlp else None
+            torch.testing.assert_close(plan(h, ctx), reference(h, ctx), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_plan_reads_narrow_caches_and_an_index(kv_dtype):
+    """bf16/int8 banks (int8 with its scales) and an indexed bank through the
+    plan equal reading_layer's CPU call with the same operands."""
+    cpu_extension()
+    hidden, kw, opts = layer_inputs(B=3, T=1, Hk=2, per_kv=2, S=40, dtype=torch.float32,
+                                    shared=True, mlp=7)
+    if kv_dtype == torch.int8:
+        k8, v8 = Int8Rows.quantize(kw["keys"]), Int8Rows.quantize(kw["values"])
+        kw = {**kw, "keys": k8.data, "values": v8.data}
+        opts = {**opts, "key_scale": k8.scale, "value_scale": v8.scale}
+    else:
+        kw = {**kw, "keys": kw["keys"].to(kv_dtype), "values": kw["values"].to(kv_dtype)}
+    plan, _ = _plan_and_layer(kw, opts)
+    with torch.no_grad():
+        want = memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], kw["values"],
+                                        kw["out_w"], backend="cpu", **opts)
+        assert torch.equal(plan(hidden), want)
+    keys, cent, starts = sorted_index(torch.randn(2, 40, D), 4)
+    plan = memkernels.reading_layer_plan(kw["query_w"], keys, keys, kw["out_w"], mlp_w=opts[
+        "mlp_w"], mlp_b=opts["mlp_b"], centroids=cent, cluster_starts=starts, probes=2)
+    with torch.no_grad():
+        want = memkernels.reading_layer(hidden, kw["query_w"], keys, keys, kw["out_w"],
+                                        mlp_w=opts["mlp_w"], mlp_b=opts["mlp_b"], centroids=cent,
+                                        cluster_starts=starts, probes=2, backend="reference")
+        torch.testing.assert_close(plan(hidden), want, **tolerance(torch.float32))
+        starts[:, 1] = 40  # the caller's index changed after the plan: the plan's copy stands
+        torch.testing.assert_close(plan(hidden), want, **tolerance(torch.float32))
+
+
+def test_plan_sees_in_place_updates_and_holds_its_own_handles():
+    """An in-place update of an operand shows in the next call; replacing a
+    caller's tensor (`.data =`) does not reach the plan, nor does a change to
+    a non-contiguous operand (copied once); a storage freed under it is refused."""
+    cpu_extension()
+    hidden, kw, _ = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=11, dtype=torch.float64,
+                                 shared=True)
+    kw["out_w"] = torch.randn(C, kw["out_w"].shape[0], dtype=torch.float64).t()
+    assert not kw["out_w"].is_contiguous()
+    plan = memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+
+    def reference(values, out_w):
+        return memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], values, out_w,
+                                        backend="reference")
+    with torch.no_grad():
+        before = plan(hidden)
+        kw["keys"].mul_(-0.5)  # in place: the plan reads it
+        after = plan(hidden)
+        torch.testing.assert_close(after, reference(kw["values"], kw["out_w"]), rtol=1e-10,
+                                   atol=1e-10)
+        assert not torch.allclose(after, before)
+        values, out_w = kw["values"].clone(), kw["out_w"].clone()
+        kw["values"].data = torch.zeros_like(values)  # a new storage for the caller's tensor
+        kw["out_w"].mul_(2.0)  # the caller's strided tensor, not the plan's copy
+        torch.testing.assert_close(plan(hidden), reference(values, out_w), rtol=1e-10,
+                                   atol=1e-10)
+        kw["keys"].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match="keys lost its storage"):
+            plan(hidden)
+
+
+def test_plan_checks_its_operands_once_and_the_hidden_state_each_call():
+    """Bad operands raise reading_layer's errors when the plan is built; a bad
+    hidden state or context raises at the call, naming it; a batch of no
+    tokens gives an empty output; gradients are refused as by reading_layer."""
+    ext = cpu_extension()
+    hidden, kw, opts = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=5, dtype=torch.float32,
+                                    shared=False, mlp=7, context=True)
+    args = (kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    build = memkernels.reading_layer_plan
+    options = dict(mlp_w=opts["mlp_w"], mlp_b=opts["mlp_b"], context_w=opts["context_w"])
+    with pytest.raises(ValueError, match="query_w must be"):
+        build(kw["query_w"][:5], *args[1:], **options)
+    with pytest.raises(ValueError, match="mlp_w needs mlp_b"):
+        build(*args, mlp_w=opts["mlp_w"])
+    with pytest.raises(ValueError, match="values must be"):
+        build(*args[:2], kw["values"][..., :4], kw["out_w"], **options)
+    with pytest.raises(ValueError, match="out_w must be a \\[H \\* Dh, C\\] tensor"):
+        build(*args[:3], kw["out_w"][0], **options)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        build(*args, scale=float("inf"), **options)
+    with pytest.raises(ValueError, match="no triton kernel"):
+        build(*args, backend="triton", **options)
+    plan = build(*args, **options)
+    assert isinstance(plan, ext.ReaderPlan) and "a bank per row" in repr(plan)
+    context = opts["context"]
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"hidden must be \[B, T, C\] with C = 21"):
+            plan(hidden[..., :20], context)
+        with pytest.raises(RuntimeError, match="hidden must have dtype Float"):
+            plan(hidden.double(), context)
+        with pytest.raises(RuntimeError, match=r"keys must have shape \[3, 2, 5, 8\]"):
+            plan(torch.cat([hidden, hidden[:1]]), torch.cat([context, context[:1]]))
+        with pytest.raises(RuntimeError, match="context and context_w go together"):
+            plan(hidden)
+        with pytest.raises(RuntimeError, match=r"context must have shape \[2, 1, 21\]"):
+            plan(hidden, context[:, :0])
+        empty = plan(hidden[:, :0], context[:, :0])
+        assert empty.shape == (2, 0, C)
+    with pytest.raises(RuntimeError, match="inference only"):
+        plan(hidden.clone().requires_grad_(), context)
+    trained = build(kw["query_w"].clone().requires_grad_(), *args[1:], **options)
+    with pytest.raises(RuntimeError, match="inference only"):
+        trained(hidden, context)
+    with torch.no_grad():
+        trained(hidden, context)
+
+
+def test_plan_off_the_cpu_kernel_calls_reading_layer(monkeypatch):
+    """Where the CPU kernel does not run the layer (the reference chosen, or a
+    dtype it does not read), the plan calls reading_layer with its operands."""
+    hidden, kw, opts = layer_inputs(B=2, T=3, Hk=1, per_kv=2, S=6, dtype=torch.float16,
+                                    shared=True)
+    with pytest.raises(ValueError, match="cpu reading_layer kernel takes float32/float64"):
+        memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"],
+                                      backend="cpu")
+    hidden, kw, opts = layer_inputs(B=2, T=3, Hk=1, per_kv=2, S=6, dtype=torch.float64,
+                                    shared=True)
+    monkeypatch.setenv("MEMKERNELS_BACKEND", "reference")
+    plan, reference = _plan_and_layer(kw, opts, scale=1.5)
+    assert "reference" in repr(plan)
+    with torch.no_grad():
+        assert torch.equal(plan(hidden), reference(hidden))
+    with pytest.raises(ValueError, match="inference only"):
+        plan(hidden.requires_grad_())

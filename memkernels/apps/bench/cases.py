@@ -187,6 +187,9 @@ def attention_matmuls(q, k, v, dout, *, mode: str) -> list:
 
 
 READ_ONCE = "its inputs' bytes read once (one torch.sum)"
+# the same layer through its plan (memkernels.reading_layer_plan, built once per set outside the
+# timing): the call the memory's decode path makes
+PLAN = "memkernels[cpu] plan"
 STEPS_IN_TURN = "its steps' own tensors read in turn (a sum each)"
 # the same row before it read the layer's own tensors: over a contiguous copy of the inputs
 # (in older results files)
@@ -223,6 +226,14 @@ def reader_cases(shape: ReaderShape, device, dtype, backends, mode: str) -> list
              for d in dims] for _ in range(_n_sets(shape.bytes(elt), device, most=64))]
     cases = [Case("reader_fwd", shape, name, [_timed(fn, s, "fwd") for s in sets],
                   shape.flops(), shape.bytes(elt)) for name, fn in impls.items()]
+    if "cpu" in backends:
+        plans = [memkernels.reading_layer_plan(query_w, keys, values, out_w, eps=eps, scale=scale,
+                                               mlp_w=mlp_w, mlp_b=mlp_b, unit_queries=True,
+                                               backend="cpu")
+                 for _, mlp_w, mlp_b, query_w, out_w, keys, values in sets]
+        cases.append(Case("reader_fwd", shape, PLAN, [_timed(plan, s[:1], "fwd") for plan, s in
+                                                      zip(plans, sets)],
+                          shape.flops(), shape.bytes(elt)))
     # each set's bytes in one tensor, in the order the layer's steps read them
     # (hidden and MLP, query projection, keys and values, output projection)
     order = (0, 1, 2, 3, 5, 6, 4)
