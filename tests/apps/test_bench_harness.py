@@ -496,6 +496,16 @@ def test_targets_summary_gives_the_plain_reads_beside_the_reader(tmp_path):
     # the steps in turn: 1.0x and 1.2 / 1.25
     assert ("| reader_fwd S=1,024: time over its bytes at the read stream | 1.20x, 2 of 3 | "
             "1.38x, 1 of 2 | 0.98x, 0.96x to 1.00x |") in text
+    assert "the op's call over the plan" not in text  # no run timed the plan
+    # runs that timed the plan: the targets read its row, the op's call beside it
+    rows += [rec("t1", PLAN, 0.0756), rec("t2", PLAN, 0.0630)]  # 1.2x, 1.0x
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = targets.summary(targets.runs([str(path)]))
+    assert ("| reader_fwd S=1,024: time over its bytes at the read stream (memkernels[cpu], "
+            "memkernels[cpu] plan) | <= 1.3x | 2 of 3 | 1.20x | 1.00x to 1.60x |") in text
+    # the op's call in t1 and t2: 1.5x and 1.2x its bytes, 1.25x and 1.2x the plan's time
+    assert ("| reader_fwd S=1,024: time over its bytes at the read stream | 1.35x, 1 of 2 | "
+            "1.23x, 1.20x to 1.25x |") in text
 
 
 def test_faults_times_both_writes_in_turns_with_their_page_faults(capsys):

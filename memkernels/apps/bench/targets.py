@@ -26,6 +26,7 @@ the next, a single run says little; this is the figure to quote.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -277,6 +278,25 @@ def _plain_reads(members: list) -> list[str]:
                 if ratios else "not recorded")
         lines.append(f"| {t.name} | {share(one)} | {share([g['chain'] for g in chain])} | "
                      f"{over} |")
+    # where the runs timed the plan, the op's one call (memkernels.reading_layer) beside it
+    calls = []
+    for t in TARGETS:
+        if t.kind != "floor" or t.ours[0] == OURS:
+            continue
+        op_call = dataclasses.replace(t, ours=(OURS,))
+        pairs = [(evaluate(op_call, recs), evaluate(t, recs)) for _, recs in members
+                 if ours_record(t, recs) is not None and ours_record(t, recs)["impl"] != OURS
+                 and evaluate(op_call, recs) is not None]
+        if pairs:
+            op = [a["value"] for a, _ in pairs]
+            over = [a["value"] / b["value"] for a, b in pairs]
+            met = sum(x <= t.goal for x in op)
+            calls.append(f"| {t.name} | {statistics.median(op):.2f}x, {met} of {len(op)} | "
+                         f"{statistics.median(over):.2f}x, {min(over):.2f}x to "
+                         f"{max(over):.2f}x |")
+    if calls:
+        lines += ["", f"| floor target | {OURS} (the op's one call): median, within the goal "
+                  f"in | the op's call over the plan: median, range |", "|---|---|---|", *calls]
     return lines
 
 
