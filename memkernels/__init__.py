@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = ["memory_read", "memory_write", "reading_layer", "reading_layer_plan",
            "MemoryReadFunction", "MemoryWriteFunction", "reference", "available_backends",
-           "BACKENDS", "MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel", "BlendMemory",
-           "AppendMemory", "MemoryBank", "Int8Rows", "attach", "store", "MemoryHandle",
-           "find_decoder_layers", "__version__"]
+           "BACKENDS", "MemoryConfig", "BlendOptions", "AppendOptions", "MemoryModel",
+           "BlendMemory", "AppendMemory", "MemoryBank", "Int8Rows", "attach", "store",
+           "MemoryHandle", "find_decoder_layers", "__version__"]

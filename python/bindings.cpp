@@ -4,6 +4,7 @@
 // tensors never reaches a kernel.
 #include <torch/extension.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -235,6 +236,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_bwd(
   return {dmem.to(dt), dqs.to(dt), dk.to(dt), dv.to(dt), df.to(dt), di.to(dt)};
 }
 
+// Whether t's elements lie within its storage: a storage shrunk under a tensor
+// (untyped_storage().resize_(n)) leaves its sizes reaching past the memory it has.
+bool within_storage(const Tensor& t) {
+  if (t.numel() == 0) return true;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return t.has_storage() && t.storage().data() != nullptr &&
+         size_t(last + 1) * t.element_size() <= t.storage().nbytes();
+}
+
+void check_within_storage(const Tensor& t, const char* name) {
+  MK_CHECK(within_storage(t), name, " reaches past its storage (",
+           int64_t(t.has_storage() ? t.storage().nbytes() : 0),
+           " bytes; resized under it?)");
+}
+
 // One reading layer at inference, fused (memkernels.reading_layer: the blend rule's BlendReader,
 // and with mlp_w the append rule's AppendReader), as a plan: every operand but the hidden
 // state (and its context) checked and made contiguous once, so a decode loop's call converts
@@ -249,7 +266,7 @@ class ReaderPlan {
              double eps, double scale, const OptTensor& key_scale, const OptTensor& value_scale,
              const OptTensor& mlp_w, const OptTensor& mlp_b, const OptTensor& query_b,
              bool unit_queries, const OptTensor& context_w, const OptTensor& centroids,
-             const OptTensor& cluster_starts, int64_t probes)
+             const OptTensor& cluster_starts, int64_t probes, bool own = true)
       : eps_(eps), scale_(scale), unit_queries_(unit_queries) {
     MK_CHECK(query_w.scalar_type() == at::kFloat || query_w.scalar_type() == at::kDouble,
              "query_w must be float32 or float64 (the hidden states' dtype), got ",
@@ -319,9 +336,11 @@ class ReaderPlan {
       MK_CHECK(cluster_starts->scalar_type() == at::kLong && cluster_starts->device().is_cpu(),
                "cluster_starts must be int64 on the CPU");
       check_shape(*cluster_starts, "cluster_starts", {Hk_, clusters_ + 1});
-      // a copy: the ranges checked here are the ranges read, whatever the caller's tensor
-      // holds later (a range past the bank would read outside it)
-      starts_ = cluster_starts->clone(at::MemoryFormat::Contiguous);
+      check_within_storage(*cluster_starts, "cluster_starts");
+      // a plan's own copy: the ranges checked here are the ranges read, whatever the caller's
+      // tensor holds later (a range past the bank would read outside it)
+      starts_ = own ? cluster_starts->clone(at::MemoryFormat::Contiguous)
+                    : cluster_starts->contiguous();
       const int64_t* st = starts_.data_ptr<int64_t>();
       const int64_t n = clusters_ + 1;
       for (int64_t g = 0; g < Hk_; ++g) {  // ranges in order, covering [0, S)
@@ -354,15 +373,24 @@ class ReaderPlan {
       MK_CHECK(!key_scale.has_value() && !value_scale.has_value(),
                "key_scale/value_scale go only with int8 keys/values");
     }
-    requires_grad_ = false;
+    // the operands gradients could flow to, as reading_layer counts them; read at each call
+    // under grad mode, so a weight unfrozen after the plan was built is refused too
     for (const OptTensor& t : {OptTensor(query_w), OptTensor(keys), OptTensor(values),
-                               OptTensor(out_w), mlp_w, mlp_b, query_b, context_w, centroids})
-      requires_grad_ = requires_grad_ || (t.has_value() && t->requires_grad());
-    // Detached and contiguous: the plan's own handles on the caller's storage, so an in-place
-    // update shows in the next call and a `.data =` or `set_` on the caller's tensor does not
-    // reach them (a non-contiguous operand is copied once, here).
-    auto hold = [](const OptTensor& t) {
-      return t.has_value() ? t->detach().contiguous() : Tensor();
+                               OptTensor(out_w), mlp_w, mlp_b, query_b, context_w})
+      if (t.has_value()) grad_sources_.push_back(*t);
+    const Tensor absent;
+    auto given = [&](const OptTensor& t) -> const Tensor& { return t ? *t : absent; };
+    for (const auto& [name, t] : named_operands(query_w, keys, values, out_w, given(key_scale),
+                                                given(value_scale), given(mlp_w), given(mlp_b),
+                                                given(query_b), given(context_w),
+                                                given(centroids)))
+      if (t->defined()) check_within_storage(*t, name);
+    // A plan's own handles are detached: on the caller's storage, so an in-place update shows
+    // in the next call, while a `.data =` or `set_` on the caller's tensor does not reach them
+    // (a non-contiguous operand is copied once, here). reader_fwd's one-shot plan borrows.
+    auto hold = [own](const OptTensor& t) {
+      if (!t.has_value()) return Tensor();
+      return own ? t->detach().contiguous() : t->contiguous();
     };
     qw_ = hold(query_w), k_ = hold(keys), v_ = hold(values), ow_ = hold(out_w);
     ks_ = hold(key_scale), vs_ = hold(value_scale), w1_ = hold(mlp_w), b1_ = hold(mlp_b);
@@ -394,12 +422,15 @@ class ReaderPlan {
       check_same(*context, hidden, "context");
       check_shape(*context, "context", hidden.sizes());
     }
-    MK_CHECK(!at::GradMode::is_enabled() ||
-                 !(requires_grad_ || hidden.requires_grad() ||
-                   (context.has_value() && context->requires_grad())),
+    MK_CHECK(!at::GradMode::is_enabled() || !asks_for_gradients(hidden, context),
              "the reading layer is inference only (no backward): call it under "
              "torch.no_grad(), or compose memory_read for training");
-    check_storages();
+    check_within_storage(hidden, "hidden");
+    if (context.has_value()) check_within_storage(*context, "context");
+    for (const auto& [name, t] : named_operands(qw_, k_, v_, ow_, ks_, vs_, w1_, b1_, bq_, wc_,
+                                                cent_))
+      if (t->defined()) MK_CHECK(within_storage(*t), "this reading-layer plan's ", name,
+                                 " lost its storage (resized under it): build a new plan");
     if (B * T == 0) return kernel_output(hidden.sizes(), dtype_);  // no row to read
     const Tensor h = hidden.contiguous();
     const Tensor ctx = context.has_value() ? context->contiguous() : Tensor();
@@ -444,28 +475,32 @@ class ReaderPlan {
     mk::reader_forward<T, KV>(r, out.data_ptr<T>());
   }
 
-  // A storage shrunk under the plan (untyped_storage().resize_(0), as sharded training frees
-  // its parameters) would leave it reading freed memory: refused instead.
-  void check_storages() const {
-    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"query_w", &qw_},
-                                  {"keys", &k_}, {"values", &v_}, {"out_w", &ow_},
-                                  {"key_scale", &ks_}, {"value_scale", &vs_}, {"mlp_w", &w1_},
-                                  {"mlp_b", &b1_}, {"query_b", &bq_}, {"context_w", &wc_},
-                                  {"centroids", &cent_}}) {
-      if (!t->defined()) continue;
-      const size_t need = size_t(t->storage_offset() + t->numel()) * t->element_size();
-      MK_CHECK(t->storage().nbytes() >= need, "this reading-layer plan's ", name,
-               " lost its storage (resized to ", int64_t(t->storage().nbytes()),
-               " bytes): build a new plan");
-    }
+  bool asks_for_gradients(const Tensor& hidden, const OptTensor& context) const {
+    if (hidden.requires_grad() || (context.has_value() && context->requires_grad())) return true;
+    for (const Tensor& t : grad_sources_)
+      if (t.requires_grad()) return true;
+    return false;
+  }
+
+  // (name, tensor) of every operand a plan holds, in the constructor's order
+  static std::array<std::pair<const char*, const Tensor*>, 11> named_operands(
+      const Tensor& query_w, const Tensor& keys, const Tensor& values, const Tensor& out_w,
+      const Tensor& key_scale, const Tensor& value_scale, const Tensor& mlp_w,
+      const Tensor& mlp_b, const Tensor& query_b, const Tensor& context_w,
+      const Tensor& centroids) {
+    return {{{"query_w", &query_w}, {"keys", &keys}, {"values", &values}, {"out_w", &out_w},
+             {"key_scale", &key_scale}, {"value_scale", &value_scale}, {"mlp_w", &mlp_w},
+             {"mlp_b", &mlp_b}, {"query_b", &query_b}, {"context_w", &context_w},
+             {"centroids", &centroids}}};
   }
 
   double eps_, scale_;
-  bool unit_queries_, narrow_ = false, int8_kv_ = false, shared_ = true, requires_grad_ = false;
+  bool unit_queries_, narrow_ = false, int8_kv_ = false, shared_ = true;
   at::ScalarType dtype_;
   int64_t bank_rows_ = 0, Hk_ = 0, S_ = 0, D_ = 0, H_ = 0, C_ = 0, M_ = 0;
   int64_t clusters_ = 0, probes_ = 0;
   Tensor qw_, k_, v_, ow_, ks_, vs_, w1_, b1_, bq_, wc_, cent_, starts_;
+  std::vector<Tensor> grad_sources_;  // the caller's tensors themselves, for their flags
 };
 
 Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& keys,
@@ -482,8 +517,8 @@ Tensor reader_fwd(const Tensor& hidden, const Tensor& query_w, const Tensor& key
   MK_CHECK(context.has_value() == context_w.has_value(),
            "context and context_w go together (the context and its first-layer columns)");
   return ReaderPlan(query_w, keys, values, out_w, eps, scale, key_scale, value_scale, mlp_w,
-                    mlp_b, query_b, unit_queries, context_w, centroids, cluster_starts,
-                    probes)(hidden, context);
+                    mlp_b, query_b, unit_queries, context_w, centroids, cluster_starts, probes,
+                    /*own=*/false)(hidden, context);
 }
 
 // The copy rule's mixture at inference, fused (memkernels.ops.copy_mix): log p

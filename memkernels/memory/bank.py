@@ -343,6 +343,10 @@ class MemoryBank:
                                      prefer_whole_runs, run_max_df)
         return self.select_entries(chosen) if chosen.numel() else self
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle: the fused reads' plans hold C++ objects (rebuilt on use)
+        return {**self.__dict__, "fused_plans": {}}
+
     # --- rows ------------------------------------------------------------------------
 
     def clone(self) -> "MemoryBank":

@@ -142,19 +142,22 @@ def check_write(mem, q_slots, k_tok, v_tok, forget_logit, input_logit, scale,
     return _scale(scale, D)
 
 
-def _optional(x, name: str, expected: tuple[int, ...], layout: str, ref: Tensor) -> None:
+def _optional(x, name: str, expected: tuple[int, ...], layout: str, ref: Tensor,
+              ref_name: str = "hidden") -> None:
     if x is None:
         return
-    _same(_tensor(x, name), ref, name, "hidden")
+    _same(_tensor(x, name), ref, name, ref_name)
     _shape(x, name, expected, layout)
 
 
 def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_scale, value_scale,
                         mlp_w, mlp_b, query_b, context, context_w, centroids, cluster_starts,
-                        probes, check_values: bool = True) -> float:
+                        probes, check_values: bool = True, ref_name: str = "hidden") -> float:
     """Validates reading_layer's arguments; returns the resolved scale. With
     check_values=False, shapes and types only: not cluster_starts' values,
-    whose check reads them to the host (a sync on a GPU)."""
+    whose check reads them to the host (a sync on a GPU). ref_name: what the
+    messages call the tensor whose dtype and device the others must have
+    (reading_layer_plan checks against a stand-in for hidden made from query_w)."""
     hidden = _tensor(hidden, "hidden")
     _rank(hidden, "hidden", (3,), "[B, T, C]")
     B, T, C = hidden.shape
@@ -175,7 +178,7 @@ def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_sc
         raise TypeError(f"values must have the dtype and device of keys ({keys.dtype}, "
                         f"{keys.device}), got ({values.dtype}, {values.device})")
     if keys.device != hidden.device:
-        raise ValueError(f"keys must be on the device of hidden ({hidden.device}), got "
+        raise ValueError(f"keys must be on the device of {ref_name} ({hidden.device}), got "
                          f"{keys.device}")
     if keys.dtype == torch.int8:
         for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
@@ -191,26 +194,26 @@ def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_sc
     if mlp_w is not None:
         _rank(_tensor(mlp_w, "mlp_w"), "mlp_w", (2,), "[M, C]")
         M = mlp_w.shape[0]
-        _optional(mlp_w, "mlp_w", (M, C), "[M, C]", hidden)
+        _optional(mlp_w, "mlp_w", (M, C), "[M, C]", hidden, ref_name)
         if mlp_b is None:
             raise ValueError("mlp_w needs mlp_b ([M])")
-        _optional(mlp_b, "mlp_b", (M,), "[M]", hidden)
-    elif mlp_b is not None or context is not None:
-        raise ValueError("mlp_b and context go only with mlp_w (an MLP query)")
+        _optional(mlp_b, "mlp_b", (M,), "[M]", hidden, ref_name)
+    elif mlp_b is not None or context is not None or context_w is not None:
+        raise ValueError("mlp_b and context (with context_w) go only with mlp_w (an MLP query)")
     if (context is None) != (context_w is None):
         raise ValueError("context and context_w go together (the context and its first-layer "
                          "columns)")
-    _optional(context, "context", (B, T, C), "[B, T, C], the shape of hidden", hidden)
-    _optional(context_w, "context_w", (M, C), "[M, C]", hidden)
-    _same(_tensor(query_w, "query_w"), hidden, "query_w", "hidden")
+    _optional(context, "context", (B, T, C), "[B, T, C], the shape of hidden", hidden, ref_name)
+    _optional(context_w, "context_w", (M, C), "[M, C]", hidden, ref_name)
+    _same(_tensor(query_w, "query_w"), hidden, "query_w", ref_name)
     _rank(query_w, "query_w", (2,), "[H * Dh, C] (or [H * Dh, M] after an MLP)")
     W = query_w.shape[0]
     if W < 1 or W % (Hk * D):
         raise ValueError(f"query_w must be [H * Dh, ...] with H a multiple of the keys' {Hk} "
                          f"heads of Dh = {D}, got {tuple(query_w.shape)}")
     _shape(query_w, "query_w", (W, C if M is None else M), "[H * Dh, C or M]")
-    _optional(query_b, "query_b", (W,), "[H * Dh]", hidden)
-    _optional(out_w, "out_w", (W, C), "[H * Dh, C]", hidden)
+    _optional(query_b, "query_b", (W,), "[H * Dh]", hidden, ref_name)
+    _optional(out_w, "out_w", (W, C), "[H * Dh, C]", hidden, ref_name)
     if out_w is None:
         raise TypeError("out_w must be a torch.Tensor, got None")
     if centroids is not None or cluster_starts is not None or probes:
@@ -221,7 +224,7 @@ def check_reading_layer(hidden, query_w, keys, values, out_w, eps, scale, key_sc
                              "[Hk, S, Dh]")
         _rank(_tensor(centroids, "centroids"), "centroids", (3,), "[Hk, clusters, Dh]")
         _optional(centroids, "centroids", (Hk, max(centroids.shape[1], 1), D),
-                  "[Hk, clusters >= 1, Dh]", hidden)
+                  "[Hk, clusters >= 1, Dh]", hidden, ref_name)
         clusters = centroids.shape[1]
         if (not isinstance(cluster_starts, Tensor) or cluster_starts.dtype != torch.int64
                 or tuple(cluster_starts.shape) != (Hk, clusters + 1)):

@@ -222,35 +222,40 @@ def reading_layer_plan(query_w: Tensor, keys: Tensor, values: Tensor, out_w: Ten
     """reading_layer with every operand but the hidden state bound once:
     plan(hidden, context=None) equals reading_layer(hidden, query_w, keys,
     values, out_w, ..., context=context) (the same arguments, checked here
-    with reading_layer's messages; a context goes with each call where
-    context_w is given).
+    with reading_layer's messages, the hidden states' dtype and device being
+    query_w's; a context goes with each call where context_w is given). The
+    backend is chosen here, $MEMKERNELS_BACKEND read here, not per call.
 
     For a decode loop, which calls one layer on a new hidden state per token:
     on the CPU kernel (CPU tensors of a dtype it reads, backend 'auto' or
     'cpu') the plan is memkernels._C.ReaderPlan, its call one C++ call that
     checks the hidden state (and context) alone and raises RuntimeError
-    naming it. The plan holds the tensors themselves: an in-place update (a
-    bank written in place, an optimizer step) shows in its next call; a
-    non-contiguous operand is copied once here, and cluster_starts always,
-    so a change to those needs a new plan. Elsewhere it calls reading_layer
-    (the reference). Inference only, as reading_layer; under torch.compile
-    call reading_layer, which is one op there."""
-    if not isinstance(out_w, Tensor) or out_w.dim() != 2 or not isinstance(query_w, Tensor):
-        raise ValueError(f"out_w must be a [H * Dh, C] tensor (and query_w a tensor), got "
-                         f"{tuple(out_w.shape) if isinstance(out_w, Tensor) else type(out_w)}")
+    naming it. It holds the tensors themselves: an in-place update (a bank
+    written in place, an optimizer step) shows in its next call, a `.data =`
+    on a caller's tensor does not; a non-contiguous operand is copied once
+    here, and cluster_starts always, so a change to those needs a new plan.
+    Elsewhere the plan calls reading_layer (the reference), whose errors are
+    ValueErrors. Inference only, as reading_layer, checked at each call;
+    under torch.compile call reading_layer, which is one op there."""
+    if not isinstance(query_w, Tensor):
+        raise TypeError(f"query_w must be a torch.Tensor, got {type(query_w).__name__}")
+    if not isinstance(out_w, Tensor) or out_w.dim() != 2 or out_w.shape[1] < 1:
+        got = tuple(out_w.shape) if isinstance(out_w, Tensor) else type(out_w).__name__
+        raise ValueError(f"out_w must be a [H * Dh, C] tensor with C >= 1, got {got}")
     rows = keys.shape[0] if isinstance(keys, Tensor) and keys.dim() == 4 else 1
     # a batch of no tokens stands for the hidden states to come: every check but theirs
     stand_in = torch.empty(rows, 0, out_w.shape[1], dtype=query_w.dtype, device=query_w.device)
     context = stand_in if context_w is not None else None
     scale = check_reading_layer(stand_in, query_w, keys, values, out_w, eps, scale, key_scale,
                                 value_scale, mlp_w, mlp_b, query_b, context, context_w,
-                                centroids, cluster_starts, probes)
+                                centroids, cluster_starts, probes, ref_name="query_w")
     name = _layer_backend(stand_in, keys.dtype, backend)
     options = dict(eps=float(eps), scale=scale, key_scale=key_scale, value_scale=value_scale,
                    mlp_w=mlp_w, mlp_b=mlp_b, query_b=query_b, unit_queries=bool(unit_queries),
                    context_w=context_w, centroids=centroids, cluster_starts=cluster_starts,
                    probes=int(probes))
-    if name != "cpu":
+    plan = getattr(_backend.extension()[0], "ReaderPlan", None)  # None: an older build
+    if name != "cpu" or plan is None:
         return _ComposedPlan((query_w, keys, values, out_w),
-                             {**options, "backend": "reference"})
-    return _backend.extension()[0].ReaderPlan(query_w, keys, values, out_w, **options)
+                             {**options, "backend": name if plan is None else "reference"})
+    return plan(query_w, keys, values, out_w, **options)

@@ -3,7 +3,9 @@ MLP address, a cosine read. Checked against plain PyTorch computations of the
 same math, in float64, on tiny models built from configs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -321,6 +323,12 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
     with torch.no_grad():  # memoised: a second read calls the same plan, to the same output
         assert torch.equal(memory.read(0, hidden, bank), first[0])
     assert len(calls) == 3 and len(built) == 2
+    # a bank holding plans copies and pickles (without them: rebuilt on its first read)
+    for twin in (copy.deepcopy(bank), pickle.loads(pickle.dumps(bank))):
+        assert twin.fused_plans == {} and bank.fused_plans
+        with torch.no_grad():
+            assert torch.equal(memory.read(0, hidden, twin), first[0])
+    assert len(built) == 4
     if dtype == torch.float32:  # the narrow caches, read in place
         with torch.no_grad():
             exact = memory.read(0, hidden, bank)
@@ -329,7 +337,7 @@ def test_inference_read_of_a_one_row_bank_is_one_fused_call(monkeypatch, dtype, 
             monkeypatch.setattr(fused, "enabled", False)
             # the reader layer itself, unfused: dequantized, then read
             int8_unfused = memory.readers[0](hidden, *bank.keys_values(torch.int8), None)
-        assert len(calls) == 6
+        assert len(calls) == 8  # 5 before, 3 here
         torch.testing.assert_close(int8, int8_unfused, rtol=1e-5, atol=1e-5)
         # (the unfused bf16 read rounds the queries to bf16 too: compared to exact)
         torch.testing.assert_close(bf16, exact, atol=0.05, rtol=0)

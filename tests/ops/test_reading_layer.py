@@ -385,9 +385,9 @@ def test_plan_matches_the_reference_call_after_call(B, T, Hk, per_kv, S, shared,
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-def test_plan_reads_narrow_caches_and_an_index(kv_dtype):
-    """bf16/int8 banks (int8 with its scales) and an indexed bank through the
-    plan equal reading_layer's CPU call with the same operands."""
+def test_plan_reads_narrow_caches(kv_dtype):
+    """bf16/int8 banks (int8 with its scales) through the plan equal
+    reading_layer's CPU call with the same operands."""
     cpu_extension()
     hidden, kw, opts = layer_inputs(B=3, T=1, Hk=2, per_kv=2, S=40, dtype=torch.float32,
                                     shared=True, mlp=7)
@@ -402,22 +402,31 @@ def test_plan_reads_narrow_caches_and_an_index(kv_dtype):
         want = memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], kw["values"],
                                         kw["out_w"], backend="cpu", **opts)
         assert torch.equal(plan(hidden), want)
+
+
+def test_plan_reads_an_index_and_keeps_its_own_cluster_starts():
+    """An indexed bank through the plan equals the reference's indexed read; a
+    change to the caller's cluster_starts after the plan was built does not
+    reach it (its checked copy stands)."""
+    cpu_extension()
+    hidden, kw, opts = layer_inputs(B=3, T=1, Hk=2, per_kv=2, S=40, dtype=torch.float32,
+                                    shared=True, mlp=7)
     keys, cent, starts = sorted_index(torch.randn(2, 40, D), 4)
-    plan = memkernels.reading_layer_plan(kw["query_w"], keys, keys, kw["out_w"], mlp_w=opts[
-        "mlp_w"], mlp_b=opts["mlp_b"], centroids=cent, cluster_starts=starts, probes=2)
+    index = dict(mlp_w=opts["mlp_w"], mlp_b=opts["mlp_b"], centroids=cent,
+                 cluster_starts=starts, probes=2)
+    plan = memkernels.reading_layer_plan(kw["query_w"], keys, keys, kw["out_w"], **index)
     with torch.no_grad():
         want = memkernels.reading_layer(hidden, kw["query_w"], keys, keys, kw["out_w"],
-                                        mlp_w=opts["mlp_w"], mlp_b=opts["mlp_b"], centroids=cent,
-                                        cluster_starts=starts, probes=2, backend="reference")
+                                        backend="reference", **index)
         torch.testing.assert_close(plan(hidden), want, **tolerance(torch.float32))
-        starts[:, 1] = 40  # the caller's index changed after the plan: the plan's copy stands
+        starts[:, 1] = 40  # would read the whole bank in the first cluster
         torch.testing.assert_close(plan(hidden), want, **tolerance(torch.float32))
 
 
 def test_plan_sees_in_place_updates_and_holds_its_own_handles():
     """An in-place update of an operand shows in the next call; replacing a
-    caller's tensor (`.data =`) does not reach the plan, nor does a change to
-    a non-contiguous operand (copied once); a storage freed under it is refused."""
+    caller's tensor's storage (`.data =`, `set_`) does not reach the plan, nor
+    does a change to a non-contiguous operand (copied once)."""
     cpu_extension()
     hidden, kw, _ = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=11, dtype=torch.float64,
                                  shared=True)
@@ -428,6 +437,7 @@ def test_plan_sees_in_place_updates_and_holds_its_own_handles():
     def reference(values, out_w):
         return memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], values, out_w,
                                         backend="reference")
+    qw_then = kw["query_w"].clone()
     with torch.no_grad():
         before = plan(hidden)
         kw["keys"].mul_(-0.5)  # in place: the plan reads it
@@ -437,12 +447,40 @@ def test_plan_sees_in_place_updates_and_holds_its_own_handles():
         assert not torch.allclose(after, before)
         values, out_w = kw["values"].clone(), kw["out_w"].clone()
         kw["values"].data = torch.zeros_like(values)  # a new storage for the caller's tensor
+        kw["query_w"].set_(torch.zeros_like(kw["query_w"]))  # and through set_
         kw["out_w"].mul_(2.0)  # the caller's strided tensor, not the plan's copy
-        torch.testing.assert_close(plan(hidden), reference(values, out_w), rtol=1e-10,
-                                   atol=1e-10)
-        kw["keys"].untyped_storage().resize_(0)
-        with pytest.raises(RuntimeError, match="keys lost its storage"):
-            plan(hidden)
+        torch.testing.assert_close(plan(hidden), memkernels.reading_layer(
+            hidden, qw_then, kw["keys"], values, out_w, backend="reference"), rtol=1e-10,
+            atol=1e-10)
+
+
+@pytest.mark.parametrize("operand", ["keys", "values", "query_w", "out_w", "mlp_w", "mlp_b",
+                                     "query_b", "context_w", "key_scale", "value_scale"])
+@pytest.mark.parametrize("size", [0, 8], ids=["freed", "shrunk"])
+def test_plan_refuses_an_operand_whose_storage_shrank(operand, size):
+    """A storage freed or shrunk under the plan (as sharded training frees its
+    parameters) is refused at the next call, naming the operand, not read;
+    reader_fwd refuses such an operand too."""
+    ext = cpu_extension()
+    hidden, kw, opts = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=9, dtype=torch.float32,
+                                    shared=True, mlp=7, context=True, query_b=True)
+    context = opts.pop("context")
+    if operand in ("key_scale", "value_scale"):
+        k8, v8 = Int8Rows.quantize(kw["keys"]), Int8Rows.quantize(kw["values"])
+        kw.update(keys=k8.data, values=v8.data)
+        opts.update(key_scale=k8.scale, value_scale=v8.scale)
+    operands = {**kw, **opts}
+    plan = memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"],
+                                         **opts)
+    with torch.no_grad():
+        plan(hidden, context)
+        operands[operand].untyped_storage().resize_(size)
+        with pytest.raises(RuntimeError, match=f"plan's {operand} lost its storage"):
+            plan(hidden, context)
+        with pytest.raises(RuntimeError, match=f"{operand} reaches past its storage"):
+            ext.reader_fwd(hidden, kw["query_w"], kw["keys"], kw["values"], kw["out_w"], 1e-6,
+                           0.5, opts.get("key_scale"), opts.get("value_scale"), opts["mlp_w"],
+                           opts["mlp_b"], opts["query_b"], False, context, opts["context_w"])
 
 
 def test_plan_checks_its_operands_once_and_the_hidden_state_each_call():
@@ -461,10 +499,14 @@ def test_plan_checks_its_operands_once_and_the_hidden_state_each_call():
         build(*args, mlp_w=opts["mlp_w"])
     with pytest.raises(ValueError, match="values must be"):
         build(*args[:2], kw["values"][..., :4], kw["out_w"], **options)
-    with pytest.raises(ValueError, match="out_w must be a \\[H \\* Dh, C\\] tensor"):
+    with pytest.raises(ValueError, match=r"out_w must be a \[H \* Dh, C\] tensor with C >= 1"):
         build(*args[:3], kw["out_w"][0], **options)
     with pytest.raises(ValueError, match="scale must be finite"):
         build(*args, scale=float("inf"), **options)
+    with pytest.raises(TypeError, match=r"out_w must have the dtype of query_w \(torch.float32"):
+        build(*args[:3], kw["out_w"].double(), **options)
+    with pytest.raises(ValueError, match="context \\(with context_w\\) go only with mlp_w"):
+        build(*args, context_w=opts["context_w"])
     with pytest.raises(ValueError, match="no triton kernel"):
         build(*args, backend="triton", **options)
     plan = build(*args, **options)
@@ -490,6 +532,10 @@ def test_plan_checks_its_operands_once_and_the_hidden_state_each_call():
         trained(hidden, context)
     with torch.no_grad():
         trained(hidden, context)
+    plan(hidden, context)  # grad mode, nothing asks for gradients
+    opts["mlp_w"].requires_grad_()  # unfrozen after the plan was built: refused as well
+    with pytest.raises(RuntimeError, match="inference only"):
+        plan(hidden, context)
 
 
 def test_plan_off_the_cpu_kernel_calls_reading_layer(monkeypatch):
@@ -500,6 +546,10 @@ def test_plan_off_the_cpu_kernel_calls_reading_layer(monkeypatch):
     with pytest.raises(ValueError, match="cpu reading_layer kernel takes float32/float64"):
         memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"],
                                       backend="cpu")
+    plan, reference = _plan_and_layer(kw, opts)  # auto: float16 on the reference
+    assert "reference" in repr(plan)
+    with torch.no_grad():
+        assert torch.equal(plan(hidden), reference(hidden))
     hidden, kw, opts = layer_inputs(B=2, T=3, Hk=1, per_kv=2, S=6, dtype=torch.float64,
                                     shared=True)
     monkeypatch.setenv("MEMKERNELS_BACKEND", "reference")
