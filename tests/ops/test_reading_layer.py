@@ -454,6 +454,29 @@ def test_plan_sees_in_place_updates_and_holds_its_own_handles():
             atol=1e-10)
 
 
+def test_plan_follows_a_storage_reallocated_under_it():
+    """A caller's tensor resized larger in place (its storage reallocated, the
+    old elements kept) or shrunk in shape (the storage kept): the plan reads its
+    own sizes from wherever the storage now is."""
+    cpu_extension()
+    hidden, kw, _ = layer_inputs(B=2, T=1, Hk=2, per_kv=1, S=13, dtype=torch.float32,
+                                 shared=True)
+    plan = memkernels.reading_layer_plan(kw["query_w"], kw["keys"], kw["values"], kw["out_w"])
+    with torch.no_grad():
+        want = memkernels.reading_layer(hidden, kw["query_w"], kw["keys"], kw["values"],
+                                        kw["out_w"], backend="reference")
+        keys, values = kw["keys"].clone(), kw["values"].clone()
+        before = kw["keys"].untyped_storage().data_ptr()
+        kw["keys"].resize_(4, 64, D)  # larger: a new allocation holding the old elements first
+        assert kw["keys"].untyped_storage().data_ptr() != before
+        kw["values"].resize_(1, 3, D)  # smaller: the storage stays as it was
+        torch.testing.assert_close(plan(hidden), want, **tolerance(torch.float32))
+        kw["keys"].view(-1)[:keys.numel()].mul_(2.0)  # the plan's keys, where they live now
+        torch.testing.assert_close(plan(hidden), memkernels.reading_layer(
+            hidden, kw["query_w"], keys * 2.0, values, kw["out_w"], backend="reference"),
+            **tolerance(torch.float32))
+
+
 @pytest.mark.parametrize("operand", ["keys", "values", "query_w", "out_w", "mlp_w", "mlp_b",
                                      "query_b", "context_w", "key_scale", "value_scale"])
 @pytest.mark.parametrize("size", [0, 8], ids=["freed", "shrunk"])
