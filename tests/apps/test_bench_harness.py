@@ -487,9 +487,11 @@ def test_targets_summary_gives_the_plain_reads_beside_the_reader(tmp_path):
             rec("t2", "memkernels[cpu]", 0.0756), rec("t2", READ_ONCE, 0.0630),  # 1.2x, 1.0x
             rec("t2", STEPS_IN_TURN, 0.0788),                                     # 1.25x
             rec("t3", "memkernels[cpu]", 0.1008), rec("t3", READ_ONCE, 0.0882)]  # 1.6x, 1.4x
-    path = tmp_path / "r.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = targets.summary(targets.runs([str(path)]))
+    def summary_of(records):
+        path = tmp_path / "r.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return targets.summary(targets.runs([str(path)]))
+    text = summary_of(rows)
     assert ("| reader_fwd S=1,024: time over its bytes at the read stream | <= 1.3x | 1 of 3 | "
             "1.50x | 1.20x to 1.60x |") in text
     # one sum: 1.2x, 1.0x, 1.4x; in turn: 1.5x, 1.25x (t3 did not record it); ours over
@@ -498,9 +500,7 @@ def test_targets_summary_gives_the_plain_reads_beside_the_reader(tmp_path):
             "1.38x, 1 of 2 | 0.98x, 0.96x to 1.00x |") in text
     assert "the op's call over the plan" not in text  # no run timed the plan
     # runs that timed the plan: the targets read its row, the op's call beside it
-    rows += [rec("t1", PLAN, 0.0756), rec("t2", PLAN, 0.0630)]  # 1.2x, 1.0x
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = targets.summary(targets.runs([str(path)]))
+    text = summary_of(rows + [rec("t1", PLAN, 0.0756), rec("t2", PLAN, 0.0630)])  # 1.2x, 1.0x
     assert ("| reader_fwd S=1,024: time over its bytes at the read stream (memkernels[cpu], "
             "memkernels[cpu] plan) | <= 1.3x | 2 of 3 | 1.20x | 1.00x to 1.60x |") in text
     # the op's call in t1 and t2: 1.5x and 1.2x its bytes, 1.25x and 1.2x the plan's time
