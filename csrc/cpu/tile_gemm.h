@@ -4,8 +4,9 @@
 // and on AMD CPUs with AVX-512 it runs its AVX2 ones, at under half of what
 // the cores can do; the kernel here reaches the FMA units' rate on the tile
 // shapes (head dims of 16-256, tiles in L2) on either ISA, with no call
-// overhead per tile and no packing beyond the transposed blocks it writes
-// anyway (docs/design.md, docs/log.md kernels v17, v22).
+// overhead per tile and little packing: the transposed blocks it writes
+// anyway, and on AVX2 the row-major B of more than one panel and a transposed
+// A (docs/design.md, docs/log.md kernels v17, v22, v42, v50).
 // MEMKERNELS_CPU_GEMM=blas keeps the vendor BLAS (an A/B switch; read once).
 #pragma once
 
