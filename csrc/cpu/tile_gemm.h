@@ -29,9 +29,6 @@ struct ProbsGradEpilogue {
   int64_t ld = 0;                // P's row stride
   const float* delta = nullptr;  // rowsum(dO * O) at row 0
   float scale = 0.0f;
-  // P's block to fetch while this one computes (its rows as P's): where null,
-  // the next row block's, at the same columns
-  const float* next = nullptr;
 };
 
 #define MK_ISA_BODY "tile_gemm_body.inc"
