@@ -467,6 +467,10 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
             "5.00x (1 run without an FMA probe) | 2.00x |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
     assert "floor target" not in md.read_text()  # no reader rows: no plain reads table
+    # every row's time over the runs: t1-t3 for avx512 (80, 80, 100 ms ours), t4 for avx2
+    assert "| write_fwd_bwd, write, memkernels[cpu] | 3 | 80 | 80 to 100 |" in avx512
+    assert "| write_fwd_bwd, write, reference (eager) | 3 | 300 | 200 to 320 |" in avx512
+    assert "| write_fwd_bwd, write, memkernels[cpu] | 1 | 150 | 150 to 150 |" in avx2
 
 
 def test_targets_summary_gives_the_plain_reads_beside_the_reader(tmp_path):

@@ -21,7 +21,9 @@ CPUs).
 one row per target: in how many runs it was met, the median and range of the
 measured values, and the medians of the runs' best possible (at the FMA rate
 and at the matmul probe's). On a machine whose limits move from one minute to
-the next, a single run says little; this is the figure to quote.
+the next, a single run says little; this is the figure to quote. Under each
+table, every row the runs timed: its median time and range, so that a time
+quoted from the runs is one this command wrote.
 """
 from __future__ import annotations
 
@@ -245,8 +247,25 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
                 f"{_fmt(t, statistics.median(values))} | {_fmt(t, min(values))} to "
                 f"{_fmt(t, max(values))} | {best} | "
                 f"{_fmt(t, statistics.median(g['best_matmul'] for g in got))} |")
-        out.append("\n".join(lines + _plain_reads(members)))
+        out.append("\n".join(lines + _plain_reads(members) + _row_times(members)))
     return "\n\n".join(out)
+
+
+def _row_times(members: list) -> list[str]:
+    """Every (op, shape, impl) the runs timed, in the order first recorded:
+    in how many runs, its median ms and range."""
+    times: OrderedDict = OrderedDict()
+    for _, records in members:
+        for (op, shape, impl), r in records.items():
+            times.setdefault((op, shape, impl), []).append(r["ms"])
+    if not times:
+        return []
+    lines = ["", "| row (op, shape, implementation) | runs | median ms | range ms |",
+             "|---|---|---|---|"]
+    for (op, shape, impl), ms in times.items():
+        lines.append(f"| {op}, {shape}, {impl} | {len(ms)} | {statistics.median(ms):.4g} | "
+                     f"{min(ms):.4g} to {max(ms):.4g} |")
+    return lines
 
 
 def _plain_reads(members: list) -> list[str]:
