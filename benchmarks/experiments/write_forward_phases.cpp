@@ -1,20 +1,22 @@
-// Where the write's forward time goes on this CPU: the loop of
-// attention_forward_rows (csrc/cpu/attention_cpu.h) for the write's one key
-// block (1,024 slot rows over 512 tokens, Dh 64, the bench's shape), on the
+// Where the write's forward time goes on this CPU: the loop of write_forward
+// (csrc/cpu/slot_bank_cpu.cpp) and attention_forward_rows
+// (csrc/cpu/attention_cpu.h) for the write's one key block (1,024 slot rows
+// over 512 tokens, Dh 64, the bench's shape, gates one a slot), on the
 // library's own tile GEMMs and row passes, one thread, each phase timed on its
 // own (TSC ticks a group): K's block transposed into panels and V's copied into
-// panels, S = Q K^T, the rows' max, their exp and sum, P (times 1 / sum)
-// streamed out for the backward, O = P V, O's rows normalized. `groups` groups
-// are rotated so that Q, K and V come from memory as a training step's would;
-// the first pass is dropped. Each product's FLOPs a tick beside its time (the
+// panels, S = Q K^T, then per row as the kernel runs them the row's max, its
+// exp and sum, and P (times 1 / sum) streamed out for the backward; O = P V,
+// O's rows normalized with their lse, and the gate blend into the new bank.
+// `groups` groups in turn (64, the bench's: ~50 MB of inputs and outputs, so
+// Q, K, V and the bank come from memory as a training step's do); the first
+// pass over them is dropped. Each product's FLOPs a tick beside its time (the
 // FMA units' rate in the same minute: memkernels_backward_phases prints it).
-// Not the kernel itself: its phases, so the split can be read; docs/log.md,
-// session 70.
+// The kernel's phases, not the kernel: it reads the clock three times a row.
 //   cmake -S . -B /tmp/bld && cmake --build /tmp/bld --target memkernels_cpu
-//   g++ -O2 -fopenmp -fno-trapping-math -std=c++17 -Icsrc \
+//   g++ -O3 -fopenmp -fno-trapping-math -std=c++17 -Icsrc \
 //       benchmarks/experiments/write_forward_phases.cpp /tmp/bld/libmemkernels_cpu.a \
 //       -o /tmp/write_forward_phases
-//   /tmp/write_forward_phases [groups [reps [tile_rows [keep]]]]   (defaults 16 4 256 1)
+//   /tmp/write_forward_phases [groups [reps [tile_rows [keep]]]]   (defaults 64 2 256 1)
 #include <omp.h>
 #include <x86intrin.h>
 
@@ -26,19 +28,20 @@
 
 #include "cpu/slot_bank_cpu.h"
 
+using namespace memkernels;
 using namespace memkernels::cpu;
 
 namespace {
-enum Phase { kPanels, kScores, kMax, kExp, kStore, kValues, kNormalize, kPhases };
+enum Phase { kPanels, kScores, kMax, kExp, kStore, kValues, kNormalize, kGates, kPhases };
 const char* const kNames[kPhases] = {"K, V blocks into panels", "S = Q K^T", "rows' max",
                                      "exp and sum", "P streamed out", "O = P V",
-                                     "O normalized"};
+                                     "O normalized, lse", "gate blend"};
 }  // namespace
 
 int main(int argc, char** argv) {
   const int64_t M = 1024, N = 512, D = 64;
-  const int64_t groups = argc > 1 ? atoll(argv[1]) : 16;
-  const int reps = argc > 2 ? atoi(argv[2]) : 4;
+  const int64_t groups = argc > 1 ? atoll(argv[1]) : 64;
+  const int reps = argc > 2 ? atoi(argv[2]) : 2;
   const int64_t tile = argc > 3 ? atoll(argv[3]) : 256;
   const bool keep = argc > 4 ? atoi(argv[4]) != 0 : true;
   if (groups < 1 || reps < 1 || tile < 1 || !tile_gemm_applies(D) ||
@@ -56,10 +59,13 @@ int main(int argc, char** argv) {
     return x;
   };
   const auto q = randn(groups * M * D), k = randn(groups * N * D), v = randn(groups * N * D);
+  const auto mem = randn(groups * M * D), forget = randn(groups * M), input = randn(groups * M);
   const int64_t pld = saved_probs_ld(N), ld = score_tile_ld(N), nbp = tile_gemm_ld(N);
+  // rows of pld floats (a multiple of 16): each 64-byte aligned, as the streamed stores need
   auto* probs = static_cast<float*>(std::aligned_alloc(64, groups * M * pld * sizeof(float)));
-  std::vector<float> out(groups * M * D), scores(tile * ld), k_t(D * ld), v_panels(N * D);
-  std::vector<float> row_max(tile), row_sum(tile);
+  if (probs == nullptr) return 2;
+  std::vector<float> out(groups * M * D), new_mem(groups * M * D), lse(groups * M);
+  std::vector<float> scores(tile * ld), k_t(D * ld), v_panels(N * D), row_sum(tile);
   double ticks[kPhases] = {};
   for (int rep = 0; rep <= reps; ++rep) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -72,28 +78,47 @@ int main(int argc, char** argv) {
       for (int64_t r0 = 0; r0 < M; r0 += tile) {
         const int64_t tr = std::min(tile, M - r0);
         float* o = out.data() + (g * M + r0) * D;
-        uint64_t c[kPhases + 1];
-        c[0] = __rdtsc();
+        c0 = __rdtsc();
         tile_gemm_panels(tr, nbp, D, qg + r0 * D, D, 1, k_t.data(), scores.data(), ld, false);
-        c[1] = __rdtsc();
-        for (int64_t r = 0; r < tr; ++r)
-          row_max[r] = mask_and_max(scores.data() + r * ld, static_cast<const bool*>(nullptr), N);
-        c[2] = __rdtsc();
-        for (int64_t r = 0; r < tr; ++r) row_sum[r] = exp_row(scores.data() + r * ld, N, row_max[r]);
-        c[3] = __rdtsc();
-        if (keep)
-          for (int64_t r = 0; r < tr; ++r)
-            scaled_row_streamed(scores.data() + r * ld, probs + (g * M + r0 + r) * pld, pld,
-                                1.0f / row_sum[r]);
-        c[4] = __rdtsc();
+        uint64_t c1 = __rdtsc();
+        t[kScores] += double(c1 - c0);
+        for (int64_t r = 0; r < tr; ++r) {  // the kernel's row loop (one key block: max final)
+          float* s = scores.data() + r * ld;
+          const float row_max = mask_and_max(s, static_cast<const bool*>(nullptr), N);
+          const uint64_t c2 = __rdtsc();
+          row_sum[r] = exp_row(s, N, row_max);
+          const uint64_t c3 = __rdtsc();
+          if (keep)
+            scaled_row_streamed(s, probs + (g * M + r0 + r) * pld, pld, safe_inverse(row_sum[r]));
+          const uint64_t c4 = __rdtsc();
+          t[kMax] += double(c2 - c1);
+          t[kExp] += double(c3 - c2);
+          t[kStore] += double(c4 - c3);
+          c1 = c4;
+          lse[g * M + r0 + r] = row_max;  // log_sum_exp below
+        }
+        c0 = __rdtsc();
         tile_gemm_panels(tr, D, N, scores.data(), ld, 1, v_panels.data(), o, D, false);
-        c[5] = __rdtsc();
-        for (int64_t r = 0; r < tr; ++r)
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] /= row_sum[r];
-        c[6] = __rdtsc();
-        for (int i = 0; i < 6; ++i) t[kScores + i] += double(c[i + 1] - c[i]);
+        c1 = __rdtsc();
+        t[kValues] += double(c1 - c0);
+        for (int64_t r = 0; r < tr; ++r) {
+          const float inv = safe_inverse(row_sum[r]);
+          for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+          float& l = lse[g * M + r0 + r];
+          l = log_sum_exp(l, row_sum[r]);
+        }
+        c0 = __rdtsc();
+        t[kNormalize] += double(c0 - c1);
       }
-      if (keep) stream_fence();
+      if (keep) stream_fence();  // the kernel's, after its last row: counted with the stores
+      uint64_t c1 = __rdtsc();
+      t[kStore] += double(c1 - c0);
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t e = (g * M + r) * D;
+        gate_blend_row(new_mem.data() + e, mem.data() + e, out.data() + e,
+                       forget.data() + g * M + r, input.data() + g * M + r, D, int64_t(1));
+      }
+      t[kGates] += double(__rdtsc() - c1);
       if (rep > 0)
         for (int i = 0; i < kPhases; ++i) ticks[i] += t[i] / double(reps * groups);
     }
@@ -101,14 +126,15 @@ int main(int argc, char** argv) {
   double total = 0;
   for (const double x : ticks) total += x;
   const double product_flops = 2.0 * double(M) * double(N) * double(D);
-  std::printf("write forward, one group of %ld rows over %ld keys, Dh %ld (%ld groups rotated, "
+  std::printf("write forward, one group of %ld rows over %ld keys, Dh %ld (%ld groups in turn, "
               "%ld-row tiles, P %s, one thread): %.2f M TSC ticks\n",
               long(M), long(N), long(D), long(groups), long(tile), keep ? "kept" : "not kept",
               total / 1e6);
   for (int i = 0; i < kPhases; ++i) {
     std::printf("  %-24s %5.1f%% of the time, %.2f M ticks", kNames[i], 100.0 * ticks[i] / total,
                 ticks[i] / 1e6);
-    if (i == kScores || i == kValues) std::printf(", %.1f FLOPs a tick", product_flops / ticks[i]);
+    if (i == kScores || i == kValues)
+      std::printf(", %.1f FLOPs a tick", product_flops / ticks[i]);
     std::printf("\n");
   }
   std::free(probs);
