@@ -262,9 +262,12 @@ def _row_times(members: list) -> list[str]:
         return []
     lines = ["", "| row (op, shape, implementation) | runs | median ms | range ms |",
              "|---|---|---|---|"]
+    def fmt(x: float) -> str:  # 4 significant digits, never an exponent
+        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
+
     for (op, shape, impl), ms in times.items():
-        lines.append(f"| {op}, {shape}, {impl} | {len(ms)} | {statistics.median(ms):.4g} | "
-                     f"{min(ms):.4g} to {max(ms):.4g} |")
+        lines.append(f"| {op}, {shape}, {impl} | {len(ms)} | {fmt(statistics.median(ms))} | "
+                     f"{fmt(min(ms))} to {fmt(max(ms))} |")
     return lines
 
 
