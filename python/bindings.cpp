@@ -783,6 +783,12 @@ PYBIND11_MODULE(_C, m) {
         "x 12 each); returns the FLOPs done (0 without AVX2 or for steps <= 0). The bench's "
         "FMA-peak probe.",
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_gemm_l1_burst", &mk::gemm_l1_burst_all_threads, py::arg("steps"),
+        "A register-blocked product on operands in L1 on every OpenMP thread at the ISA the "
+        "CPU kernels run (steps products of 64 steps each, the fewest loads a FMA the ISA's "
+        "registers allow); returns the FLOPs done (0 without AVX2 or for steps <= 0). The "
+        "bench's product probe: what a GEMM's inner loop reaches, its loads included.",
+        py::call_guard<py::gil_scoped_release>());
   m.def("cpu_sum_in_turn", &cpu_sum_in_turn, py::arg("arrays"), py::arg("steps") = py::none(),
         "The sum of the float32 CPU tensors' elements on every OpenMP thread, step after step "
         "(one parallel region, a barrier between steps; each thread a share of each tensor); "

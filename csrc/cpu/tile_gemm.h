@@ -181,4 +181,31 @@ inline double fma_burst_all_threads(int64_t steps) {
 #endif
 }
 
+// Runs gemm_l1_burst(steps) on every OpenMP thread at the ISA the kernels
+// run; returns the FLOPs done (0 without AVX2, or for steps <= 0): the bench's
+// product probe, a GEMM's inner loop on operands in L1 (tile_gemm_body.inc).
+inline double gemm_l1_burst_all_threads(int64_t steps) {
+#ifdef MK_HAVE_SIMD_VEC
+  const Isa isa = best_isa();
+  if (isa == Isa::generic || steps <= 0) return 0.0;
+  const double per_step =
+      isa == Isa::avx512
+          ? 2.0 * isa_avx512::kProbeRows * isa_avx512::kProbeVectors * 16 * isa_avx512::kProbeDepth
+          : 2.0 * isa_avx2::kProbeRows * isa_avx2::kProbeVectors * 8 * isa_avx2::kProbeDepth;
+  double flops = 0.0;
+  float sums = 0.0f;
+#pragma omp parallel reduction(+ : flops, sums)
+  {
+    sums += isa == Isa::avx512 ? isa_avx512::gemm_l1_burst(steps)
+                               : isa_avx2::gemm_l1_burst(steps);
+    flops += per_step * double(steps);
+  }
+  // the outputs stay small and finite (never NaN): testing them keeps the products
+  return sums != sums ? flops + 1.0 : flops;
+#else
+  (void)steps;
+  return 0.0;
+#endif
+}
+
 }  // namespace memkernels::cpu

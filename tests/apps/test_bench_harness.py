@@ -226,7 +226,9 @@ def test_bench_cli_times_a_group_in_turns(tmp_path, monkeypatch, capsys):
     if ext is not None and ext.cpu_isa() != "generic":
         assert all(r["fma_gflops"] > 0 and r["cpu_tile_gemm"] == ext.cpu_tile_gemm()
                    for r in rows)
-        assert "FMA peak" in header
+        # and a product's inner loop on operands in L1, its loads included
+        assert all(r["l1_product_gflops"] > 0 for r in rows)
+        assert "FMA peak" in header and "L1 product" in header
     with pytest.raises(SystemExit):
         run.main(["--device", "cpu", "--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err
@@ -350,7 +352,7 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     from memkernels.apps.bench import targets
 
     limits = dict(read_gbps=50.0, copy_gbps=40.0, matmul_gflops=200.0, fma_gflops=500.0,
-                  time="t0", commit="abc", cpu_isa="avx512", aten_cpu_capability="AVX512")
+                  l1_product_gflops=400.0, time="t0", commit="abc", cpu_isa="avx512", aten_cpu_capability="AVX512")
 
     def rec(op, shape, impl, ms, gbps, gflops, **extra):
         return dict(op=op, shape=shape, impl=impl, ms=ms, gbps=gbps, gflops=gflops,
@@ -368,9 +370,9 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
             rec("reader_fwd", "reader_s1024", STEPS_IN_TURN, 0.067, 35.8, 9.0),
             # an older run: no FMA probe, a kernel past the matmul rate
             rec("write_fwd_bwd", "write", "memkernels[cpu]", 80.0, 1.0, 375.0, time="t-1",
-                fma_gflops=None),
+                fma_gflops=None, l1_product_gflops=None),
             rec("write_fwd_bwd", "write", "torch.compile(reference)", 100.0, 1.0, 300.0,
-                time="t-1", fma_gflops=None)]
+                time="t-1", fma_gflops=None, l1_product_gflops=None)]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (old_key, old), (key, records) = targets.runs([str(path)]).items()
@@ -390,6 +392,8 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert eager["best"] == pytest.approx(240.0 / 60.0)  # 30 GFLOP at 500 GFLOP/s
     # at the matmul probe's rate instead: 30 GFLOP at 200 GFLOP/s take 150 ms
     assert eager["best_matmul"] == pytest.approx(240.0 / 150.0)
+    # and at the L1 product probe's: 30 GFLOP at 400 GFLOP/s take 75 ms
+    assert eager["best_l1"] == pytest.approx(240.0 / 75.0)
     # the decode stays bound by its bytes there (0.2 GFLOP: 1.0 ms against 1.4)
     assert ratio["best_matmul"] == pytest.approx(3.0 / 1.4)
     # a kernel past the vendor GEMM's rate passes that best: it is a reference, not a bound
@@ -421,6 +425,7 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     before_fma = targets.evaluate(compiled, old)
     assert before_fma["value"] == pytest.approx(1.25)
     assert before_fma["best"] == pytest.approx(1.25)  # the rate it reached bounds the machine's
+    assert before_fma["best_l1"] is None  # no L1 product probe in that run
     for t in targets.TARGETS:  # no kernel passes its run's roofline
         got = by_name[t.name]
         if got is not None and t.kind != "floor":
@@ -428,10 +433,11 @@ def test_targets_read_ratios_shares_and_ceilings_off_a_run(tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "commit abc" in out and "| write forward+backward: x eager | >= 3x | 3.00x" in out
-    assert "| at the matmul probe's rate |" in out
-    eager_row = next(line for line in out.splitlines()
-                     if line.startswith("| write forward+backward: x eager"))
-    assert eager_row.endswith("| 4.00x | 1.60x |")
+    assert "| at the matmul probe's rate | at the L1 product probe's rate |" in out
+    rows_out = [line for line in out.splitlines()
+                if line.startswith("| write forward+backward: x")]
+    assert rows_out[0].endswith("| >= 1.25x (no FMA probe) | 0.67x | - |")  # the older run
+    assert rows_out[1].endswith("| 4.00x | 1.60x | 3.20x |")
 
 
 def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
@@ -439,17 +445,19 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     of runs that met it, the median and range of its values."""
     from memkernels.apps.bench import targets
 
-    def rec(time, impl, ms, isa="avx512", fma=500.0):
+    def rec(time, impl, ms, isa="avx512", fma=500.0, l1=None):
         return dict(op="write_fwd_bwd", shape="write", impl=impl, ms=ms, gbps=1.0,
                     gflops=30e3 / ms, read_gbps=50.0, copy_gbps=40.0, matmul_gflops=200.0,
-                    fma_gflops=fma, time=time, commit="abc", cpu_isa=isa,
+                    fma_gflops=fma, l1_product_gflops=l1, time=time, commit="abc", cpu_isa=isa,
                     aten_cpu_capability="AVX512")
 
     # t1 before the FMA probe: its best is a bound (2.5x, at the rate it reached)
     rows = [rec("t1", "memkernels[cpu]", 80.0, fma=None),
             rec("t1", "reference (eager)", 200.0, fma=None),                               # 2.5x
-            rec("t2", "memkernels[cpu]", 80.0), rec("t2", "reference (eager)", 320.0),   # 4.0x
-            rec("t3", "memkernels[cpu]", 100.0), rec("t3", "reference (eager)", 300.0),  # 3.0x
+            rec("t2", "memkernels[cpu]", 80.0, l1=400.0),
+            rec("t2", "reference (eager)", 320.0, l1=400.0),                              # 4.0x
+            rec("t3", "memkernels[cpu]", 100.0, l1=400.0),
+            rec("t3", "reference (eager)", 300.0, l1=400.0),                              # 3.0x
             rec("t4", "memkernels[cpu]", 150.0, "avx2"),
             rec("t4", "reference (eager)", 300.0, "avx2")]                               # 2.0x
     path = tmp_path / "r.jsonl"
@@ -462,10 +470,12 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     assert avx512.startswith("3 runs, kernels avx512, peers AVX512 (t1 to t3)**")
     # met in t2 and t3; median 3.00x; the median best (2.5, 5.33, 5.0): eager over 60 ms
     # at the matmul probe's 200 GFLOP/s the write's 30 GFLOP take 150 ms: 200 / 150, 320 / 150,
-    # 300 / 150, median 2.0x
+    # 300 / 150, median 2.0x; at the L1 product probe's 400 (t2, t3 only) 75 ms: 320 / 75,
+    # 300 / 75, median 4.13x
     assert ("| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | "
-            "5.00x (1 run without an FMA probe) | 2.00x |") in avx512
+            "5.00x (1 run without an FMA probe) | 2.00x | 4.13x (2 of 3 runs) |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
+    assert avx2.splitlines()[4].endswith("| - |")  # no L1 product probe in t4
     assert "floor target" not in md.read_text()  # no reader rows: no plain reads table
     # every row's time over the runs: t1-t3 for avx512 (80, 80, 100 ms ours), t4 for avx2
     assert "| write_fwd_bwd, write, memkernels[cpu] | 3 | 80 | 80 to 100 |" in avx512

@@ -73,7 +73,8 @@ def test_the_probe_bindings_take_any_integer_without_crashing():
         chunks = [_C.cpu_few_rows_chunk(r, d) for r in sizes for d in sizes]
         layouts = {_C.cpu_few_rows_key_major(r, d) for r in sizes for d in sizes}
         assert layouts <= {0, 1, 2}, layouts
-        bursts = [_C.cpu_fma_burst(s) for s in (-(2 ** 62), -5, 0)]
+        bursts = [b(s) for b in (_C.cpu_fma_burst, _C.cpu_gemm_l1_burst)
+                  for s in (-(2 ** 62), -5, 0)]
         print((chunks.count(0), len(chunks), sorted(set(chunks) - {0}), bursts))
     ''')
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -81,7 +82,7 @@ def test_the_probe_bindings_take_any_integer_without_crashing():
     assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
     zeros, total, chunks, bursts = ast.literal_eval(proc.stdout.strip())
     assert total == 144 and all(c > 0 and c % 4 == 0 for c in chunks), proc.stdout
-    assert bursts == [0, 0, 0], proc.stdout
+    assert bursts == [0] * 6, proc.stdout
     if _backend.extension()[0].cpu_isa() != "generic":
         # rows 1, 8, 15, 16 over widths 16, 64, 4096, 2^62 (and 8 on AVX2) take a body
         assert zeros < total and 16 in chunks, proc.stdout  # 2^62 wide: the 16-key floor

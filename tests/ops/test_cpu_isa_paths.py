@@ -446,6 +446,34 @@ def test_cpu_kernels_match_the_reference_on_each_isa(isa, gemm, layout):
     assert lines[-2] == "ok" and int(lines[-1]) > 400, done.stdout[-500:]
 
 
+# the bench's rate probes a step, a thread: the FMA probe's 12 vector FMAs, and the L1
+# product probe's block (rows x vectors) over 64 steps (tile_gemm_body.inc)
+PROBE_BLOCKS = {"avx512": (5, 5, 16), "avx2": (4, 3, 8)}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_rate_probes_count_the_flops_of_each_isa_body(isa):
+    """cpu_fma_burst and cpu_gemm_l1_burst on every OpenMP thread of the body
+    MEMKERNELS_CPU_ISA picks: the FLOPs each returns are its block's on every
+    thread, 0 where no vector body runs (the bench then records no such rate)."""
+    if _backend.extension()[0] is None:
+        pytest.skip("needs memkernels._C")
+    if not ISA_NEEDS[isa] <= _cpu_flags():
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, MEMKERNELS_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    script = "import memkernels._C as C; print(C.cpu_fma_burst(3), C.cpu_gemm_l1_burst(3))"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fma, product = (float(x) for x in done.stdout.split())
+    if isa == "generic":
+        assert (fma, product) == (0.0, 0.0)
+        return
+    rows, vectors, width = PROBE_BLOCKS[isa]
+    assert fma == 3 * 2 * 2 * 12 * width
+    assert product == 3 * 2 * 2 * rows * vectors * width * 64
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -20,7 +20,8 @@ BINDINGS = ["read_fwd", "read_fwd_keeping_probs", "read_bwd", "write_fwd", "writ
 # the bindings that take no tensor: the CPU's probes and the host buffer pool's controls
 # (test_adversarial.py gives the probes any integer)
 NO_TENSORS = {"cpu_cached_bytes", "cpu_empty_cache", "cpu_few_rows_chunk",
-              "cpu_few_rows_key_major", "cpu_fma_burst", "cpu_isa", "cpu_tile_gemm",
+              "cpu_few_rows_key_major", "cpu_fma_burst", "cpu_gemm_l1_burst", "cpu_isa",
+              "cpu_tile_gemm",
               "has_vendor_blas"}
 
 

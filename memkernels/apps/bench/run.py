@@ -16,7 +16,10 @@ pay it per new large tensor, so their times, and the ratios against them,
 move with it from one machine (or day) to the next. On the CPU the header
 and each record also carry the FMA units' rate (`fma_gflops`: independent
 vector FMAs on every thread), which the vendor BLAS behind the matmul probe
-may not reach (MKL runs its AVX2 code on AMD CPUs with AVX-512).
+may not reach (MKL runs its AVX2 code on AMD CPUs with AVX-512), and the L1
+product probe's (`l1_product_gflops`: a register-blocked product on operands
+in L1, its loads included), which falls below the FMA units' on a shared core
+whose neighbour takes the load ports in some minutes.
 
 `--cpu-isa avx2` stands in for an AVX2-only CPU on one with AVX-512: it caps
 this project's kernels (MEMKERNELS_CPU_ISA) and the peers alike (ATen's
@@ -45,7 +48,8 @@ from memkernels.apps.bench import shapes as registry
 from memkernels.apps.bench.cases import forward_only, read_cases, reader_cases, write_cases
 from memkernels.apps.bench.report import markdown_table
 from memkernels.apps.bench.timing import (copy_probe, cuda_graphed, first_touch_probe, fma_probe,
-                                          matmul_probe, measure, median_times, read_probe)
+                                          l1_product_probe, matmul_probe, measure, median_times,
+                                          read_probe)
 from memkernels.ops import backend as _backend
 
 # What caps each library's vector ISA, read once per process: this project's
@@ -185,13 +189,17 @@ def main(argv=None) -> int:
     # the machine's limits: measured once here for the header, then again in
     # turns with every group's implementations, so each row's floor is
     # measured in the same minutes as the row itself
-    # (and on the CPU the FMA units' rate, which the BLAS behind the matmul probe may not reach)
+    # (and on the CPU the FMA units' rate, which the BLAS behind the matmul probe may not reach,
+    # and a product's inner loop on operands in L1, which takes loads the FMA probe does not)
     probes = [copy_probe(device), read_probe(device), matmul_probe(device, dtype),
               first_touch_probe(device)]
-    fma = fma_probe(device)
-    probes += [fma] if fma is not None else []
-    copy_bw, bw, peak, touch, *fma_peak = (measure(p, device) for p in probes)
-    fma_text = f" | FMA peak {fma_peak[0] / 1e12:.2f} TFLOP/s" if fma_peak else ""
+    rate_probes = {name: p for name, p in (("fma_gflops", fma_probe(device)),
+                                           ("l1_product_gflops", l1_product_probe(device)))
+                   if p is not None}
+    probes += list(rate_probes.values())
+    copy_bw, bw, peak, touch, *rates = (measure(p, device) for p in probes)
+    rate_fields = {name: r / 1e9 for name, r in zip(rate_probes, rates)}
+    fma_text = _rates_text(rate_fields, " | ")
     isa = info.get("cpu_isa", "-")
     if "cpu_tile_gemm" in info:
         isa += f", tile GEMMs: {info['cpu_tile_gemm']}"
@@ -219,9 +227,9 @@ def main(argv=None) -> int:
             times = median_times([fns for _, fns, _ in ready] + [p.fns for p in probes], device,
                                  min_time=args.min_time, rounds=args.rounds, warmup=0,
                                  faults=faults)
-        copy_bw, bw, peak, touch, *fma_peak = (p.work / t
-                                               for p, t in zip(probes, times[len(ready):]))
-        fma_fields = (dict(fma_gflops=fma_peak[0] / 1e9) if fma_peak else {})
+        copy_bw, bw, peak, touch, *rates = (p.work / t
+                                            for p, t in zip(probes, times[len(ready):]))
+        rate_fields = {name: r / 1e9 for name, r in zip(rate_probes, rates)}
         for (case, _, timing), t, per_call in zip(ready, times, faults):
             # a read's bytes are almost all read once; a write also stores its bank
             stream = bw if case.op.startswith("read") else copy_bw
@@ -235,7 +243,7 @@ def main(argv=None) -> int:
                 out_file.write(json.dumps({**rows[-1], "dtype": str(dtype), "device": device.type,
                                            "read_gbps": bw / 1e9, "copy_gbps": copy_bw / 1e9,
                                            "matmul_gflops": peak / 1e9,
-                                           "first_touch_gbps": touch / 1e9, **fma_fields,
+                                           "first_touch_gbps": touch / 1e9, **rate_fields,
                                            **({} if per_call is None
                                               else dict(faults_per_call=per_call)),
                                            "rounds": args.rounds,
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
                 out_file.flush()
         print(f"  {group[0].op} {group[0].shape.name}: read stream {bw / 1e9:.1f} GB/s, "
               f"copy {copy_bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s"
-              f"{f', FMA peak {fma_peak[0] / 1e12:.2f} TFLOP/s' if fma_peak else ''}, first touch "
+              f"{_rates_text(rate_fields, ', ')}, first touch "
               f"{touch / 1e9:.1f} GB/s in its turns",
               file=sys.stderr)
         for case in group:
@@ -256,6 +264,12 @@ def main(argv=None) -> int:
     if out_file:
         out_file.close()
     return 0
+
+
+def _rates_text(fields: dict, sep: str) -> str:
+    """The CPU's rate probes for a header line: each after sep, or nothing."""
+    names = {"fma_gflops": "FMA peak", "l1_product_gflops": "L1 product"}
+    return "".join(f"{sep}{names[k]} {v / 1e3:.2f} TFLOP/s" for k, v in fields.items())
 
 
 if __name__ == "__main__":

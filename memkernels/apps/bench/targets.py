@@ -15,12 +15,17 @@ shared host whose load ports a neighbour takes in some minutes, that rate
 falls while the FMA units' (registers only) holds; a target past it asks more
 than the vendor GEMM reaches in that minute. Not a bound: a kernel passes it
 where the vendor BLAS runs below the FMA units (MKL's AVX2 code on AVX-512 AMD
-CPUs).
+CPUs). And the same best with the FLOPs at the L1 product probe's rate (runs
+from kernels v50 on): a register-blocked product's inner loop on operands in
+L1, at the fewest loads a FMA the ISA's registers allow with a broadcast a row
+(the scheme of the kernels' products and of the vendor GEMM's): the fastest
+such a product's inner loop goes in that minute, its operands nearest. A
+target past this best asks the products to outrun it in that run.
 
 --summary: one table per kernel ISA and peers' ISA over all the runs given,
 one row per target: in how many runs it was met, the median and range of the
-measured values, and the medians of the runs' best possible (at the FMA rate
-and at the matmul probe's). On a machine whose limits move from one minute to
+measured values, and the medians of the runs' best possible (at the FMA rate,
+at the matmul probe's and at the L1 product probe's). On a machine whose limits move from one minute to
 the next, a single run says little; this is the figure to quote. Under each
 table, every row the runs timed: its median time and range, so that a time
 quoted from the runs is one this command wrote.
@@ -110,24 +115,31 @@ def _bytes_ms(r: dict) -> float:
     return r["gbps"] * r["ms"] / (bw or r["read_gbps"])
 
 
-def _roofline_ms(r: dict, at_matmul: bool = False) -> float:
+def _roofline_ms(r: dict, at: str = "fma") -> float | None:
     """ms the row's work takes at the run's measured limits: the larger of its
-    bytes' time and its FLOPs at the FMA units' rate (at_matmul: at the matmul
-    probe's). Records made before the FMA probe take the larger of the matmul
-    rate and the rate the row reached: a lower bound on the machine's, so their
-    best-possible figures are only bounds (marked so in the table), never short
-    of what was measured."""
-    if at_matmul:
+    bytes' time and its FLOPs at the FMA units' rate (at "matmul": the matmul
+    probe's; at "l1_product": the L1 product probe's, None where the run did
+    not record it). Records made before the FMA probe take the larger of the
+    matmul rate and the rate the row reached: a lower bound on the machine's,
+    so their best-possible figures are only bounds (marked so in the table),
+    never short of what was measured."""
+    if at == "matmul":
         rate = r["matmul_gflops"]
+    elif at == "l1_product":
+        rate = r.get("l1_product_gflops")
+        if not rate:
+            return None
     else:
         rate = r.get("fma_gflops") or max(r["matmul_gflops"], r["gflops"])
     return max(_bytes_ms(r), r["gflops"] * r["ms"] / rate)
 
 
 def evaluate(t: Target, records: dict) -> dict | None:
-    """{value, met, best, best_matmul, text} for one target in one run (best:
-    the value a kernel at the run's roofline would reach against the same peer
-    time; best_matmul: the same with its FLOPs at the matmul probe's rate), or
+    """{value, met, best, best_matmul, best_l1, text} for one target in one run
+    (best: the value a kernel at the run's roofline would reach against the same
+    peer time; best_matmul and best_l1: the same with its FLOPs at the matmul
+    probe's and at the L1 product probe's rate, best_l1 None where not
+    recorded), or
     None if the run did not record it. Floor targets also give short_read and
     chain: the plain reads timed beside ours (one sum of its bytes, a sum per
     step in turn) over the same stream floor, None where not recorded."""
@@ -136,7 +148,9 @@ def evaluate(t: Target, records: dict) -> dict | None:
         return None
     got = _evaluate(t, records, ours, _roofline_ms(ours))
     if got is not None:
-        got["best_matmul"] = _evaluate(t, records, ours, _roofline_ms(ours, True))["best"]
+        got["best_matmul"] = _evaluate(t, records, ours, _roofline_ms(ours, "matmul"))["best"]
+        at_l1 = _roofline_ms(ours, "l1_product")
+        got["best_l1"] = None if at_l1 is None else _evaluate(t, records, ours, at_l1)["best"]
     return got
 
 
@@ -188,8 +202,8 @@ def table(key: tuple, records: dict) -> str:
     stamp, commit, isa, peers = key
     lines = [f"**run {stamp}, commit {commit}, kernels {isa}, peers {peers}**", "",
              "| target | asks | measured | met | best possible in this run | at the matmul "
-             "probe's rate |",
-             "|---|---|---|---|---|---|"]
+             "probe's rate | at the L1 product probe's rate |",
+             "|---|---|---|---|---|---|---|"]
     for t in TARGETS:
         got = evaluate(t, records)
         if got is None:
@@ -199,8 +213,9 @@ def table(key: tuple, records: dict) -> str:
         if not ours_record(t, records).get("fma_gflops"):
             # the rate the run reached stood in for the FMA rate: a bound, not the value
             best = f"{'<=' if t.kind == 'floor' else '>='} {best} (no FMA probe)"
+        l1 = "-" if got["best_l1"] is None else _fmt(t, got["best_l1"])
         lines.append(f"| {t.name} | {asks} | {got['text']} | {'yes' if got['met'] else 'no'} | "
-                     f"{best} | {_fmt(t, got['best_matmul'])} |")
+                     f"{best} | {_fmt(t, got['best_matmul'])} | {l1} |")
     return "\n".join(lines)
 
 
@@ -228,8 +243,8 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
         lines = [f"**{n} run{'s' if n != 1 else ''}, kernels {isa}, peers {peers} "
                  f"({min(stamps)} to {max(stamps)})**", "",
                  "| target | asks | met in | median | range | best possible (median) | at the "
-                 "matmul probe's rate (median) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "matmul probe's rate (median) | at the L1 product probe's rate (median) |",
+                 "|---|---|---|---|---|---|---|---|"]
         for t in TARGETS:
             got = [g for g in (evaluate(t, recs) for _, recs in members) if g is not None]
             if not got:
@@ -240,13 +255,17 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
             unprobed = sum(1 for r in rows if not r.get("fma_gflops"))
             if unprobed:  # their best is only a bound (table(): "no FMA probe")
                 best += f" ({unprobed} run{'s' if unprobed != 1 else ''} without an FMA probe)"
+            l1s = [g["best_l1"] for g in got if g["best_l1"] is not None]
+            l1 = "-" if not l1s else _fmt(t, statistics.median(l1s))
+            if l1s and len(l1s) < len(got):
+                l1 += f" ({len(l1s)} of {len(got)} runs)"
             impls = sorted({r["impl"] for r in rows})
             name = t.name if impls == [OURS] else f"{t.name} ({', '.join(impls)})"
             lines.append(
                 f"| {name} | {_asks(t)} | {sum(g['met'] for g in got)} of {len(got)} | "
                 f"{_fmt(t, statistics.median(values))} | {_fmt(t, min(values))} to "
                 f"{_fmt(t, max(values))} | {best} | "
-                f"{_fmt(t, statistics.median(g['best_matmul'] for g in got))} |")
+                f"{_fmt(t, statistics.median(g['best_matmul'] for g in got))} | {l1} |")
         out.append("\n".join(lines + _plain_reads(members) + _row_times(members)))
     return "\n\n".join(out)
 

@@ -155,10 +155,25 @@ def fma_probe(device: torch.device, steps: int = 2_000_000) -> Optional[Probe]:
     kernel can approach it where the vendor BLAS behind the matmul probe does
     not (MKL runs its AVX2 code on AMD CPUs with AVX-512). None elsewhere, or
     without the extension or AVX2."""
+    return _burst_probe(device, "cpu_fma_burst", steps)
+
+
+def l1_product_probe(device: torch.device, steps: int = 32_000) -> Optional[Probe]:
+    """On the CPU: a register-blocked product on operands in L1 on every thread
+    at the ISA the kernels run (memkernels._C.cpu_gemm_l1_burst), at the fewest
+    loads a FMA the ISA's registers allow: the rate a GEMM's inner loop reaches
+    in this minute, its loads included, which the FMA probe's register-only
+    FMAs leave out. On a shared core whose neighbour takes the load ports in
+    some minutes the two part. None elsewhere, or without the extension or AVX2."""
+    return _burst_probe(device, "cpu_gemm_l1_burst", steps)
+
+
+def _burst_probe(device: torch.device, binding: str, steps: int) -> Optional[Probe]:
+    """A CPU probe from an extension binding that runs `steps` steps on every
+    thread and returns the FLOPs done (0 where no vector body runs)."""
     if device.type != "cpu":
         return None
-    ext = backend.extension()[0]
-    burst = getattr(ext, "cpu_fma_burst", None)
+    burst = getattr(backend.extension()[0], binding, None)
     if burst is None:
         return None
     flops = burst(1)  # per step, all threads
