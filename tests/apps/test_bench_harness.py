@@ -475,7 +475,13 @@ def test_targets_summary_counts_runs_that_met_each_target(tmp_path):
     assert ("| write forward+backward: x eager | >= 3x | 2 of 3 | 3.00x | 2.50x to 4.00x | "
             "5.00x (1 run without an FMA probe) | 2.00x | 4.13x (2 of 3 runs) |") in avx512
     assert avx2.startswith("1 run, kernels avx2") and "| 0 of 1 | 2.00x |" in avx2
-    assert avx2.splitlines()[4].endswith("| - |")  # no L1 product probe in t4
+    assert avx2.splitlines()[6].endswith("| - |")  # no L1 product probe in t4
+    # the limits over the groups' turns: t1 had no FMA probe; t2, t3 at 200 / 500 and 400 / 500
+    assert ("Limits in the groups' turns (medians over 2 groups): read stream 50.0 GB/s, FMA "
+            "units 500 GFLOP/s; the matmul probe 0.40 of that rate, the L1 product probe "
+            "0.80.") in avx512
+    assert "over 1 group): read stream 50.0 GB/s, FMA units 500 GFLOP/s; the matmul probe " \
+        "0.40 of that rate." in avx2  # no L1 product probe there
     assert "floor target" not in md.read_text()  # no reader rows: no plain reads table
     # every row's time over the runs: t1-t3 for avx512 (80, 80, 100 ms ours), t4 for avx2
     assert "| write_fwd_bwd, write, memkernels[cpu] | 3 | 80 | 80 to 100 |" in avx512

@@ -23,6 +23,8 @@ such a product's inner loop goes in that minute, its operands nearest. A
 target past this best asks the products to outrun it in that run.
 
 --summary: one table per kernel ISA and peers' ISA over all the runs given,
+under a line of the limits the runs measured (medians over the groups'
+turns; the matmul and L1 product probes as shares of the FMA rate), with
 one row per target: in how many runs it was met, the median and range of the
 measured values, and the medians of the runs' best possible (at the FMA rate,
 at the matmul probe's and at the L1 product probe's). On a machine whose limits move from one minute to
@@ -241,7 +243,7 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
         stamps = [k[0] for k, _ in members]
         n = len(members)
         lines = [f"**{n} run{'s' if n != 1 else ''}, kernels {isa}, peers {peers} "
-                 f"({min(stamps)} to {max(stamps)})**", "",
+                 f"({min(stamps)} to {max(stamps)})**", "", *_limits(members),
                  "| target | asks | met in | median | range | best possible (median) | at the "
                  "matmul probe's rate (median) | at the L1 product probe's rate (median) |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -268,6 +270,35 @@ def summary(all_runs: "OrderedDict[tuple, dict]") -> str:
                 f"{_fmt(t, statistics.median(g['best_matmul'] for g in got))} | {l1} |")
         out.append("\n".join(lines + _plain_reads(members) + _row_times(members)))
     return "\n\n".join(out)
+
+
+def _limits(members: list) -> list[str]:
+    """The machine's limits as the runs measured them in each group's turns
+    (one op on one shape): their medians over the groups, the rate probes as
+    shares of the FMA units' rate in the same turns. Empty where no group
+    recorded an FMA rate."""
+    groups = {}
+    for (stamp, *_), records in members:
+        for (op, shape, _), r in records.items():
+            groups.setdefault((stamp, op, shape), r)
+    probed = [r for r in groups.values() if r.get("fma_gflops")]
+    if not probed:
+        return []
+    def median(f):
+        return statistics.median(f(r) for r in probed)
+    n = len(probed)
+    text = (f"Limits in the groups' turns (medians over {n} group{'s' if n != 1 else ''}): "
+            f"read stream "
+            f"{median(lambda r: r['read_gbps']):.1f} GB/s, FMA units "
+            f"{median(lambda r: r['fma_gflops']):.0f} GFLOP/s; the matmul probe "
+            f"{median(lambda r: r['matmul_gflops'] / r['fma_gflops']):.2f} of that rate")
+    with_l1 = [r for r in probed if r.get("l1_product_gflops")]
+    if with_l1:
+        share = statistics.median(r["l1_product_gflops"] / r["fma_gflops"] for r in with_l1)
+        text += f", the L1 product probe {share:.2f}"
+        if len(with_l1) < len(probed):
+            text += f" ({len(with_l1)} groups)"
+    return [text + ".", ""]
 
 
 def _row_times(members: list) -> list[str]:
