@@ -6,8 +6,10 @@
 // Each round runs every block 31 times in turn (50 products each) and prints
 // each one's median FLOPs a TSC tick. At m 24, n 48 all operands sit in L1; at
 // m 256 A comes from L2, as in the kernels' 256-row tiles. On a host whose
-// neighbour takes the core's load ports in some minutes (docs/log.md, session
-// 63), the blocks with fewer loads a FMA should hold up better there.
+// neighbour takes the core's load ports in some minutes (fma_with_loads.cpp),
+// the blocks with fewer loads a FMA should hold up better there. GCC -O3 keeps
+// B's loads apart from the FMAs in the two broadcast blocks (objdump: 8 and 7
+// loads a 12 FMAs).
 //   g++ -O3 -mavx2 -mfma benchmarks/experiments/gemm_register_blocks.cpp -o /tmp/gemm_blocks
 //   /tmp/gemm_blocks [m [n [rounds]]]
 #include <immintrin.h>
@@ -53,8 +55,8 @@ __attribute__((noinline)) void block(const float* a, long lda, const float* b, l
 // A's 4 consecutive k of each row loaded once (vbroadcastf128), each element
 // broadcast in-lane by vshufps; k a multiple of 4
 template <int MR, int NV>
-__attribute__((noinline)) void block_shuf(const float* a, long lda, const float* b, long ldb, long k,
-                                          float* c, long ldc) {
+__attribute__((noinline)) void block_shuf(const float* a, long lda, const float* b, long ldb,
+                                          long k, float* c, long ldc) {
   __m256 acc[MR][NV];
   zero_block<MR, NV>(acc);
   for (long p = 0; p < k; p += 4) {
@@ -62,10 +64,12 @@ __attribute__((noinline)) void block_shuf(const float* a, long lda, const float*
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) aq[i] = _mm256_broadcast_ps((const __m128*)(a + i * lda + p));
 #define SUB(S, IMM) { __m256 bv[NV]; \
-    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + (p + S) * ldb + v * 8); \
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) \
+      bv[v] = _mm256_loadu_ps(b + (p + S) * ldb + v * 8); \
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) { \
       __m256 ai = _mm256_shuffle_ps(aq[i], aq[i], IMM); \
-      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]); } }
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) \
+        acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]); } }
     SUB(0, 0x00) SUB(1, 0x55) SUB(2, 0xAA) SUB(3, 0xFF)
   }
   store_block<MR, NV>(acc, c, ldc);
@@ -101,8 +105,11 @@ int main(int argc, char** argv) {
       xs[3].push_back(run<3, 3, true>(a.data(), b.data(), c.data(), m, n, k, 50));
     }
     printf("round %d:", r);
-    for (int q = 0; q < 4; ++q) { std::sort(xs[q].begin(), xs[q].end()); med[q].push_back(xs[q][15]);
-      printf(" %s %.1f", names[q], xs[q][15]); }
+    for (int q = 0; q < 4; ++q) {
+      std::sort(xs[q].begin(), xs[q].end());
+      med[q].push_back(xs[q][15]);
+      printf(" %s %.1f", names[q], xs[q][15]);
+    }
     printf("  (FLOPs/tick)\n");
   }
 }

@@ -200,8 +200,8 @@ inline double gemm_l1_burst_all_threads(int64_t steps) {
                                : isa_avx2::gemm_l1_burst(steps);
     flops += per_step * double(steps);
   }
-  // the outputs stay small and finite (never NaN): testing them keeps the products
-  return sums != sums ? flops + 1.0 : flops;
+  // a test of the outputs' sum keeps the products from being optimized away
+  return sums == -1.0f ? flops + 1.0 : flops;
 #else
   (void)steps;
   return 0.0;

@@ -18,17 +18,19 @@ where the vendor BLAS runs below the FMA units (MKL's AVX2 code on AVX-512 AMD
 CPUs). And the same best with the FLOPs at the L1 product probe's rate (runs
 from kernels v50 on): a register-blocked product's inner loop on operands in
 L1, at the fewest loads a FMA the ISA's registers allow with a broadcast a row
-(the scheme of the kernels' products and of the vendor GEMM's): the fastest
-such a product's inner loop goes in that minute, its operands nearest. A
-target past this best asks the products to outrun it in that run.
+(the scheme of the kernels' products and of the vendor GEMM's), its operands
+nearest: a target past this best asks the products to outrun that loop in that
+run. A probe of its own turns, so it moves with them (on a shared host, by up
+to a fifth from one group to the next).
 
 --summary: one table per kernel ISA and peers' ISA over all the runs given,
 under a line of the limits the runs measured (medians over the groups'
 turns; the matmul and L1 product probes as shares of the FMA rate), with
 one row per target: in how many runs it was met, the median and range of the
 measured values, and the medians of the runs' best possible (at the FMA rate,
-at the matmul probe's and at the L1 product probe's). On a machine whose limits move from one minute to
-the next, a single run says little; this is the figure to quote. Under each
+at the matmul probe's and at the L1 product probe's). On a machine whose
+limits move from one minute to the next, a single run says little; this is
+the figure to quote. Under each
 table, every row the runs timed: its median time and range, so that a time
 quoted from the runs is one this command wrote.
 """
