@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     probes += list(rate_probes.values())
     copy_bw, bw, peak, touch, *rates = (measure(p, device) for p in probes)
     rate_fields = {name: r / 1e9 for name, r in zip(rate_probes, rates)}
-    fma_text = _rates_text(rate_fields, " | ")
+    rates_text = _rates_text(rate_fields, " | ")
     isa = info.get("cpu_isa", "-")
     if "cpu_tile_gemm" in info:
         isa += f", tile GEMMs: {info['cpu_tile_gemm']}"
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         isa += f"; peers: {info['aten_cpu_capability']}"
     print(f"# {info.get('gpu', info['cpu'])} ({isa}) | torch {info['torch']} | {dtype} | "
           f"read stream {bw / 1e9:.1f} GB/s | copy {copy_bw / 1e9:.1f} GB/s | "
-          f"matmul {peak / 1e12:.2f} TFLOP/s{fma_text} | first touch {touch / 1e9:.1f} GB/s | "
+          f"matmul {peak / 1e12:.2f} TFLOP/s{rates_text} | first touch {touch / 1e9:.1f} GB/s | "
           f"backends {backends}")
 
     rows = []

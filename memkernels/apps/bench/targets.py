@@ -30,9 +30,8 @@ one row per target: in how many runs it was met, the median and range of the
 measured values, and the medians of the runs' best possible (at the FMA rate,
 at the matmul probe's and at the L1 product probe's). On a machine whose
 limits move from one minute to the next, a single run says little; this is
-the figure to quote. Under each
-table, every row the runs timed: its median time and range, so that a time
-quoted from the runs is one this command wrote.
+the figure to quote. Under each table, every row the runs timed: its median
+time and range, so that a time quoted from the runs is one this command wrote.
 """
 from __future__ import annotations
 
